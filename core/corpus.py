@@ -1,0 +1,445 @@
+"""Reader of the MSP-Podcast release layout.
+
+A corpus root holds ``Audios/`` (16 kHz WAV files) and ``Labels/`` with
+
+* ``labels_consensus.csv``: ``FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpkrID,Gender,Split_Set``,
+  one row per clip;
+* ``labels_detailed.csv``: one row per annotation, either as ``FileName,EmoDetail`` with
+  ``EmoDetail = "WORKER; Primary; Sec1,Sec2; A:x; V:y; D:z;"`` (releases 1.7 to 1.12) or
+  with separate columns ``Workers``/``WorkerID``, ``EmoClass_Major``, ``EmoClass_Second``,
+  ``EmoAct``, ``EmoVal``, ``EmoDom`` (older releases).
+
+:func:`load_corpus` returns a :class:`Corpus` of :class:`Clip` records, each with its
+consensus label, every :class:`Annotation`, its duration read from the audio header,
+speaker, gender and split. Every malformed line is a :class:`~conilium.errors.CorpusError`
+naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import soundfile as sf
+
+from . import CLASSES, NON_TARGET_CONSENSUS
+from .errors import CorpusError
+
+CONSENSUS_FILE = "labels_consensus.csv"
+DETAILED_FILE = "labels_detailed.csv"
+CONSENSUS_COLUMNS = ("FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set")
+SPLITS = ("Train", "Development", "Test1", "Test2", "Test3")
+#: Splits whose clips must carry a consensus label.
+LABELLED_SPLITS = ("Train", "Development")
+GENDERS = ("Male", "Female", "Unknown")
+
+# Emotion words (lower case) of the eight target classes. Aliases cover spellings seen
+# across releases and the single letters some older files use.
+_WORD_TO_CLASS = {
+    "angry": "A", "anger": "A", "a": "A",
+    "sad": "S", "sadness": "S", "s": "S",
+    "happy": "H", "happiness": "H", "h": "H",
+    "surprise": "U", "surprised": "U", "u": "U",
+    "fear": "F", "fearful": "F", "f": "F",
+    "disgust": "D", "disgusted": "D", "d": "D",
+    "contempt": "C", "contemptuous": "C", "c": "C",
+    "neutral": "N", "n": "N",
+}
+
+
+def word_to_class(word: str) -> Optional[str]:
+    """Class letter of an emotion word, or None for Other, ``Other-…`` and non-target words."""
+    key = word.strip().lower()
+    return _WORD_TO_CLASS.get(key)
+
+
+def is_other(word: str) -> bool:
+    key = word.strip().lower()
+    return key in ("other", "o") or key.startswith("other-") or key.startswith("other ")
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One annotator's judgement of a clip: a primary emotion and a set of secondary ones.
+
+    Words are kept as written in the label file; :attr:`primary_class` and
+    :attr:`secondary_classes` give the target classes they map to (Other and
+    non-target words map to nothing).
+    """
+
+    worker: str
+    primary: str
+    secondary: Tuple[str, ...] = ()
+    act: Optional[float] = None
+    val: Optional[float] = None
+    dom: Optional[float] = None
+
+    @property
+    def primary_class(self) -> Optional[str]:
+        return word_to_class(self.primary)
+
+    @property
+    def secondary_classes(self) -> Tuple[str, ...]:
+        out = []
+        for w in self.secondary:
+            c = word_to_class(w)
+            if c is not None and c not in out:
+                out.append(c)
+        return tuple(out)
+
+    @property
+    def perceived_classes(self) -> Tuple[str, ...]:
+        """Primary ∪ secondaries, as target classes, each at most once (the S targets' unit)."""
+        out = []
+        p = self.primary_class
+        if p is not None:
+            out.append(p)
+        for c in self.secondary_classes:
+            if c not in out:
+                out.append(c)
+        return tuple(out)
+
+    def ignored_words(self) -> List[str]:
+        """Words of this annotation that map to no target class (Other, non-target words)."""
+        return [w for w in (self.primary,) + tuple(self.secondary) if word_to_class(w) is None]
+
+    def to_json(self) -> dict:
+        return {"worker": self.worker, "primary": self.primary, "secondary": list(self.secondary),
+                "act": self.act, "val": self.val, "dom": self.dom}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Annotation":
+        return cls(worker=d["worker"], primary=d["primary"], secondary=tuple(d.get("secondary", ())),
+                   act=d.get("act"), val=d.get("val"), dom=d.get("dom"))
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One audio segment: a row of labels_consensus.csv plus its annotations."""
+
+    name: str
+    split: str
+    emo_class: Optional[str]  # consensus letter (A..N, O, X) or None where the split is unlabelled
+    speaker: Optional[str]  # None for "Unknown"
+    gender: str
+    duration: Optional[float]  # seconds, from the audio header
+    act: Optional[float] = None
+    val: Optional[float] = None
+    dom: Optional[float] = None
+    annotations: Tuple[Annotation, ...] = ()
+
+    @property
+    def scoreable(self) -> bool:
+        """True when the consensus label is one of the eight target classes."""
+        return self.emo_class in CLASSES
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "split": self.split, "emo_class": self.emo_class,
+                "speaker": self.speaker, "gender": self.gender, "duration": self.duration,
+                "act": self.act, "val": self.val, "dom": self.dom,
+                "annotations": [a.to_json() for a in self.annotations]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Clip":
+        return cls(name=d["name"], split=d["split"], emo_class=d.get("emo_class"),
+                   speaker=d.get("speaker"), gender=d.get("gender", "Unknown"),
+                   duration=d.get("duration"), act=d.get("act"), val=d.get("val"), dom=d.get("dom"),
+                   annotations=tuple(Annotation.from_json(a) for a in d.get("annotations", ())))
+
+
+@dataclass
+class Corpus:
+    """A corpus root read into memory: clips in label-file order, keyed by FileName."""
+
+    root: Path
+    clips: Dict[str, Clip]
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (clip, reason) left out with skip_bad
+    orphan_annotations: int = 0  # detailed rows whose FileName is not in the consensus file
+    detailed_layout: Optional[str] = None  # "emodetail", "columns" or None when no detailed file
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __iter__(self):
+        return iter(self.clips.values())
+
+    def __getitem__(self, name: str) -> Clip:
+        return self.clips[name]
+
+    @property
+    def splits(self) -> List[str]:
+        seen = []
+        for c in self.clips.values():
+            if c.split not in seen:
+                seen.append(c.split)
+        return seen
+
+    def split(self, name: str) -> List[Clip]:
+        return [c for c in self.clips.values() if c.split == name]
+
+    def audio_path(self, name: str) -> Path:
+        return audio_dir(self.root) / name
+
+    def fingerprint(self) -> str:
+        """Hash of both label files' bytes and of every listed audio file's name and size."""
+        return corpus_fingerprint(self.root, self.clips.keys())
+
+
+def audio_dir(root) -> Path:
+    return Path(root) / "Audios"
+
+
+def corpus_fingerprint(root, names: Iterable[str]) -> str:
+    root = Path(root)
+    h = hashlib.sha256()
+    for fname in (CONSENSUS_FILE, DETAILED_FILE):
+        p = root / "Labels" / fname
+        if p.exists():
+            h.update(fname.encode())
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    adir = audio_dir(root)
+    for name in sorted(names):
+        p = adir / name
+        try:
+            size = p.stat().st_size
+        except OSError:
+            size = -1
+        h.update(f"{name}:{size}\n".encode())
+    return h.hexdigest()
+
+
+def _parse_float(value: str, path: Path, line: int, column: str) -> Optional[float]:
+    value = value.strip()
+    if value == "":
+        return None
+    try:
+        x = float(value)
+    except ValueError:
+        raise CorpusError(f"{path}:{line}: column {column} is not a number: {value!r}") from None
+    if not math.isfinite(x):
+        raise CorpusError(f"{path}:{line}: column {column} is not finite: {value!r}")
+    return x
+
+
+def _open_csv(path: Path):
+    if not path.is_file():
+        raise CorpusError(f"{path}: label file not found (expected the MSP-Podcast layout: "
+                          f"<corpus>/Labels/{CONSENSUS_FILE} and <corpus>/Labels/{DETAILED_FILE})")
+    f = open(path, newline="", encoding="utf-8-sig")
+    reader = csv.reader(f)
+    try:
+        header = next(reader)
+    except StopIteration:
+        f.close()
+        raise CorpusError(f"{path}: file is empty (no header line)") from None
+    return f, reader, [h.strip() for h in header]
+
+
+def read_consensus(path) -> List[dict]:
+    """Rows of labels_consensus.csv as dicts, validated; errors name file and line."""
+    path = Path(path)
+    f, reader, header = _open_csv(path)
+    with f:
+        missing = [c for c in CONSENSUS_COLUMNS if c not in header]
+        if missing:
+            raise CorpusError(f"{path}:1: missing column(s) {', '.join(missing)}; "
+                              f"expected {','.join(CONSENSUS_COLUMNS)}")
+        idx = {c: header.index(c) for c in CONSENSUS_COLUMNS}
+        rows, seen = [], {}
+        for lineno, row in enumerate(reader, start=2):
+            if not row or all(not x.strip() for x in row):
+                continue
+            if len(row) < len(header):
+                raise CorpusError(f"{path}:{lineno}: expected {len(header)} fields, found {len(row)}")
+            get = {c: row[i].strip() for c, i in idx.items()}
+            name = get["FileName"]
+            if not name:
+                raise CorpusError(f"{path}:{lineno}: empty FileName")
+            if name in seen:
+                raise CorpusError(f"{path}:{lineno}: duplicate FileName {name} (first on line {seen[name]})")
+            seen[name] = lineno
+            split = get["Split_Set"]
+            if split not in SPLITS:
+                raise CorpusError(f"{path}:{lineno}: clip {name}: unknown Split_Set {split!r}; "
+                                  f"expected one of {', '.join(SPLITS)}")
+            emo = get["EmoClass"]
+            if emo == "":
+                if split in LABELLED_SPLITS:
+                    raise CorpusError(f"{path}:{lineno}: clip {name}: empty EmoClass in split {split}")
+                emo = None
+            elif emo not in CLASSES + NON_TARGET_CONSENSUS:
+                raise CorpusError(f"{path}:{lineno}: clip {name}: unknown EmoClass {emo!r}; "
+                                  f"expected one of {', '.join(CLASSES + NON_TARGET_CONSENSUS)}")
+            gender = get["Gender"] or "Unknown"
+            if gender not in GENDERS:
+                raise CorpusError(f"{path}:{lineno}: clip {name}: unknown Gender {gender!r}; "
+                                  f"expected one of {', '.join(GENDERS)}")
+            spk = get["SpkrID"]
+            if spk in ("", "Unknown"):
+                speaker = None
+            else:
+                try:
+                    speaker = str(int(float(spk)))
+                except ValueError:
+                    raise CorpusError(f"{path}:{lineno}: clip {name}: SpkrID must be an integer "
+                                      f"or 'Unknown', found {spk!r}") from None
+            rows.append({
+                "name": name, "emo_class": emo, "split": split, "gender": gender, "speaker": speaker,
+                "act": _parse_float(get["EmoAct"], path, lineno, "EmoAct"),
+                "val": _parse_float(get["EmoVal"], path, lineno, "EmoVal"),
+                "dom": _parse_float(get["EmoDom"], path, lineno, "EmoDom"),
+            })
+    if not rows:
+        raise CorpusError(f"{path}: no clips listed")
+    return rows
+
+
+def parse_emodetail(text: str, path: Path, line: int) -> Annotation:
+    """Parse ``"WORKER; Primary; Sec1,Sec2; A:3.0; V:4.0; D:4.0;"``."""
+    parts = [p.strip() for p in text.split(";")]
+    while parts and parts[-1] == "":
+        parts.pop()
+    if len(parts) < 2:
+        raise CorpusError(f"{path}:{line}: malformed EmoDetail {text!r}: expected "
+                          f"'WORKER; Primary; Secondary,...; A:x; V:y; D:z;'")
+    worker, primary = parts[0], parts[1]
+    if not worker:
+        raise CorpusError(f"{path}:{line}: malformed EmoDetail {text!r}: empty worker id")
+    if not primary or ":" in primary:
+        raise CorpusError(f"{path}:{line}: malformed EmoDetail {text!r}: missing primary emotion")
+    rest = parts[2:]
+    secondary: Tuple[str, ...] = ()
+    if rest and ":" not in rest[0]:
+        secondary = _split_secondary(rest[0])
+        rest = rest[1:]
+    attrs = {}
+    for item in rest:
+        key, sep, value = item.partition(":")
+        key = key.strip().upper()
+        if not sep or key not in ("A", "V", "D"):
+            raise CorpusError(f"{path}:{line}: malformed EmoDetail {text!r}: unexpected field {item!r}")
+        attrs[key] = _parse_float(value, path, line, f"EmoDetail {key}")
+    return Annotation(worker=worker, primary=primary, secondary=secondary,
+                      act=attrs.get("A"), val=attrs.get("V"), dom=attrs.get("D"))
+
+
+def _split_secondary(text: str) -> Tuple[str, ...]:
+    return tuple(w.strip() for w in text.split(",") if w.strip())
+
+
+_WORKER_COLUMNS = ("Workers", "WorkerID", "Worker")
+_PRIMARY_COLUMNS = ("EmoClass_Major", "EmoClass")
+_SECONDARY_COLUMNS = ("EmoClass_Second", "EmoClass_Secondary")
+
+
+def read_detailed(path) -> Tuple[Dict[str, List[Annotation]], str]:
+    """Annotations per FileName from labels_detailed.csv, in either release layout."""
+    path = Path(path)
+    f, reader, header = _open_csv(path)
+    out: Dict[str, List[Annotation]] = {}
+    with f:
+        if "FileName" not in header:
+            raise CorpusError(f"{path}:1: missing column FileName")
+        i_name = header.index("FileName")
+        if "EmoDetail" in header:
+            layout = "emodetail"
+            i_detail = header.index("EmoDetail")
+        else:
+            layout = "columns"
+            i_worker = next((header.index(c) for c in _WORKER_COLUMNS if c in header), None)
+            i_primary = next((header.index(c) for c in _PRIMARY_COLUMNS if c in header), None)
+            i_second = next((header.index(c) for c in _SECONDARY_COLUMNS if c in header), None)
+            if i_worker is None or i_primary is None:
+                raise CorpusError(
+                    f"{path}:1: unknown layout: expected FileName,EmoDetail or FileName with "
+                    f"{'/'.join(_WORKER_COLUMNS)}, {'/'.join(_PRIMARY_COLUMNS)}, "
+                    f"{'/'.join(_SECONDARY_COLUMNS)}, EmoAct, EmoVal, EmoDom columns")
+            i_attr = {k: (header.index(c) if c in header else None)
+                      for k, c in (("act", "EmoAct"), ("val", "EmoVal"), ("dom", "EmoDom"))}
+        for lineno, row in enumerate(reader, start=2):
+            if not row or all(not x.strip() for x in row):
+                continue
+            if len(row) < len(header):
+                raise CorpusError(f"{path}:{lineno}: expected {len(header)} fields, found {len(row)}")
+            name = row[i_name].strip()
+            if not name:
+                raise CorpusError(f"{path}:{lineno}: empty FileName")
+            if layout == "emodetail":
+                ann = parse_emodetail(row[i_detail], path, lineno)
+            else:
+                worker = row[i_worker].strip()
+                primary = row[i_primary].strip()
+                if not worker or not primary:
+                    raise CorpusError(f"{path}:{lineno}: clip {name}: empty worker or primary emotion")
+                secondary = _split_secondary(row[i_second]) if i_second is not None else ()
+                attrs = {k: (_parse_float(row[i], path, lineno, k) if i is not None else None)
+                         for k, i in i_attr.items()}
+                ann = Annotation(worker=worker, primary=primary, secondary=secondary, **attrs)
+            out.setdefault(name, []).append(ann)
+    return out, layout
+
+
+def load_corpus(root, *, read_durations: bool = True, skip_bad: bool = False,
+                splits: Optional[Sequence[str]] = None) -> Corpus:
+    """Read a corpus root in the MSP-Podcast release layout.
+
+    ``read_durations`` reads every clip's duration from its audio header (no decoding);
+    a labelled clip whose audio is missing or unreadable is an error naming the clip,
+    or, with ``skip_bad``, is left out and listed in :attr:`Corpus.skipped`.
+    ``splits`` keeps only those splits.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CorpusError(f"{root}: corpus directory not found")
+    rows = read_consensus(root / "Labels" / CONSENSUS_FILE)
+    detailed_path = root / "Labels" / DETAILED_FILE
+    if detailed_path.exists():
+        annotations, layout = read_detailed(detailed_path)
+    else:
+        annotations, layout = {}, None
+    known = {r["name"] for r in rows}
+    orphans = sum(len(v) for k, v in annotations.items() if k not in known)
+    adir = audio_dir(root)
+    clips: Dict[str, Clip] = {}
+    skipped: List[Tuple[str, str]] = []
+    for r in rows:
+        if splits is not None and r["split"] not in splits:
+            continue
+        duration = None
+        if read_durations:
+            p = adir / r["name"]
+            try:
+                if not p.is_file():
+                    raise CorpusError(f"clip {r['name']}: audio file {p} not found")
+                try:
+                    info = sf.info(str(p))
+                except Exception as e:  # soundfile raises RuntimeError/LibsndfileError
+                    raise CorpusError(f"clip {r['name']}: unreadable audio {p}: {e}") from None
+                if info.frames <= 0 or info.samplerate <= 0:
+                    raise CorpusError(f"clip {r['name']}: empty audio file {p}")
+                duration = info.frames / info.samplerate
+            except CorpusError as e:
+                if skip_bad:
+                    skipped.append((r["name"], str(e)))
+                    continue
+                raise CorpusError(f"{e} (pass --skip-bad to leave such clips out and list them)") from None
+        clips[r["name"]] = Clip(annotations=tuple(annotations.get(r["name"], ())), duration=duration, **r)
+    return Corpus(root=root, clips=clips, skipped=skipped, orphan_annotations=orphans,
+                  detailed_layout=layout)
+
+
+def ignored_word_counts(clips: Iterable[Clip]) -> Counter:
+    """How often each word that maps to no target class was used, over all annotations."""
+    counts: Counter = Counter()
+    for c in clips:
+        for a in c.annotations:
+            counts.update(a.ignored_words())
+    return counts

@@ -1,0 +1,28 @@
+"""Exceptions that carry the file, line or clip they are about."""
+
+
+class ConiliumError(Exception):
+    """Base class of every error conilium raises on purpose."""
+
+
+class CorpusError(ConiliumError):
+    """A corpus file is missing or malformed; the message names file and line or clip."""
+
+
+class AudioError(ConiliumError):
+    """An audio file is missing, unreadable, empty or holds NaN/inf samples."""
+
+    def __init__(self, path, reason, clip=None):
+        self.path = str(path)
+        self.reason = reason
+        self.clip = clip
+        who = f"clip {clip} ({self.path})" if clip else self.path
+        super().__init__(f"{who}: {reason}")
+
+
+class CacheError(ConiliumError):
+    """A feature cache is missing, incomplete, corrupt or built with other settings."""
+
+
+class ConfigError(ConiliumError):
+    """Incompatible options (e.g. a loss with targets it cannot use)."""

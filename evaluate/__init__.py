@@ -1,0 +1,1 @@
+"""Metrics, threshold adjustment, ensembles, Easy/Difficult analysis and reports."""

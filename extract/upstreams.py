@@ -1,0 +1,191 @@
+"""Upstream registry and loading.
+
+A registry name maps to a Hugging Face model id and the transformers configuration of
+that architecture, so that ``--random-init`` can build the very same architecture with
+seeded random weights and no download (for benchmarks and tests). Small ``demo-*``
+architectures of each family exist only as random-init models, for the demo corpus
+and the tests.
+
+Every model, downloaded or random, is loaded through ``from_pretrained``: random
+weights are first saved with ``save_pretrained`` into a directory (beside the cache),
+then loaded back from there, so every later stage and every process sees identical
+weights through the one code path a real user takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from transformers import AutoConfig, AutoModel, HubertConfig, Wav2Vec2Config, WavLMConfig
+
+from conilium.errors import ConfigError
+
+FAMILIES = {"wavlm": WavLMConfig, "wav2vec2": Wav2Vec2Config, "hubert": HubertConfig}
+
+# The large models: 24 transformer layers of width 1024, layer-normalised CNN encoder,
+# pre-LN ("stable") transformer.
+_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+              feat_extract_norm="layer", do_stable_layer_norm=True)
+# Small demo architectures: same structure, tiny widths (a few hundred thousand parameters).
+_DEMO = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=192,
+             conv_dim=(64,) * 7, num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4)
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """A registered upstream: where real weights live and how to build the architecture."""
+
+    model_id: Optional[str]  # None: random-init only (demo architectures)
+    family: str
+    config: Dict = field(default_factory=dict)
+    description: str = ""
+
+    def make_config(self):
+        return FAMILIES[self.family](**self.config)
+
+
+UPSTREAMS: Dict[str, UpstreamSpec] = {
+    "wavlm-large": UpstreamSpec("microsoft/wavlm-large", "wavlm", dict(_LARGE, conv_bias=False),
+                                "WavLM Large (the paper's best upstream)"),
+    "wav2vec2-large-robust": UpstreamSpec("facebook/wav2vec2-large-robust", "wav2vec2", dict(_LARGE, conv_bias=True),
+                                          "wav2vec 2.0 Large, robust pre-training"),
+    "wav2vec2-base": UpstreamSpec("facebook/wav2vec2-base", "wav2vec2", dict(feat_extract_norm="group"),
+                                  "wav2vec 2.0 Base (group-normalised CNN encoder)"),
+    "hubert-large": UpstreamSpec("facebook/hubert-large-ls960-ft", "hubert", dict(_LARGE, conv_bias=True),
+                                 "HuBERT Large, fine-tuned on LibriSpeech 960h"),
+    "demo-wavlm": UpstreamSpec(None, "wavlm", dict(_DEMO, feat_extract_norm="layer", do_stable_layer_norm=True),
+                               "small WavLM-style architecture for the demo and tests"),
+    "demo-wav2vec2-base": UpstreamSpec(None, "wav2vec2", dict(_DEMO, feat_extract_norm="group"),
+                                       "small wav2vec2-base-style architecture (group norm) for the demo and tests"),
+    "demo-wav2vec2-large": UpstreamSpec(None, "wav2vec2", dict(_DEMO, feat_extract_norm="layer", do_stable_layer_norm=True),
+                                        "small wav2vec2-large-robust-style architecture for the demo and tests"),
+    "demo-hubert": UpstreamSpec(None, "hubert", dict(_DEMO, feat_extract_norm="layer", do_stable_layer_norm=True),
+                                "small HuBERT-style architecture for the demo and tests"),
+}
+
+#: Marker file of a model directory written by finetune-best; its upstream is in ``upstream/``.
+FINETUNED_MARKER = "conilium_model.json"
+
+
+def random_init_dir(name: str, seed: int, root) -> Path:
+    return Path(root) / f"{name}-random-seed{seed}"
+
+
+def build_random_upstream(name: str, out_dir, *, seed: int = 0) -> Path:
+    """Save the ``name`` architecture with seeded random weights via ``save_pretrained``.
+
+    Reuses ``out_dir`` when it already holds those weights (written for the same name
+    and seed), so that concurrent processes and later stages share identical weights.
+    """
+    if name not in UPSTREAMS:
+        raise ConfigError(f"--random-init needs a registered upstream name, one of {', '.join(UPSTREAMS)}; "
+                          f"got {name!r}")
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        cfg = AutoConfig.from_pretrained(out_dir)
+        made = getattr(cfg, "conilium_random_init", None)
+        if made != {"name": name, "seed": seed}:
+            raise ConfigError(f"{out_dir} holds weights of {made}, not random-init {name} seed {seed}")
+        return out_dir
+    spec = UPSTREAMS[name]
+    config = spec.make_config()
+    config.conilium_random_init = {"name": name, "seed": seed}
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModel.from_config(config)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process won the race: its weights are identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_upstream(name: str, *, random_init: bool = False, seed: int = 0,
+                     random_root=None) -> Tuple[str, dict]:
+    """Where to load ``name`` from, and its identity for the cache manifest.
+
+    ``name`` is a registry name, a Hugging Face model id, a local model directory, or a
+    model directory written by finetune-best (its ``upstream/`` is used).
+    """
+    if random_init:
+        if random_root is None:
+            raise ConfigError("--random-init needs a directory to save the random weights into")
+        path = build_random_upstream(name, random_init_dir(name, seed, random_root), seed=seed)
+        return str(path), {"name": name, "source": "random-init", "seed": seed,
+                           "weights_sha256": weights_hash(path)}
+    p = Path(name)
+    if p.is_dir():
+        if (p / FINETUNED_MARKER).is_file():
+            p = p / "upstream"
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"{name}: not a transformers model directory (no config.json)")
+        return str(p), {"name": name, "source": "local", "path": str(p.resolve()),
+                        "weights_sha256": weights_hash(p)}
+    spec = UPSTREAMS.get(name)
+    if spec is not None and spec.model_id is None:
+        raise ConfigError(f"{name} is a demo architecture with no released weights: use --random-init")
+    model_id = spec.model_id if spec else name
+    return model_id, {"name": name, "source": "hub", "model_id": model_id}
+
+
+def weights_hash(model_dir) -> str:
+    """SHA-256 over a model directory's weight and config files."""
+    h = hashlib.sha256()
+    files = sorted(q for q in Path(model_dir).iterdir()
+                   if q.is_file() and (q.suffix in (".safetensors", ".bin", ".json")))
+    for q in files:
+        h.update(q.name.encode())
+        with open(q, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def load_upstream(name: str, *, random_init: bool = False, seed: int = 0, random_root=None,
+                  revision: Optional[str] = None):
+    """Load an upstream through ``from_pretrained``; returns ``(model, identity)``.
+
+    Honours ``HF_HUB_OFFLINE``. Without network and without local weights the error
+    says how to get them.
+    """
+    source, identity = resolve_upstream(name, random_init=random_init, seed=seed, random_root=random_root)
+    try:
+        model = AutoModel.from_pretrained(source, revision=revision)
+    except OSError as e:
+        raise ConfigError(
+            f"could not load upstream {name!r} ({source}): {e}\n"
+            f"The weights are neither reachable nor in the local Hugging Face cache. On a machine with "
+            f"network run `huggingface-cli download {source}` (or `python -c \"from transformers import "
+            f"AutoModel; AutoModel.from_pretrained('{source}')\"`) and copy ~/.cache/huggingface here, "
+            f"or pass a local model directory to --upstream. For timing or tests without weights, "
+            f"add --random-init.") from None
+    if identity["source"] == "hub":
+        identity["revision"] = revision or getattr(model.config, "_commit_hash", None)
+    identity["family"] = model.config.model_type
+    return model, identity
+
+
+def frame_rate(config) -> float:
+    """Output frames per second of the CNN encoder at 16 kHz."""
+    stride = 1
+    for s in config.conv_stride:
+        stride *= s
+    return 16000 / stride
+
+
+def num_frames(model, num_samples: int) -> int:
+    """Frames the upstream outputs for ``num_samples`` input samples."""
+    return int(model._get_feat_extract_output_lengths(torch.tensor(num_samples)).item())

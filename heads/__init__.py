@@ -1,0 +1,1 @@
+"""Stage 2: pooling heads, losses, samplers and train-head."""

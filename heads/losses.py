@@ -1,0 +1,91 @@
+"""Training losses (the paper's equations 1–3, plus focal loss).
+
+Every loss takes ``logits`` (N, C), ``targets`` (N, C) — one-hot or soft — and
+``weights`` (C,) or None, and returns a scalar.
+
+* ``wce``   eq. 1: −1/N Σ_i Σ_c w_c y_ic log softmax(z)_ic   (hard targets only)
+* ``bce``   eq. 2 without weights
+* ``wbce``  eq. 2: −1/N Σ_i Σ_c w_c [y log σ(z) + (1−y) log(1−σ(z))]
+* ``kld``   eq. 3: 1/(N·C) Σ_i Σ_c y log(y / softmax(z)), with 0·log 0 = 0
+* ``focal`` −1/N Σ_i Σ_c w_c y_ic (1 − p_ic)^γ log p_ic on softmax outputs, γ = 2
+
+Note that eq. 1 divides by N, not by Σ w_{y_i} as ``torch.nn.CrossEntropyLoss`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from conilium.errors import ConfigError
+
+
+def _w(weights: Optional[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(logits.shape[1], dtype=logits.dtype, device=logits.device)
+    return weights.to(dtype=logits.dtype, device=logits.device)
+
+
+def wce(logits, targets, weights=None):
+    logp = F.log_softmax(logits, dim=1)
+    return -(targets * logp * _w(weights, logits)).sum(dim=1).mean()
+
+
+def bce(logits, targets, weights=None):
+    # binary_cross_entropy_with_logits is the numerically stable y log σ + (1−y) log(1−σ)
+    per = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (per * _w(weights, logits)).sum(dim=1).mean()
+
+
+def kld(logits, targets, weights=None):
+    logp = F.log_softmax(logits, dim=1)
+    # F.kl_div(input=log q, target=p) = p (log p − log q), with 0·log 0 taken as 0
+    per = F.kl_div(logp, targets, reduction="none")
+    if weights is not None:
+        per = per * _w(weights, logits)
+    return per.sum() / (logits.shape[0] * logits.shape[1])
+
+
+def focal(logits, targets, weights=None, gamma: float = 2.0):
+    logp = F.log_softmax(logits, dim=1)
+    p = logp.exp()
+    return -(targets * (1 - p).pow(gamma) * logp * _w(weights, logits)).sum(dim=1).mean()
+
+
+#: loss name → (function, output activation, uses class weights, target kinds it accepts)
+LOSSES = {
+    "wce": (wce, "softmax", True, ("hard",)),
+    "bce": (bce, "sigmoid", False, ("hard", "P", "S", "P*", "S*")),
+    "wbce": (bce, "sigmoid", True, ("hard", "P", "S", "P*", "S*")),
+    "kld": (kld, "softmax", False, ("hard", "P", "S", "P*", "S*")),
+    "focal": (focal, "softmax", True, ("hard", "P", "S", "P*", "S*")),
+}
+
+
+def check_loss(loss: str, labels: str) -> None:
+    """Clear error for an unknown loss or a loss/target pair that makes no sense."""
+    if loss not in LOSSES:
+        raise ConfigError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
+    allowed = LOSSES[loss][3]
+    if labels not in allowed:
+        raise ConfigError(f"--loss {loss} needs --labels {' or '.join(allowed)} "
+                          f"(it is defined on one-hot consensus targets), not {labels}")
+
+
+def loss_fn(loss: str):
+    return LOSSES[loss][0]
+
+
+def uses_weights(loss: str) -> bool:
+    return LOSSES[loss][2]
+
+
+def activation(loss: str) -> str:
+    return LOSSES[loss][1]
+
+
+def probabilities(logits: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-class scores as the loss sees them: sigmoid for BCE losses, softmax otherwise."""
+    return torch.sigmoid(logits) if activation(loss) == "sigmoid" else torch.softmax(logits, dim=1)

@@ -1,0 +1,156 @@
+"""Pooling heads on upstream frames.
+
+The attentive head has the structure of the MSP-Podcast challenge baseline, with the
+same parameter names, so that the baseline's released ``final_pool.pt`` and
+``final_ser.pt`` load into :class:`AttentiveStatsPooling` and :class:`Classifier` as
+they are:
+
+* pooling: ``h = tanh(sap_linear(x))``, scores ``h · attention``, softmax over the
+  clip's valid frames only, output weighted mean ‖ weighted std with
+  ``std = sqrt(clamp(E[x²] − μ², 1e-5))``;
+* classifier: dropout → Linear(in, 1024) → LayerNorm → ReLU → dropout → Linear(1024, 8).
+
+Frames come as ``(batch, time, layers, dim)`` with per-clip valid lengths; when the
+cache holds several layers, :class:`LayerMix` takes a learnable softmax-weighted sum of
+them (the SUPERB way) or selects one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import nn
+
+from conilium import CLASSES
+
+
+def valid_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(batch, max_len) boolean mask, True on each clip's first ``lengths[i]`` frames."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class AttentiveStatsPooling(nn.Module):
+    """Attentive statistics pooling over valid frames (challenge-baseline parameter names)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.sap_linear = nn.Linear(dim, dim)
+        self.attention = nn.Parameter(torch.empty(dim, 1))
+        nn.init.normal_(self.attention, mean=0.0, std=1.0)
+        self.out_dim = 2 * dim
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.sap_linear(x))
+        scores = (h @ self.attention).squeeze(-1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        w = torch.softmax(scores, dim=1).unsqueeze(-1)
+        mu = (x * w).sum(dim=1)
+        second = (x * x * w).sum(dim=1)
+        std = torch.sqrt((second - mu * mu).clamp(min=1e-5))
+        return torch.cat([mu, std], dim=-1)
+
+
+class MeanPooling(nn.Module):
+    """Plain mean over valid frames."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.out_dim = dim
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+POOLINGS = {"attentive": AttentiveStatsPooling, "mean": MeanPooling}
+
+
+class LayerMix(nn.Module):
+    """Reduce a layer axis: learnable softmax-weighted sum (``"weighted"``) or one layer (an int)."""
+
+    def __init__(self, num_layers: int, layers: Union[str, int] = "weighted"):
+        super().__init__()
+        self.num_layers = num_layers
+        if layers == "weighted":
+            self.weights = nn.Parameter(torch.zeros(num_layers))
+            self.index = None
+        else:
+            index = int(layers)
+            if not -num_layers <= index < num_layers:
+                raise ValueError(f"layer index {index} out of range for {num_layers} stored layer(s)")
+            self.weights = None
+            self.index = index % num_layers
+
+    def forward(self, x: torch.Tensor, axis: int = 2) -> torch.Tensor:
+        if self.index is not None:
+            return x.select(axis, self.index)
+        w = torch.softmax(self.weights, dim=0).to(x.dtype)
+        shape = [1] * x.dim()
+        shape[axis] = self.num_layers
+        return (x * w.view(shape)).sum(dim=axis)
+
+
+class Classifier(nn.Module):
+    """dropout → Linear → LayerNorm → ReLU → dropout → Linear (challenge-baseline names)."""
+
+    def __init__(self, in_dim: int, hidden: int = 1024, num_classes: int = len(CLASSES), dropout: float = 0.5):
+        super().__init__()
+        self.inp_drop = nn.Dropout(dropout)
+        self.fc = nn.ModuleList([nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden),
+                                               nn.ReLU(), nn.Dropout(dropout))])
+        self.out = nn.Sequential(nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp_drop(x)
+        for block in self.fc:
+            h = block(h)
+        return self.out(h)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Everything needed to rebuild a head: written into every run directory."""
+
+    dim: int
+    num_layers: int = 1
+    layers: Union[str, int] = "weighted"  # "weighted" or an index into the stored layers
+    pooling: str = "attentive"  # attentive | mean | stats (pooled per-layer statistics input)
+    hidden: int = 1024
+    dropout: float = 0.5
+    num_classes: int = len(CLASSES)
+
+
+class EmotionHead(nn.Module):
+    """Layer mix → pooling → classifier.
+
+    ``pooling="stats"`` is the layer-probing head on the cache's pooled per-layer
+    statistics: its input is ``(batch, layers, 2·dim)`` (mean ‖ std of each layer) and
+    no frames are needed.
+    """
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        self.layer_mix = LayerMix(config.num_layers, config.layers)
+        if config.pooling == "stats":
+            self.pooling = None
+            in_dim = 2 * config.dim
+        else:
+            if config.pooling not in POOLINGS:
+                raise ValueError(f"unknown pooling {config.pooling!r}; expected one of "
+                                 f"{', '.join(list(POOLINGS) + ['stats'])}")
+            self.pooling = POOLINGS[config.pooling](config.dim)
+            in_dim = self.pooling.out_dim
+        self.classifier = Classifier(in_dim, config.hidden, config.num_classes, config.dropout)
+
+    def embed(self, x: torch.Tensor, lengths: torch.Tensor = None) -> torch.Tensor:
+        """Pooled clip vector: ``x`` is (B, T, L, D) frames with ``lengths``, or (B, L, 2D) stats."""
+        if self.pooling is None:
+            return self.layer_mix(x, axis=1)
+        x = self.layer_mix(x, axis=2)
+        return self.pooling(x, valid_mask(lengths, x.shape[1]))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor = None) -> torch.Tensor:
+        return self.classifier(self.embed(x, lengths))

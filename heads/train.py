@@ -1,0 +1,460 @@
+"""train-head: a pooling head trained on a feature cache, every loss, target and sampler.
+
+>>> from conilium.heads.train import TrainConfig, train_head
+>>> metrics = train_head(TrainConfig(cache="cache/wavlm-large", loss="wbce", labels="S"), "runs/wbce-S")
+>>> metrics["f1_macro"], metrics["best_epoch"]
+
+One run: targets of the Train clips (``labels``: hard, P, S, P*, S*; P*/S* keep only the
+high-agreement clips), AdamW, one pass over the training clips per epoch (shuffled, or
+drawn by the class-balanced sampler), the development macro-F1 over *every* scoreable
+Development clip after each epoch, the best epoch's weights kept, optional early
+stopping. The run directory then gets (see :mod:`conilium.evaluate.runs`)::
+
+    config.json               the TrainConfig
+    model.pt                  the best checkpoint (see :func:`load_head`)
+    metrics.json              Development scores at top level, best_epoch, history, "splits"
+    predictions/<Split>.csv   every split of the cache
+
+``metrics.json`` is written last: a run directory is complete when it exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import conilium
+from conilium import CLASSES
+from conilium.cache.store import FeatureCache
+from conilium.errors import ConfigError, ConiliumError
+from conilium.evaluate.metrics import score
+from conilium.evaluate.runs import PRED_DIR, prediction_path, write_predictions
+from conilium.targets import TARGET_KINDS, base_kind, class_counts, class_weights, training_set
+from conilium.util import atomic_path, read_json, seed_everything, write_json
+
+from .data import GIB, ClipDataset, InputSelection, check_clips, collate, feature_bytes, length_batches, parse_layers, select_input
+from .losses import activation, check_loss, loss_fn, probabilities, uses_weights
+from .model import POOLINGS, EmotionHead, HeadConfig
+from .samplers import balanced_sampler, check_sampler
+
+CHECKPOINT = "model.pt"
+METRICS = "metrics.json"
+CONFIG = "config.json"
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingError(ConiliumError):
+    """Training cannot go on (the loss became NaN or infinite)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a head training run; written to ``config.json``.
+
+    ``layers`` is ``"weighted"`` (learnable softmax mix of every stored layer) or the
+    upstream hidden-state number to use (0 = CNN output; negative counts from the last
+    stored layer). ``pooled_stats`` trains on the cache's per-layer mean ‖ std instead of
+    frames (``pooling`` is then unused). With ``sampler="balanced"`` the loss's class
+    weights are off. ``p_threshold``/``s_threshold`` are the agreement thresholds of
+    ``labels="P*"``/``"S*"``. ``preload``: ``"auto"`` keeps the selected Train and
+    Development features in memory when they take at most ``preload_budget_gb``,
+    ``"yes"``/``"no"`` force it; the other fields after ``dev_split`` change speed, not
+    results.
+    """
+
+    cache: str
+    loss: str = "wbce"
+    labels: str = "S"
+    pooling: str = "attentive"
+    layers: Union[str, int] = "weighted"
+    pooled_stats: bool = False
+    sampler: Optional[str] = None
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    epochs: int = 40
+    patience: Optional[int] = None
+    seed: int = 0
+    p_threshold: float = 0.6
+    s_threshold: float = 0.5
+    hidden: int = 1024
+    dropout: float = 0.5
+    train_split: str = "Train"
+    dev_split: str = "Development"
+    # speed only
+    num_workers: int = 0
+    device: str = "auto"
+    preload: str = "auto"
+    preload_budget_gb: float = 2.0
+    threads: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TrainConfig":
+        """Build from a JSON mapping; unknown keys are an error naming them."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        if "cache" not in d:
+            raise ConfigError("training option 'cache' (the feature cache directory) is required")
+        d = dict(d)
+        d["cache"] = str(d["cache"])
+        if "layers" in d:
+            d["layers"] = parse_layers(d["layers"])
+        return cls(**d)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @property
+    def thresholds(self) -> Dict[str, float]:
+        return {"P*": self.p_threshold, "S*": self.s_threshold}
+
+
+#: Fields that change speed only: two configs differing only in these give the same run.
+RUNTIME_FIELDS = ("num_workers", "device", "preload", "preload_budget_gb", "threads")
+
+
+def same_run(a: Mapping, b: Mapping) -> bool:
+    """True when two config mappings describe the same run (runtime fields aside)."""
+    ka = {k: v for k, v in a.items() if k not in RUNTIME_FIELDS}
+    kb = {k: v for k, v in b.items() if k not in RUNTIME_FIELDS}
+    return ka == kb
+
+
+def check_config(config: TrainConfig) -> None:
+    """Errors for option values that are wrong whatever the cache."""
+    if config.labels not in TARGET_KINDS:
+        raise ConfigError(f"unknown --labels {config.labels!r}; expected one of {', '.join(TARGET_KINDS)}")
+    check_loss(config.loss, config.labels)
+    check_sampler(config.sampler)
+    if not config.pooled_stats and config.pooling not in POOLINGS:
+        raise ConfigError(f"unknown --pooling {config.pooling!r}; expected one of {', '.join(POOLINGS)}")
+    parse_layers(config.layers)
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise ConfigError(f"--lr must be a positive number, not {config.lr}")
+    if config.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be >= 0, not {config.weight_decay}")
+    for name in ("batch_size", "epochs", "hidden"):
+        if int(getattr(config, name)) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
+    if config.patience is not None and config.patience < 1:
+        raise ConfigError(f"--patience must be at least 1 (or unset), not {config.patience}")
+    if not 0 <= config.dropout < 1:
+        raise ConfigError(f"--dropout must be in [0, 1), not {config.dropout}")
+    for name in ("p_threshold", "s_threshold"):
+        if not 0 < getattr(config, name) <= 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1], not {getattr(config, name)}")
+    if config.preload not in ("auto", "yes", "no"):
+        raise ConfigError(f"--preload must be auto, yes or no, not {config.preload!r}")
+    if config.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, not {config.num_workers}")
+    resolve_device(config.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, …)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return dev
+
+
+@dataclass
+class PreparedData:
+    """The clips and targets of a run, resolved against its cache."""
+
+    cache: FeatureCache
+    selection: InputSelection
+    train_names: List[str]
+    train_targets: np.ndarray
+    train_labels: List[str]
+    dev_names: List[str]
+    counts: Dict[str, int]
+    weights: Optional[np.ndarray]
+
+
+def prepare(config: TrainConfig) -> PreparedData:
+    """Open the cache and check every choice against it (clear errors before any training)."""
+    check_config(config)
+    cache = FeatureCache(config.cache)
+    selection = select_input(cache, config.layers, config.pooled_stats)
+    if base_kind(config.labels) != "hard" and not cache.has_annotations:
+        raise ConfigError(f"--labels {config.labels} needs the annotators' labels, but cache {cache.path} holds "
+                          f"no annotations (the corpus had no labels_detailed.csv); use --labels hard")
+    train_clips = [cache.clips[n] for n in cache.split(config.train_split)]
+    if not train_clips:
+        raise ConfigError(f"cache {cache.path} has no clip in split {config.train_split!r} "
+                          f"(splits: {', '.join(cache.splits)})")
+    clips, targets, counts = training_set(train_clips, config.labels, thresholds=config.thresholds)
+    if not clips:
+        raise ConfigError(f"no training clip left for --labels {config.labels} in split {config.train_split} "
+                          f"(dropped: {counts})")
+    dev_names = [n for n in cache.split(config.dev_split) if cache.clips[n].scoreable]
+    if not dev_names:
+        raise ConfigError(f"cache {cache.path} has no scoreable clip in split {config.dev_split!r} to select "
+                          f"the best epoch (splits: {', '.join(cache.splits)})")
+    train_names = [c.name for c in clips]
+    check_clips(cache, train_names + dev_names, selection)
+    labels = [c.emo_class for c in clips]
+    weights = class_weights(labels) if (uses_weights(config.loss) and config.sampler is None) else None
+    return PreparedData(cache, selection, train_names, targets, labels, dev_names, counts, weights)
+
+
+def head_config_for(config: TrainConfig, selection: InputSelection) -> HeadConfig:
+    return HeadConfig(dim=selection.dim, num_layers=selection.num_layers,
+                      layers="weighted" if selection.positions is None else 0,
+                      pooling="stats" if selection.kind == "pooled" else config.pooling,
+                      hidden=config.hidden, dropout=config.dropout)
+
+
+def predict_probs(model: EmotionHead, dataset: ClipDataset, loss: str, *, batch_size: int,
+                  device: torch.device, num_workers: int = 0, progress: bool = False,
+                  desc: str = "predicting") -> np.ndarray:
+    """(N, C) class scores of every clip of ``dataset`` (sigmoid or softmax, as the loss sees them).
+
+    Batches group clips of similar length; the scores do not depend on the batching
+    since pooling ignores padded frames.
+    """
+    batches = length_batches(dataset.cache, dataset.names, batch_size, dataset.selection)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                        num_workers=0 if dataset.preloaded else num_workers)
+    out = np.zeros((len(dataset), len(CLASSES)), dtype=np.float64)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for x, lengths, _, idx in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+            logits = model(x.to(device), None if lengths is None else lengths.to(device))
+            out[idx.numpy()] = probabilities(logits.float(), loss).cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def letters(probs: np.ndarray) -> List[str]:
+    """Predicted class letters: argmax of the scores."""
+    return [CLASSES[i] for i in np.asarray(probs).argmax(axis=1)]
+
+
+def write_run_outputs(out_dir, split_predictions: Mapping[str, Tuple[Sequence[str], np.ndarray, Sequence[Optional[str]]]],
+                      history: Optional[List[dict]] = None, best_epoch: Optional[int] = None, *,
+                      dev_split: str = "Development", extra: Optional[Mapping] = None) -> dict:
+    """Write ``predictions/<Split>.csv`` for each split and then ``metrics.json``; return the metrics.
+
+    ``split_predictions`` maps a split name to ``(names, probs (N, 8), references)``,
+    references being consensus letters (O and X included) or None where unknown.
+    Prediction = argmax of the scores. Every split with at least one target-class
+    reference is scored; ``metrics.json`` holds the ``dev_split`` scores at top level
+    (f1_macro, f1_micro, per_class, confusion, …), ``split``, ``best_epoch``, ``history``,
+    ``splits`` (split → scores) and the ``extra`` items. It is written last, so a run
+    directory with a metrics.json is complete.
+    """
+    out_dir = Path(out_dir)
+    splits: Dict[str, dict] = {}
+    for split, (names, probs, refs) in split_predictions.items():
+        probs = np.asarray(probs, dtype=np.float64)
+        pred = letters(probs) if len(names) else []
+        write_predictions(prediction_path(out_dir, split), list(names), probs.reshape(len(names), len(CLASSES)),
+                          pred, list(refs))
+        if any(r in CLASSES for r in refs):
+            splits[split] = score(list(refs), pred)
+    main = dev_split if dev_split in splits else next(iter(splits), None)
+    metrics: dict = dict(splits[main]) if main is not None else {}
+    metrics["split"] = main
+    metrics["best_epoch"] = best_epoch
+    metrics["history"] = list(history or [])
+    metrics["splits"] = splits
+    if extra:
+        metrics.update(extra)
+    write_json(out_dir / METRICS, metrics)
+    return metrics
+
+
+def is_complete(run_dir) -> bool:
+    return (Path(run_dir) / METRICS).is_file()
+
+
+def _clear_outputs(out_dir: Path) -> None:
+    (out_dir / METRICS).unlink(missing_ok=True)  # first: the directory stops being complete
+    (out_dir / CHECKPOINT).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / PRED_DIR, ignore_errors=True)
+
+
+def _use_preload(config: TrainConfig, nbytes: int) -> bool:
+    if config.preload == "yes":
+        return True
+    if config.preload == "no":
+        return False
+    return nbytes <= config.preload_budget_gb * GIB
+
+
+def train_head(config: TrainConfig, out_dir, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train one head on ``config.cache`` and write the run directory ``out_dir``; return its metrics.
+
+    Raises :class:`~conilium.errors.ConfigError` for incompatible choices,
+    :class:`~conilium.errors.CacheError` for a missing or incomplete cache and
+    :class:`TrainingError` when the loss stops being finite. Nothing is written to
+    ``out_dir`` until training is over. An ``out_dir`` holding a complete run is refused
+    unless ``overwrite``.
+    """
+    out_dir = Path(out_dir)
+    if is_complete(out_dir) and not overwrite:
+        raise ConfigError(f"{out_dir} already holds a complete run; choose another output directory "
+                          f"or overwrite it (--overwrite)")
+    data = prepare(config)
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    t_start = time.time()
+
+    cache, sel = data.cache, data.selection
+    nbytes = feature_bytes(cache, data.train_names, sel) + feature_bytes(cache, data.dev_names, sel)
+    preload = _use_preload(config, nbytes)
+    train_ds = ClipDataset(cache, data.train_names, sel, data.train_targets, preload=preload,
+                           progress=progress, desc="loading Train features")
+    dev_ds = ClipDataset(cache, data.dev_names, sel, None, preload=preload, progress=progress,
+                         desc=f"loading {config.dev_split} features")
+    dev_refs = [cache.clips[n].emo_class for n in data.dev_names]
+
+    head_cfg = head_config_for(config, sel)
+    torch.manual_seed(config.seed)
+    model = EmotionHead(head_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    fn = loss_fn(config.loss)
+    weights = None if data.weights is None else torch.as_tensor(data.weights, device=device)
+
+    gen = torch.Generator()
+    gen.manual_seed(config.seed)
+    workers = 0 if preload else config.num_workers
+    common = dict(batch_size=config.batch_size, collate_fn=collate, num_workers=workers,
+                  persistent_workers=workers > 0)
+    if config.sampler == "balanced":
+        loader = DataLoader(train_ds, sampler=balanced_sampler(data.train_labels, generator=gen), **common)
+    else:
+        loader = DataLoader(train_ds, shuffle=True, generator=gen, **common)
+
+    history: List[dict] = []
+    best_f1, best_epoch, best_state, since_best = -1.0, 0, None, 0
+    bar = tqdm(range(1, config.epochs + 1), desc="epochs", unit="epoch", disable=not progress)
+    for epoch in bar:
+        t0 = time.time()
+        model.train()
+        total, seen = 0.0, 0
+        steps = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
+        for step, (x, lengths, y, _) in enumerate(steps, start=1):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x, None if lengths is None else lengths.to(device))
+            loss = fn(logits, y, weights)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise TrainingError(
+                    f"training stopped: the {config.loss} loss is {loss.item()} at epoch {epoch}, step {step} "
+                    f"(lr {config.lr}); lower --lr, or check the cache's features with verify-cache")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.item()) * len(y)
+            seen += len(y)
+            steps.set_postfix(loss=f"{total / seen:.4f}")
+        probs = predict_probs(model, dev_ds, config.loss, batch_size=config.batch_size, device=device,
+                              num_workers=config.num_workers)
+        dev = score(dev_refs, letters(probs))
+        history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "dev_f1_macro": dev["f1_macro"],
+                        "dev_f1_micro": dev["f1_micro"], "seconds": round(time.time() - t0, 3)})
+        if dev["f1_macro"] > best_f1:
+            best_f1, best_epoch, since_best = dev["f1_macro"], epoch, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        else:
+            since_best += 1
+        bar.set_postfix(loss=f"{total / max(seen, 1):.4f}", dev_f1=f"{dev['f1_macro']:.3f}",
+                        best=f"{best_f1:.3f}@{best_epoch}")
+        if config.patience is not None and since_best >= config.patience:
+            break
+    bar.close()
+    model.load_state_dict(best_state)
+    train_seconds = time.time() - t_start
+
+    # predictions of the best epoch on every split of the cache, Development first
+    split_predictions = {}
+    order = [config.dev_split] + [s for s in cache.splits if s != config.dev_split]
+    for split in order:
+        names = cache.split(split)
+        if not names:
+            continue
+        check_clips(cache, names, sel)
+        ds = ClipDataset(cache, names, sel, None)
+        probs = predict_probs(model, ds, config.loss, batch_size=config.batch_size, device=device,
+                              num_workers=config.num_workers, progress=progress, desc=f"predicting {split}")
+        split_predictions[split] = (names, probs, [cache.clips[n].emo_class for n in names])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_outputs(out_dir)
+    write_json(out_dir / CONFIG, config.to_json())
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "conilium_version": conilium.__version__,
+        "head_config": asdict(head_cfg),
+        "state_dict": best_state,
+        "loss": config.loss,
+        "labels": config.labels,
+        "activation": activation(config.loss),
+        "classes": list(CLASSES),
+        "input": sel.to_json(),
+        "cache_manifest": manifest_summary(cache.manifest),
+        "train_config": config.to_json(),
+        "best_epoch": best_epoch,
+    }
+    with atomic_path(out_dir / CHECKPOINT, suffix=".pt.tmp") as tmp:
+        torch.save(checkpoint, tmp)
+    extra = {
+        "training": {
+            "clips": len(data.train_names),
+            "class_counts": dict(zip(CLASSES, class_counts(data.train_labels).tolist())),
+            "dropped": data.counts,
+            "class_weights": None if data.weights is None else dict(zip(CLASSES, data.weights.tolist())),
+            "sampler": config.sampler,
+            "epochs_run": len(history),
+            "seconds": round(train_seconds, 3),
+            "clips_per_second": round(len(data.train_names) * len(history) / max(train_seconds, 1e-9), 2),
+            "preloaded": preload,
+            "feature_bytes": nbytes,
+            "device": str(device),
+            "input": sel.to_json(),
+        },
+    }
+    return write_run_outputs(out_dir, split_predictions, history, best_epoch, dev_split=config.dev_split, extra=extra)
+
+
+def manifest_summary(manifest: Mapping) -> dict:
+    """The cache manifest without its shard list: upstream identity, layers, dim, normalisation, …"""
+    return {k: v for k, v in manifest.items() if k != "shards"}
+
+
+def load_head(run_dir, *, map_location="cpu") -> Tuple[EmotionHead, dict]:
+    """The best head of a run directory (in eval mode) and its checkpoint dict."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no {CHECKPOINT} (not a train-head run directory, or it did not finish)")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    model = EmotionHead(HeadConfig(**ckpt["head_config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt
+
+
+def load_config(run_dir) -> TrainConfig:
+    return TrainConfig.from_dict(read_json(Path(run_dir) / CONFIG))

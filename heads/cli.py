@@ -1,0 +1,160 @@
+"""Command-line tools of stage 2: ``train-head`` and ``train-grid`` (thin layers over the library)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from conilium.errors import ConiliumError
+
+from .data import parse_layers
+from .grid import BACKENDS, expand_spec, load_spec, presets, run_grid
+from .losses import LOSSES
+from .train import TrainConfig, train_head
+
+_DEFAULTS = TrainConfig(cache="")
+
+
+def _fail(e: Exception):
+    raise click.ClickException(str(e)) from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--cache", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Feature cache directory written by extract-features.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory to write (config.json, model.pt, metrics.json, predictions/<Split>.csv).")
+@click.option("--loss", type=click.Choice(list(LOSSES)), default=_DEFAULTS.loss, show_default=True,
+              help="wce: weighted cross-entropy (hard labels only); bce/wbce: (weighted) binary cross-entropy; "
+                   "kld: Kullback-Leibler divergence; focal: class-weighted focal loss.")
+@click.option("--labels", type=click.Choice(["hard", "P", "S", "P*", "S*"]), default=_DEFAULTS.labels,
+              show_default=True,
+              help="Training targets: hard (consensus one-hot), P (share of primaries), S (share of primary + "
+                   "secondary labels), P*/S* (P/S on high-agreement training clips only).")
+@click.option("--pooling", type=click.Choice(["attentive", "mean"]), default=_DEFAULTS.pooling, show_default=True,
+              help="Frame pooling: attentive statistics (challenge baseline) or plain mean.")
+@click.option("--layers", default="weighted", show_default=True,
+              help="'weighted' (learnable softmax mix of the stored layers) or one upstream layer number "
+                   "(0 = CNN output, -1 = last stored layer).")
+@click.option("--pooled-stats", is_flag=True,
+              help="Train on the cache's per-layer utterance mean+std instead of frames (fast layer probing; "
+                   "needs a cache extracted with --pooled-stats; --pooling is then unused).")
+@click.option("--sampler", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
+              help="balanced: draw each training clip with weight 1/f(its class), with replacement; the loss's "
+                   "class weights are then off.")
+@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="AdamW learning rate.")
+@click.option("--weight-decay", type=float, default=_DEFAULTS.weight_decay, show_default=True)
+@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
+@click.option("--epochs", type=int, default=_DEFAULTS.epochs, show_default=True,
+              help="Maximum number of epochs; the best epoch by development macro-F1 is kept.")
+@click.option("--patience", type=int, default=None,
+              help="Stop after this many epochs without a better development macro-F1 (default: never).")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
+              help="Same seed, same cache, same options: the same metrics (on CPU).")
+@click.option("--p-threshold", type=float, default=_DEFAULTS.p_threshold, show_default=True,
+              help="--labels P*: keep training clips whose top primary share reaches this.")
+@click.option("--s-threshold", type=float, default=_DEFAULTS.s_threshold, show_default=True,
+              help="--labels S*: keep training clips whose top perceived-label share reaches this.")
+@click.option("--hidden", type=int, default=_DEFAULTS.hidden, show_default=True, help="Classifier hidden width.")
+@click.option("--dropout", type=float, default=_DEFAULTS.dropout, show_default=True)
+@click.option("--train-split", default=_DEFAULTS.train_split, show_default=True)
+@click.option("--dev-split", default=_DEFAULTS.dev_split, show_default=True,
+              help="Split that selects the best epoch (all its scoreable clips are scored).")
+@click.option("--device", default=_DEFAULTS.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--num-workers", type=int, default=_DEFAULTS.num_workers, show_default=True,
+              help="DataLoader worker processes reading the shards (when not preloaded).")
+@click.option("--preload", type=click.Choice(["auto", "yes", "no"]), default=_DEFAULTS.preload, show_default=True,
+              help="Keep the selected Train/Development features in memory; auto: when they fit "
+                   "--preload-budget-gb, else stream them from the shards (bounded memory).")
+@click.option("--preload-budget-gb", type=float, default=_DEFAULTS.preload_budget_gb, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--overwrite", is_flag=True, help="Replace a complete run already in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train_head_cmd(cache, out, loss, labels, pooling, layers, pooled_stats, sampler, lr, weight_decay, batch_size,
+                   epochs, patience, seed, p_threshold, s_threshold, hidden, dropout, train_split, dev_split, device,
+                   num_workers, preload, preload_budget_gb, threads, overwrite, quiet):
+    """Train a pooling head on a feature cache and write a run directory.
+
+    \b
+    Example (the paper's best loss and targets):
+      train-head --cache cache/wavlm-large --loss wbce --labels S --out runs/wbce-S
+
+    The best epoch by development macro-F1 is kept; metrics.json holds its scores on
+    every labelled split, predictions/<Split>.csv its class scores on every split.
+    """
+    try:
+        config = TrainConfig(cache=str(cache), loss=loss, labels=labels, pooling=pooling, layers=parse_layers(layers),
+                             pooled_stats=pooled_stats, sampler=None if sampler == "none" else sampler, lr=lr,
+                             weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
+                             seed=seed, p_threshold=p_threshold, s_threshold=s_threshold, hidden=hidden,
+                             dropout=dropout, train_split=train_split, dev_split=dev_split, num_workers=num_workers,
+                             device=device, preload=preload, preload_budget_gb=preload_budget_gb, threads=threads)
+        m = train_head(config, out, overwrite=overwrite, progress=not quiet)
+    except ConiliumError as e:
+        _fail(e)
+    click.echo(f"{m['split']} macro-F1 {m['f1_macro']:.4f}, micro-F1 {m['f1_micro']:.4f} at epoch "
+               f"{m['best_epoch']} of {len(m['history'])}; run written to {out}")
+
+
+def _parse_set(values):
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(value)
+        except ValueError:
+            out[key.strip().replace("-", "_")] = value
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--spec", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Grid spec JSON: {'common': {...}, 'runs': [{'name': ..., ...}], 'product': {...}}.")
+@click.option("--preset", type=click.Choice(presets() or ["table2"]),
+              help="A ready spec from heads/specs/: table2 (losses x targets), sampler (section 3.4), "
+                   "table3 (P*/S* subsets).")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
+              help="Feature cache for every run (replaces the spec's 'cache').")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the grid: one run directory per run, results.csv, results.md.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a training option for every run, e.g. --set epochs=10 --set device=cpu (repeatable).")
+@click.option("--n-jobs", type=int, default=1, show_default=True, help="Runs trained at the same time.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="loky", show_default=True,
+              help="joblib backend: loky (local processes), threading, dask or ray (cluster; needs the package).")
+@click.option("--address", default=None, help="dask scheduler / ray cluster address (default: start a local one).")
+@click.option("--threads-per-job", type=int, default=None,
+              help="torch CPU threads of each run (default: CPU cores / --n-jobs).")
+@click.option("--dry-run", is_flag=True, help="List the runs and exit.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_grid_cmd(spec, preset, cache, out, sets, n_jobs, backend, address, threads_per_job, dry_run, quiet):
+    """Train many heads from one spec, in parallel, and write a results table.
+
+    \b
+    Examples:
+      train-grid --preset table2 --cache cache/wavlm-large --out runs/table2 --n-jobs 4
+      train-grid --spec my-grid.json --out runs/grid --set epochs=10
+
+    Runs whose directory is already complete (same configuration) are not trained again,
+    so an interrupted grid resumes. The command fails when any run failed; the table
+    then names the error.
+    """
+    try:
+        runs = expand_spec(load_spec(spec, preset=preset), cache=cache, overrides=_parse_set(sets))
+        if dry_run:
+            for name, config, _ in runs:
+                click.echo(f"{name}: {json.dumps(config.to_json())}")
+            return
+        rows = run_grid(runs, out, n_jobs=n_jobs, backend=backend, address=address,
+                        threads_per_job=threads_per_job, progress=not quiet)
+    except ConiliumError as e:
+        _fail(e)
+    click.echo((Path(out) / "results.md").read_text(encoding="utf-8"))
+    failed = [r["name"] for r in rows if r["status"] == "failed"]
+    if failed:
+        raise click.ClickException(f"{len(failed)} run(s) failed: {', '.join(failed)} (see {Path(out) / 'results.csv'})")
+    click.echo(f"results written to {Path(out) / 'results.csv'} and {Path(out) / 'results.md'}")

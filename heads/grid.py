@@ -1,0 +1,289 @@
+"""train-grid: many head configurations from one spec, in parallel, into one results table.
+
+A spec is a JSON object::
+
+    {
+      "description": "the paper's Table 2",
+      "common":  {"epochs": 40, "pooling": "attentive"},          # any TrainConfig field
+      "runs":    [{"name": "wce", "loss": "wce", "labels": "hard",
+                   "paper": {"f1_macro": 0.302, "f1_micro": 0.402}}, ...],
+      "product": {"loss": ["wbce", "kld"], "labels": ["P", "S"]}  # optional: every combination
+    }
+
+``runs`` and ``product`` may be used alone or together; a product run is named after
+its values (``wbce-P``); an optional ``paper`` entry of a run holds the published scores,
+shown beside ours. ``cache`` may be given in ``common`` or on the command line (which
+wins). Each run is trained into ``OUT/<name>``; a run whose directory is already
+complete with the same configuration is not trained again, so an interrupted grid
+resumes where it stopped. ``OUT/results.csv`` and ``OUT/results.md`` list every run.
+
+Ready specs for the paper live in the repository's ``heads/specs/`` folder (read from
+the source tree, not installed as package data): ``table2.json`` (losses × targets),
+``sampler.json`` (the class-balanced sampler runs of section 3.4) and ``table3.json``
+(the high-agreement subsets P*, S*); ``--preset NAME`` loads them.
+
+Runs are spread over processes with joblib: the ``loky`` backend on this machine, or
+``dask`` / ``ray`` on a cluster when those packages are installed (they are not
+dependencies of conilium).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import re
+import time
+import traceback
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from tqdm import tqdm
+
+from conilium.errors import ConfigError, ConiliumError
+from conilium.util import atomic_path, read_json, write_json
+
+from .train import CONFIG, METRICS, TrainConfig, is_complete, same_run, train_head
+
+SPEC_DIR = Path(__file__).resolve().parent / "specs"
+BACKENDS = ("loky", "threading", "dask", "ray")
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
+_SPEC_KEYS = {"description", "common", "runs", "product"}
+
+RESULT_COLUMNS = ("name", "status", "loss", "labels", "sampler", "pooling", "layers", "pooled_stats",
+                  "train_clips", "f1_macro", "f1_micro", "best_epoch", "paper_f1_macro", "paper_f1_micro",
+                  "seconds", "error")
+
+
+def presets() -> List[str]:
+    return sorted(p.stem for p in SPEC_DIR.glob("*.json"))
+
+
+def load_spec(path=None, *, preset: Optional[str] = None) -> dict:
+    """Read a spec file, or the preset ``heads/specs/<preset>.json``."""
+    if (path is None) == (preset is None):
+        raise ConfigError("give a spec file (--spec) or a preset (--preset), not both or neither")
+    if preset is not None:
+        path = SPEC_DIR / f"{preset}.json"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {preset!r}; presets (in {SPEC_DIR}): {', '.join(presets()) or 'none'}")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: spec file not found")
+    try:
+        spec = read_json(path)
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a spec is a JSON object with 'common', 'runs' and/or 'product'")
+    return spec
+
+
+def _product_name(values: Mapping) -> str:
+    parts = []
+    for k, v in values.items():
+        text = str(v).replace("*", "star")
+        parts.append(text if k in ("loss", "labels", "pooling", "sampler") else f"{k}={text}")
+    return "-".join(parts)
+
+
+def expand_spec(spec: Mapping, *, cache=None, overrides: Optional[Mapping] = None) -> List[Tuple[str, TrainConfig, dict]]:
+    """The runs of a spec as ``(name, TrainConfig, paper scores)``, in order; every config is checked.
+
+    ``cache`` replaces the spec's cache; ``overrides`` (e.g. ``{"epochs": 5}``) apply to
+    every run, after the spec's own settings.
+    """
+    unknown = sorted(set(spec) - _SPEC_KEYS)
+    if unknown:
+        raise ConfigError(f"spec: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(_SPEC_KEYS))}")
+    common = dict(spec.get("common") or {})
+    entries: List[dict] = []
+    for i, run in enumerate(spec.get("runs") or []):
+        if not isinstance(run, dict) or "name" not in run:
+            raise ConfigError(f"spec: runs[{i}] must be an object with a 'name'")
+        entries.append(dict(run))
+    product = spec.get("product") or {}
+    if product:
+        keys = list(product)
+        for k in keys:
+            if not isinstance(product[k], list) or not product[k]:
+                raise ConfigError(f"spec: product.{k} must be a non-empty list of values")
+        for combo in itertools.product(*(product[k] for k in keys)):
+            values = dict(zip(keys, combo))
+            entries.append(dict(values, name=_product_name(values)))
+    if not entries:
+        raise ConfigError("spec: no run (give 'runs' and/or 'product')")
+    out, seen = [], set()
+    for e in entries:
+        name = str(e.pop("name"))
+        paper = e.pop("paper", None) or {}
+        if not _NAME_OK.match(name):
+            raise ConfigError(f"spec: run name {name!r} must be letters, digits and _ . + = - (it names a folder)")
+        if name in seen:
+            raise ConfigError(f"spec: run name {name!r} appears twice")
+        seen.add(name)
+        settings = dict(common)
+        settings.update(e)
+        settings.update(overrides or {})
+        if cache is not None:
+            settings["cache"] = str(cache)
+        if "cache" not in settings:
+            raise ConfigError("no cache: give --cache or 'cache' in the spec's 'common' settings")
+        try:
+            config = TrainConfig.from_dict(settings)
+        except TypeError as err:
+            raise ConfigError(f"spec: run {name}: {err}") from None
+        except ConfigError as err:
+            raise ConfigError(f"spec: run {name}: {err}") from None
+        from .train import check_config
+
+        try:
+            check_config(config)
+        except ConfigError as err:
+            raise ConfigError(f"spec: run {name}: {err}") from None
+        out.append((name, config, dict(paper)))
+    return out
+
+
+def _row(name: str, config: TrainConfig, paper: Mapping, status: str, metrics: Optional[Mapping] = None,
+         seconds: Optional[float] = None, error: str = "") -> dict:
+    m = metrics or {}
+    return {
+        "name": name, "status": status, "loss": config.loss, "labels": config.labels,
+        "sampler": config.sampler or "", "pooling": "stats" if config.pooled_stats else config.pooling,
+        "layers": config.layers, "pooled_stats": config.pooled_stats,
+        "train_clips": (m.get("training") or {}).get("clips", ""),
+        "f1_macro": m.get("f1_macro", ""), "f1_micro": m.get("f1_micro", ""), "best_epoch": m.get("best_epoch", ""),
+        "paper_f1_macro": paper.get("f1_macro", ""), "paper_f1_micro": paper.get("f1_micro", ""),
+        "seconds": "" if seconds is None else round(seconds, 1), "error": error,
+    }
+
+
+def _train_one(name: str, config: TrainConfig, paper: Mapping, run_dir: str, threads: Optional[int]) -> dict:
+    """One grid job (runs in a worker process): train, or report the failure; never raises."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.time()
+    try:
+        metrics = train_head(config, run_dir, overwrite=True, progress=False)
+        return _row(name, config, paper, "trained", metrics, time.time() - t0)
+    except ConiliumError as e:
+        return _row(name, config, paper, "failed", seconds=time.time() - t0, error=str(e))
+    except Exception as e:  # report it in the table and the log, keep the other runs going
+        return _row(name, config, paper, "failed", seconds=time.time() - t0,
+                    error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+
+
+def _parallel(backend: str, n_jobs: int, address: Optional[str]):
+    """The joblib context for ``backend`` (dask and ray only when installed)."""
+    import joblib
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown --backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "dask":
+        try:
+            from dask.distributed import Client
+        except ImportError:
+            raise ConfigError("--backend dask needs dask.distributed (pip install 'dask[distributed]'); "
+                              "it is not a dependency of conilium") from None
+        client = Client(address) if address else Client()
+        return joblib.parallel_backend("dask", n_jobs=n_jobs), client
+    if backend == "ray":
+        try:
+            import ray
+            from ray.util.joblib import register_ray
+        except ImportError:
+            raise ConfigError("--backend ray needs ray (pip install 'ray[default]'); "
+                              "it is not a dependency of conilium") from None
+        register_ray()
+        if not ray.is_initialized():
+            ray.init(address=address)
+        return joblib.parallel_backend("ray", n_jobs=n_jobs), None
+    return joblib.parallel_backend(backend, n_jobs=n_jobs), None
+
+
+def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: int = 1, backend: str = "loky",
+             address: Optional[str] = None, threads_per_job: Optional[int] = None, progress: bool = True) -> List[dict]:
+    """Train every run not already complete into ``out_dir/<name>``; write and return the results table.
+
+    A complete run directory with another configuration is an error (nothing is
+    trained): choose another ``out_dir`` or remove it. Failed runs are listed in the
+    table with their error; the others still run.
+    """
+    from joblib import Parallel, delayed
+
+    out_dir = Path(out_dir)
+    if n_jobs < 1:
+        raise ConfigError(f"--n-jobs must be at least 1, not {n_jobs}")
+    rows: Dict[str, dict] = {}
+    todo = []
+    conflicts = []
+    for name, config, paper in runs:
+        run_dir = out_dir / name
+        if is_complete(run_dir):
+            old = read_json(run_dir / CONFIG) if (run_dir / CONFIG).is_file() else {}
+            if same_run(old, config.to_json()):
+                rows[name] = _row(name, config, paper, "skipped (complete)", read_json(run_dir / METRICS))
+                continue
+            conflicts.append(name)
+        todo.append((name, config, paper, str(run_dir)))
+    if conflicts:
+        raise ConfigError(f"{out_dir}: run(s) {', '.join(conflicts)} already hold a complete run with another "
+                          f"configuration; use another --out or remove those directories")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "grid.json", {"runs": [{"name": n, "config": c.to_json(), "paper": p} for n, c, p in runs]})
+    if todo:
+        jobs = min(n_jobs, len(todo))
+        if threads_per_job is None:
+            threads_per_job = max(1, (os.cpu_count() or 1) // jobs)
+        context, client = _parallel(backend, jobs, address)
+        try:
+            with context:
+                gen = Parallel(return_as="generator_unordered")(
+                    delayed(_train_one)(n, c, p, d, threads_per_job) for n, c, p, d in todo)
+                for row in tqdm(gen, total=len(todo), desc="grid runs", unit="run", disable=not progress):
+                    rows[row["name"]] = row
+                    if progress:
+                        tqdm.write(f"{row['name']}: {row['status']}"
+                                   + (f", dev macro-F1 {row['f1_macro']:.3f}" if row["f1_macro"] != "" else "")
+                                   + (f" — {row['error'].splitlines()[0]}" if row["error"] else ""))
+        finally:
+            if client is not None:
+                client.close()
+    ordered = [rows[name] for name, _, _ in runs]
+    write_results(out_dir, ordered)
+    return ordered
+
+
+def write_results(out_dir, rows: Sequence[Mapping]) -> None:
+    """``results.csv`` (every column) and ``results.md`` (a readable table), atomically."""
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir / "results.csv", suffix=".csv.tmp") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: r.get(k, "") for k in RESULT_COLUMNS})
+    has_paper = any(r.get("paper_f1_macro") not in ("", None) for r in rows)
+
+    def fmt(x):
+        return f"{x:.3f}" if isinstance(x, float) else ("" if x is None else str(x))
+
+    head = ["run", "loss", "labels", "sampler", "dev F1-macro", "dev F1-micro", "best epoch"]
+    if has_paper:
+        head += ["paper F1-macro", "paper F1-micro"]
+    head.append("status")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["name"], r["loss"], r["labels"], r["sampler"] or "—", fmt(r["f1_macro"]), fmt(r["f1_micro"]),
+                 fmt(r["best_epoch"])]
+        if has_paper:
+            cells += [fmt(r.get("paper_f1_macro")), fmt(r.get("paper_f1_micro"))]
+        status = r["status"] if not r.get("error") else f"{r['status']}: {r['error'].splitlines()[0]}"
+        cells.append(status.replace("|", "/"))
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    text = "\n".join(lines) + "\n"
+    with atomic_path(out_dir / "results.md", suffix=".md.tmp") as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -155,15 +155,18 @@ def weights_hash(model_dir) -> str:
 
 
 def load_upstream(name: str, *, random_init: bool = False, seed: int = 0, random_root=None,
-                  revision: Optional[str] = None):
+                  revision: Optional[str] = None, config_overrides: Optional[Dict] = None):
     """Load an upstream through ``from_pretrained``; returns ``(model, identity)``.
+
+    ``config_overrides`` (e.g. ``{"layerdrop": 0.0}``) replace values of the model's
+    configuration before it is built (``from_pretrained``'s config keyword arguments).
 
     Honours ``HF_HUB_OFFLINE``. Without network and without local weights the error
     says how to get them.
     """
     source, identity = resolve_upstream(name, random_init=random_init, seed=seed, random_root=random_root)
     try:
-        model = AutoModel.from_pretrained(source, revision=revision)
+        model = AutoModel.from_pretrained(source, revision=revision, **(config_overrides or {}))
     except OSError as e:
         raise ConfigError(
             f"could not load upstream {name!r} ({source}): {e}\n"

@@ -253,6 +253,17 @@ def score_predictions(preds: Predictions) -> Optional[Dict]:
     return score(preds.reference, preds.prediction)
 
 
+def with_main_split(metrics: Dict, main: str = "Development") -> Dict:
+    """``metrics`` with the ``main`` split's scores (or the first scored split's) copied to the
+    top level and ``split`` naming it, as train-head's metrics.json has them."""
+    splits = metrics.get("splits") or {}
+    name = main if main in splits else next(iter(splits), None)
+    out = dict(splits[name]) if name is not None else {}
+    out["split"] = name
+    out.update(metrics)
+    return out
+
+
 def read_run(run_dir, splits: Optional[Sequence[str]] = None) -> Dict[str, Predictions]:
     """Every split's predictions of a run (or the given splits), with clear errors."""
     run_dir = Path(run_dir)
@@ -330,5 +341,5 @@ def tune_run(run_dir, out_dir, *, tune_split: str = "Development", k: int = 5, s
             "f1_macro_before": before, "f1_macro_after": after,
             "f1_macro_cross_validated": cv["f1_macro_pooled"] if cv else None,
         })
-        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "metrics.json", with_main_split(metrics, tune_split))
     return metrics

@@ -1,0 +1,222 @@
+"""``conilium-eval``: scores, threshold adjustment, ensembles, Easy/Difficult analysis, reports,
+submissions — all read run directories (``config.json`` + ``predictions/<Split>.csv``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from conilium.errors import ConiliumError
+
+from . import difficulty as _difficulty
+from .ensemble import METHODS, ensemble_runs
+from .report import build_report, split_metrics
+from .submission import write_submission
+from .thresholds import DEFAULT_ROUNDS, has_references, read_run, tune_run
+
+_CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+_RUN = click.Path(file_okay=False, path_type=Path)
+
+
+def _fail(e: Exception):
+    raise click.ClickException(str(e)) from None
+
+
+def _clips(cache, corpus, runs):
+    if cache is None and corpus is None:
+        cache = _difficulty.default_cache(runs)
+        if cache is None:
+            raise click.UsageError("clip metadata needed: give --cache or --corpus (no run config records a cache)")
+        click.echo(f"clip metadata from the runs' cache {cache}", err=True)
+    return _difficulty.load_clips(cache=cache, corpus=corpus)
+
+
+@click.group(context_settings=_CTX)
+def main():
+    """Evaluate run directories of train-head / finetune-best / predict.
+
+    \b
+    conilium-eval metrics RUN                     scores + confusion matrix (CSV, PNG)
+    conilium-eval tune-thresholds RUN OUT         per-class offsets for macro-F1 (new run)
+    conilium-eval ensemble RUN1 RUN2 ... --out OUT mean-probability or majority-vote ensemble
+    conilium-eval easy-difficult RUN1 RUN2 ... --out DIR   paper section 4
+    conilium-eval report SPEC.json --out DIR      our tables beside the paper's
+    conilium-eval submission RUN --split Test3 --out preds.csv
+    """
+
+
+@main.command("metrics", context_settings=_CTX)
+@click.argument("run", type=_RUN)
+@click.option("--split", "splits", multiple=True,
+              help="Split to score (repeatable). Default: every labelled split of the run.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write metrics.json, per_class.csv, confusion_percent.csv, confusion_counts.csv and "
+                   "confusion.png per split into OUT/<Split>/ (default: RUN/evaluation/<Split>/).")
+@click.option("--no-files", is_flag=True, help="Only print the scores.")
+def metrics_cmd(run, splits, out, no_files):
+    """Macro/micro F1, per-class precision/recall/F1 and the confusion matrix (percent of each
+    reference class, the paper's Figure 4) of a run's splits."""
+    try:
+        if not splits:
+            data = read_run(run)
+            splits = [s for s, p in data.items() if has_references(p)]
+            if not splits:
+                raise click.ClickException(f"{run}: no labelled split to score (splits: {', '.join(data)})")
+        for split in splits:
+            target = None if no_files else (out or run / "evaluation") / split
+            s = split_metrics(run, split, target)
+            click.echo(f"{split}: {s['n']} clips  macro-F1 {s['f1_macro']:.4f}  micro-F1 {s['f1_micro']:.4f}")
+            click.echo("  class  precision  recall     F1  support")
+            for c, v in s["per_class"].items():
+                click.echo(f"  {c:>5}  {v['precision']:9.3f}  {v['recall']:6.3f}  {v['f1']:5.3f}  {v['support']:7d}")
+            if target is not None:
+                click.echo(f"  written to {target}/")
+    except ConiliumError as e:
+        _fail(e)
+
+
+@main.command("tune-thresholds", context_settings=_CTX)
+@click.argument("run", type=_RUN)
+@click.argument("out", type=_RUN)
+@click.option("--tune-split", default="Development", show_default=True,
+              help="Split whose macro-F1 the offsets maximise; they are applied unchanged to every split.")
+@click.option("-k", "--folds", "k", type=int, default=5, show_default=True,
+              help="Folds of the honest estimate (offsets fitted on K-1 folds of the tuning split, scored on "
+                   "the held-out fold); 0 skips it.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stratified folds.")
+@click.option("--rounds", type=int, default=DEFAULT_ROUNDS, show_default=True,
+              help="Coordinate-ascent rounds over the classes.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def tune_thresholds_cmd(run, out, tune_split, k, seed, rounds, overwrite):
+    """Adjust per-class decision offsets of RUN for macro-F1 (paper 3.7); write the tuned run to OUT.
+
+    Prediction = argmax(probabilities + offsets). Offsets are chosen on --tune-split by
+    coordinate ascent over -0.5..0.5 (step 0.01), never lowering its macro-F1. The tuning
+    split's own score is optimistic; the K-fold figure is the one to trust.
+    """
+    try:
+        m = tune_run(run, out, tune_split=tune_split, k=k, seed=seed, rounds=rounds, overwrite=overwrite)
+    except ConiliumError as e:
+        _fail(e)
+    click.echo("offsets: " + "  ".join(f"{c} {o:+.2f}" for c, o in m["offsets"].items()))
+    for split, s in m["splits"].items():
+        before = m["untuned"][split]
+        click.echo(f"{split}: macro-F1 {before['f1_macro']:.4f} -> {s['f1_macro']:.4f}   "
+                   f"micro-F1 {before['f1_micro']:.4f} -> {s['f1_micro']:.4f}")
+    cv = m.get("cross_validation")
+    if cv:
+        click.echo(f"{tune_split}, {cv['k']}-fold held-out estimate: macro-F1 {cv['f1_macro_untuned']:.4f} -> "
+                   f"{cv['f1_macro_pooled']:.4f} (per fold {cv['f1_macro_folds_mean']:.4f} ± "
+                   f"{cv['f1_macro_folds_sd']:.4f})")
+    click.echo(f"tuned run written to {out}")
+
+
+@main.command("ensemble", context_settings=_CTX)
+@click.argument("runs", nargs=-1, required=True, type=_RUN)
+@click.option("--out", required=True, type=_RUN, help="Run directory to write.")
+@click.option("--method", type=click.Choice(METHODS), default="mean", show_default=True,
+              help="mean: argmax of the (weighted) mean probability; vote: majority vote of the runs' "
+                   "predictions, ties broken by the mean probability.")
+@click.option("--weights", default=None,
+              help="Comma-separated non-negative weights, one per run (default: equal).")
+@click.option("--split", "splits", multiple=True,
+              help="Split to combine (repeatable). Default: every split all runs have.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def ensemble_cmd(runs, out, method, weights, splits, overwrite):
+    """Combine two or more runs over the same clips into a new run directory (paper 3.6)."""
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else None
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {weights!r}", param_hint="--weights")
+    try:
+        m = ensemble_runs(runs, out, method=method, weights=w, splits=splits or None, overwrite=overwrite)
+    except ConiliumError as e:
+        _fail(e)
+    for split, s in m["splits"].items():
+        members = "  ".join(f"{Path(r).name} {v[split]['f1_macro']:.4f}" for r, v in m["members"].items())
+        click.echo(f"{split}: ensemble macro-F1 {s['f1_macro']:.4f} micro-F1 {s['f1_micro']:.4f}  (members: {members})")
+    if m["skipped_splits"]:
+        click.echo(f"left out (not in every run): {', '.join(m['skipped_splits'])}")
+    click.echo(f"ensemble written to {out}")
+
+
+@main.command("easy-difficult", context_settings=_CTX)
+@click.argument("runs", nargs=-1, required=True, type=_RUN)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for easy_difficult.json, easy_difficult.md and clips.csv.")
+@click.option("--split", default="Development", show_default=True)
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Feature cache whose clips.json gives annotations, durations, speakers and genders "
+                   "(default: the cache recorded in the runs' config.json).")
+@click.option("--corpus", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Corpus root to read the same metadata from instead of a cache.")
+@click.option("--other", type=click.Choice(_difficulty.OTHER_MODES), default="category", show_default=True,
+              help="Primaries outside the eight classes (Other) in Krippendorff's alpha: a ninth category, "
+                   "or excluded.")
+def easy_difficult_cmd(runs, out, split, cache, corpus, other):
+    """Easy (all runs right) and Difficult (all wrong) clips of two or more runs (paper section 4):
+    counts, durations, Krippendorff's alpha, Easy/Difficult speakers and genders."""
+    if cache is not None and corpus is not None:
+        raise click.UsageError("give --cache or --corpus, not both")
+    try:
+        clips = _clips(cache, corpus, runs)
+        result = _difficulty.easy_difficult(runs, clips, split=split, other=other)
+        files = _difficulty.write_outputs(result, out)
+    except ConiliumError as e:
+        _fail(e)
+    g = result["groups"]
+    for key in ("easy", "difficult", "mixed"):
+        x = g[key]
+        alpha = "—" if x["alpha"] is None else f"{x['alpha']:.3f}"
+        dur = "—" if x["duration"]["mean"] is None else f"{x['duration']['mean']:.2f} s"
+        click.echo(f"{key:>9}: {x['clips']:6d} clips ({100 * x['share']:.1f}%)  duration {dur}  alpha {alpha}")
+    click.echo(f"written to {files['markdown']} and {files['json']}")
+
+
+@main.command("report", context_settings=_CTX)
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder: report.md, report.json and figures/.")
+@click.option("--title", default=None, help="Title (default: the spec's 'title').")
+def report_cmd(spec, out, title):
+    """Our tables beside the paper's (Tables 1-4, sections 3.4 and 3.6) from a JSON SPEC mapping
+    each table's rows to run directories; see `python -c "import conilium.evaluate.report as r;
+    print(r.__doc__)"` for the format. Example:
+
+    \b
+    {"title": "...", "corpus_figures": "describe-out",
+     "tables": {"table1": {"WavLM-large": "runs/wavlm"},
+                "table4": {"dev": "runs/best-tuned", "test": {"run": "runs/best-tuned", "split": "Test1"}}},
+     "easy_difficult": "easy-out"}
+    """
+    try:
+        path = build_report(spec, out, title=title)
+    except ConiliumError as e:
+        _fail(e)
+    click.echo(f"report written to {path}")
+
+
+@main.command("submission", context_settings=_CTX)
+@click.argument("run", type=_RUN)
+@click.option("--split", default="Test3", show_default=True, help="Split to export.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="CSV to write (FileName,EmoClass).")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Check that the predictions cover exactly this cache's clips of the split.")
+@click.option("--corpus", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Check that the predictions cover exactly this corpus's clips of the split.")
+def submission_cmd(run, split, out, cache, corpus):
+    """Write a challenge-style CSV (FileName,EmoClass) of RUN's predictions for a split."""
+    if cache is not None and corpus is not None:
+        raise click.UsageError("give --cache or --corpus, not both")
+    try:
+        clips = None if cache is None and corpus is None else _difficulty.load_clips(cache=cache, corpus=corpus)
+        n = write_submission(run, out, split=split, clips=clips)
+    except ConiliumError as e:
+        _fail(e)
+    click.echo(f"{n} predictions of {split} written to {out}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

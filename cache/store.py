@@ -81,13 +81,14 @@ def write_shard(path, items: Iterable[Tuple[str, np.ndarray, Optional[np.ndarray
                 arr = to_float16(frames, name) if dtype == "float16" else frames.astype(np.float32)
                 t, nl, d = arr.shape
                 chunks = (t, 1, d) if nl > 1 and t > 0 else None
-                g.create_dataset(name, data=arr, chunks=chunks)
+                g.create_dataset(name, data=arr, chunks=chunks, track_times=False)
                 if pooled is not None:
                     if gp is None:
                         gp = f.create_group("pooled")
-                    gp.create_dataset(name, data=pooled.astype(np.float32))
+                    gp.create_dataset(name, data=pooled.astype(np.float32), track_times=False)
                 names.append(name)
-            f.create_dataset("names", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset("names", data=np.array(names, dtype=object), dtype=h5py.string_dtype(),
+                             track_times=False)
     rel = f"{SHARD_DIR}/{path.name}" if path.parent.name == SHARD_DIR else str(path)
     return {"file": rel, "clips": len(names), "sha256": file_sha256(path), "bytes": path.stat().st_size}
 

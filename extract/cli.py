@@ -1,0 +1,125 @@
+"""Command-line tools of stage 1: ``extract-features`` and ``verify-cache``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from conilium.errors import ConiliumError
+
+from .extract import extract_features, parse_snr
+from .upstreams import UPSTREAMS
+from .verify import verify_cache
+
+_UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face model id, a local model "
+                  "directory, or a model directory written by finetune-best")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--corpus", "corpus", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Corpus root in the MSP-Podcast layout (Audios/, Labels/).")
+@click.option("--upstream", required=True, help=_UPSTREAM_HELP)
+@click.option("--out", required=True, type=click.Path(path_type=str),
+              help="The cache directory to write (created; resumed when it holds a partial cache).")
+@click.option("--layers", default="last", show_default=True,
+              help="Hidden states to store: last, all, or indices like 6,12,24 (0 = projected CNN features, "
+                   "the highest = last layer).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of frames; values beyond float16's range are an error.")
+@click.option("--pooled-stats/--no-pooled-stats", default=False, show_default=True,
+              help="Also store every layer's mean and std over frames (small; for layer probing).")
+@click.option("--max-seconds", type=float, default=8.0, show_default=True,
+              help="Truncate clips to this many seconds (the paper: 8; the challenge baseline: 12).")
+@click.option("--normalize", type=click.Choice(["global", "utterance", "none"]), default="global",
+              show_default=True, help="Waveform normalisation; global = mean/std over the Train audio.")
+@click.option("--random-init", is_flag=True,
+              help="Use the architecture with seeded random weights (no download; for benchmarks and tests).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of --random-init weights and of noise augmentation.")
+@click.option("--revision", default=None, help="Model revision (branch, tag or commit) on the Hugging Face hub.")
+@click.option("--splits", default=None, help="Only these splits, comma-separated (e.g. Train,Development).")
+@click.option("--batch-seconds", type=float, default=60.0, show_default=True,
+              help="Bound on a batch's padded audio (clips x longest clip), in seconds.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="auto: float32 on CPU, bfloat16 autocast on CUDA (float16 without bf16).")
+@click.option("--shard-size", type=int, default=256, show_default=True, help="Clips per HDF5 shard.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Audio decoding threads.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--skip-bad", is_flag=True,
+              help="Leave out unreadable, empty or NaN clips and list them in the manifest, instead of stopping.")
+@click.option("--augment-noise", type=click.Path(file_okay=False, exists=True, path_type=str), default=None,
+              help="Folder of noise recordings (e.g. MUSAN): add noisy copies of Train clips to the cache.")
+@click.option("--augment-fraction", type=float, default=0.8, show_default=True,
+              help="Share of Train clips that get noisy copies.")
+@click.option("--snr-db", default="5:20", show_default=True, help="SNR range LOW:HIGH in dB for the noisy copies.")
+@click.option("--copies", type=int, default=1, show_default=True, help="Noisy copies per chosen clip.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing cache in --out and rebuild it.")
+@click.option("--no-space-check", is_flag=True,
+              help="Extract even when the projected cache size exceeds the free disk space.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or messages.")
+def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max_seconds, normalize, random_init,
+                         seed, revision, splits, batch_seconds, device, compute_dtype, shard_size, workers, threads,
+                         skip_bad, augment_noise, augment_fraction, snr_db, copies, overwrite, no_space_check,
+                         quiet):
+    """Run an upstream over a corpus once and store its hidden states in an HDF5 feature cache.
+
+    \b
+    Example:
+      extract-features --corpus MSP-PODCAST-1.11 --upstream wavlm-large --out cache/wavlm-large
+      extract-features --corpus demo --upstream demo-wavlm --random-init --layers all \\
+          --pooled-stats --out cache/demo-wavlm
+
+    The cache (manifest.json, clips.json, shards/*.h5) carries the clips' annotations, so
+    training heads needs only the cache directory. An interrupted run resumes where it
+    stopped when rerun with the same options; under `torchrun --nproc_per_node K` the
+    ranks share the shards. Check a cache with `verify-cache CACHE_DIR`.
+    """
+    try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        path = extract_features(
+            corpus, upstream, out, layers=layers, dtype=dtype, max_seconds=max_seconds, normalize=normalize,
+            pooled_stats=pooled_stats, random_init=random_init, seed=seed, revision=revision,
+            batch_seconds=batch_seconds, device=device, compute_dtype=compute_dtype, shard_size=shard_size,
+            workers=workers, skip_bad=skip_bad,
+            splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None,
+            augment_noise=augment_noise, augment_fraction=augment_fraction, snr_db=parse_snr(snr_db),
+            copies=copies, overwrite=overwrite, check_space=not no_space_check, verbose=not quiet)
+    except ConiliumError as e:
+        raise click.ClickException(str(e)) from None
+    if not quiet:
+        click.echo(str(path))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("cache_dir", type=click.Path(path_type=str))
+@click.option("--quick", is_flag=True, help="Check sizes and HDF5 contents only, not the SHA-256 checksums.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only problems.")
+def verify_cache_cmd(cache_dir, quick, quiet):
+    """Check every shard of a feature cache against its manifest.
+
+    Verifies that the manifest is complete, that every shard exists with the recorded
+    size and SHA-256 checksum and holds exactly the clips clips.json assigns to it, with
+    the recorded number of frames. Exits with status 1 and lists the problems otherwise.
+    """
+    try:
+        report = verify_cache(cache_dir, checksums=not quick, verbose=not quiet)
+    except ConiliumError as e:
+        raise click.ClickException(str(e)) from None
+    if report.problems:
+        for p in report.problems:
+            click.echo(f"PROBLEM: {p}", err=True)
+        raise click.ClickException(f"{cache_dir}: {len(report.problems)} problem(s) found in "
+                                   f"{report.shards} shard(s); rerun extract-features with the same options "
+                                   f"to repair damaged shards")
+    if not quiet:
+        click.echo(f"{cache_dir}: OK ({report.shards} shard(s), {report.clips} clip(s), "
+                   f"{report.bytes / 1e6:.1f} MB{', checksums verified' if not quick else ''})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(extract_features_cmd())

@@ -1,0 +1,209 @@
+"""Command-line tools ``finetune-best`` and ``predict`` (thin layers over the library).
+
+Several processes: ``torchrun --nproc_per_node K -m conilium.heads.finetune_cli ARGS``
+(this module runs ``finetune-best``), or ``torchrun --nproc_per_node K $(which finetune-best) ARGS``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from conilium.errors import ConiliumError
+
+from .finetune import NORMALIZE_MODES, PRECISIONS, FinetuneConfig, finetune, parse_snr
+from .losses import LOSSES
+
+_D = FinetuneConfig(corpus="", out="")
+_CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _quiet_library_warnings() -> None:
+    # raised inside transformers' WavLM attention on every padded batch; harmless
+    warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask")
+
+
+@click.command(context_settings=_CTX)
+@click.option("--corpus", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Corpus root in the MSP-Podcast layout (Audios/, Labels/).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Model directory to write (upstream/, head.pt, conilium_model.json; also a run directory: "
+                   "config.json, metrics.json, predictions/<Split>.csv, tuned/).")
+@click.option("--upstream", default=_D.upstream, show_default=True,
+              help="Registry name (wavlm-large, wav2vec2-large-robust, wav2vec2-base, hubert-large, demo-*), "
+                   "a Hugging Face model id or a local model directory.")
+@click.option("--random-init", is_flag=True,
+              help="The --upstream architecture with seeded random weights, no download (timing, tests, demo-*).")
+@click.option("--random-init-seed", type=int, default=_D.random_init_seed, show_default=True,
+              help="Seed of the random weights (use the one the cache was extracted with, for --init-head).")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --upstream.")
+@click.option("--loss", type=click.Choice(list(LOSSES)), default=_D.loss, show_default=True,
+              help="wbce (the paper's best), wce, bce, kld or focal.")
+@click.option("--labels", type=click.Choice(["hard", "P", "S", "P*", "S*"]), default=_D.labels, show_default=True,
+              help="Training targets: S (share of primary + secondary labels, the paper's best), P, hard, P*, S*.")
+@click.option("--sampler", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
+              help="balanced: draw clips with weight 1/f(class), with replacement (class weights then off).")
+@click.option("--lr", type=float, default=_D.lr, show_default=True, help="AdamW learning rate.")
+@click.option("--weight-decay", type=float, default=_D.weight_decay, show_default=True)
+@click.option("--batch-size", type=int, default=_D.batch_size, show_default=True,
+              help="Clips per optimiser step, over all processes and accumulation steps.")
+@click.option("--grad-accum", type=int, default=_D.grad_accum, show_default=True,
+              help="Split each process's share of a batch into this many forward/backward passes (less memory).")
+@click.option("--epochs", type=int, default=_D.epochs, show_default=True,
+              help="Maximum epochs; the best epoch by development macro-F1 is kept.")
+@click.option("--patience", type=int, default=None, help="Stop after this many epochs without improvement.")
+@click.option("--seed", type=int, default=_D.seed, show_default=True)
+@click.option("--max-seconds", type=float, default=_D.max_seconds, show_default=True,
+              help="Truncate every clip to this many seconds.")
+@click.option("--normalize", type=click.Choice(NORMALIZE_MODES), default=_D.normalize, show_default=True,
+              help="Waveform normalisation: global (mean/std over the Train audio, kept in the model), "
+                   "utterance, none.")
+@click.option("--dropout", type=float, default=_D.dropout, show_default=True, help="Head dropout.")
+@click.option("--hidden", type=int, default=_D.hidden, show_default=True, help="Classifier hidden width.")
+@click.option("--upstream-dropout", type=float, default=None,
+              help="Replace the upstream's dropout probabilities (default: the pretrained model's).")
+@click.option("--layerdrop", type=float, default=None, help="Replace the upstream's LayerDrop probability.")
+@click.option("--mask-time-prob", type=float, default=None,
+              help="SpecAugment time-mask probability in the upstream (0 turns it off; default: the model's).")
+@click.option("--augment-noise", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of noise recordings (e.g. MUSAN noise): mix one into a fraction of training clips.")
+@click.option("--augment-fraction", type=float, default=_D.augment_fraction, show_default=True,
+              help="Share of training clips that get noise, drawn anew each epoch.")
+@click.option("--snr-db", default="5:20", show_default=True, help="SNR range LOW:HIGH (dB) of the added noise.")
+@click.option("--init-head", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Start from the head of a train-head run on this upstream's frozen cache (its layer choice, "
+                   "truncation and normalisation are used).")
+@click.option("--baseline-ckpt", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Start from the challenge baseline's final_ssl.pt, final_pool.pt, final_ser.pt in this folder.")
+@click.option("--max-train-clips", type=int, default=None, help="Use only the first N training clips (quick trials).")
+@click.option("--no-thresholds", is_flag=True, help="Do not tune decision offsets on the development set.")
+@click.option("--skip-bad", is_flag=True, help="Leave out (and list) clips whose audio is missing or unreadable.")
+@click.option("--device", default=_D.device, show_default=True, help="auto, cpu or cuda.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=_D.precision, show_default=True,
+              help="auto: bf16 autocast on CUDA, float32 on CPU.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute transformer activations (less memory).")
+@click.option("--num-workers", type=int, default=_D.num_workers, show_default=True,
+              help="DataLoader processes decoding audio.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads per process.")
+@click.option("--keep-checkpoints", is_flag=True,
+              help="Keep checkpoints/ (last and best epoch) after training, to continue later with --resume.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last completed epoch.")
+@click.option("--overwrite", is_flag=True, help="Start over in an --out that holds a run.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revision, loss, labels, sampler, lr,
+                      weight_decay, batch_size, grad_accum, epochs, patience, seed, max_seconds, normalize, dropout,
+                      hidden, upstream_dropout, layerdrop, mask_time_prob, augment_noise, augment_fraction, snr_db,
+                      init_head, baseline_ckpt, max_train_clips, no_thresholds, skip_bad, device, precision,
+                      gradient_checkpointing, num_workers, threads, keep_checkpoints, resume, overwrite, quiet):
+    """Fine-tune an upstream and an attentive head end to end on a corpus (the paper's best system).
+
+    \b
+    Defaults are the paper's: WavLM-large with its CNN encoder frozen, attentive statistics
+    pooling, WBCE on S targets, AdamW 1e-5, batch 16, at most 40 epochs, best epoch by
+    development macro-F1, 8-second clips; then decision offsets tuned on the development set.
+
+    \b
+    Examples:
+      finetune-best --corpus MSP-PODCAST-1.11 --out models/wavlm-wbce-S
+      finetune-best --corpus demo --out models/demo --upstream demo-wavlm --random-init --epochs 2
+      torchrun --nproc_per_node 4 -m conilium.heads.finetune_cli --corpus C --out M --gradient-checkpointing
+      finetune-best --corpus C --out M --resume          # after an interruption
+
+    \b
+    Then: predict --model M a.wav b.flac; extract-features --upstream M ...; conilium-eval on M.
+    """
+    _quiet_library_warnings()
+    try:
+        config = FinetuneConfig(
+            corpus=str(corpus), out=str(out), upstream=upstream, random_init=random_init,
+            random_init_seed=random_init_seed, revision=revision, loss=loss, labels=labels,
+            sampler=None if sampler == "none" else sampler, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+            grad_accum=grad_accum, epochs=epochs, patience=patience, seed=seed, max_seconds=max_seconds,
+            normalize=normalize, dropout=dropout, hidden=hidden, upstream_dropout=upstream_dropout,
+            layerdrop=layerdrop, mask_time_prob=mask_time_prob,
+            augment_noise=None if augment_noise is None else str(augment_noise),
+            augment_fraction=augment_fraction, snr_db=parse_snr(snr_db),
+            init_head=None if init_head is None else str(init_head),
+            baseline_ckpt=None if baseline_ckpt is None else str(baseline_ckpt),
+            max_train_clips=max_train_clips, tune_thresholds=not no_thresholds, skip_bad=skip_bad,
+            precision=precision, gradient_checkpointing=gradient_checkpointing, device=device,
+            num_workers=num_workers, keep_checkpoints=keep_checkpoints, threads=threads)
+        metrics = finetune(config, resume=resume, overwrite=overwrite, progress=not quiet)
+    except ConiliumError as e:
+        raise click.ClickException(str(e)) from None
+    if metrics:
+        th = metrics.get("thresholds") or {}
+        tuned = f", tuned {th['f1_macro_tuned']:.4f}" if th.get("f1_macro_tuned") is not None else ""
+        click.echo(f"{out}: best epoch {metrics['best_epoch']}, {metrics.get('split')} macro-F1 "
+                   f"{metrics['f1_macro']:.4f}{tuned}")
+
+
+@click.command(context_settings=_CTX)
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Model directory written by finetune-best.")
+@click.argument("audio", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--list", "list_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Text file with one audio path per line (blank lines and # comments skipped).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write FILE.csv or FILE.json (format from the suffix); default: CSV on standard output.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-seconds", type=float, default=None,
+              help="Truncate files to this many seconds (default: as in training; 0: whole files).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def predict_cmd(model_dir, audio, list_file, out, batch_size, max_seconds, device, quiet):
+    """Predict the emotion of audio files with a finetune-best model.
+
+    \b
+    Any file soundfile reads works (WAV, FLAC, OGG, ...; any sample rate; stereo is averaged).
+    Output columns: FileName, one probability per class (A S H U F D C N), Prediction
+    (argmax after the decision offsets tuned on the development set), Error.
+    A file that cannot be read is reported by name on standard error and in the output
+    (Error column), and the others are still predicted.
+
+    \b
+    Exit status: 0 when at least one file was predicted, 1 when every file failed,
+    2 for usage errors (no file given, bad --out suffix).
+
+    \b
+    Example:
+      predict --model models/wavlm-wbce-S a.wav b.flac --out predictions.csv
+    """
+    from .predict import Predictor, output_format, read_list, results_csv, write_results
+
+    _quiet_library_warnings()
+    files = [str(a) for a in audio]
+    try:
+        if list_file is not None:
+            files += read_list(list_file)
+        if not files:
+            raise click.UsageError("no audio file given: pass files as arguments or --list FILE")
+        if out is not None:
+            output_format(out)
+        predictor = Predictor(model_dir, device=device, batch_size=batch_size, max_seconds=max_seconds)
+        results = predictor.predict(files, progress=not quiet)
+        if out is not None:
+            write_results(out, results, predictor.classes)
+        else:
+            click.echo(results_csv(results, predictor.classes), nl=False)
+    except click.UsageError:
+        raise
+    except ConiliumError as e:
+        if "--out" in str(e) or "--list" in str(e):
+            raise click.UsageError(str(e)) from None
+        raise click.ClickException(str(e)) from None
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        click.echo(f"predict: {r.file}: {r.error}", err=True)
+    n_ok = len(results) - len(failed)
+    if out is not None:
+        click.echo(f"{out}: {n_ok} file(s) predicted, {len(failed)} failed", err=True)
+    if n_ok == 0:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    finetune_best_cmd()

@@ -37,12 +37,12 @@ def main():
     """Evaluate run directories of train-head / finetune-best / predict.
 
     \b
-    conilium-eval metrics RUN                     scores + confusion matrix (CSV, PNG)
-    conilium-eval tune-thresholds RUN OUT         per-class offsets for macro-F1 (new run)
-    conilium-eval ensemble RUN1 RUN2 ... --out OUT mean-probability or majority-vote ensemble
-    conilium-eval easy-difficult RUN1 RUN2 ... --out DIR   paper section 4
-    conilium-eval report SPEC.json --out DIR      our tables beside the paper's
-    conilium-eval submission RUN --split Test3 --out preds.csv
+    conilium-eval metrics RUN                        scores, confusion matrix (CSV, PNG)
+    conilium-eval tune-thresholds RUN OUT            offsets for macro-F1 (paper 3.7)
+    conilium-eval ensemble RUN1 RUN2 ... --out OUT   mean probability or vote (3.6)
+    conilium-eval easy-difficult RUN1 RUN2 ... --out DIR      Easy/Difficult (section 4)
+    conilium-eval report SPEC.json --out DIR         our tables beside the paper's
+    conilium-eval submission RUN --split Test3 --out submission.csv
     """
 
 

@@ -26,7 +26,7 @@ import csv
 import math
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -88,7 +88,7 @@ def default_cache(run_dirs: Sequence) -> Optional[str]:
 
 # --------------------------------------------------------------------------- agreement
 
-def primary_value_counts(clips: Sequence[Clip], *, other: str = "category") -> (np.ndarray, List[str]):
+def primary_value_counts(clips: Sequence[Clip], *, other: str = "category") -> Tuple[np.ndarray, List[str]]:
     """Units × categories counts of the annotators' primary labels, and the categories.
 
     Categories are the eight classes, plus ``O`` for any other primary when

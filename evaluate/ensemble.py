@@ -22,8 +22,8 @@ import numpy as np
 from conilium.util import write_json
 
 from .metrics import score
-from .runs import Predictions, RunError, load_run_config, prediction_path, run_splits, write_predictions
-from .thresholds import derived_run_dir, has_references, read_run, with_main_split
+from .runs import Predictions, RunError, load_run_config, prediction_path, write_predictions
+from .thresholds import check_run, derived_run_dir, has_references, read_run, with_main_split
 
 METHODS = ("mean", "vote")
 
@@ -124,13 +124,11 @@ def ensemble_runs(run_dirs: Sequence, out_dir, *, method: str = "mean",
     if len({r.resolve() for r in run_dirs}) != len(run_dirs):
         raise RunError("the same run is listed twice (give it a higher weight instead)")
     w = _check_weights(weights, len(run_dirs))
-    for r in run_dirs:
-        read_run(r, [])  # existence and config checks
+    per_run = [check_run(r) for r in run_dirs]
     if splits:
         wanted = list(splits)
         skipped: List[str] = []
     else:
-        per_run = [run_splits(r) for r in run_dirs]
         wanted = [s for s in per_run[0] if all(s in p for p in per_run[1:])]
         skipped = sorted(set().union(*per_run) - set(wanted))
         if not wanted:

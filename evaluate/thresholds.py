@@ -264,8 +264,9 @@ def with_main_split(metrics: Dict, main: str = "Development") -> Dict:
     return out
 
 
-def read_run(run_dir, splits: Optional[Sequence[str]] = None) -> Dict[str, Predictions]:
-    """Every split's predictions of a run (or the given splits), with clear errors."""
+def check_run(run_dir) -> List[str]:
+    """The splits of a run directory; a RunError when it is missing, has no config.json or
+    no predictions."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: run directory not found")
@@ -273,6 +274,12 @@ def read_run(run_dir, splits: Optional[Sequence[str]] = None) -> Dict[str, Predi
     available = run_splits(run_dir)
     if not available:
         raise RunError(f"{run_dir}: no predictions (expected {run_dir}/predictions/<Split>.csv)")
+    return available
+
+
+def read_run(run_dir, splits: Optional[Sequence[str]] = None) -> Dict[str, Predictions]:
+    """Every split's predictions of a run (or the given splits), with clear errors."""
+    available = check_run(run_dir)
     wanted = list(splits) if splits else available
     missing = [s for s in wanted if s not in available]
     if missing:

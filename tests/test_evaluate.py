@@ -15,7 +15,7 @@ from conilium.evaluate import difficulty
 from conilium.evaluate.cli import main
 from conilium.evaluate.ensemble import ensemble_runs
 from conilium.evaluate.metrics import macro_f1, score
-from conilium.evaluate.report import build_report, split_metrics
+from conilium.evaluate.report import split_metrics
 from conilium.evaluate.runs import RunError, prediction_path, read_predictions, write_predictions
 from conilium.evaluate.submission import write_submission
 from conilium.evaluate.thresholds import (apply_offsets, cross_validated_f1, fit_offsets, stratified_folds,

@@ -1,0 +1,645 @@
+"""A small synthetic corpus in the MSP-Podcast release layout, for demos and tests.
+
+:func:`make_demo_corpus` writes ``Audios/*.wav`` (16 kHz mono PCM_16) and
+``Labels/labels_consensus.csv`` / ``Labels/labels_detailed.csv`` exactly as
+:func:`conilium.corpus.load_corpus` reads a real release, so that every stage of the
+pipeline can run end to end without the real data.
+
+How it is simulated:
+
+* every clip has a latent emotion mixture over the eight classes: a Dirichlet around a
+  dominant class, with mass on the emotions that co-occur with it; dominant classes
+  follow MSP-Podcast's imbalance (Neutral and Happy most often) in every split;
+* its audio is a speech-like signal (glottal pulses along a pitch contour, syllables and
+  pauses, vowel formants, fricative noise, a noise floor) whose prosody follows the
+  mixture: pitch level and range, speaking rate, loudness, spectral tilt, breathiness,
+  jitter, creak, tremor and phrase-final contour, scaled by each speaker's own
+  expressiveness and varied per speaker and per clip, so that classes are learnable
+  but overlap;
+* 5 to 7 simulated annotators from a pool of workers, each with their own bias,
+  sharpness and habits, give a primary emotion (sometimes Other), secondary emotions
+  (sometimes non-target words) and A/V/D scores; the consensus label is the majority of
+  primaries, O when Other wins and X on a tie, as in the real corpus.
+
+The output is a pure function of ``seed`` and ``clips``: the same arguments give
+byte-identical files. ``noise_dir`` adds a few noise recordings (white, pink, brown,
+babble, hum) for noise augmentation, in the manner of MUSAN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from . import CLASS_NAMES, CLASSES, SAMPLE_RATE
+from .corpus import CONSENSUS_COLUMNS, CONSENSUS_FILE, DETAILED_FILE
+from .errors import ConfigError, CorpusError
+
+_SR = SAMPLE_RATE
+MIN_CLIPS = 10
+
+#: Probability that a clip's dominant emotion is each class (MSP-Podcast-like imbalance).
+DOMINANT_PRIOR = {"A": 0.08, "S": 0.09, "H": 0.25, "U": 0.07, "F": 0.04, "D": 0.04, "C": 0.08, "N": 0.35}
+SPLIT_SHARES = {"Train": 0.60, "Development": 0.25, "Test3": 0.15}
+N_WORKERS = 60
+ANNOTATORS_PER_CLIP = {5: 0.5, 6: 0.3, 7: 0.2}
+UNKNOWN_SPEAKER_SHARE = 0.07
+CLIPS_PER_SPEAKER = 8
+# Gamma distribution of clip durations (mean 5.8 s, sd 2.4 s), redrawn outside the bounds.
+DURATION_MEAN, DURATION_SD, DURATION_BOUNDS = 5.8, 2.4, (1.5, 14.0)
+# Share of clips whose emotion is outside the eight classes (bored, sarcastic, ...).
+OTHER_CLIP_SHARE = 0.03
+
+_K = len(CLASSES)
+_IDX = {c: i for i, c in enumerate(CLASSES)}
+_PRIOR = np.array([DOMINANT_PRIOR[c] for c in CLASSES])
+
+# Emotions that tend to be mixed with each dominant one (Dirichlet mass besides the dominant).
+_COOCCURS = {
+    "A": {"D": 0.5, "C": 0.5, "F": 0.1, "N": 0.3},
+    "S": {"F": 0.3, "C": 0.1, "N": 0.5},
+    "H": {"U": 0.6, "N": 0.5},
+    "U": {"H": 0.6, "F": 0.3, "N": 0.3},
+    "F": {"S": 0.4, "U": 0.4, "N": 0.3},
+    "D": {"C": 0.7, "A": 0.4, "N": 0.3},
+    "C": {"D": 0.6, "A": 0.3, "N": 0.5},
+    "N": {"H": 0.3, "S": 0.3, "C": 0.2, "A": 0.1, "U": 0.1},
+}
+_DIRICHLET_BASE, _DIRICHLET_DOMINANT = 0.08, 3.0
+
+# Prosody of each class (columns in CLASSES order A S H U F D C N); a clip's prosody is
+# the mixture-weighted row, its deviation from Neutral scaled by the speaker's expressiveness.
+_PROSODY_ROWS = (
+    #              A      S      H      U      F      D      C      N
+    ("pitch_st", (4.0, -2.5, 3.0, 5.0, 3.5, -0.5, -1.0, 0.0)),  # mean f0 shift, semitones
+    ("range_st", (6.0, 1.5, 6.5, 8.0, 4.0, 3.0, 2.5, 3.5)),  # pitch-accent excursion, semitones
+    ("rate", (5.4, 3.0, 5.0, 4.4, 4.8, 3.6, 3.8, 4.2)),  # syllables per second
+    ("energy_db", (7.0, -6.0, 3.0, 2.0, -4.0, 0.0, -1.0, 0.0)),  # loudness
+    ("tilt_db", (5.0, -2.0, 3.5, 3.0, 1.0, 2.0, 1.5, 2.0)),  # dB/octave above 500 Hz
+    ("closure", (0.08, 0.30, 0.12, 0.14, 0.22, 0.16, 0.16, 0.16)),  # glottal closing phase (soft = dark)
+    ("breath", (0.02, 0.10, 0.03, 0.05, 0.25, 0.05, 0.05, 0.04)),  # aspiration noise
+    ("jitter", (0.010, 0.012, 0.008, 0.010, 0.025, 0.020, 0.018, 0.008)),  # period perturbation
+    ("creak", (0.05, 0.15, 0.0, 0.0, 0.05, 0.45, 0.40, 0.05)),  # period-doubling depth
+    ("pause", (0.25, 0.65, 0.25, 0.35, 0.45, 0.45, 0.40, 0.35)),  # mean phrase pause, s
+    ("final_st", (-1.0, -2.0, 1.0, 5.0, 2.0, -3.0, -4.0, -1.5)),  # phrase-final rise (+) / fall (-)
+    ("tremor", (0.0, 0.2, 0.0, 0.0, 0.8, 0.0, 0.0, 0.0)),  # 5-7 Hz f0 tremor depth, semitones
+)
+_PROSODY_NAMES = tuple(name for name, _ in _PROSODY_ROWS)
+_PROSODY = np.array([row for _, row in _PROSODY_ROWS])
+
+# Mean activation, valence, dominance (1-7) an annotator gives each class.
+_AVD = np.array([
+    (5.6, 2.3, 5.4), (2.9, 2.5, 3.1), (5.0, 5.9, 4.8), (5.3, 4.6, 4.2),
+    (4.9, 2.6, 3.0), (4.3, 2.5, 4.7), (3.9, 2.9, 5.0), (3.7, 4.1, 4.1),
+])
+
+# Non-target words annotators add as secondaries, by the emotion they lean to.
+_NON_TARGET = {
+    "A": ("Frustrated", "Annoyed"), "S": ("Disappointed", "Concerned"), "H": ("Amused", "Excited"),
+    "U": ("Confused", "Excited"), "F": ("Concerned", "Confused"), "D": ("Annoyed", "Disappointed"),
+    "C": ("Annoyed", "Frustrated"), "N": ("Confused", "Concerned"),
+}
+_OTHER_FLAVOURS = ("bored", "tired", "sarcastic", "curious", "calm", "confident", "serious", "thoughtful")
+
+# Vowel formants F1-F3 (Hz) of an adult male voice (Peterson & Barney).
+_VOWELS = np.array([
+    (270, 2290, 3010), (390, 1990, 2550), (530, 1840, 2480), (660, 1720, 2410), (730, 1090, 2440),
+    (570, 840, 2410), (440, 1020, 2240), (300, 870, 2240), (640, 1190, 2390), (490, 1350, 1690),
+], dtype=np.float64)
+_BANDWIDTHS = np.array([70.0, 100.0, 140.0])
+
+# Short-time filtering: Hann analysis window, 50 % overlap (the windows sum to one),
+# FFT twice the window so that formant ringing does not wrap around.
+_WIN, _HOP, _NFFT = 512, 256, 1024
+_WINDOW = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(_WIN) / _WIN)).astype(np.float32)
+_FREQS = np.fft.rfftfreq(_NFFT, 1.0 / _SR)
+_CONTROL_HOP = 80  # samples between pitch / envelope control points (5 ms)
+_TABLE = 2048  # lookup-table entries per pitch period
+
+
+@dataclass(frozen=True)
+class _Voice:
+    """A speaker's fixed vocal characteristics."""
+
+    f0: float  # base pitch, Hz
+    formant_scale: float  # vocal-tract length factor (women > men)
+    colour_hz: float  # an extra resonance giving each voice its own timbre
+    colour_db: float
+    tilt_db: float  # spectral tilt offset, dB/octave
+    rate: float  # speaking-rate factor
+    level_db: float  # habitual loudness offset
+    breath: float  # habitual breathiness
+    expressivity: float  # how strongly emotion shows in the prosody
+
+
+@dataclass(frozen=True)
+class _ClipPlan:
+    """Everything about a clip but its samples."""
+
+    name: str
+    split: str
+    speaker: Optional[int]
+    gender: str
+    voice: _Voice
+    duration: float
+    mixture: np.ndarray
+    rows: List[str]  # EmoDetail strings, one per annotator
+    emo_class: str  # consensus of the annotators' primaries
+    avd: Tuple[float, float, float]  # mean of their A/V/D scores
+
+
+@dataclass(frozen=True)
+class _Worker:
+    sharpness: float  # exponent on the mixture: >1 favours its top emotion
+    bias: np.ndarray  # log-odds preference for each class
+    lapse: float  # chance of a primary drawn from the prior, ignoring the clip
+    other_rate: float  # chance of answering Other on any clip
+    secondaries: float  # mean number of secondary emotions
+    non_target_rate: float  # chance of adding a non-target word
+    avd_bias: np.ndarray
+    avd_noise: float
+    activity: float  # how many clips the worker annotates, relatively
+
+
+def make_demo_corpus(out, *, clips: int = 300, seed: int = 0, noise_dir=None, noise_files: int = 8,
+                     overwrite: bool = False, verbose: bool = False) -> Path:
+    """Write a synthetic corpus of ``clips`` clips in the MSP-Podcast layout to ``out``.
+
+    Splits are Train / Development / Test3 (60 / 25 / 15 %, speakers disjoint), Test3
+    unlabelled. ``noise_dir`` also receives ``noise_files`` noise recordings. The corpus
+    is built in a temporary directory beside ``out`` and renamed into place; an existing
+    non-empty ``out`` (or ``noise_dir``) is replaced only with ``overwrite``.
+    ``verbose`` shows a progress bar. Returns ``out``.
+    """
+    if clips < MIN_CLIPS:
+        raise ConfigError(f"a demo corpus needs at least {MIN_CLIPS} clips (so that every split has some), "
+                          f"got {clips}")
+    if noise_dir is not None and noise_files < 1:
+        raise ConfigError(f"noise_files must be at least 1 when noise_dir is given, got {noise_files}")
+    out = Path(out)
+    _check_target(out, overwrite)
+    noise_inside: Optional[Path] = None  # noise_dir relative to out, when it lies inside the corpus
+    if noise_dir is not None:
+        noise_dir = Path(noise_dir)
+        if _is_within(out, noise_dir):
+            raise ConfigError(f"the noise directory {noise_dir} must not contain the corpus directory {out}")
+        if _is_within(noise_dir, out):
+            noise_inside = noise_dir.resolve().relative_to(out.resolve())
+            if noise_inside.parts[0] in ("Audios", "Labels"):
+                raise ConfigError(f"the noise directory {noise_dir} must not lie inside the corpus's "
+                                  f"Audios/ or Labels/ folder")
+        else:
+            _check_target(noise_dir, overwrite)
+
+    plans = _plan_corpus(clips, seed)
+    with _staging(out) as tmp:
+        _write_labels(tmp / "Labels", plans)
+        audios = tmp / "Audios"
+        audios.mkdir()
+        for i, plan in enumerate(tqdm(plans, desc="synthesising clips", unit="clip", disable=not verbose)):
+            _write_wav(audios / plan.name, _clip_audio(np.random.default_rng([seed, 1, i]), plan))
+        if noise_inside is not None:
+            (tmp / noise_inside).mkdir(parents=True)
+            _write_noises(tmp / noise_inside, noise_files, seed)
+    if noise_dir is not None and noise_inside is None:
+        with _staging(noise_dir) as noise_tmp:
+            _write_noises(noise_tmp, noise_files, seed)
+    return out
+
+
+# ----------------------------------------------------------------------------- output files
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise CorpusError(f"{path}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise CorpusError(f"{path}: directory exists and is not empty; "
+                          f"choose another directory or pass overwrite=True (--overwrite) to replace it")
+
+
+@contextlib.contextmanager
+def _staging(final: Path):
+    """Yield a fresh directory beside ``final``; on success it replaces ``final``."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            trash = final.parent / f".{final.name}.{secrets.token_hex(4)}.old"
+            os.rename(final, trash)
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                os.rename(trash, final)
+                raise
+            shutil.rmtree(trash)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_wav(path: Path, x: np.ndarray) -> None:
+    sf.write(str(path), x, _SR, subtype="PCM_16", format="WAV")
+
+
+def _write_labels(labels: Path, plans: List[_ClipPlan]) -> None:
+    labels.mkdir()
+    with open(labels / CONSENSUS_FILE, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(CONSENSUS_COLUMNS)
+        for p in plans:
+            labelled = p.split != "Test3"
+            act, val, dom = (f"{v:.1f}" for v in p.avd) if labelled else ("", "", "")
+            w.writerow([p.name, p.emo_class if labelled else "", act, val, dom,
+                        "Unknown" if p.speaker is None else p.speaker, p.gender, p.split])
+    with open(labels / DETAILED_FILE, "w", newline="", encoding="utf-8") as f:
+        f.write("FileName,EmoDetail\n")
+        for p in plans:
+            if p.split != "Test3":
+                f.writelines(f'{p.name},"{row}"\n' for row in p.rows)
+
+
+# ----------------------------------------------------------------------------- corpus design
+
+
+def _plan_corpus(n: int, seed: int) -> List[_ClipPlan]:
+    """Everything about every clip except its samples, drawn from one generator."""
+    rng = np.random.default_rng([seed, 0])
+    counts = {"Train": round(n * SPLIT_SHARES["Train"]), "Development": round(n * SPLIT_SHARES["Development"])}
+    counts["Test3"] = n - counts["Train"] - counts["Development"]
+    workers = [_draw_worker(rng) for _ in range(N_WORKERS)]
+    activity = np.array([w.activity for w in workers])
+    activity /= activity.sum()
+    speaker_ids = iter(rng.choice(np.arange(1, 10 * n), size=n, replace=False))
+    episode_ids = iter(rng.choice(np.arange(1, 10 * n), size=n, replace=False))
+    durations = iter(_draw_durations(rng, n))
+
+    plans: List[_ClipPlan] = []
+    for split, n_split in counts.items():
+        n_spk = max(2, round(n_split / CLIPS_PER_SPEAKER))
+        genders = np.where(rng.permutation(n_spk) % 2 == 0, "Female", "Male")
+        speakers = [(int(next(speaker_ids)), str(g), _draw_voice(rng, str(g))) for g in genders]
+        talk_share = rng.dirichlet(np.full(n_spk, 2.0))
+        dominants = _dominant_classes(rng, n_split)
+        # Clips are segments of podcast episodes, a speaker's current episode until its
+        # segment numbers pass 40; Unknown speakers join the episode of a random speaker.
+        episode: Dict[int, int] = {}
+        segment: Dict[int, int] = {}
+        for i in range(n_split):
+            if rng.random() < UNKNOWN_SPEAKER_SHARE:
+                speaker, gender = None, "Unknown"
+                voice = _draw_voice(rng, str(rng.choice(["Female", "Male"])))
+                key = int(rng.integers(n_spk))
+            else:
+                key = int(rng.choice(n_spk, p=talk_share))
+                speaker, gender, voice = speakers[key]
+            if key not in episode or segment[key] > 40:
+                episode[key], segment[key] = int(next(episode_ids)), 0
+            segment[key] += int(rng.integers(1, 12))
+            name = f"MSP-PODCAST_{episode[key]:04d}_{segment[key]:04d}.wav"
+            plan = _plan_clip(rng, dominants[i], workers, activity, name=name, split=split, speaker=speaker,
+                              gender=gender, voice=voice, duration=float(next(durations)))
+            plans.append(plan)
+    return sorted(plans, key=lambda p: p.name)
+
+
+def _dominant_classes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Dominant-class indices of ``n`` clips in :data:`DOMINANT_PRIOR` proportions, shuffled.
+
+    Counts are the prior's shares of ``n`` rounded by largest remainder, so that even a
+    small split holds its share of every class.
+    """
+    exact = _PRIOR * n
+    counts = np.floor(exact).astype(int)
+    counts[np.argsort(counts - exact, kind="stable")[: n - counts.sum()]] += 1
+    return rng.permutation(np.repeat(np.arange(_K), counts))
+
+
+def _draw_voice(rng: np.random.Generator, gender: str) -> _Voice:
+    lo, hi = (170.0, 250.0) if gender == "Female" else (90.0, 140.0)
+    return _Voice(
+        f0=float(np.exp(rng.uniform(np.log(lo), np.log(hi)))),
+        formant_scale=float(rng.normal(1.16 if gender == "Female" else 1.0, 0.04)),
+        colour_hz=float(rng.uniform(2500, 4200)),
+        colour_db=float(rng.uniform(0, 8)),
+        tilt_db=float(rng.normal(0, 1.0)),
+        rate=float(rng.lognormal(0, 0.1)),
+        level_db=float(rng.normal(0, 2.0)),
+        breath=float(rng.uniform(0, 0.05)),
+        expressivity=float(rng.uniform(0.8, 1.3)),
+    )
+
+
+def _draw_worker(rng: np.random.Generator) -> _Worker:
+    return _Worker(
+        sharpness=float(rng.uniform(1.2, 2.4)),
+        bias=rng.normal(0, 0.3, _K),
+        lapse=float(rng.uniform(0.02, 0.10)),
+        other_rate=float(rng.uniform(0.0, 0.03)),
+        secondaries=float(rng.uniform(0.2, 1.6)),
+        non_target_rate=float(rng.uniform(0.03, 0.2)),
+        avd_bias=rng.normal(0, 0.4, 3),
+        avd_noise=float(rng.uniform(0.4, 1.0)),
+        activity=float(rng.gamma(2.0)),
+    )
+
+
+def _draw_durations(rng: np.random.Generator, n: int) -> np.ndarray:
+    shape = (DURATION_MEAN / DURATION_SD) ** 2
+    scale = DURATION_SD ** 2 / DURATION_MEAN
+    lo, hi = DURATION_BOUNDS
+    out = np.empty(0)
+    while out.size < n:
+        d = rng.gamma(shape, scale, 2 * n)
+        out = np.concatenate([out, d[(d >= lo) & (d <= hi)]])
+    return np.round(out[:n], 2)
+
+
+def _plan_clip(rng: np.random.Generator, dominant: int, workers: List[_Worker], activity: np.ndarray,
+               **clip) -> _ClipPlan:
+    """Draw a clip's emotion mixture and its annotations; ``clip`` holds the other fields."""
+    alpha = np.full(_K, _DIRICHLET_BASE)
+    for c, a in _COOCCURS[CLASSES[dominant]].items():
+        alpha[_IDX[c]] += a
+    alpha[dominant] += _DIRICHLET_DOMINANT
+    mixture = rng.dirichlet(alpha)
+    other_share = rng.uniform(0.35, 0.7) if rng.random() < OTHER_CLIP_SHARE else 0.0
+    flavour = str(rng.choice(_OTHER_FLAVOURS))
+
+    k = int(rng.choice(list(ANNOTATORS_PER_CLIP), p=list(ANNOTATORS_PER_CLIP.values())))
+    chosen = rng.choice(len(workers), size=k, replace=False, p=activity)
+    rows, primaries, avds = [], [], []
+    for wi in sorted(chosen):
+        w = workers[wi]
+        word, cls, secondary, avd = _annotate(rng, w, mixture, other_share, flavour)
+        rows.append(f"WORKER{wi + 1:05d}; {word}; {','.join(secondary)}; "
+                    f"A:{avd[0]:.1f}; V:{avd[1]:.1f}; D:{avd[2]:.1f};")
+        primaries.append("O" if cls is None else cls)
+        avds.append(avd)
+    return _ClipPlan(mixture=mixture, rows=rows, emo_class=_majority(primaries), avd=tuple(np.mean(avds, axis=0)),
+                     **clip)
+
+
+def _annotate(rng, w: _Worker, mixture: np.ndarray, other_share: float, flavour: str):
+    """One annotator's primary word (and its class or None), secondary words and A/V/D."""
+    if rng.random() < w.lapse:
+        p = _PRIOR
+    else:
+        p = mixture ** w.sharpness * np.exp(w.bias)
+        p = p / p.sum()
+    cls: Optional[str] = CLASSES[int(rng.choice(_K, p=p))]
+    word = CLASS_NAMES[cls]
+    if rng.random() < 1 - (1 - w.other_rate) * (1 - other_share):
+        cls = None
+        word = "Other" if rng.random() < 0.4 else f"Other-{flavour}"
+
+    secondary: List[str] = []
+    n_sec = min(3, int(rng.poisson(w.secondaries)))
+    if n_sec:
+        weights = mixture ** 0.8 + 0.02
+        if cls is not None:
+            weights[_IDX[cls]] = 0.0
+        picks = rng.choice(_K, size=n_sec, replace=False, p=weights / weights.sum())
+        secondary += [CLASS_NAMES[CLASSES[i]] for i in picks]
+    if rng.random() < w.non_target_rate:
+        lean = CLASSES[int(np.argmax(mixture))] if cls is None else cls
+        secondary.append(str(rng.choice(_NON_TARGET[lean])))
+    if rng.random() < 0.03:
+        other = f"Other-{rng.choice(_OTHER_FLAVOURS)}"
+        if other != word:
+            secondary.append(other)
+
+    own = _AVD[_IDX[cls]] if cls is not None else _AVD.T @ mixture
+    avd = 0.5 * own + 0.5 * (_AVD.T @ mixture) + w.avd_bias + rng.normal(0, w.avd_noise, 3)
+    return word, cls, secondary, tuple(float(v) for v in np.clip(np.round(avd), 1, 7))
+
+
+def _majority(primaries: List[str]) -> str:
+    """Consensus of primaries: the most frequent, X on a tie, O when Other wins."""
+    labels, counts = np.unique(primaries, return_counts=True)
+    top = np.flatnonzero(counts == counts.max())
+    return "X" if len(top) > 1 else str(labels[top[0]])
+
+
+# ----------------------------------------------------------------------------- synthesis
+
+
+def _clip_prosody(rng: np.random.Generator, voice: _Voice, mixture: np.ndarray) -> Dict[str, float]:
+    """Mixture-weighted prosody with speaker expressiveness and per-clip variation."""
+    neutral = _PROSODY[:, _IDX["N"]]
+    v = dict(zip(_PROSODY_NAMES, neutral + voice.expressivity * (_PROSODY @ mixture - neutral)))
+    v["pitch_st"] += rng.normal(0, 0.8)
+    v["range_st"] *= rng.lognormal(0, 0.2)
+    v["rate"] *= voice.rate * rng.lognormal(0, 0.1)
+    v["energy_db"] += voice.level_db + rng.normal(0, 2.0)  # includes the recording level
+    v["tilt_db"] += voice.tilt_db + rng.normal(0, 1.0)
+    v["closure"] = float(np.clip(v["closure"] * rng.lognormal(0, 0.15), 0.05, 0.45))
+    v["breath"] = max(0.0, v["breath"] + voice.breath + rng.normal(0, 0.02))
+    v["jitter"] *= rng.lognormal(0, 0.2)
+    v["creak"] = float(np.clip(v["creak"] + rng.normal(0, 0.05), 0.0, 0.8))
+    v["pause"] *= rng.lognormal(0, 0.2)
+    v["final_st"] += rng.normal(0, 1.0)
+    return v
+
+
+def _clip_audio(rng: np.random.Generator, plan: _ClipPlan) -> np.ndarray:
+    n = int(round(plan.duration * _SR))
+    p = _clip_prosody(rng, plan.voice, plan.mixture)
+    speech, active = _speech(rng, n, plan.voice, p)
+    level = 10 ** ((-26.0 + p["energy_db"]) / 20)
+    reference = speech[active] if active.any() else speech
+    speech *= level / (np.sqrt(np.mean(reference ** 2)) + 1e-9)
+    # noise floor: hiss and a little low-frequency rumble, 50 to 70 dB below full scale
+    rumble = _upsample(rng.standard_normal(n // _CONTROL_HOP + 2), n)
+    floor = rng.standard_normal(n, dtype=np.float32) + np.float32(rng.uniform(0.5, 2.0)) * rumble
+    speech += 10 ** (rng.uniform(-70, -50) / 20) * floor
+    peak = np.max(np.abs(speech))
+    if peak > 0.98:
+        speech *= 0.98 / peak
+    return speech.astype(np.float32)
+
+
+def _glottal_tables(closure: float, creak: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Lookup tables over two pitch periods: the glottal source and the aspiration gate.
+
+    The source is the derivative of a Rosenberg pulse (opening 40 % of the period,
+    closing ``closure``); creak alternates the amplitude of successive periods.
+    """
+    frac = (np.arange(_TABLE) + 0.5) / _TABLE
+    tp = 0.4
+    flow = np.where(frac < tp, 0.5 - 0.5 * np.cos(np.pi * frac / tp),
+                    np.where(frac < tp + closure, np.cos(0.5 * np.pi * (frac - tp) / closure), 0.0))
+    pulse = np.diff(flow, append=flow[0])
+    source = np.concatenate([pulse * (1 + creak), pulse * (1 - creak)])
+    source /= np.sqrt(np.mean(source ** 2))
+    gate = np.tile(0.6 + 0.4 * np.cos(2 * np.pi * frac), 2)
+    return source.astype(np.float32), gate.astype(np.float32)
+
+
+def _speech(rng: np.random.Generator, n: int, voice: _Voice, p: Dict[str, float]):
+    """``n`` samples of speech-like signal and a mask of its voiced samples."""
+    dur = n / _SR
+    # Syllables grouped into phrases separated by pauses; each syllable an optional
+    # fricative onset and a vowel, stressed ones louder and carrying a pitch accent.
+    m = int(dur * p["rate"] * 1.5) + 8
+    syl = rng.lognormal(0, 0.25, m) / p["rate"]
+    phrase_end = rng.random(m) < 1.0 / rng.uniform(4, 9)
+    gap = np.where(phrase_end, rng.gamma(2.0, p["pause"] / 2, m), 0.0)
+    starts = rng.uniform(0.05, 0.3) + np.concatenate([[0.0], np.cumsum(syl + gap)[:-1]])
+    phrase = np.concatenate([[0], np.cumsum(phrase_end[:-1])])
+    phrase_start = starts[np.searchsorted(phrase, phrase)]
+    stressed = rng.random(m) < 0.35
+    accent = np.where(phrase_end, p["final_st"], stressed * rng.uniform(0.5, 1.0, m) * p["range_st"])
+    accent += rng.normal(0, 0.15 * p["range_st"], m)
+    amp = rng.lognormal(0, 0.25, m) * (1 + 0.4 * stressed)
+    cons_frac = np.where(rng.random(m) < 0.75, rng.uniform(0.15, 0.35, m), 0.0)
+    cons_amp = rng.uniform(0.05, 0.3, m)
+    formants = _VOWELS[rng.integers(len(_VOWELS), size=m)] * voice.formant_scale
+    formants[:, 0] *= 1 + 0.02 * p["energy_db"] / 6  # louder speech, more open vowels
+
+    # Pitch and envelopes at control points every 5 ms.
+    nc = n // _CONTROL_HOP + 2
+    tc = np.arange(nc) * (_CONTROL_HOP / _SR)
+    k = np.clip(np.searchsorted(starts, tc, side="right") - 1, 0, m - 1)
+    u = (tc - starts[k]) / syl[k]
+    in_syl = (tc >= starts[k]) & (u < 1)
+    cf = cons_frac[k]
+    vu = np.clip((u - cf) / (1 - cf), 0, 1)
+    v_env = np.where(in_syl & (u >= cf), np.sin(np.pi * vu) ** 0.6, 0.0) * amp[k]
+    cu = np.clip(u / np.maximum(cf, 1e-6), 0, 1)
+    c_env = np.where(in_syl & (u < cf), np.sin(np.pi * cu), 0.0) * cons_amp[k]
+
+    shape = np.where(phrase_end[k], vu, np.sin(np.pi * vu))  # phrase-final: a glide, else a hump
+    drift = (np.sin(2 * np.pi * np.outer(tc, rng.uniform(0.2, 1.5, 3)) + rng.uniform(0, 2 * np.pi, 3))
+             @ rng.normal(0, 0.15, 3))
+    st = (p["pitch_st"] + accent[k] * shape - rng.uniform(0.5, 2) * (tc - phrase_start[k])
+          + drift * p["range_st"] + p["tremor"] * np.sin(2 * np.pi * rng.uniform(5, 7) * tc))
+    f0c = np.clip(voice.f0 * 2 ** (st / 12) * (1 + p["jitter"] * rng.standard_normal(nc)), 50, 450)
+
+    # Sample level: glottal source and aspiration from lookup tables along the phase.
+    phase = np.cumsum(_upsample(f0c * (_TABLE / _SR), n), dtype=np.float64)
+    idx = phase.astype(np.int64) & (2 * _TABLE - 1)
+    source, gate = _glottal_tables(p["closure"], p["creak"])
+    white = rng.standard_normal(n, dtype=np.float32)
+    venv = _upsample(v_env, n)
+    excitation = (source[idx] + np.float32(3 * p["breath"]) * white * gate[idx]) * venv
+    voiced = _vocal_tract(excitation, starts, formants, voice, p["tilt_db"])
+    fric = np.diff(white, prepend=np.float32(0))
+    fric *= _upsample(c_env, n)
+    fric *= np.float32(2 * np.sqrt(np.mean(voiced ** 2)))
+    return voiced + fric, venv > 0.2 * amp.mean()
+
+
+def _upsample(control: np.ndarray, n: int) -> np.ndarray:
+    """``n`` samples linearly interpolated between control points ``_CONTROL_HOP`` apart."""
+    c = control.astype(np.float32)
+    w = np.arange(_CONTROL_HOP, dtype=np.float32) / _CONTROL_HOP
+    return (c[:-1, None] + np.diff(c)[:, None] * w).ravel()[:n]
+
+
+def _vocal_tract(x: np.ndarray, starts: np.ndarray, formants: np.ndarray, voice: _Voice,
+                 tilt_db: float) -> np.ndarray:
+    """Filter ``x`` frame by frame through its syllable's vowel formants, timbre and tilt."""
+    n = x.size
+    n_frames = -(-n // _HOP) + 1
+    padded = np.zeros((n_frames + 1) * _HOP, dtype=np.float32)
+    padded[_HOP:_HOP + n] = x
+    frames = np.lib.stride_tricks.sliding_window_view(padded, _WIN)[::_HOP][:n_frames] * _WINDOW
+    spec = np.fft.rfft(frames, n=_NFFT, axis=1)
+
+    # One spectral envelope per syllable; formants jump at syllable onsets, where the
+    # voiced envelope is zero.
+    f = _FREQS[None, :]
+    env = np.ones((len(starts), _FREQS.size))
+    for i, bw in enumerate(_BANDWIDTHS):
+        fi = formants[:, i:i + 1]
+        env *= fi ** 2 / np.sqrt((fi ** 2 - f ** 2) ** 2 + (bw * f) ** 2)
+    octaves = np.log2(np.maximum(_FREQS, 1.0) / voice.colour_hz)
+    env *= 10 ** (voice.colour_db * np.exp(-0.5 * (octaves / 0.25) ** 2) / 20)
+    env *= (np.maximum(_FREQS, 500.0) / 500.0) ** (tilt_db / 6.02)
+    env *= (_FREQS >= 60) & (_FREQS <= 7000)
+    k = np.clip(np.searchsorted(starts, np.arange(n_frames) * (_HOP / _SR), side="right") - 1, 0, len(starts) - 1)
+    spec *= env.astype(np.float32)[k]
+    y = np.fft.irfft(spec, n=_NFFT, axis=1)
+
+    # Overlap-add: frames NFFT/HOP apart do not overlap, so each such group adds at once.
+    out = np.zeros((n_frames + 4) * _HOP, dtype=np.float32)
+    step = _NFFT // _HOP
+    for g in range(step):
+        block = y[g::step].ravel()
+        out[g * _HOP:g * _HOP + block.size] += block
+    return out[_HOP:_HOP + n]
+
+
+def _coloured_noise(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:
+    """Unit-RMS noise with a power spectrum falling as 1/f^(2*exponent) above 20 Hz."""
+    size = 1 << max(int(np.ceil(np.log2(max(n, 2)))), 1)
+    spec = np.fft.rfft(rng.standard_normal(size))
+    f = np.fft.rfftfreq(size, 1.0 / _SR)
+    spec *= np.where(f < 20, 0.0, np.maximum(f, 20.0) ** -exponent)
+    x = np.fft.irfft(spec, n=size)[:n]
+    return x / (np.sqrt(np.mean(x ** 2)) + 1e-12)
+
+
+# ----------------------------------------------------------------------------- noise recordings
+
+
+def _write_noises(folder: Path, count: int, seed: int) -> None:
+    kinds: Tuple[Tuple[str, Callable[[np.random.Generator, int], np.ndarray]], ...] = (
+        ("white", lambda rng, n: rng.standard_normal(n)),
+        ("pink", lambda rng, n: _coloured_noise(rng, n, 0.5)),
+        ("brown", lambda rng, n: _coloured_noise(rng, n, 1.0)),
+        ("babble", _babble),
+        ("hum", _hum),
+    )
+    for i in range(count):
+        rng = np.random.default_rng([seed, 2, i])
+        kind, make = kinds[i % len(kinds)]
+        n = int(round(rng.uniform(3.0, 10.0) * _SR))
+        x = make(rng, n)
+        x = x / (np.sqrt(np.mean(x ** 2)) + 1e-12) * 10 ** (-26 / 20)
+        x = x * min(1.0, 0.98 / np.max(np.abs(x)))
+        _write_wav(folder / f"noise_{i:03d}_{kind}.wav", x.astype(np.float32))
+
+
+def _babble(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Four to seven overlapping voices of random speakers and moods."""
+    total = np.zeros(n)
+    for _ in range(int(rng.integers(4, 8))):
+        voice = _draw_voice(rng, str(rng.choice(["Female", "Male"])))
+        mixture = rng.dirichlet(np.full(_K, 0.5))
+        speech, _ = _speech(rng, n, voice, _clip_prosody(rng, voice, mixture))
+        total += speech / (np.sqrt(np.mean(speech ** 2)) + 1e-12) * rng.uniform(0.5, 1.0)
+    return total
+
+
+def _hum(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Mains hum (50 or 60 Hz and harmonics) over a little pink noise."""
+    t = np.arange(n) / _SR
+    base = 50.0 if rng.random() < 0.5 else 60.0
+    harmonics = np.arange(1, 9)
+    amps = rng.uniform(0.3, 1.0, harmonics.size) / harmonics
+    hum = np.sin(2 * np.pi * base * np.outer(t, harmonics) + rng.uniform(0, 2 * np.pi, harmonics.size)) @ amps
+    return hum / np.sqrt(np.mean(hum ** 2)) + 0.1 * _coloured_noise(rng, n, 0.5)

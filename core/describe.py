@@ -1,0 +1,304 @@
+"""Statistics and figures that describe a corpus before any model is trained.
+
+:func:`describe_corpus` reads a corpus in the MSP-Podcast layout (or takes a loaded
+:class:`~conilium.corpus.Corpus`) and writes into one folder:
+
+* ``summary.json`` / ``summary.md``: clips per split, consensus labels per split
+  (including O and X), annotators per clip, agreement (mean top share of the P and S
+  targets, share of clips passing the P* and S* thresholds, Krippendorff's alpha on
+  the primary labels), the words that map to no target class, and clip durations;
+* ``durations.png``: the duration distribution per split with the 8 s mark (the
+  paper's Figure 1);
+* ``cooccurrence.png``: for the clips of each consensus class, the mean S target over
+  the eight classes (the paper's Figure 3).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import krippendorff
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from . import CLASS_NAMES, CLASSES, NON_TARGET_CONSENSUS
+from .corpus import SPLITS, Clip, Corpus, ignored_word_counts, load_corpus
+from .targets import DEFAULT_THRESHOLDS, agreement, passes_agreement, secondary_target
+from .util import atomic_path, write_json
+
+#: Files :func:`describe_corpus` writes, in order.
+OUTPUT_FILES = ("summary.json", "summary.md", "durations.png", "cooccurrence.png")
+LONG_CLIP_SECONDS = 8.0
+#: Categories of the primary labels for Krippendorff's alpha: the eight classes and
+#: "Other" (Other, ``Other-…`` and non-target words).
+ALPHA_CATEGORIES = CLASSES + ("Other",)
+UNLABELLED = "unlabelled"
+
+
+def describe_corpus(corpus: Union[Corpus, str, Path], out_dir, *, skip_bad: bool = False) -> dict:
+    """Write the summary files and figures of ``corpus`` into ``out_dir``; return the summary.
+
+    ``corpus`` is a corpus root or a loaded :class:`Corpus`; a root is read with
+    durations, and ``skip_bad`` leaves out (and lists) clips whose audio is missing or
+    unreadable instead of failing.
+    """
+    if not isinstance(corpus, Corpus):
+        corpus = load_corpus(corpus, skip_bad=skip_bad)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(corpus)
+    write_json(out_dir / "summary.json", summary)
+    with atomic_path(out_dir / "summary.md") as tmp:
+        tmp.write_text(render_markdown(summary), encoding="utf-8")
+    _save(plot_durations(corpus), out_dir / "durations.png")
+    _save(plot_cooccurrence(summary["cooccurrence"]), out_dir / "cooccurrence.png")
+    return summary
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def summarize(corpus: Corpus) -> dict:
+    """Every figure of the summary as a JSON-serialisable dict (see the module docstring)."""
+    splits = [s for s in SPLITS if s in corpus.splits]
+    by_split = {s: corpus.split(s) for s in splits}
+    groups = dict(by_split, all=list(corpus))
+    return {
+        "corpus": str(corpus.root),
+        "clips": len(corpus),
+        "clips_per_split": {s: len(c) for s, c in by_split.items()},
+        "skipped": [{"clip": name, "reason": reason} for name, reason in corpus.skipped],
+        "orphan_annotations": corpus.orphan_annotations,
+        "detailed_layout": corpus.detailed_layout,
+        "consensus": {s: consensus_counts(c) for s, c in groups.items()},
+        "annotators_per_clip": {s: annotator_counts(c) for s, c in groups.items()},
+        "agreement": {s: agreement_stats(c) for s, c in groups.items()},
+        "ignored_words": dict(ignored_word_counts(corpus).most_common()),
+        "durations": {s: duration_stats(c) for s, c in groups.items()},
+        "cooccurrence": cooccurrence(corpus),
+    }
+
+
+def consensus_counts(clips: Sequence[Clip]) -> Dict[str, int]:
+    """Clips per consensus letter (A..N, O, X), plus ``unlabelled`` where there is none."""
+    counts = Counter(c.emo_class if c.emo_class is not None else UNLABELLED for c in clips)
+    keys = CLASSES + NON_TARGET_CONSENSUS + (UNLABELLED,)
+    return {k: counts.get(k, 0) for k in keys}
+
+
+def annotator_counts(clips: Sequence[Clip]) -> dict:
+    """Distribution of the number of annotations per clip, over clips that have any."""
+    n = np.array([len(c.annotations) for c in clips if c.annotations])
+    if n.size == 0:
+        return {"clips": 0, "without_annotations": len(clips), "min": None, "mean": None, "max": None,
+                "histogram": {}}
+    values, counts = np.unique(n, return_counts=True)
+    return {"clips": int(n.size), "without_annotations": len(clips) - int(n.size),
+            "min": int(n.min()), "mean": round(float(n.mean()), 3), "max": int(n.max()),
+            "histogram": {str(v): int(k) for v, k in zip(values, counts)}}
+
+
+def agreement_stats(clips: Sequence[Clip]) -> dict:
+    """Mean top P / S share, P* / S* pass rates and Krippendorff's alpha over annotated clips."""
+    annotated = [c for c in clips if c.annotations]
+    top_p = [a for a in (agreement(c, "P") for c in annotated) if a is not None]
+    top_s = [a for a in (agreement(c, "S") for c in annotated) if a is not None]
+    n = len(annotated)
+    return {
+        "clips": n,
+        "mean_top_p": round(float(np.mean(top_p)), 4) if top_p else None,
+        "mean_top_s": round(float(np.mean(top_s)), 4) if top_s else None,
+        "p_star_share": round(sum(passes_agreement(c, "P*") for c in annotated) / n, 4) if n else None,
+        "s_star_share": round(sum(passes_agreement(c, "S*") for c in annotated) / n, 4) if n else None,
+        "krippendorff_alpha": primary_alpha(annotated),
+    }
+
+
+def primary_alpha(clips: Sequence[Clip]) -> Optional[float]:
+    """Krippendorff's alpha (nominal) of the primary labels; None when it is undefined.
+
+    Each clip is a unit and each annotator's primary a value among the eight classes and
+    Other; clips with a single annotation carry no pair and are left out.
+    """
+    col = {c: i for i, c in enumerate(ALPHA_CATEGORIES)}
+    rows = []
+    for clip in clips:
+        if len(clip.annotations) < 2:
+            continue
+        row = np.zeros(len(ALPHA_CATEGORIES), dtype=np.int64)
+        for a in clip.annotations:
+            row[col[a.primary_class or "Other"]] += 1
+        rows.append(row)
+    if not rows:
+        return None
+    value_counts = np.stack(rows)
+    if np.count_nonzero(value_counts.sum(axis=0)) < 2:
+        return None  # a single category: agreement is perfect but alpha is 0/0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        alpha = krippendorff.alpha(value_counts=value_counts, level_of_measurement="nominal")
+    return round(float(alpha), 4) if np.isfinite(alpha) else None
+
+
+def duration_stats(clips: Sequence[Clip]) -> dict:
+    """Mean, sd, min, max of the clip durations (seconds) and the share longer than 8 s."""
+    d = np.array([c.duration for c in clips if c.duration is not None], dtype=np.float64)
+    if d.size == 0:
+        return {"clips": 0, "mean": None, "sd": None, "min": None, "max": None, "longer_than_8s": None}
+    return {"clips": int(d.size), "mean": round(float(d.mean()), 3),
+            "sd": round(float(d.std(ddof=1)) if d.size > 1 else 0.0, 3),
+            "min": round(float(d.min()), 3), "max": round(float(d.max()), 3),
+            "longer_than_8s": round(float(np.mean(d > LONG_CLIP_SECONDS)), 4)}
+
+
+def cooccurrence(clips) -> dict:
+    """Mean S target (columns) of the clips of each consensus class (rows).
+
+    A row is None where no clip with that consensus has a target-class annotation.
+    """
+    sums = {c: np.zeros(len(CLASSES)) for c in CLASSES}
+    counts = dict.fromkeys(CLASSES, 0)
+    for clip in clips:
+        if not clip.scoreable:
+            continue
+        s = secondary_target(clip.annotations)
+        if s is not None:
+            sums[clip.emo_class] += s
+            counts[clip.emo_class] += 1
+    matrix = [[round(float(v), 4) for v in sums[c] / counts[c]] if counts[c] else None for c in CLASSES]
+    return {"rows": list(CLASSES), "columns": list(CLASSES), "clips": [counts[c] for c in CLASSES],
+            "matrix": matrix}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines + [""]
+
+
+def render_markdown(summary: dict) -> str:
+    """The summary as a Markdown report (tables and the two figures)."""
+    groups = list(summary["consensus"])
+    th_p, th_s = DEFAULT_THRESHOLDS["P*"], DEFAULT_THRESHOLDS["S*"]
+    out = [f"# Corpus summary: {summary['corpus']}", ""]
+    out.append(f"{summary['clips']} clips: " + ", ".join(f"{s} {n}" for s, n in summary["clips_per_split"].items())
+               + f". Detailed label layout: {summary['detailed_layout'] or 'none (no labels_detailed.csv)'}.")
+    if summary["orphan_annotations"]:
+        out.append(f"{summary['orphan_annotations']} annotation rows name clips missing from the consensus file.")
+    if summary["skipped"]:
+        out.append(f"{len(summary['skipped'])} clips were skipped:")
+        out += [f"- {s['clip']}: {s['reason']}" for s in summary["skipped"]]
+    out.append("")
+
+    out += ["## Consensus labels", "",
+            "O: Other won the vote; X: no agreement (a tie). Both are left out of training and scoring.", ""]
+    keys = list(summary["consensus"]["all"])
+    out += _table(["Split"] + keys + ["total"],
+                  [[g] + [str(summary["consensus"][g][k]) for k in keys]
+                   + [str(sum(summary["consensus"][g].values()))] for g in groups])
+
+    out += ["## Annotators per clip", ""]
+    rows = []
+    for g in groups:
+        a = summary["annotators_per_clip"][g]
+        hist = ", ".join(f"{k}: {v}" for k, v in a["histogram"].items()) or "–"
+        rows.append([g, str(a["clips"]), str(a["without_annotations"]), _fmt(a["min"], "d"),
+                     _fmt(a["mean"], ".2f"), _fmt(a["max"], "d"), hist])
+    out += _table(["Split", "annotated clips", "without annotations", "min", "mean", "max",
+                   "histogram (annotators: clips)"], rows)
+
+    out += ["## Agreement", "",
+            f"Over annotated clips: mean largest share of the P and S targets, share of clips whose "
+            f"largest share reaches the P* ({th_p}) and S* ({th_s}) thresholds, and Krippendorff's alpha "
+            f"(nominal) of the primary labels (eight classes and Other).", ""]
+    rows = []
+    for g in groups:
+        a = summary["agreement"][g]
+        rows.append([g, str(a["clips"]), _fmt(a["mean_top_p"]), _fmt(a["mean_top_s"]),
+                     _fmt(a["p_star_share"]), _fmt(a["s_star_share"]), _fmt(a["krippendorff_alpha"])])
+    out += _table(["Split", "clips", "mean top P", "mean top S", f"P* (≥{th_p})", f"S* (≥{th_s})",
+                   "Krippendorff α"], rows)
+
+    out += ["## Durations (seconds)", ""]
+    rows = []
+    for g in groups:
+        d = summary["durations"][g]
+        long_share = "–" if d["longer_than_8s"] is None else f"{100 * d['longer_than_8s']:.1f} %"
+        rows.append([g, str(d["clips"]), _fmt(d["mean"], ".2f"), _fmt(d["sd"], ".2f"), _fmt(d["min"], ".2f"),
+                     _fmt(d["max"], ".2f"), long_share])
+    out += _table(["Split", "clips", "mean", "sd", "min", "max", f"> {LONG_CLIP_SECONDS:g} s"], rows)
+
+    out += ["## Ignored words", "",
+            "Words that map to no target class (Other, `Other-…`, non-target emotions); the P and S "
+            "targets leave them out.", ""]
+    words = summary["ignored_words"]
+    out += _table(["word", "count"], [[w, str(n)] for w, n in words.items()]) if words else ["None.", ""]
+
+    out += ["## Figures", "", "![Clip durations per split](durations.png)", "",
+            "![Mean S target per consensus class](cooccurrence.png)", ""]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _save(fig: Figure, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        FigureCanvasAgg(fig).print_png(str(tmp))
+
+
+def plot_durations(clips) -> Figure:
+    """Overlaid histograms of the clip durations per split, with a line at 8 s (Figure 1)."""
+    per_split: Dict[str, List[float]] = {}
+    for c in clips:
+        if c.duration is not None:
+            per_split.setdefault(c.split, []).append(c.duration)
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    if not per_split:
+        ax.text(0.5, 0.5, "no clip durations", ha="center", va="center", transform=ax.transAxes)
+    else:
+        longest = max(max(v) for v in per_split.values())
+        bins = np.arange(0.0, np.ceil(longest * 2) / 2 + 0.5, 0.5)
+        for split in [s for s in SPLITS if s in per_split]:
+            d = np.asarray(per_split[split])
+            share = 100 * np.mean(d > LONG_CLIP_SECONDS)
+            ax.hist(d, bins=bins, histtype="step", linewidth=1.6,
+                    label=f"{split} (n={d.size}, mean {d.mean():.1f} s, {share:.0f} % > {LONG_CLIP_SECONDS:g} s)")
+        ax.axvline(LONG_CLIP_SECONDS, color="0.3", linestyle="--", linewidth=1)
+        ax.text(LONG_CLIP_SECONDS, 0.98, f" {LONG_CLIP_SECONDS:g} s", transform=ax.get_xaxis_transform(),
+                va="top", ha="left", color="0.3")
+        ax.legend(loc="upper right", fontsize=8, frameon=False)
+    ax.set_xlabel("clip duration (s)")
+    ax.set_ylabel("clips")
+    ax.set_title("Clip durations per split")
+    return fig
+
+
+def plot_cooccurrence(cooc: dict) -> Figure:
+    """8×8 heatmap: rows are consensus classes, columns their clips' mean S target (Figure 3)."""
+    matrix = np.array([row if row is not None else [np.nan] * len(CLASSES) for row in cooc["matrix"]])
+    fig = Figure(figsize=(7.0, 6.2), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            v = matrix[i, j]
+            text, colour = ("–", "0.5") if np.isnan(v) else (f"{v:.2f}", "white" if v > 0.55 else "black")
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=colour)
+    ax.set_xticks(range(len(CLASSES)), [CLASS_NAMES[c] for c in CLASSES], rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASSES)), [f"{CLASS_NAMES[c]} (n={n})" for c, n in zip(CLASSES, cooc["clips"])])
+    ax.set_xlabel("mean S target (share of perceived labels)")
+    ax.set_ylabel("consensus class")
+    ax.set_title("Perceived emotions of the clips of each consensus class")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig

@@ -229,12 +229,32 @@ def _parse_float(value: str, path: Path, line: int, column: str) -> Optional[flo
     return x
 
 
+class _Lines:
+    """Decode a binary file line by line, so that a non-UTF-8 byte is reported with its line."""
+
+    def __init__(self, f, path: Path):
+        self.f, self.path, self.line = f, path, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        raw = next(self.f)
+        self.line += 1
+        try:
+            text = raw.decode("utf-8-sig" if self.line == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            self.f.close()
+            raise CorpusError(f"{self.path}:{self.line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return text.replace("\r\n", "\n")
+
+
 def _open_csv(path: Path):
     if not path.is_file():
         raise CorpusError(f"{path}: label file not found (expected the MSP-Podcast layout: "
                           f"<corpus>/Labels/{CONSENSUS_FILE} and <corpus>/Labels/{DETAILED_FILE})")
-    f = open(path, newline="", encoding="utf-8-sig")
-    reader = csv.reader(f)
+    f = open(path, "rb")
+    reader = csv.reader(_Lines(f, path))
     try:
         header = next(reader)
     except StopIteration:
@@ -392,7 +412,7 @@ def load_corpus(root, *, read_durations: bool = True, skip_bad: bool = False,
     """Read a corpus root in the MSP-Podcast release layout.
 
     ``read_durations`` reads every clip's duration from its audio header (no decoding);
-    a labelled clip whose audio is missing or unreadable is an error naming the clip,
+    a clip (of any split) whose audio is missing or unreadable is an error naming the clip,
     or, with ``skip_bad``, is left out and listed in :attr:`Corpus.skipped`.
     ``splits`` keeps only those splits.
     """

@@ -74,8 +74,11 @@ def clip_target(clip: Clip, kind: str) -> Optional[np.ndarray]:
 
 
 def agreement(clip: Clip, kind: str) -> Optional[float]:
-    """Largest share of the clip's P (or S) target, None without annotations."""
-    y = clip_target(clip, "P" if base_kind(kind) == "P" else "S")
+    """Largest share of the clip's P (for P, P*) or S (for S, S*) target, None without annotations."""
+    b = base_kind(kind)
+    if b == "hard":
+        raise ConfigError("agreement is defined on P or S targets, not on hard labels")
+    y = clip_target(clip, b)
     return None if y is None else float(y.max())
 
 

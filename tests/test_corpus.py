@@ -194,3 +194,11 @@ def test_fingerprint_changes_with_labels_and_audio(tmp_path):
     p = root / "Labels" / "labels_consensus.csv"
     p.write_text(p.read_text().replace("2.2,4.0", "2.3,4.0"))
     assert load_corpus(root).fingerprint() != f1
+
+
+def test_non_utf8_label_file_names_file_and_line(tmp_path):
+    root = make_corpus(tmp_path / "c")
+    p = root / "Labels" / "labels_consensus.csv"
+    p.write_bytes(p.read_bytes() + b"MSP-PODCAST_0001_0009.wav,N,2,2,2,1,Male,Train\xff\xfe\n")
+    with pytest.raises(CorpusError, match=r"labels_consensus.csv:6: not UTF-8"):
+        load_corpus(root)

@@ -58,7 +58,7 @@ from tqdm import tqdm
 import conilium
 from conilium import CLASSES, SAMPLE_RATE
 from conilium.audio import normalize, read_audio
-from conilium.corpus import Clip, audio_dir, load_corpus
+from conilium.corpus import Clip, Corpus, audio_dir, load_corpus
 from conilium.errors import AudioError, ConfigError, ConiliumError
 from conilium.extract.upstreams import FINETUNED_MARKER, UPSTREAMS, load_upstream
 from conilium.targets import TARGET_KINDS, class_counts, class_weights, training_set
@@ -444,81 +444,44 @@ def offsets_array(info: Mapping) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- audio data
 
-def waveform_stats(paths: Sequence, *, max_seconds: Optional[float], progress: bool = False,
-                   clips: Optional[Sequence[str]] = None) -> Tuple[float, float, int]:
-    """Sum, sum of squares and count of the samples of ``paths`` (float64), as read for training."""
-    s = ss = 0.0
-    n = 0
-    for i, p in enumerate(tqdm(paths, desc="normalisation statistics", unit="clip", disable=not progress)):
-        x = read_audio(p, max_seconds=max_seconds, clip=None if clips is None else clips[i]).astype(np.float64)
-        s += float(x.sum())
-        ss += float((x * x).sum())
-        n += x.size
-    return s, ss, n
-
-
-def stats_from_sums(s: float, ss: float, n: int) -> Dict[str, float]:
-    if n == 0:
-        raise ConfigError("no training audio to compute the global normalisation statistics from")
-    mean = s / n
-    return {"mean": mean, "std": math.sqrt(max(ss / n - mean * mean, 0.0)), "samples": int(n)}
-
-
-def audio_files(folder) -> List[Path]:
-    """Every file soundfile can read under ``folder`` (recursively, sorted)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(f"--augment-noise {folder}: directory not found")
-    exts = {"." + e.lower() for e in sf.available_formats()}
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts)
-    if not files:
-        raise ConfigError(f"--augment-noise {folder}: no audio file found (expected e.g. the MUSAN noise "
-                          f"folder, or make-demo-corpus --noise-dir)")
-    return files
-
-
 class NoiseMixer:
     """Mixes a random noise recording into a fraction of the clips, at a random SNR.
 
-    Whether clip ``index`` is noisy in ``epoch``, which file, where in it and at which
-    SNR are drawn from a generator seeded with (seed, epoch, index): the same for any
-    number of processes or DataLoader workers, and after a resume.
+    Whether clip ``index`` is noisy in ``epoch``, which file of ``noise_dir``, from where
+    in it and at which SNR are drawn from a generator seeded with (seed, epoch, index):
+    the same for any number of processes or DataLoader workers, and after a resume. The
+    mixing is the extraction stage's (:func:`conilium.extract.extract.mix_noise`).
     """
 
-    def __init__(self, files: Sequence[Path], *, fraction: float, snr_db: Tuple[float, float], seed: int):
-        self.files = [Path(f) for f in files]
+    def __init__(self, noise_dir, *, fraction: float, snr_db: Tuple[float, float], seed: int):
+        from conilium.extract.extract import list_noise_files
+
+        self.files = list_noise_files(noise_dir)
         self.fraction = float(fraction)
         self.snr_db = (float(snr_db[0]), float(snr_db[1]))
         self.seed = int(seed)
-        self._cache: Dict[int, np.ndarray] = {}
+        self._seconds: Dict[int, float] = {}
 
-    def _noise(self, k: int) -> np.ndarray:
-        x = self._cache.get(k)
-        if x is None:
-            x = read_audio(self.files[k])
-            if len(self._cache) >= 32:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[k] = x
-        return x
+    def _duration(self, k: int) -> float:
+        if k not in self._seconds:
+            try:
+                info = sf.info(str(self.files[k]))
+            except Exception as e:
+                raise AudioError(self.files[k], f"unreadable noise file ({e})") from None
+            self._seconds[k] = info.frames / info.samplerate
+        return self._seconds[k]
 
-    def __call__(self, x: np.ndarray, *, epoch: int, index: int) -> np.ndarray:
+    def __call__(self, x: np.ndarray, *, epoch: int, index: int, clip: Optional[str] = None) -> np.ndarray:
+        from conilium.extract.extract import mix_noise
+
         rng = np.random.default_rng([self.seed, epoch, index, 0x6E6F697365])
         if rng.random() >= self.fraction:
             return x
         k = int(rng.integers(len(self.files)))
         snr = float(rng.uniform(*self.snr_db))
-        start_frac = float(rng.random())
-        noise = self._noise(k)
-        if len(noise) < len(x):
-            noise = np.tile(noise, int(math.ceil(len(x) / len(noise))))
-        start = int(start_frac * (len(noise) - len(x) + 1))
-        seg = noise[start : start + len(x)].astype(np.float64)
-        p_x = float(np.mean(x.astype(np.float64) ** 2))
-        p_n = float(np.mean(seg ** 2))
-        if p_x <= 0 or p_n <= 0:
-            return x
-        scale = math.sqrt(p_x / (p_n * 10 ** (snr / 10)))
-        return (x + scale * seg).astype(np.float32)
+        spare = max(0.0, self._duration(k) - len(x) / SAMPLE_RATE)
+        offset = float(rng.uniform(0.0, spare)) if spare > 0 else 0.0
+        return mix_noise(x, self.files[k], snr, offset, clip=clip or str(index))
 
 
 class AudioClips(Dataset):
@@ -549,7 +512,10 @@ class AudioClips(Dataset):
         except AudioError as e:
             return index, None, str(e)
         if self.noise is not None and epoch is not None:
-            x = self.noise(x, epoch=epoch, index=index)
+            try:
+                x = self.noise(x, epoch=epoch, index=index, clip=self.names[index])
+            except AudioError as e:
+                return index, None, str(e)
         return index, normalize(x, self.mode, self.stats), None
 
 
@@ -725,12 +691,12 @@ def _set_rng_state(state: Mapping) -> None:
 class Prepared:
     corpus_root: Path
     train: List[Clip]
-    train_split_clips: List[Clip]  # every clip of the training split (normalisation statistics)
     train_targets: np.ndarray
     train_counts: Dict[str, int]
     weights: Optional[np.ndarray]
     splits: Dict[str, List[Clip]]  # every split other than the training split, dev first
     audio_dir: Path
+    corpus: Corpus
 
 
 def prepare(config: FinetuneConfig) -> Prepared:
@@ -761,8 +727,8 @@ def prepare(config: FinetuneConfig) -> Prepared:
     for s in corpus.splits:
         if s not in (config.train_split, config.dev_split):
             splits[s] = corpus.split(s)
-    return Prepared(Path(config.corpus), clips, train_clips, targets, counts, weights, splits,
-                    audio_dir(config.corpus))
+    return Prepared(Path(config.corpus), clips, targets, counts, weights, splits,
+                    audio_dir(config.corpus), corpus)
 
 
 # ----------------------------------------------------------------------------- warm starts
@@ -988,15 +954,10 @@ def _finetune(config: FinetuneConfig, d: Dist, device: torch.device, *, resume: 
     if ckpt is not None:
         norm_stats = ckpt["normalize"]["stats"]
     elif norm_mode == "global" and norm_stats is None:
-        stat_clips = prep.train if config.max_train_clips else prep.train_split_clips
-        mine = stat_clips[d.rank :: d.world]
-        s, ss, n = waveform_stats([prep.audio_dir / c.name for c in mine], max_seconds=max_seconds,
-                                  progress=progress, clips=[c.name for c in mine])
-        norm_stats = stats_from_sums(*d.all_sum([s, ss, n]))
-        norm_stats["samples"] = int(norm_stats["samples"])
+        norm_stats = d.broadcast(_train_audio_stats(prep, config, max_seconds, progress) if d.main else None)
     train_ds.stats = norm_stats
     if config.augment_noise:
-        train_ds.noise = NoiseMixer(audio_files(config.augment_noise), fraction=config.augment_fraction,
+        train_ds.noise = NoiseMixer(config.augment_noise, fraction=config.augment_fraction,
                                     snr_db=config.snr_db, seed=config.seed)
     draw = balanced_weights([c.emo_class for c in prep.train]) if config.sampler == "balanced" else None
     targets = torch.as_tensor(prep.train_targets)
@@ -1183,6 +1144,16 @@ def _finetune(config: FinetuneConfig, d: Dist, device: torch.device, *, resume: 
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     d.barrier()
     return metrics
+
+
+def _train_audio_stats(prep: Prepared, config: FinetuneConfig, max_seconds: float, progress: bool) -> dict:
+    """Global mean/std of the Train audio, exactly as extract-features computes them."""
+    from conilium.extract.extract import ExtractConfig, global_stats
+
+    ec = ExtractConfig(upstream=config.upstream, max_seconds=max_seconds, normalize="global")
+    stats, _ = global_stats(prep.corpus, ec, skip_bad=config.skip_bad, workers=max(1, config.num_workers),
+                            verbose=progress)
+    return stats
 
 
 def _epochs_since_best(history: Sequence[dict], best: Mapping):

@@ -1,0 +1,111 @@
+"""predict: a finetune-best model directory over audio files of any rate and channel count."""
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+import torch
+from click.testing import CliRunner
+
+from conilium import CLASSES
+from conilium.extract.upstreams import load_upstream
+from conilium.heads.finetune import EndToEndModel, save_model_dir
+from conilium.heads.finetune_cli import predict_cmd
+from conilium.heads.model import EmotionHead, HeadConfig
+from conilium.heads.predict import Predictor
+
+OFFSETS = {"A": 0.0, "S": 0.05, "H": -0.02, "U": 0.0, "F": 0.3, "D": 0.0, "C": 0.0, "N": -0.1}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An (untrained) model directory written by the same code as finetune-best's."""
+    root = tmp_path_factory.mktemp("predict")
+    upstream, identity = load_upstream("demo-wavlm", random_init=True, random_root=root / "weights")
+    torch.manual_seed(0)
+    model = EndToEndModel(upstream, EmotionHead(HeadConfig(dim=96, layers=0, hidden=32, dropout=0.0)))
+    return save_model_dir(root / "model", model, {
+        "max_seconds": 3.0, "normalize": {"mode": "global", "stats": {"mean": 0.0, "std": 0.05}},
+        "offsets": OFFSETS, "loss": "wbce", "labels": "S", "upstream": identity})
+
+
+@pytest.fixture(scope="module")
+def audio(small_demo_corpus, tmp_path_factory):
+    """The first 2 s of a demo clip as 44.1 kHz stereo FLAC (left and right differ, their mean is
+    the clip), the same downmixed and resampled to 16 kHz mono WAV, and broken or too short files."""
+    d = tmp_path_factory.mktemp("audio")
+    src = sorted((Path(small_demo_corpus) / "Audios").glob("*.wav"))[0]
+    x, sr = sf.read(src, dtype="float32", frames=32000)
+    assert sr == 16000
+    s44 = soxr.resample(x, 16000, 44100, quality="VHQ").astype(np.float64)
+    side = 0.01 * np.sin(np.arange(len(s44)) / 3.0)
+    sf.write(d / "stereo44k.flac", np.stack([s44 + side, s44 - side], axis=1), 44100, subtype="PCM_24")
+    mono = soxr.resample(s44, 44100, 16000, quality="HQ").astype(np.float32)
+    sf.write(d / "mono16k.wav", mono, 16000, subtype="FLOAT")
+    sf.write(d / "short.wav", x[:200], 16000)
+    (d / "broken.wav").write_bytes(b"RIFF....not really audio")
+    return d
+
+
+def _rows(text):
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_predicts_other_rates_and_channels_and_reports_unreadable_files(model_dir, audio, tmp_path):
+    files = [audio / "mono16k.wav", audio / "stereo44k.flac", audio / "broken.wav", audio / "missing.wav",
+             audio / "short.wav"]
+    out = tmp_path / "pred.csv"
+    r = CliRunner().invoke(predict_cmd, ["--model", str(model_dir), *map(str, files), "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    rows = _rows(out.read_text())
+    assert [row["FileName"] for row in rows] == [str(f) for f in files]
+    mono, stereo = rows[0], rows[1]
+    p_mono = np.array([float(mono[c]) for c in CLASSES])
+    p_stereo = np.array([float(stereo[c]) for c in CLASSES])
+    # the 44.1 kHz stereo file is downmixed and resampled to the 16 kHz mono file's samples
+    np.testing.assert_allclose(p_stereo, p_mono, atol=1e-4)
+    assert mono["Error"] == "" and mono["Prediction"] in CLASSES
+    offsets = np.array([OFFSETS[c] for c in CLASSES])
+    assert mono["Prediction"] == CLASSES[int(np.argmax(p_mono + offsets))]
+    for row, reason in zip(rows[2:], ("unreadable", "not found", "too short")):
+        assert reason in row["Error"] and row["Prediction"] == "" and row["A"] == ""
+    for name in ("broken.wav", "missing.wav", "short.wav"):
+        assert name in r.stderr
+    assert "2 file(s) predicted, 3 failed" in r.stderr
+
+
+def test_library_predictions_match_a_direct_forward(model_dir, audio):
+    from conilium.audio import normalize, read_audio
+    from conilium.heads.finetune import load_model_dir
+
+    model, info = load_model_dir(model_dir)
+    x = normalize(read_audio(audio / "mono16k.wav", max_seconds=3.0), "global", info["normalize"]["stats"])
+    with torch.no_grad():
+        direct = torch.sigmoid(model(torch.from_numpy(x)[None], torch.tensor([len(x)])))[0].numpy()
+    res = Predictor(model_dir, batch_size=2).predict([audio / "mono16k.wav", audio / "stereo44k.flac"])
+    np.testing.assert_allclose(res[0].probabilities, direct, atol=1e-5)
+
+
+def test_json_output_list_file_and_exit_status(model_dir, audio, tmp_path):
+    lst = tmp_path / "files.txt"
+    lst.write_text(f"# clips\n{audio / 'mono16k.wav'}\n\n{audio / 'broken.wav'}\n")
+    out = tmp_path / "pred.json"
+    r = CliRunner().invoke(predict_cmd, ["--model", str(model_dir), "--list", str(lst), "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert [d["file"] for d in data] == [str(audio / "mono16k.wav"), str(audio / "broken.wav")]
+    assert set(data[0]["probabilities"]) == set(CLASSES) and data[0]["error"] is None
+    assert data[1]["probabilities"] is None and "unreadable" in data[1]["error"]
+    # every file failed: exit status 1; CSV on standard output without --out
+    r = CliRunner().invoke(predict_cmd, ["--model", str(model_dir), str(audio / "broken.wav"), "--quiet"])
+    assert r.exit_code == 1 and r.stdout.startswith("FileName,A,S,H,U,F,D,C,N,Prediction,Error")
+    r = CliRunner().invoke(predict_cmd, ["--model", str(model_dir), str(audio / "mono16k.wav"), "--out",
+                                         str(tmp_path / "x.txt")])
+    assert r.exit_code == 2 and ".csv or .json" in r.output
+    r = CliRunner().invoke(predict_cmd, ["--model", str(tmp_path), str(audio / "mono16k.wav")])
+    assert r.exit_code == 1 and "not a finetune-best model directory" in r.output

@@ -54,7 +54,7 @@ def to_float16(frames: np.ndarray, clip: str) -> np.ndarray:
     if not np.all(np.isfinite(frames)):
         raise CacheError(f"clip {clip}: upstream output holds NaN or inf")
     peak = float(np.abs(frames).max()) if frames.size else 0.0
-    if peak > finfo.max:
+    if peak > float(finfo.max):
         raise CacheError(f"clip {clip}: feature value {peak:.4g} exceeds float16's range "
                          f"(±{float(finfo.max):.0f}); extract with --dtype float32")
     return frames.astype(np.float16)

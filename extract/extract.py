@@ -171,6 +171,7 @@ class ExtractStats:
     shards_kept: int = 0
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
+    loop_seconds: float = 0.0  # the decode / forward / write loop alone (no model loading, no statistics)
     forward_seconds: float = 0.0
     computed_frames: int = 0
     useful_frames: int = 0
@@ -179,7 +180,8 @@ class ExtractStats:
 
     @property
     def forward_fraction(self) -> float:
-        return self.forward_seconds / self.wall_seconds if self.wall_seconds else float("nan")
+        """Share of the extraction loop's wall time spent in the upstream's forward pass."""
+        return self.forward_seconds / self.loop_seconds if self.loop_seconds else float("nan")
 
     @property
     def padding_ratio(self) -> float:
@@ -503,6 +505,14 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
                 else:
                     child.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    # leftovers of a killed run: temporary shard, sidecar and weight files
+    for folder in (out, out / SHARD_DIR, out / UPSTREAM_DIR):
+        if folder.is_dir():
+            for child in folder.iterdir():
+                if child.name.startswith(".") and child.name.endswith(".tmp") and child.is_file():
+                    child.unlink()
+                elif ".tmp" in child.name and child.is_dir() and folder.name == UPSTREAM_DIR:
+                    shutil.rmtree(child, ignore_errors=True)
 
 
 def projected_bytes(num_frames: int, n_clips: int, n_layers: int, dim: int, dtype: str, pooled_layers: int) -> int:
@@ -794,8 +804,8 @@ def _extract(corpus, upstream, out: Path, dist: _Dist, t_start: float, stats: Ex
         raise CacheError(error)
     dev = pick_device(device)
     cdtype = pick_compute_dtype(compute_dtype, dev)
-    model, identity = load_upstream(config.upstream, random_init=random_init, seed=seed,
-                                    random_root=out / UPSTREAM_DIR, revision=revision)
+    model, identity = _quiet_load(verbose, config.upstream, random_init=random_init, seed=seed,
+                                  random_root=out / UPSTREAM_DIR, revision=revision)
     if random_init:  # where the weights are, relative to the cache, for later stages
         from .upstreams import random_init_dir
 
@@ -903,6 +913,7 @@ def _extract(corpus, upstream, out: Path, dist: _Dist, t_start: float, stats: Ex
                     unit="clip", disable=not verbose or todo == 0, file=sys.stderr, position=dist.rank,
                     dynamic_ncols=True, smoothing=0.1)
     error = None
+    t_loop = time.perf_counter()
     try:
         _run_shards(mine, out=out, loader=loader, runner=runner, batch_seconds=batch_seconds, workers=workers,
                     skip_bad=skip_bad, dtype=dtype, key=key, stats=stats, progress=progress)
@@ -913,6 +924,7 @@ def _extract(corpus, upstream, out: Path, dist: _Dist, t_start: float, stats: Ex
     finally:
         progress.close()
         runner.close()
+        stats.loop_seconds = time.perf_counter() - t_loop
     stats.forward_seconds = runner.forward_seconds
     stats.computed_frames = runner.computed_frames
     stats.useful_frames = runner.useful_frames
@@ -931,10 +943,25 @@ def _extract(corpus, upstream, out: Path, dist: _Dist, t_start: float, stats: Ex
     return out
 
 
+def _quiet_load(verbose: bool, name: str, **kw):
+    """load_upstream, without transformers' progress bars unless ``verbose``."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not verbose:
+        hf_logging.disable_progress_bar()
+    try:
+        return load_upstream(name, **kw)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _reconcile(out: Path, settings: dict, corpus: Corpus, config: ExtractConfig, skip_bad: bool, workers: int,
                verbose: bool) -> dict:
     """Check ``settings`` against the cache on disk; compute and record the normalisation stats."""
     found = None
+    complete = False
     for path in (out / MANIFEST, out / SETTINGS):
         if path.is_file():
             try:
@@ -945,10 +972,11 @@ def _reconcile(out: Path, settings: dict, corpus: Corpus, config: ExtractConfig,
             if diffs:
                 raise CacheError(f"{out} was built with other settings than requested:\n  " + "\n  ".join(diffs)
                                  + "\npass --overwrite to rebuild it, or choose another --out")
-            found = dict(existing)
+            found = dict(existing)  # settings.json (read last) when there is one
             if path.name == MANIFEST:
-                found["complete_manifest"] = bool(existing.get("complete"))
+                complete = bool(existing.get("complete"))
     if found is not None:
+        found["complete_manifest"] = complete
         if not (out / SETTINGS).is_file():
             write_json(out / SETTINGS, {k: v for k, v in found.items()
                                         if k not in ("complete_manifest", "shards", "skipped", "num_clips",

@@ -2,10 +2,19 @@
 
 Layout of a cache directory::
 
-    manifest.json        settings, upstream identity, corpus fingerprint, shards + checksums
+    manifest.json        settings, upstream identity, corpus fingerprint, normalisation
+                         statistics, skipped clips, shards + checksums (written last)
+    extraction.json      the same settings, written when extraction starts
     clips.json           every clip's metadata and annotations, its shard and frame count
+                         (noise-augmented copies ``<FileName>#aug<k>`` add "source" and
+                         "augmentation")
     upstream/            the upstream's weights when they were made here (--random-init)
     shards/shard-00000.h5 …
+    shards/shard-00000.json  sidecar of a finished shard (its clips, checksum, settings key)
+
+Hidden-state indices (``manifest["layers"]``): 0 is the input of the first transformer
+layer (projected CNN features plus positional convolution), ``i`` the output of layer
+``i``, and the last one the model's ``last_hidden_state``.
 
 Each shard holds a few hundred clips. ``frames/<clip>`` is a (frames, layers, dim)
 dataset of float16 (or float32), chunked one layer per chunk when several layers are
@@ -134,9 +143,12 @@ class FeatureCache:
         records = read_json(cpath)
         self.clips: Dict[str, Clip] = OrderedDict()
         self._where: Dict[str, Tuple[int, int]] = {}
+        self._source: Dict[str, str] = {}
         for r in records:
             self.clips[r["name"]] = Clip.from_json(r)
             self._where[r["name"]] = (int(r["shard"]), int(r["num_frames"]))
+            if r.get("source"):
+                self._source[r["name"]] = r["source"]
         self.names: List[str] = list(self.clips)
         self._shards = [self.path / s["file"] for s in self.manifest["shards"]]
         missing = [str(p) for p in self._shards if not p.is_file()]
@@ -179,8 +191,18 @@ class FeatureCache:
                 seen.append(c.split)
         return seen
 
-    def split(self, split: str) -> List[str]:
-        return [n for n, c in self.clips.items() if c.split == split]
+    def split(self, split: str, *, augmented: bool = True) -> List[str]:
+        """Clip names of ``split``; ``augmented=False`` leaves out noise-augmented copies."""
+        return [n for n, c in self.clips.items() if c.split == split and (augmented or n not in self._source)]
+
+    def source(self, name: str) -> str:
+        """The original clip of a noise-augmented copy (``<FileName>#aug<k>``); ``name`` itself otherwise."""
+        if name not in self.clips:
+            raise KeyError(f"clip {name} is not in cache {self.path}")
+        return self._source.get(name, name)
+
+    def is_augmented(self, name: str) -> bool:
+        return name in self._source
 
     def num_frames(self, name: str) -> int:
         return self._where[name][1]

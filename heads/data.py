@@ -217,13 +217,14 @@ def length_batches(cache: FeatureCache, names: Sequence[str], batch_size: int, s
 def write_synthetic_cache(path, *, clips: int = 60, dim: int = 16, stored_layers: Sequence[int] = (1, 3),
                           all_layers: int = 4, frames: Tuple[int, int] = (20, 60), seed: int = 0,
                           dtype: str = "float16", annotations: bool = True, clips_per_shard: int = 100,
-                          signal: float = 1.0) -> FeatureCache:
+                          signal: float = 1.0, num_frames: Optional[Sequence[int]] = None) -> FeatureCache:
     """Write a complete cache of random frames with a class signal, for benchmarks and tests.
 
     Clips get a consensus class (MSP-Podcast-like imbalance, a few O and X), 5 simulated
     annotators agreeing with it most of the time (when ``annotations``), a split
     (Train 60 %, Development 25 %, Test3 15 %) and frames ~ N(signal · m_class, 1) with a
-    random number of frames in ``frames``. ``stored_layers`` are the upstream layers
+    random number of frames in ``frames`` (or ``num_frames[i]`` for clip i, when given, which
+    also sets the number of clips). ``stored_layers`` are the upstream layers
     whose frames are stored; pooled statistics cover ``all_layers`` layers. Written
     through :mod:`conilium.cache.store`, exactly like extract-features writes a cache.
     """
@@ -233,6 +234,8 @@ def write_synthetic_cache(path, *, clips: int = 60, dim: int = 16, stored_layers
     from conilium.corpus import Annotation, Clip
 
     path = Path(path)
+    if num_frames is not None:
+        clips = len(num_frames)
     rng = np.random.default_rng(seed)
     letters = ["A", "S", "H", "U", "F", "D", "C", "N", "O", "X"]
     prior = np.array([0.08, 0.08, 0.22, 0.06, 0.05, 0.05, 0.08, 0.32, 0.03, 0.03])
@@ -260,6 +263,8 @@ def write_synthetic_cache(path, *, clips: int = 60, dim: int = 16, stored_layers
                     speaker=str(int(rng.integers(20))), gender="Female" if i % 2 else "Male",
                     duration=1.0, annotations=tuple(anns))
         t = int(rng.integers(frames[0], frames[1] + 1))
+        if num_frames is not None:
+            t = int(num_frames[i])
         x = rng.normal(size=(t, all_layers, dim)).astype(np.float32) + signal * means[c][None]
         pooled = np.stack([x.mean(axis=0), x.std(axis=0)], axis=1)  # (L_all, 2, D)
         items.append((name, x[:, list(stored_layers), :], pooled))

@@ -1,0 +1,98 @@
+"""train-grid: specs, presets, and a grid on the demo cache producing the results table."""
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conilium.errors import ConfigError
+from conilium.evaluate.runs import read_predictions
+from conilium.heads.cli import train_grid_cmd
+from conilium.heads.grid import expand_spec, load_spec, presets, run_grid
+from conilium.heads.train import TrainConfig
+
+
+def test_presets_cover_the_papers_tables():
+    assert {"table2", "sampler", "table3"} <= set(presets())
+    t2 = expand_spec(load_spec(preset="table2"), cache="c")
+    assert [(c.loss, c.labels, c.sampler) for _, c, _ in t2] == [
+        ("wce", "hard", None), ("wbce", "P", None), ("wbce", "S", None), ("kld", "P", None), ("kld", "S", None)]
+    assert [p["f1_macro"] for _, _, p in t2] == [0.302, 0.340, 0.350, 0.322, 0.337]
+    sampler = expand_spec(load_spec(preset="sampler"), cache="c")
+    assert sum(c.sampler == "balanced" for _, c, _ in sampler) >= 4
+    t3 = expand_spec(load_spec(preset="table3"), cache="c")
+    assert sorted(c.labels for _, c, _ in t3) == ["P*", "P*", "S*", "S*"]
+    assert all(c.cache == "c" for _, c, _ in t2 + sampler + t3)
+
+
+def test_product_specs_name_runs_after_their_values_and_overrides_apply():
+    spec = {"common": {"cache": "x", "epochs": 7}, "product": {"loss": ["wbce", "kld"], "labels": ["P", "S*"]}}
+    runs = expand_spec(spec, overrides={"seed": 3})
+    assert [n for n, _, _ in runs] == ["wbce-P", "wbce-Sstar", "kld-P", "kld-Sstar"]
+    assert all(c.epochs == 7 and c.seed == 3 and c.cache == "x" for _, c, _ in runs)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"common": {"cache": "x"}}, "no run"),
+    ({"runs": [{"name": "a", "loss": "wbce"}]}, "no cache"),
+    ({"common": {"cache": "x"}, "runs": [{"name": "a"}, {"name": "a"}]}, "appears twice"),
+    ({"common": {"cache": "x"}, "runs": [{"name": "a/b"}]}, "names a folder"),
+    ({"common": {"cache": "x"}, "runs": [{"name": "a", "lossy": "wbce"}]}, "unknown training option"),
+    ({"common": {"cache": "x"}, "runs": [{"name": "a", "loss": "wce", "labels": "S"}]},
+     "run a: --loss wce needs --labels hard"),
+    ({"common": {"cache": "x"}, "grid": {}}, "unknown key"),
+])
+def test_bad_specs_are_clear_errors(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        expand_spec(spec)
+
+
+def test_missing_cluster_backend_is_a_clear_error(tmp_path):
+    pytest.importorskip("joblib")
+    try:
+        import dask.distributed  # noqa: F401
+        pytest.skip("dask is installed here")
+    except ImportError:
+        pass
+    runs = expand_spec({"common": {"cache": str(tmp_path)}, "runs": [{"name": "a"}]})
+    with pytest.raises(ConfigError, match="--backend dask needs dask.distributed"):
+        run_grid(runs, tmp_path / "grid", backend="dask", progress=False)
+
+
+def test_grid_on_the_demo_cache_writes_the_results_table_and_resumes(demo_cache, tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({
+        "common": {"epochs": 2, "hidden": 64, "device": "cpu", "layers": -1},
+        "runs": [{"name": "wce-hard", "loss": "wce", "labels": "hard", "paper": {"f1_macro": 0.302}},
+                 {"name": "kld-S-balanced", "loss": "kld", "labels": "S", "sampler": "balanced"},
+                 {"name": "wbce-Pstar", "loss": "wbce", "labels": "P*"}]}))
+    out = tmp_path / "grid"
+    args = ["--spec", str(spec), "--cache", str(demo_cache), "--out", str(out), "--n-jobs", "2", "--quiet"]
+    r = CliRunner().invoke(train_grid_cmd, args)
+    assert r.exit_code == 0, r.output
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["name"] for row in rows] == ["wce-hard", "kld-S-balanced", "wbce-Pstar"]
+    assert all(row["status"] == "trained" for row in rows)
+    for row in rows:
+        metrics = json.loads((out / row["name"] / "metrics.json").read_text())
+        assert float(row["f1_macro"]) == pytest.approx(metrics["f1_macro"])
+        assert int(row["best_epoch"]) == metrics["best_epoch"]
+        assert read_predictions(out / row["name"] / "predictions" / "Development.csv").names
+    assert rows[0]["paper_f1_macro"] == "0.302" and rows[1]["sampler"] == "balanced"
+    # P* trains on fewer clips than the full set
+    assert int(rows[2]["train_clips"]) < int(rows[0]["train_clips"])
+    md = (out / "results.md").read_text()
+    assert md.startswith("| run | loss | labels | sampler | dev F1-macro") and "| kld-S-balanced | kld | S | balanced |" in md
+    assert "| wce-hard |" in r.output
+    # a second call trains nothing: every run directory is complete with the same configuration
+    before = (out / "wce-hard" / "model.pt").stat().st_mtime_ns
+    r = CliRunner().invoke(train_grid_cmd, args + ["--set", "num_workers=0"])
+    assert r.exit_code == 0, r.output
+    with open(out / "results.csv", newline="") as f:
+        assert {row["status"] for row in csv.DictReader(f)} == {"skipped (complete)"}
+    assert (out / "wce-hard" / "model.pt").stat().st_mtime_ns == before
+    # another configuration in the same folder is refused
+    r = CliRunner().invoke(train_grid_cmd, args + ["--set", "epochs=3"])
+    assert r.exit_code == 1 and "another configuration" in r.output

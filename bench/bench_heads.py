@@ -52,12 +52,12 @@ def build_demo_cache(work: Path) -> Path:
                                  pooled_stats=True, device="cpu", verbose=False))
 
 
-def head_throughput(cache: Path, out: Path, *, epochs: int, preload: str, layers="weighted") -> dict:
+def head_throughput(cache: Path, out: Path, *, epochs: int, preload: str, layers="weighted", device="cpu") -> dict:
     from conilium.heads.train import TrainConfig, train_head
 
     t0 = time.perf_counter()
     m = train_head(TrainConfig(cache=str(cache), loss="wbce", labels="S" if layers == "weighted" else "hard",
-                               epochs=epochs, device="cpu", preload=preload, layers=layers),
+                               epochs=epochs, device=device, preload=preload, layers=layers),
                    out, overwrite=True, progress=False)
     tr = m["training"]
     return {"clips": tr["clips"], "epochs": tr["epochs_run"], "preloaded": tr["preloaded"],
@@ -65,7 +65,7 @@ def head_throughput(cache: Path, out: Path, *, epochs: int, preload: str, layers
             "feature_mb": round(tr["feature_bytes"] / 1e6, 1)}
 
 
-def e2e_throughput(work: Path, corpus: Path, names, *, steps: int, batch: int) -> dict:
+def e2e_throughput(work: Path, corpus: Path, names, *, steps: int, batch: int, device: str = "cpu") -> dict:
     """Training steps of wavlm-large (random weights) + attentive head on raw audio of ``names``."""
     import torch
 
@@ -78,8 +78,9 @@ def e2e_throughput(work: Path, corpus: Path, names, *, steps: int, batch: int) -
     t_load = time.perf_counter()
     upstream, _ = load_upstream("wavlm-large", random_init=True, seed=0, random_root=work / "upstreams")
     load_s = time.perf_counter() - t_load
-    upstream.train()
-    head = EmotionHead(HeadConfig(dim=upstream.config.hidden_size, num_layers=1, layers=0))
+    dev = torch.device(device)
+    upstream.to(dev).train()
+    head = EmotionHead(HeadConfig(dim=upstream.config.hidden_size, num_layers=1, layers=0)).to(dev)
     params = list(upstream.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-5)
     corpus_ = load_corpus(corpus, read_durations=False)
@@ -96,14 +97,17 @@ def e2e_throughput(work: Path, corpus: Path, names, *, steps: int, batch: int) -
         for i, w in enumerate(waves):
             x[i, : len(w)] = torch.from_numpy(w)
             mask[i, : len(w)] = 1
+        x, mask = x.to(dev), mask.to(dev)
         hs = upstream(x, attention_mask=mask).last_hidden_state  # (B, T, D)
         lengths = upstream._get_feat_extract_output_lengths(mask.sum(1)).clamp(max=hs.shape[1])
         logits = head(hs.unsqueeze(2), lengths)
-        y = torch.full((len(waves), 8), 1 / 8)
+        y = torch.full((len(waves), 8), 1 / 8, device=dev)
         loss = loss_fn("wbce")(logits, y, None)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         if step > 0:
             times.append(dt)
@@ -159,12 +163,19 @@ def read_throughput(cache_dir: Path) -> dict:
     return out
 
 
-def peak_rss(cache: Path, out: Path, *, preload: str, epochs: int = 1) -> dict:
+def import_rss() -> float:
+    """Peak RSS (MB) of a Python process that only imports train-head: the floor of every run."""
+    proc = subprocess.Popen([sys.executable, "-c", "import conilium.heads.cli"])
+    _, _, usage = os.wait4(proc.pid, 0)
+    return round(usage.ru_maxrss / 1024, 1)
+
+
+def peak_rss(cache: Path, out: Path, *, preload: str, epochs: int = 1, device: str = "cpu") -> dict:
     """Run train-head in a subprocess; its peak RSS from wait4()."""
     code = ("import sys; from conilium.heads.cli import train_head_cmd; "
             "train_head_cmd(sys.argv[1:], prog_name='train-head')")
     args = [sys.executable, "-c", code, "--cache", str(cache), "--out", str(out), "--loss", "wbce", "--labels", "hard",
-            "--layers", "-1", "--epochs", str(epochs), "--device", "cpu", "--preload", preload, "--overwrite",
+            "--layers", "-1", "--epochs", str(epochs), "--device", device, "--preload", preload, "--overwrite",
             "--quiet"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -189,6 +200,7 @@ def main(argv=None):
     ap.add_argument("--e2e-steps", type=int, default=3, help="timed end-to-end steps (after one warm-up step)")
     ap.add_argument("--e2e-batch", type=int, default=2)
     ap.add_argument("--skip-e2e", action="store_true", help="skip the wavlm-large end-to-end steps")
+    ap.add_argument("--device", default="cpu", help="torch device of the training runs (cpu, cuda)")
     ap.add_argument("--rss-clips", type=int, nargs=2, default=(300, 3000),
                     help="clips of the small and large WavLM-large-shaped caches for the peak-RSS runs")
     args = ap.parse_args(argv)
@@ -205,7 +217,8 @@ def main(argv=None):
     else:
         work = args.workdir
         work.mkdir(parents=True, exist_ok=True)
-    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": args.device,
+                           "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
                            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                            "torch": torch.__version__}}
     try:
@@ -217,16 +230,18 @@ def main(argv=None):
         log("building a WavLM-large-shaped cache (1024-dim last layer) with the demo clips' frame counts …")
         large = work / "wavlm-large-shaped"
         if not (large / "manifest.json").is_file():
-            write_synthetic_cache(large, dim=1024, stored_layers=(24,), all_layers=1, num_frames=frames, seed=0,
+            write_synthetic_cache(large, dim=1024, stored_layers=(24,), all_layers=25, num_frames=frames, seed=0,
                                   clips_per_shard=256, signal=0.3)
 
         log("1. head training throughput")
-        r1 = {"demo_cache": head_throughput(demo, work / "runs" / "demo", epochs=args.epochs, preload="auto"),
-              "demo_cache_streamed": head_throughput(demo, work / "runs" / "demo-s", epochs=args.epochs, preload="no"),
+        r1 = {"demo_cache": head_throughput(demo, work / "runs" / "demo", epochs=args.epochs, preload="auto",
+                                             device=args.device),
+              "demo_cache_streamed": head_throughput(demo, work / "runs" / "demo-s", epochs=args.epochs, preload="no",
+                                                     device=args.device),
               "wavlm_large_shaped": head_throughput(large, work / "runs" / "large", epochs=args.epochs,
-                                                    preload="auto", layers=-1),
+                                                    preload="auto", layers=-1, device=args.device),
               "wavlm_large_shaped_streamed": head_throughput(large, work / "runs" / "large-s", epochs=args.epochs,
-                                                             preload="no", layers=-1)}
+                                                             preload="no", layers=-1, device=args.device)}
         results["head_training"] = r1
         for k, v in r1.items():
             log(f"  {k}: {v['clips_per_s']} clips/s ({v['clips']} Train clips × {v['epochs']} epochs, "
@@ -235,7 +250,8 @@ def main(argv=None):
         if not args.skip_e2e:
             log("2. end-to-end wavlm-large training steps (random weights) on the same Train clips")
             corpus = Path(dcache.manifest["corpus_root"])
-            e2e = e2e_throughput(work, corpus, train_names, steps=args.e2e_steps, batch=args.e2e_batch)
+            e2e = e2e_throughput(work, corpus, train_names, steps=args.e2e_steps, batch=args.e2e_batch,
+                                 device=args.device)
             e2e["ratio_head_over_e2e"] = round(r1["wavlm_large_shaped"]["clips_per_s"] / e2e["clips_per_s"], 1)
             results["end_to_end"] = e2e
             log(f"  wavlm-large end-to-end: {e2e['clips_per_s']} clips/s ({e2e['seconds_per_step']} s per step of "
@@ -251,18 +267,20 @@ def main(argv=None):
 
         log("4. peak RSS of train-head (subprocess, streaming)")
         small_n, big_n = args.rss_clips
-        rss = {}
+        rss = {"import_only_mb": import_rss()}
+        log(f"  importing train-head alone: peak RSS {rss['import_only_mb']} MB")
         for label, n in (("small", small_n), ("large", big_n)):
             path = work / f"rss-{label}"
             if not (path / "manifest.json").is_file():
                 reps = (n + len(frames) - 1) // len(frames)
-                write_synthetic_cache(path, dim=1024, stored_layers=(24,), all_layers=1,
+                write_synthetic_cache(path, dim=1024, stored_layers=(24,), all_layers=25,
                                       num_frames=(frames * reps)[:n], seed=1, clips_per_shard=256, signal=0.3)
             rss[label] = {"clips": n, "cache_mb": cache_mb(path),
-                          **peak_rss(path, work / "runs" / f"rss-{label}", preload="no")}
+                          **peak_rss(path, work / "runs" / f"rss-{label}", preload="no", device=args.device)}
             log(f"  {label}: cache {rss[label]['cache_mb']} MB → peak RSS {rss[label]['peak_rss_mb']} MB (streaming)")
         rss["large_preloaded"] = {"clips": big_n, "cache_mb": rss["large"]["cache_mb"],
-                                  **peak_rss(work / "rss-large", work / "runs" / "rss-large-p", preload="yes")}
+                                  **peak_rss(work / "rss-large", work / "runs" / "rss-large-p", preload="yes",
+                                            device=args.device)}
         log(f"  large, --preload yes: peak RSS {rss['large_preloaded']['peak_rss_mb']} MB (for contrast)")
         results["peak_rss"] = rss
     finally:

@@ -225,7 +225,8 @@ def write_synthetic_cache(path, *, clips: int = 60, dim: int = 16, stored_layers
     (Train 60 %, Development 25 %, Test3 15 %) and frames ~ N(signal · m_class, 1) with a
     random number of frames in ``frames`` (or ``num_frames[i]`` for clip i, when given, which
     also sets the number of clips). ``stored_layers`` are the upstream layers
-    whose frames are stored; pooled statistics cover ``all_layers`` layers. Written
+    whose frames are stored (numbers below ``all_layers``); pooled statistics cover all
+    ``all_layers`` layers (exact for the stored ones, drawn alike for the others). Written
     through :mod:`conilium.cache.store`, exactly like extract-features writes a cache.
     """
     from pathlib import Path
@@ -234,6 +235,8 @@ def write_synthetic_cache(path, *, clips: int = 60, dim: int = 16, stored_layers
     from conilium.corpus import Annotation, Clip
 
     path = Path(path)
+    if any(not 0 <= k < all_layers for k in stored_layers):
+        raise ValueError(f"stored_layers {list(stored_layers)} must lie in 0..{all_layers - 1}")
     if num_frames is not None:
         clips = len(num_frames)
     rng = np.random.default_rng(seed)
@@ -265,9 +268,14 @@ def write_synthetic_cache(path, *, clips: int = 60, dim: int = 16, stored_layers
         t = int(rng.integers(frames[0], frames[1] + 1))
         if num_frames is not None:
             t = int(num_frames[i])
-        x = rng.normal(size=(t, all_layers, dim)).astype(np.float32) + signal * means[c][None]
-        pooled = np.stack([x.mean(axis=0), x.std(axis=0)], axis=1)  # (L_all, 2, D)
-        items.append((name, x[:, list(stored_layers), :], pooled))
+        stored = list(stored_layers)
+        x = rng.normal(size=(t, len(stored), dim)).astype(np.float32) + signal * means[c][stored][None]
+        # pooled statistics (L_all, 2, D): exact for the stored layers, drawn alike for the others
+        mean = signal * means[c] + rng.normal(size=(all_layers, dim)).astype(np.float32) / np.sqrt(t)
+        std = 1.0 + 0.05 * rng.standard_normal((all_layers, dim)).astype(np.float32)
+        mean[stored], std[stored] = x.mean(axis=0), x.std(axis=0)
+        pooled = np.stack([mean, std], axis=1)
+        items.append((name, x, pooled))
         rec = clip.to_json()
         rec.update(shard=len(shards), num_frames=t)
         records.append(rec)

@@ -1,0 +1,321 @@
+"""The whole study in one command (``run_all.sh``).
+
+Every step is one of the project's own commands, run as a subprocess and printed
+before it runs, so the log doubles as a recipe a user can replay by hand. A step whose
+output is already complete is not redone: caches are resumed by ``extract-features``
+itself, head runs by ``train-grid``, and derived runs, analyses and the model are kept
+when their directory exists. A failing step stops the study with its name.
+
+With no corpus the study runs on the built-in demo corpus with small random-weight
+upstreams of each family, standing in for the paper's upstreams; with ``--corpus`` it
+runs on a real MSP-Podcast copy with the real upstreams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from conilium.errors import ConiliumError
+from conilium.util import read_json, write_json
+
+#: Table 1 rows (the paper's upstream names) → registry names, for real corpora and for the demo.
+REAL_UPSTREAMS = {"WavLM-large": "wavlm-large", "Wav2vec2-large": "wav2vec2-large-robust",
+                  "Wav2vec2-base": "wav2vec2-base", "Hubert-large": "hubert-large"}
+DEMO_UPSTREAMS = {"WavLM-large": "demo-wavlm", "Wav2vec2-large": "demo-wav2vec2-large",
+                  "Wav2vec2-base": "demo-wav2vec2-base", "Hubert-large": "demo-hubert"}
+TABLE2_ROWS = {"WCE": "wce-hard", "WBCE(P)": "wbce-P", "WBCE(S)": "wbce-S", "KLD(P)": "kld-P", "KLD(S)": "kld-S"}
+SAMPLER_ROWS = {"BCE(P)": "bce-P", "BCE(P) + sampler": "bce-P-balanced", "BCE(S)": "bce-S",
+                "BCE(S) + sampler": "bce-S-balanced", "KLD(P) + sampler": "kld-P-balanced",
+                "KLD(S) + sampler": "kld-S-balanced"}
+TABLE3_ROWS = {"WBCE(P*)": "wbce-Pstar", "WBCE(S*)": "wbce-Sstar", "KLD(P*)": "kld-Pstar-balanced",
+               "KLD(S*)": "kld-Sstar-balanced"}
+
+
+class StepFailed(ConiliumError):
+    pass
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    corpus: Optional[str] = None  # None: the demo corpus
+    out: str = "results"
+    cache_dir: Optional[str] = None  # default: <out>/cache
+    demo_clips: int = 400
+    seed: int = 0
+    device: str = "auto"
+    batch_seconds: Optional[float] = None  # extraction batch bound
+    batch_size: Optional[int] = None  # head batch size
+    epochs: Optional[int] = None  # head epochs (demo: 20, real: train-head's default)
+    finetune_epochs: Optional[int] = None  # demo: 2, real: finetune-best's default
+    finetune_batch_size: Optional[int] = None
+    n_jobs: int = 2
+    skip_bad: bool = False
+    skip_finetune: bool = False
+    upstreams: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def demo(self) -> bool:
+        return self.corpus is None
+
+
+class Study:
+    def __init__(self, config: StudyConfig):
+        self.c = config
+        self.out = Path(config.out).resolve()
+        self.cache_dir = Path(config.cache_dir).resolve() if config.cache_dir else self.out / "cache"
+        self.runs = self.out / "runs"
+        self.bin = Path(sys.executable).parent
+        self.upstreams = dict(config.upstreams) or (DEMO_UPSTREAMS if config.demo else REAL_UPSTREAMS)
+        self.corpus = (self.out / "demo_corpus") if config.demo else Path(config.corpus).resolve()
+        self.noise = self.out / "demo_noise"
+        self.step_no = 0
+        self.log: List[str] = []
+        self.t0 = time.time()
+
+    # ------------------------------------------------------------------ plumbing
+    def say(self, msg: str) -> None:
+        print(f"[{time.time() - self.t0:6.0f}s] {msg}", flush=True)
+
+    def run(self, name: str, argv: Sequence[str], *, skip_if: Optional[Path] = None) -> None:
+        """Run one step; skip it when ``skip_if`` exists (its output is complete)."""
+        self.step_no += 1
+        cmd = [str(self.bin / argv[0]) if (self.bin / argv[0]).exists() else argv[0], *map(str, argv[1:])]
+        shown = " ".join(shlex.quote(str(a)) for a in argv)
+        if skip_if is not None and Path(skip_if).exists():
+            self.say(f"step {self.step_no}: {name}: done already ({skip_if.relative_to(self.out) if self.out in Path(skip_if).parents else skip_if}), reused")
+            self.log.append(f"# {name} (reused)\n{shown}")
+            return
+        self.say(f"step {self.step_no}: {name}\n    $ {shown}")
+        self.log.append(f"# {name}\n{shown}")
+        t = time.time()
+        proc = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        if proc.returncode != 0:
+            raise StepFailed(f"step {self.step_no} ({name}) failed with exit status {proc.returncode}: {shown}")
+        self.say(f"step {self.step_no}: {name}: finished in {time.time() - t:.0f}s")
+
+    def cache(self, label: str) -> Path:
+        return self.cache_dir / self.upstreams[label]
+
+    def head_options(self) -> List[str]:
+        opts = ["--n-jobs", str(self.c.n_jobs), "--set", f"seed={self.c.seed}", "--set", f"device={self._device()}"]
+        epochs = self.c.epochs if self.c.epochs is not None else (20 if self.c.demo else None)
+        if epochs is not None:
+            opts += ["--set", f"epochs={epochs}"]
+        if self.c.batch_size is not None:
+            opts += ["--set", f"batch_size={self.c.batch_size}"]
+        if self.c.demo:
+            opts += ["--quiet"]
+        return opts
+
+    def _device(self) -> str:
+        return self.c.device
+
+    def grid(self, name: str, out: Path, *, preset: Optional[str] = None, spec: Optional[dict] = None,
+             cache: Optional[Path] = None) -> None:
+        argv = ["train-grid", "--out", out, *self.head_options()]
+        if preset:
+            argv += ["--preset", preset]
+        if spec is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            spec_path = out / "spec.json"
+            write_json(spec_path, spec)
+            argv += ["--spec", spec_path]
+        if cache is not None:
+            argv += ["--cache", cache]
+        self.run(name, argv)
+
+    @staticmethod
+    def dev_f1(run_dir: Path) -> float:
+        m = read_json(run_dir / "metrics.json")
+        return float(m["f1_macro"])
+
+    # ------------------------------------------------------------------ the study
+    def execute(self) -> Path:
+        c = self.c
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "study.json", asdict(c))
+        self.say(f"study on {'the demo corpus' if c.demo else self.corpus}; results in {self.out}")
+
+        if c.demo:
+            self.run("make the demo corpus", ["make-demo-corpus", "--out", self.corpus, "--clips", c.demo_clips,
+                                              "--seed", c.seed, "--noise-out", self.noise],
+                     skip_if=self.corpus / "Labels" / "labels_consensus.csv")
+        self.run("describe the corpus (Figures 1 and 3)",
+                 ["describe-corpus", "--corpus", self.corpus, "--out", self.out / "corpus",
+                  *(["--skip-bad"] if c.skip_bad else [])],
+                 skip_if=self.out / "corpus" / "summary.json")
+
+        for label, name in self.upstreams.items():
+            argv = ["extract-features", "--corpus", self.corpus, "--upstream", name, "--out", self.cache(label),
+                    "--layers", "last", "--pooled-stats", "--device", c.device, "--seed", c.seed]
+            if c.demo:
+                argv += ["--random-init", "--quiet"]
+            if c.batch_seconds:
+                argv += ["--batch-seconds", c.batch_seconds]
+            if c.skip_bad:
+                argv += ["--skip-bad"]
+            self.run(f"extract features: {label} ({name})", argv)
+
+        # Table 1 and the WBCE(P) runs of each upstream (for the ensemble and Easy/Difficult).
+        t1 = self.runs / "table1"
+        spec = {"description": "Table 1 (WCE on hard labels per upstream) and WBCE(P) per upstream (section 3.6)",
+                "runs": []}
+        for label, name in self.upstreams.items():
+            spec["runs"].append({"name": f"{name}-wce-hard", "cache": str(self.cache(label)), "loss": "wce", "labels": "hard"})
+            spec["runs"].append({"name": f"{name}-wbce-P", "cache": str(self.cache(label)), "loss": "wbce", "labels": "P"})
+        self.grid("train heads: Table 1 (upstreams) and WBCE(P) per upstream", t1, spec=spec)
+
+        best_cache = self.cache("WavLM-large")
+        self.grid("train heads: Table 2 (losses and targets)", self.runs / "table2", preset="table2", cache=best_cache)
+        self.grid("train heads: section 3.4 (class-balanced sampler)", self.runs / "sampler", preset="sampler", cache=best_cache)
+        self.grid("train heads: Table 3 (high-agreement subsets)", self.runs / "table3", preset="table3", cache=best_cache)
+
+        best = self.runs / "table2" / "wbce-S"
+        tuned = self.runs / "best-tuned"
+        self.run("adjust decision thresholds of WBCE(S) (section 3.7)",
+                 ["conilium-eval", "tune-thresholds", best, tuned], skip_if=tuned / "metrics.json")
+
+        ranked = sorted(self.upstreams, key=lambda lab: -self.dev_f1(t1 / f"{self.upstreams[lab]}-wce-hard"))
+        top3 = ranked[:3]
+        members = [t1 / f"{self.upstreams[lab]}-wbce-P" for lab in top3]
+        self.say(f"three best upstreams by Table 1: {', '.join(top3)}")
+        ens = self.runs / "ensemble"
+        self.run("ensemble the three best upstreams, WBCE(P) (section 3.6)",
+                 ["conilium-eval", "ensemble", *members, "--out", ens], skip_if=ens / "metrics.json")
+        ed = self.out / "easy_difficult"
+        self.run("Easy/Difficult analysis (section 4)",
+                 ["conilium-eval", "easy-difficult", *members, "--out", ed], skip_if=ed / "easy_difficult.json")
+
+        model = self.out / "models" / "finetuned"
+        if not c.skip_finetune:
+            argv = ["finetune-best", "--corpus", self.corpus, "--out", model, "--upstream", self.upstreams["WavLM-large"],
+                    "--device", c.device, "--seed", c.seed]
+            if c.demo:
+                argv += ["--random-init", "--random-init-seed", c.seed, "--epochs", c.finetune_epochs or 2,
+                         "--lr", "1e-4", "--quiet"]
+            elif c.finetune_epochs:
+                argv += ["--epochs", c.finetune_epochs]
+            if c.finetune_batch_size:
+                argv += ["--batch-size", c.finetune_batch_size]
+            self.run("fine-tune the best configuration end to end (finetune-best)", argv,
+                     skip_if=model / "conilium_model.json")
+            test_split = self._unlabelled_split()
+            if test_split:
+                files = self._split_files(test_split)[:8]
+                self.run(f"predict {len(files)} {test_split} files with the fine-tuned model",
+                         ["predict", "--model", model, *files, "--out", self.out / "predictions_finetuned.csv", "--quiet"],
+                         skip_if=self.out / "predictions_finetuned.csv")
+
+        test_split = self._unlabelled_split()
+        if test_split:
+            sub = self.out / f"submission_{test_split}.csv"
+            self.run(f"challenge-style submission of the tuned WBCE(S) run on {test_split}",
+                     ["conilium-eval", "submission", tuned, "--split", test_split, "--out", sub], skip_if=sub)
+
+        report_spec = self._report_spec(t1, tuned, ens, ed, model)
+        write_json(self.out / "report_spec.json", report_spec)
+        self.run("write the report", ["conilium-eval", "report", self.out / "report_spec.json", "--out", self.out])
+        report = self.out / "REPORT.md"
+        os.replace(self.out / "report.md", report)
+        with open(report, "a", encoding="utf-8") as f:
+            f.write("\n## How these results were made\n\nEvery step of `run_all.sh`, in order "
+                    "(reused steps were complete from an earlier run):\n\n```bash\n")
+            f.write("\n".join(self.log) + "\n```\n")
+        self.say(f"done: {report}")
+        return report
+
+    # ------------------------------------------------------------------ helpers
+    def _labelled_splits(self) -> Dict[str, bool]:
+        from conilium.corpus import load_corpus
+
+        corpus = load_corpus(self.corpus, read_durations=False)
+        out: Dict[str, bool] = {}
+        for clip in corpus:
+            out[clip.split] = out.get(clip.split, False) or clip.emo_class is not None
+        return out
+
+    def _unlabelled_split(self) -> Optional[str]:
+        for split, labelled in self._labelled_splits().items():
+            if not labelled:
+                return split
+        return None
+
+    def _split_files(self, split: str) -> List[str]:
+        from conilium.corpus import load_corpus
+
+        corpus = load_corpus(self.corpus, read_durations=False, splits=[split])
+        return [str(corpus.audio_path(c.name)) for c in corpus]
+
+    def _report_spec(self, t1: Path, tuned: Path, ens: Path, ed: Path, model: Path) -> dict:
+        tables = {
+            "table1": {label: str(t1 / f"{name}-wce-hard") for label, name in self.upstreams.items()},
+            "table2": {label: str(self.runs / "table2" / d) for label, d in TABLE2_ROWS.items()},
+            "sampler": {label: str(self.runs / "sampler" / d) for label, d in SAMPLER_ROWS.items()},
+            "table3": {label: str(self.runs / "table3" / d) for label, d in TABLE3_ROWS.items()},
+            "ensemble": {"Ensemble": str(ens)},
+            "table4": {"dev": str(tuned)},
+        }
+        labelled_tests = [s for s, lab in self._labelled_splits().items() if lab and s not in ("Train", "Development")]
+        if labelled_tests:
+            tables["table4"]["test"] = {"run": str(tuned), "split": labelled_tests[0]}
+        kind = "demo corpus, small random-weight upstreams" if self.c.demo else str(self.corpus)
+        return {"title": f"CONILIUM study ({kind})", "corpus_figures": str(self.out / "corpus"),
+                "tables": tables, "easy_difficult": str(ed)}
+
+
+def run_study(config: StudyConfig) -> Path:
+    return Study(config).execute()
+
+
+def _main() -> None:
+    import click
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--corpus", type=click.Path(exists=True, file_okay=False), default=None,
+                  help="MSP-Podcast corpus root (Audios/, Labels/). Default: generate the demo corpus "
+                       "and use small random-weight upstreams.")
+    @click.option("--out", default="results", show_default=True, help="Results folder (REPORT.md, runs, caches).")
+    @click.option("--cache-dir", default=None, help="Where feature caches go (default: <out>/cache).")
+    @click.option("--demo-clips", default=400, show_default=True, help="Clips of the demo corpus.")
+    @click.option("--seed", default=0, show_default=True)
+    @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+    @click.option("--batch-seconds", type=float, default=None, help="extract-features: audio seconds per batch.")
+    @click.option("--batch-size", type=int, default=None, help="train-head batch size.")
+    @click.option("--epochs", type=int, default=None, help="train-head epochs (demo: 20; real: 40).")
+    @click.option("--finetune-epochs", type=int, default=None, help="finetune-best epochs (demo: 2; real: 40).")
+    @click.option("--finetune-batch-size", type=int, default=None)
+    @click.option("--n-jobs", default=2, show_default=True, help="Heads trained at the same time.")
+    @click.option("--skip-bad", is_flag=True, help="Leave out unreadable clips (listed) instead of stopping.")
+    @click.option("--skip-finetune", is_flag=True, help="Leave out the end-to-end fine-tuning and prediction.")
+    def study_cmd(**kw):
+        """The whole CONILIUM study in one command: corpus description, feature caches of four
+        upstreams, the heads of the paper's Tables 1-3 and section 3.4, threshold adjustment,
+        ensemble, Easy/Difficult analysis, end-to-end fine-tuning, prediction, and
+        <out>/REPORT.md with our numbers beside the paper's.
+
+        \b
+        Examples:
+          ./run_all.sh                                   # demo corpus, about 10 minutes on 2 cores
+          ./run_all.sh --corpus /data/MSP-PODCAST-1.11 --device cuda --cache-dir /scratch/cache
+
+        Rerunning resumes: complete caches and runs are reused.
+        """
+        try:
+            run_study(StudyConfig(**kw))
+        except ConiliumError as e:
+            raise click.ClickException(str(e)) from None
+
+    study_cmd(prog_name="run_all.sh")
+
+
+if __name__ == "__main__":
+    _main()

@@ -43,7 +43,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -329,6 +329,14 @@ class EndToEndModel(nn.Module):
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         x, frames = self.hidden_states(waves, lengths)
         return self.head(x, frames)
+
+
+def enable_checkpointing(upstream) -> None:
+    """Recompute each transformer layer's activations in the backward pass (less memory)."""
+    if hasattr(upstream, "activation_checkpointing_enable"):  # transformers >= 5
+        upstream.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        upstream.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def default_head_config(upstream, config: FinetuneConfig) -> HeadConfig:
@@ -943,7 +951,7 @@ def _finetune(config: FinetuneConfig, d: Dist, device: torch.device, *, resume: 
         layers = None
     model = EndToEndModel(upstream, head, layers)
     if config.gradient_checkpointing:
-        upstream.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(upstream)
     model.to(device)
 
     # ---- data

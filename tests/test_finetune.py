@@ -240,3 +240,32 @@ def test_noise_mixing_is_deterministic_and_hits_the_snr(noise_dir):
     y = fixed(x, epoch=0, index=0)
     snr = 10 * np.log10(np.mean(x.astype(np.float64) ** 2) / np.mean((y - x).astype(np.float64) ** 2))
     assert abs(snr - 10.0) < 0.05
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(weights_root):
+    """Layers are recomputed in the backward pass (their feed-forward block runs twice), and the
+    layers captured for the weighted mix are still the forward's."""
+    from conilium.heads.finetune import enable_checkpointing
+
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal(8000).astype(np.float32))[None]
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        upstream, _ = load_upstream("demo-wavlm", random_init=True, random_root=weights_root,
+                                    config_overrides={"hidden_dropout": 0.0, "attention_dropout": 0.0,
+                                                      "activation_dropout": 0.0, "feat_proj_dropout": 0.0,
+                                                      "layerdrop": 0.0, "apply_spec_augment": False})
+        upstream.freeze_feature_encoder()
+        torch.manual_seed(0)
+        head = EmotionHead(HeadConfig(dim=96, num_layers=4, layers="weighted", hidden=32, dropout=0.0))
+        model = EndToEndModel(upstream, head, layers=[0, 1, 2, 3]).train()
+        if checkpointing:
+            enable_checkpointing(upstream)
+        n = [0]
+        upstream.encoder.layers[1].feed_forward.register_forward_pre_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+        model(x, torch.tensor([8000])).sum().backward()
+        calls.append(n[0])
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert calls == [1, 2]
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-4)

@@ -1,0 +1,164 @@
+"""Time one end-to-end fine-tuning step of the wavlm-large architecture (random weights).
+
+A step is what finetune-best does per batch: forward through the upstream (CNN encoder
+frozen) and the attentive head, WBCE loss, backward, AdamW update. Prints the figures
+and, with ``--json OUT``, writes them as JSON.
+
+    python bench/bench_finetune.py                                    # this CPU, batch 2, 3 steps
+    python bench/bench_finetune.py --device cuda --batch-size 16 --steps 10   # bf16 autocast
+    python bench/bench_finetune.py --device cuda --batch-size 16 --gradient-checkpointing
+
+Inputs are random waveforms of ``--seconds`` seconds (the paper's 8 s truncation), so
+every clip of a batch has the longest length (no padding): an upper bound for a corpus
+whose mean duration is shorter. The random weights are saved once to ``--weights-dir``
+(default: a temporary folder) and loaded with ``from_pretrained``, as finetune-best does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+from conilium.extract.upstreams import load_upstream
+from conilium.heads.finetune import EndToEndModel, FinetuneConfig, _autocast, default_head_config, enable_checkpointing
+from conilium.heads.losses import loss_fn
+from conilium.heads.model import EmotionHead
+
+MSP_TRAIN_CLIPS = 68000  # MSP-Podcast 1.11 Train split, about
+MSP_MEAN_SECONDS = 5.8
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--upstream", default="wavlm-large", help="registered architecture (random init)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bf16 autocast on CUDA, float32 on CPU")
+    ap.add_argument("--batch-size", type=int, default=None, help="clips per step (default: 2 on CPU, 16 on CUDA)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="clip length")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--weights-dir", default=None, help="where the random weights are saved (reused when present)")
+    ap.add_argument("--json", dest="json_out", default=None, help="write the figures here")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()))
+                          else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    batch = args.batch_size or (16 if device.type == "cuda" else 2)
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.weights_dir or tmp
+        torch.manual_seed(0)
+        upstream, identity = load_upstream(args.upstream, random_init=True, seed=0, random_root=root)
+    load_seconds = time.perf_counter() - t0
+    upstream.freeze_feature_encoder()
+    config = FinetuneConfig(corpus="", out="", upstream=args.upstream)
+    torch.manual_seed(0)
+    model = EndToEndModel(upstream, EmotionHead(default_head_config(upstream, config)))
+    if args.gradient_checkpointing:
+        enable_checkpointing(upstream)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    fn = loss_fn("wbce")
+    n = int(args.seconds * 16000)
+    g = torch.Generator().manual_seed(0)
+    waves = (0.1 * torch.randn(batch, n, generator=g)).to(device)
+    lengths = torch.full((batch,), n, dtype=torch.long, device=device)
+    targets = torch.softmax(torch.randn(batch, 8, generator=g), dim=1).to(device)
+    weights = torch.ones(8, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        with _autocast(device, args.precision):
+            logits = model(waves, lengths)
+        loss = fn(logits.float(), targets, weights)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    times = []
+    for i in range(args.steps):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+        print(f"step {i + 1}/{args.steps}: {times[-1]:.3f} s", file=sys.stderr)
+
+    med = statistics.median(times)
+    clips_per_s = batch / med
+    amp = device.type == "cuda" and args.precision in ("auto", "bfloat16")
+    res = {
+        "upstream": args.upstream,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "precision": "bf16 autocast" if amp else "float32",
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "batch_size": batch,
+        "clip_seconds": args.seconds,
+        "trainable_parameters": int(sum(p.numel() for p in params)),
+        "frozen_parameters": int(sum(p.numel() for p in model.parameters() if not p.requires_grad)),
+        "steps_timed": args.steps,
+        "step_seconds": [round(t, 4) for t in times],
+        "step_seconds_median": round(med, 4),
+        "clips_per_second": round(clips_per_s, 3),
+        "audio_seconds_per_second": round(clips_per_s * args.seconds, 2),
+        "model_load_seconds": round(load_seconds, 1),
+        "peak_memory_gib": round((torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30, 2),
+        "peak_memory_kind": "CUDA max allocated" if device.type == "cuda" else "process max RSS",
+        # an MSP-Podcast epoch at this rate: clips cut at --seconds (upper bound) and at the mean duration
+        "projected_epoch_hours_at_clip_seconds": round(MSP_TRAIN_CLIPS / clips_per_s / 3600, 2),
+        "projected_epoch_hours_at_mean_duration": round(
+            MSP_TRAIN_CLIPS / clips_per_s / 3600 * MSP_MEAN_SECONDS / args.seconds, 2),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    }
+    print(f"{res['upstream']} fine-tuning step on {res['device']} ({res['precision']}"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}), batch {batch} x {args.seconds:g} s:")
+    print(f"  median step {med:.3f} s over {args.steps} steps ({', '.join(f'{t:.3f}' for t in times)})")
+    print(f"  {clips_per_s:.2f} clips/s, {res['audio_seconds_per_second']:.1f} s of audio per second")
+    print(f"  trainable parameters {res['trainable_parameters']:,} (CNN encoder frozen: "
+          f"{res['frozen_parameters']:,})")
+    print(f"  peak memory {res['peak_memory_gib']} GiB ({res['peak_memory_kind']})")
+    print(f"  projected MSP-Podcast epoch ({MSP_TRAIN_CLIPS:,} clips): {res['projected_epoch_hours_at_clip_seconds']} h "
+          f"with {args.seconds:g} s clips, {res['projected_epoch_hours_at_mean_duration']} h scaled to the "
+          f"{MSP_MEAN_SECONDS} s mean duration")
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=2)
+            f.write("\n")
+        print(f"  written to {args.json_out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -851,16 +851,31 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
             dist.destroy_process_group()
 
 
-def _check_out_dir(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> Optional[dict]:
-    """What is already in ``out``: None (start afresh) or the checkpoint to resume from."""
+def _check_out_dir(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> Tuple[Optional[dict], bool]:
+    """What to do with ``out``: ``(checkpoint to resume from or None, whether to clear it first)``.
+
+    With ``resume`` and no completed epoch yet (no checkpoint, no finished model), the run
+    starts afresh, so a script may always pass ``--resume``.
+    """
     last, _ = _checkpoint_paths(out)
     has_model = (out / MODEL_FILE).is_file()
     has_ckpt = last.is_file()
-    if resume:
+    has_run = has_model or has_ckpt or (out / "config.json").is_file()
+    if (out / "config.json").is_file() and not overwrite:
+        try:
+            kind = read_json(out / "config.json").get("kind")
+        except (ValueError, AttributeError):
+            kind = None
+        if kind != "finetune":
+            raise ConfigError(f"{out} holds a config.json that finetune-best did not write (another kind of run?); "
+                              f"choose another --out, or replace it with --overwrite")
+    if resume and not overwrite:
         if not has_ckpt:
-            raise ConfigError(f"--resume: {out} holds no checkpoint ({CHECKPOINT_DIR}/{LAST}) to continue from"
-                              + (" (the run finished and its checkpoints were removed; use --keep-checkpoints "
-                                 "to be able to continue a finished run)" if has_model else ""))
+            if has_model:
+                raise ConfigError(f"--resume: {out} holds a finished model whose checkpoints were removed; "
+                                  f"use --keep-checkpoints to be able to continue a finished run, or --overwrite "
+                                  f"to train again")
+            return None, has_run  # nothing completed yet: start (again) from the beginning
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
         saved = ckpt["config"]
         now = config.to_json()
@@ -870,11 +885,11 @@ def _check_out_dir(out: Path, config: FinetuneConfig, resume: bool, overwrite: b
             raise ConfigError(f"--resume: {out} was started with other settings ({', '.join(diff)}: "
                               + "; ".join(f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
                               + "); resume with the same options, or start over with --overwrite")
-        return ckpt
-    if (has_model or has_ckpt or (out / "config.json").is_file()) and not overwrite:
+        return ckpt, False
+    if has_run and not overwrite:
         raise ConfigError(f"{out} already holds a fine-tuning run; continue it with --resume, choose another "
                           f"--out, or start over with --overwrite")
-    return None
+    return None, has_run
 
 
 def _norm(v):
@@ -891,21 +906,20 @@ def _finetune(config: FinetuneConfig, d: Dist, device: torch.device, *, resume: 
     if config.threads:
         torch.set_num_threads(int(config.threads))
     prep = prepare(config)
-    ckpt, problem = None, None
+    ckpt, clear, problem = None, False, None
     if d.main:
         try:
-            ckpt = _check_out_dir(out, config, resume, overwrite)
+            ckpt, clear = _check_out_dir(out, config, resume, overwrite)
         except ConfigError as e:
             problem = str(e)
-    problem = d.broadcast(problem)
+    problem, resuming = d.broadcast((problem, ckpt is not None))
     if problem:
         raise ConfigError(problem)
-    if d.on and not d.main and resume:
-        last, _ = _checkpoint_paths(out)
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-    if d.main and not resume:
-        if overwrite:
-            for p in (MODEL_FILE, "metrics.json", HEAD_FILE):
+    if resuming and not d.main:
+        ckpt = torch.load(_checkpoint_paths(out)[0], map_location="cpu", weights_only=False)
+    if d.main and not resuming:
+        if clear:
+            for p in (MODEL_FILE, "metrics.json", HEAD_FILE, "config.json"):
                 (out / p).unlink(missing_ok=True)
             for p in (CHECKPOINT_DIR, "predictions", UPSTREAM_DIR, TUNED_DIR):
                 shutil.rmtree(out / p, ignore_errors=True)

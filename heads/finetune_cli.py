@@ -90,7 +90,9 @@ def _quiet_library_warnings() -> None:
 @click.option("--threads", type=int, default=None, help="torch CPU threads per process.")
 @click.option("--keep-checkpoints", is_flag=True,
               help="Keep checkpoints/ (last and best epoch) after training, to continue later with --resume.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last completed epoch.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run in --out from its last completed epoch (from the start when no "
+                   "epoch was completed, so scripts may always pass it).")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out that holds a run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revision, loss, labels, sampler, lr,

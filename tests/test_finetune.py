@@ -129,7 +129,7 @@ def test_torchrun_with_two_processes_matches_one_process(reference, base_config,
             "--lr", str(c.lr), "--max-train-clips", str(c.max_train_clips), "--hidden", str(c.hidden),
             "--dropout", "0", "--upstream-dropout", "0", "--layerdrop", "0", "--mask-time-prob", "0",
             "--num-workers", "0", "--augment-noise", c.augment_noise, "--augment-fraction", str(c.augment_fraction),
-            "--threads", "1", "--quiet"]
+            "--threads", "1", "--quiet", "--resume"]  # --resume with nothing to resume starts afresh
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "conilium.heads.finetune_cli", *args]
@@ -163,9 +163,16 @@ def test_extract_features_accepts_the_model_directory(reference, small_demo_corp
     np.testing.assert_allclose(cache.frames(name)[:, 0], h[0, :, 0].numpy(), atol=2e-2, rtol=1e-2)
 
 
-def test_refuses_an_existing_run_and_checks_options(reference, base_config):
+def test_refuses_an_existing_run_and_checks_options(reference, base_config, tmp_path):
     with pytest.raises(ConfigError, match="--resume"):
         finetune(base_config, progress=False)
+    with pytest.raises(ConfigError, match="finished model"):  # its checkpoints were removed
+        finetune(base_config, resume=True, progress=False)
+    other = tmp_path / "head_run"
+    other.mkdir()
+    (other / "config.json").write_text('{"cache": "c", "loss": "wbce"}')
+    with pytest.raises(ConfigError, match="did not write"):
+        finetune(replace(base_config, out=str(other)), resume=True, progress=False)
     with pytest.raises(ConfigError, match="needs --labels"):
         finetune(replace(base_config, loss="wce"), progress=False)
     with pytest.raises(ConfigError, match="--init-head and --baseline-ckpt"):

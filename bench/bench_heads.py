@@ -14,8 +14,8 @@ In one run, on this machine:
 3. cache read throughput (MB/s of stored feature bytes) through FeatureCache, against
    plain sequential reading of the same shard files, both cold (pages dropped with
    posix_fadvise(DONTNEED), no root needed) and warm (page cache);
-4. peak RSS of train-head, run as a subprocess, streaming from two WavLM-large-shaped
-   caches of different sizes, and preloading the larger one for contrast.
+4. peak RSS of train-head, run as a subprocess (its own VmHWM), streaming from two
+   WavLM-large-shaped caches of different sizes, and preloading the larger one for contrast.
 
 Everything is built under --workdir (a temporary folder by default, removed at the end).
 """
@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -60,9 +59,12 @@ def head_throughput(cache: Path, out: Path, *, epochs: int, preload: str, layers
                                epochs=epochs, device=device, preload=preload, layers=layers),
                    out, overwrite=True, progress=False)
     tr = m["training"]
+    # the median epoch after the first (the first one pays thread-pool / CUDA start-up)
+    per_epoch = [h["train_seconds"] for h in m["history"]]
+    typical = float(np.median(per_epoch[1:] if len(per_epoch) > 1 else per_epoch))
     return {"clips": tr["clips"], "epochs": tr["epochs_run"], "preloaded": tr["preloaded"],
-            "clips_per_s": tr["clips_per_second"], "wall_s": round(time.perf_counter() - t0, 2),
-            "feature_mb": round(tr["feature_bytes"] / 1e6, 1)}
+            "clips_per_s": round(tr["clips"] / typical, 2), "epoch_train_seconds": per_epoch,
+            "wall_s": round(time.perf_counter() - t0, 2), "feature_mb": round(tr["feature_bytes"] / 1e6, 1)}
 
 
 def e2e_throughput(work: Path, corpus: Path, names, *, steps: int, batch: int, device: str = "cpu") -> dict:
@@ -137,24 +139,28 @@ def read_throughput(cache_dir: Path) -> dict:
     for state in ("cold", "warm"):
         if state == "cold":
             _drop_cache(shards)
-        t0 = time.perf_counter()
-        n = 0
-        for p in shards:
-            with open(p, "rb", buffering=0) as f:
-                while True:
-                    b = f.read(1 << 22)
-                    if not b:
-                        break
-                    n += len(b)
-        plain = time.perf_counter() - t0
+        repeats = 1 if state == "cold" else 3  # warm: best of three
+        plain = via = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            n = 0
+            for p in shards:
+                with open(p, "rb", buffering=0) as f:
+                    while True:
+                        b = f.read(1 << 22)
+                        if not b:
+                            break
+                        n += len(b)
+            plain = min(plain, time.perf_counter() - t0)
         if state == "cold":
             _drop_cache(shards)
-        cache.close()
-        t0 = time.perf_counter()
-        feat = 0
-        for name in cache.names:
-            feat += cache.frames(name, dtype=np.float16).nbytes
-        via = time.perf_counter() - t0
+        for _ in range(repeats):
+            cache.close()
+            t0 = time.perf_counter()
+            feat = 0
+            for name in cache.names:
+                feat += cache.frames(name, dtype=np.float16).nbytes
+            via = min(via, time.perf_counter() - t0)
         out[state] = {"plain_read_mb_s": round(n / plain / 1e6, 1),
                       "featurecache_mb_s": round(feat / via / 1e6, 1),
                       "ratio": round((feat / via) / (n / plain), 3)}
@@ -163,28 +169,43 @@ def read_throughput(cache_dir: Path) -> dict:
     return out
 
 
+# The child reports its own peak RSS (VmHWM of /proc/self/status) when it exits. (The
+# ru_maxrss of wait4()/RUSAGE_CHILDREN is no good here: Linux starts a child's figure at
+# its parent's RSS when it forks, and this benchmark's process is large by then.)
+_REPORT = ("import atexit\n"
+           "def _hwm():\n"
+           "    for line in open('/proc/self/status'):\n"
+           "        if line.startswith('VmHWM:'):\n"
+           "            print('PEAK_RSS_KB', line.split()[1], flush=True)\n"
+           "atexit.register(_hwm)\n")
+
+
+def _child_peak_kb(text: str) -> int:
+    for line in text.splitlines():
+        if line.startswith("PEAK_RSS_KB"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no peak RSS reported:\n{text}")
+
+
 def import_rss() -> float:
     """Peak RSS (MB) of a Python process that only imports train-head: the floor of every run."""
-    proc = subprocess.Popen([sys.executable, "-c", "import conilium.heads.cli"])
-    _, _, usage = os.wait4(proc.pid, 0)
-    return round(usage.ru_maxrss / 1024, 1)
+    out = subprocess.run([sys.executable, "-c", _REPORT + "import conilium.heads.cli"], capture_output=True,
+                         text=True, check=True).stdout
+    return round(_child_peak_kb(out) / 1024, 1)
 
 
 def peak_rss(cache: Path, out: Path, *, preload: str, epochs: int = 1, device: str = "cpu") -> dict:
-    """Run train-head in a subprocess; its peak RSS from wait4()."""
-    code = ("import sys; from conilium.heads.cli import train_head_cmd; "
-            "train_head_cmd(sys.argv[1:], prog_name='train-head')")
+    """Run train-head in a subprocess; its peak RSS as it reports it."""
+    code = _REPORT + "import sys\nfrom conilium.heads.cli import train_head_cmd\n" \
+        "train_head_cmd(sys.argv[1:], prog_name='train-head')\n"
     args = [sys.executable, "-c", code, "--cache", str(cache), "--out", str(out), "--loss", "wbce", "--labels", "hard",
             "--layers", "-1", "--epochs", str(epochs), "--device", device, "--preload", preload, "--overwrite",
             "--quiet"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    text = proc.stdout.read().decode()
-    proc.stdout.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"train-head failed:\n{text}")
-    kb = usage.ru_maxrss  # kilobytes on Linux
+    proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train-head failed:\n{proc.stdout}")
+    kb = _child_peak_kb(proc.stdout)
     return {"preload": preload, "peak_rss_mb": round(kb / 1024, 1), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -233,7 +254,8 @@ def main(argv=None):
             write_synthetic_cache(large, dim=1024, stored_layers=(24,), all_layers=25, num_frames=frames, seed=0,
                                   clips_per_shard=256, signal=0.3)
 
-        log("1. head training throughput")
+        log("1. head training throughput (median epoch after the first)")
+        head_throughput(demo, work / "runs" / "warm-up", epochs=1, preload="auto", device=args.device)
         r1 = {"demo_cache": head_throughput(demo, work / "runs" / "demo", epochs=args.epochs, preload="auto",
                                              device=args.device),
               "demo_cache_streamed": head_throughput(demo, work / "runs" / "demo-s", epochs=args.epochs, preload="no",

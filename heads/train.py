@@ -348,7 +348,8 @@ def train_head(config: TrainConfig, out_dir, *, overwrite: bool = False, progres
         sampler = RandomSampler(train_ds, generator=order_gen)
     workers = 0 if preload else config.num_workers
     loader = DataLoader(train_ds, batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
-                        num_workers=workers, persistent_workers=workers > 0, generator=loader_gen)
+                        num_workers=workers, persistent_workers=workers > 0, generator=loader_gen,
+                        pin_memory=device.type == "cuda")
 
     history: List[dict] = []
     best_f1, best_epoch, best_state, since_best = -1.0, 0, None, 0

@@ -947,7 +947,11 @@ def _finetune(config: FinetuneConfig, d: Dist, device: torch.device, *, resume: 
     torch.manual_seed(config.seed)
     if config.init_head:
         head, layers, settings = head_from_run(config.init_head, upstream, identity)
-        start_from = {"kind": "train-head run", "path": str(Path(config.init_head).resolve())}
+        start_from = {"kind": "train-head run", "path": str(Path(config.init_head).resolve()),
+                      "head_loss": settings.get("loss"), "head_labels": settings.get("labels")}
+        if progress and settings.get("loss") not in (None, config.loss):
+            tqdm.write(f"note: the head was trained with --loss {settings.get('loss')}, fine-tuning uses "
+                       f"--loss {config.loss}")
         if settings.get("normalize") in NORMALIZE_MODES:
             norm_mode = settings["normalize"]
             norm_stats = settings.get("normalize_stats") if norm_mode == "global" else None

@@ -21,9 +21,13 @@ _D = FinetuneConfig(corpus="", out="")
 _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def _quiet_library_warnings() -> None:
+def _quiet_library_warnings(quiet: bool = False) -> None:
     # raised inside transformers' WavLM attention on every padded batch; harmless
     warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask")
+    if quiet:  # transformers' own "Loading weights" bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 @click.command(context_settings=_CTX)
@@ -117,7 +121,7 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
     \b
     Then: predict --model M a.wav b.flac; extract-features --upstream M ...; conilium-eval on M.
     """
-    _quiet_library_warnings()
+    _quiet_library_warnings(quiet)
     try:
         config = FinetuneConfig(
             corpus=str(corpus), out=str(out), upstream=upstream, random_init=random_init,
@@ -176,7 +180,7 @@ def predict_cmd(model_dir, audio, list_file, out, batch_size, max_seconds, devic
     """
     from .predict import Predictor, output_format, read_list, results_csv, write_results
 
-    _quiet_library_warnings()
+    _quiet_library_warnings(quiet)
     files = [str(a) for a in audio]
     try:
         if list_file is not None:

@@ -197,11 +197,14 @@ class Study:
 
         model = self.out / "models" / "finetuned"
         if not c.skip_finetune:
+            # Warm start from the best head of Table 2 (same upstream, same weights): the
+            # end-to-end model starts where the frozen-feature head ended. --resume continues
+            # an interrupted fine-tuning (and starts afresh when none was begun).
             argv = ["finetune-best", "--corpus", self.corpus, "--out", model, "--upstream", self.upstreams["WavLM-large"],
-                    "--device", c.device, "--seed", c.seed]
+                    "--device", c.device, "--seed", c.seed, "--init-head", best, "--resume"]
             if c.demo:
                 argv += ["--random-init", "--random-init-seed", c.seed, "--epochs", c.finetune_epochs or 2,
-                         "--lr", "1e-4", "--quiet"]
+                         "--lr", "1e-4", "--max-train-clips", "160", "--quiet"]
             elif c.finetune_epochs:
                 argv += ["--epochs", c.finetune_epochs]
             if c.finetune_batch_size:

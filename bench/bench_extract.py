@@ -32,13 +32,30 @@ from pathlib import Path
 import torch
 
 
+def _read_speed(cache_dir: Path) -> dict:
+    """Read every clip of the cache back once (a cold-ish pass, then the page cache helps)."""
+    from conilium.cache import FeatureCache
+
+    cache = FeatureCache(cache_dir)
+    t = time.perf_counter()
+    nbytes = 0
+    for n in cache.names:
+        nbytes += cache.frames(n, dtype=None).nbytes
+    dt = time.perf_counter() - t
+    cache.close()
+    return {"read_clips_per_second": round(len(cache) / dt, 1), "read_mb_per_second": round(nbytes / dt / 1e6, 1),
+            "cache_mb": round(sum(p.stat().st_size for p in (cache_dir / "shards").glob("*.h5")) / 1e6, 2),
+            "frames_mb": round(nbytes / 1e6, 2)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clips", type=int, default=32, help="demo clips to extract (default 32)")
     ap.add_argument("--upstream", action="append", default=None,
                     help="registry name, repeatable (default: demo-wavlm and wavlm-large)")
     ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
-    ap.add_argument("--batch-seconds", type=float, default=60.0)
+    ap.add_argument("--batch-seconds", type=float, default=None,
+                    help="bound on a batch's padded audio (default: extract-features' own, 60 s CPU / 300 s CUDA)")
     ap.add_argument("--workers", type=int, default=2, help="decoding threads")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--layers", default="last")
@@ -72,6 +89,7 @@ def main(argv=None) -> int:
                 "upstream": name,
                 "device": st.device,
                 "compute_dtype": st.compute_dtype,
+                "batch_seconds": st.batch_seconds,
                 "clips": st.clips,
                 "audio_seconds": round(st.audio_seconds, 2),
                 "wall_seconds": round(st.wall_seconds, 3),
@@ -86,13 +104,15 @@ def main(argv=None) -> int:
                 "real_time_factor": round(st.loop_seconds / st.audio_seconds, 5),
                 "audio_seconds_per_second": round(st.audio_seconds / st.loop_seconds, 2),
             }
+            run.update(_read_speed(work / f"cache-{name}"))
             results["runs"].append(run)
             print(f"{name:>14} [{run['device']}, {run['compute_dtype']}]: {run['clips']} clips, "
                   f"{run['audio_seconds']:.0f} s of audio | forward share {run['forward_fraction_loop']:.3f} of the "
                   f"loop ({run['forward_fraction_wall']:.3f} of the whole call) | computed/useful frames "
                   f"{run['padding_ratio']:.4f} | {run['clips_per_second']:.2f} clips/s | real-time factor "
                   f"{run['real_time_factor']:.4f} ({run['audio_seconds_per_second']:.1f} s of audio per s) | "
-                  f"loop {run['loop_seconds']:.1f} s, whole call {run['wall_seconds']:.1f} s")
+                  f"loop {run['loop_seconds']:.1f} s, whole call {run['wall_seconds']:.1f} s | reading back: "
+                  f"{run['read_clips_per_second']:.0f} clips/s, {run['read_mb_per_second']:.0f} MB/s")
             shutil.rmtree(work / f"cache-{name}", ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -240,11 +240,11 @@ class FeatureCache:
                              f"group {group}; run verify-cache") from None
 
     def frames(self, name: str, layer: Optional[int] = None, dtype=np.float32) -> np.ndarray:
-        """Frames of one clip as (frames, layers, dim), or of one stored layer (position ``layer``)."""
+        """Frames of one clip as (frames, layers, dim), or of one stored layer (position ``layer``,
+        shape (frames, 1, dim)); ``dtype=None`` keeps the stored type (float16 or float32)."""
         ds = self._dataset("frames", name)
-        if layer is None:
-            return ds[()].astype(dtype, copy=False)
-        return ds[:, layer : layer + 1, :].astype(dtype, copy=False)
+        x = ds[()] if layer is None else ds[:, layer : layer + 1, :]
+        return x if dtype is None else x.astype(dtype, copy=False)
 
     def pooled(self, name: str) -> np.ndarray:
         """Per-layer mean and std over frames, (all layers, 2, dim) float32."""

@@ -39,8 +39,9 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
               help="Seed of --random-init weights and of noise augmentation.")
 @click.option("--revision", default=None, help="Model revision (branch, tag or commit) on the Hugging Face hub.")
 @click.option("--splits", default=None, help="Only these splits, comma-separated (e.g. Train,Development).")
-@click.option("--batch-seconds", type=float, default=60.0, show_default=True,
-              help="Bound on a batch's padded audio (clips x longest clip), in seconds.")
+@click.option("--batch-seconds", type=float, default=None,
+              help="Bound on a batch's padded audio (clips x longest clip), in seconds "
+                   "[default: 60 on CPU, 300 on CUDA].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: float32 on CPU, bfloat16 autocast on CUDA (float16 without bf16).")

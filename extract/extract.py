@@ -27,14 +27,13 @@ import time
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import soundfile as sf
 import soxr
-import torch
 from tqdm import tqdm
 
 import conilium
@@ -44,14 +43,13 @@ from conilium.audio import read_audio
 from conilium.corpus import Clip, Corpus, load_corpus
 from conilium.errors import AudioError, CacheError, ConfigError, CorpusError
 from conilium.util import read_json, write_json
-
 from conilium.cache.store import (
     CLIPS, FORMAT_VERSION, MANIFEST, SHARD_DIR, file_sha256, shard_name, write_clips, write_manifest,
     write_shard,
 )
 
 from .forward import UpstreamRunner, pick_compute_dtype, pick_device
-from .upstreams import UPSTREAMS, load_upstream
+from .upstreams import load_upstream
 
 #: The settings file written when extraction starts (the manifest is written when it ends).
 SETTINGS = "extraction.json"
@@ -62,6 +60,8 @@ COMPARED = ("upstream", "layers", "num_hidden_states", "dim", "dtype", "compute_
             "normalize", "pooled_stats", "corpus_fingerprint", "splits", "augmentation", "shard_size",
             "frame_rate", "code_version")
 AUG_SEP = "#aug"
+#: Default bound on a batch's padded audio, in seconds: larger batches pay off on a GPU only.
+DEFAULT_BATCH_SECONDS = {"cpu": 60.0, "cuda": 300.0}
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
 
@@ -177,6 +177,7 @@ class ExtractStats:
     useful_frames: int = 0
     device: str = ""
     compute_dtype: str = ""
+    batch_seconds: float = 0.0
 
     @property
     def forward_fraction(self) -> float:
@@ -278,22 +279,38 @@ def assign_shards(jobs: Sequence[Job], shard_size: int) -> List[List[Job]]:
     return [ordered[i:i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 
-def plan_batches(jobs: Sequence[Job], batch_seconds: float) -> List[List[Job]]:
-    """Consecutive batches whose padded audio (size x longest clip) stays within ``batch_seconds``."""
+def plan_batches(jobs: Sequence[Job], batch_seconds: float, *, batch_cost: float = 0.02) -> List[List[Job]]:
+    """Batches of clips of similar length whose padded audio (size x longest) stays within
+    ``batch_seconds``.
+
+    Clips sorted by length are cut into consecutive batches by dynamic programming,
+    minimising the padded samples computed plus a fixed cost per batch (``batch_cost``
+    times the bound), so that padding stays small without making batches needlessly small.
+    """
+    ordered = sorted(jobs, key=lambda j: (j.samples, j.name))
+    n = len(ordered)
+    if n == 0:
+        return []
     limit = batch_seconds * SAMPLE_RATE
+    overhead = batch_cost * limit
+    lengths = [max(j.samples, 1) for j in ordered]
+    best = [0.0] + [math.inf] * n
+    start = [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = lengths[end - 1]
+        for begin in range(end - 1, -1, -1):
+            size = end - begin
+            if size > 1 and size * longest > limit:
+                break
+            cost = best[begin] + size * longest + overhead
+            if cost <= best[end]:
+                best[end], start[end] = cost, begin
     batches: List[List[Job]] = []
-    cur: List[Job] = []
-    longest = 0
-    for j in sorted(jobs, key=lambda j: (j.samples, j.name)):
-        new_longest = max(longest, j.samples)
-        if cur and (len(cur) + 1) * new_longest > limit:
-            batches.append(cur)
-            cur, new_longest = [], j.samples
-        cur.append(j)
-        longest = new_longest
-    if cur:
-        batches.append(cur)
-    return batches
+    end = n
+    while end > 0:
+        batches.append(ordered[start[end]:end])
+        end = start[end]
+    return batches[::-1]
 
 
 # ----------------------------------------------------------------------------- audio
@@ -454,11 +471,18 @@ class _Dist:
         dist.all_gather_object(out, error)
         return [e for e in out if e]
 
-    def close(self):
+    def close(self, clean: bool = True):
         if self.started:
+            import gc
+
             import torch.distributed as dist
 
+            if clean:  # every rank got here: leave together
+                dist.barrier()
             dist.destroy_process_group()
+            # free the process group (and join gloo's worker threads) now, not at interpreter exit
+            gc.collect()
+            self.started = False
 
 
 # ----------------------------------------------------------------------------- cache directory
@@ -564,11 +588,14 @@ def _valid_shard(out: Path, index: int, jobs: Sequence[Job], key: str, *, check_
 # ----------------------------------------------------------------------------- pipeline
 
 
-_END = object()
+_END = object()  # ends a shard (and, between shards, the writer)
+_ABORT = object()  # drops the shard being written
 
 
 class _ShardWriter(threading.Thread):
-    """Writes shards from a queue of ``("begin", index, jobs) | ("clip", …) | ("end", …)`` events."""
+    """Writes shards from a queue: ``("begin", index, skipped list)``, then one ``(name, frames,
+    pooled)`` per clip, then ``_END`` (shard complete: renamed into place, sidecar written) or
+    ``_ABORT`` (temporary file removed). A lone ``_END`` between shards stops the thread."""
 
     def __init__(self, out: Path, dtype: str, key: str, maxsize: int = 8):
         super().__init__(daemon=True, name="shard-writer")
@@ -593,7 +620,7 @@ class _ShardWriter(threading.Thread):
                         item = self.q.get()
                         if item is _END:
                             return
-                        if item == "abort":
+                        if item is _ABORT:
                             raise _Aborted()
                         name, frames, pooled = item
                         frames_of[name] = int(frames.shape[0])
@@ -699,7 +726,7 @@ def _run_shards(shards: Dict[int, List[Job]], *, out: Path, loader: AudioLoader,
     except BaseException:
         if in_shard and writer.is_alive() and writer.error is None:
             try:
-                writer.q.put("abort", timeout=5)
+                writer.q.put(_ABORT, timeout=5)
                 writer.q.put(_END, timeout=5)
             except queue.Full:
                 pass
@@ -720,7 +747,7 @@ def _run_shards(shards: Dict[int, List[Job]], *, out: Path, loader: AudioLoader,
 def extract_features(corpus, upstream: str, out, *, layers="last", dtype: str = "float16",
                      max_seconds: Optional[float] = 8.0, normalize: str = "global", pooled_stats: bool = False,
                      random_init: bool = False, seed: int = 0, revision: Optional[str] = None,
-                     batch_seconds: float = 60.0, device: str = "auto", compute_dtype: str = "auto",
+                     batch_seconds: Optional[float] = None, device: str = "auto", compute_dtype: str = "auto",
                      shard_size: int = 256, workers: int = 2, skip_bad: bool = False,
                      splits: Optional[Sequence[str]] = None,
                      augment_noise=None, augment_fraction: float = 0.8, snr_db=(5.0, 20.0), copies: int = 1,
@@ -738,16 +765,19 @@ def extract_features(corpus, upstream: str, out, *, layers="last", dtype: str = 
     stats = stats if stats is not None else ExtractStats()
     out = Path(out)
     dist = _Dist()
+    clean = False
     try:
-        return _extract(corpus, upstream, out, dist, t_start, stats, layers=layers, dtype=dtype,
-                        max_seconds=max_seconds, normalize=normalize, pooled_stats=pooled_stats,
-                        random_init=random_init, seed=seed, revision=revision, batch_seconds=batch_seconds,
-                        device=device, compute_dtype=compute_dtype, shard_size=shard_size, workers=workers,
-                        skip_bad=skip_bad, splits=splits, augment_noise=augment_noise,
-                        augment_fraction=augment_fraction, snr_db=snr_db, copies=copies, overwrite=overwrite,
-                        check_space=check_space, verbose=verbose)
+        result = _extract(corpus, upstream, out, dist, t_start, stats, layers=layers, dtype=dtype,
+                          max_seconds=max_seconds, normalize=normalize, pooled_stats=pooled_stats,
+                          random_init=random_init, seed=seed, revision=revision, batch_seconds=batch_seconds,
+                          device=device, compute_dtype=compute_dtype, shard_size=shard_size, workers=workers,
+                          skip_bad=skip_bad, splits=splits, augment_noise=augment_noise,
+                          augment_fraction=augment_fraction, snr_db=snr_db, copies=copies, overwrite=overwrite,
+                          check_space=check_space, verbose=verbose)
+        clean = True
+        return result
     finally:
-        dist.close()
+        dist.close(clean)
 
 
 def _say(verbose: bool, msg: str) -> None:
@@ -759,7 +789,7 @@ def _extract(corpus, upstream, out: Path, dist: _Dist, t_start: float, stats: Ex
              max_seconds, normalize, pooled_stats, random_init, seed, revision, batch_seconds, device,
              compute_dtype, shard_size, workers, skip_bad, splits, augment_noise, augment_fraction, snr_db,
              copies, overwrite, check_space, verbose) -> Path:
-    if batch_seconds <= 0:
+    if batch_seconds is not None and not batch_seconds > 0:
         raise ConfigError(f"--batch-seconds must be positive, got {batch_seconds}")
     verbose_here = verbose and dist.rank == 0
     if isinstance(snr_db, str):
@@ -803,7 +833,13 @@ def _extract(corpus, upstream, out: Path, dist: _Dist, t_start: float, stats: Ex
     if error:
         raise CacheError(error)
     dev = pick_device(device)
+    if dev.type == "cuda" and dev.index is None and dist.world > 1:  # one GPU per rank on a node
+        import torch
+
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count())
     cdtype = pick_compute_dtype(compute_dtype, dev)
+    if batch_seconds is None:
+        batch_seconds = DEFAULT_BATCH_SECONDS[dev.type]
     model, identity = _quiet_load(verbose, config.upstream, random_init=random_init, seed=seed,
                                   random_root=out / UPSTREAM_DIR, revision=revision)
     if random_init:  # where the weights are, relative to the cache, for later stages
@@ -875,10 +911,12 @@ def _extract(corpus, upstream, out: Path, dist: _Dist, t_start: float, stats: Ex
     stats.shards_kept = kept
     stats.device = dev.type
     stats.compute_dtype = cdtype
+    stats.batch_seconds = batch_seconds
     todo_jobs = [j for v in mine.values() for j in v]
     todo_frames = sum(dist.all_gather(sum(runner.frames_for(j.samples) for j in todo_jobs)))
     todo_clips = sum(dist.all_gather(len(todo_jobs)))
     if was_complete and todo_clips == 0:
+        runner.close()
         _say(verbose_here, f"{out}: cache already complete with these settings; nothing to do")
         stats.wall_seconds = time.perf_counter() - t_start
         return out

@@ -58,6 +58,18 @@ def pick_compute_dtype(compute_dtype: str, device: torch.device) -> str:
     return compute_dtype
 
 
+@contextlib.contextmanager
+def _no_tf32():
+    """Full float32 on CUDA: no TF32 in matrix products and convolutions (restored after)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 class UpstreamRunner:
     """Runs a wav2vec 2.0-family model over lists of waveforms, one clip's result per clip.
 
@@ -120,9 +132,11 @@ class UpstreamRunner:
         return n
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.compute_dtype != "float32":
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self.compute_dtype != "float32":
             return torch.autocast("cuda", dtype=getattr(torch, self.compute_dtype))
-        return contextlib.nullcontext()
+        return _no_tf32()
 
     def _features(self, waves: Sequence[np.ndarray], lengths: List[int]) -> torch.Tensor:
         """CNN features of every clip, zero-padded to the longest: (B, T, C)."""

@@ -51,18 +51,20 @@ def build_demo_cache(work: Path) -> Path:
                                  pooled_stats=True, device="cpu", verbose=False))
 
 
-def head_throughput(cache: Path, out: Path, *, epochs: int, preload: str, layers="weighted", device="cpu") -> dict:
+def head_throughput(cache: Path, out: Path, *, epochs: int, preload: str, layers="weighted", device="cpu",
+                    num_workers: int = 0) -> dict:
     from conilium.heads.train import TrainConfig, train_head
 
     t0 = time.perf_counter()
     m = train_head(TrainConfig(cache=str(cache), loss="wbce", labels="S" if layers == "weighted" else "hard",
-                               epochs=epochs, device=device, preload=preload, layers=layers),
+                               epochs=epochs, device=device, preload=preload, layers=layers,
+                               num_workers=num_workers),
                    out, overwrite=True, progress=False)
     tr = m["training"]
     # the median epoch after the first (the first one pays thread-pool / CUDA start-up)
     per_epoch = [h["train_seconds"] for h in m["history"]]
     typical = float(np.median(per_epoch[1:] if len(per_epoch) > 1 else per_epoch))
-    return {"clips": tr["clips"], "epochs": tr["epochs_run"], "preloaded": tr["preloaded"],
+    return {"clips": tr["clips"], "epochs": tr["epochs_run"], "preloaded": tr["preloaded"], "num_workers": num_workers,
             "clips_per_s": round(tr["clips"] / typical, 2), "epoch_train_seconds": per_epoch,
             "wall_s": round(time.perf_counter() - t0, 2), "feature_mb": round(tr["feature_bytes"] / 1e6, 1)}
 
@@ -263,11 +265,14 @@ def main(argv=None):
               "wavlm_large_shaped": head_throughput(large, work / "runs" / "large", epochs=args.epochs,
                                                     preload="auto", layers=-1, device=args.device),
               "wavlm_large_shaped_streamed": head_throughput(large, work / "runs" / "large-s", epochs=args.epochs,
-                                                             preload="no", layers=-1, device=args.device)}
+                                                             preload="no", layers=-1, device=args.device),
+              "wavlm_large_shaped_streamed_4_workers": head_throughput(
+                  large, work / "runs" / "large-s4", epochs=args.epochs, preload="no", layers=-1, device=args.device,
+                  num_workers=4)}
         results["head_training"] = r1
         for k, v in r1.items():
             log(f"  {k}: {v['clips_per_s']} clips/s ({v['clips']} Train clips × {v['epochs']} epochs, "
-                f"preloaded={v['preloaded']}, features {v['feature_mb']} MB)")
+                f"preloaded={v['preloaded']}, loader workers {v['num_workers']}, features {v['feature_mb']} MB)")
 
         if not args.skip_e2e:
             log("2. end-to-end wavlm-large training steps (random weights) on the same Train clips")

@@ -238,7 +238,7 @@ def predict_probs(model: EmotionHead, dataset: ClipDataset, loss: str, *, batch_
     model.eval()
     with torch.no_grad():
         for x, lengths, _, idx in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-            logits = model(x.to(device), None if lengths is None else lengths.to(device))
+            logits = model(x.to(device).float(), None if lengths is None else lengths.to(device))
             out[idx.numpy()] = probabilities(logits.float(), loss).cpu().numpy()
     model.train(was_training)
     return out
@@ -360,7 +360,7 @@ def train_head(config: TrainConfig, out_dir, *, overwrite: bool = False, progres
         total, seen = 0.0, 0
         steps = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
         for step, (x, lengths, y, _) in enumerate(steps, start=1):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
             logits = model(x, None if lengths is None else lengths.to(device))
             loss = fn(logits, y, weights)
             if not torch.isfinite(loss):

@@ -87,6 +87,7 @@ def test_head_output_does_not_depend_on_batch_padding():
     head = EmotionHead(HeadConfig(dim=4, num_layers=2)).eval()
     a, b = torch.randn(9, 2, 4), torch.randn(4, 2, 4)
     x, lengths, _, _ = collate([(a, torch.empty(0), 0), (b, torch.empty(0), 1)])
+    assert x.dtype == torch.float32  # float32 items stay float32
     both = head(x, lengths)
     alone = head(b[None], torch.tensor([4]))
     assert torch.allclose(both[1], alone[0], atol=1e-6)
@@ -180,7 +181,7 @@ def test_dataset_reads_the_selected_layer_and_pads_per_batch(syn_cache):
     assert x.shape == (syn_cache.num_frames(names[1]), 1, 8) and i == 1 and y.numel() == 0
     assert np.array_equal(x.numpy(), syn_cache.frames(names[1])[:, 1:2].astype(np.float16))
     xb, lengths, _, idx = collate([ds[k] for k in range(3)])
-    assert xb.dtype == torch.float32 and xb.shape[1] == max(syn_cache.num_frames(n) for n in names)
+    assert xb.dtype == torch.float16 and xb.shape[1] == max(syn_cache.num_frames(n) for n in names)
     assert lengths.tolist() == [syn_cache.num_frames(n) for n in names]
     for k in range(3):
         assert float(xb[k, lengths[k]:].abs().sum()) == 0.0

@@ -23,8 +23,8 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
 @click.option("--out", required=True, type=click.Path(path_type=str),
               help="The cache directory to write (created; resumed when it holds a partial cache).")
 @click.option("--layers", default="last", show_default=True,
-              help="Hidden states to store: last, all, or indices like 6,12,24 (0 = projected CNN features, "
-                   "the highest = last layer).")
+              help="Hidden states to store: last, all, or indices like 6,12,24 (0 = input of the first "
+                   "transformer layer, i = output of layer i; the highest = the model's last hidden state).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of frames; values beyond float16's range are an error.")
 @click.option("--pooled-stats/--no-pooled-stats", default=False, show_default=True,
@@ -42,7 +42,8 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
 @click.option("--batch-seconds", type=float, default=None,
               help="Bound on a batch's padded audio (clips x longest clip), in seconds "
                    "[default: 60 on CPU, 300 on CUDA].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when available (one GPU per rank under torchrun), else CPU.")
 @click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: float32 on CPU, bfloat16 autocast on CUDA (float16 without bf16).")
 @click.option("--shard-size", type=int, default=256, show_default=True, help="Clips per HDF5 shard.")

@@ -126,8 +126,8 @@ def parse_layers(spec, num_hidden_states: int) -> List[int]:
             raise ConfigError(f"--layers: expected last, all or comma-separated indices, got {spec!r}") from None
         if not -num_hidden_states <= i < num_hidden_states:
             raise ConfigError(f"--layers: index {i} out of range: this upstream has hidden states "
-                              f"0..{num_hidden_states - 1} (0 = CNN features after projection, "
-                              f"{num_hidden_states - 1} = last layer)")
+                              f"0..{num_hidden_states - 1} (0 = input of the first transformer layer, "
+                              f"{num_hidden_states - 1} = last hidden state)")
         out.append(i % num_hidden_states)
     return sorted(set(out))
 

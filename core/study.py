@@ -113,7 +113,10 @@ class Study:
         if self.c.batch_size is not None:
             opts += ["--set", f"batch_size={self.c.batch_size}"]
         if self.c.demo:
-            opts += ["--quiet"]
+            # 217 training clips: a narrower, less dropped-out classifier learns more reliably
+            # than the real corpus's hidden=1024, dropout=0.5 (WCE on demo-wavlm: dev macro-F1
+            # 0.23-0.25 over seeds, against 0.17-0.25).
+            opts += ["--set", "hidden=256", "--set", "dropout=0.2", "--quiet"]
         return opts
 
     def _device(self) -> str:

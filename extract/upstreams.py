@@ -15,6 +15,7 @@ weights through the one code path a real user takes.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,15 +92,19 @@ def build_random_upstream(name: str, out_dir, *, seed: int = 0) -> Path:
         raise ConfigError(f"--random-init needs a registered upstream name, one of {', '.join(UPSTREAMS)}; "
                           f"got {name!r}")
     out_dir = Path(out_dir)
+    spec = UPSTREAMS[name]
+    # The marker names the architecture too, so weights saved by an older definition
+    # of the same registry name are never silently reused.
+    marker = {"name": name, "seed": seed, "architecture": json.loads(json.dumps(spec.config))}
     if (out_dir / "config.json").is_file():
         cfg = AutoConfig.from_pretrained(out_dir)
         made = getattr(cfg, "conilium_random_init", None)
-        if made != {"name": name, "seed": seed}:
-            raise ConfigError(f"{out_dir} holds weights of {made}, not random-init {name} seed {seed}")
+        if made != marker:
+            raise ConfigError(f"{out_dir} holds random weights made as {made}, not as {marker}; "
+                              f"remove that folder (and caches built from it) to rebuild them")
         return out_dir
-    spec = UPSTREAMS[name]
     config = spec.make_config()
-    config.conilium_random_init = {"name": name, "seed": seed}
+    config.conilium_random_init = marker
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)

@@ -315,8 +315,16 @@ def train_head(config: TrainConfig, out_dir, *, overwrite: bool = False, progres
         raise ConfigError(f"{out_dir} already holds a complete run; choose another output directory "
                           f"or overwrite it (--overwrite)")
     data = prepare(config)
+    threads_before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(int(config.threads))
+    try:
+        return _train(config, out_dir, data, progress=progress)
+    finally:
+        torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
+
+
+def _train(config: TrainConfig, out_dir: Path, data: PreparedData, *, progress: bool) -> dict:
     device = resolve_device(config.device)
     seed_everything(config.seed)
     t_start = time.time()

@@ -75,7 +75,9 @@ def test_run_directory_holds_config_checkpoint_metrics_and_predictions(syn_cache
 
 
 def test_same_seed_same_metrics_and_streaming_equals_preloading(demo_cache, tmp_path):
-    kw = dict(loss="kld", labels="P", sampler="balanced", epochs=2, hidden=64)
+    threads = torch.get_num_threads()
+    # one torch thread: the loader worker of run b then does not fight the training threads for the CPU
+    kw = dict(loss="kld", labels="P", sampler="balanced", epochs=2, hidden=64, threads=1)
     a = _train(demo_cache, tmp_path / "a", seed=5, preload="yes", **kw)
     b = _train(demo_cache, tmp_path / "b", seed=5, preload="no", num_workers=1, **kw)
     c = _train(demo_cache, tmp_path / "c", seed=6, preload="yes", **kw)
@@ -90,6 +92,7 @@ def test_same_seed_same_metrics_and_streaming_equals_preloading(demo_cache, tmp_
     assert np.array_equal(pa.probs, pb.probs)
     assert not np.array_equal(pa.probs, pc.probs)
     assert a["training"]["class_weights"] is None  # sampler on: loss weights off
+    assert torch.get_num_threads() == threads  # train_head restores the thread count
 
 
 def test_pooled_statistics_head_and_weighted_layers(syn_cache, tmp_path):

@@ -218,7 +218,8 @@ def length_batches(cache: FeatureCache, names: Sequence[str], batch_size: int, s
 def write_synthetic_cache(path, *, clips: int = 60, dim: int = 16, stored_layers: Sequence[int] = (1, 3),
                           all_layers: int = 4, frames: Tuple[int, int] = (20, 60), seed: int = 0,
                           dtype: str = "float16", annotations: bool = True, clips_per_shard: int = 100,
-                          signal: float = 1.0, num_frames: Optional[Sequence[int]] = None) -> FeatureCache:
+                          signal: float = 1.0, num_frames: Optional[Sequence[int]] = None,
+                          augmented_copies: int = 0) -> FeatureCache:
     """Write a complete cache of random frames with a class signal, for benchmarks and tests.
 
     Clips get a consensus class (MSP-Podcast-like imbalance, a few O and X, among them
@@ -230,6 +231,8 @@ def write_synthetic_cache(path, *, clips: int = 60, dim: int = 16, stored_layers
     whose frames are stored (numbers below ``all_layers``); pooled statistics cover all
     ``all_layers`` layers (exact for the stored ones, drawn alike for the others). Written
     through :mod:`conilium.cache.store`, exactly like extract-features writes a cache.
+    ``augmented_copies`` adds a noisy copy ``<name>#aug0`` (with ``"source"``, as
+    extract-features --augment-noise writes them) of that many Train clips.
     """
     from pathlib import Path
 
@@ -283,6 +286,12 @@ def write_synthetic_cache(path, *, clips: int = 60, dim: int = 16, stored_layers
         rec = clip.to_json()
         rec.update(shard=len(shards), num_frames=t)
         records.append(rec)
+        if augmented_copies > 0 and clip.split == "Train":
+            augmented_copies -= 1
+            noisy = x + rng.normal(scale=0.5, size=x.shape).astype(np.float32)
+            items.append((f"{name}#aug0", noisy, pooled))
+            rec = dict(rec, name=f"{name}#aug0", source=name, augmentation={"snr_db": 10.0})
+            records.append(rec)
         if len(items) >= clips_per_shard:
             flush()
     if items:

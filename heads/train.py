@@ -5,7 +5,8 @@
 >>> metrics["f1_macro"], metrics["best_epoch"]
 
 One run: targets of the Train clips (``labels``: hard, P, S, P*, S*; P*/S* keep only the
-high-agreement clips), AdamW, one pass over the training clips per epoch (shuffled, or
+high-agreement clips; noise-augmented copies in the cache train too, with their source
+clip's labels, but are never scored nor predicted), AdamW, one pass over the training clips per epoch (shuffled, or
 drawn by the class-balanced sampler), the development macro-F1 over *every* scoreable
 Development clip after each epoch, the best epoch's weights kept, optional early
 stopping. The run directory then gets (see :mod:`conilium.evaluate.runs`)::
@@ -204,7 +205,8 @@ def prepare(config: TrainConfig) -> PreparedData:
     if not clips:
         raise ConfigError(f"no training clip left for --labels {config.labels} in split {config.train_split} "
                           f"(dropped: {counts})")
-    dev_names = [n for n in cache.split(config.dev_split) if cache.clips[n].scoreable]
+    # noise-augmented copies (extract-features --augment-noise) train, but are never scored
+    dev_names = [n for n in cache.split(config.dev_split, augmented=False) if cache.clips[n].scoreable]
     if not dev_names:
         raise ConfigError(f"cache {cache.path} has no scoreable clip in split {config.dev_split!r} to select "
                           f"the best epoch (splits: {', '.join(cache.splits)})")
@@ -406,7 +408,7 @@ def _train(config: TrainConfig, out_dir: Path, data: PreparedData, *, progress: 
     split_predictions = {}
     order = [config.dev_split] + [s for s in cache.splits if s != config.dev_split]
     for split in order:
-        names = cache.split(split)
+        names = cache.split(split, augmented=False)
         if not names:
             continue
         check_clips(cache, names, sel)

@@ -133,3 +133,17 @@ def test_write_run_outputs_scores_every_labelled_split(tmp_path):
     assert m["n"] == 3 and m["f1_micro"] == pytest.approx(2 / 3) and set(m["splits"]) == {"Development"}
     assert read_predictions(tmp_path / "predictions" / "Test3.csv").reference == [None]
     assert is_complete(tmp_path)
+
+
+def test_noise_augmented_copies_train_but_are_never_scored_or_predicted(tmp_path):
+    cache = write_synthetic_cache(tmp_path / "aug", clips=40, dim=4, seed=2, augmented_copies=6)
+    copies = [n for n in cache.names if cache.is_augmented(n)]
+    assert len(copies) == 6
+    m = _train(cache, tmp_path / "run", loss="wbce", labels="P", epochs=1, hidden=8)
+    originals = [n for n in cache.split("Train", augmented=False) if cache.clips[n].scoreable]
+    scoreable_copies = [n for n in copies if cache.clips[n].scoreable]
+    assert scoreable_copies and m["training"]["clips"] == len(originals) + len(scoreable_copies)
+    for split in cache.splits:
+        names = read_predictions(tmp_path / "run" / "predictions" / f"{split}.csv").names
+        assert names == cache.split(split, augmented=False)
+    assert m["splits"]["Train"]["n"] == len(originals)

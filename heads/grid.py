@@ -43,7 +43,7 @@ from tqdm import tqdm
 from conilium.errors import ConfigError, ConiliumError
 from conilium.util import atomic_path, read_json, write_json
 
-from .train import CONFIG, METRICS, TrainConfig, is_complete, same_run, train_head
+from .train import CONFIG, METRICS, TrainConfig, check_config, is_complete, same_run, train_head
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
 BACKENDS = ("loky", "threading", "dask", "ray")
@@ -135,8 +135,6 @@ def expand_spec(spec: Mapping, *, cache=None, overrides: Optional[Mapping] = Non
             raise ConfigError(f"spec: run {name}: {err}") from None
         except ConfigError as err:
             raise ConfigError(f"spec: run {name}: {err}") from None
-        from .train import check_config
-
         try:
             check_config(config)
         except ConfigError as err:

@@ -10,7 +10,6 @@ from conilium.errors import ConfigError
 from conilium.evaluate.runs import read_predictions
 from conilium.heads.cli import train_grid_cmd
 from conilium.heads.grid import expand_spec, load_spec, presets, run_grid
-from conilium.heads.train import TrainConfig
 
 
 def test_presets_cover_the_papers_tables():

@@ -10,7 +10,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conilium import CLASSES
 from conilium.errors import CacheError, ConfigError
 from conilium.heads.cli import train_head_cmd
 from conilium.heads.data import ClipDataset, collate, feature_bytes, select_input, write_synthetic_cache

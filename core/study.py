@@ -270,6 +270,8 @@ class Study:
             "ensemble": {"Ensemble": str(ens)},
             "table4": {"dev": str(tuned)},
         }
+        if (model / "tuned" / "metrics.json").is_file():
+            tables["table4"]["finetune-best, end to end, thresholds adjusted (Development)"] = str(model / "tuned")
         labelled_tests = [s for s, lab in self._labelled_splits().items() if lab and s not in ("Train", "Development")]
         if labelled_tests:
             tables["table4"]["test"] = {"run": str(tuned), "split": labelled_tests[0]}

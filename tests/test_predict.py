@@ -47,7 +47,7 @@ def audio(small_demo_corpus, tmp_path_factory):
     sf.write(d / "stereo44k.flac", np.stack([s44 + side, s44 - side], axis=1), 44100, subtype="PCM_24")
     mono = soxr.resample(s44, 44100, 16000, quality="HQ").astype(np.float32)
     sf.write(d / "mono16k.wav", mono, 16000, subtype="FLOAT")
-    sf.write(d / "short.wav", x[:200], 16000)
+    sf.write(d / "short.wav", x[:100], 16000)  # fewer samples than the CNN encoder's receptive field
     (d / "broken.wav").write_bytes(b"RIFF....not really audio")
     return d
 

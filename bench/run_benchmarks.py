@@ -93,7 +93,7 @@ def projections(figs: dict) -> list:
     audio_train = TRAIN_CLIPS * TRUNCATED_MEAN_SECONDS
     audio_all = (TRAIN_CLIPS + DEV_CLIPS) * TRUNCATED_MEAN_SECONDS
     for key, data in sorted(figs.items()):
-        dev = key.rsplit("_", 1)[-1]
+        dev = key.split("_", 1)[1] if "_" in key else key  # device and variant, e.g. cuda_checkpointing
         if key.startswith("extract"):
             for r in data.get("runs", []):
                 rtf = r.get("real_time_factor")

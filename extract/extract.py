@@ -88,7 +88,7 @@ class NoiseAugmentation:
 
 
 def parse_snr(text: str) -> Tuple[float, float]:
-    """``"5:20"`` -> (5.0, 20.0); ``"10"`` -> (10.0, 10.0)."""
+    """``"5:20"`` -> (5.0, 20.0); a single number is a fixed SNR. LOW <= HIGH, both finite."""
     parts = str(text).split(":")
     try:
         values = [float(p) for p in parts]
@@ -96,8 +96,8 @@ def parse_snr(text: str) -> Tuple[float, float]:
         raise ConfigError(f"--snr-db must be LOW:HIGH in dB (e.g. 5:20), got {text!r}") from None
     if len(values) == 1:
         values = values * 2
-    if len(values) != 2:
-        raise ConfigError(f"--snr-db must be LOW:HIGH in dB (e.g. 5:20), got {text!r}")
+    if len(values) != 2 or values[0] > values[1] or not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"--snr-db must be LOW:HIGH in dB with LOW <= HIGH (e.g. 5:20), got {text!r}")
     return (values[0], values[1])
 
 

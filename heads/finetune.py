@@ -67,6 +67,7 @@ from conilium.util import atomic_path, read_json, write_json
 from .losses import activation, check_loss, loss_fn, probabilities, uses_weights
 from .model import POOLINGS, EmotionHead, HeadConfig, valid_mask
 from .samplers import balanced_weights, check_sampler
+from .train import resolve_device
 
 MODEL_FILE = FINETUNED_MARKER  # conilium_model.json: written last, marks a complete model directory
 HEAD_FILE = "head.pt"
@@ -165,20 +166,6 @@ class FinetuneError(ConiliumError):
 
 
 # ----------------------------------------------------------------------------- checks
-
-def parse_snr(text: str) -> Tuple[float, float]:
-    """``"5:20"`` → (5.0, 20.0); a single number is a fixed SNR."""
-    parts = str(text).split(":")
-    try:
-        vals = [float(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"--snr-db must be LOW:HIGH in dB (e.g. 5:20), not {text!r}") from None
-    if len(vals) == 1:
-        vals = vals * 2
-    if len(vals) != 2 or vals[0] > vals[1] or not all(math.isfinite(v) for v in vals):
-        raise ConfigError(f"--snr-db must be LOW:HIGH in dB with LOW <= HIGH (e.g. 5:20), not {text!r}")
-    return vals[0], vals[1]
-
 
 def check_config(config: FinetuneConfig) -> None:
     """Errors for option values that are wrong whatever the corpus."""
@@ -640,7 +627,7 @@ def init_distributed(device_name: str) -> Tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _resolve_device(device_name)
+    device = resolve_device(device_name)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -649,18 +636,6 @@ def init_distributed(device_name: str) -> Tuple[Dist, torch.device]:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         d.initialised_here = True
     return d, device
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a torch device (auto, cpu, cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return dev
 
 
 def _autocast(device: torch.device, precision: str):

@@ -14,7 +14,9 @@ import click
 
 from conilium.errors import ConiliumError
 
-from .finetune import NORMALIZE_MODES, PRECISIONS, FinetuneConfig, finetune, parse_snr
+from conilium.extract.extract import parse_snr
+
+from .finetune import NORMALIZE_MODES, PRECISIONS, FinetuneConfig, finetune
 from .losses import LOSSES
 
 _D = FinetuneConfig(corpus="", out="")

@@ -30,7 +30,8 @@ from conilium.audio import normalize, read_audio
 from conilium.errors import AudioError, ConfigError
 from conilium.util import atomic_path
 
-from .finetune import _autocast, _resolve_device, collate_waves, load_model_dir, offsets_array
+from .finetune import _autocast, collate_waves, load_model_dir, offsets_array
+from .train import resolve_device
 from .losses import probabilities
 
 OUTPUT_FORMATS = ("csv", "json")
@@ -58,7 +59,7 @@ class Predictor:
 
     def __init__(self, model_dir, *, device: str = "auto", batch_size: int = 8,
                  max_seconds: Optional[float] = None, precision: str = "auto"):
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.model, self.info = load_model_dir(model_dir, device=self.device)
         self.classes = tuple(self.info["classes"])
         self.offsets = offsets_array(self.info)

@@ -90,7 +90,6 @@ def _fmt(v):
 def projections(figs: dict) -> list:
     """Full-corpus time projections from measured rates, one line each."""
     lines = []
-    audio_train = TRAIN_CLIPS * TRUNCATED_MEAN_SECONDS
     audio_all = (TRAIN_CLIPS + DEV_CLIPS) * TRUNCATED_MEAN_SECONDS
     for key, data in sorted(figs.items()):
         dev = key.split("_", 1)[1] if "_" in key else key  # device and variant, e.g. cuda_checkpointing

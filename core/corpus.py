@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -13,10 +13,8 @@ runs on a real MSP-Podcast copy with the real upstreams.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -137,6 +135,19 @@ class Study:
             argv += ["--cache", cache]
         self.run(name, argv)
 
+    def extract(self, name: str, upstream: str, out: Path, extra: Sequence) -> None:
+        """One extract-features step (last layer; resumed or reused by extract-features itself)."""
+        c = self.c
+        argv = ["extract-features", "--corpus", self.corpus, "--upstream", upstream, "--out", out,
+                "--layers", "last", "--device", c.device, "--seed", c.seed, *extra]
+        if c.demo:
+            argv += ["--random-init", "--quiet"]
+        if c.batch_seconds:
+            argv += ["--batch-seconds", c.batch_seconds]
+        if c.skip_bad:
+            argv += ["--skip-bad"]
+        self.run(name, argv)
+
     @staticmethod
     def dev_f1(run_dir: Path) -> float:
         m = read_json(run_dir / "metrics.json")
@@ -159,31 +170,16 @@ class Study:
                  skip_if=self.out / "corpus" / "summary.json")
 
         for label, name in self.upstreams.items():
-            argv = ["extract-features", "--corpus", self.corpus, "--upstream", name, "--out", self.cache(label),
-                    "--layers", "last", "--pooled-stats", "--device", c.device, "--seed", c.seed]
-            if c.demo:
-                argv += ["--random-init", "--quiet"]
-            if c.batch_seconds:
-                argv += ["--batch-seconds", c.batch_seconds]
-            if c.skip_bad:
-                argv += ["--skip-bad"]
-            self.run(f"extract features: {label} ({name})", argv)
+            self.extract(f"extract features: {label} ({name})", name, self.cache(label), ["--pooled-stats"])
 
         # Section 3.2: MUSAN-style noise mixed into 80 % of the Train clips, for Wav2vec2-base
         # (the one upstream the paper saw it help); the noisy copies live in their own cache.
         noisy = None
         if self.noise is not None:
             noisy = self.cache_dir / f"{self.upstreams['Wav2vec2-base']}-noise"
-            argv = ["extract-features", "--corpus", self.corpus, "--upstream", self.upstreams["Wav2vec2-base"],
-                    "--out", noisy, "--layers", "last", "--device", c.device, "--seed", c.seed,
-                    "--augment-noise", self.noise, "--augment-fraction", "0.8", "--snr-db", "5:20", "--copies", "1"]
-            if c.demo:
-                argv += ["--random-init", "--quiet"]
-            if c.batch_seconds:
-                argv += ["--batch-seconds", c.batch_seconds]
-            if c.skip_bad:
-                argv += ["--skip-bad"]
-            self.run("extract features with noise augmentation: Wav2vec2-base (section 3.2)", argv)
+            self.extract("extract features with noise augmentation: Wav2vec2-base (section 3.2)",
+                         self.upstreams["Wav2vec2-base"], noisy,
+                         ["--augment-noise", self.noise, "--augment-fraction", "0.8", "--snr-db", "5:20", "--copies", "1"])
 
         # Table 1 and the WBCE(P) runs of each upstream (for the ensemble and Easy/Difficult).
         t1 = self.runs / "table1"

@@ -68,6 +68,22 @@ def read_json(path) -> Any:
         return json.load(f)
 
 
+def read_json_object(path, what: str) -> dict:
+    """A JSON file that must hold an object; ConfigError naming the file otherwise."""
+    from .errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        data = read_json(path)
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {what} must be a JSON object")
+    return data
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

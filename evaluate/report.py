@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from conilium.errors import ConfigError
-from conilium.util import atomic_path, read_json, write_json
+from conilium.util import atomic_path, read_json, read_json_object, write_json
 
 from . import paper
 from .metrics import score
@@ -91,15 +91,7 @@ def load_spec(spec) -> Tuple[Dict, Path]:
     if isinstance(spec, dict):
         return spec, Path.cwd()
     path = Path(spec)
-    if not path.is_file():
-        raise ConfigError(f"{path}: report spec not found")
-    try:
-        data = read_json(path)
-    except ValueError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a report spec is a JSON object with 'tables'")
-    return data, path.parent
+    return read_json_object(path, "report spec (a JSON object with 'tables')"), path.parent
 
 
 def _row_entry(table: str, label: str, value, base: Path) -> Tuple[Path, Optional[str]]:

@@ -41,7 +41,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from tqdm import tqdm
 
 from conilium.errors import ConfigError, ConiliumError
-from conilium.util import atomic_path, read_json, write_json
+from conilium.util import atomic_path, read_json, read_json_object, write_json
 
 from .train import CONFIG, METRICS, TrainConfig, check_config, is_complete, same_run, train_head
 
@@ -67,16 +67,7 @@ def load_spec(path=None, *, preset: Optional[str] = None) -> dict:
         path = SPEC_DIR / f"{preset}.json"
         if not path.is_file():
             raise ConfigError(f"unknown preset {preset!r}; presets (in {SPEC_DIR}): {', '.join(presets()) or 'none'}")
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: spec file not found")
-    try:
-        spec = read_json(path)
-    except ValueError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{path}: a spec is a JSON object with 'common', 'runs' and/or 'product'")
-    return spec
+    return read_json_object(path, "grid spec (a JSON object with 'common', 'runs' and/or 'product')")
 
 
 def _product_name(values: Mapping) -> str:

@@ -31,3 +31,14 @@ def demo_cache(demo_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_cache") / "demo-wavlm"
     return extract_features(demo_corpus, "demo-wavlm", out, random_init=True, seed=0, layers="all",
                             pooled_stats=True, device="cpu", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def two_torch_threads():
+    """torch uses 2 CPU threads in the module that asks for it (the machine CI runs on has 2 cores)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)

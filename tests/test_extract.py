@@ -27,12 +27,7 @@ from conilium.extract.upstreams import load_upstream
 FAMILIES = ["demo-wavlm", "demo-wav2vec2-base", "demo-wav2vec2-large", "demo-hubert"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 @pytest.fixture(scope="module")

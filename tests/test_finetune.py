@@ -34,12 +34,7 @@ BASE = dict(upstream="demo-wavlm", random_init=True, max_seconds=1.5, batch_size
             num_workers=0, augment_fraction=0.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 @pytest.fixture(scope="module")

@@ -338,7 +338,7 @@ def _main() -> None:
 
         \b
         Examples:
-          ./run_all.sh                                   # demo corpus, about 10 minutes on 2 cores
+          ./run_all.sh                                   # demo corpus, about 5 minutes on 2 cores
           ./run_all.sh --corpus /data/MSP-PODCAST-1.11 --device cuda --cache-dir /scratch/cache
 
         Rerunning resumes: complete caches and runs are reused.

@@ -68,6 +68,16 @@ def read_json(path) -> Any:
         return json.load(f)
 
 
+def reject_unknown_fields(cls, mapping, what: str) -> None:
+    """ConfigError naming every key of ``mapping`` that is not a field of dataclass ``cls``."""
+    from .errors import ConfigError
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - names)
+    if unknown:
+        raise ConfigError(f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+
+
 def read_json_object(path, what: str) -> dict:
     """A JSON file that must hold an object; ConfigError naming the file otherwise."""
     from .errors import ConfigError

@@ -43,7 +43,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -62,7 +62,7 @@ from conilium.corpus import Clip, Corpus, audio_dir, load_corpus
 from conilium.errors import AudioError, ConfigError, ConiliumError
 from conilium.extract.upstreams import FINETUNED_MARKER, UPSTREAMS, load_upstream
 from conilium.targets import TARGET_KINDS, class_counts, class_weights, training_set
-from conilium.util import atomic_path, read_json, write_json
+from conilium.util import atomic_path, read_json, reject_unknown_fields, write_json
 
 from .losses import activation, check_loss, loss_fn, probabilities, uses_weights
 from .model import POOLINGS, EmotionHead, HeadConfig, valid_mask
@@ -142,10 +142,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "FinetuneConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown fine-tuning option(s) {', '.join(unknown)}")
+        reject_unknown_fields(cls, d, "fine-tuning")
         d = dict(d)
         if "snr_db" in d:
             d["snr_db"] = tuple(float(x) for x in d["snr_db"])

@@ -25,7 +25,7 @@ import copy
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -41,7 +41,7 @@ from conilium.errors import ConfigError, ConiliumError
 from conilium.evaluate.metrics import score
 from conilium.evaluate.runs import PRED_DIR, prediction_path, write_predictions
 from conilium.targets import TARGET_KINDS, base_kind, class_counts, class_weights, training_set
-from conilium.util import atomic_path, read_json, seed_everything, write_json
+from conilium.util import atomic_path, read_json, reject_unknown_fields, seed_everything, write_json
 
 from .data import GIB, ClipDataset, InputSelection, check_clips, collate, feature_bytes, length_batches, parse_layers, select_input
 from .losses import activation, check_loss, loss_fn, probabilities, uses_weights
@@ -102,10 +102,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> "TrainConfig":
         """Build from a JSON mapping; unknown keys are an error naming them."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        reject_unknown_fields(cls, d, "training")
         if "cache" not in d:
             raise ConfigError("training option 'cache' (the feature cache directory) is required")
         d = dict(d)

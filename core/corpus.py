@@ -21,9 +21,10 @@ import csv
 import hashlib
 import math
 from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import soundfile as sf
 
@@ -229,55 +230,95 @@ def _parse_float(value: str, path: Path, line: int, column: str) -> Optional[flo
 
 
 class _Lines:
-    """Decode a binary file line by line, so that a non-UTF-8 byte is reported with its line."""
+    """Physical lines of a binary file as text ending in ``\\n``, whatever the newline
+    convention (LF, CRLF or a lone CR); a non-UTF-8 or NUL byte is an error naming its line."""
 
     def __init__(self, f, path: Path):
         self.f, self.path, self.line = f, path, 0
+        self._pending: List[bytes] = []  # lines split off the current chunk, last first
 
     def __iter__(self):
         return self
 
-    def __next__(self):
-        raw = next(self.f)
+    def __next__(self) -> str:
+        if not self._pending:
+            # Binary iteration splits at LF only; bytes.splitlines also splits at a lone CR
+            # (and only at CR, LF and CRLF, unlike str.splitlines).
+            self._pending = next(self.f).splitlines(keepends=True)[::-1]
+        raw = self._pending.pop()
         self.line += 1
+        nul = raw.find(b"\x00")
+        if nul >= 0:
+            raise CorpusError(f"{self.path}:{self.line}: NUL byte at byte {nul}; label files must be "
+                              f"UTF-8 text (is this file UTF-16 or binary?)")
         try:
             text = raw.decode("utf-8-sig" if self.line == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            self.f.close()
             raise CorpusError(f"{self.path}:{self.line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        return text.replace("\r\n", "\n")
+        return text.rstrip("\r\n") + "\n"
 
 
-def _open_csv(path: Path):
+def _records(path: Path) -> Iterator[Tuple[int, List[str]]]:
+    """(line, fields) of every CSV record of ``path``, ``line`` being the line it starts on.
+
+    A record that runs over several lines (an unbalanced quote) and any ``csv.Error`` are
+    a :class:`CorpusError` naming file and line.
+    """
+    with open(path, "rb") as f:
+        lines = _Lines(f, path)
+        reader = csv.reader(lines)
+        while True:
+            start = lines.line + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                where = f" (record runs on to line {lines.line})" if lines.line > start else ""
+                raise CorpusError(f"{path}:{start}: malformed CSV: {e}{where}") from None
+            if lines.line > start:
+                raise CorpusError(f"{path}:{start}: quoted field runs on to line {lines.line}; "
+                                  f"is a quote unbalanced?")
+            yield start, row
+
+
+def _open_csv(path: Path) -> Tuple[List[str], Iterator[Tuple[int, List[str]]]]:
+    """Header of a label file and an iterator of its further ``(line, fields)`` records;
+    close the iterator when done (``contextlib.closing``)."""
     if not path.is_file():
         raise CorpusError(f"{path}: label file not found (expected the MSP-Podcast layout: "
                           f"<corpus>/Labels/{CONSENSUS_FILE} and <corpus>/Labels/{DETAILED_FILE})")
-    f = open(path, "rb")
-    reader = csv.reader(_Lines(f, path))
-    try:
-        header = next(reader)
-    except StopIteration:
-        f.close()
-        raise CorpusError(f"{path}: file is empty (no header line)") from None
-    return f, reader, [h.strip() for h in header]
+    records = _records(path)
+    first = next(records, None)
+    if first is None:
+        raise CorpusError(f"{path}: file is empty (no header line)")
+    return [h.strip() for h in first[1]], records
+
+
+def _check_width(row: List[str], header: List[str], path: Path, line: int) -> None:
+    """A record must have exactly as many fields as the header."""
+    if len(row) < len(header):
+        raise CorpusError(f"{path}:{line}: expected {len(header)} fields, found {len(row)}")
+    if len(row) > len(header):
+        raise CorpusError(f"{path}:{line}: expected {len(header)} fields, found {len(row)}; "
+                          f"quote any field that contains commas (e.g. \"Sad,Concerned\")")
 
 
 def read_consensus(path) -> List[dict]:
     """Rows of labels_consensus.csv as dicts, validated; errors name file and line."""
     path = Path(path)
-    f, reader, header = _open_csv(path)
-    with f:
+    header, records = _open_csv(path)
+    with closing(records):
         missing = [c for c in CONSENSUS_COLUMNS if c not in header]
         if missing:
             raise CorpusError(f"{path}:1: missing column(s) {', '.join(missing)}; "
                               f"expected {','.join(CONSENSUS_COLUMNS)}")
         idx = {c: header.index(c) for c in CONSENSUS_COLUMNS}
         rows, seen = [], {}
-        for lineno, row in enumerate(reader, start=2):
+        for lineno, row in records:
             if not row or all(not x.strip() for x in row):
                 continue
-            if len(row) < len(header):
-                raise CorpusError(f"{path}:{lineno}: expected {len(header)} fields, found {len(row)}")
+            _check_width(row, header, path, lineno)
             get = {c: row[i].strip() for c, i in idx.items()}
             name = get["FileName"]
             if not name:
@@ -362,9 +403,9 @@ _SECONDARY_COLUMNS = ("EmoClass_Second", "EmoClass_Secondary")
 def read_detailed(path) -> Tuple[Dict[str, List[Annotation]], str]:
     """Annotations per FileName from labels_detailed.csv, in either release layout."""
     path = Path(path)
-    f, reader, header = _open_csv(path)
+    header, records = _open_csv(path)
     out: Dict[str, List[Annotation]] = {}
-    with f:
+    with closing(records):
         if "FileName" not in header:
             raise CorpusError(f"{path}:1: missing column FileName")
         i_name = header.index("FileName")
@@ -383,11 +424,10 @@ def read_detailed(path) -> Tuple[Dict[str, List[Annotation]], str]:
                     f"{'/'.join(_SECONDARY_COLUMNS)}, EmoAct, EmoVal, EmoDom columns")
             i_attr = {k: (header.index(c) if c in header else None)
                       for k, c in (("act", "EmoAct"), ("val", "EmoVal"), ("dom", "EmoDom"))}
-        for lineno, row in enumerate(reader, start=2):
+        for lineno, row in records:
             if not row or all(not x.strip() for x in row):
                 continue
-            if len(row) < len(header):
-                raise CorpusError(f"{path}:{lineno}: expected {len(header)} fields, found {len(row)}")
+            _check_width(row, header, path, lineno)
             name = row[i_name].strip()
             if not name:
                 raise CorpusError(f"{path}:{lineno}: empty FileName")

@@ -30,7 +30,10 @@ import warnings
 import torch
 
 from conilium.extract.upstreams import load_upstream
-from conilium.heads.finetune import EndToEndModel, FinetuneConfig, _autocast, default_head_config, enable_checkpointing
+from conilium.finetune import EndToEndModel, FinetuneConfig
+from conilium.finetune.config import precision_dtype
+from conilium.finetune.model import default_head_config, enable_checkpointing
+from conilium.runtime import autocast
 from conilium.heads.losses import loss_fn
 from conilium.heads.model import EmotionHead
 
@@ -89,7 +92,7 @@ def main(argv=None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():
-        with _autocast(device, args.precision):
+        with autocast(device, precision_dtype(args.precision, device)):
             logits = model(waves, lengths)
         loss = fn(logits.float(), targets, weights)
         loss.backward()

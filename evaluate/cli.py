@@ -13,7 +13,9 @@ from . import difficulty as _difficulty
 from .ensemble import METHODS, ensemble_runs
 from .report import build_report, split_metrics
 from .submission import write_submission
-from .thresholds import DEFAULT_ROUNDS, has_references, read_run, tune_run
+from conilium.runs import has_references, read_run
+
+from .thresholds import DEFAULT_ROUNDS, tune_run
 
 _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _RUN = click.Path(file_okay=False, path_type=Path)

@@ -35,8 +35,7 @@ from conilium.corpus import Clip
 from conilium.errors import ConfigError
 from conilium.util import atomic_path, read_json, write_json
 
-from .runs import RunError, load_run_config
-from .thresholds import read_run
+from conilium.runs import RunError, load_run_config, read_run
 
 GROUPS = ("easy", "difficult", "mixed")
 OTHER_MODES = ("category", "exclude")

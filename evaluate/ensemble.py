@@ -1,7 +1,7 @@
 """Ensembles of runs (paper, section 3.6): mean probability or majority vote.
 
 Both combine runs split by split over the same clips and the same class columns (a
-mismatch is a :class:`~conilium.evaluate.runs.RunError` naming the runs and the split).
+mismatch is a :class:`~conilium.runs.RunError` naming the runs and the split).
 The ensemble is written as a new run directory scored like any other run.
 
 * ``mean``: the (optionally weighted) mean of the members' probabilities; the
@@ -21,9 +21,9 @@ import numpy as np
 
 from conilium.util import write_json
 
-from .metrics import score
-from .runs import Predictions, RunError, load_run_config, prediction_path, write_predictions
-from .thresholds import check_run, derived_run_dir, has_references, read_run, with_main_split
+from conilium.metrics import score
+from conilium.runs import (Predictions, RunError, check_run, derived_run_dir, has_references, load_run_config,
+                           prediction_path, read_run, with_main_split, write_predictions)
 
 METHODS = ("mean", "vote")
 

@@ -77,7 +77,7 @@ def plot_confusion(path, percent, labels: Sequence[str], *, title: Optional[str]
 
 def write_split_metrics(out_dir, scores: Dict, *, title: Optional[str] = None) -> Dict[str, Path]:
     """Write ``per_class.csv``, ``confusion_percent.csv``, ``confusion_counts.csv`` and
-    ``confusion.png`` of one split's :func:`~conilium.evaluate.metrics.score` into ``out_dir``."""
+    ``confusion.png`` of one split's :func:`~conilium.metrics.score` into ``out_dir``."""
     out_dir = Path(out_dir)
     labels = scores["confusion_labels"]
     files = {

@@ -40,10 +40,9 @@ from conilium.errors import ConfigError
 from conilium.util import atomic_path, read_json, read_json_object, write_json
 
 from . import paper
-from .metrics import score
+from conilium.metrics import score
+from conilium.runs import RunError, has_references, load_run_config, prediction_path, read_predictions, run_splits
 from .plots import plot_confusion, write_split_metrics
-from .runs import RunError, load_run_config, prediction_path, read_predictions, run_splits
-from .thresholds import has_references
 
 REPORT_FILE = "report.md"
 CORPUS_FIGURES = ("durations.png", "cooccurrence.png")

@@ -9,8 +9,7 @@ from typing import Mapping, Optional
 from conilium.corpus import Clip
 from conilium.util import atomic_path
 
-from .runs import RunError, prediction_path
-from .thresholds import read_run
+from conilium.runs import RunError, prediction_path, read_run
 
 
 def write_submission(run_dir, path, *, split: str = "Test3",

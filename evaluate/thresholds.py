@@ -34,9 +34,9 @@ from conilium import CLASSES
 from conilium.errors import ConfigError
 from conilium.util import write_json
 
-from .metrics import score
-from .runs import (Predictions, RunError, load_run_config, prediction_path, read_predictions, run_splits,
-                   write_predictions)
+from conilium.metrics import score
+from conilium.runs import (Predictions, RunError, derived_run_dir, has_references, load_run_config, prediction_path,
+                           read_predictions, read_run, run_splits, with_main_split, write_predictions)
 
 #: Offsets tried for each class: -0.5 to 0.5 in steps of 0.01.
 DEFAULT_GRID = tuple(float(x) for x in np.round(np.linspace(-0.5, 0.5, 101), 4))
@@ -208,97 +208,6 @@ def cross_validated_f1(probs: np.ndarray, references: Sequence[Optional[str]], k
         "f1_macro_untuned_folds_mean": float(np.mean([f["f1_macro_untuned"] for f in out_folds])),
         "folds": out_folds,
     }
-
-
-# --------------------------------------------------------------------------- derived run directories
-
-def _fresh_dir(beside: Path, suffix: str) -> Path:
-    """A new hidden directory next to ``beside`` (created with the usual umask permissions)."""
-    while True:
-        d = beside.parent / f".{beside.name}.{secrets.token_hex(4)}{suffix}"
-        try:
-            d.mkdir()
-            return d
-        except FileExistsError:
-            continue
-
-
-@contextlib.contextmanager
-def derived_run_dir(out_dir, *, overwrite: bool = False, sources: Sequence = ()) -> Iterator[Path]:
-    """Yield an empty staging directory that becomes ``out_dir`` only if the block succeeds.
-
-    ``out_dir`` must not exist (or ``overwrite``); it may not be one of ``sources`` (the
-    runs it is derived from) nor contain one. On failure nothing is left behind.
-    """
-    out_dir = Path(out_dir)
-    for s in sources:
-        s = Path(s).resolve()
-        o = out_dir.resolve()
-        if o == s or o in s.parents:
-            raise RunError(f"{out_dir}: output directory would overwrite the source run {s}")
-    if out_dir.exists() and not overwrite:
-        raise RunError(f"{out_dir}: already exists (choose another output directory, or overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _fresh_dir(out_dir, ".tmp")
-    try:
-        yield staging
-        if out_dir.exists():
-            trash = _fresh_dir(out_dir, ".old")
-            os.replace(out_dir, trash / "old")
-            os.replace(staging, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def has_references(preds: Predictions) -> bool:
-    """True when at least one clip's reference is one of the run's classes."""
-    return any(r in preds.classes for r in preds.reference if r)
-
-
-def score_predictions(preds: Predictions) -> Optional[Dict]:
-    """:func:`~conilium.evaluate.metrics.score` of a split, or None when it has no labelled clip."""
-    if not has_references(preds):
-        return None
-    return score(preds.reference, preds.prediction)
-
-
-def with_main_split(metrics: Dict, main: str = "Development") -> Dict:
-    """``metrics`` with the ``main`` split's scores (or the first scored split's) copied to the
-    top level and ``split`` naming it, as train-head's metrics.json has them."""
-    splits = metrics.get("splits") or {}
-    name = main if main in splits else next(iter(splits), None)
-    out = dict(splits[name]) if name is not None else {}
-    out["split"] = name
-    out.update(metrics)
-    return out
-
-
-def check_run(run_dir) -> List[str]:
-    """The splits of a run directory; a RunError when it is missing, has no config.json or
-    no predictions."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: run directory not found")
-    load_run_config(run_dir)
-    available = run_splits(run_dir)
-    if not available:
-        raise RunError(f"{run_dir}: no predictions (expected {run_dir}/predictions/<Split>.csv)")
-    return available
-
-
-def read_run(run_dir, splits: Optional[Sequence[str]] = None) -> Dict[str, Predictions]:
-    """Every split's predictions of a run (or the given splits), with clear errors."""
-    available = check_run(run_dir)
-    wanted = list(splits) if splits else available
-    missing = [s for s in wanted if s not in available]
-    if missing:
-        raise RunError(f"{run_dir}: no predictions for split(s) {', '.join(missing)}; "
-                       f"available: {', '.join(available)}")
-    return {s: read_predictions(prediction_path(run_dir, s)) for s in wanted}
 
 
 def tune_run(run_dir, out_dir, *, tune_split: str = "Development", k: int = 5, seed: int = 0,

@@ -38,8 +38,7 @@ from tqdm import tqdm
 
 import conilium
 from conilium import SAMPLE_RATE
-from conilium.audio import normalize as normalize_wave
-from conilium.audio import read_audio
+from conilium.audio import AUDIO_EXTENSIONS, Noise, SignalPath, global_stats, list_noise_files, parse_snr
 from conilium.corpus import Clip, Corpus, load_corpus
 from conilium.errors import AudioError, CacheError, ConfigError, CorpusError
 from conilium.util import read_json, write_json
@@ -48,7 +47,10 @@ from conilium.cache.store import (
     write_shard,
 )
 
-from .forward import UpstreamRunner, pick_compute_dtype, pick_device
+from conilium.runtime import compute_dtype as pick_compute_dtype
+from conilium.runtime import Dist, init_distributed
+
+from .encoder import UpstreamRunner
 from .upstreams import load_upstream
 
 #: The settings file written when extraction starts (the manifest is written when it ends).
@@ -62,7 +64,6 @@ COMPARED = ("upstream", "layers", "num_hidden_states", "dim", "dtype", "compute_
 AUG_SEP = "#aug"
 #: Default bound on a batch's padded audio, in seconds: larger batches pay off on a GPU only.
 DEFAULT_BATCH_SECONDS = {"cpu": 60.0, "cuda": 300.0}
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -85,20 +86,6 @@ class NoiseAugmentation:
             raise ConfigError(f"--snr-db must be LOW:HIGH with LOW <= HIGH, got {lo}:{hi}")
         if self.copies < 1:
             raise ConfigError(f"--copies must be at least 1, got {self.copies}")
-
-
-def parse_snr(text: str) -> Tuple[float, float]:
-    """``"5:20"`` -> (5.0, 20.0); a single number is a fixed SNR. LOW <= HIGH, both finite."""
-    parts = str(text).split(":")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"--snr-db must be LOW:HIGH in dB (e.g. 5:20), got {text!r}") from None
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or values[0] > values[1] or not all(math.isfinite(v) for v in values):
-        raise ConfigError(f"--snr-db must be LOW:HIGH in dB with LOW <= HIGH (e.g. 5:20), got {text!r}")
-    return (values[0], values[1])
 
 
 def parse_layers(spec, num_hidden_states: int) -> List[int]:
@@ -222,16 +209,6 @@ def _expected_samples(clip: Clip, max_seconds: Optional[float]) -> int:
     return int(round(d * SAMPLE_RATE))
 
 
-def list_noise_files(noise_dir) -> List[Path]:
-    d = Path(noise_dir)
-    if not d.is_dir():
-        raise ConfigError(f"--augment-noise {d}: directory not found")
-    files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
-    if not files:
-        raise ConfigError(f"--augment-noise {d}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found")
-    return files
-
-
 def _noise_fingerprint(noise_dir, files: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for p in files:
@@ -313,176 +290,19 @@ def plan_batches(jobs: Sequence[Job], batch_seconds: float, *, batch_cost: float
     return batches[::-1]
 
 
-# ----------------------------------------------------------------------------- audio
-
-
-class AudioLoader:
-    """Decodes a job's waveform: read, truncate, mix noise (augmented copies), normalise."""
+class JobLoader:
+    """A job's waveform through the signal path: its clip's audio, its noise (augmented copies)."""
 
     def __init__(self, corpus: Corpus, config: ExtractConfig, norm_stats: Optional[dict]):
         self.corpus = corpus
-        self.config = config
-        self.norm_stats = norm_stats
-
-    def raw(self, source: str) -> np.ndarray:
-        return read_audio(self.corpus.audio_path(source), max_seconds=self.config.max_seconds, clip=source)
+        self.noise_dir = Path(config.augmentation.noise_dir) if config.augmentation else None
+        self.path = SignalPath(max_seconds=config.max_seconds, normalize=config.normalize, stats=norm_stats)
 
     def __call__(self, job: Job) -> np.ndarray:
-        x = self.raw(job.source)
+        noise = None
         if job.noise is not None:
-            x = mix_noise(x, Path(self.config.augmentation.noise_dir) / job.noise["file"],
-                          job.noise["snr_db"], job.noise["offset"], clip=job.name)
-        x = normalize_wave(x, self.config.normalize, self.norm_stats)
-        if not np.all(np.isfinite(x)):
-            raise AudioError(self.corpus.audio_path(job.source), "audio holds NaN or inf after normalisation", job.name)
-        return x
-
-
-def mix_noise(x: np.ndarray, noise_path: Path, snr_db: float, offset: float, *, clip: str) -> np.ndarray:
-    """``x`` plus a segment of ``noise_path`` from ``offset`` seconds (looped if short) at ``snr_db``."""
-    try:
-        with sf.SoundFile(str(noise_path)) as f:
-            sr = f.samplerate
-            start = min(int(offset * sr), max(f.frames - 1, 0))
-            need = int(math.ceil(len(x) * sr / SAMPLE_RATE)) + 16
-            f.seek(start)
-            seg = f.read(frames=min(need, f.frames - start), dtype="float32", always_2d=True)
-            if seg.shape[0] < need:  # loop from the beginning
-                f.seek(0)
-                whole = f.read(dtype="float32", always_2d=True)
-                reps = int(math.ceil((need - seg.shape[0]) / max(len(whole), 1)))
-                seg = np.concatenate([seg] + [whole] * reps)[:need]
-    except Exception as e:
-        raise AudioError(noise_path, f"unreadable noise file ({e})", clip) from None
-    n = seg.mean(axis=1) if seg.shape[1] > 1 else seg[:, 0]
-    if sr != SAMPLE_RATE:
-        n = soxr.resample(n, sr, SAMPLE_RATE, quality="HQ")
-    n = n[: len(x)].astype(np.float64)
-    if len(n) < len(x):
-        n = np.pad(n, (0, len(x) - len(n)), mode="wrap")
-    ps = float(np.mean(np.asarray(x, np.float64) ** 2))
-    pn = float(np.mean(n ** 2))
-    if pn <= 0 or ps <= 0:
-        return x
-    gain = math.sqrt(ps / (pn * 10 ** (snr_db / 10)))
-    return (x + gain * n).astype(np.float32)
-
-
-def global_stats(corpus: Corpus, config: ExtractConfig, *, skip_bad: bool, workers: int = 2,
-                 verbose: bool = True) -> Tuple[dict, List[Tuple[str, str]]]:
-    """Mean and std of the Train audio (as fed to the upstream: truncated, before noise)."""
-    train = [c.name for c in corpus if c.split == "Train"]
-    if not train:
-        raise ConfigError("--normalize global needs the corpus's Train split (its audio gives the mean and std); "
-                          "this corpus selection has none: use --normalize utterance, or none")
-    loader = AudioLoader(corpus, config, None)
-    total = 0
-    s1 = 0.0
-    s2 = 0.0
-    bad: List[Tuple[str, str]] = []
-
-    def stats(name):
-        try:
-            x = loader.raw(name).astype(np.float64)
-        except AudioError as e:
-            if not skip_bad:
-                raise AudioError(e.path, e.reason + " (pass --skip-bad to leave such clips out)", name) from None
-            return name, str(e)
-        return x.size, float(x.sum()), float((x * x).sum())
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for r in tqdm(pool.map(stats, train), total=len(train), desc="global mean/std (Train audio)",
-                      unit="clip", disable=not verbose, file=sys.stderr):
-            if isinstance(r[0], str):
-                bad.append(r)
-                continue
-            total += r[0]
-            s1 += r[1]
-            s2 += r[2]
-    if total == 0:
-        raise ConfigError("--normalize global: no readable Train audio")
-    mean = s1 / total
-    std = math.sqrt(max(s2 / total - mean * mean, 0.0))
-    return {"mean": mean, "std": std, "samples": total, "clips": len(train) - len(bad)}, bad
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-class _Dist:
-    """torch.distributed (gloo) when launched by torchrun, else a single process."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.started = False
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                import datetime
-
-                # rank 0 alone computes the normalisation statistics first: wait long enough
-                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=6))
-                self.started = True
-            self.world = dist.get_world_size()
-            self.rank = dist.get_rank()
-
-    def barrier(self):
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def broadcast_ok(self, error: Optional[str]) -> Optional[str]:
-        """Rank 0's error message (or None) on every rank."""
-        if self.world == 1:
-            return error
-        import torch.distributed as dist
-
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def broadcast_object(self, obj):
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def all_gather(self, value) -> list:
-        if self.world == 1:
-            return [value]
-        import torch.distributed as dist
-
-        out: list = [None] * self.world
-        dist.all_gather_object(out, value)
-        return out
-
-    def gather_errors(self, error: Optional[str]) -> List[str]:
-        if self.world == 1:
-            return [error] if error else []
-        import torch.distributed as dist
-
-        out: List[Optional[str]] = [None] * self.world
-        dist.all_gather_object(out, error)
-        return [e for e in out if e]
-
-    def close(self, clean: bool = True):
-        if self.started:
-            import gc
-
-            import torch.distributed as dist
-
-            if clean:  # every rank got here: leave together
-                dist.barrier()
-            dist.destroy_process_group()
-            # free the process group (and join gloo's worker threads) now, not at interpreter exit
-            gc.collect()
-            self.started = False
+            noise = Noise(self.noise_dir / job.noise["file"], job.noise["snr_db"], job.noise["offset"])
+        return self.path(self.corpus.audio_path(job.source), clip=job.name, noise=noise)
 
 
 # ----------------------------------------------------------------------------- cache directory
@@ -651,7 +471,7 @@ class _Aborted(Exception):
     pass
 
 
-def _decode(loader: AudioLoader, job: Job, skip_bad: bool, runner: UpstreamRunner):
+def _decode(loader: "JobLoader", job: Job, skip_bad: bool, runner: UpstreamRunner):
     try:
         x = loader(job)
         if runner.frames_for(len(x)) < 1:
@@ -665,7 +485,7 @@ def _decode(loader: AudioLoader, job: Job, skip_bad: bool, runner: UpstreamRunne
                                             "in the manifest)", e.clip) from None
 
 
-def _run_shards(shards: Dict[int, List[Job]], *, out: Path, loader: AudioLoader, runner: UpstreamRunner,
+def _run_shards(shards: Dict[int, List[Job]], *, out: Path, loader: "JobLoader", runner: UpstreamRunner,
                 batch_seconds: float, workers: int, skip_bad: bool, dtype: str, key: str,
                 stats: ExtractStats, progress: Optional[tqdm]) -> None:
     writer = _ShardWriter(out, dtype, key)
@@ -764,10 +584,10 @@ def extract_features(corpus, upstream: str, out, *, layers="last", dtype: str = 
     t_start = time.perf_counter()
     stats = stats if stats is not None else ExtractStats()
     out = Path(out)
-    dist = _Dist()
+    dist, dev = init_distributed(device, backend="gloo", timeout_hours=6)  # rank 0 alone computes the statistics first
     clean = False
     try:
-        result = _extract(corpus, upstream, out, dist, t_start, stats, layers=layers, dtype=dtype,
+        result = _extract(corpus, upstream, out, dist, dev, t_start, stats, layers=layers, dtype=dtype,
                           max_seconds=max_seconds, normalize=normalize, pooled_stats=pooled_stats,
                           random_init=random_init, seed=seed, revision=revision, batch_seconds=batch_seconds,
                           device=device, compute_dtype=compute_dtype, shard_size=shard_size, workers=workers,
@@ -785,7 +605,7 @@ def _say(verbose: bool, msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
-def _extract(corpus, upstream, out: Path, dist: _Dist, t_start: float, stats: ExtractStats, *, layers, dtype,
+def _extract(corpus, upstream, out: Path, dist: Dist, dev, t_start: float, stats: ExtractStats, *, layers, dtype,
              max_seconds, normalize, pooled_stats, random_init, seed, revision, batch_seconds, device,
              compute_dtype, shard_size, workers, skip_bad, splits, augment_noise, augment_fraction, snr_db,
              copies, overwrite, check_space, verbose) -> Path:
@@ -829,14 +649,9 @@ def _extract(corpus, upstream, out: Path, dist: _Dist, t_start: float, stats: Ex
             error = f"{type(e).__name__}: {e}"
             if dist.world == 1:
                 raise
-    error = dist.broadcast_ok(error)
+    error = dist.broadcast(error)
     if error:
         raise CacheError(error)
-    dev = pick_device(device)
-    if dev.type == "cuda" and dev.index is None and dist.world > 1:  # one GPU per rank on a node
-        import torch
-
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank)) % torch.cuda.device_count())
     cdtype = pick_compute_dtype(compute_dtype, dev)
     if batch_seconds is None:
         batch_seconds = DEFAULT_BATCH_SECONDS[dev.type]
@@ -887,10 +702,10 @@ def _extract(corpus, upstream, out: Path, dist: _Dist, t_start: float, stats: Ex
             error = f"{e}"
             if dist.world == 1:
                 raise
-    error = dist.broadcast_ok(error)
+    error = dist.broadcast(error)
     if error:
         raise CacheError(error)
-    settings = dist.broadcast_object(settings)
+    settings = dist.broadcast(settings)
     was_complete = bool(settings.get("complete_manifest"))
     key = _settings_key(settings)
     norm_stats = settings.get("normalize_stats")
@@ -913,8 +728,8 @@ def _extract(corpus, upstream, out: Path, dist: _Dist, t_start: float, stats: Ex
     stats.compute_dtype = cdtype
     stats.batch_seconds = batch_seconds
     todo_jobs = [j for v in mine.values() for j in v]
-    todo_frames = sum(dist.all_gather(sum(runner.frames_for(j.samples) for j in todo_jobs)))
-    todo_clips = sum(dist.all_gather(len(todo_jobs)))
+    todo_frames = sum(dist.gather(sum(runner.frames_for(j.samples) for j in todo_jobs)))
+    todo_clips = sum(dist.gather(len(todo_jobs)))
     if was_complete and todo_clips == 0:
         runner.close()
         _say(verbose_here, f"{out}: cache already complete with these settings; nothing to do")
@@ -938,14 +753,14 @@ def _extract(corpus, upstream, out: Path, dist: _Dist, t_start: float, stats: Ex
             error = (f"projected cache size {_human(todo_bytes)} exceeds the free disk space at {out} "
                      f"({_human(free)}); free some space, store fewer --layers or use --dtype float16, "
                      f"or pass --no-space-check to try anyway")
-    error = dist.broadcast_ok(error)
+    error = dist.broadcast(error)
     if error:
         raise CacheError(error)
     if kept:
         _say(verbose_here, f"resuming: {kept} complete shard(s) kept")
 
     # -- extract --------------------------------------------------------------------------------
-    loader = AudioLoader(corpus, config, norm_stats)
+    loader = JobLoader(corpus, config, norm_stats)
     todo = sum(len(v) for v in mine.values())
     progress = tqdm(total=todo, desc=f"extract {config.upstream}" + (f" [rank {dist.rank}]" if dist.world > 1 else ""),
                     unit="clip", disable=not verbose or todo == 0, file=sys.stderr, position=dist.rank,
@@ -1022,7 +837,8 @@ def _reconcile(out: Path, settings: dict, corpus: Corpus, config: ExtractConfig,
         return found
     stats_skipped: List[Tuple[str, str]] = []
     if config.normalize == "global":
-        ns, stats_skipped = global_stats(corpus, config, skip_bad=skip_bad, workers=workers, verbose=verbose)
+        ns, stats_skipped = global_stats(corpus, max_seconds=config.max_seconds, skip_bad=skip_bad, workers=workers,
+                                         verbose=verbose)
         settings["normalize_stats"] = ns
     else:
         settings["normalize_stats"] = None

@@ -43,7 +43,9 @@ from tqdm import tqdm
 from conilium.errors import ConfigError, ConiliumError
 from conilium.util import atomic_path, read_json, read_json_object, write_json
 
-from .train import CONFIG, METRICS, TrainConfig, check_config, is_complete, same_run, train_head
+from conilium.runs import CONFIG, METRICS, is_complete
+
+from .train import TrainConfig, check_config, same_run, train_head
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
 BACKENDS = ("loky", "threading", "dask", "ray")

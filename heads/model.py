@@ -24,11 +24,7 @@ import torch
 from torch import nn
 
 from conilium import CLASSES
-
-
-def valid_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(batch, max_len) boolean mask, True on each clip's first ``lengths[i]`` frames."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+from conilium.runtime import valid_mask
 
 
 class AttentiveStatsPooling(nn.Module):

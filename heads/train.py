@@ -9,7 +9,7 @@ high-agreement clips; noise-augmented copies in the cache train too, with their 
 clip's labels, but are never scored nor predicted), AdamW, one pass over the training clips per epoch (shuffled, or
 drawn by the class-balanced sampler), the development macro-F1 over *every* scoreable
 Development clip after each epoch, the best epoch's weights kept, optional early
-stopping. The run directory then gets (see :mod:`conilium.evaluate.runs`)::
+stopping. The run directory then gets (see :mod:`conilium.runs`)::
 
     config.json               the TrainConfig
     model.pt                  the best checkpoint (see :func:`load_head`)
@@ -38,19 +38,19 @@ import conilium
 from conilium import CLASSES
 from conilium.cache.store import FeatureCache
 from conilium.errors import ConfigError, ConiliumError
-from conilium.evaluate.metrics import score
-from conilium.evaluate.runs import PRED_DIR, prediction_path, write_predictions
+from conilium.runtime import resolve_device
+from conilium.metrics import score
+from conilium.runs import CONFIG, METRICS, PRED_DIR, is_complete, letters, write_run_outputs
 from conilium.targets import TARGET_KINDS, base_kind, class_counts, class_weights, training_set
 from conilium.util import atomic_path, read_json, reject_unknown_fields, seed_everything, write_json
 
 from .data import GIB, ClipDataset, InputSelection, check_clips, collate, feature_bytes, length_batches, parse_layers, select_input
 from .losses import activation, check_loss, loss_fn, probabilities, uses_weights
 from .model import POOLINGS, EmotionHead, HeadConfig
+from .predict import predict_batches, stack_scores
 from .samplers import balanced_sampler, check_sampler
 
 CHECKPOINT = "model.pt"
-METRICS = "metrics.json"
-CONFIG = "config.json"
 CHECKPOINT_FORMAT = 1
 
 
@@ -160,18 +160,6 @@ def check_config(config: TrainConfig) -> None:
     resolve_device(config.device)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, …)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return dev
-
-
 @dataclass
 class PreparedData:
     """The clips and targets of a run, resolved against its cache."""
@@ -232,58 +220,9 @@ def predict_probs(model: EmotionHead, dataset: ClipDataset, loss: str, *, batch_
     batches = length_batches(dataset.cache, dataset.names, batch_size, dataset.selection)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                         num_workers=0 if dataset.preloaded else num_workers)
-    out = np.zeros((len(dataset), len(CLASSES)), dtype=np.float64)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for x, lengths, _, idx in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-            logits = model(x.to(device).float(), None if lengths is None else lengths.to(device))
-            out[idx.numpy()] = probabilities(logits.float(), loss).cpu().numpy()
-    model.train(was_training)
-    return out
-
-
-def letters(probs: np.ndarray) -> List[str]:
-    """Predicted class letters: argmax of the scores."""
-    return [CLASSES[i] for i in np.asarray(probs).argmax(axis=1)]
-
-
-def write_run_outputs(out_dir, split_predictions: Mapping[str, Tuple[Sequence[str], np.ndarray, Sequence[Optional[str]]]],
-                      history: Optional[List[dict]] = None, best_epoch: Optional[int] = None, *,
-                      dev_split: str = "Development", extra: Optional[Mapping] = None) -> dict:
-    """Write ``predictions/<Split>.csv`` for each split and then ``metrics.json``; return the metrics.
-
-    ``split_predictions`` maps a split name to ``(names, probs (N, 8), references)``,
-    references being consensus letters (O and X included) or None where unknown.
-    Prediction = argmax of the scores. Every split with at least one target-class
-    reference is scored; ``metrics.json`` holds the ``dev_split`` scores at top level
-    (f1_macro, f1_micro, per_class, confusion, …), ``split``, ``best_epoch``, ``history``,
-    ``splits`` (split → scores) and the ``extra`` items. It is written last, so a run
-    directory with a metrics.json is complete.
-    """
-    out_dir = Path(out_dir)
-    splits: Dict[str, dict] = {}
-    for split, (names, probs, refs) in split_predictions.items():
-        probs = np.asarray(probs, dtype=np.float64)
-        pred = letters(probs) if len(names) else []
-        write_predictions(prediction_path(out_dir, split), list(names), probs.reshape(len(names), len(CLASSES)),
-                          pred, list(refs))
-        if any(r in CLASSES for r in refs):
-            splits[split] = score(list(refs), pred)
-    main = dev_split if dev_split in splits else next(iter(splits), None)
-    metrics: dict = dict(splits[main]) if main is not None else {}
-    metrics["split"] = main
-    metrics["best_epoch"] = best_epoch
-    metrics["history"] = list(history or [])
-    metrics["splits"] = splits
-    if extra:
-        metrics.update(extra)
-    write_json(out_dir / METRICS, metrics)
-    return metrics
-
-
-def is_complete(run_dir) -> bool:
-    return (Path(run_dir) / METRICS).is_file()
+    inputs = (((x.float(), lengths), idx.tolist()) for x, lengths, _, idx in loader)
+    scores = predict_batches(model, inputs, loss, device=device, progress=progress, desc=desc, total=len(batches))
+    return stack_scores(scores, len(dataset), len(CLASSES))
 
 
 def _clear_outputs(out_dir: Path) -> None:

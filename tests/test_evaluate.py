@@ -14,9 +14,9 @@ from conilium.corpus import Annotation, Clip, load_corpus
 from conilium.evaluate import difficulty
 from conilium.evaluate.cli import main
 from conilium.evaluate.ensemble import ensemble_runs
-from conilium.evaluate.metrics import macro_f1, score
+from conilium.metrics import macro_f1, score
 from conilium.evaluate.report import split_metrics
-from conilium.evaluate.runs import RunError, prediction_path, read_predictions, write_predictions
+from conilium.runs import RunError, prediction_path, read_predictions, write_predictions
 from conilium.evaluate.submission import write_submission
 from conilium.evaluate.thresholds import (apply_offsets, cross_validated_f1, fit_offsets, stratified_folds,
                                           tune_run)

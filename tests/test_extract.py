@@ -19,9 +19,9 @@ from conilium.demo import make_demo_corpus
 from conilium.errors import AudioError, CacheError, ConfigError
 from conilium.extract import ExtractStats, extract_features, parse_layers
 from conilium.extract.cli import extract_features_cmd
-from conilium.extract.extract import (ExtractConfig, NoiseAugmentation, assign_shards, list_noise_files, mix_noise,
-                                      plan_batches, plan_jobs)
-from conilium.extract.forward import UpstreamRunner
+from conilium.audio import list_noise_files, mix_noise
+from conilium.extract.extract import ExtractConfig, NoiseAugmentation, assign_shards, plan_batches, plan_jobs
+from conilium.extract.encoder import UpstreamRunner
 from conilium.extract.upstreams import load_upstream
 
 FAMILIES = ["demo-wavlm", "demo-wav2vec2-base", "demo-wav2vec2-large", "demo-hubert"]

@@ -21,11 +21,15 @@ from conilium import CLASSES
 from conilium.audio import normalize, read_audio
 from conilium.cache.store import FeatureCache
 from conilium.errors import ConfigError
-from conilium.evaluate.runs import prediction_path, read_predictions
-from conilium.extract.forward import UpstreamRunner
+from conilium.runs import prediction_path, read_predictions
+from conilium.extract.encoder import UpstreamRunner
 from conilium.extract.upstreams import load_upstream
-from conilium.heads.finetune import (CHECKPOINT_DIR, HEAD_FILE, LAST, MODEL_FILE, EndToEndModel, FinetuneConfig,
-                                     NoiseMixer, epoch_batches, finetune, load_model_dir, rank_micro_batches)
+from conilium.audio import NoiseMixer
+from conilium.finetune import EndToEndModel, FinetuneConfig, finetune, load_model_dir
+from conilium.finetune.cli import tune_model_thresholds
+from conilium.finetune.data import epoch_batches, rank_micro_batches
+from conilium.finetune.model import HEAD_FILE, MODEL_FILE
+from conilium.finetune.train import CHECKPOINT_DIR, LAST
 from conilium.heads.model import EmotionHead, HeadConfig
 
 # Deterministic forward (no dropout, LayerDrop or SpecAugment) so that runs can be compared.
@@ -55,6 +59,7 @@ def base_config(small_demo_corpus, noise_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(base_config):
     metrics = finetune(base_config, progress=False)
+    metrics["thresholds"] = tune_model_thresholds(base_config)  # as finetune-best chains it
     return Path(base_config.out), metrics
 
 
@@ -127,7 +132,7 @@ def test_torchrun_with_two_processes_matches_one_process(reference, base_config,
             "--threads", "1", "--quiet", "--resume"]  # --resume with nothing to resume starts afresh
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "conilium.heads.finetune_cli", *args]
+           "-m", "conilium.finetune.cli", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
@@ -247,7 +252,7 @@ def test_noise_mixing_is_deterministic_and_hits_the_snr(noise_dir):
 def test_gradient_checkpointing_gives_the_same_gradients(weights_root):
     """Layers are recomputed in the backward pass (their feed-forward block runs twice), and the
     layers captured for the weighted mix are still the forward's."""
-    from conilium.heads.finetune import enable_checkpointing
+    from conilium.finetune.model import enable_checkpointing
 
     x = torch.from_numpy(np.random.default_rng(2).standard_normal(8000).astype(np.float32))[None]
     grads, calls = [], []

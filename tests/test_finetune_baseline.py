@@ -15,10 +15,10 @@ from torch import nn
 
 from conilium.audio import normalize, read_audio
 from conilium.errors import ConfigError
-from conilium.evaluate.runs import prediction_path, read_predictions
+from conilium.runs import prediction_path, read_predictions
 from conilium.extract.upstreams import load_upstream
-from conilium.heads.baseline import load_baseline, read_norm_stats
-from conilium.heads.finetune import EndToEndModel, FinetuneConfig, finetune
+from conilium.finetune.baseline import load_baseline, read_norm_stats
+from conilium.finetune import EndToEndModel, FinetuneConfig, finetune
 
 HIDDEN = 48
 

@@ -10,9 +10,10 @@ import torch
 from conilium.audio import normalize, read_audio
 from conilium.cache.store import FeatureCache
 from conilium.errors import ConfigError
-from conilium.evaluate.runs import prediction_path, read_predictions
+from conilium.runs import prediction_path, read_predictions
 from conilium.extract.upstreams import load_upstream
-from conilium.heads.finetune import EndToEndModel, FinetuneConfig, finetune, head_from_run
+from conilium.finetune import EndToEndModel, FinetuneConfig, finetune
+from conilium.finetune.warmstart import head_from_run
 from conilium.heads.losses import probabilities
 from conilium.heads.train import TrainConfig, train_head
 

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 from conilium import CLASSES
 from conilium.extract.upstreams import load_upstream
-from conilium.heads.finetune import EndToEndModel, save_model_dir
-from conilium.heads.finetune_cli import predict_cmd
+from conilium.finetune.model import EndToEndModel, save_model_dir
+from conilium.finetune.cli import predict_cmd
 from conilium.heads.model import EmotionHead, HeadConfig
-from conilium.heads.predict import Predictor
+from conilium.finetune.predict import Predictor
 
 OFFSETS = {"A": 0.0, "S": 0.05, "H": -0.02, "U": 0.0, "F": 0.3, "D": 0.0, "C": 0.0, "N": -0.1}
 
@@ -81,7 +81,7 @@ def test_predicts_other_rates_and_channels_and_reports_unreadable_files(model_di
 
 def test_library_predictions_match_a_direct_forward(model_dir, audio):
     from conilium.audio import normalize, read_audio
-    from conilium.heads.finetune import load_model_dir
+    from conilium.finetune.model import load_model_dir
 
     model, info = load_model_dir(model_dir)
     x = normalize(read_audio(audio / "mono16k.wav", max_seconds=3.0), "global", info["normalize"]["stats"])

@@ -11,7 +11,7 @@ from typing import Dict, Sequence
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from conilium import CLASSES
+from . import CLASSES
 
 
 def scoreable(references: Sequence) -> np.ndarray:

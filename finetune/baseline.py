@@ -37,7 +37,7 @@ import torch
 
 from conilium.errors import ConfigError
 
-from .model import EmotionHead, HeadConfig
+from conilium.heads.model import EmotionHead, HeadConfig
 
 SSL_FILE, POOL_FILE, SER_FILE = "final_ssl.pt", "final_pool.pt", "final_ser.pt"
 NORM_FILE = "train_norm_stat.pkl"

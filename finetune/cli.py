@@ -1,6 +1,6 @@
 """Command-line tools ``finetune-best`` and ``predict`` (thin layers over the library).
 
-Several processes: ``torchrun --nproc_per_node K -m conilium.heads.finetune_cli ARGS``
+Several processes: ``torchrun --nproc_per_node K -m conilium.finetune.cli ARGS``
 (this module runs ``finetune-best``), or ``torchrun --nproc_per_node K $(which finetune-best) ARGS``.
 """
 
@@ -12,12 +12,13 @@ from pathlib import Path
 
 import click
 
+from conilium import CLASSES
+from conilium.audio import NORMALIZE_MODES, parse_snr
 from conilium.errors import ConiliumError
+from conilium.heads.losses import LOSSES
 
-from conilium.extract.extract import parse_snr
-
-from .finetune import NORMALIZE_MODES, PRECISIONS, FinetuneConfig, finetune
-from .losses import LOSSES
+from .config import PRECISIONS, FinetuneConfig
+from .train import TUNED_DIR, finetune
 
 _D = FinetuneConfig(corpus="", out="")
 _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -117,7 +118,7 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
     Examples:
       finetune-best --corpus MSP-PODCAST-1.11 --out models/wavlm-wbce-S
       finetune-best --corpus demo --out models/demo --upstream demo-wavlm --random-init --epochs 2
-      torchrun --nproc_per_node 4 -m conilium.heads.finetune_cli --corpus C --out M --gradient-checkpointing
+      torchrun --nproc_per_node 4 -m conilium.finetune.cli --corpus C --out M --gradient-checkpointing
       finetune-best --corpus C --out M --resume          # after an interruption
 
     \b
@@ -140,6 +141,8 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
             precision=precision, gradient_checkpointing=gradient_checkpointing, device=device,
             num_workers=num_workers, keep_checkpoints=keep_checkpoints, threads=threads)
         metrics = finetune(config, resume=resume, overwrite=overwrite, progress=not quiet)
+        if metrics and config.tune_thresholds:
+            metrics["thresholds"] = tune_model_thresholds(config)
     except ConiliumError as e:
         raise click.ClickException(str(e)) from None
     if metrics:
@@ -147,6 +150,32 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
         tuned = f", tuned {th['f1_macro_tuned']:.4f}" if th.get("f1_macro_tuned") is not None else ""
         click.echo(f"{out}: best epoch {metrics['best_epoch']}, {metrics.get('split')} macro-F1 "
                    f"{metrics['f1_macro']:.4f}{tuned}")
+
+
+def tune_model_thresholds(config: FinetuneConfig) -> dict:
+    """Tune the decision offsets of a finished model directory on its development predictions
+    (``conilium-eval tune-thresholds OUT OUT/tuned``) and record them in the model."""
+    from conilium.evaluate.thresholds import tune_run
+    from conilium.runs import prediction_path, read_predictions
+
+    from .model import set_decision_offsets
+
+    out = Path(config.out)
+    refs = read_predictions(prediction_path(out, config.dev_split)).reference
+    k = min(5, sum(1 for r in refs if r in CLASSES))
+    tuned = tune_run(out, out / TUNED_DIR, tune_split=config.dev_split, k=k if k >= 2 else 0, seed=config.seed,
+                     overwrite=True)
+    cv = tuned.get("cross_validation")
+    thresholds = {
+        "offsets": tuned["offsets"],
+        "tune_split": config.dev_split,
+        "f1_macro_untuned": tuned["untuned"][config.dev_split]["f1_macro"],
+        "f1_macro_tuned": tuned["splits"][config.dev_split]["f1_macro"],
+        "f1_macro_cross_validated": cv["f1_macro_pooled"] if cv else None,
+        "tuned_run": TUNED_DIR,
+    }
+    set_decision_offsets(out, tuned["offsets"], thresholds)
+    return thresholds
 
 
 @click.command(context_settings=_CTX)
@@ -180,7 +209,7 @@ def predict_cmd(model_dir, audio, list_file, out, batch_size, max_seconds, devic
     Example:
       predict --model models/wavlm-wbce-S a.wav b.flac --out predictions.csv
     """
-    from .predict import Predictor, output_format, read_list, results_csv, write_results
+    from .predict import Predictor, output_format, read_list, results_csv, write_results  # torch: only when run
 
     _quiet_library_warnings(quiet)
     files = [str(a) for a in audio]

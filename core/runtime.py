@@ -1,0 +1,174 @@
+"""Where and how tensors are computed: device choice, precision, torchrun process groups.
+
+One helper for every stage that runs a model (extraction, head training, fine-tuning,
+prediction):
+
+* :func:`resolve_device` — ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` with clear errors;
+* :func:`compute_dtype` and :func:`autocast` — float32 everywhere, bfloat16/float16
+  autocast on CUDA only; float32 on CUDA means full float32 (no TF32);
+* :class:`Dist` / :func:`init_distributed` — the torchrun process group (gloo on CPU,
+  NCCL on CUDA) or a single process, with the few collectives the stages use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+#: Compute dtypes a model may run in; "auto" picks per device.
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def valid_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(batch, max_len) boolean mask, True on each clip's first ``lengths[i]`` frames."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, …)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: expected auto, cpu or cuda[:N]")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return dev
+
+
+def compute_dtype(name: str, device: torch.device, *, strict: bool = True) -> str:
+    """The dtype a model computes in on ``device``.
+
+    ``auto``: float32 on CPU; bfloat16 on CUDA where supported, else float16. A reduced
+    precision on CPU is an error with ``strict`` (extraction), float32 without it.
+    """
+    if name not in COMPUTE_DTYPES:
+        raise ConfigError(f"unknown compute dtype {name!r}; expected {', '.join(COMPUTE_DTYPES)}")
+    if name == "auto":
+        if device.type != "cuda":
+            return "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if name != "float32" and device.type != "cuda":
+        if strict:
+            raise ConfigError(f"--compute-dtype {name} (autocast) is only used on CUDA; use float32 on CPU")
+        return "float32"
+    return name
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """Full float32 on CUDA: no TF32 in matrix products and convolutions (restored after)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def autocast(device: torch.device, dtype: str = "float32"):
+    """The context a forward pass runs in: nothing on CPU; on CUDA autocast to ``dtype``
+    (bfloat16/float16) or full float32."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    if dtype in ("bfloat16", "float16"):
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+    return _no_tf32()
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (a single process when not launched by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.on:
+            dist.barrier()
+
+    def all_sum(self, values: Sequence[float]) -> List[float]:
+        if not self.on:
+            return [float(v) for v in values]
+        t = torch.tensor(list(values), dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        return t.cpu().tolist()
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.on:
+            return [obj]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if not self.on:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_errors(self, error: Optional[str]) -> List[str]:
+        """The error messages of every rank that had one."""
+        return [e for e in self.gather(error) if e]
+
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group if this process started it (after a barrier when ``clean``)."""
+        if self.initialised_here and dist.is_initialized():
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
+            gc.collect()  # free the group (and join gloo's threads) now, not at interpreter exit
+        self.initialised_here = False
+
+
+def init_distributed(device_name: str = "auto", *, backend: Optional[str] = None,
+                     timeout_hours: Optional[float] = None) -> Tuple[Dist, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA, or
+    ``backend``); on CUDA each rank takes the GPU of its LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda" and world > 1 and device.index is None:
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    d = Dist(rank, world, local)
+    if world > 1:
+        if not dist.is_initialized():
+            kw = {}
+            if timeout_hours is not None:
+                kw["timeout"] = datetime.timedelta(hours=timeout_hours)
+            dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"), **kw)
+            d.initialised_here = True
+        d.world, d.rank = dist.get_world_size(), dist.get_rank()
+    return d, device

@@ -1,0 +1,236 @@
+"""The one forward pass of an upstream, used by extraction, fine-tuning and prediction.
+
+:class:`UpstreamEncoder` wraps a wav2vec 2.0-family model (WavLM, wav2vec 2.0, HuBERT)
+and returns the hidden states of chosen layers for a batch of zero-padded waveforms.
+Extraction calls it under ``inference_mode`` (:class:`UpstreamRunner`), fine-tuning
+trains through it and prediction runs it on new audio, so cached features equal the
+features a fine-tuned model sees by construction.
+
+A clip's features must not depend on the other clips of its batch. Two parts of the
+upstream see padding:
+
+* the CNN feature encoder. With a layer-normalised encoder (``feat_extract_norm="layer"``:
+  WavLM, wav2vec2-large-robust, HuBERT large) every output frame depends only on the
+  samples under its receptive field, and the convolutions have no padding, so the valid
+  frames of a zero-padded clip equal those of the clip alone; the batch runs padded. With
+  a group-normalised encoder (``"group"``: wav2vec2-base) the first layer normalises over
+  time, so padding would change every frame: each clip runs through the encoder alone,
+  unpadded.
+* the transformer. Its frames are padded and an attention mask (True = real frame) is
+  passed to the encoder, which zeroes padded frames before the positional convolution
+  (so real frames see the same zeros as at the end of an unpadded clip) and removes
+  padded keys from attention.
+
+Hidden states are taken with forward hooks on the encoder's layers, which works the
+same across transformers versions: index 0 is the input of the first transformer layer,
+index ``i`` the output of layer ``i``, and the last index is the model's
+``last_hidden_state`` (after the final layer norm of pre-LN models), as transformers 4.x
+reported them with ``output_hidden_states=True``. The hooks only record inside
+:meth:`UpstreamEncoder.hidden_states`, so gradient checkpointing's recomputation in the
+backward pass leaves them alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from conilium.errors import ConfigError
+from conilium.runtime import autocast, valid_mask
+
+
+class UpstreamEncoder(nn.Module):
+    """Hidden states of a wav2vec 2.0-family upstream for zero-padded waveforms.
+
+    ``hidden_states(waves, lengths, layers)`` takes waveforms (B, N) with their lengths
+    in samples and returns ``(states, frames)``: (B, T, len(layers), D) hidden states
+    (indices as in the feature cache: 0 = input of the first transformer layer, the last
+    = ``last_hidden_state``) and each clip's valid frame count (B,). Gradients flow
+    through everything but a frozen CNN encoder.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for part in ("feature_extractor", "feature_projection", "encoder"):
+            if not hasattr(model, part):
+                raise ConfigError(f"upstream {type(model).__name__} is not a wav2vec 2.0-family model "
+                                  f"(no {part}); supported: WavLM, wav2vec 2.0, HuBERT")
+        if getattr(model, "adapter", None) is not None:
+            raise ConfigError("upstreams with an adapter (add_adapter=True) are not supported")
+        self.model = model
+        config = model.config
+        self.group_norm_encoder = getattr(config, "feat_extract_norm", "layer") == "group"
+        self.num_hidden_states = config.num_hidden_layers + 1
+        self.dim = config.hidden_size
+        self._captured: Optional[Dict[int, torch.Tensor]] = None
+        enc_layers = model.encoder.layers
+        self._hooks = [enc_layers[0].register_forward_pre_hook(self._capture_input)]
+        for i, layer in enumerate(enc_layers):
+            self._hooks.append(layer.register_forward_hook(self._capture_output(i + 1)))
+
+    @property
+    def last(self) -> int:
+        """Index of the last hidden state."""
+        return self.num_hidden_states - 1
+
+    def check_layers(self, layers: Sequence[int]) -> Tuple[int, ...]:
+        out = tuple(int(i) for i in layers)
+        for i in out:
+            if not 0 <= i <= self.last:
+                raise ConfigError(f"hidden state {i} out of range: the upstream has hidden states 0..{self.last}")
+        return out
+
+    # ---- hooks ----------------------------------------------------------------------------
+    def _capture_input(self, module, args):
+        if self._captured is not None and args:
+            self._captured[0] = args[0]
+
+    def _capture_output(self, index: int):
+        def hook(module, args, output):
+            if self._captured is not None:
+                self._captured[index] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    def close(self) -> None:
+        """Remove the hooks (the wrapped model is left as it was)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ---- lengths --------------------------------------------------------------------------
+    def frames_for(self, num_samples: int) -> int:
+        """Frames the upstream outputs for ``num_samples`` input samples (0 when too short)."""
+        n = int(num_samples)
+        for k, s in zip(self.model.config.conv_kernel, self.model.config.conv_stride):
+            n = (n - k) // s + 1
+            if n <= 0:
+                return 0
+        return n
+
+    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Valid output frames of clips of ``lengths`` samples."""
+        return self.model._get_feat_extract_output_lengths(lengths).to(torch.long)
+
+    # ---- forward --------------------------------------------------------------------------
+    def _cnn(self, waves: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """CNN features (B, T, C), each clip's valid frames then zeros."""
+        fe = self.model.feature_extractor
+        t_max = int(frames.max())
+        frozen = not any(p.requires_grad for p in fe.parameters())
+        with torch.no_grad() if (frozen and torch.is_grad_enabled()) else contextlib.nullcontext():
+            if self.group_norm_encoder or waves.shape[0] == 1:
+                out = []
+                for i in range(waves.shape[0]):
+                    f = fe(waves[i : i + 1, : int(lengths[i])])[0, :, : int(frames[i])]
+                    out.append(nn.functional.pad(f, (0, t_max - f.shape[-1])))
+                feats = torch.stack(out)
+            else:
+                feats = fe(waves[:, : int(lengths.max())])[:, :, :t_max]
+        return feats.transpose(1, 2)
+
+    def hidden_states(self, waves: torch.Tensor, lengths: torch.Tensor,
+                      layers: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, len(layers), D) hidden states ``layers`` (default: the last) and the valid
+        frame count of each clip."""
+        layers = (self.last,) if layers is None else self.check_layers(layers)
+        frames = self.frame_lengths(lengths)
+        if int(frames.min()) < 1:
+            raise ConfigError(f"a clip of {int(lengths.min())} samples is too short for the upstream "
+                              f"(no output frame)")
+        up = self.model
+        only_last = layers == (self.last,)
+        with warnings.catch_warnings():
+            # WavLM passes a boolean padding mask beside its float position bias
+            warnings.filterwarnings("ignore", message=".*mismatched key_padding_mask.*")
+            feats = self._cnn(waves, lengths, frames)
+            mask = valid_mask(frames, feats.shape[1])
+            proj = up.feature_projection(feats)
+            hidden = proj[0] if isinstance(proj, tuple) else proj
+            hidden = up._mask_hidden_states(hidden, attention_mask=mask)  # SpecAugment, in training only
+            self._captured = None if only_last else {}
+            try:
+                out = up.encoder(hidden, attention_mask=mask)
+                captured = self._captured
+            finally:
+                self._captured = None
+        last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if only_last:
+            return last.unsqueeze(2), frames
+        captured[self.last] = last
+        for i in range(1, self.num_hidden_states):  # a layer LayerDrop skipped passes its input on
+            if i not in captured:
+                captured[i] = captured[i - 1]
+        return torch.stack([captured[i] for i in layers], dim=2), frames
+
+
+def pad_waves(waves: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad float32 waveforms to the longest: ``(waves (B, N), lengths (B,))``."""
+    lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
+    x = torch.zeros(len(waves), int(lengths.max()) if len(waves) else 1, dtype=torch.float32)
+    for i, w in enumerate(waves):
+        x[i, : len(w)] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    return x, lengths
+
+
+class UpstreamRunner:
+    """Extraction's use of :class:`UpstreamEncoder`: lists of waveforms in, one result per clip.
+
+    ``__call__(waves)`` returns, per clip, ``(frames, pooled)``: a float32 array of shape
+    (frames, len(layers), dim) holding the hidden states ``layers`` (indices into all
+    ``num_hidden_states``), and, with ``pooled_stats``, a float32 array (all hidden states,
+    2, dim) of the per-layer mean and standard deviation over the clip's frames (else
+    None). ``forward_seconds`` accumulates the time spent in the model (synchronised on
+    CUDA); ``computed_frames`` / ``useful_frames`` count transformer frames including /
+    excluding padding.
+    """
+
+    def __init__(self, model, *, device: torch.device, compute_dtype: str = "float32",
+                 layers: Optional[Sequence[int]] = None, pooled_stats: bool = False):
+        self.encoder = UpstreamEncoder(model.eval()).to(device)
+        self.device = device
+        self.compute_dtype = compute_dtype
+        self.num_hidden_states = self.encoder.num_hidden_states
+        self.dim = self.encoder.dim
+        self.layers = list(range(self.num_hidden_states)) if layers is None else list(layers)
+        self.pooled_stats = pooled_stats
+        self.forward_seconds = 0.0
+        self.computed_frames = 0
+        self.useful_frames = 0
+
+    def frames_for(self, num_samples: int) -> int:
+        return self.encoder.frames_for(num_samples)
+
+    def close(self) -> None:
+        self.encoder.close()
+
+    @torch.inference_mode()
+    def __call__(self, waves: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
+        if not waves:
+            return []
+        t0 = time.perf_counter()
+        x, lengths = pad_waves(waves)
+        wanted = list(range(self.num_hidden_states)) if self.pooled_stats else self.layers
+        with autocast(self.device, self.compute_dtype):
+            states, frames = self.encoder.hidden_states(x.to(self.device), lengths.to(self.device), wanted)
+        states = states.float()  # (B, T, L, D)
+        t_max = states.shape[1]
+        counts = frames.tolist()
+        pooled = None
+        if self.pooled_stats:
+            m = valid_mask(frames, t_max)[:, :, None, None].float()
+            n = m.sum(dim=1)  # (B, 1, 1)
+            mean = (states * m).sum(dim=1) / n
+            var = (((states - mean[:, None]) ** 2) * m).sum(dim=1) / n
+            pooled = torch.stack([mean, var.sqrt()], dim=2).cpu().numpy()  # (B, L, 2, D)
+        kept = states if len(self.layers) == states.shape[2] else states[:, :, self.layers]
+        kept = kept.cpu().numpy()
+        self.forward_seconds += time.perf_counter() - t0
+        self.computed_frames += len(waves) * t_max
+        self.useful_frames += sum(counts)
+        return [(kept[i, :n], None if pooled is None else pooled[i]) for i, n in enumerate(counts)]

@@ -1,0 +1,156 @@
+"""What defines a fine-tuning run: :class:`FinetuneConfig` and its checks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Mapping, Optional, Tuple
+
+import torch
+
+from conilium.audio import NORMALIZE_MODES
+from conilium.errors import ConfigError, ConiliumError
+from conilium.heads.losses import check_loss
+from conilium.heads.model import POOLINGS
+from conilium.heads.samplers import check_sampler
+from conilium.extract.upstreams import UPSTREAMS
+from conilium.targets import TARGET_KINDS
+from conilium.util import reject_unknown_fields
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that defines a fine-tuning run; written to ``config.json``.
+
+    ``upstream_dropout`` / ``layerdrop`` / ``mask_time_prob`` replace the upstream
+    configuration's dropout probabilities, LayerDrop and SpecAugment time masking
+    (None keeps the pretrained model's values, as the baseline does). ``init_head`` is a
+    train-head run directory and ``baseline_ckpt`` a directory with the challenge
+    baseline's ``final_ssl.pt``/``final_pool.pt``/``final_ser.pt`` to start from.
+    ``max_train_clips`` keeps the first N training clips (quick trials). The fields in
+    :data:`RUNTIME_FIELDS` change speed or bookkeeping, not results.
+    """
+
+    corpus: str
+    out: str
+    upstream: str = "wavlm-large"
+    random_init: bool = False
+    random_init_seed: int = 0
+    revision: Optional[str] = None
+    loss: str = "wbce"
+    labels: str = "S"
+    sampler: Optional[str] = None
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    grad_accum: int = 1
+    epochs: int = 40
+    patience: Optional[int] = None
+    seed: int = 0
+    max_seconds: float = 8.0
+    normalize: str = "global"
+    pooling: str = "attentive"
+    hidden: int = 1024
+    dropout: float = 0.5
+    upstream_dropout: Optional[float] = None
+    layerdrop: Optional[float] = None
+    mask_time_prob: Optional[float] = None
+    augment_noise: Optional[str] = None
+    augment_fraction: float = 0.8
+    snr_db: Tuple[float, float] = (5.0, 20.0)
+    init_head: Optional[str] = None
+    baseline_ckpt: Optional[str] = None
+    bucket_batches: int = 50
+    max_train_clips: Optional[int] = None
+    p_threshold: float = 0.6
+    s_threshold: float = 0.5
+    train_split: str = "Train"
+    dev_split: str = "Development"
+    tune_thresholds: bool = True
+    skip_bad: bool = False
+    # runtime only
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    num_workers: int = 2
+    eval_batch_size: int = 16
+    keep_checkpoints: bool = False
+    threads: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "FinetuneConfig":
+        reject_unknown_fields(cls, d, "fine-tuning")
+        d = dict(d)
+        if "snr_db" in d:
+            d["snr_db"] = tuple(float(x) for x in d["snr_db"])
+        return cls(**d)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+#: Fields that may differ between a run and its ``--resume`` (speed and bookkeeping only,
+#: plus ``epochs``/``patience``, so that a finished run can be continued for longer).
+RUNTIME_FIELDS = ("precision", "gradient_checkpointing", "device", "num_workers", "eval_batch_size",
+                  "keep_checkpoints", "threads", "epochs", "patience")
+
+
+class FinetuneError(ConiliumError):
+    """Fine-tuning cannot go on (non-finite loss, unusable checkpoint, inconsistent resume)."""
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_config(config: FinetuneConfig) -> None:
+    """Errors for option values that are wrong whatever the corpus."""
+    if config.labels not in TARGET_KINDS:
+        raise ConfigError(f"unknown --labels {config.labels!r}; expected one of {', '.join(TARGET_KINDS)}")
+    check_loss(config.loss, config.labels)
+    check_sampler(config.sampler)
+    if config.pooling not in POOLINGS:
+        raise ConfigError(f"unknown --pooling {config.pooling!r}; expected one of {', '.join(POOLINGS)}")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise ConfigError(f"--lr must be a positive number, not {config.lr}")
+    for name in ("batch_size", "grad_accum", "epochs", "hidden", "bucket_batches", "eval_batch_size"):
+        if int(getattr(config, name)) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
+    if config.grad_accum > config.batch_size:
+        raise ConfigError(f"--grad-accum {config.grad_accum} exceeds --batch-size {config.batch_size}: "
+                          f"a micro-batch needs at least one clip")
+    if config.patience is not None and config.patience < 1:
+        raise ConfigError(f"--patience must be at least 1 (or unset), not {config.patience}")
+    if not config.max_seconds > 0:
+        raise ConfigError(f"--max-seconds must be positive, not {config.max_seconds}")
+    if config.normalize not in NORMALIZE_MODES:
+        raise ConfigError(f"--normalize must be one of {', '.join(NORMALIZE_MODES)}, not {config.normalize!r}")
+    for name in ("dropout", "upstream_dropout", "layerdrop", "mask_time_prob"):
+        v = getattr(config, name)
+        if v is not None and not 0 <= v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), not {v}")
+    if not 0 <= config.augment_fraction <= 1:
+        raise ConfigError(f"--augment-fraction must be in [0, 1], not {config.augment_fraction}")
+    lo, hi = config.snr_db
+    if lo > hi:
+        raise ConfigError(f"--snr-db: low {lo} above high {hi}")
+    if config.init_head and config.baseline_ckpt:
+        raise ConfigError("--init-head and --baseline-ckpt are two different starting points: give one")
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not {config.precision!r}")
+    if config.max_train_clips is not None and config.max_train_clips < 1:
+        raise ConfigError(f"--max-train-clips must be at least 1, not {config.max_train_clips}")
+    if config.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, not {config.num_workers}")
+    if config.random_init and config.upstream not in UPSTREAMS:
+        raise ConfigError(f"--random-init needs a registered upstream name ({', '.join(UPSTREAMS)}), "
+                          f"not {config.upstream!r}")
+
+
+def precision_dtype(precision: str, device) -> str:
+    """The compute dtype of ``--precision`` on ``device``: bfloat16 autocast on CUDA for
+    ``bfloat16`` (and for ``auto`` where supported), float32 otherwise."""
+    if device.type == "cuda" and precision in ("auto", "bfloat16"):
+        if precision == "bfloat16" or torch.cuda.is_bf16_supported():
+            return "bfloat16"
+    return "float32"

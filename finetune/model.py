@@ -1,0 +1,218 @@
+"""The end-to-end model (upstream + head) and its directory on disk.
+
+A model directory (written by :func:`save_model_dir`) holds ``upstream/`` (the
+upstream's ``save_pretrained``), ``head.pt`` and, written last, ``conilium_model.json``
+(the marker: classes, truncation, normalisation, decision offsets, head layers). It is
+a model for ``predict`` and for ``extract-features --upstream MODEL_DIR``, and — with
+the run files ``finetune-best`` writes beside — a run directory for ``conilium-eval``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+import conilium
+from conilium import CLASSES, SAMPLE_RATE
+from conilium.errors import ConfigError
+from conilium.extract.encoder import UpstreamEncoder
+from conilium.extract.upstreams import FINETUNED_MARKER, load_upstream
+from conilium.heads.losses import activation
+from conilium.heads.model import EmotionHead, HeadConfig
+from conilium.util import atomic_path, read_json, write_json
+
+from .config import FinetuneConfig
+
+MODEL_FILE = FINETUNED_MARKER  # conilium_model.json: written last, marks a complete model directory
+HEAD_FILE = "head.pt"
+UPSTREAM_DIR = "upstream"
+MODEL_FORMAT = 1
+
+
+class EndToEndModel(nn.Module):
+    """Upstream (through the one :class:`~conilium.extract.encoder.UpstreamEncoder`) → hidden
+    states ``layers`` → :class:`~conilium.heads.model.EmotionHead`.
+
+    ``layers`` are hidden-state indices as in the feature cache (0 = input of the first
+    transformer layer, ``i`` = output of layer ``i``, the last = the model's
+    ``last_hidden_state``), so a head trained on a cache maps onto this model. The
+    forward takes zero-padded waveforms (B, N) with their lengths in samples and returns
+    logits (B, classes); a clip's logits do not depend on the rest of its batch.
+    """
+
+    def __init__(self, upstream: nn.Module, head: EmotionHead, layers: Optional[Sequence[int]] = None):
+        super().__init__()
+        self.encoder = UpstreamEncoder(upstream)
+        self.head = head
+        self.num_hidden_states = self.encoder.num_hidden_states
+        last = self.encoder.last
+        self.layers = self.encoder.check_layers(layers if layers is not None else (last,))
+        if last not in self.layers:
+            raise ConfigError(f"the head must read the upstream's last hidden state ({last}); it reads "
+                              f"{list(self.layers)}, which would leave the top transformer layers untrained")
+        if head.config.num_layers != len(self.layers):
+            raise ConfigError(f"head expects {head.config.num_layers} layer(s), model gives {len(self.layers)}")
+        if head.config.dim != upstream.config.hidden_size:
+            raise ConfigError(f"head width {head.config.dim} differs from the upstream's hidden size "
+                              f"{upstream.config.hidden_size}")
+
+    @property
+    def upstream(self) -> nn.Module:
+        """The wrapped transformers model (its weights are ``encoder.model.*`` in the state dict)."""
+        return self.encoder.model
+
+    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Valid output frames of clips of ``lengths`` samples."""
+        return self.encoder.frame_lengths(lengths)
+
+    def hidden_states(self, waves: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, len(layers), D) hidden states and the valid frame count of each clip."""
+        return self.encoder.hidden_states(waves, lengths, self.layers)
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x, frames = self.hidden_states(waves, lengths)
+        return self.head(x, frames)
+
+
+def enable_checkpointing(upstream) -> None:
+    """Recompute each transformer layer's activations in the backward pass (less memory)."""
+    if hasattr(upstream, "activation_checkpointing_enable"):  # transformers >= 5
+        upstream.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        upstream.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def default_head_config(upstream, config: FinetuneConfig) -> HeadConfig:
+    return HeadConfig(dim=upstream.config.hidden_size, num_layers=1, layers=0, pooling=config.pooling,
+                      hidden=config.hidden, dropout=config.dropout)
+
+
+def upstream_overrides(config: FinetuneConfig) -> Dict[str, float]:
+    """transformers configuration values replaced before the upstream is built."""
+    o: Dict[str, float] = {}
+    if config.upstream_dropout is not None:
+        for k in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout",
+                  "final_dropout"):
+            o[k] = float(config.upstream_dropout)
+    if config.layerdrop is not None:
+        o["layerdrop"] = float(config.layerdrop)
+    if config.mask_time_prob is not None:
+        # 0 switches SpecAugment off and keeps the mask vector, so the weights load unchanged
+        if config.mask_time_prob > 0:
+            o["mask_time_prob"] = float(config.mask_time_prob)
+            o["apply_spec_augment"] = True
+        else:
+            o["apply_spec_augment"] = False
+    return o
+
+
+def save_model_dir(out, model: EndToEndModel, info: Mapping) -> Path:
+    """Write ``upstream/`` (save_pretrained), ``head.pt`` and, last, ``conilium_model.json``.
+
+    ``info`` holds at least ``max_seconds``, ``normalize`` ({"mode", "stats"}), ``loss``
+    and ``offsets`` (class → decision offset); the classes, sample rate, head config and
+    hidden-state layers are added here. Each part is written under a temporary name and
+    renamed, ``conilium_model.json`` last, so a directory with that file is complete.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MODEL_FILE).unlink(missing_ok=True)
+    tmp = out / f".{UPSTREAM_DIR}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.upstream.save_pretrained(tmp)
+    old = out / f".{UPSTREAM_DIR}.old{os.getpid()}"
+    if (out / UPSTREAM_DIR).exists():
+        os.replace(out / UPSTREAM_DIR, old)
+    os.replace(tmp, out / UPSTREAM_DIR)
+    shutil.rmtree(old, ignore_errors=True)
+    head_ckpt = {
+        "format": MODEL_FORMAT,
+        "head_config": asdict(model.head.config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.head.state_dict().items()},
+        "loss": info["loss"],
+        "labels": info.get("labels"),
+        "layers": list(model.layers),
+    }
+    with atomic_path(out / HEAD_FILE, suffix=".pt.tmp") as t:
+        torch.save(head_ckpt, t)
+    meta = dict(info)
+    meta.update({
+        "format": MODEL_FORMAT,
+        "conilium_version": conilium.__version__,
+        "classes": list(CLASSES),
+        "sample_rate": SAMPLE_RATE,
+        "head_config": asdict(model.head.config),
+        "layers": list(model.layers),
+        "activation": activation(info["loss"]),
+        "upstream_family": model.upstream.config.model_type,
+    })
+    write_json(out / MODEL_FILE, meta)
+    return out
+
+
+def read_model_info(model_dir) -> dict:
+    """``conilium_model.json`` of a model directory, with a clear error when it is not one."""
+    model_dir = Path(model_dir)
+    path = model_dir / MODEL_FILE
+    if not path.is_file():
+        raise ConfigError(f"{model_dir}: not a finetune-best model directory (no {MODEL_FILE}); "
+                          f"train one with finetune-best")
+    try:
+        info = read_json(path)
+    except ValueError as e:
+        raise ConfigError(f"{path}: corrupt model description ({e})") from None
+    for key in ("classes", "max_seconds", "normalize", "loss", "head_config", "layers"):
+        if key not in info:
+            raise ConfigError(f"{path}: missing field {key!r}")
+    return info
+
+
+def load_model_dir(model_dir, *, device="cpu") -> Tuple[EndToEndModel, dict]:
+    """The model of a finetune-best directory (eval mode, on ``device``) and its description."""
+    model_dir = Path(model_dir)
+    info = read_model_info(model_dir)
+    upstream, _ = load_upstream(str(model_dir))
+    hpath = model_dir / HEAD_FILE
+    if not hpath.is_file():
+        raise ConfigError(f"{model_dir}: {HEAD_FILE} missing")
+    ckpt = torch.load(hpath, map_location="cpu", weights_only=True)
+    head = EmotionHead(HeadConfig(**ckpt["head_config"]))
+    head.load_state_dict(ckpt["state_dict"])
+    model = EndToEndModel(upstream, head, info["layers"]).to(device).eval()
+    return model, info
+
+
+def offsets_array(info: Mapping) -> np.ndarray:
+    offsets = info.get("offsets") or {}
+    return np.array([float(offsets.get(c, 0.0)) for c in info.get("classes", CLASSES)], dtype=np.float64)
+
+
+def set_decision_offsets(model_dir, offsets: Mapping[str, float], thresholds: Optional[Mapping] = None) -> dict:
+    """Record decision offsets (class → offset added before the argmax) in a model directory.
+
+    ``thresholds`` (how they were tuned: split, untuned / tuned / cross-validated
+    macro-F1, the tuned run) goes into ``conilium_model.json`` and, when the directory is
+    also a run, its ``metrics.json``. Each file is replaced atomically.
+    """
+    model_dir = Path(model_dir)
+    info = read_model_info(model_dir)
+    classes = info["classes"]
+    missing = [c for c in classes if c not in offsets]
+    if missing:
+        raise ConfigError(f"decision offsets for {model_dir} lack class(es) {', '.join(missing)}")
+    info["offsets"] = {c: float(offsets[c]) for c in classes}
+    info["thresholds"] = None if thresholds is None else dict(thresholds)
+    metrics_path = model_dir / "metrics.json"
+    if metrics_path.is_file():
+        metrics = read_json(metrics_path)
+        metrics["thresholds"] = info["thresholds"]
+        write_json(metrics_path, metrics)
+    write_json(model_dir / MODEL_FILE, info)
+    return info

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from conilium.demo import make_demo_corpus
-    from conilium.extract import ExtractStats, extract_features
+    from conilium.extract import ExtractConfig, ExtractStats, extract_features
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,9 +81,9 @@ def main(argv=None) -> int:
         print(f"demo corpus: {args.clips} clips in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         for name in upstreams:
             st = ExtractStats()
-            extract_features(corpus, name, work / f"cache-{name}", random_init=True, seed=0, layers=args.layers,
-                             device=args.device, batch_seconds=args.batch_seconds, workers=args.workers,
-                             verbose=False, stats=st)
+            extract_features(ExtractConfig(name, random_init=True, seed=0, layers=args.layers), corpus,
+                             work / f"cache-{name}", device=args.device, batch_seconds=args.batch_seconds,
+                             workers=args.workers, verbose=False, stats=st)
             d = st.as_dict()
             run = {
                 "upstream": name,

@@ -21,7 +21,8 @@ dataset of float16 (or float32), chunked one layer per chunk when several layers
 stored, so that reading a clip, or one layer of a clip, reads little more than its own
 bytes. ``pooled/<clip>`` (optional) is a (all layers, 2, dim) float32 array of per-layer
 mean and std over frames. Shards are written under a temporary name and renamed when
-complete; ``manifest.json`` is written last, with ``"complete": true``.
+complete; ``manifest.json`` is written last, with ``"complete": true``. Caches are written
+through :class:`conilium.cache.writer.CacheWriter` (extract-features and synthetic test caches alike).
 """
 
 from __future__ import annotations

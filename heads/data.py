@@ -230,13 +230,16 @@ def write_synthetic_cache(path, *, clips: int = 60, dim: int = 16, stored_layers
     also sets the number of clips). ``stored_layers`` are the upstream layers
     whose frames are stored (numbers below ``all_layers``); pooled statistics cover all
     ``all_layers`` layers (exact for the stored ones, drawn alike for the others). Written
-    through :mod:`conilium.cache.store`, exactly like extract-features writes a cache.
+    through :class:`conilium.cache.writer.CacheWriter`, exactly like extract-features writes a
+    cache (the same manifest fields: upstream ``"synthetic"``, no corpus, no normalisation);
+    a cache already at ``path`` is replaced.
     ``augmented_copies`` adds a noisy copy ``<name>#aug0`` (with ``"source"``, as
     extract-features --augment-noise writes them) of that many Train clips.
     """
     from pathlib import Path
 
-    from conilium.cache.store import MANIFEST, shard_name, write_clips, write_manifest, write_shard
+    import conilium
+    from conilium.cache.writer import CacheWriter
     from conilium.corpus import Annotation, Clip
 
     path = Path(path)
@@ -244,61 +247,79 @@ def write_synthetic_cache(path, *, clips: int = 60, dim: int = 16, stored_layers
         raise ValueError(f"stored_layers {list(stored_layers)} must lie in 0..{all_layers - 1}")
     if num_frames is not None:
         clips = len(num_frames)
+    settings = {
+        "upstream": {"name": "synthetic", "source": "synthetic", "seed": seed},
+        "layers": list(stored_layers),
+        "layers_spec": ",".join(str(k) for k in stored_layers),
+        "num_hidden_states": all_layers,
+        "dim": dim,
+        "dtype": dtype,
+        "compute_dtype": "float32",
+        "frame_rate": 50.0,
+        "max_seconds": None,
+        "normalize": "none",
+        "pooled_stats": True,
+        "corpus_root": None,
+        "corpus_fingerprint": None,
+        "splits": None,
+        "augmentation": {"synthetic": True, "copies": 1, "clips": augmented_copies} if augmented_copies else None,
+        "shard_size": clips_per_shard,
+        "code_version": conilium.__version__,
+        "config": {"synthetic": True, "clips": clips, "dim": dim, "stored_layers": list(stored_layers),
+                   "all_layers": all_layers, "frames": list(frames), "seed": seed, "dtype": dtype,
+                   "annotations": annotations, "clips_per_shard": clips_per_shard, "signal": signal,
+                   "augmented_copies": augmented_copies},
+        "normalize_stats": None,
+    }
     rng = np.random.default_rng(seed)
     letters = ["A", "S", "H", "U", "F", "D", "C", "N", "O", "X"]
     prior = np.array([0.08, 0.08, 0.22, 0.06, 0.05, 0.05, 0.08, 0.32, 0.03, 0.03])
     means = rng.normal(size=(8, all_layers, dim)).astype(np.float32)
     splits = rng.choice(["Train", "Development", "Test3"], size=clips, p=[0.6, 0.25, 0.15])
-    records, shards, items = [], [], []
-
-    def flush():
-        entry = write_shard(path / shard_name(len(shards)), list(items), dtype=dtype, shard_index=len(shards))
-        shards.append(entry)
-        items.clear()
-
-    for i in range(clips):
-        name = f"SYN_{i:05d}.wav"
-        emo = str(rng.choice(letters, p=prior))
-        if i < 4:  # always some O and X clips in Train and Development
-            emo, splits[i] = ("O", "X")[i % 2], ("Development", "Train")[i // 2]
-        c = letters.index(emo) if emo in letters[:8] else int(rng.integers(8))
-        anns = []
-        if annotations:
-            for w in range(5):
-                r = rng.random()
-                primary = letters[c] if r < 0.6 else ("Other" if r > 0.95 else letters[int(rng.integers(8))])
-                second = tuple({letters[int(rng.integers(8))] for _ in range(int(rng.integers(0, 3)))})
-                anns.append(Annotation(worker=f"W{w}", primary=primary, secondary=second))
-        clip = Clip(name=name, split=str(splits[i]), emo_class=emo if splits[i] != "Test3" else None,
-                    speaker=str(int(rng.integers(20))), gender="Female" if i % 2 else "Male",
-                    duration=1.0, annotations=tuple(anns))
-        t = int(rng.integers(frames[0], frames[1] + 1))
-        if num_frames is not None:
-            t = int(num_frames[i])
-        stored = list(stored_layers)
-        x = rng.normal(size=(t, len(stored), dim)).astype(np.float32) + signal * means[c][stored][None]
-        # pooled statistics (L_all, 2, D): exact for the stored layers, drawn alike for the others
-        mean = signal * means[c] + rng.normal(size=(all_layers, dim)).astype(np.float32) / np.sqrt(t)
-        std = 1.0 + 0.05 * rng.standard_normal((all_layers, dim)).astype(np.float32)
-        mean[stored], std[stored] = x.mean(axis=0), x.std(axis=0)
-        pooled = np.stack([mean, std], axis=1)
-        items.append((name, x, pooled))
-        rec = clip.to_json()
-        rec.update(shard=len(shards), num_frames=t)
-        records.append(rec)
-        if augmented_copies > 0 and clip.split == "Train":
-            augmented_copies -= 1
-            noisy = x + rng.normal(scale=0.5, size=x.shape).astype(np.float32)
-            items.append((f"{name}#aug0", noisy, pooled))
-            rec = dict(rec, name=f"{name}#aug0", source=name, augmentation={"snr_db": 10.0})
+    records, items = [], []
+    with CacheWriter(path) as cache:
+        cache.begin(overwrite=True)
+        cache.write_settings(settings)
+        for i in range(clips):
+            name = f"SYN_{i:05d}.wav"
+            emo = str(rng.choice(letters, p=prior))
+            if i < 4:  # always some O and X clips in Train and Development
+                emo, splits[i] = ("O", "X")[i % 2], ("Development", "Train")[i // 2]
+            c = letters.index(emo) if emo in letters[:8] else int(rng.integers(8))
+            anns = []
+            if annotations:
+                for w in range(5):
+                    r = rng.random()
+                    primary = letters[c] if r < 0.6 else ("Other" if r > 0.95 else letters[int(rng.integers(8))])
+                    second = tuple({letters[int(rng.integers(8))] for _ in range(int(rng.integers(0, 3)))})
+                    anns.append(Annotation(worker=f"W{w}", primary=primary, secondary=second))
+            clip = Clip(name=name, split=str(splits[i]), emo_class=emo if splits[i] != "Test3" else None,
+                        speaker=str(int(rng.integers(20))), gender="Female" if i % 2 else "Male",
+                        duration=1.0, annotations=tuple(anns))
+            t = int(rng.integers(frames[0], frames[1] + 1))
+            if num_frames is not None:
+                t = int(num_frames[i])
+            stored = list(stored_layers)
+            x = rng.normal(size=(t, len(stored), dim)).astype(np.float32) + signal * means[c][stored][None]
+            # pooled statistics (L_all, 2, D): exact for the stored layers, drawn alike for the others
+            mean = signal * means[c] + rng.normal(size=(all_layers, dim)).astype(np.float32) / np.sqrt(t)
+            std = 1.0 + 0.05 * rng.standard_normal((all_layers, dim)).astype(np.float32)
+            mean[stored], std[stored] = x.mean(axis=0), x.std(axis=0)
+            pooled = np.stack([mean, std], axis=1)
+            items.append((name, x, pooled))
+            rec = clip.to_json()
+            rec.update(shard=len(cache.written), num_frames=t)
             records.append(rec)
-        if len(items) >= clips_per_shard:
-            flush()
-    if items:
-        flush()
-    write_clips(path, records)
-    write_manifest(path, {"format": 1, "complete": True, "shards": shards, "dim": dim,
-                          "layers": list(stored_layers), "pooled_stats": True, "dtype": dtype,
-                          "upstream": {"name": "synthetic", "source": "synthetic", "seed": seed}})
-    assert (path / MANIFEST).is_file()
+            if augmented_copies > 0 and clip.split == "Train":
+                augmented_copies -= 1
+                noisy = x + rng.normal(scale=0.5, size=x.shape).astype(np.float32)
+                items.append((f"{name}#aug0", noisy, pooled))
+                rec = dict(rec, name=f"{name}#aug0", source=name, augmentation={"snr_db": 10.0})
+                records.append(rec)
+            if len(items) >= clips_per_shard:
+                cache.write_shard(len(cache.written), items)
+                items = []
+        if items:
+            cache.write_shard(len(cache.written), items)
+        cache.finish(records)
     return FeatureCache(path)

@@ -26,11 +26,11 @@ def demo_cache(demo_corpus, tmp_path_factory):
     """Feature cache of ``demo_corpus``: demo-wavlm (random init, seed 0), every layer
     (4 hidden states of dim 96), float16 frames, pooled statistics, global normalisation,
     8 s truncation. Built once per session with :func:`conilium.extract.extract_features`."""
-    from conilium.extract import extract_features
+    from conilium.extract import ExtractConfig, extract_features
 
     out = tmp_path_factory.mktemp("demo_cache") / "demo-wavlm"
-    return extract_features(demo_corpus, "demo-wavlm", out, random_init=True, seed=0, layers="all",
-                            pooled_stats=True, device="cpu", verbose=False)
+    config = ExtractConfig("demo-wavlm", random_init=True, seed=0, layers="all", pooled_stats=True)
+    return extract_features(config, demo_corpus, out, device="cpu", verbose=False)
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,15 @@ from conilium.cache.store import to_float16
 from conilium.corpus import load_corpus
 from conilium.demo import make_demo_corpus
 from conilium.errors import AudioError, CacheError, ConfigError
-from conilium.extract import ExtractStats, extract_features, parse_layers
-from conilium.extract.cli import extract_features_cmd
+from conilium.extract import ExtractConfig, ExtractStats, NoiseAugmentation, extract_features, parse_layers
+from conilium.cli.extract import extract_features_cmd
 from conilium.audio import list_noise_files, mix_noise
-from conilium.extract.extract import ExtractConfig, NoiseAugmentation, assign_shards, plan_batches, plan_jobs
+from conilium.extract.plan import assign_shards, plan_batches, plan_jobs
 from conilium.extract.encoder import UpstreamRunner
 from conilium.extract.upstreams import load_upstream
 
 FAMILIES = ["demo-wavlm", "demo-wav2vec2-base", "demo-wav2vec2-large", "demo-hubert"]
+DEMO = ExtractConfig("demo-wavlm", random_init=True)
 
 
 pytestmark = pytest.mark.usefixtures("two_torch_threads")
@@ -89,10 +90,10 @@ def test_naive_padding_changes_group_norm_outputs(tiny_corpus, weights_root):
 
 def test_cache_independent_of_batching(tiny_corpus, tmp_path):
     """A whole cache made with big batches equals one made one clip per batch (group-norm family)."""
-    kw = dict(random_init=True, layers="all", dtype="float32", pooled_stats=True, device="cpu", verbose=False,
-              max_seconds=4.0, shard_size=10)
-    a = extract_features(tiny_corpus, "demo-wav2vec2-base", tmp_path / "a", batch_seconds=120, **kw)
-    b = extract_features(tiny_corpus, "demo-wav2vec2-base", tmp_path / "b", batch_seconds=0.5, **kw)
+    config = ExtractConfig("demo-wav2vec2-base", random_init=True, layers="all", dtype="float32", pooled_stats=True,
+                           max_seconds=4.0, shard_size=10)
+    a = extract_features(config, tiny_corpus, tmp_path / "a", batch_seconds=120, device="cpu", verbose=False)
+    b = extract_features(config, tiny_corpus, tmp_path / "b", batch_seconds=0.5, device="cpu", verbose=False)
     ca, cb = FeatureCache(a), FeatureCache(b)
     assert ca.names == cb.names
     for n in ca.names:
@@ -148,6 +149,32 @@ def test_one_layer_chunks_read_little(demo_cache):
         assert ds.id.get_storage_size() == t * 4 * 96 * 2
 
 
+def test_extract_config_is_all_a_cache_records(demo_cache, tmp_path):
+    """The manifest's "config" rebuilds the ExtractConfig that made the cache; runtime options
+    are keyword arguments of extract_features, content settings are not."""
+    m = FeatureCache(demo_cache).manifest
+    config = ExtractConfig("demo-wavlm", random_init=True, seed=0, layers="all", pooled_stats=True)
+    assert ExtractConfig.from_dict(m["config"]) == config
+    assert ExtractConfig("x", layers=[1, -1], splits="Train, Development").layers == "1,-1"
+    assert ExtractConfig("x", splits="Train, Development").splits == ("Train", "Development")
+    aug = ExtractConfig("x", augmentation={"noise_dir": str(tmp_path), "snr_db": "0:10"}).augmentation
+    assert aug == NoiseAugmentation(str(tmp_path.resolve()), 0.8, (0.0, 10.0), 1)
+    with pytest.raises(ConfigError, match="unknown extraction option"):
+        ExtractConfig.from_dict({"upstream": "x", "device": "cpu"})
+    with pytest.raises(ConfigError, match="--snr-db"):
+        NoiseAugmentation(str(tmp_path), snr_db=(20, 5))
+    with pytest.raises(TypeError, match="layers"):
+        extract_features(config, demo_cache, tmp_path / "c", layers="last")
+
+
+def test_former_call_still_works_with_a_warning(tiny_corpus, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.warns(DeprecationWarning, match="ExtractConfig"):
+        with pytest.raises(CacheError, match="not a feature cache"):
+            extract_features(tiny_corpus, "demo-wavlm", tmp_path, random_init=True, device="cpu", verbose=False,
+                             augment_noise=tiny_corpus.parent / "noise", snr_db="5:20")
+
+
 def test_parse_layers():
     assert parse_layers("last", 25) == [24]
     assert parse_layers("all", 4) == [0, 1, 2, 3]
@@ -159,8 +186,8 @@ def test_parse_layers():
 
 
 def test_selected_layers_and_float32(tiny_corpus, tmp_path):
-    out = extract_features(tiny_corpus, "demo-hubert", tmp_path / "c", random_init=True, layers="1,-1",
-                           dtype="float32", normalize="utterance", device="cpu", verbose=False)
+    config = ExtractConfig("demo-hubert", random_init=True, layers="1,-1", dtype="float32", normalize="utterance")
+    out = extract_features(config, tiny_corpus, tmp_path / "c", device="cpu", verbose=False)
     cache = FeatureCache(out)
     assert cache.layers == [1, 3] and not cache.has_pooled and cache.manifest["normalize_stats"] is None
     with h5py.File(out / cache.manifest["shards"][0]["file"], "r") as f:
@@ -194,7 +221,8 @@ def test_rerun_and_mismatched_settings(tiny_corpus, tmp_path):
     assert "layers: cache has [3], requested [0, 1, 2, 3]" in r.output
     assert "max_seconds: cache has 8.0, requested 6.0" in r.output and "--overwrite" in r.output
     with pytest.raises(CacheError, match="upstream"):  # other weights: other seed
-        extract_features(tiny_corpus, "demo-wavlm", out, random_init=True, seed=1, device="cpu", verbose=False)
+        extract_features(ExtractConfig("demo-wavlm", random_init=True, seed=1), tiny_corpus, out, device="cpu",
+                         verbose=False)
 
     r = runner.invoke(extract_features_cmd, args + ["--layers", "all", "--max-seconds", "6", "--overwrite", "-q"])
     assert r.exit_code == 0, r.output
@@ -206,8 +234,7 @@ def test_rerun_and_mismatched_settings(tiny_corpus, tmp_path):
 def test_out_must_be_a_cache_or_empty(tiny_corpus, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(CacheError, match="not a feature cache"):
-        extract_features(tiny_corpus, "demo-wavlm", tmp_path, random_init=True, device="cpu", verbose=False,
-                         overwrite=True)
+        extract_features(DEMO, tiny_corpus, tmp_path, device="cpu", verbose=False, overwrite=True)
     assert (tmp_path / "notes.txt").exists()
 
 
@@ -217,18 +244,17 @@ def test_disk_space_check(tiny_corpus, tmp_path, monkeypatch, capsys):
     real = _shutil.disk_usage
     monkeypatch.setattr(_shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(CacheError, match="exceeds the free disk space.*--no-space-check"):
-        extract_features(tiny_corpus, "demo-wavlm", tmp_path / "c", random_init=True, device="cpu")
+        extract_features(DEMO, tiny_corpus, tmp_path / "c", device="cpu")
     err = capsys.readouterr().err
     assert "projected cache size:" in err
     assert not list((tmp_path / "c").glob("shards/*.h5"))
-    extract_features(tiny_corpus, "demo-wavlm", tmp_path / "c", random_init=True, device="cpu", check_space=False,
-                     verbose=False)
+    extract_features(DEMO, tiny_corpus, tmp_path / "c", device="cpu", check_space=False, verbose=False)
     assert FeatureCache(tmp_path / "c").names
 
 
 def test_projected_size_is_close(tiny_corpus, tmp_path, capsys):
-    out = extract_features(tiny_corpus, "demo-wavlm", tmp_path / "c", random_init=True, layers="all",
-                           pooled_stats=True, device="cpu", batch_seconds=30)
+    out = extract_features(ExtractConfig("demo-wavlm", random_init=True, layers="all", pooled_stats=True),
+                           tiny_corpus, tmp_path / "c", device="cpu", batch_seconds=30)
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if x.startswith("projected cache size:"))
     value, unit = line.split(":")[1].split(";")[0].split()[:2]
@@ -253,8 +279,9 @@ def test_mix_noise_hits_the_snr(tiny_corpus):
 
 def test_noise_augmented_copies(tiny_corpus, tmp_path):
     noise_dir = tiny_corpus.parent / "noise"
-    out = extract_features(tiny_corpus, "demo-wavlm", tmp_path / "aug", random_init=True, seed=5, device="cpu",
-                           augment_noise=noise_dir, augment_fraction=0.5, snr_db=(5, 20), copies=2, verbose=False)
+    config = ExtractConfig("demo-wavlm", random_init=True, seed=5,
+                           augmentation=NoiseAugmentation(noise_dir, fraction=0.5, snr_db="5:20", copies=2))
+    out = extract_features(config, tiny_corpus, tmp_path / "aug", device="cpu", verbose=False)
     cache = FeatureCache(out)
     corpus = load_corpus(tiny_corpus)
     train = [c.name for c in corpus if c.split == "Train"]
@@ -333,13 +360,12 @@ def test_bad_audio_is_an_error_naming_the_clip(bad_corpus, tmp_path):
     corpus = load_corpus(root, skip_bad=True)  # leaves out the unreadable header only
     assert [n for n, _ in corpus.skipped] == [names[1]]
     with pytest.raises(AudioError, match=names[0].replace(".", r"\.") + ".*NaN.*--skip-bad"):
-        extract_features(corpus, "demo-wavlm", tmp_path / "d", random_init=True, device="cpu", verbose=False)
+        extract_features(DEMO, corpus, tmp_path / "d", device="cpu", verbose=False)
 
 
 def test_skip_bad_lists_left_out_clips(bad_corpus, tmp_path):
     root, names = bad_corpus
-    out = extract_features(root, "demo-wavlm", tmp_path / "c", random_init=True, device="cpu", skip_bad=True,
-                           verbose=False)
+    out = extract_features(DEMO, root, tmp_path / "c", device="cpu", skip_bad=True, verbose=False)
     cache = FeatureCache(out)
     skipped = {s["clip"]: s["reason"] for s in cache.manifest["skipped"]}
     assert set(skipped) == set(names)
@@ -376,7 +402,7 @@ def test_offline_without_weights_says_how_to_get_them(tiny_corpus, tmp_path):
     import sys
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    r = subprocess.run([sys.executable, "-m", "conilium.extract.cli", "--corpus", str(tiny_corpus),
+    r = subprocess.run([sys.executable, "-m", "conilium.cli.extract", "--corpus", str(tiny_corpus),
                         "--upstream", "wavlm-large", "--out", str(tmp_path / "c"), "--device", "cpu"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1

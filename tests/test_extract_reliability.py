@@ -13,15 +13,16 @@ import torch
 
 from conilium.cache import FeatureCache
 from conilium.demo import make_demo_corpus
-from conilium.extract import extract_features
+from conilium.extract import ExtractConfig, extract_features
 
 # small shards and one clip per batch, so that a run has many steps to be killed between
-ARGS = dict(upstream="demo-wav2vec2-base", random_init=True, max_seconds=3.0, shard_size=3, batch_seconds=1.0,
-            layers="all", pooled_stats=True, device="cpu")
+CONFIG = ExtractConfig("demo-wav2vec2-base", random_init=True, max_seconds=3.0, shard_size=3, layers="all",
+                       pooled_stats=True)
+RUNTIME = dict(batch_seconds=1.0, device="cpu", workers=1, verbose=False)
 
 
 def _cli_args(corpus, out):
-    return ["--corpus", str(corpus), "--upstream", ARGS["upstream"], "--random-init", "--out", str(out),
+    return ["--corpus", str(corpus), "--upstream", CONFIG.upstream, "--random-init", "--out", str(out),
             "--max-seconds", "3", "--shard-size", "3", "--batch-seconds", "1", "--layers", "all", "--pooled-stats",
             "--device", "cpu", "--threads", "1", "--workers", "1", "-q"]
 
@@ -47,16 +48,14 @@ def reference(corpus, tmp_path_factory):
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        kw = dict(ARGS)
-        return extract_features(corpus, kw.pop("upstream"), tmp_path_factory.mktemp("ref") / "cache",
-                                verbose=False, workers=1, **kw)
+        return extract_features(CONFIG, corpus, tmp_path_factory.mktemp("ref") / "cache", **RUNTIME)
     finally:
         torch.set_num_threads(old)
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(corpus, reference, tmp_path):
     out = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-m", "conilium.extract.cli"] + _cli_args(corpus, out),
+    proc = subprocess.Popen([sys.executable, "-m", "conilium.cli.extract"] + _cli_args(corpus, out),
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     try:
@@ -80,11 +79,10 @@ def test_sigkill_then_rerun_equals_uninterrupted(corpus, reference, tmp_path):
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        kw = dict(ARGS)
         from conilium.extract import ExtractStats
 
         st = ExtractStats()
-        extract_features(corpus, kw.pop("upstream"), out, verbose=False, workers=1, stats=st, **kw)
+        extract_features(CONFIG, corpus, out, stats=st, **RUNTIME)
     finally:
         torch.set_num_threads(old)
     assert st.shards_kept == len(done_before) and st.shards_written == 8 - len(done_before)
@@ -97,7 +95,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(corpus, reference, tmp_path):
 def test_torchrun_two_ranks_equals_one_process(corpus, reference, tmp_path):
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "conilium.extract.cli"] + _cli_args(corpus, out)
+           "-m", "conilium.cli.extract"] + _cli_args(corpus, out)
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = FeatureCache(out), FeatureCache(reference)

@@ -1,0 +1,312 @@
+"""Writing a cache directory: :class:`CacheWriter`.
+
+One writer owns everything a cache directory holds besides the upstream's weights::
+
+    with CacheWriter(out) as cache:
+        cache.begin(overwrite=False)             # claim the directory, clear a killed run's leftovers
+        found = cache.existing_settings(settings) # a cache already there: its settings, checked
+        if found is None:
+            cache.write_settings(settings)       # extraction.json
+        cache.write_shard(0, items)              # shards/shard-00000.h5 + its sidecar .json
+        cache.finish(records)                    # clips.json, then manifest.json last
+
+Every file is written under a temporary name and renamed when complete. An exception
+inside the ``with`` block removes the temporary files this writer started and never
+leaves a manifest: a cache without ``manifest.json`` is incomplete, and a rerun keeps
+each shard whose sidecar still matches (:meth:`CacheWriter.valid_shard`).
+
+Under ``torchrun`` every rank holds a writer on the same directory: rank 0 begins,
+settles the settings and finishes; the others :meth:`~CacheWriter.use_settings` what
+rank 0 settled and write their own shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from conilium.errors import CacheError
+from conilium.util import read_json, write_json
+
+from .store import CLIPS, FORMAT_VERSION, MANIFEST, SHARD_DIR, file_sha256, shard_name, write_clips, \
+    write_manifest, write_shard
+
+#: The settings file written when a cache is begun (the manifest is written when it is finished).
+SETTINGS = "extraction.json"
+#: Where weights made for the cache (random-init upstreams) are saved, inside the cache directory.
+UPSTREAM_DIR = "upstream"
+#: The settings every cache records, in this order after ``"format"``: in extraction.json
+#: and at the head of manifest.json.
+SETTINGS_FIELDS = ("upstream", "layers", "layers_spec", "num_hidden_states", "dim", "dtype", "compute_dtype",
+                   "frame_rate", "max_seconds", "normalize", "pooled_stats", "corpus_root", "corpus_fingerprint",
+                   "splits", "augmentation", "shard_size", "code_version", "config", "normalize_stats")
+#: Kept in extraction.json only (bookkeeping of the run that wrote the settings), not in the manifest.
+SETTINGS_ONLY = ("skipped_in_stats",)
+#: What :meth:`CacheWriter.finish` adds to the settings to make the manifest.
+MANIFEST_FIELDS = ("num_clips", "skipped", "clips_sha256", "shards", "complete")
+#: Settings that must agree between a cache on disk and a request for it.
+COMPARED = ("upstream", "layers", "num_hidden_states", "dim", "dtype", "compute_dtype", "max_seconds",
+            "normalize", "pooled_stats", "corpus_fingerprint", "splits", "augmentation", "shard_size",
+            "frame_rate", "code_version")
+
+
+def _describe(value) -> str:
+    s = repr(value)
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+def compare_settings(existing: Mapping, requested: Mapping) -> List[str]:
+    """Names and values of the settings that differ, one line each."""
+    diffs = []
+    for k in COMPARED:
+        a, b = existing.get(k), requested.get(k)
+        if a != b:
+            diffs.append(f"{k}: cache has {_describe(a)}, requested {_describe(b)}")
+    return diffs
+
+
+def settings_key(settings: Mapping) -> str:
+    """Digest of the settings a shard depends on (recorded in its sidecar)."""
+    h = hashlib.sha256()
+    for k in COMPARED:
+        h.update(f"{k}={settings.get(k)!r}\n".encode())
+    h.update(f"norm_stats={settings.get('normalize_stats')!r}\n".encode())
+    return h.hexdigest()
+
+
+def is_cache_dir(path) -> bool:
+    path = Path(path)
+    return (path / MANIFEST).exists() or (path / SETTINGS).exists() or (path / SHARD_DIR).is_dir()
+
+
+def projected_bytes(num_frames: int, n_clips: int, n_layers: int, dim: int, dtype: str, pooled_layers: int) -> int:
+    """Bytes the shards of ``n_clips`` clips with ``num_frames`` frames in all will take."""
+    per_value = 2 if dtype == "float16" else 4
+    frames = num_frames * n_layers * dim * per_value
+    pooled = n_clips * pooled_layers * 2 * dim * 4
+    overhead = n_clips * 2048  # HDF5 object headers, chunk indices, names
+    return frames + pooled + overhead
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _ordered_settings(settings: Mapping) -> dict:
+    """``settings`` with ``"format"`` first and the fields in their order; a missing or
+    unknown field is a ValueError (every cache records the same settings)."""
+    given = {k: v for k, v in settings.items() if k != "format"}
+    if settings.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ValueError(f"cache settings: format {settings['format']!r}, this writer writes {FORMAT_VERSION}")
+    missing = [k for k in SETTINGS_FIELDS if k not in given]
+    unknown = [k for k in given if k not in SETTINGS_FIELDS + SETTINGS_ONLY]
+    if missing or unknown:
+        raise ValueError(f"cache settings: missing {missing}, unknown {unknown}")
+    order = SETTINGS_FIELDS + SETTINGS_ONLY
+    return {"format": FORMAT_VERSION, **{k: given[k] for k in order if k in given}}
+
+
+class CacheWriter:
+    """Writes the cache directory ``out`` (see the module's docstring for the steps)."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+        self.settings: Optional[dict] = None
+        self.key: Optional[str] = None
+        #: sidecar records of the shards written through this writer, by shard index
+        self.written: Dict[int, dict] = {}
+        self._started: List[Path] = []  # final names of the files this writer began to write
+        self._finishing = False
+
+    # ---- the directory ---------------------------------------------------------------
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.discard()
+        return False
+
+    @property
+    def upstream_dir(self) -> Path:
+        """Where weights made for this cache are saved."""
+        return self.out / UPSTREAM_DIR
+
+    def begin(self, *, overwrite: bool = False) -> "CacheWriter":
+        """Claim ``out``: create it, or accept a (partial) cache there (emptied when
+        ``overwrite``), and remove the temporary files of a killed run. Anything else in a
+        non-empty directory is a CacheError."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise CacheError(f"--out {out}: exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()):
+            if not is_cache_dir(out) and not (out / UPSTREAM_DIR).is_dir():
+                raise CacheError(f"--out {out}: directory is not empty and is not a feature cache; "
+                                 f"choose a new or empty directory")
+            if overwrite:
+                for child in out.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        # leftovers of a killed run: temporary shard, sidecar and weight files
+        for folder in (out, out / SHARD_DIR, out / UPSTREAM_DIR):
+            if folder.is_dir():
+                for child in folder.iterdir():
+                    if child.name.startswith(".") and child.name.endswith(".tmp") and child.is_file():
+                        child.unlink()
+                    elif ".tmp" in child.name and child.is_dir() and folder.name == UPSTREAM_DIR:
+                        shutil.rmtree(child, ignore_errors=True)
+        return self
+
+    def discard(self) -> None:
+        """After a failure: remove the temporary files of what this writer began, and a
+        ``clips.json`` written by an unfinished :meth:`finish` (no manifest was written)."""
+        for path in self._started:
+            if path.parent.is_dir():
+                for tmp in path.parent.glob(f".{path.name}.*"):
+                    if tmp.name.endswith(".tmp") and tmp.is_file():
+                        tmp.unlink(missing_ok=True)
+        if self._finishing:
+            (self.out / CLIPS).unlink(missing_ok=True)
+            self._finishing = False
+
+    def _start(self, path: Path) -> Path:
+        self._started.append(path)
+        return path
+
+    # ---- settings --------------------------------------------------------------------
+    def existing_settings(self, requested: Mapping) -> Optional[Tuple[dict, bool]]:
+        """The settings of a cache already in ``out`` and whether it is complete, or None when
+        there is none. Settings that differ from ``requested`` are a CacheError naming them.
+        The settings found are then used for the shards (:meth:`use_settings`)."""
+        found, complete = None, False
+        for path in (self.out / MANIFEST, self.out / SETTINGS):  # extraction.json, when there, wins
+            if not path.is_file():
+                continue
+            try:
+                existing = read_json(path)
+            except ValueError:
+                raise CacheError(f"{path}: unreadable (corrupt); pass --overwrite to rebuild the cache") from None
+            diffs = compare_settings(existing, requested)
+            if diffs:
+                raise CacheError(f"{self.out} was built with other settings than requested:\n  " + "\n  ".join(diffs)
+                                 + "\npass --overwrite to rebuild it, or choose another --out")
+            found = {k: v for k, v in existing.items() if k not in MANIFEST_FIELDS}
+            if path.name == MANIFEST:
+                complete = bool(existing.get("complete"))
+        if found is None:
+            return None
+        if not (self.out / SETTINGS).is_file():
+            write_json(self._start(self.out / SETTINGS), found)
+        self.use_settings(found)
+        return found, complete
+
+    def write_settings(self, settings: Mapping) -> dict:
+        """Write ``settings`` (every field of :data:`SETTINGS_FIELDS`) to extraction.json and
+        use them for the shards; returns them as written."""
+        settings = _ordered_settings(settings)
+        write_json(self._start(self.out / SETTINGS), settings)
+        self.use_settings(settings)
+        return settings
+
+    def use_settings(self, settings: Mapping) -> None:
+        """Write and check shards for ``settings`` (settled elsewhere, e.g. by rank 0)."""
+        self.settings = dict(settings)
+        self.key = settings_key(self.settings)
+
+    def _need_settings(self, what: str) -> None:
+        if self.settings is None:
+            raise RuntimeError(f"CacheWriter.{what}: no settings yet (write_settings, existing_settings "
+                               f"or use_settings first)")
+
+    # ---- shards ----------------------------------------------------------------------
+    def sidecar_path(self, index: int) -> Path:
+        return self.out / shard_name(index).replace(".h5", ".json")
+
+    def valid_shard(self, index: int, names: Iterable[str], *, check_hash: bool = True) -> Optional[dict]:
+        """The sidecar record of shard ``index`` if the shard is complete, holds (or skipped)
+        exactly ``names``, was made with these settings and is intact; None otherwise."""
+        self._need_settings("valid_shard")
+        side = self.sidecar_path(index)
+        if not side.is_file():
+            return None
+        try:
+            rec = read_json(side)
+        except ValueError:
+            return None
+        if rec.get("settings_key") != self.key:
+            return None
+        planned = sorted(names)
+        done = sorted(list(rec.get("clips", [])) + [n for n, _ in rec.get("skipped", [])])
+        if planned != done:
+            return None
+        path = self.out / rec["entry"]["file"]
+        if not path.is_file() or path.stat().st_size != rec["entry"]["bytes"]:
+            return None
+        if check_hash and file_sha256(path) != rec["entry"]["sha256"]:
+            return None
+        return rec
+
+    def write_shard(self, index: int, items: Iterable[Tuple[str, np.ndarray, Optional[np.ndarray]]], *,
+                    skipped: Sequence[Sequence[str]] = ()) -> dict:
+        """Write shard ``index`` from ``(name, frames (T, L, D), pooled or None)`` items, then its
+        sidecar; returns the sidecar record. ``skipped`` lists ``[name, reason]`` of the shard's
+        clips left out; it is read once the items are exhausted (it may grow meanwhile)."""
+        self._need_settings("write_shard")
+        frames_of: Dict[str, int] = {}
+
+        def counted():
+            for name, frames, pooled in items:
+                frames_of[name] = int(frames.shape[0])
+                yield name, frames, pooled
+
+        entry = write_shard(self._start(self.out / shard_name(index)), counted(), dtype=self.settings["dtype"],
+                            shard_index=index)
+        rec = {"settings_key": self.key, "index": index, "entry": entry, "clips": list(frames_of),
+               "num_frames": frames_of, "skipped": list(skipped)}
+        write_json(self._start(self.sidecar_path(index)), rec)
+        self.written[index] = rec
+        return rec
+
+    # ---- the end ---------------------------------------------------------------------
+    def finish(self, records: List[dict], *, shards: Optional[List[dict]] = None,
+               skipped: Optional[Mapping[str, str]] = None) -> dict:
+        """Write ``clips.json`` (``records``, each with its ``"shard"`` and ``"num_frames"``),
+        then, last, ``manifest.json``: the settings, the clip count, ``skipped`` (clip →
+        reason), the clips.json checksum, ``shards`` (manifest entries in shard order;
+        default: the shards written through this writer) and ``"complete": true``.
+        Returns the manifest."""
+        self._need_settings("finish")
+        if shards is None:
+            if sorted(self.written) != list(range(len(self.written))):
+                raise CacheError(f"{self.out}: shards {sorted(self.written)} written; expected 0..n-1")
+            shards = [self.written[i]["entry"] for i in range(len(self.written))]
+        for r in records:
+            if not 0 <= int(r["shard"]) < len(shards):
+                raise CacheError(f"{self.out}: clip {r.get('name')} is in shard {r['shard']}, "
+                                 f"the cache has {len(shards)} shard(s)")
+        self._finishing = True
+        (self.out / MANIFEST).unlink(missing_ok=True)  # never a manifest beside another clips.json
+        write_clips(self._start(self.out / CLIPS).parent, records)
+        manifest = {k: v for k, v in self.settings.items() if k not in SETTINGS_ONLY}
+        manifest.update({
+            "format": FORMAT_VERSION,
+            "num_clips": len(records),
+            "skipped": [{"clip": n, "reason": r} for n, r in sorted((skipped or {}).items())],
+            "clips_sha256": file_sha256(self.out / CLIPS),
+            "shards": list(shards),
+            "complete": True,
+        })
+        write_manifest(self._start(self.out / MANIFEST).parent, manifest)
+        self._finishing = False
+        return manifest

@@ -191,14 +191,14 @@ def _child_peak_kb(text: str) -> int:
 
 def import_rss() -> float:
     """Peak RSS (MB) of a Python process that only imports train-head: the floor of every run."""
-    out = subprocess.run([sys.executable, "-c", _REPORT + "import conilium.heads.cli"], capture_output=True,
-                         text=True, check=True).stdout
+    code = _REPORT + "import conilium.cli.heads, conilium.heads.train"  # the command and what it runs
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return round(_child_peak_kb(out) / 1024, 1)
 
 
 def peak_rss(cache: Path, out: Path, *, preload: str, epochs: int = 1, device: str = "cpu") -> dict:
     """Run train-head in a subprocess; its peak RSS as it reports it."""
-    code = _REPORT + "import sys\nfrom conilium.heads.cli import train_head_cmd\n" \
+    code = _REPORT + "import sys\nfrom conilium.cli.heads import train_head_cmd\n" \
         "train_head_cmd(sys.argv[1:], prog_name='train-head')\n"
     args = [sys.executable, "-c", code, "--cache", str(cache), "--out", str(out), "--loss", "wbce", "--labels", "hard",
             "--layers", "-1", "--epochs", str(epochs), "--device", device, "--preload", preload, "--overwrite",

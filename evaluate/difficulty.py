@@ -37,8 +37,9 @@ from conilium.util import atomic_path, read_json, write_json
 
 from conilium.runs import RunError, load_run_config, read_run
 
+from .options import OTHER_MODES
+
 GROUPS = ("easy", "difficult", "mixed")
-OTHER_MODES = ("category", "exclude")
 OTHER = "O"
 
 

@@ -25,7 +25,7 @@ from conilium.metrics import score
 from conilium.runs import (Predictions, RunError, check_run, derived_run_dir, has_references, load_run_config,
                            prediction_path, read_run, with_main_split, write_predictions)
 
-METHODS = ("mean", "vote")
+from .options import METHODS
 
 
 def _check_weights(weights: Optional[Sequence[float]], n: int) -> np.ndarray:

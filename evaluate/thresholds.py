@@ -38,9 +38,10 @@ from conilium.metrics import score
 from conilium.runs import (Predictions, RunError, derived_run_dir, has_references, load_run_config, prediction_path,
                            read_predictions, read_run, run_splits, with_main_split, write_predictions)
 
+from .options import DEFAULT_ROUNDS
+
 #: Offsets tried for each class: -0.5 to 0.5 in steps of 0.01.
 DEFAULT_GRID = tuple(float(x) for x in np.round(np.linspace(-0.5, 0.5, 101), 4))
-DEFAULT_ROUNDS = 3
 THRESHOLDS_FILE = "thresholds.json"
 
 

@@ -1,4 +1,4 @@
-"""Upstream registry and loading.
+"""Upstream loading; the registry itself is :mod:`.registry` (plain data, no torch).
 
 A registry name maps to a Hugging Face model id and the transformers configuration of
 that architecture, so that ``--random-init`` can build the very same architecture with
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -26,56 +25,10 @@ from transformers import AutoConfig, AutoModel, HubertConfig, Wav2Vec2Config, Wa
 
 from conilium.errors import ConfigError
 
+from .registry import FINETUNED_MARKER, UPSTREAMS, UpstreamSpec  # noqa: F401 (re-exported)
+
+#: Architecture family (:attr:`UpstreamSpec.family`) → its transformers configuration class.
 FAMILIES = {"wavlm": WavLMConfig, "wav2vec2": Wav2Vec2Config, "hubert": HubertConfig}
-
-# The large models: 24 transformer layers of width 1024, layer-normalised CNN encoder,
-# pre-LN ("stable") transformer.
-_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-              feat_extract_norm="layer", do_stable_layer_norm=True)
-# Small demo architectures: same transformer structure, tiny widths. The CNN encoder is two
-# wide layers (kernel 40 / stride 20, then kernel 8 / stride 16: the same 320-sample hop,
-# 50 frames/s) instead of seven 64-wide ones: with random weights the deep narrow stack
-# loses most of what the audio says (pooled-feature probes near chance on the demo
-# corpus), the shallow wide one keeps it and runs several times faster.
-_DEMO = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=192,
-             conv_dim=(256, 256), conv_kernel=(40, 8), conv_stride=(20, 16),
-             num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4)
-
-
-@dataclass(frozen=True)
-class UpstreamSpec:
-    """A registered upstream: where real weights live and how to build the architecture."""
-
-    model_id: Optional[str]  # None: random-init only (demo architectures)
-    family: str
-    config: Dict = field(default_factory=dict)
-    description: str = ""
-
-    def make_config(self):
-        return FAMILIES[self.family](**self.config)
-
-
-UPSTREAMS: Dict[str, UpstreamSpec] = {
-    "wavlm-large": UpstreamSpec("microsoft/wavlm-large", "wavlm", dict(_LARGE, conv_bias=False),
-                                "WavLM Large (the paper's best upstream)"),
-    "wav2vec2-large-robust": UpstreamSpec("facebook/wav2vec2-large-robust", "wav2vec2", dict(_LARGE, conv_bias=True),
-                                          "wav2vec 2.0 Large, robust pre-training"),
-    "wav2vec2-base": UpstreamSpec("facebook/wav2vec2-base", "wav2vec2", dict(feat_extract_norm="group"),
-                                  "wav2vec 2.0 Base (group-normalised CNN encoder)"),
-    "hubert-large": UpstreamSpec("facebook/hubert-large-ls960-ft", "hubert", dict(_LARGE, conv_bias=True),
-                                 "HuBERT Large, fine-tuned on LibriSpeech 960h"),
-    "demo-wavlm": UpstreamSpec(None, "wavlm", dict(_DEMO, feat_extract_norm="layer", do_stable_layer_norm=True),
-                               "small WavLM-style architecture for the demo and tests"),
-    "demo-wav2vec2-base": UpstreamSpec(None, "wav2vec2", dict(_DEMO, feat_extract_norm="group"),
-                                       "small wav2vec2-base-style architecture (group norm) for the demo and tests"),
-    "demo-wav2vec2-large": UpstreamSpec(None, "wav2vec2", dict(_DEMO, feat_extract_norm="layer", do_stable_layer_norm=True),
-                                        "small wav2vec2-large-robust-style architecture for the demo and tests"),
-    "demo-hubert": UpstreamSpec(None, "hubert", dict(_DEMO, feat_extract_norm="layer", do_stable_layer_norm=True),
-                                "small HuBERT-style architecture for the demo and tests"),
-}
-
-#: Marker file of a model directory written by finetune-best; its upstream is in ``upstream/``.
-FINETUNED_MARKER = "conilium_model.json"
 
 
 def random_init_dir(name: str, seed: int, root) -> Path:
@@ -103,7 +56,7 @@ def build_random_upstream(name: str, out_dir, *, seed: int = 0) -> Path:
             raise ConfigError(f"{out_dir} holds random weights made as {made}, not as {marker}; "
                               f"remove that folder (and caches built from it) to rebuild them")
         return out_dir
-    config = spec.make_config()
+    config = FAMILIES[spec.family](**spec.config)
     config.conilium_random_init = marker
     gen_state = torch.random.get_rng_state()
     try:

@@ -1,4 +1,8 @@
-"""What defines a fine-tuning run: :class:`FinetuneConfig` and its checks."""
+"""What defines a fine-tuning run: :class:`FinetuneConfig` and its checks.
+
+The module imports torch only inside the functions that need it, so that ``finetune-best --help``
+reads the defaults from :class:`FinetuneConfig` without loading the training code.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Mapping, Optional, Tuple
 
-import torch
-
 from conilium.audio import NORMALIZE_MODES
 from conilium.errors import ConfigError, ConiliumError
-from conilium.heads.losses import check_loss
-from conilium.heads.model import POOLINGS
-from conilium.heads.samplers import check_sampler
-from conilium.extract.upstreams import UPSTREAMS
+from conilium.extract.registry import UPSTREAMS
+from conilium.heads.config import check_loss
 from conilium.targets import TARGET_KINDS
 from conilium.util import reject_unknown_fields
 
@@ -105,6 +105,9 @@ class FinetuneError(ConiliumError):
 
 def check_config(config: FinetuneConfig) -> None:
     """Errors for option values that are wrong whatever the corpus."""
+    from conilium.heads.model import POOLINGS  # torch: loaded to check a config, not to read its defaults
+    from conilium.heads.samplers import check_sampler
+
     if config.labels not in TARGET_KINDS:
         raise ConfigError(f"unknown --labels {config.labels!r}; expected one of {', '.join(TARGET_KINDS)}")
     check_loss(config.loss, config.labels)
@@ -150,6 +153,8 @@ def check_config(config: FinetuneConfig) -> None:
 def precision_dtype(precision: str, device) -> str:
     """The compute dtype of ``--precision`` on ``device``: bfloat16 autocast on CUDA for
     ``bfloat16`` (and for ``auto`` where supported), float32 otherwise."""
+    import torch
+
     if device.type == "cuda" and precision in ("auto", "bfloat16"):
         if precision == "bfloat16" or torch.cuda.is_bf16_supported():
             return "bfloat16"

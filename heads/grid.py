@@ -45,20 +45,15 @@ from conilium.util import atomic_path, read_json, read_json_object, write_json
 
 from conilium.runs import CONFIG, METRICS, is_complete
 
+from .config import BACKENDS, SPEC_DIR, presets
 from .train import TrainConfig, check_config, same_run, train_head
 
-SPEC_DIR = Path(__file__).resolve().parent / "specs"
-BACKENDS = ("loky", "threading", "dask", "ray")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _SPEC_KEYS = {"description", "common", "runs", "product"}
 
 RESULT_COLUMNS = ("name", "status", "loss", "labels", "sampler", "pooling", "layers", "pooled_stats",
                   "train_clips", "f1_macro", "f1_micro", "best_epoch", "paper_f1_macro", "paper_f1_micro",
                   "seconds", "error")
-
-
-def presets() -> List[str]:
-    return sorted(p.stem for p in SPEC_DIR.glob("*.json"))
 
 
 def load_spec(path=None, *, preset: Optional[str] = None) -> dict:

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from conilium.errors import ConfigError
+from .config import LOSS_PROPERTIES, check_loss  # noqa: F401 (check_loss: re-exported)
 
 
 def _w(weights: Optional[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
@@ -54,24 +54,10 @@ def focal(logits, targets, weights=None, gamma: float = 2.0):
     return -(targets * (1 - p).pow(gamma) * logp * _w(weights, logits)).sum(dim=1).mean()
 
 
-#: loss name → (function, output activation, uses class weights, target kinds it accepts)
-LOSSES = {
-    "wce": (wce, "softmax", True, ("hard",)),
-    "bce": (bce, "sigmoid", False, ("hard", "P", "S", "P*", "S*")),
-    "wbce": (bce, "sigmoid", True, ("hard", "P", "S", "P*", "S*")),
-    "kld": (kld, "softmax", False, ("hard", "P", "S", "P*", "S*")),
-    "focal": (focal, "softmax", True, ("hard", "P", "S", "P*", "S*")),
-}
-
-
-def check_loss(loss: str, labels: str) -> None:
-    """Clear error for an unknown loss or a loss/target pair that makes no sense."""
-    if loss not in LOSSES:
-        raise ConfigError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
-    allowed = LOSSES[loss][3]
-    if labels not in allowed:
-        raise ConfigError(f"--loss {loss} needs --labels {' or '.join(allowed)} "
-                          f"(it is defined on one-hot consensus targets), not {labels}")
+#: loss name → (function, output activation, uses class weights, target kinds it accepts); the
+#: properties come from :data:`conilium.heads.config.LOSS_PROPERTIES` (importable without torch).
+_FUNCTIONS = {"wce": wce, "bce": bce, "wbce": bce, "kld": kld, "focal": focal}
+LOSSES = {name: (_FUNCTIONS[name],) + properties for name, properties in LOSS_PROPERTIES.items()}
 
 
 def loss_fn(loss: str):

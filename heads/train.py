@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,8 +42,9 @@ from conilium.runtime import resolve_device
 from conilium.metrics import score
 from conilium.runs import CONFIG, METRICS, PRED_DIR, is_complete, letters, write_run_outputs
 from conilium.targets import TARGET_KINDS, base_kind, class_counts, class_weights, training_set
-from conilium.util import atomic_path, read_json, reject_unknown_fields, seed_everything, write_json
+from conilium.util import atomic_path, read_json, seed_everything, write_json
 
+from .config import TrainConfig
 from .data import GIB, ClipDataset, InputSelection, check_clips, collate, feature_bytes, length_batches, parse_layers, select_input
 from .losses import activation, check_loss, loss_fn, probabilities, uses_weights
 from .model import POOLINGS, EmotionHead, HeadConfig
@@ -56,67 +57,6 @@ CHECKPOINT_FORMAT = 1
 
 class TrainingError(ConiliumError):
     """Training cannot go on (the loss became NaN or infinite)."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a head training run; written to ``config.json``.
-
-    ``layers`` is ``"weighted"`` (learnable softmax mix of every stored layer) or the
-    upstream hidden-state number to use (0 = CNN output; negative counts from the last
-    stored layer). ``pooled_stats`` trains on the cache's per-layer mean ‖ std instead of
-    frames (``pooling`` is then unused). With ``sampler="balanced"`` the loss's class
-    weights are off. ``p_threshold``/``s_threshold`` are the agreement thresholds of
-    ``labels="P*"``/``"S*"``. ``preload``: ``"auto"`` keeps the selected Train and
-    Development features in memory when they take at most ``preload_budget_gb``,
-    ``"yes"``/``"no"`` force it; the other fields after ``dev_split`` change speed, not
-    results.
-    """
-
-    cache: str
-    loss: str = "wbce"
-    labels: str = "S"
-    pooling: str = "attentive"
-    layers: Union[str, int] = "weighted"
-    pooled_stats: bool = False
-    sampler: Optional[str] = None
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    batch_size: int = 16
-    epochs: int = 40
-    patience: Optional[int] = None
-    seed: int = 0
-    p_threshold: float = 0.6
-    s_threshold: float = 0.5
-    hidden: int = 1024
-    dropout: float = 0.5
-    train_split: str = "Train"
-    dev_split: str = "Development"
-    # speed only
-    num_workers: int = 0
-    device: str = "auto"
-    preload: str = "auto"
-    preload_budget_gb: float = 2.0
-    threads: Optional[int] = None
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "TrainConfig":
-        """Build from a JSON mapping; unknown keys are an error naming them."""
-        reject_unknown_fields(cls, d, "training")
-        if "cache" not in d:
-            raise ConfigError("training option 'cache' (the feature cache directory) is required")
-        d = dict(d)
-        d["cache"] = str(d["cache"])
-        if "layers" in d:
-            d["layers"] = parse_layers(d["layers"])
-        return cls(**d)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @property
-    def thresholds(self) -> Dict[str, float]:
-        return {"P*": self.p_threshold, "S*": self.s_threshold}
 
 
 #: Fields that change speed only: two configs differing only in these give the same run.

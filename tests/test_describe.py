@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from conilium import CLASSES
-from conilium.cli import describe_corpus_cmd, make_demo_corpus_cmd
+from conilium.cli.corpus import describe_corpus_cmd, make_demo_corpus_cmd
 from conilium.corpus import Annotation, Clip, ignored_word_counts, load_corpus
 from conilium.describe import OUTPUT_FILES, describe_corpus, primary_alpha
 from conilium.targets import secondary_target

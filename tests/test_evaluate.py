@@ -12,7 +12,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 from conilium import CLASSES
 from conilium.corpus import Annotation, Clip, load_corpus
 from conilium.evaluate import difficulty
-from conilium.evaluate.cli import main
+from conilium.cli.evaluate import eval_group as main
 from conilium.evaluate.ensemble import ensemble_runs
 from conilium.metrics import macro_f1, score
 from conilium.evaluate.report import split_metrics

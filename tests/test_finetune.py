@@ -26,7 +26,7 @@ from conilium.extract.encoder import UpstreamRunner
 from conilium.extract.upstreams import load_upstream
 from conilium.audio import NoiseMixer
 from conilium.finetune import EndToEndModel, FinetuneConfig, finetune, load_model_dir
-from conilium.finetune.cli import tune_model_thresholds
+from conilium.cli.finetune import tune_model_thresholds
 from conilium.finetune.data import epoch_batches, rank_micro_batches
 from conilium.finetune.model import HEAD_FILE, MODEL_FILE
 from conilium.finetune.train import CHECKPOINT_DIR, LAST
@@ -132,7 +132,7 @@ def test_torchrun_with_two_processes_matches_one_process(reference, base_config,
             "--threads", "1", "--quiet", "--resume"]  # --resume with nothing to resume starts afresh
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "conilium.finetune.cli", *args]
+           "-m", "conilium.cli.finetune", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())

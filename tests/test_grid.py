@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from conilium.errors import ConfigError
 from conilium.runs import read_predictions
-from conilium.heads.cli import train_grid_cmd
+from conilium.cli.heads import train_grid_cmd
 from conilium.heads.grid import expand_spec, load_spec, presets, run_grid
 
 

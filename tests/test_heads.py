@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from conilium.errors import CacheError, ConfigError
-from conilium.heads.cli import train_head_cmd
+from conilium.cli.heads import train_head_cmd
 from conilium.heads.data import ClipDataset, collate, feature_bytes, select_input, write_synthetic_cache
 from conilium.heads.model import AttentiveStatsPooling, EmotionHead, HeadConfig, LayerMix, MeanPooling, valid_mask
 from conilium.heads.samplers import balanced_sampler, balanced_weights

@@ -12,7 +12,7 @@ from conilium import CLASSES
 from conilium.errors import ConfigError
 from conilium.metrics import score
 from conilium.runs import load_run_config, read_predictions, run_splits
-from conilium.heads.cli import train_head_cmd
+from conilium.cli.heads import train_head_cmd
 from conilium.heads.data import ClipDataset, select_input, write_synthetic_cache
 from conilium.heads.train import TrainConfig, TrainingError, load_config, load_head, predict_probs, train_head
 from conilium.runs import is_complete, write_run_outputs

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from conilium import CLASSES
 from conilium.extract.upstreams import load_upstream
 from conilium.finetune.model import EndToEndModel, save_model_dir
-from conilium.finetune.cli import predict_cmd
+from conilium.cli.finetune import predict_cmd
 from conilium.heads.model import EmotionHead, HeadConfig
 from conilium.finetune.predict import Predictor
 

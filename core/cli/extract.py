@@ -1,4 +1,10 @@
-"""Command-line tools of stage 1: ``extract-features`` and ``verify-cache``."""
+"""``conilium extract``: ``features`` (alias ``extract-features``) and ``verify`` (alias
+``verify-cache``).
+
+Several processes share the shards of one cache: ``torchrun --nproc_per_node K -m
+conilium.cli.extract ARGS`` (this module runs ``extract-features``), or ``torchrun
+--nproc_per_node K $(which extract-features) ARGS``.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,15 @@ import sys
 import click
 
 from conilium.errors import ConiliumError
+from conilium.extract.registry import UPSTREAMS
 
-from .extract import extract_features, parse_snr
-from .upstreams import UPSTREAMS
-from .verify import verify_cache
+from .common import CONTEXT, GROUP_QUIET, Group, fail, quiet_option, version_option
 
 _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face model id, a local model "
                   "directory, or a model directory written by finetune-best")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT)
 @click.option("--corpus", "corpus", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Corpus root in the MSP-Podcast layout (Audios/, Labels/).")
 @click.option("--upstream", required=True, help=_UPSTREAM_HELP)
@@ -60,7 +65,8 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache in --out and rebuild it.")
 @click.option("--no-space-check", is_flag=True,
               help="Extract even when the projected cache size exceeds the free disk space.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or messages.")
+@quiet_option("No progress bar or messages.")
+@version_option
 def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max_seconds, normalize, random_init,
                          seed, revision, splits, batch_seconds, device, compute_dtype, shard_size, workers, threads,
                          skip_bad, augment_noise, augment_fraction, snr_db, copies, overwrite, no_space_check,
@@ -78,6 +84,9 @@ def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max
     stopped when rerun with the same options; under `torchrun --nproc_per_node K` the
     ranks share the shards. Check a cache with `verify-cache CACHE_DIR`.
     """
+    from conilium.audio import parse_snr
+    from conilium.extract import extract_features  # torch, transformers, h5py: only when run
+
     try:
         if threads:
             import torch
@@ -92,15 +101,16 @@ def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max
             augment_noise=augment_noise, augment_fraction=augment_fraction, snr_db=parse_snr(snr_db),
             copies=copies, overwrite=overwrite, check_space=not no_space_check, verbose=not quiet)
     except ConiliumError as e:
-        raise click.ClickException(str(e)) from None
+        fail(e)
     if not quiet:
         click.echo(str(path))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.argument("cache_dir", type=click.Path(path_type=str))
 @click.option("--quick", is_flag=True, help="Check sizes and HDF5 contents only, not the SHA-256 checksums.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only problems.")
+@quiet_option("No progress bar; print only problems.")
+@version_option
 def verify_cache_cmd(cache_dir, quick, quiet):
     """Check every shard of a feature cache against its manifest.
 
@@ -108,10 +118,12 @@ def verify_cache_cmd(cache_dir, quick, quiet):
     size and SHA-256 checksum and holds exactly the clips clips.json assigns to it, with
     the recorded number of frames. Exits with status 1 and lists the problems otherwise.
     """
+    from conilium.extract.verify import verify_cache  # h5py: only when run
+
     try:
         report = verify_cache(cache_dir, checksums=not quick, verbose=not quiet)
     except ConiliumError as e:
-        raise click.ClickException(str(e)) from None
+        fail(e)
     if report.problems:
         for p in report.problems:
             click.echo(f"PROBLEM: {p}", err=True)
@@ -121,6 +133,23 @@ def verify_cache_cmd(cache_dir, quick, quiet):
     if not quiet:
         click.echo(f"{cache_dir}: OK ({report.shards} shard(s), {report.clips} clip(s), "
                    f"{report.bytes / 1e6:.1f} MB{', checksums verified' if not quick else ''})")
+
+
+@click.group("extract", cls=Group, context_settings=CONTEXT,
+             short_help="Corpus -> feature cache (stage 1); check a cache.")
+@quiet_option(GROUP_QUIET)
+@version_option
+def extract_group(quiet):
+    """Stage 1: run an upstream over a corpus once into an HDF5 feature cache, and check a cache.
+
+    \b
+      features   corpus -> feature cache         (also installed as extract-features)
+      verify     check a cache's shards          (also installed as verify-cache)
+    """
+
+
+extract_group.add_command(extract_features_cmd, "features")
+extract_group.add_command(verify_cache_cmd, "verify")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,5 @@
-"""Command-line tools of the corpus stage: ``make-demo-corpus`` and ``describe-corpus``."""
+"""``conilium corpus``: ``make-demo`` (alias ``make-demo-corpus``) and ``describe`` (alias
+``describe-corpus``)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,13 @@ from pathlib import Path
 
 import click
 
-from .describe import OUTPUT_FILES, describe_corpus
-from .demo import MIN_CLIPS, make_demo_corpus
-from .errors import ConiliumError
+from conilium.demo import MIN_CLIPS
+from conilium.errors import ConiliumError
 
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+from .common import CONTEXT, GROUP_QUIET, Group, fail, quiet_option, version_option
 
 
-@click.command(context_settings=_CONTEXT)
+@click.command(context_settings=CONTEXT)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to create for the corpus (Audios/ and Labels/ go inside).")
 @click.option("--clips", type=click.IntRange(min=MIN_CLIPS), default=300, show_default=True,
@@ -27,7 +27,8 @@ _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
               help="Number of noise recordings written with --noise-out.")
 @click.option("--overwrite", is_flag=True,
               help="Replace --out (and --noise-out) if it already exists and is not empty.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or messages.")
+@quiet_option("No progress bar or messages.")
+@version_option
 def make_demo_corpus_cmd(out, clips, seed, noise_out, noise_files, overwrite, quiet):
     """Write a small synthetic corpus in the MSP-Podcast release layout.
 
@@ -48,11 +49,13 @@ def make_demo_corpus_cmd(out, clips, seed, noise_out, noise_files, overwrite, qu
       OUT/Labels/labels_consensus.csv   one row per clip (EmoClass, EmoAct/Val/Dom, SpkrID, Gender, Split_Set)
       OUT/Labels/labels_detailed.csv    one row per annotation (FileName, EmoDetail)
     """
+    from conilium.demo import make_demo_corpus
+
     try:
         make_demo_corpus(out, clips=clips, seed=seed, noise_dir=noise_out, noise_files=noise_files,
                          overwrite=overwrite, verbose=not quiet)
     except ConiliumError as e:
-        raise click.ClickException(str(e)) from None
+        fail(e)
     if not quiet:
         click.echo(f"Wrote a demo corpus of {clips} clips (seed {seed}) to {out}")
         click.echo(f"  {out / 'Audios'}/ ({clips} WAV files)")
@@ -61,14 +64,15 @@ def make_demo_corpus_cmd(out, clips, seed, noise_out, noise_files, overwrite, qu
             click.echo(f"  {noise_out}/ ({noise_files} noise recordings)")
 
 
-@click.command(context_settings=_CONTEXT)
+@click.command(context_settings=CONTEXT)
 @click.option("--corpus", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Corpus root in the MSP-Podcast layout (Audios/, Labels/).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the report (created if missing; its files are replaced).")
 @click.option("--skip-bad", is_flag=True,
               help="Leave out clips whose audio is missing or unreadable (listed in the report) instead of stopping.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@quiet_option("Print nothing but errors.")
+@version_option
 def describe_corpus_cmd(corpus, out, skip_bad, quiet):
     """Summarise a corpus: labels, annotators, agreement, durations, and two figures.
 
@@ -88,10 +92,12 @@ def describe_corpus_cmd(corpus, out, skip_bad, quiet):
     Example:
       describe-corpus --corpus MSP-PODCAST-1.11 --out reports/msp-1.11
     """
+    from conilium.describe import OUTPUT_FILES, describe_corpus  # matplotlib: only when run
+
     try:
         summary = describe_corpus(corpus, out, skip_bad=skip_bad)
     except ConiliumError as e:
-        raise click.ClickException(str(e)) from None
+        fail(e)
     if quiet:
         return
     per_split = ", ".join(f"{s} {n}" for s, n in summary["clips_per_split"].items())
@@ -102,3 +108,20 @@ def describe_corpus_cmd(corpus, out, skip_bad, quiet):
         if split != "all":
             click.echo(f"  {split}: " + " ".join(f"{k}={v}" for k, v in counts.items() if v))
     click.echo(f"Wrote {', '.join(str(out / name) for name in OUTPUT_FILES)}")
+
+
+@click.group("corpus", cls=Group, context_settings=CONTEXT,
+             short_help="A demo corpus; a corpus's counts, agreement and figures.")
+@quiet_option(GROUP_QUIET)
+@version_option
+def corpus_group(quiet):
+    """The corpus: a synthetic demo corpus in the MSP-Podcast layout, and a summary of any corpus.
+
+    \b
+      make-demo   write a demo corpus          (also installed as make-demo-corpus)
+      describe    counts, agreement, figures   (also installed as describe-corpus)
+    """
+
+
+corpus_group.add_command(make_demo_corpus_cmd, "make-demo")
+corpus_group.add_command(describe_corpus_cmd, "describe")

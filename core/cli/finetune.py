@@ -1,6 +1,10 @@
-"""Command-line tools ``finetune-best`` and ``predict`` (thin layers over the library).
+"""``conilium finetune``: ``train`` (alias ``finetune-best``: fine-tuning, then threshold
+tuning) and ``predict`` (alias ``predict``), thin layers over :mod:`conilium.finetune`.
 
-Several processes: ``torchrun --nproc_per_node K -m conilium.finetune.cli ARGS``
+The threshold tuning after fine-tuning is chained here, not in the library: the finetune
+stage does not import :mod:`conilium.evaluate`, this package sits above both.
+
+Several processes: ``torchrun --nproc_per_node K -m conilium.cli.finetune ARGS``
 (this module runs ``finetune-best``), or ``torchrun --nproc_per_node K $(which finetune-best) ARGS``.
 """
 
@@ -13,15 +17,14 @@ from pathlib import Path
 import click
 
 from conilium import CLASSES
-from conilium.audio import NORMALIZE_MODES, parse_snr
+from conilium.audio import NORMALIZE_MODES
 from conilium.errors import ConiliumError
-from conilium.heads.losses import LOSSES
+from conilium.finetune.config import PRECISIONS, FinetuneConfig
+from conilium.heads.config import LOSS_PROPERTIES
 
-from .config import PRECISIONS, FinetuneConfig
-from .train import TUNED_DIR, finetune
+from .common import CONTEXT, GROUP_QUIET, Group, fail, quiet_option, version_option
 
 _D = FinetuneConfig(corpus="", out="")
-_CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _quiet_library_warnings(quiet: bool = False) -> None:
@@ -33,7 +36,7 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
         hf_logging.disable_progress_bar()
 
 
-@click.command(context_settings=_CTX)
+@click.command(context_settings=CONTEXT)
 @click.option("--corpus", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Corpus root in the MSP-Podcast layout (Audios/, Labels/).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -47,7 +50,7 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
 @click.option("--random-init-seed", type=int, default=_D.random_init_seed, show_default=True,
               help="Seed of the random weights (use the one the cache was extracted with, for --init-head).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --upstream.")
-@click.option("--loss", type=click.Choice(list(LOSSES)), default=_D.loss, show_default=True,
+@click.option("--loss", type=click.Choice(list(LOSS_PROPERTIES)), default=_D.loss, show_default=True,
               help="wbce (the paper's best), wce, bce, kld or focal.")
 @click.option("--labels", type=click.Choice(["hard", "P", "S", "P*", "S*"]), default=_D.labels, show_default=True,
               help="Training targets: S (share of primary + secondary labels, the paper's best), P, hard, P*, S*.")
@@ -101,7 +104,8 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
               help="Continue an interrupted run in --out from its last completed epoch (from the start when no "
                    "epoch was completed, so scripts may always pass it).")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out that holds a run.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option("No progress bars.")
+@version_option
 def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revision, loss, labels, sampler, lr,
                       weight_decay, batch_size, grad_accum, epochs, patience, seed, max_seconds, normalize, dropout,
                       hidden, upstream_dropout, layerdrop, mask_time_prob, augment_noise, augment_fraction, snr_db,
@@ -118,12 +122,15 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
     Examples:
       finetune-best --corpus MSP-PODCAST-1.11 --out models/wavlm-wbce-S
       finetune-best --corpus demo --out models/demo --upstream demo-wavlm --random-init --epochs 2
-      torchrun --nproc_per_node 4 -m conilium.finetune.cli --corpus C --out M --gradient-checkpointing
+      torchrun --nproc_per_node 4 -m conilium.cli.finetune --corpus C --out M --gradient-checkpointing
       finetune-best --corpus C --out M --resume          # after an interruption
 
     \b
     Then: predict --model M a.wav b.flac; extract-features --upstream M ...; conilium-eval on M.
     """
+    from conilium.audio import parse_snr
+    from conilium.finetune.train import finetune  # torch, transformers: only when run
+
     _quiet_library_warnings(quiet)
     try:
         config = FinetuneConfig(
@@ -144,7 +151,7 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
         if metrics and config.tune_thresholds:
             metrics["thresholds"] = tune_model_thresholds(config)
     except ConiliumError as e:
-        raise click.ClickException(str(e)) from None
+        fail(e)
     if metrics:
         th = metrics.get("thresholds") or {}
         tuned = f", tuned {th['f1_macro_tuned']:.4f}" if th.get("f1_macro_tuned") is not None else ""
@@ -156,9 +163,9 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
     """Tune the decision offsets of a finished model directory on its development predictions
     (``conilium-eval tune-thresholds OUT OUT/tuned``) and record them in the model."""
     from conilium.evaluate.thresholds import tune_run
+    from conilium.finetune.model import set_decision_offsets
+    from conilium.finetune.train import TUNED_DIR
     from conilium.runs import prediction_path, read_predictions
-
-    from .model import set_decision_offsets
 
     out = Path(config.out)
     refs = read_predictions(prediction_path(out, config.dev_split)).reference
@@ -178,7 +185,7 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
     return thresholds
 
 
-@click.command(context_settings=_CTX)
+@click.command(context_settings=CONTEXT)
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Model directory written by finetune-best.")
 @click.argument("audio", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
@@ -190,7 +197,8 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
 @click.option("--max-seconds", type=float, default=None,
               help="Truncate files to this many seconds (default: as in training; 0: whole files).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option("No progress bar.")
+@version_option
 def predict_cmd(model_dir, audio, list_file, out, batch_size, max_seconds, device, quiet):
     """Predict the emotion of audio files with a finetune-best model.
 
@@ -209,7 +217,7 @@ def predict_cmd(model_dir, audio, list_file, out, batch_size, max_seconds, devic
     Example:
       predict --model models/wavlm-wbce-S a.wav b.flac --out predictions.csv
     """
-    from .predict import Predictor, output_format, read_list, results_csv, write_results  # torch: only when run
+    from conilium.finetune.predict import Predictor, output_format, read_list, results_csv, write_results  # torch
 
     _quiet_library_warnings(quiet)
     files = [str(a) for a in audio]
@@ -231,7 +239,7 @@ def predict_cmd(model_dir, audio, list_file, out, batch_size, max_seconds, devic
     except ConiliumError as e:
         if "--out" in str(e) or "--list" in str(e):
             raise click.UsageError(str(e)) from None
-        raise click.ClickException(str(e)) from None
+        fail(e)
     failed = [r for r in results if not r.ok]
     for r in failed:
         click.echo(f"predict: {r.file}: {r.error}", err=True)
@@ -242,5 +250,23 @@ def predict_cmd(model_dir, audio, list_file, out, batch_size, max_seconds, devic
         sys.exit(1)
 
 
-if __name__ == "__main__":
+
+@click.group("finetune", cls=Group, context_settings=CONTEXT,
+             short_help="Corpus -> fine-tuned model (end to end) -> predictions on audio.")
+@quiet_option(GROUP_QUIET)
+@version_option
+def finetune_group(quiet):
+    """End to end: fine-tune an upstream and a head on the audio, then predict with the model.
+
+    \b
+      train     corpus -> model directory, thresholds tuned   (also installed as finetune-best)
+      predict   model directory + audio files -> predictions   (also installed as predict)
+    """
+
+
+finetune_group.add_command(finetune_best_cmd, "train")
+finetune_group.add_command(predict_cmd, "predict")
+
+
+if __name__ == "__main__":  # pragma: no cover
     finetune_best_cmd()

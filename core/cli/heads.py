@@ -1,4 +1,5 @@
-"""Command-line tools of stage 2: ``train-head`` and ``train-grid`` (thin layers over the library)."""
+"""``conilium heads``: ``train`` (alias ``train-head``) and ``grid`` (alias ``train-grid``), thin
+layers over :mod:`conilium.heads`."""
 
 from __future__ import annotations
 
@@ -8,25 +9,19 @@ from pathlib import Path
 import click
 
 from conilium.errors import ConiliumError
+from conilium.heads.config import BACKENDS, LOSS_PROPERTIES, TrainConfig, presets
 
-from .data import parse_layers
-from .grid import BACKENDS, expand_spec, load_spec, presets, run_grid
-from .losses import LOSSES
-from .train import TrainConfig, train_head
+from .common import CONTEXT, GROUP_QUIET, Group, fail, quiet_option, version_option
 
 _DEFAULTS = TrainConfig(cache="")
 
 
-def _fail(e: Exception):
-    raise click.ClickException(str(e)) from None
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT)
 @click.option("--cache", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Feature cache directory written by extract-features.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory to write (config.json, model.pt, metrics.json, predictions/<Split>.csv).")
-@click.option("--loss", type=click.Choice(list(LOSSES)), default=_DEFAULTS.loss, show_default=True,
+@click.option("--loss", type=click.Choice(list(LOSS_PROPERTIES)), default=_DEFAULTS.loss, show_default=True,
               help="wce: weighted cross-entropy (hard labels only); bce/wbce: (weighted) binary cross-entropy; "
                    "kld: Kullback-Leibler divergence; focal: class-weighted focal loss.")
 @click.option("--labels", type=click.Choice(["hard", "P", "S", "P*", "S*"]), default=_DEFAULTS.labels,
@@ -72,7 +67,8 @@ def _fail(e: Exception):
 @click.option("--preload-budget-gb", type=float, default=_DEFAULTS.preload_budget_gb, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--overwrite", is_flag=True, help="Replace a complete run already in --out.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option("No progress bars.")
+@version_option
 def train_head_cmd(cache, out, loss, labels, pooling, layers, pooled_stats, sampler, lr, weight_decay, batch_size,
                    epochs, patience, seed, p_threshold, s_threshold, hidden, dropout, train_split, dev_split, device,
                    num_workers, preload, preload_budget_gb, threads, overwrite, quiet):
@@ -85,6 +81,9 @@ def train_head_cmd(cache, out, loss, labels, pooling, layers, pooled_stats, samp
     The best epoch by development macro-F1 is kept; metrics.json holds its scores on
     every labelled split, predictions/<Split>.csv its class scores on every split.
     """
+    from conilium.heads.data import parse_layers
+    from conilium.heads.train import train_head  # torch, h5py: only when run
+
     try:
         config = TrainConfig(cache=str(cache), loss=loss, labels=labels, pooling=pooling, layers=parse_layers(layers),
                              pooled_stats=pooled_stats, sampler=None if sampler == "none" else sampler, lr=lr,
@@ -94,7 +93,7 @@ def train_head_cmd(cache, out, loss, labels, pooling, layers, pooled_stats, samp
                              device=device, preload=preload, preload_budget_gb=preload_budget_gb, threads=threads)
         m = train_head(config, out, overwrite=overwrite, progress=not quiet)
     except ConiliumError as e:
-        _fail(e)
+        fail(e)
     click.echo(f"{m['split']} macro-F1 {m['f1_macro']:.4f}, micro-F1 {m['f1_micro']:.4f} at epoch "
                f"{m['best_epoch']} of {len(m['history'])}; run written to {out}")
 
@@ -112,7 +111,7 @@ def _parse_set(values):
     return out
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(context_settings=CONTEXT)
 @click.option("--spec", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Grid spec JSON: {'common': {...}, 'runs': [{'name': ..., ...}], 'product': {...}}.")
 @click.option("--preset", type=click.Choice(presets() or ["table2"]),
@@ -131,7 +130,8 @@ def _parse_set(values):
 @click.option("--threads-per-job", type=int, default=None,
               help="torch CPU threads of each run (default: CPU cores / --n-jobs).")
 @click.option("--dry-run", is_flag=True, help="List the runs and exit.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option("No progress bar.")
+@version_option
 def train_grid_cmd(spec, preset, cache, out, sets, n_jobs, backend, address, threads_per_job, dry_run, quiet):
     """Train many heads from one spec, in parallel, and write a results table.
 
@@ -144,6 +144,8 @@ def train_grid_cmd(spec, preset, cache, out, sets, n_jobs, backend, address, thr
     so an interrupted grid resumes. The command fails when any run failed; the table
     then names the error.
     """
+    from conilium.heads.grid import expand_spec, load_spec, run_grid  # torch, h5py: only when run
+
     try:
         runs = expand_spec(load_spec(spec, preset=preset), cache=cache, overrides=_parse_set(sets))
         if dry_run:
@@ -153,9 +155,26 @@ def train_grid_cmd(spec, preset, cache, out, sets, n_jobs, backend, address, thr
         rows = run_grid(runs, out, n_jobs=n_jobs, backend=backend, address=address,
                         threads_per_job=threads_per_job, progress=not quiet)
     except ConiliumError as e:
-        _fail(e)
+        fail(e)
     click.echo((Path(out) / "results.md").read_text(encoding="utf-8"))
     failed = [r["name"] for r in rows if r["status"] == "failed"]
     if failed:
         raise click.ClickException(f"{len(failed)} run(s) failed: {', '.join(failed)} (see {Path(out) / 'results.csv'})")
     click.echo(f"results written to {Path(out) / 'results.csv'} and {Path(out) / 'results.md'}")
+
+
+@click.group("heads", cls=Group, context_settings=CONTEXT,
+             short_help="Feature cache -> head runs (stage 2), one or a grid.")
+@quiet_option(GROUP_QUIET)
+@version_option
+def heads_group(quiet):
+    """Stage 2: train pooling heads on a feature cache, one run or a grid of them.
+
+    \b
+      train   feature cache -> one run directory      (also installed as train-head)
+      grid    feature cache -> many runs, a table     (also installed as train-grid)
+    """
+
+
+heads_group.add_command(train_head_cmd, "train")
+heads_group.add_command(train_grid_cmd, "grid")

@@ -1,5 +1,6 @@
-"""``conilium-eval``: scores, threshold adjustment, ensembles, Easy/Difficult analysis, reports,
-submissions — all read run directories (``config.json`` + ``predictions/<Split>.csv``)."""
+"""``conilium eval`` (alias ``conilium-eval``): scores, threshold adjustment, ensembles,
+Easy/Difficult analysis, reports, submissions — all read run directories (``config.json`` +
+``predictions/<Split>.csv``), thin layers over :mod:`conilium.evaluate`."""
 
 from __future__ import annotations
 
@@ -8,47 +9,51 @@ from pathlib import Path
 import click
 
 from conilium.errors import ConiliumError
+from conilium.evaluate.options import DEFAULT_ROUNDS, METHODS, OTHER_MODES
 
-from . import difficulty as _difficulty
-from .ensemble import METHODS, ensemble_runs
-from .report import build_report, split_metrics
-from .submission import write_submission
-from conilium.runs import has_references, read_run
+from .common import CONTEXT, GROUP_QUIET, Group, fail, quiet_option, version_option
 
-from .thresholds import DEFAULT_ROUNDS, tune_run
-
-_CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _RUN = click.Path(file_okay=False, path_type=Path)
 
 
-def _fail(e: Exception):
-    raise click.ClickException(str(e)) from None
+def _clips(cache, corpus, runs, quiet=False):
+    from conilium.evaluate.difficulty import default_cache, load_clips
 
-
-def _clips(cache, corpus, runs):
     if cache is None and corpus is None:
-        cache = _difficulty.default_cache(runs)
+        cache = default_cache(runs)
         if cache is None:
             raise click.UsageError("clip metadata needed: give --cache or --corpus (no run config records a cache)")
-        click.echo(f"clip metadata from the runs' cache {cache}", err=True)
-    return _difficulty.load_clips(cache=cache, corpus=corpus)
+        if not quiet:
+            click.echo(f"clip metadata from the runs' cache {cache}", err=True)
+    return load_clips(cache=cache, corpus=corpus)
 
 
-@click.group(context_settings=_CTX)
-def main():
-    """Evaluate run directories of train-head / finetune-best / predict.
+@click.group("eval", cls=Group, context_settings=CONTEXT,
+             short_help="Run directories -> scores, thresholds, ensembles, reports.")
+@quiet_option(GROUP_QUIET)
+@version_option
+def eval_group(quiet):
+    """Evaluate run directories of train-head / finetune-best / predict (also installed as conilium-eval).
 
     \b
-    conilium-eval metrics RUN                        scores, confusion matrix (CSV, PNG)
-    conilium-eval tune-thresholds RUN OUT            offsets for macro-F1 (paper 3.7)
-    conilium-eval ensemble RUN1 RUN2 ... --out OUT   mean probability or vote (3.6)
-    conilium-eval easy-difficult RUN1 RUN2 ... --out DIR      Easy/Difficult (section 4)
-    conilium-eval report SPEC.json --out DIR         our tables beside the paper's
-    conilium-eval submission RUN --split Test3 --out submission.csv
+    metrics RUN                          scores, confusion matrix (CSV, PNG)
+    tune-thresholds RUN OUT              offsets for macro-F1 (paper 3.7)
+    ensemble RUN1 RUN2 ... --out OUT     mean probability or vote (3.6)
+    easy-difficult RUN1 RUN2 ... --out DIR      Easy/Difficult (section 4)
+    report SPEC.json --out DIR           our tables beside the paper's
+    submission RUN --split Test3 --out submission.csv
     """
 
 
-@main.command("metrics", context_settings=_CTX)
+_QUIET = "Print nothing but errors."
+
+
+def _echo(quiet: bool):
+    """``click.echo``, or nothing under ``-q``."""
+    return (lambda *args, **kwargs: None) if quiet else click.echo
+
+
+@eval_group.command("metrics", context_settings=CONTEXT)
 @click.argument("run", type=_RUN)
 @click.option("--split", "splits", multiple=True,
               help="Split to score (repeatable). Default: every labelled split of the run.")
@@ -56,9 +61,15 @@ def main():
               help="Write metrics.json, per_class.csv, confusion_percent.csv, confusion_counts.csv and "
                    "confusion.png per split into OUT/<Split>/ (default: RUN/evaluation/<Split>/).")
 @click.option("--no-files", is_flag=True, help="Only print the scores.")
-def metrics_cmd(run, splits, out, no_files):
+@quiet_option(_QUIET)
+@version_option
+def metrics_cmd(run, splits, out, no_files, quiet):
     """Macro/micro F1, per-class precision/recall/F1 and the confusion matrix (percent of each
     reference class, the paper's Figure 4) of a run's splits."""
+    from conilium.evaluate.report import split_metrics
+    from conilium.runs import has_references, read_run
+
+    echo = _echo(quiet)
     try:
         if not splits:
             data = read_run(run)
@@ -68,17 +79,17 @@ def metrics_cmd(run, splits, out, no_files):
         for split in splits:
             target = None if no_files else (out or run / "evaluation") / split
             s = split_metrics(run, split, target)
-            click.echo(f"{split}: {s['n']} clips  macro-F1 {s['f1_macro']:.4f}  micro-F1 {s['f1_micro']:.4f}")
-            click.echo("  class  precision  recall     F1  support")
+            echo(f"{split}: {s['n']} clips  macro-F1 {s['f1_macro']:.4f}  micro-F1 {s['f1_micro']:.4f}")
+            echo("  class  precision  recall     F1  support")
             for c, v in s["per_class"].items():
-                click.echo(f"  {c:>5}  {v['precision']:9.3f}  {v['recall']:6.3f}  {v['f1']:5.3f}  {v['support']:7d}")
+                echo(f"  {c:>5}  {v['precision']:9.3f}  {v['recall']:6.3f}  {v['f1']:5.3f}  {v['support']:7d}")
             if target is not None:
-                click.echo(f"  written to {target}/")
+                echo(f"  written to {target}/")
     except ConiliumError as e:
-        _fail(e)
+        fail(e)
 
 
-@main.command("tune-thresholds", context_settings=_CTX)
+@eval_group.command("tune-thresholds", context_settings=CONTEXT)
 @click.argument("run", type=_RUN)
 @click.argument("out", type=_RUN)
 @click.option("--tune-split", default="Development", show_default=True,
@@ -90,31 +101,36 @@ def metrics_cmd(run, splits, out, no_files):
 @click.option("--rounds", type=int, default=DEFAULT_ROUNDS, show_default=True,
               help="Coordinate-ascent rounds over the classes.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def tune_thresholds_cmd(run, out, tune_split, k, seed, rounds, overwrite):
+@quiet_option(_QUIET)
+@version_option
+def tune_thresholds_cmd(run, out, tune_split, k, seed, rounds, overwrite, quiet):
     """Adjust per-class decision offsets of RUN for macro-F1 (paper 3.7); write the tuned run to OUT.
 
     Prediction = argmax(probabilities + offsets). Offsets are chosen on --tune-split by
     coordinate ascent over -0.5..0.5 (step 0.01), never lowering its macro-F1. The tuning
     split's own score is optimistic; the K-fold figure is the one to trust.
     """
+    from conilium.evaluate.thresholds import tune_run  # scikit-learn: only when run
+
     try:
         m = tune_run(run, out, tune_split=tune_split, k=k, seed=seed, rounds=rounds, overwrite=overwrite)
     except ConiliumError as e:
-        _fail(e)
-    click.echo("offsets: " + "  ".join(f"{c} {o:+.2f}" for c, o in m["offsets"].items()))
+        fail(e)
+    echo = _echo(quiet)
+    echo("offsets: " + "  ".join(f"{c} {o:+.2f}" for c, o in m["offsets"].items()))
     for split, s in m["splits"].items():
         before = m["untuned"][split]
-        click.echo(f"{split}: macro-F1 {before['f1_macro']:.4f} -> {s['f1_macro']:.4f}   "
-                   f"micro-F1 {before['f1_micro']:.4f} -> {s['f1_micro']:.4f}")
+        echo(f"{split}: macro-F1 {before['f1_macro']:.4f} -> {s['f1_macro']:.4f}   "
+             f"micro-F1 {before['f1_micro']:.4f} -> {s['f1_micro']:.4f}")
     cv = m.get("cross_validation")
     if cv:
-        click.echo(f"{tune_split}, {cv['k']}-fold held-out estimate: macro-F1 {cv['f1_macro_untuned']:.4f} -> "
-                   f"{cv['f1_macro_pooled']:.4f} (per fold {cv['f1_macro_folds_mean']:.4f} ± "
-                   f"{cv['f1_macro_folds_sd']:.4f})")
-    click.echo(f"tuned run written to {out}")
+        echo(f"{tune_split}, {cv['k']}-fold held-out estimate: macro-F1 {cv['f1_macro_untuned']:.4f} -> "
+             f"{cv['f1_macro_pooled']:.4f} (per fold {cv['f1_macro_folds_mean']:.4f} ± "
+             f"{cv['f1_macro_folds_sd']:.4f})")
+    echo(f"tuned run written to {out}")
 
 
-@main.command("ensemble", context_settings=_CTX)
+@eval_group.command("ensemble", context_settings=CONTEXT)
 @click.argument("runs", nargs=-1, required=True, type=_RUN)
 @click.option("--out", required=True, type=_RUN, help="Run directory to write.")
 @click.option("--method", type=click.Choice(METHODS), default="mean", show_default=True,
@@ -125,8 +141,12 @@ def tune_thresholds_cmd(run, out, tune_split, k, seed, rounds, overwrite):
 @click.option("--split", "splits", multiple=True,
               help="Split to combine (repeatable). Default: every split all runs have.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def ensemble_cmd(runs, out, method, weights, splits, overwrite):
+@quiet_option(_QUIET)
+@version_option
+def ensemble_cmd(runs, out, method, weights, splits, overwrite, quiet):
     """Combine two or more runs over the same clips into a new run directory (paper 3.6)."""
+    from conilium.evaluate.ensemble import ensemble_runs
+
     try:
         w = [float(x) for x in weights.split(",")] if weights else None
     except ValueError:
@@ -134,16 +154,17 @@ def ensemble_cmd(runs, out, method, weights, splits, overwrite):
     try:
         m = ensemble_runs(runs, out, method=method, weights=w, splits=splits or None, overwrite=overwrite)
     except ConiliumError as e:
-        _fail(e)
+        fail(e)
+    echo = _echo(quiet)
     for split, s in m["splits"].items():
         members = "  ".join(f"{Path(r).name} {v[split]['f1_macro']:.4f}" for r, v in m["members"].items())
-        click.echo(f"{split}: ensemble macro-F1 {s['f1_macro']:.4f} micro-F1 {s['f1_micro']:.4f}  (members: {members})")
+        echo(f"{split}: ensemble macro-F1 {s['f1_macro']:.4f} micro-F1 {s['f1_micro']:.4f}  (members: {members})")
     if m["skipped_splits"]:
-        click.echo(f"left out (not in every run): {', '.join(m['skipped_splits'])}")
-    click.echo(f"ensemble written to {out}")
+        echo(f"left out (not in every run): {', '.join(m['skipped_splits'])}")
+    echo(f"ensemble written to {out}")
 
 
-@main.command("easy-difficult", context_settings=_CTX)
+@eval_group.command("easy-difficult", context_settings=CONTEXT)
 @click.argument("runs", nargs=-1, required=True, type=_RUN)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for easy_difficult.json, easy_difficult.md and clips.csv.")
@@ -153,20 +174,26 @@ def ensemble_cmd(runs, out, method, weights, splits, overwrite):
                    "(default: the cache recorded in the runs' config.json).")
 @click.option("--corpus", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Corpus root to read the same metadata from instead of a cache.")
-@click.option("--other", type=click.Choice(_difficulty.OTHER_MODES), default="category", show_default=True,
+@click.option("--other", type=click.Choice(OTHER_MODES), default="category", show_default=True,
               help="Primaries outside the eight classes (Other) in Krippendorff's alpha: a ninth category, "
                    "or excluded.")
-def easy_difficult_cmd(runs, out, split, cache, corpus, other):
+@quiet_option(_QUIET)
+@version_option
+def easy_difficult_cmd(runs, out, split, cache, corpus, other, quiet):
     """Easy (all runs right) and Difficult (all wrong) clips of two or more runs (paper section 4):
     counts, durations, Krippendorff's alpha, Easy/Difficult speakers and genders."""
+    from conilium.evaluate.difficulty import easy_difficult, write_outputs
+
     if cache is not None and corpus is not None:
         raise click.UsageError("give --cache or --corpus, not both")
     try:
-        clips = _clips(cache, corpus, runs)
-        result = _difficulty.easy_difficult(runs, clips, split=split, other=other)
-        files = _difficulty.write_outputs(result, out)
+        clips = _clips(cache, corpus, runs, quiet)
+        result = easy_difficult(runs, clips, split=split, other=other)
+        files = write_outputs(result, out)
     except ConiliumError as e:
-        _fail(e)
+        fail(e)
+    if quiet:
+        return
     g = result["groups"]
     for key in ("easy", "difficult", "mixed"):
         x = g[key]
@@ -176,12 +203,14 @@ def easy_difficult_cmd(runs, out, split, cache, corpus, other):
     click.echo(f"written to {files['markdown']} and {files['json']}")
 
 
-@main.command("report", context_settings=_CTX)
+@eval_group.command("report", context_settings=CONTEXT)
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Report folder: report.md, report.json and figures/.")
 @click.option("--title", default=None, help="Title (default: the spec's 'title').")
-def report_cmd(spec, out, title):
+@quiet_option(_QUIET)
+@version_option
+def report_cmd(spec, out, title, quiet):
     """Our tables beside the paper's (Tables 1-4, sections 3.4 and 3.6) from a JSON SPEC mapping
     each table's rows to run directories; see `python -c "import conilium.evaluate.report as r;
     print(r.__doc__)"` for the format. Example:
@@ -192,14 +221,16 @@ def report_cmd(spec, out, title):
                 "table4": {"dev": "runs/best-tuned", "test": {"run": "runs/best-tuned", "split": "Test1"}}},
      "easy_difficult": "easy-out"}
     """
+    from conilium.evaluate.report import build_report  # matplotlib: only when run
+
     try:
         path = build_report(spec, out, title=title)
     except ConiliumError as e:
-        _fail(e)
-    click.echo(f"report written to {path}")
+        fail(e)
+    _echo(quiet)(f"report written to {path}")
 
 
-@main.command("submission", context_settings=_CTX)
+@eval_group.command("submission", context_settings=CONTEXT)
 @click.argument("run", type=_RUN)
 @click.option("--split", default="Test3", show_default=True, help="Split to export.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -208,17 +239,22 @@ def report_cmd(spec, out, title):
               help="Check that the predictions cover exactly this cache's clips of the split.")
 @click.option("--corpus", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Check that the predictions cover exactly this corpus's clips of the split.")
-def submission_cmd(run, split, out, cache, corpus):
+@quiet_option(_QUIET)
+@version_option
+def submission_cmd(run, split, out, cache, corpus, quiet):
     """Write a challenge-style CSV (FileName,EmoClass) of RUN's predictions for a split."""
+    from conilium.evaluate.difficulty import load_clips
+    from conilium.evaluate.submission import write_submission
+
     if cache is not None and corpus is not None:
         raise click.UsageError("give --cache or --corpus, not both")
     try:
-        clips = None if cache is None and corpus is None else _difficulty.load_clips(cache=cache, corpus=corpus)
+        clips = None if cache is None and corpus is None else load_clips(cache=cache, corpus=corpus)
         n = write_submission(run, out, split=split, clips=clips)
     except ConiliumError as e:
-        _fail(e)
-    click.echo(f"{n} predictions of {split} written to {out}")
+        fail(e)
+    _echo(quiet)(f"{n} predictions of {split} written to {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    eval_group()

@@ -1,0 +1,59 @@
+"""The upstream registry: each registry name's Hugging Face model id, architecture family
+and configuration, as plain data.
+
+This module imports neither torch nor transformers, so that ``extract-features --help``
+lists the names and :mod:`conilium.finetune.config` checks them without loading a
+model; :mod:`.upstreams` builds and loads the models (the family's transformers
+configuration class: :data:`conilium.extract.upstreams.FAMILIES`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+# The large models: 24 transformer layers of width 1024, layer-normalised CNN encoder,
+# pre-LN ("stable") transformer.
+_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+              feat_extract_norm="layer", do_stable_layer_norm=True)
+# Small demo architectures: same transformer structure, tiny widths. The CNN encoder is two
+# wide layers (kernel 40 / stride 20, then kernel 8 / stride 16: the same 320-sample hop,
+# 50 frames/s) instead of seven 64-wide ones: with random weights the deep narrow stack
+# loses most of what the audio says (pooled-feature probes near chance on the demo
+# corpus), the shallow wide one keeps it and runs several times faster.
+_DEMO = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=192,
+             conv_dim=(256, 256), conv_kernel=(40, 8), conv_stride=(20, 16),
+             num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4)
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """A registered upstream: where real weights live and how to build the architecture."""
+
+    model_id: Optional[str]  # None: random-init only (demo architectures)
+    family: str
+    config: Dict = field(default_factory=dict)
+    description: str = ""
+
+
+UPSTREAMS: Dict[str, UpstreamSpec] = {
+    "wavlm-large": UpstreamSpec("microsoft/wavlm-large", "wavlm", dict(_LARGE, conv_bias=False),
+                                "WavLM Large (the paper's best upstream)"),
+    "wav2vec2-large-robust": UpstreamSpec("facebook/wav2vec2-large-robust", "wav2vec2", dict(_LARGE, conv_bias=True),
+                                          "wav2vec 2.0 Large, robust pre-training"),
+    "wav2vec2-base": UpstreamSpec("facebook/wav2vec2-base", "wav2vec2", dict(feat_extract_norm="group"),
+                                  "wav2vec 2.0 Base (group-normalised CNN encoder)"),
+    "hubert-large": UpstreamSpec("facebook/hubert-large-ls960-ft", "hubert", dict(_LARGE, conv_bias=True),
+                                 "HuBERT Large, fine-tuned on LibriSpeech 960h"),
+    "demo-wavlm": UpstreamSpec(None, "wavlm", dict(_DEMO, feat_extract_norm="layer", do_stable_layer_norm=True),
+                               "small WavLM-style architecture for the demo and tests"),
+    "demo-wav2vec2-base": UpstreamSpec(None, "wav2vec2", dict(_DEMO, feat_extract_norm="group"),
+                                       "small wav2vec2-base-style architecture (group norm) for the demo and tests"),
+    "demo-wav2vec2-large": UpstreamSpec(None, "wav2vec2", dict(_DEMO, feat_extract_norm="layer", do_stable_layer_norm=True),
+                                        "small wav2vec2-large-robust-style architecture for the demo and tests"),
+    "demo-hubert": UpstreamSpec(None, "hubert", dict(_DEMO, feat_extract_norm="layer", do_stable_layer_norm=True),
+                                "small HuBERT-style architecture for the demo and tests"),
+}
+
+#: Marker file of a model directory written by finetune-best; its upstream is in ``upstream/``.
+FINETUNED_MARKER = "conilium_model.json"

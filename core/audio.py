@@ -4,7 +4,8 @@ read → truncate/resample → (noise) → normalise, the same code for every st
 
 * :func:`read_audio` — soundfile decodes, multi-channel audio is averaged to mono,
   other sample rates are resampled to 16 kHz with soxr, and the result is truncated to
-  ``max_seconds`` (reading only the frames needed);
+  ``max_seconds`` (reading only the frames needed); samples far outside [-1, 1] (float
+  audio stored at integer scale) are an error unless ``rescale_loud``;
 * :func:`mix_noise` — a segment of a noise recording added at a given SNR (paper 3.2);
   :class:`NoiseMixer` draws which clips get noise, and which noise, per (seed, epoch, clip);
 * :func:`normalize` — ``global`` (the Train audio's mean and std, :func:`global_stats`),
@@ -36,14 +37,33 @@ if TYPE_CHECKING:  # annotations only
 NORMALIZE_MODES = ("global", "utterance", "none")
 #: File endings taken as audio in a noise folder.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+#: Largest plausible peak of decoded audio. Integer PCM (WAV, FLAC, AIFF) decodes to
+#: [-1, 1) exactly; float WAV and lossy codecs may go somewhat past full scale (inter-sample
+#: overs, resampling, mixing: +1 to +3 dBFS in practice). Past +6 dBFS (2.0) the samples are
+#: not float audio but integer values stored as floats (int16 scale: peaks of 1e2 to 3.3e4),
+#: which would swamp the global mean/std and every other clip's features.
+MAX_PEAK = 2.0
+#: Integer full scales tried, smallest first, when ``rescale_loud`` divides such audio back.
+_FULL_SCALES = (2.0 ** 15, 2.0 ** 23, 2.0 ** 31)
+
+
+def loud_scale(peak: float) -> float:
+    """The integer full scale (2**15, 2**23, 2**31) that audio peaking at ``peak`` was most
+    likely written at (the smallest one it fits in); the peak itself beyond them."""
+    for scale in _FULL_SCALES:
+        if peak <= scale:
+            return scale
+    return float(peak)
 
 
 def read_audio(path, *, sample_rate: int = SAMPLE_RATE, max_seconds: Optional[float] = None,
-               clip: Optional[str] = None) -> np.ndarray:
+               clip: Optional[str] = None, rescale_loud: bool = False) -> np.ndarray:
     """Decode ``path`` into a float32 mono waveform at ``sample_rate``.
 
     Raises :class:`AudioError` naming the file (and ``clip``) when it is missing,
-    unreadable, empty, or holds NaN/inf samples.
+    unreadable, empty, holds NaN/inf samples, or samples beyond ±:data:`MAX_PEAK` (float
+    audio at integer scale). With ``rescale_loud`` such audio is divided by the integer
+    full scale it fits (:func:`loud_scale`: 32768 for int16-scale values) instead.
     """
     path = Path(path)
     if not path.is_file():
@@ -64,6 +84,14 @@ def read_audio(path, *, sample_rate: int = SAMPLE_RATE, max_seconds: Optional[fl
     x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
     if not np.all(np.isfinite(x)):
         raise AudioError(path, "audio holds NaN or infinite samples", clip)
+    peak = float(np.abs(x).max())
+    if peak > MAX_PEAK:
+        if not rescale_loud:
+            raise AudioError(path, f"samples reach {peak:.6g}, far outside the [-1, 1] range of float audio "
+                                   f"(float samples written at integer scale, e.g. int16 values?); convert the "
+                                   f"file to integer PCM or rescale it to [-1, 1], or pass --rescale-loud to "
+                                   f"divide such files by {loud_scale(peak):.0f}", clip)
+        x = (x / np.float32(loud_scale(peak))).astype(np.float32)
     if sr != sample_rate:
         x = soxr.resample(x, sr, sample_rate, quality="HQ").astype(np.float32)
         if max_seconds is not None and max_seconds > 0:
@@ -205,12 +233,14 @@ class SignalPath:
     """read → truncate/resample → noise → normalise, as a cache or a model directory records it.
 
     ``max_seconds`` None (or 0) reads whole files; ``stats`` holds the global mean and
-    std when ``normalize`` is ``global``.
+    std when ``normalize`` is ``global``; ``rescale_loud`` divides float audio stored at
+    integer scale back to [-1, 1] instead of refusing it (see :func:`read_audio`).
     """
 
     max_seconds: Optional[float] = None
     normalize: str = "none"
     stats: Optional[Mapping] = None
+    rescale_loud: bool = False
 
     def __post_init__(self):
         if self.normalize not in NORMALIZE_MODES:
@@ -220,7 +250,7 @@ class SignalPath:
 
     def read(self, path, *, clip: Optional[str] = None) -> np.ndarray:
         """The decoded, truncated 16 kHz waveform (before noise and normalisation)."""
-        return read_audio(path, max_seconds=self.max_seconds, clip=clip)
+        return read_audio(path, max_seconds=self.max_seconds, clip=clip, rescale_loud=self.rescale_loud)
 
     def finish(self, x: np.ndarray, path, *, clip: Optional[str] = None) -> np.ndarray:
         """Normalise ``x`` (read from ``path``); an error naming the clip when it is not finite."""
@@ -237,14 +267,20 @@ class SignalPath:
 
 
 def global_stats(corpus: "Corpus", *, max_seconds: Optional[float], split: str = "Train", skip_bad: bool = False,
-                 workers: int = 2, verbose: bool = True) -> Tuple[dict, List[Tuple[str, str]]]:
+                 workers: int = 2, verbose: bool = True,
+                 rescale_loud: bool = False) -> Tuple[dict, List[Tuple[str, str]]]:
     """Mean and std of the ``split`` audio as fed to the upstream (truncated, before noise),
-    and the clips left out as unreadable (with ``skip_bad``)."""
+    and the clips left out as unreadable (with ``skip_bad``).
+
+    A clip read_audio refuses (float audio at integer scale among them) stops the
+    computation, or with ``skip_bad`` is left out and listed, never used as it is;
+    ``rescale_loud`` uses it rescaled, as the extraction then reads it.
+    """
     train = [c.name for c in corpus if c.split == split]
     if not train:
         raise ConfigError(f"--normalize global needs the corpus's {split} split (its audio gives the mean and "
                           f"std); this corpus selection has none: use --normalize utterance, or none")
-    path = SignalPath(max_seconds=max_seconds)
+    path = SignalPath(max_seconds=max_seconds, rescale_loud=rescale_loud)
     total = 0
     s1 = 0.0
     s2 = 0.0

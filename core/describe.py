@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -27,7 +28,7 @@ from matplotlib.figure import Figure
 from . import CLASS_NAMES, CLASSES, NON_TARGET_CONSENSUS
 from .corpus import SPLITS, Clip, Corpus, ignored_word_counts, load_corpus
 from .targets import DEFAULT_THRESHOLDS, agreement, passes_agreement, secondary_target
-from .util import atomic_path, write_json
+from .util import atomic_path, check_writable, write_json
 
 #: Files :func:`describe_corpus` writes, in order.
 OUTPUT_FILES = ("summary.json", "summary.md", "durations.png", "cooccurrence.png")
@@ -43,18 +44,27 @@ def describe_corpus(corpus: Union[Corpus, str, Path], out_dir, *, skip_bad: bool
 
     ``corpus`` is a corpus root or a loaded :class:`Corpus`; a root is read with
     durations, and ``skip_bad`` leaves out (and lists) clips whose audio is missing or
-    unreadable instead of failing.
+    unreadable instead of failing. ``out_dir`` is checked for being writable before the
+    corpus is read; a failure to write (full disk, read-only) is an
+    :class:`~conilium.errors.OutputError` naming the file, and leaves none of the four files.
     """
+    out_dir = Path(out_dir)
+    check_writable(out_dir, what="describe-corpus output directory")  # before reading the corpus
     if not isinstance(corpus, Corpus):
         corpus = load_corpus(corpus, skip_bad=skip_bad)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(corpus)
-    write_json(out_dir / "summary.json", summary)
-    with atomic_path(out_dir / "summary.md") as tmp:
-        tmp.write_text(render_markdown(summary), encoding="utf-8")
-    _save(plot_durations(corpus), out_dir / "durations.png")
-    _save(plot_cooccurrence(summary["cooccurrence"]), out_dir / "cooccurrence.png")
+    try:
+        write_json(out_dir / "summary.json", summary)
+        with atomic_path(out_dir / "summary.md") as tmp:
+            tmp.write_text(render_markdown(summary), encoding="utf-8")
+        _save(plot_durations(corpus), out_dir / "durations.png")
+        _save(plot_cooccurrence(summary["cooccurrence"]), out_dir / "cooccurrence.png")
+    except BaseException:
+        # no report of mixed pieces: a summary.md whose figures are missing, or older ones
+        for name in OUTPUT_FILES:
+            with contextlib.suppress(OSError):
+                (out_dir / name).unlink(missing_ok=True)
+        raise
     return summary
 
 

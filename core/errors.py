@@ -26,3 +26,18 @@ class CacheError(ConiliumError):
 
 class ConfigError(ConiliumError):
     """Incompatible options (e.g. a loss with targets it cannot use)."""
+
+
+class OutputError(ConiliumError):
+    """An output file or directory cannot be written: full disk, read-only file system, no
+    permission, a file where a directory should be. The message names the path."""
+
+    def __init__(self, path, reason, hint=None):
+        self.path = str(path)
+        self.reason = reason
+        self.hint = hint
+        super().__init__(f"cannot write {self.path}: {reason}" + (f"; {hint}" if hint else ""))
+
+
+class LockError(ConiliumError):
+    """A directory is being written by another process (its lock file names the holder)."""

@@ -26,7 +26,7 @@ from conilium.extract.encoder import UpstreamEncoder
 from conilium.extract.upstreams import FINETUNED_MARKER, load_upstream
 from conilium.heads.losses import activation
 from conilium.heads.model import EmotionHead, HeadConfig
-from conilium.util import atomic_path, read_json, write_json
+from conilium.util import atomic_path, output_errors, read_json, write_json
 
 from .config import FinetuneConfig
 
@@ -119,18 +119,26 @@ def save_model_dir(out, model: EndToEndModel, info: Mapping) -> Path:
     ``info`` holds at least ``max_seconds``, ``normalize`` ({"mode", "stats"}), ``loss``
     and ``offsets`` (class → decision offset); the classes, sample rate, head config and
     hidden-state layers are added here. Each part is written under a temporary name and
-    renamed, ``conilium_model.json`` last, so a directory with that file is complete.
+    renamed, ``conilium_model.json`` last, so a directory with that file is complete. A
+    failure to write (full disk, read-only) is an :class:`~conilium.errors.OutputError`
+    naming the file, with no temporary copy left.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MODEL_FILE).unlink(missing_ok=True)
+    with output_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MODEL_FILE).unlink(missing_ok=True)
     tmp = out / f".{UPSTREAM_DIR}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.upstream.save_pretrained(tmp)
-    old = out / f".{UPSTREAM_DIR}.old{os.getpid()}"
-    if (out / UPSTREAM_DIR).exists():
-        os.replace(out / UPSTREAM_DIR, old)
-    os.replace(tmp, out / UPSTREAM_DIR)
+    try:
+        # a full disk or a read-only directory: an OutputError naming upstream/, and no partial copy left
+        with output_errors(out / UPSTREAM_DIR, where=out):
+            model.upstream.save_pretrained(tmp)
+            old = out / f".{UPSTREAM_DIR}.old{os.getpid()}"
+            if (out / UPSTREAM_DIR).exists():
+                os.replace(out / UPSTREAM_DIR, old)
+            os.replace(tmp, out / UPSTREAM_DIR)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     head_ckpt = {
         "format": MODEL_FORMAT,

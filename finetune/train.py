@@ -30,6 +30,12 @@ How a step runs:
 * **resume** — after each epoch ``checkpoints/last.pt`` (model, optimizer, RNG and
   sampler state, history) is replaced atomically; ``resume=True`` continues from it and
   ends with the same model as an uninterrupted run.
+* **one writer** — rank 0 holds a lock on ``out`` (:mod:`conilium.locking`) for the
+  whole run: a second finetune-best on the same directory stops with a message naming
+  the first (or waits, ``wait_for_lock``). ``out`` is checked for being writable, and
+  for room for the checkpoints, before training; a failure to write (full disk,
+  read-only) is an :class:`~conilium.errors.OutputError` naming the file on every rank,
+  and leaves no ``metrics.json`` nor ``conilium_model.json`` behind.
 
 A run goes through four steps a reader can follow: :func:`prepare` (the corpus, the
 targets, every check before any training), :func:`build` (upstream, head and starting
@@ -59,15 +65,17 @@ from tqdm import tqdm
 from conilium import CLASSES
 from conilium.audio import NoiseMixer, SignalPath, global_stats
 from conilium.corpus import Clip, Corpus, audio_dir, load_corpus
+from conilium import errors as _errors
 from conilium.errors import ConfigError, ConiliumError
 from conilium.extract.upstreams import load_upstream
 from conilium.heads.losses import loss_fn, uses_weights
 from conilium.heads.samplers import balanced_weights
+from conilium.locking import DirectoryLock, lock_directory
 from conilium.metrics import score
 from conilium.runs import CONFIG, METRICS, PRED_DIR, write_run_outputs
 from conilium.runtime import Dist, autocast, init_distributed
 from conilium.targets import class_counts, class_weights, training_set
-from conilium.util import atomic_path, read_json, write_json
+from conilium.util import atomic_path, check_writable, output_errors, read_json, write_json
 
 from .config import RUNTIME_FIELDS, FinetuneConfig, FinetuneError, check_config, precision_dtype
 from .data import AudioClips, collate_waves, epoch_batches, rank_micro_batches
@@ -166,27 +174,78 @@ def _cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-             on_epoch_end: Optional[Callable[[dict], None]] = None) -> dict:
+             on_epoch_end: Optional[Callable[[dict], None]] = None, wait_for_lock=False) -> dict:
     """Fine-tune end to end and write the model directory ``config.out``; return its metrics.
 
     Works alone or as one process of ``torchrun`` (each rank calls it with the same
     config). ``resume`` continues from ``out/checkpoints/last.pt``; ``overwrite`` starts
     over in an ``out`` that holds a run. ``on_epoch_end(record)`` is called on every rank
     after each epoch's checkpoint is written (record: epoch, train_loss, dev scores).
-    Ranks other than 0 return ``{}``.
+    Ranks other than 0 return ``{}``. Another process writing ``out`` is a
+    :class:`~conilium.errors.LockError` (``wait_for_lock``: True, or seconds, to wait for it).
     """
     d, device = init_distributed(config.device)
+    lock: Optional[DirectoryLock] = None
     try:
         if config.threads:
             torch.set_num_threads(int(config.threads))
         prep = prepare(config)
-        ckpt = _claim_out_dir(Path(config.out), config, d, resume=resume, overwrite=overwrite)
+        ckpt, lock = _claim_out_dir(Path(config.out), config, d, resume=resume, overwrite=overwrite,
+                                    wait_for_lock=wait_for_lock, progress=progress)
         progress = progress and d.main
         built = build(config, prep, d, device, ckpt, progress=progress)
+        _on_main(d, lambda: check_writable(config.out, what="finetune-best model directory",
+                                           need_bytes=_output_bytes(built.model, resuming=ckpt is not None)))
         history, best, seconds = fit(config, built, d, device, ckpt, progress=progress, on_epoch_end=on_epoch_end)
         return export(config, prep, built, d, device, history, best, seconds, progress=progress)
     finally:
+        if lock is not None:
+            lock.release()
         d.close(clean=False)
+
+
+def _output_bytes(model: nn.Module, *, resuming: bool) -> int:
+    """About the most bytes the checkpoints and the model directory take on disk at once:
+    best.pt and last.pt (the weights, and the optimizer's two moments of the trained ones)
+    with a new last.pt being written beside them, then the model directory. A resumed run
+    already has its checkpoints."""
+    every = sum(p.numel() for p in model.parameters()) * 4
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+    if resuming:
+        return 2 * every + 2 * trained + (1 << 20)
+    return 3 * every + 4 * trained + (1 << 20)
+
+
+def _on_main(d: Dist, fn: Callable[[], object]):
+    """Run ``fn`` on rank 0 only and return what it returns there (None elsewhere); a
+    ConiliumError it raises (a full disk, say) is raised on every rank, so that no rank waits
+    for rank 0 forever. Synchronises the ranks."""
+    error: Optional[ConiliumError] = None
+    result = None
+    if d.main:
+        try:
+            result = fn()
+        except ConiliumError as e:
+            error = e
+    problem = d.broadcast(None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    if problem is not None:
+        raise _remote_error(*problem)
+    return result
+
+
+def _remote_error(kind: str, message: str) -> ConiliumError:
+    """An exception of rank 0's error class (by name) with its message, for the other ranks."""
+    cls = getattr(_errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, ConiliumError):
+        try:
+            e = cls.__new__(cls)
+            Exception.__init__(e, message)
+            return e
+        except TypeError:  # pragma: no cover
+            pass
+    return ConiliumError(message)
 
 
 def _check_out_dir(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> Tuple[Optional[dict], bool]:
@@ -234,17 +293,29 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def _claim_out_dir(out: Path, config: FinetuneConfig, d: Dist, *, resume: bool, overwrite: bool) -> Optional[dict]:
-    """Check ``out`` on rank 0 (clear it when starting over) and return the checkpoint to resume from."""
-    ckpt, clear, problem = None, False, None
+def _claim_out_dir(out: Path, config: FinetuneConfig, d: Dist, *, resume: bool, overwrite: bool,
+                   wait_for_lock=False, progress: bool = False) -> Tuple[Optional[dict], Optional[DirectoryLock]]:
+    """Lock ``out`` on rank 0, check it (writable; clear it when starting over) and return the
+    checkpoint to resume from and the lock (None on the other ranks)."""
+    ckpt, clear, problem, lock = None, False, None, None
+    error: Optional[ConiliumError] = None
     if d.main:
+        on_wait = (lambda m: tqdm.write(m)) if progress else None
         try:
+            lock = lock_directory(out, what="finetune-best model directory", wait=wait_for_lock,
+                                  on_wait=on_wait).acquire()
+            check_writable(out, what="finetune-best model directory")
             ckpt, clear = _check_out_dir(out, config, resume, overwrite)
-        except ConfigError as e:
-            problem = str(e)
+        except ConiliumError as e:
+            error, problem = e, (type(e).__name__, str(e))
+            if lock is not None:
+                lock.release()
+                lock = None
     problem, resuming = d.broadcast((problem, ckpt is not None))
+    if error is not None:
+        raise error
     if problem:
-        raise ConfigError(problem)
+        raise _remote_error(*problem)
     if resuming and not d.main:
         ckpt = torch.load(_checkpoint_paths(out)[0], map_location="cpu", weights_only=False)
     if d.main and not resuming:
@@ -255,7 +326,7 @@ def _claim_out_dir(out: Path, config: FinetuneConfig, d: Dist, *, resume: bool, 
                 shutil.rmtree(out / p, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
     d.barrier()
-    return ckpt
+    return ckpt, lock
 
 
 # ----------------------------------------------------------------------------- build
@@ -282,10 +353,15 @@ def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device,
     out = Path(config.out)
     random_root = out / CHECKPOINT_DIR / "random-init"
     torch.manual_seed(config.seed)
-    if config.random_init and d.main:
-        load_upstream(config.upstream, random_init=True, seed=config.random_init_seed, random_root=random_root,
-                      config_overrides=upstream_overrides(config))
-    d.barrier()
+    if config.random_init:  # rank 0 makes the random weights (in out/checkpoints), the others wait
+        def make_random_weights():
+            with output_errors(random_root, where=out):
+                load_upstream(config.upstream, random_init=True, seed=config.random_init_seed,
+                              random_root=random_root, config_overrides=upstream_overrides(config))
+
+        _on_main(d, make_random_weights)
+    else:
+        d.barrier()
     upstream, identity = load_upstream(config.upstream, random_init=config.random_init,
                                        seed=config.random_init_seed, random_root=random_root,
                                        revision=config.revision, config_overrides=upstream_overrides(config))
@@ -364,11 +440,10 @@ def fit(config: FinetuneConfig, b: Built, d: Dist, device: torch.device, ckpt: O
             find_unused_parameters=find_unused)
     dev_ds, dev_clips = b.eval_sets[config.dev_split]
 
-    if d.main:
-        write_json(out / CONFIG, {**config.to_json(), "kind": "finetune", "upstream_identity": b.identity,
-                                  "start_from": b.start_from, "normalize_stats": b.signal.stats,
-                                  "world_size": d.world, "max_seconds_used": b.signal.max_seconds,
-                                  "normalize_used": b.signal.normalize})
+    _on_main(d, lambda: write_json(out / CONFIG, {
+        **config.to_json(), "kind": "finetune", "upstream_identity": b.identity, "start_from": b.start_from,
+        "normalize_stats": b.signal.stats, "world_size": d.world, "max_seconds_used": b.signal.max_seconds,
+        "normalize_used": b.signal.normalize}))
     last_path, best_path = _checkpoint_paths(out)
     since_best = sum(1 for _ in _epochs_since_best(history, best))
     min_batch = d.world * config.grad_accum
@@ -431,7 +506,8 @@ def fit(config: FinetuneConfig, b: Built, d: Dist, device: torch.device, ckpt: O
         else:
             since_best += 1
         rng_all = d.gather(_rng_state())
-        if d.main:
+
+        def save_checkpoints():
             if improved:
                 _save({"model": _cpu_state(model), "epoch": epoch}, best_path)
             _save({"config": config.to_json(), "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
@@ -439,7 +515,8 @@ def fit(config: FinetuneConfig, b: Built, d: Dist, device: torch.device, ckpt: O
                    "sampler": {"seed": config.seed, "next_epoch": epoch + 1, "bucket_batches": config.bucket_batches,
                                "batch_size": config.batch_size},
                    "normalize": {"mode": b.signal.normalize, "stats": b.signal.stats}}, last_path)
-        d.barrier()
+
+        _on_main(d, save_checkpoints)  # in place of a barrier: a failure to save stops every rank
         if progress:
             tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}, {config.dev_split} macro-F1 "
                        f"{dev['f1_macro']:.4f} (best {best['f1_macro']:.4f} at epoch {best['epoch']}), "
@@ -464,9 +541,37 @@ def export(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, device: to
     for split, (ds, clips) in b.eval_sets.items():
         _, probs = _evaluate_split(model, ds, clips, config, d, device, progress, f"predicting {split}")
         split_predictions[split] = ([c.name for c in clips], probs, [c.emo_class for c in clips])
-    if not d.main:
-        d.barrier()
-        return {}
+    # rank 0 writes; the other ranks wait for it, and fail with it
+    metrics = _on_main(d, lambda: _write_model_dir(config, prep, b, d, device, history, best, train_seconds,
+                                                   split_predictions, out, model))
+    return metrics if d.main else {}
+
+
+def _write_model_dir(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, device: torch.device,
+                     history: List[dict], best: dict, train_seconds: float, split_predictions: dict, out: Path,
+                     model: EndToEndModel) -> dict:
+    """Rank 0: predictions, metrics.json and the model directory; on a failure to write, none of
+    them is left (no metrics.json, no conilium_model.json; the checkpoints stay, so that
+    ``--resume`` writes them again once the problem is solved)."""
+    try:
+        return _write_outputs(config, prep, b, d, device, history, best, train_seconds, split_predictions, out,
+                              model)
+    except BaseException as e:
+        for name in (METRICS, MODEL_FILE, HEAD_FILE):
+            with contextlib.suppress(OSError):
+                (out / name).unlink(missing_ok=True)
+        for name in (PRED_DIR, UPSTREAM_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
+        if isinstance(e, _errors.OutputError) and (out / CHECKPOINT_DIR / LAST).is_file():
+            raise _errors.OutputError(e.path, e.reason, (e.hint + "; " if e.hint else "") +
+                                      f"the checkpoints in {out / CHECKPOINT_DIR} are kept: finetune-best "
+                                      f"--resume then writes the model directory without training again") from e
+        raise
+
+
+def _write_outputs(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, device: torch.device,
+                   history: List[dict], best: dict, train_seconds: float, split_predictions: dict, out: Path,
+                   model: EndToEndModel) -> dict:
     training = {
         "clips": len(prep.train),
         "class_counts": dict(zip(CLASSES, class_counts([c.emo_class for c in prep.train]).tolist())),
@@ -496,14 +601,22 @@ def export(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, device: to
     })
     if not config.keep_checkpoints:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-    d.barrier()
     return metrics
 
 
 def _train_audio_stats(prep: Prepared, config: FinetuneConfig, max_seconds: float, progress: bool) -> dict:
     """Global mean/std of the Train audio, exactly as extract-features computes them."""
-    stats, _ = global_stats(prep.corpus, max_seconds=max_seconds, skip_bad=config.skip_bad,
-                            workers=max(1, config.num_workers), verbose=progress)
+    stats, bad = global_stats(prep.corpus, max_seconds=max_seconds, skip_bad=config.skip_bad,
+                              workers=max(1, config.num_workers), verbose=progress)
+    # --skip-bad leaves out the clips it finds unreadable when the corpus is loaded; one that only
+    # decoding refuses (e.g. float audio at integer scale) would stop training mid-epoch: say so now
+    training = {c.name for c in prep.train}
+    refused = [(name, reason) for name, reason in bad if name in training]
+    if refused:
+        names = ", ".join(n for n, _ in refused[:5]) + (" …" if len(refused) > 5 else "")
+        raise ConfigError(f"{refused[0][1]} — {len(refused)} training clip(s) cannot be used ({names}); "
+                          f"--skip-bad leaves out only files unreadable when the corpus is loaded: fix these "
+                          f"files or remove them from the corpus")
     return stats
 
 

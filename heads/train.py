@@ -16,14 +16,21 @@ stopping. The run directory then gets (see :mod:`conilium.runs`)::
     metrics.json              Development scores at top level, best_epoch, history, "splits"
     predictions/<Split>.csv   every split of the cache
 
-``metrics.json`` is written last: a run directory is complete when it exists.
+``metrics.json`` is written last: a run directory is complete when it exists. While a
+run is being trained, ``out_dir`` holds a lock (:mod:`conilium.locking`): a second
+train-head on the same directory stops with a message naming the first (or waits,
+``wait_for_lock``). The output directory is checked for being writable (and for room for
+the checkpoint) before training; a failure to write the outputs removes what was written
+of them and is an :class:`~conilium.errors.OutputError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,14 +45,17 @@ import conilium
 from conilium import CLASSES
 from conilium.cache.store import FeatureCache
 from conilium.errors import ConfigError, ConiliumError
+from conilium.locking import lock_directory
 from conilium.runtime import resolve_device
 from conilium.metrics import score
 from conilium.runs import CONFIG, METRICS, PRED_DIR, is_complete, letters, write_run_outputs
 from conilium.targets import TARGET_KINDS, base_kind, class_counts, class_weights, training_set
-from conilium.util import atomic_path, read_json, seed_everything, write_json
+from conilium.util import (atomic_path, check_writable, output_errors, read_json, seed_everything,
+                           write_json)
 
 from .config import TrainConfig
-from .data import GIB, ClipDataset, InputSelection, check_clips, collate, feature_bytes, length_batches, parse_layers, select_input
+from .data import (GIB, ClipDataset, InputSelection, check_cache_dir, check_clips, collate, feature_bytes,
+                   length_batches, parse_layers, select_input)
 from .losses import activation, check_loss, loss_fn, probabilities, uses_weights
 from .model import POOLINGS, EmotionHead, HeadConfig
 from .predict import predict_batches, stack_scores
@@ -117,6 +127,7 @@ class PreparedData:
 def prepare(config: TrainConfig) -> PreparedData:
     """Open the cache and check every choice against it (clear errors before any training)."""
     check_config(config)
+    check_cache_dir(config.cache)  # a run, model or corpus directory: say what it is, not "incomplete cache"
     cache = FeatureCache(config.cache)
     selection = select_input(cache, config.layers, config.pooled_stats)
     if base_kind(config.labels) != "hard" and not cache.has_annotations:
@@ -171,6 +182,32 @@ def _clear_outputs(out_dir: Path) -> None:
     shutil.rmtree(out_dir / PRED_DIR, ignore_errors=True)
 
 
+def _remove_partial_outputs(out_dir: Path) -> None:
+    """After a failure to write the outputs: nothing of them is left (best effort, the disk
+    may be read-only), so that no half-written run passes for one."""
+    with contextlib.suppress(OSError):
+        _clear_outputs(out_dir)
+    with contextlib.suppress(OSError):
+        (out_dir / CONFIG).unlink(missing_ok=True)
+
+
+def check_out_dir(config: TrainConfig, out_dir) -> None:
+    """Refuse an output directory that is the cache directory or lies inside it."""
+    cache = Path(config.cache).resolve()
+    out = Path(out_dir).resolve()
+    if out == cache or cache in out.parents:
+        where = "is the cache directory" if out == cache else f"lies inside the cache directory {config.cache}"
+        raise ConfigError(f"--out {out_dir} {where}; the run's files would be mixed with the cache's. "
+                          f"Choose an output directory outside the cache (e.g. runs/<name>)")
+
+
+def output_bytes(model: torch.nn.Module, clips: int) -> int:
+    """About how many bytes a run directory takes: the checkpoint (the best weights, float32)
+    written beside the previous one, predictions CSV lines and the JSON files."""
+    params = sum(p.numel() for p in model.parameters())
+    return 2 * 4 * params + 150 * clips + (1 << 20)
+
+
 def _use_preload(config: TrainConfig, nbytes: int) -> bool:
     if config.preload == "yes":
         return True
@@ -179,27 +216,43 @@ def _use_preload(config: TrainConfig, nbytes: int) -> bool:
     return nbytes <= config.preload_budget_gb * GIB
 
 
-def train_head(config: TrainConfig, out_dir, *, overwrite: bool = False, progress: bool = True) -> dict:
+def train_head(config: TrainConfig, out_dir, *, overwrite: bool = False, progress: bool = True,
+               wait_for_lock=False) -> dict:
     """Train one head on ``config.cache`` and write the run directory ``out_dir``; return its metrics.
 
-    Raises :class:`~conilium.errors.ConfigError` for incompatible choices,
-    :class:`~conilium.errors.CacheError` for a missing or incomplete cache and
-    :class:`TrainingError` when the loss stops being finite. Nothing is written to
-    ``out_dir`` until training is over. An ``out_dir`` holding a complete run is refused
-    unless ``overwrite``.
+    Raises :class:`~conilium.errors.ConfigError` for incompatible choices (an ``out_dir``
+    inside the cache among them), :class:`~conilium.errors.CacheError` for a missing or
+    incomplete cache (or another kind of directory passed as one),
+    :class:`~conilium.errors.LockError` when another process is writing ``out_dir``
+    (``wait_for_lock``: True or seconds to wait for it instead),
+    :class:`~conilium.errors.OutputError` when ``out_dir`` cannot be written (checked
+    before training) and :class:`TrainingError` when the loss stops being finite. Nothing
+    but the lock is written to ``out_dir`` until training is over. An ``out_dir`` holding
+    a complete run is refused unless ``overwrite``.
     """
     out_dir = Path(out_dir)
+    check_out_dir(config, out_dir)
     if is_complete(out_dir) and not overwrite:
         raise ConfigError(f"{out_dir} already holds a complete run; choose another output directory "
                           f"or overwrite it (--overwrite)")
-    data = prepare(config)
-    threads_before = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(int(config.threads))
-    try:
-        return _train(config, out_dir, data, progress=progress)
-    finally:
-        torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
+    on_wait = (lambda m: tqdm.write(m, file=sys.stderr)) if progress else None
+    with lock_directory(out_dir, what="train-head run directory", wait=wait_for_lock, on_wait=on_wait):
+        if is_complete(out_dir) and not overwrite:  # finished while we waited for the lock
+            raise ConfigError(f"{out_dir} already holds a complete run; choose another output directory "
+                              f"or overwrite it (--overwrite)")
+        check_writable(out_dir, what="train-head run directory")
+        data = prepare(config)
+        # room for the checkpoint and the predictions, before any feature is read
+        predicted = sum(len(data.cache.split(s, augmented=False)) for s in data.cache.splits)
+        need = output_bytes(EmotionHead(head_config_for(config, data.selection)), predicted)
+        check_writable(out_dir, what="train-head run directory", need_bytes=need)
+        threads_before = torch.get_num_threads()
+        if config.threads:
+            torch.set_num_threads(int(config.threads))
+        try:
+            return _train(config, out_dir, data, progress=progress)
+        finally:
+            torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
 
 
 def _train(config: TrainConfig, out_dir: Path, data: PreparedData, *, progress: bool) -> dict:
@@ -293,8 +346,22 @@ def _train(config: TrainConfig, out_dir: Path, data: PreparedData, *, progress: 
                               num_workers=config.num_workers, progress=progress, desc=f"predicting {split}")
         split_predictions[split] = (names, probs, [cache.clips[n].emo_class for n in names])
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_outputs(out_dir)
+    try:
+        with output_errors(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _clear_outputs(out_dir)
+        return _write_outputs(config, out_dir, data, head_cfg, best_state, best_epoch, history, split_predictions,
+                              train_seconds=train_seconds, preload=preload, nbytes=nbytes, device=device)
+    except BaseException:
+        _remove_partial_outputs(out_dir)
+        raise
+
+
+def _write_outputs(config: TrainConfig, out_dir: Path, data: PreparedData, head_cfg: HeadConfig, best_state: dict,
+                   best_epoch: int, history: List[dict], split_predictions: dict, *, train_seconds: float,
+                   preload: bool, nbytes: int, device: torch.device) -> dict:
+    """config.json, model.pt, predictions/ and, last, metrics.json."""
+    cache, sel = data.cache, data.selection
     write_json(out_dir / CONFIG, config.to_json())
     checkpoint = {
         "format": CHECKPOINT_FORMAT,

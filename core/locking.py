@@ -1,0 +1,334 @@
+"""One writer per output directory: a lock file that names its holder.
+
+>>> with DirectoryLock("runs/wbce-S", what="train-head run directory"):
+...     ...  # write the run
+
+A second process that wants to write the same directory stops at once with a
+:class:`~conilium.errors.LockError` naming the holder (pid, host, since when, command),
+or, with ``wait``, waits until the directory is free (``wait=True``: as long as it takes,
+a number: that many seconds at most).
+
+The lock is the file ``<directory>/.conilium.lock``, created atomically (a complete
+file written under a temporary name and hard-linked onto the lock name, which fails when
+it exists; ``O_CREAT | O_EXCL`` where the file system has no hard links), holding JSON:
+pid, host, boot id, the process's start time, since when, the command and a random
+token. It works across processes and hosts that share the directory (NFS included), and
+needs no package beyond the standard library.
+
+A lock left behind by a process that died (killed, out of memory, power cut) is *stale*:
+its host is this host and its pid is gone — or is now another process (the start time
+differs), or the machine has rebooted since (another boot id). A stale lock is taken over:
+under an exclusive ``flock`` on the directory, the lock file is read again and removed
+only if it is still the very file found stale (same token), so that two processes
+taking over at the same time cannot remove a fresh lock. A lock held on another host
+cannot be checked from here; the error says which file to remove when that process is
+known to be gone.
+
+The same lock guards train-head run directories, finetune-best model directories and
+(later) extraction caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import json
+import os
+import secrets
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from .errors import LockError, OutputError
+from .util import output_errors
+
+LOCK_FILE = ".conilium.lock"
+#: Seconds between two looks at a held lock while waiting.
+POLL_SECONDS = 0.5
+#: A lock file naming no holder (damaged, or a crash while a file system without hard links
+#: was writing it) is taken over once it is this old.
+DAMAGED_STALE_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a lock, as its lock file says."""
+
+    pid: int
+    host: str
+    since: str  # ISO 8601, local time with offset
+    command: str = ""
+    token: str = ""
+    boot_id: Optional[str] = None
+    start_ticks: Optional[int] = None  # the process's start time (Linux /proc/<pid>/stat field 22)
+
+    def describe(self) -> str:
+        text = f"process {self.pid} on host {self.host}, since {self.since}"
+        return text + (f" ({self.command})" if self.command else "")
+
+
+def _boot_id() -> Optional[str]:
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return None
+
+
+def _start_ticks(pid: int) -> Optional[int]:
+    """Start time of process ``pid`` in clock ticks since boot (Linux), None elsewhere or when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:  # the command name (field 2) may hold spaces and parentheses: split after the last ")"
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def _command() -> str:
+    argv = [os.path.basename(sys.argv[0])] + sys.argv[1:] if sys.argv and sys.argv[0] else []
+    text = " ".join(argv)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def this_process() -> LockHolder:
+    pid = os.getpid()
+    return LockHolder(pid=pid, host=socket.gethostname(),
+                      since=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                      command=_command(), token=secrets.token_hex(8), boot_id=_boot_id(),
+                      start_ticks=_start_ticks(pid))
+
+
+def read_holder(lock_path) -> Optional[LockHolder]:
+    """The holder a lock file names; None when it is gone or unreadable."""
+    try:
+        data = json.loads(Path(lock_path).read_text(encoding="utf-8"))
+        fields = {k: data[k] for k in LockHolder.__dataclass_fields__ if k in data}
+        return LockHolder(**fields)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:  # pragma: no cover - cannot tell
+        return True
+    return True
+
+
+def is_stale(holder: LockHolder) -> bool:
+    """True when ``holder`` certainly no longer runs: same host, and its process is gone
+    (or its pid now belongs to another process, or the host has rebooted since)."""
+    if holder.host != socket.gethostname():
+        return False  # cannot be checked from here
+    boot = _boot_id()
+    if holder.boot_id and boot and holder.boot_id != boot:
+        return True
+    if not _pid_alive(holder.pid):
+        return True
+    if holder.start_ticks is not None:
+        now = _start_ticks(holder.pid)
+        if now is not None and now != holder.start_ticks:
+            return True  # the pid was reused
+    return False
+
+
+@contextlib.contextmanager
+def _directory_flock(directory: Path):
+    """An exclusive flock on ``directory`` itself (best effort: nothing where unsupported)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # pragma: no cover - file system without flock
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+class DirectoryLock:
+    """The lock of one output directory (see the module docstring); a context manager.
+
+    ``what`` names the directory in messages ("train-head run directory", ...).
+    ``wait``: False (stop at once when held), True (wait as long as it takes) or seconds.
+    ``on_wait(message)`` is called once when the lock is held and we wait for it.
+    The directory is created when missing and, when it is still empty after release,
+    removed again.
+    """
+
+    def __init__(self, directory, *, what: str = "directory", wait: Union[bool, float] = False,
+                 on_wait: Optional[Callable[[str], None]] = None):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_FILE
+        self.what = what
+        self.wait = wait
+        self.on_wait = on_wait
+        self.holder: Optional[LockHolder] = None
+        self._created_dir = False
+
+    # ------------------------------------------------------------------ acquire / release
+
+    def acquire(self) -> "DirectoryLock":
+        if self.holder is not None:
+            raise LockError(f"{self.directory}: lock already held by this object")
+        with output_errors(self.directory):
+            if self.directory.exists() and not self.directory.is_dir():
+                raise OutputError(self.directory, f"the {self.what} is a file, not a directory",
+                                  "choose another output path")
+            self._created_dir = not self.directory.exists()
+            self.directory.mkdir(parents=True, exist_ok=True)
+        deadline = None if self.wait is True or self.wait is False else time.monotonic() + float(self.wait)
+        told = False
+        me = this_process()
+        while True:
+            if self._create(me):
+                self.holder = me
+                return self
+            other = read_holder(self.path)
+            if other is None:  # released meanwhile, or a lock file that names no holder
+                try:
+                    age = time.time() - self.path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if age > DAMAGED_STALE_SECONDS:
+                    self._take_over(None)
+                    continue
+                problem = (f"{self.directory}: its lock file {self.path} names no holder (being written, or "
+                           f"damaged); if no other process writes this {self.what}, remove it")
+                who = "an unknown process"
+            elif is_stale(other):
+                self._take_over(other)
+                continue
+            else:
+                problem, who = self._held_message(other), other.describe()
+            if self.wait is False or (deadline is not None and time.monotonic() >= deadline):
+                self._forget_dir()
+                raise LockError(problem)
+            if not told and self.on_wait is not None:
+                self.on_wait(f"{self.directory}: waiting for {who} to finish writing this {self.what}")
+                told = True
+            time.sleep(POLL_SECONDS)
+
+    def release(self) -> None:
+        if self.holder is None:
+            return
+        with contextlib.suppress(OSError):
+            current = read_holder(self.path)
+            if current is not None and current.token == self.holder.token:
+                self.path.unlink()
+        self.holder = None
+        self._forget_dir()
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # ------------------------------------------------------------------ internals
+
+    def _create(self, me: LockHolder) -> bool:
+        """Create the lock file holding ``me``; False when it exists already."""
+        data = (json.dumps(asdict(me), indent=1) + "\n").encode("utf-8")
+        tmp = self.directory / f"{LOCK_FILE}.{me.token}.{secrets.token_hex(4)}.tmp"
+        with output_errors(self.directory, where=self.directory):
+            try:
+                while True:
+                    if not self.directory.is_dir():  # the previous holder made it, and removed it empty
+                        self.directory.mkdir(parents=True, exist_ok=True)
+                        self._created_dir = True
+                    try:
+                        f = open(tmp, "wb")
+                        break
+                    except FileNotFoundError:
+                        continue
+                with f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, self.path)  # atomic, and fails when the lock exists (NFS too)
+                    return True
+                except FileExistsError:
+                    return False
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                        raise
+                # a file system without hard links: O_EXCL, then the content
+                try:
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                except BaseException:
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        self.path.unlink()
+                    raise
+                os.close(fd)
+                return True
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+    def _take_over(self, stale: Optional[LockHolder]) -> None:
+        """Remove the lock file of a dead holder (None: a lock file naming no holder, older than
+        :data:`DAMAGED_STALE_SECONDS`), if it is still that one (see the module docstring)."""
+        with _directory_flock(self.directory):
+            current = read_holder(self.path)
+            if stale is None:
+                try:
+                    if current is not None or time.time() - self.path.stat().st_mtime <= DAMAGED_STALE_SECONDS:
+                        return  # replaced meanwhile
+                except FileNotFoundError:
+                    return
+            elif current is None or current.token != stale.token:
+                return  # someone else took it over, or it was released
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def _held_message(self, other: LockHolder) -> str:
+        here = socket.gethostname()
+        text = (f"{self.directory}: this {self.what} is being written by another process: {other.describe()} "
+                f"(lock file {self.path}). Wait for it to finish (--wait-for-lock waits for it), or choose "
+                f"another output directory")
+        if other.host != here:
+            text += (f". The lock was taken on another host ({other.host}), so it cannot be checked from "
+                     f"{here}; if that process is gone, remove {self.path}")
+        return text
+
+    def _forget_dir(self) -> None:
+        """Remove the directory if this lock created it and it is (still) empty."""
+        if self._created_dir:
+            with contextlib.suppress(OSError):
+                self.directory.rmdir()
+            self._created_dir = False
+
+
+def lock_directory(directory, *, what: str = "directory", wait: Union[bool, float] = False,
+                   on_wait: Optional[Callable[[str], None]] = None) -> DirectoryLock:
+    """A :class:`DirectoryLock` on ``directory`` (use it in a ``with`` statement)."""
+    return DirectoryLock(directory, what=what, wait=wait, on_wait=on_wait)

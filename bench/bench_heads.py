@@ -42,13 +42,13 @@ def log(msg):
 
 def build_demo_cache(work: Path) -> Path:
     from conilium.demo import make_demo_corpus
-    from conilium.extract import extract_features
+    from conilium.extract import ExtractConfig, extract_features
 
     corpus = work / "demo-corpus"
     if not (corpus / "Labels").is_dir():
         make_demo_corpus(corpus, clips=300, seed=0)
-    return Path(extract_features(corpus, "demo-wavlm", work / "demo-cache", random_init=True, seed=0, layers="all",
-                                 pooled_stats=True, device="cpu", verbose=False))
+    config = ExtractConfig("demo-wavlm", random_init=True, seed=0, layers="all", pooled_stats=True)
+    return Path(extract_features(config, corpus, work / "demo-cache", device="cpu", verbose=False))
 
 
 def head_throughput(cache: Path, out: Path, *, epochs: int, preload: str, layers="weighted", device="cpu",

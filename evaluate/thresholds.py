@@ -19,13 +19,9 @@ a new run directory (probabilities unchanged, ``Prediction`` re-decided).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
-import shutil
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
@@ -35,8 +31,8 @@ from conilium.errors import ConfigError
 from conilium.util import write_json
 
 from conilium.metrics import score
-from conilium.runs import (Predictions, RunError, derived_run_dir, has_references, load_run_config, prediction_path,
-                           read_predictions, read_run, run_splits, with_main_split, write_predictions)
+from conilium.runs import (RunError, derived_run_dir, has_references, load_run_config, prediction_path,
+                           read_run, with_main_split, write_predictions)
 
 from .options import DEFAULT_ROUNDS
 

@@ -14,11 +14,9 @@ ranks take every K-th shard; rank 0 writes ``clips.json`` and, last, ``manifest.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -46,8 +44,7 @@ DEFAULT_BATCH_SECONDS = {"cpu": 60.0, "cuda": 300.0}
 
 def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optional[float] = None,
                      device: str = "auto", workers: int = 2, skip_bad: bool = False, overwrite: bool = False,
-                     check_space: bool = True, verbose: bool = True, stats: Optional[ExtractStats] = None,
-                     **legacy) -> Path:
+                     check_space: bool = True, verbose: bool = True, stats: Optional[ExtractStats] = None) -> Path:
     """Extract the hidden states ``config`` asks for over ``corpus`` (a root directory or a
     loaded :class:`~conilium.corpus.Corpus`) into the cache directory ``out``; returns ``out``.
 
@@ -63,10 +60,8 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
     given, receives the run's timing and padding figures.
     """
     if not isinstance(config, ExtractConfig):
-        config, corpus, out = _former_call(config, corpus, out, legacy)
-    elif legacy:
-        raise TypeError(f"extract_features() got unexpected keyword argument(s) {', '.join(sorted(legacy))}; "
-                        f"settings of the cache's content belong in the ExtractConfig")
+        raise TypeError(f"extract_features() takes an ExtractConfig first, not {type(config).__name__}: "
+                        f"extract_features(ExtractConfig(upstream, ...), corpus, out, <runtime options>)")
     if batch_seconds is not None and not batch_seconds > 0:
         raise ConfigError(f"--batch-seconds must be positive, got {batch_seconds}")
     t_start = time.perf_counter()
@@ -82,24 +77,6 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
         return out
     finally:
         dist.close(clean)
-
-
-def _former_call(corpus, upstream, out, options: dict) -> Tuple[ExtractConfig, object, object]:
-    """Transitional: the former ``extract_features(corpus, upstream, out, layers=..., augment_noise=...,
-    augment_fraction=..., snr_db=..., copies=..., <runtime options>)``, as ``(config, corpus, out)``.
-    To be removed once every caller passes an ExtractConfig."""
-    warnings.warn("extract_features(corpus, upstream, out, **options) is deprecated; call "
-                  "extract_features(ExtractConfig(upstream, ...), corpus, out, <runtime options>)",
-                  DeprecationWarning, stacklevel=3)
-    fields = {f.name for f in dataclasses.fields(ExtractConfig)}
-    settings = {k: options.pop(k) for k in list(options) if k in fields}
-    noise = {k: options.pop(k) for k in ("augment_noise", "augment_fraction", "snr_db", "copies") if k in options}
-    if options:
-        raise TypeError(f"extract_features() got unexpected keyword argument(s) {', '.join(sorted(options))}")
-    if noise.get("augment_noise") is not None:
-        settings["augmentation"] = NoiseAugmentation(noise["augment_noise"], noise.get("augment_fraction", 0.8),
-                                                     noise.get("snr_db", (5.0, 20.0)), noise.get("copies", 1))
-    return ExtractConfig(upstream, **settings), corpus, out
 
 
 def _say(verbose: bool, msg: str) -> None:

@@ -13,7 +13,7 @@ from typing import List, Mapping, Optional, Tuple
 
 from conilium.audio import NORMALIZE_MODES
 from conilium.errors import ConfigError
-from conilium.heads.model import EmotionHead, HeadConfig
+from conilium.heads.model import EmotionHead
 from conilium.heads.train import load_head
 
 from .baseline import load_baseline

@@ -8,7 +8,7 @@ scores as the loss sees them (sigmoid for the BCE family, softmax otherwise).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

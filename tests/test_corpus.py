@@ -1,13 +1,12 @@
 """Corpus reader: both detailed-label layouts and every bad-input case."""
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from conilium.corpus import load_corpus, read_detailed
+from conilium.corpus import load_corpus
 from conilium.errors import AudioError, CorpusError
 from conilium.audio import read_audio
 

@@ -17,7 +17,7 @@ from conilium.cache.store import to_float16
 from conilium.corpus import load_corpus
 from conilium.demo import make_demo_corpus
 from conilium.errors import AudioError, CacheError, ConfigError
-from conilium.extract import ExtractConfig, ExtractStats, NoiseAugmentation, extract_features, parse_layers
+from conilium.extract import ExtractConfig, NoiseAugmentation, extract_features, parse_layers
 from conilium.cli.extract import extract_features_cmd
 from conilium.audio import list_noise_files, mix_noise
 from conilium.extract.plan import assign_shards, plan_batches, plan_jobs
@@ -164,15 +164,12 @@ def test_extract_config_is_all_a_cache_records(demo_cache, tmp_path):
     with pytest.raises(ConfigError, match="--snr-db"):
         NoiseAugmentation(str(tmp_path), snr_db=(20, 5))
     with pytest.raises(TypeError, match="layers"):
-        extract_features(config, demo_cache, tmp_path / "c", layers="last")
+        extract_features(config, demo_cache, tmp_path / "c", layers="last")  # a setting of the cache, not a runtime option
 
 
-def test_former_call_still_works_with_a_warning(tiny_corpus, tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.warns(DeprecationWarning, match="ExtractConfig"):
-        with pytest.raises(CacheError, match="not a feature cache"):
-            extract_features(tiny_corpus, "demo-wavlm", tmp_path, random_init=True, device="cpu", verbose=False,
-                             augment_noise=tiny_corpus.parent / "noise", snr_db="5:20")
+def test_extract_features_takes_a_config_first(tiny_corpus, tmp_path):
+    with pytest.raises(TypeError, match="ExtractConfig"):
+        extract_features(tiny_corpus, "demo-wavlm", tmp_path)
 
 
 def test_parse_layers():

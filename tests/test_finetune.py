@@ -147,11 +147,11 @@ def test_torchrun_with_two_processes_matches_one_process(reference, base_config,
 
 
 def test_extract_features_accepts_the_model_directory(reference, small_demo_corpus, tmp_path):
-    from conilium.extract import extract_features
+    from conilium.extract import ExtractConfig, extract_features
 
     out, _ = reference
-    cache_dir = extract_features(small_demo_corpus, str(out), tmp_path / "cache", layers="last", max_seconds=1.5,
-                                 normalize="utterance", splits=["Test3"], device="cpu", verbose=False)
+    config = ExtractConfig(str(out), layers="last", max_seconds=1.5, normalize="utterance", splits=["Test3"])
+    cache_dir = extract_features(config, small_demo_corpus, tmp_path / "cache", device="cpu", verbose=False)
     cache = FeatureCache(cache_dir)
     model, info = load_model_dir(out)
     name = cache.names[0]

@@ -21,11 +21,11 @@ from conilium.heads.train import TrainConfig, train_head
 @pytest.fixture(scope="module")
 def small_cache(small_demo_corpus, tmp_path_factory):
     """Every layer of demo-wavlm (random init, seed 0) over the small demo corpus, clips cut at 1.5 s."""
-    from conilium.extract import extract_features
+    from conilium.extract import ExtractConfig, extract_features
 
-    return extract_features(small_demo_corpus, "demo-wavlm", tmp_path_factory.mktemp("cache") / "c",
-                            random_init=True, seed=0, layers="all", pooled_stats=True, max_seconds=1.5,
-                            device="cpu", verbose=False)
+    config = ExtractConfig("demo-wavlm", random_init=True, seed=0, layers="all", pooled_stats=True, max_seconds=1.5)
+    return extract_features(config, small_demo_corpus, tmp_path_factory.mktemp("cache") / "c", device="cpu",
+                            verbose=False)
 
 
 @pytest.fixture(scope="module")

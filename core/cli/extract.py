@@ -85,21 +85,23 @@ def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max
     ranks share the shards. Check a cache with `verify-cache CACHE_DIR`.
     """
     from conilium.audio import parse_snr
-    from conilium.extract import extract_features  # torch, transformers, h5py: only when run
+    from conilium.extract import ExtractConfig, NoiseAugmentation, extract_features  # torch etc.: only when run
 
     try:
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        path = extract_features(
-            corpus, upstream, out, layers=layers, dtype=dtype, max_seconds=max_seconds, normalize=normalize,
+        config = ExtractConfig(
+            upstream, layers=layers, dtype=dtype, max_seconds=max_seconds, normalize=normalize,
             pooled_stats=pooled_stats, random_init=random_init, seed=seed, revision=revision,
-            batch_seconds=batch_seconds, device=device, compute_dtype=compute_dtype, shard_size=shard_size,
-            workers=workers, skip_bad=skip_bad,
+            compute_dtype=compute_dtype, shard_size=shard_size,
             splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None,
-            augment_noise=augment_noise, augment_fraction=augment_fraction, snr_db=parse_snr(snr_db),
-            copies=copies, overwrite=overwrite, check_space=not no_space_check, verbose=not quiet)
+            augmentation=NoiseAugmentation(augment_noise, augment_fraction, parse_snr(snr_db), copies)
+            if augment_noise else None)
+        path = extract_features(config, corpus, out, batch_seconds=batch_seconds, device=device, workers=workers,
+                                skip_bad=skip_bad, overwrite=overwrite, check_space=not no_space_check,
+                                verbose=not quiet)
     except ConiliumError as e:
         fail(e)
     if not quiet:

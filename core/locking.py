@@ -185,7 +185,7 @@ class DirectoryLock:
         self.wait = wait
         self.on_wait = on_wait
         self.holder: Optional[LockHolder] = None
-        self._created_dir = False
+        self._created: Optional[Path] = None  # the topmost directory this lock created
 
     # ------------------------------------------------------------------ acquire / release
 
@@ -196,13 +196,21 @@ class DirectoryLock:
             if self.directory.exists() and not self.directory.is_dir():
                 raise OutputError(self.directory, f"the {self.what} is a file, not a directory",
                                   "choose another output path")
-            self._created_dir = not self.directory.exists()
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self._make_directory()
+            except BaseException:
+                self._forget_dir()
+                raise
         deadline = None if self.wait is True or self.wait is False else time.monotonic() + float(self.wait)
         told = False
         me = this_process()
         while True:
-            if self._create(me):
+            try:
+                created = self._create(me)
+            except BaseException:  # cannot write here (full disk, read-only, ...)
+                self._forget_dir()
+                raise
+            if created:
                 self.holder = me
                 return self
             other = read_holder(self.path)
@@ -256,8 +264,7 @@ class DirectoryLock:
             try:
                 while True:
                     if not self.directory.is_dir():  # the previous holder made it, and removed it empty
-                        self.directory.mkdir(parents=True, exist_ok=True)
-                        self._created_dir = True
+                        self._make_directory()
                     try:
                         f = open(tmp, "wb")
                         break
@@ -320,12 +327,29 @@ class DirectoryLock:
                      f"{here}; if that process is gone, remove {self.path}")
         return text
 
+    def _make_directory(self) -> None:
+        """Create the directory (and its missing parents), remembering the topmost one made."""
+        top = None
+        for d in [self.directory, *self.directory.parents]:
+            if d.exists():
+                break
+            top = d
+        if top is not None and self._created is None:
+            self._created = top
+        self.directory.mkdir(parents=True, exist_ok=True)
+
     def _forget_dir(self) -> None:
-        """Remove the directory if this lock created it and it is (still) empty."""
-        if self._created_dir:
-            with contextlib.suppress(OSError):
-                self.directory.rmdir()
-            self._created_dir = False
+        """Remove the directories this lock created, when they are (still) empty."""
+        if self._created is None:
+            return
+        for d in [self.directory, *self.directory.parents]:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+            if d == self._created:
+                break
+        self._created = None
 
 
 def lock_directory(directory, *, what: str = "directory", wait: Union[bool, float] = False,

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+import types
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from conilium.errors import ConfigError
 from conilium.runtime import autocast, valid_mask
@@ -52,10 +54,12 @@ class UpstreamEncoder(nn.Module):
     in samples and returns ``(states, frames)``: (B, T, len(layers), D) hidden states
     (indices as in the feature cache: 0 = input of the first transformer layer, the last
     = ``last_hidden_state``) and each clip's valid frame count (B,). Gradients flow
-    through everything but a frozen CNN encoder.
+    through everything but a frozen CNN encoder. With ``fused_attention`` WavLM's
+    attention runs through ``scaled_dot_product_attention`` (:func:`use_fused_attention`;
+    equal to transformers' own forward within float rounding).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, fused_attention: bool = True):
         super().__init__()
         for part in ("feature_extractor", "feature_projection", "encoder"):
             if not hasattr(model, part):
@@ -64,6 +68,7 @@ class UpstreamEncoder(nn.Module):
         if getattr(model, "adapter", None) is not None:
             raise ConfigError("upstreams with an adapter (add_adapter=True) are not supported")
         self.model = model
+        self.fused_attention = use_fused_attention(model) if fused_attention else 0
         config = model.config
         self.group_norm_encoder = getattr(config, "feat_extract_norm", "layer") == "group"
         self.num_hidden_states = config.num_hidden_layers + 1
@@ -167,6 +172,63 @@ class UpstreamEncoder(nn.Module):
             if i not in captured:
                 captured[i] = captured[i - 1]
         return torch.stack([captured[i] for i in layers], dim=2), frames
+
+
+# ----------------------------------------------------------------------------- fused attention
+
+def _wavlm_sdpa(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                gated_position_bias: torch.Tensor):
+    """WavLM's self-attention through ``scaled_dot_product_attention``.
+
+    transformers computes it with ``multi_head_attention_forward(need_weights=True)``,
+    which materialises and returns the (B·H, T, T) weights. The same product —
+    softmax(q·kᵀ/√d + gated relative position bias, padded keys excluded)·v, dropout on
+    the weights in training — as one fused call; the weights are not returned.
+    """
+    bsz, tgt, embed = hidden_states.shape
+    heads, dim = self.num_heads, self.head_dim
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(bsz, tgt, heads, dim).transpose(1, 2)
+
+    q = split(F.linear(hidden_states, self.q_proj.weight, self.q_proj.bias))
+    k = split(F.linear(hidden_states, self.k_proj.weight, self.k_proj.bias))
+    v = split(F.linear(hidden_states, self.v_proj.weight, self.v_proj.bias))
+    bias = gated_position_bias.view(bsz, heads, tgt, tgt).to(q.dtype)
+    if attention_mask is not None:
+        padded = attention_mask.ne(1)[:, None, None, :]
+        bias = bias.masked_fill(padded, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                         dropout_p=self.dropout if self.training else 0.0)
+    out = out.transpose(1, 2).reshape(bsz, tgt, embed)
+    return self.out_proj(out), None
+
+
+#: Attention modules computed with the fused kernel: class name → replacement of the method
+#: ``torch_multi_head_self_attention`` (the families transformers already runs with SDPA —
+#: wav2vec 2.0, HuBERT — are left as they are).
+_FUSED = {"WavLMAttention": _wavlm_sdpa}
+_FUSED_NEEDS = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim", "dropout",
+                "torch_multi_head_self_attention")
+
+
+def use_fused_attention(model: nn.Module) -> int:
+    """Compute ``model``'s attention with ``scaled_dot_product_attention`` where transformers
+    does not; returns the number of attention modules switched.
+
+    Guarded by what the transformers version provides: a module whose attributes are not
+    the ones the fused forward reads keeps its own forward (see :func:`fused_attention_ok`).
+    """
+    switched = 0
+    for module in model.modules():
+        fused = _FUSED.get(type(module).__name__)
+        if fused is None or not all(hasattr(module, a) for a in _FUSED_NEEDS):
+            continue
+        if module.head_dim * module.num_heads != module.q_proj.out_features:
+            continue
+        module.torch_multi_head_self_attention = types.MethodType(fused, module)
+        switched += 1
+    return switched
 
 
 def pad_waves(waves: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:

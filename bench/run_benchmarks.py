@@ -35,11 +35,13 @@ def benches(device: str):
     """(name, argv) of every benchmark for ``device``."""
     py = sys.executable
     out = lambda name: str(RESULTS / f"{name}_{device}.json")  # noqa: E731
+    cache = ("cache", [py, str(HERE / "bench_cache.py"), "--clips", "1000", "--json", out("cache")])  # CPU and disk only
     if device == "cpu":
         return [
             ("extract", [py, str(HERE / "bench_extract.py"), "--clips", "24", "--device", "cpu", "--json", out("extract")]),
             ("heads", [py, str(HERE / "bench_heads.py"), "--json", out("heads")]),
             ("finetune", [py, str(HERE / "bench_finetune.py"), "--steps", "3", "--warmup", "1", "--json", out("finetune")]),
+            cache,
         ]
     return [
         ("extract", [py, str(HERE / "bench_extract.py"), "--clips", "256", "--device", "cuda",
@@ -47,6 +49,7 @@ def benches(device: str):
         ("heads", [py, str(HERE / "bench_heads.py"), "--device", "cuda", "--e2e-batch", "16", "--json", out("heads")]),
         ("finetune", [py, str(HERE / "bench_finetune.py"), "--device", "cuda", "--batch-size", "16", "--steps", "10",
                       "--warmup", "2", "--json", out("finetune")]),
+        cache,
     ]
 
 
@@ -112,6 +115,12 @@ def projections(figs: dict) -> list:
             if e2e and e2e.get("clips_per_s"):
                 lines.append(f"| end-to-end step, wavlm-large (bench_heads, {dev}) | Train, one epoch | "
                              f"{TRAIN_CLIPS / e2e['clips_per_s'] / 3600:.1f} h | {e2e['clips_per_s']} clips/s |")
+        elif key.startswith("cache"):
+            one = data.get("per_clip", {}).get("one_layer")
+            if one:
+                us = one["us_per_clip_median"]["featurecache"]
+                lines.append(f"| reading one WavLM-large layer of Train from the cache (page cache warm, CRC-32 checked) "
+                             f"| Train, {TRAIN_CLIPS:,} clips | {TRAIN_CLIPS * us / 1e6:.1f} s an epoch | {us} µs a clip |")
         elif key.startswith("finetune"):
             cps = data.get("clips_per_second")
             if cps:
@@ -153,7 +162,7 @@ def write_report(path=HERE / "RESULTS.md") -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--only", action="append", choices=["extract", "heads", "finetune"],
+    ap.add_argument("--only", action="append", choices=["extract", "heads", "finetune", "cache"],
                     help="run only this benchmark (repeatable)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md from bench/results/*.json")
     args = ap.parse_args(argv)

@@ -13,7 +13,9 @@ One writer owns everything a cache directory holds besides the upstream's weight
 Every file is written under a temporary name and renamed when complete. An exception
 inside the ``with`` block removes the temporary files this writer started and never
 leaves a manifest: a cache without ``manifest.json`` is incomplete, and a rerun keeps
-each shard whose sidecar still matches (:meth:`CacheWriter.valid_shard`).
+each shard whose sidecar still matches (:meth:`CacheWriter.valid_shard`). A cache whose
+shards are intact but whose clips.json or manifest is damaged or edited (its checksum
+does not match) is not finished (:meth:`CacheWriter.needs_finish`): a rerun writes them again.
 
 Under ``torchrun`` every rank holds a writer on the same directory: rank 0 begins,
 settles the settings and finishes; the others :meth:`~CacheWriter.use_settings` what
@@ -30,10 +32,11 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from conilium.errors import CacheError
-from conilium.util import read_json, write_json
+from conilium.locking import LOCK_FILE
+from conilium.util import check_writable, read_json, write_json
 
-from .store import CLIPS, FORMAT_VERSION, MANIFEST, SHARD_DIR, file_sha256, shard_name, write_clips, \
-    write_manifest, write_shard
+from .store import CLIPS, FORMAT_VERSION, MANIFEST, MANIFEST_CHECKSUM, SHARD_DIR, file_sha256, manifest_checksum, \
+    manifest_problem, shard_name, write_clips, write_manifest, write_shard
 
 #: The settings file written when a cache is begun (the manifest is written when it is finished).
 SETTINGS = "extraction.json"
@@ -46,8 +49,8 @@ SETTINGS_FIELDS = ("upstream", "layers", "layers_spec", "num_hidden_states", "di
                    "splits", "augmentation", "shard_size", "code_version", "config", "normalize_stats")
 #: Kept in extraction.json only (bookkeeping of the run that wrote the settings), not in the manifest.
 SETTINGS_ONLY = ("skipped_in_stats",)
-#: What :meth:`CacheWriter.finish` adds to the settings to make the manifest.
-MANIFEST_FIELDS = ("num_clips", "skipped", "clips_sha256", "shards", "complete")
+#: What :meth:`CacheWriter.finish` adds to the settings to make the manifest (its own checksum last).
+MANIFEST_FIELDS = ("num_clips", "skipped", "clips_sha256", "shards", "complete", MANIFEST_CHECKSUM)
 #: Settings that must agree between a cache on disk and a request for it.
 COMPARED = ("upstream", "layers", "num_hidden_states", "dim", "dtype", "compute_dtype", "max_seconds",
             "normalize", "pooled_stats", "corpus_fingerprint", "splits", "augmentation", "shard_size",
@@ -70,8 +73,9 @@ def compare_settings(existing: Mapping, requested: Mapping) -> List[str]:
 
 
 def settings_key(settings: Mapping) -> str:
-    """Digest of the settings a shard depends on (recorded in its sidecar)."""
+    """Digest of the settings a shard depends on, and of the shard format (recorded in its sidecar)."""
     h = hashlib.sha256()
+    h.update(f"format={FORMAT_VERSION}\n".encode())
     for k in COMPARED:
         h.update(f"{k}={settings.get(k)!r}\n".encode())
     h.update(f"norm_stats={settings.get('normalize_stats')!r}\n".encode())
@@ -88,7 +92,7 @@ def projected_bytes(num_frames: int, n_clips: int, n_layers: int, dim: int, dtyp
     per_value = 2 if dtype == "float16" else 4
     frames = num_frames * n_layers * dim * per_value
     pooled = n_clips * pooled_layers * 2 * dim * 4
-    overhead = n_clips * 2048  # HDF5 object headers, chunk indices, names
+    overhead = n_clips * 256  # the shard's index: name, offset, frame count, checksums
     return frames + pooled + overhead
 
 
@@ -143,25 +147,30 @@ class CacheWriter:
     def begin(self, *, overwrite: bool = False) -> "CacheWriter":
         """Claim ``out``: create it, or accept a (partial) cache there (emptied when
         ``overwrite``), and remove the temporary files of a killed run. Anything else in a
-        non-empty directory is a CacheError."""
+        non-empty directory is a CacheError. The directory's lock file
+        (:data:`conilium.locking.LOCK_FILE`, held by whoever writes the cache) is no content:
+        it neither makes the directory non-empty nor is removed. A directory that cannot be
+        written is an :class:`~conilium.errors.OutputError` naming it."""
         out = self.out
         if out.exists() and not out.is_dir():
             raise CacheError(f"--out {out}: exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()):
-            if not is_cache_dir(out) and not (out / UPSTREAM_DIR).is_dir():
-                raise CacheError(f"--out {out}: directory is not empty and is not a feature cache; "
-                                 f"choose a new or empty directory")
-            if overwrite:
-                for child in out.iterdir():
-                    if child.is_dir():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        # leftovers of a killed run: temporary shard, sidecar and weight files
+        content = [c for c in out.iterdir() if not c.name.startswith(LOCK_FILE)] if out.is_dir() else []
+        if content and not is_cache_dir(out) and not (out / UPSTREAM_DIR).is_dir():
+            raise CacheError(f"--out {out}: directory is not empty and is not a feature cache; "
+                             f"choose a new or empty directory")
+        check_writable(out, what="cache directory")  # read-only, no permission, full: an OutputError naming it
+        if content and overwrite:
+            for child in content:
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        # leftovers of a killed run: temporary shard, spool, sidecar and weight files
         for folder in (out, out / SHARD_DIR, out / UPSTREAM_DIR):
             if folder.is_dir():
                 for child in folder.iterdir():
+                    if child.name.startswith(LOCK_FILE):
+                        continue
                     if child.name.startswith(".") and child.name.endswith(".tmp") and child.is_file():
                         child.unlink()
                     elif ".tmp" in child.name and child.is_dir() and folder.name == UPSTREAM_DIR:
@@ -186,30 +195,75 @@ class CacheWriter:
 
     # ---- settings --------------------------------------------------------------------
     def existing_settings(self, requested: Mapping) -> Optional[Tuple[dict, bool]]:
-        """The settings of a cache already in ``out`` and whether it is complete, or None when
-        there is none. Settings that differ from ``requested`` are a CacheError naming them.
-        The settings found are then used for the shards (:meth:`use_settings`)."""
-        found, complete = None, False
-        for path in (self.out / MANIFEST, self.out / SETTINGS):  # extraction.json, when there, wins
+        """The settings of a cache already in ``out`` and whether it is complete (finished, with an
+        intact manifest and clips.json: :meth:`needs_finish`), or None when there is none.
+        Settings that differ from ``requested`` are a CacheError naming them. A manifest that is
+        unreadable or fails its own checksum is not trusted (nor compared): it is written again
+        when the cache is finished. The settings found are then used for the shards
+        (:meth:`use_settings`); a cache of an older format keeps none of its shards."""
+        found = None
+        settings_path = self.out / SETTINGS
+        for path in (self.out / MANIFEST, settings_path):  # extraction.json, when there, wins
             if not path.is_file():
                 continue
             try:
                 existing = read_json(path)
+                if not isinstance(existing, dict):
+                    raise ValueError("not a JSON object")
             except ValueError:
+                if path.name == MANIFEST:
+                    continue  # damaged: rewritten when the cache is finished
                 raise CacheError(f"{path}: unreadable (corrupt); pass --overwrite to rebuild the cache") from None
+            if (path.name == MANIFEST and existing.get("format") == FORMAT_VERSION
+                    and existing.get(MANIFEST_CHECKSUM) != manifest_checksum(existing)):
+                continue  # edited or damaged: its settings are not to be trusted
             diffs = compare_settings(existing, requested)
             if diffs:
                 raise CacheError(f"{self.out} was built with other settings than requested:\n  " + "\n  ".join(diffs)
                                  + "\npass --overwrite to rebuild it, or choose another --out")
             found = {k: v for k, v in existing.items() if k not in MANIFEST_FIELDS}
-            if path.name == MANIFEST:
-                complete = bool(existing.get("complete"))
         if found is None:
             return None
-        if not (self.out / SETTINGS).is_file():
-            write_json(self._start(self.out / SETTINGS), found)
+        found = {"format": FORMAT_VERSION, **{k: v for k, v in found.items() if k != "format"}}
+        on_disk = None
+        if settings_path.is_file():
+            try:
+                on_disk = read_json(settings_path)
+            except ValueError:  # pragma: no cover - refused above
+                on_disk = None
+        if on_disk != found:  # missing, or of an older format
+            write_json(self._start(settings_path), found)
         self.use_settings(found)
-        return found, complete
+        return found, not self.needs_finish()
+
+    def finish_problem(self) -> Optional[str]:
+        """Why the cache in ``out`` is not finished: no manifest, an unreadable, edited or
+        damaged one (its own checksum), one of another format, a clips.json that is missing
+        or differs from the manifest's checksum of it; None when it is finished and intact.
+        (The shards are checked one by one: :meth:`valid_shard`.)"""
+        mpath, cpath = self.out / MANIFEST, self.out / CLIPS
+        if not mpath.is_file():
+            return f"no {MANIFEST}"
+        try:
+            manifest = read_json(mpath)
+        except ValueError as e:
+            return f"{MANIFEST} unreadable ({e})"
+        if not isinstance(manifest, dict):
+            return f"{MANIFEST} is not a JSON object"
+        why = manifest_problem(manifest)
+        if why is not None:
+            return f"{MANIFEST}: {why}"
+        if not cpath.is_file():
+            return f"no {CLIPS}"
+        if file_sha256(cpath) != manifest.get("clips_sha256"):
+            return f"{CLIPS} differs from the manifest's checksum of it"
+        return None
+
+    def needs_finish(self) -> bool:
+        """True unless ``out`` holds a finished cache of this format whose manifest and
+        clips.json are intact (:meth:`finish_problem`): then :meth:`finish` has to run, even
+        when every shard is kept, so that a rerun repairs a damaged clips.json or manifest."""
+        return self.finish_problem() is not None
 
     def write_settings(self, settings: Mapping) -> dict:
         """Write ``settings`` (every field of :data:`SETTINGS_FIELDS`) to extraction.json and
@@ -270,8 +324,10 @@ class CacheWriter:
                 frames_of[name] = int(frames.shape[0])
                 yield name, frames, pooled
 
+        layers, dim = self.settings.get("layers"), self.settings.get("dim")
         entry = write_shard(self._start(self.out / shard_name(index)), counted(), dtype=self.settings["dtype"],
-                            shard_index=index)
+                            shard_index=index, num_layers=None if layers is None else len(layers),
+                            dim=None if dim is None else int(dim))
         rec = {"settings_key": self.key, "index": index, "entry": entry, "clips": list(frames_of),
                "num_frames": frames_of, "skipped": list(skipped)}
         write_json(self._start(self.sidecar_path(index)), rec)
@@ -284,8 +340,8 @@ class CacheWriter:
         """Write ``clips.json`` (``records``, each with its ``"shard"`` and ``"num_frames"``),
         then, last, ``manifest.json``: the settings, the clip count, ``skipped`` (clip →
         reason), the clips.json checksum, ``shards`` (manifest entries in shard order;
-        default: the shards written through this writer) and ``"complete": true``.
-        Returns the manifest."""
+        default: the shards written through this writer), ``"complete": true`` and, last,
+        the manifest's checksum of all of that. Returns the manifest."""
         self._need_settings("finish")
         if shards is None:
             if sorted(self.written) != list(range(len(self.written))):
@@ -307,6 +363,8 @@ class CacheWriter:
             "shards": list(shards),
             "complete": True,
         })
+        manifest.pop(MANIFEST_CHECKSUM, None)
+        manifest[MANIFEST_CHECKSUM] = manifest_checksum(manifest)
         write_manifest(self._start(self.out / MANIFEST).parent, manifest)
         self._finishing = False
         return manifest

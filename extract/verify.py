@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
-import h5py
+import numpy as np
 from tqdm import tqdm
 
-from conilium.cache.store import CLIPS, file_sha256, load_manifest
+from conilium.cache.store import CLIPS, RUN_BYTES, ShardIndex, crc32, file_sha256, load_manifest, read_shard_index
 from conilium.errors import CacheError
 from conilium.util import read_json
 
@@ -28,11 +28,46 @@ class VerifyReport:
         return not self.problems
 
 
+def damaged_clips(index: ShardIndex) -> List[str]:
+    """The clips of a shard whose frames or pooled statistics fail their CRC-32 check (each layer
+    read in blocks of up to :data:`~conilium.cache.store.RUN_BYTES`)."""
+    bad: List[str] = []
+    n = len(index.names)
+    with open(index.path, "rb", buffering=0) as f:
+        for k in range(index.num_layers):
+            i = 0
+            while i < n:
+                j, frames = i, 0  # clips i..j-1 in one read
+                while j < n and (j == i or (frames + int(index.num_frames[j])) * index.row_bytes <= RUN_BYTES):
+                    frames += int(index.num_frames[j])
+                    j += 1
+                a = int(index.offsets[i])
+                buf = np.empty((frames, index.dim), index.dtype)
+                f.seek(index.layer_offset(k, a) if frames else 0)
+                if f.readinto(buf) != buf.nbytes:
+                    return [f"{index.names[i]} (truncated)"]
+                for m in range(i, j):
+                    s = int(index.offsets[m]) - a
+                    if crc32(buf[s : s + int(index.num_frames[m])]) != int(index.crc[m, k]):
+                        bad.append(index.names[m])
+                i = j
+        if index.pooled_shape is not None and n:
+            per = index.pooled_bytes
+            for m in range(n):
+                f.seek(index.pooled_offset + m * per)
+                buf = f.read(per)
+                if len(buf) != per or crc32(buf) != int(index.pooled_crc[m]):
+                    bad.append(f"{index.names[m]} (pooled)")
+    return list(dict.fromkeys(bad))
+
+
 def verify_cache(path, *, checksums: bool = True, verbose: bool = False) -> VerifyReport:
     """Check ``path``'s manifest, clips.json and every shard (size, SHA-256, clips, frames).
 
-    Raises :class:`CacheError` when the manifest itself is missing or incomplete;
-    returns a :class:`VerifyReport` whose ``problems`` list everything else found wrong.
+    Raises :class:`CacheError` when the manifest itself is missing, incomplete, of another
+    format or fails its own checksum (edited or damaged); returns a :class:`VerifyReport`
+    whose ``problems`` list everything else found wrong. A shard whose SHA-256 differs is
+    read clip by clip to name the damaged clips (their CRC-32s).
     """
     path = Path(path)
     manifest = load_manifest(path)
@@ -41,7 +76,7 @@ def verify_cache(path, *, checksums: bool = True, verbose: bool = False) -> Veri
     if not cpath.is_file():
         report.problems.append(f"{cpath}: missing")
         return report
-    if manifest.get("clips_sha256") and file_sha256(cpath) != manifest["clips_sha256"]:
+    if file_sha256(cpath) != manifest.get("clips_sha256"):
         report.problems.append(f"{cpath}: checksum differs from the manifest's")
     try:
         records = read_json(cpath)
@@ -70,33 +105,43 @@ def verify_cache(path, *, checksums: bool = True, verbose: bool = False) -> Veri
             report.problems.append(f"{f}: {size} bytes, the manifest says {entry['bytes']}")
             continue
         if checksums and file_sha256(f) != entry["sha256"]:
-            report.problems.append(f"{f}: SHA-256 differs from the manifest's (the file is damaged)")
+            problem = f"{f}: SHA-256 differs from the manifest's (the file is damaged)"
+            try:
+                bad = damaged_clips(read_shard_index(f))
+            except (CacheError, OSError) as e:
+                problem += f"; its index is damaged too ({e})"
+            else:
+                if bad:
+                    problem += f"; clip(s) failing their CRC-32 check: {', '.join(bad[:5])}" + (" …" if len(bad) > 5 else "")
+            report.problems.append(problem)
             continue
         try:
-            with h5py.File(f, "r") as h:
-                names = [n.decode() if isinstance(n, bytes) else str(n) for n in h["names"][()]]
-                if len(names) != entry["clips"]:
-                    report.problems.append(f"{f}: {len(names)} clips, the manifest says {entry['clips']}")
-                expected = by_shard.get(index, {})
-                if set(names) != set(expected):
-                    missing = sorted(set(expected) - set(names))
-                    extra = sorted(set(names) - set(expected))
-                    report.problems.append(f"{f}: clips differ from clips.json (missing {missing[:3]}, "
-                                           f"extra {extra[:3]})")
-                for n in names:
-                    ds = h["frames"].get(n)
-                    if ds is None:
-                        report.problems.append(f"{f}: clip {n} has no frames")
-                        continue
-                    want = (expected.get(n, ds.shape[0]), n_layers, dim)
-                    if tuple(ds.shape) != want:
-                        report.problems.append(f"{f}: clip {n} frames have shape {tuple(ds.shape)}, expected {want}")
-                    if str(ds.dtype) != dtype:
-                        report.problems.append(f"{f}: clip {n} stored as {ds.dtype}, the manifest says {dtype}")
-                    if pooled and ("pooled" not in h or n not in h["pooled"]):
-                        report.problems.append(f"{f}: clip {n} has no pooled statistics")
-        except (OSError, KeyError) as e:
-            report.problems.append(f"{f}: unreadable HDF5 ({e})")
+            shard = read_shard_index(f)
+        except CacheError as e:
+            report.problems.append(str(e))
+            continue
+        names = shard.names
+        if len(names) != entry["clips"]:
+            report.problems.append(f"{f}: {len(names)} clips, the manifest says {entry['clips']}")
+        expected = by_shard.get(index, {})
+        if set(names) != set(expected):
+            missing = sorted(set(expected) - set(names))
+            extra = sorted(set(names) - set(expected))
+            report.problems.append(f"{f}: clips differ from clips.json (missing {missing[:3]}, "
+                                   f"extra {extra[:3]})")
+        if names and (shard.num_layers, shard.dim) != (n_layers, dim):
+            report.problems.append(f"{f}: frames of {shard.num_layers} layer(s) × {shard.dim}, the manifest says "
+                                   f"{n_layers} × {dim}")
+        if names and str(shard.dtype) != dtype:
+            report.problems.append(f"{f}: frames stored as {shard.dtype}, the manifest says {dtype}")
+        for i, n in enumerate(names):
+            t = int(shard.num_frames[i])
+            want = (expected.get(n, t), n_layers, dim)
+            if (t, shard.num_layers, shard.dim) != want:
+                report.problems.append(f"{f}: clip {n} frames have shape {(t, shard.num_layers, shard.dim)}, "
+                                       f"expected {want}")
+        if pooled and names and shard.pooled_shape is None:
+            report.problems.append(f"{f}: no pooled statistics (for clips {', '.join(names[:3])} …)")
     return report
 
 

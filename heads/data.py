@@ -1,25 +1,25 @@
 """Feeding a head from a feature cache: layer selection, a torch Dataset, batching.
 
-A head reads either frames (``frames/<clip>``, (T, layers, dim)) or the per-layer
-utterance statistics (``pooled/<clip>``, (all layers, 2, dim)) of the cache.
+A head reads either a clip's frames ((T, layers, dim)) or its per-layer utterance
+statistics ((all layers, 2, dim)) from the cache.
 :func:`select_input` turns the user's ``layers`` choice into what to read:
 
 * ``"weighted"``: every stored layer (frames) or every layer (statistics), mixed by the
   head's learnable softmax weights;
 * an int ``k >= 0``: the upstream's hidden state ``k`` (0 = CNN output), which the cache
   must hold; a negative int counts from the last available layer. Only that layer is
-  read from disk (the shards keep one layer per chunk).
+  read from disk (the shards keep each layer's frames contiguous).
 
 :class:`ClipDataset` streams clips from the shards (or from memory when preloaded) and
 :func:`collate` pads each batch to its longest clip, returning the valid lengths so that
 pooling ignores the padding. Peak memory is then one batch (per DataLoader worker),
-whatever the size of the cache.
+whatever the size of the cache. What a directory passed as a cache is (a run, a model, a
+corpus: :func:`check_cache_dir`) is told by :mod:`conilium.cache.store`; this module re-exports it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -27,76 +27,10 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from conilium.cache.store import FeatureCache
+from conilium.cache.store import CACHE_TRACES, MODEL_MARKER, FeatureCache, check_cache_dir, not_a_cache  # noqa: F401
 from conilium.errors import CacheError, ConfigError
 
 GIB = 1024 ** 3
-
-#: Files that make a directory something other than a feature cache (see :func:`check_cache_dir`).
-#: ``conilium_model.json`` is :data:`conilium.extract.upstreams.FINETUNED_MARKER`, spelled out here
-#: so that train-head does not import transformers to tell directories apart.
-MODEL_MARKER = "conilium_model.json"
-#: What extract-features writes into a cache directory before its manifest.
-CACHE_TRACES = ("extraction.json", "clips.json", "shards")
-
-
-def _cache_of_run(run_dir: Path) -> Optional[str]:
-    try:
-        import json
-
-        value = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("cache")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(value) if value else None
-
-
-def not_a_cache(path) -> Optional[str]:
-    """Why ``path``, a directory without ``manifest.json``, is not a feature cache: what it is
-    (a train-head run, a finetune-best model directory, a corpus, a folder of caches, …) and
-    what to pass instead; None when it looks like a cache whose extraction did not finish
-    (or when it has a manifest, or is no directory: the cache reader explains those)."""
-    p = Path(path)
-    if p.is_file():
-        if p.name == "manifest.json":
-            return f"{p} is a cache's manifest file; pass its directory to --cache: {p.parent}"
-        return f"{p} is a file, not a feature cache directory; pass the directory extract-features wrote"
-    if not p.is_dir() or (p / "manifest.json").is_file():
-        return None
-    if (p / MODEL_MARKER).is_file() or (p / "checkpoints" / "last.pt").is_file():
-        unfinished = "" if (p / MODEL_MARKER).is_file() else " (unfinished)"
-        return (f"{p} is a finetune-best model directory{unfinished}, not a feature cache. To train a head "
-                f"on its fine-tuned upstream, extract features with it first (extract-features --corpus CORPUS "
-                f"--upstream {p} --out CACHE_DIR) and pass that CACHE_DIR to --cache; to predict with it, use "
-                f"predict --model {p}")
-    if (p / "config.json").is_file() and any((p / f).exists() for f in ("metrics.json", "model.pt",
-                                                                         "predictions")):
-        used = _cache_of_run(p)
-        tail = (f"; this run was trained on --cache {used}" if used else
-                "; pass the cache directory extract-features wrote")
-        return f"{p} is a train-head run directory (config.json, metrics.json/model.pt), not a feature cache{tail}"
-    if (p / "grid.json").is_file() or (p / "results.csv").is_file():
-        return (f"{p} is a train-grid output directory, not a feature cache; pass the cache directory "
-                f"extract-features wrote")
-    if (p / "Audios").is_dir() or (p / "Labels").is_dir():
-        return (f"{p} is a corpus (Audios/, Labels/), not a feature cache; extract its features first "
-                f"(extract-features --corpus {p} --upstream UPSTREAM --out CACHE_DIR) and pass that CACHE_DIR "
-                f"to --cache")
-    if any((p / t).exists() for t in CACHE_TRACES):
-        return None  # an unfinished extraction: the cache reader says to resume it
-    caches = sorted(c.name for c in p.iterdir() if c.is_dir() and (c / "manifest.json").is_file())
-    if caches:
-        shown = ", ".join(str(p / c) for c in caches[:5]) + (" …" if len(caches) > 5 else "")
-        return f"{p} is not a feature cache but a folder of caches; pass one of them to --cache: {shown}"
-    return (f"{p} is not a feature cache (no manifest.json, and nothing extract-features writes); "
-            f"pass the directory extract-features wrote")
-
-
-def check_cache_dir(path) -> None:
-    """A :class:`CacheError` saying what ``path`` is, when it is another kind of directory than
-    a feature cache (see :func:`not_a_cache`); silence otherwise."""
-    why = not_a_cache(path)
-    if why is not None:
-        raise CacheError(why)
 
 
 @dataclass(frozen=True)
@@ -224,12 +158,29 @@ class ClipDataset(Dataset):
         self.targets = None if targets is None else torch.as_tensor(np.asarray(targets, dtype=np.float32))
         self._memory: Optional[List[np.ndarray]] = None
         if preload:
-            self._memory = [self._read(n) for n in tqdm(self.names, desc=desc, unit="clip",
-                                                          disable=not progress, leave=False)]
+            self._memory = self._read_all(progress, desc)
 
     @property
     def preloaded(self) -> bool:
         return self._memory is not None
+
+    def _read_all(self, progress: bool, desc: str) -> List[np.ndarray]:
+        """Every clip's features; neighbouring clips of a shard are read together."""
+        sel = self.selection
+        with tqdm(total=len(self.names), desc=desc, unit="clip", disable=not progress, leave=False) as bar:
+            if sel.kind == "pooled":
+                out = []
+                for n in self.names:
+                    out.append(self._read(n))
+                    bar.update()
+                return out
+            dtype = np.float16 if frame_itemsize(self.cache) == 2 else np.float32
+            layer = None if sel.positions is None else sel.positions[0]
+            out = []
+            for _, x in self.cache.iter_frames(self.names, layer=layer, dtype=dtype):
+                out.append(x)
+                bar.update()
+            return out
 
     def _read(self, name: str) -> np.ndarray:
         sel = self.selection

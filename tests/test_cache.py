@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from conilium.cache import FeatureCache
-from conilium.cache.store import load_manifest
+from conilium.cache.store import FORMAT_VERSION, load_manifest
 from conilium.errors import CacheError
 from conilium.extract import ExtractConfig, NoiseAugmentation, extract_features, verify_cache
 from conilium.cli.extract import verify_cache_cmd
@@ -205,7 +205,7 @@ def test_writer_finish_writes_the_manifest_last(tmp_path, monkeypatch):
         manifest = w.finish([_record("c0.wav", 0, 5), _record("c1.wav", 0, 6), _record("c2.wav", 1, 7)])
     assert renamed[0] == "extraction.json"
     assert renamed[-2:] == ["clips.json", "manifest.json"]
-    assert manifest["format"] == 1 and manifest["complete"] and manifest["num_clips"] == 3
+    assert manifest["format"] == FORMAT_VERSION and manifest["complete"] and manifest["num_clips"] == 3
     assert [s["clips"] for s in manifest["shards"]] == [2, 1]
     assert verify_cache(out).ok
 
@@ -223,7 +223,6 @@ def test_writer_refuses_incomplete_settings(tmp_path):
 
 
 def test_synthetic_and_extracted_caches_record_the_same_fields(small_cache, tmp_path):
-    from conilium.cache.store import FORMAT_VERSION
     from conilium.cache.writer import SETTINGS_ONLY
     from conilium.heads.data import write_synthetic_cache
 

@@ -138,15 +138,20 @@ def test_global_normalisation_stats(demo_cache, demo_corpus):
 
 
 def test_one_layer_chunks_read_little(demo_cache):
-    """A clip's frames are chunked one layer per chunk, uncompressed."""
+    """Each stored layer's frames are contiguous and uncompressed: one layer of a clip is its own bytes."""
     cache = FeatureCache(demo_cache)
     name = cache.names[0]
     shard = demo_cache / cache.manifest["shards"][cache.shard_of(name)]["file"]
     with h5py.File(shard, "r") as f:
-        ds = f["frames"][name]
-        t = cache.num_frames(name)
-        assert ds.chunks == (t, 1, 96) and ds.compression is None
-        assert ds.id.get_storage_size() == t * 4 * 96 * 2
+        ds = f["frames"]
+        assert ds.chunks is None and ds.compression is None
+        assert ds.id.get_storage_size() == ds.shape[1] * 4 * 96 * 2
+    index = cache.shard_index(cache.shard_of(name))
+    i, t = index.position[name], cache.num_frames(name)
+    with open(shard, "rb") as f:
+        f.seek(index.layer_offset(2, int(index.offsets[i])))
+        raw = np.frombuffer(f.read(t * 96 * 2), np.float16).reshape(t, 96)
+    np.testing.assert_array_equal(raw, cache.frames(name, layer=2, dtype=None)[:, 0])
 
 
 def test_extract_config_is_all_a_cache_records(demo_cache, tmp_path):
@@ -188,7 +193,7 @@ def test_selected_layers_and_float32(tiny_corpus, tmp_path):
     cache = FeatureCache(out)
     assert cache.layers == [1, 3] and not cache.has_pooled and cache.manifest["normalize_stats"] is None
     with h5py.File(out / cache.manifest["shards"][0]["file"], "r") as f:
-        assert f["frames"][cache.names[0]].dtype == np.float32
+        assert f["frames"].dtype == np.float32
     with pytest.raises(CacheError, match="pooled"):
         cache.pooled(cache.names[0])
 

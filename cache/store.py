@@ -54,6 +54,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -581,8 +582,9 @@ class FeatureCache:
     manifest's; every read of frames or pooled statistics is checked against the clip's
     CRC-32 (``verify=False`` skips that, for measurements only). A shard's index is read
     once; its frames are then read with plain positional reads of the file (no HDF5 on the
-    way). At most ``max_open`` shard files stay open at once; the reader can be handed to
-    DataLoader workers (forked or pickled).
+    way). At most ``max_open`` shard files stay open at once (one closed while another
+    thread reads it is closed when that read ends); the reader can be shared by threads and
+    handed to DataLoader workers (forked or pickled).
     """
 
     def __init__(self, path, *, max_open: int = 16, verify: bool = True):
@@ -615,7 +617,7 @@ class FeatureCache:
         self.max_open = max_open
         self.verify = verify
         self._index: Dict[int, ShardIndex] = {}
-        self._fds: "OrderedDict[int, int]" = OrderedDict()
+        self._reset_files()
         self._dtype = np.dtype(np.float32 if self.manifest.get("dtype") == "float32" else np.float16)
 
     # ---- metadata -------------------------------------------------------------------
@@ -697,20 +699,57 @@ class FeatureCache:
         self._index[index] = idx
         return idx
 
-    def _fd(self, index: int) -> int:
-        fd = self._fds.get(index)
-        if fd is None:
-            try:
-                fd = os.open(self._shards[index], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as e:
-                raise CacheError(f"{self._shards[index]}: cannot open shard ({e}); run verify-cache") from None
-            self._fds[index] = fd
-            while len(self._fds) > self.max_open:
-                _, old = self._fds.popitem(last=False)
-                os.close(old)
-        else:
-            self._fds.move_to_end(index)
-        return fd
+    def _reset_files(self) -> None:
+        self._fds: "OrderedDict[int, int]" = OrderedDict()  # shard -> descriptor, least recently used first
+        self._busy: Dict[int, int] = {}  # descriptor -> reads in flight
+        self._retired: set = set()  # evicted while being read: closed when the last read ends
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _acquire(self, index: int) -> int:
+        if os.getpid() != self._pid:  # a forked worker: descriptors and lock of its own
+            for fd in list(self._fds.values()) + list(self._retired):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._reset_files()
+        with self._lock:
+            fd = self._fds.get(index)
+            if fd is None:
+                try:
+                    fd = os.open(self._shards[index], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as e:
+                    raise CacheError(f"{self._shards[index]}: cannot open shard ({e}); run verify-cache") from None
+                self._fds[index] = fd
+                while len(self._fds) > self.max_open:
+                    _, old = self._fds.popitem(last=False)
+                    if self._busy.get(old):
+                        self._retired.add(old)
+                    else:
+                        os.close(old)
+            else:
+                self._fds.move_to_end(index)
+            self._busy[fd] = self._busy.get(fd, 0) + 1
+            return fd
+
+    def _release(self, fd: int) -> None:
+        with self._lock:
+            n = self._busy.get(fd, 1) - 1
+            if n > 0:
+                self._busy[fd] = n
+                return
+            self._busy.pop(fd, None)
+            if fd in self._retired:
+                self._retired.discard(fd)
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def _file(self, index: int) -> Iterator[int]:
+        """The open descriptor of shard ``index``, kept open while the block reads it."""
+        fd = self._acquire(index)
+        try:
+            yield fd
+        finally:
+            self._release(fd)
 
     def _locate(self, name: str) -> Tuple[int, ShardIndex, int]:
         where = self._where.get(name)
@@ -728,12 +767,13 @@ class FeatureCache:
                              f"(upstream layers {self.layers})")
         return [layer % n]
 
-    def _pread(self, shard: int, buf: np.ndarray, offset: int, idx: ShardIndex) -> None:
+    @staticmethod
+    def _pread(fd: int, buf: np.ndarray, offset: int, idx: ShardIndex) -> None:
         want = buf.nbytes
         if not want:
             return
         try:
-            got = os.preadv(self._fd(shard), [buf], offset)
+            got = os.preadv(fd, [buf], offset)
         except OSError as e:
             raise CacheError(f"{idx.path}: cannot read the shard ({e}); run verify-cache") from None
         if got != want:
@@ -750,13 +790,14 @@ class FeatureCache:
         a = int(idx.offsets[first])
         b = int(idx.offsets[last] + idx.num_frames[last])
         buf = np.empty((len(positions), b - a, idx.dim), idx.dtype)
-        for j, k in enumerate(positions):
-            self._pread(shard, buf[j], idx.layer_offset(k, a), idx)
-            if self.verify:  # while the bytes just read are still in the CPU's caches
-                for i in range(first, last + 1):
-                    s = int(idx.offsets[i]) - a
-                    if crc32(buf[j, s : s + int(idx.num_frames[i])]) != int(idx.crc[i, k]):
-                        raise self._damaged(idx, idx.names[i], f"frames of layer {self.layers[k]}")
+        with self._file(shard) as fd:
+            for j, k in enumerate(positions):
+                self._pread(fd, buf[j], idx.layer_offset(k, a), idx)
+                if self.verify:  # while the bytes just read are still in the CPU's caches
+                    for i in range(first, last + 1):
+                        s = int(idx.offsets[i]) - a
+                        if crc32(buf[j, s : s + int(idx.num_frames[i])]) != int(idx.crc[i, k]):
+                            raise self._damaged(idx, idx.names[i], f"frames of layer {self.layers[k]}")
         return buf
 
     @staticmethod
@@ -787,7 +828,8 @@ class FeatureCache:
         if idx.pooled_shape is None:
             raise CacheError(f"{idx.path}: no pooled statistics in the shard; run verify-cache")
         out = np.empty(idx.pooled_shape, np.float32)
-        self._pread(shard, out, idx.pooled_offset + i * idx.pooled_bytes, idx)
+        with self._file(shard) as fd:
+            self._pread(fd, out, idx.pooled_offset + i * idx.pooled_bytes, idx)
         if self.verify and crc32(out) != int(idx.pooled_crc[i]):
             raise self._damaged(idx, name, "pooled statistics")
         return out
@@ -824,10 +866,17 @@ class FeatureCache:
             k = end
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds.clear()
+        """Close the shard files (a file being read by another thread when that read ends)."""
+        if os.getpid() != self._pid:
+            return
+        with self._lock:
+            for fd in self._fds.values():
+                if self._busy.get(fd):
+                    self._retired.add(fd)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._fds.clear()
 
     def __enter__(self):
         return self
@@ -840,9 +889,12 @@ class FeatureCache:
             self.close()
 
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_fds"] = OrderedDict()
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_busy", "_retired", "_lock", "_pid")}
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset_files()
 
 
 def write_clips(path, records: List[dict]) -> None:

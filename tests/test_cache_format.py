@@ -294,3 +294,17 @@ def test_extraction_filling_the_disk_stops_cleanly(small_demo_corpus, tmp_path):
         assert f"Error: cannot write {out}/shards/shard-" in r.stderr and "no space left on device" in r.stderr
         assert "Traceback" not in r.stderr and "HDF5" not in r.stderr and "errno = 28" not in r.stderr
         assert _leftovers(out) == [] and not (out / "manifest.json").exists()
+
+
+def test_threads_share_a_reader_that_keeps_few_files_open(syn):
+    """A descriptor evicted (max_open) while another thread reads it stays open until that read ends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    want = {n: np.ascontiguousarray(x) for n, x in FeatureCache(syn.path).iter_frames(syn.names, dtype=None)}
+    cache = FeatureCache(syn.path, max_open=1)
+    names = [n for _ in range(20) for n in (syn.names[::3] + syn.names[1::3] + syn.names[2::3])]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda n: cache.frames(n, dtype=None), names))
+    for n, x in zip(names, got):
+        np.testing.assert_array_equal(x, want[n])
+    assert len(cache._fds) <= 1 and not cache._busy and not cache._retired

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from . import CLASS_NAMES, CLASSES, NON_TARGET_CONSENSUS
 from .corpus import SPLITS, Clip, Corpus, ignored_word_counts, load_corpus
-from .targets import DEFAULT_THRESHOLDS, agreement, passes_agreement, secondary_target
+from .targets import DEFAULT_READING, DEFAULT_THRESHOLDS, agreement, passes_agreement, secondary_target
 from .util import atomic_path, check_writable, write_json
 
 #: Files :func:`describe_corpus` writes, in order.
@@ -37,6 +37,7 @@ LONG_CLIP_SECONDS = 8.0
 #: "Other" (Other, ``Other-…`` and non-target words).
 ALPHA_CATEGORIES = CLASSES + ("Other",)
 UNLABELLED = "unlabelled"
+_READING_TEXT = {"all": "all annotators' labels, Other included", "targets": "target-class labels only"}
 
 
 def describe_corpus(corpus: Union[Corpus, str, Path], out_dir, *, skip_bad: bool = False) -> dict:
@@ -114,8 +115,8 @@ def annotator_counts(clips: Sequence[Clip]) -> dict:
 def agreement_stats(clips: Sequence[Clip]) -> dict:
     """Mean top P / S share, P* / S* pass rates and Krippendorff's alpha over annotated clips."""
     annotated = [c for c in clips if c.annotations]
-    top_p = [a for a in (agreement(c, "P") for c in annotated) if a is not None]
-    top_s = [a for a in (agreement(c, "S") for c in annotated) if a is not None]
+    top_p = [a for a in (agreement(c, "P", "targets") for c in annotated) if a is not None]
+    top_s = [a for a in (agreement(c, "S", "targets") for c in annotated) if a is not None]
     n = len(annotated)
     return {
         "clips": n,
@@ -227,8 +228,9 @@ def render_markdown(summary: dict) -> str:
                    "histogram (annotators: clips)"], rows)
 
     out += ["## Agreement", "",
-            f"Over annotated clips: mean largest share of the P and S targets, share of clips whose "
-            f"largest share reaches the P* ({th_p}) and S* ({th_s}) thresholds, and Krippendorff's alpha "
+            f"Over annotated clips: mean largest share of the P and S targets, share of clips that "
+            f"pass the P* ({th_p}) and S* ({th_s}) thresholds (agreement share read over "
+            f"{_READING_TEXT[DEFAULT_READING]}, see conilium.targets), and Krippendorff's alpha "
             f"(nominal) of the primary labels (eight classes and Other).", ""]
     rows = []
     for g in groups:
@@ -254,7 +256,11 @@ def render_markdown(summary: dict) -> str:
     out += _table(["word", "count"], [[w, str(n)] for w, n in words.items()]) if words else ["None.", ""]
 
     out += ["## Figures", "", "![Clip durations per split](durations.png)", "",
-            "![Mean S target per consensus class](cooccurrence.png)", ""]
+            f"*Clip durations per split, with the {LONG_CLIP_SECONDS:g} s mark (the paper's Figure 1): every clip "
+            f"is truncated to its first {LONG_CLIP_SECONDS:g} s before the upstream sees it.*", "",
+            "![Mean S target per consensus class](cooccurrence.png)", "",
+            "*For the clips of each consensus class (rows, with their clip counts), the mean S target over the "
+            "eight classes: which other emotions annotators perceive alongside (cf. the paper's Figure 3).*", ""]
     return "\n".join(out)
 
 
@@ -267,12 +273,16 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def plot_durations(clips) -> Figure:
-    """Overlaid histograms of the clip durations per split, with a line at 8 s (Figure 1)."""
+    """Overlaid histograms of the clip durations per split, with a line at 8 s (Figure 1).
+
+    The legend sits below the axes, so that neither it nor the 8 s label hides the other
+    or the histograms.
+    """
     per_split: Dict[str, List[float]] = {}
     for c in clips:
         if c.duration is not None:
             per_split.setdefault(c.split, []).append(c.duration)
-    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
     if not per_split:
         ax.text(0.5, 0.5, "no clip durations", ha="center", va="center", transform=ax.transAxes)
@@ -285,9 +295,11 @@ def plot_durations(clips) -> Figure:
             ax.hist(d, bins=bins, histtype="step", linewidth=1.6,
                     label=f"{split} (n={d.size}, mean {d.mean():.1f} s, {share:.0f} % > {LONG_CLIP_SECONDS:g} s)")
         ax.axvline(LONG_CLIP_SECONDS, color="0.3", linestyle="--", linewidth=1)
-        ax.text(LONG_CLIP_SECONDS, 0.98, f" {LONG_CLIP_SECONDS:g} s", transform=ax.get_xaxis_transform(),
-                va="top", ha="left", color="0.3")
-        ax.legend(loc="upper right", fontsize=8, frameon=False)
+        ax.margins(y=0.12)  # head room for the label above the tallest bar
+        ax.text(LONG_CLIP_SECONDS, 0.98, f"truncated at {LONG_CLIP_SECONDS:g} s ", transform=ax.get_xaxis_transform(),
+                va="top", ha="right", color="0.2", fontsize=8,
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.5})
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, fontsize=8, frameon=False)
     ax.set_xlabel("clip duration (s)")
     ax.set_ylabel("clips")
     ax.set_title("Clip durations per split")

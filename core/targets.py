@@ -4,11 +4,23 @@
 * ``P``: for each class, the share of annotators whose primary emotion is that class.
 * ``S``: each annotator contributes the set primary ∪ secondaries; the target is each
   class's share of all contributed labels.
-* ``P*`` / ``S*``: the clips whose largest P (S) share reaches a threshold
-  (0.6 / 0.5 by default); a filter of the training clips only.
+* ``P*`` / ``S*``: the clips where one class reaches a share threshold (0.6 / 0.5 by
+  default); a filter of the training clips only. Two readings of that share
+  (:data:`AGREEMENT_READINGS`):
 
-Other, ``Other-…`` and non-target words are ignored, so P and S sum to 1 over the eight
-classes. A clip none of whose annotations names a target class has no P (S) target.
+  - ``"all"`` (the default, as the paper writes it: "the same primary labels agreed upon
+    by at least 60 % of annotators", "at least 50 % of the labels list are the same"):
+    the top target class's count over **all** annotators' primaries (P*), or over all
+    perceived labels of all annotators (S*), Other and non-target words included;
+  - ``"targets"``: the largest entry of the P (S) target vector itself, i.e. the share
+    over target-class labels only (Other primaries and words left out of the count).
+
+  Example: primaries N, N, Other, Other, S: ``"all"`` gives 2/5 = 0.4 (not P*),
+  ``"targets"`` 2/3 ≈ 0.67 (P*).
+
+Other, ``Other-…`` and non-target words are ignored by the targets themselves, so P and
+S sum to 1 over the eight classes. A clip none of whose annotations names a target class
+has no P (S) target.
 """
 
 from __future__ import annotations
@@ -23,6 +35,11 @@ from .errors import ConfigError
 
 TARGET_KINDS = ("hard", "P", "S", "P*", "S*")
 DEFAULT_THRESHOLDS = {"P*": 0.6, "S*": 0.5}
+#: Readings of the P*/S* agreement share (see the module docstring); the first is the default.
+AGREEMENT_READINGS = ("all", "targets")
+DEFAULT_READING = AGREEMENT_READINGS[0]
+#: Key of a ``thresholds`` mapping that carries the reading (``TrainConfig.thresholds``).
+READING_KEY = "over"
 _INDEX = {c: i for i, c in enumerate(CLASSES)}
 
 
@@ -73,36 +90,84 @@ def clip_target(clip: Clip, kind: str) -> Optional[np.ndarray]:
     return secondary_target(clip.annotations)
 
 
-def agreement(clip: Clip, kind: str) -> Optional[float]:
-    """Largest share of the clip's P (for P, P*) or S (for S, S*) target, None without annotations."""
+def check_reading(reading: str) -> str:
+    if reading not in AGREEMENT_READINGS:
+        raise ConfigError(f"unknown P*/S* agreement reading {reading!r}; expected one of "
+                          f"{', '.join(AGREEMENT_READINGS)} (all: share of all annotators' labels, as the "
+                          f"paper writes it; targets: share of target-class labels only)")
+    return reading
+
+
+def _label_counts(annotations: Sequence[Annotation], b: str) -> Tuple[np.ndarray, int]:
+    """Counts of each target class and the count of every label, Other and non-target
+    words included: primaries (``b == "P"``) or each annotator's perceived set, primary ∪
+    secondaries, with all of an annotator's non-target words counted once as Other (``"S"``)."""
+    counts = np.zeros(len(CLASSES), dtype=np.float64)
+    total = 0
+    for a in annotations:
+        if b == "P":
+            c = a.primary_class
+            total += 1
+            if c is not None:
+                counts[_INDEX[c]] += 1
+            continue
+        perceived = a.perceived_classes
+        for c in perceived:
+            counts[_INDEX[c]] += 1
+        total += len(perceived) + (1 if a.ignored_words() else 0)
+    return counts, total
+
+
+def agreement(clip: Clip, kind: str, reading: str = DEFAULT_READING) -> Optional[float]:
+    """The clip's agreement share for P (P*) or S (S*); None without a target-class annotation.
+
+    ``reading="all"``: the top target class's count over all annotators' labels (Other
+    and non-target words count in the denominator); ``"targets"``: the largest entry of
+    the P (S) target vector.
+    """
     b = base_kind(kind)
     if b == "hard":
         raise ConfigError("agreement is defined on P or S targets, not on hard labels")
-    y = clip_target(clip, b)
-    return None if y is None else float(y.max())
+    check_reading(reading)
+    if reading == "targets":
+        y = clip_target(clip, b)
+        return None if y is None else float(y.max())
+    counts, total = _label_counts(clip.annotations, b)
+    if counts.sum() == 0 or total == 0:
+        return None
+    return float(counts.max() / total)
 
 
-def passes_agreement(clip: Clip, kind: str, thresholds: Optional[Dict[str, float]] = None) -> bool:
-    """True when ``kind`` is not P*/S*, or when the clip's top share reaches the threshold."""
+def passes_agreement(clip: Clip, kind: str, thresholds: Optional[Dict] = None,
+                     reading: Optional[str] = None) -> bool:
+    """True when ``kind`` is not P*/S*, or when the clip's agreement share reaches the threshold.
+
+    ``thresholds`` maps ``"P*"``/``"S*"`` to thresholds and may carry the reading under
+    ``"over"`` (as ``TrainConfig.thresholds`` does); ``reading`` overrides it.
+    """
     if kind not in ("P*", "S*"):
         return True
-    th = dict(DEFAULT_THRESHOLDS, **(thresholds or {}))[kind]
-    a = agreement(clip, kind)
+    merged = dict(DEFAULT_THRESHOLDS, **(thresholds or {}))
+    th = merged[kind]
+    a = agreement(clip, kind, reading or merged.get(READING_KEY, DEFAULT_READING))
     # a small tolerance so that exactly 3/5 passes a 0.6 threshold despite float rounding
     return a is not None and a >= th - 1e-6
 
 
-def training_set(clips: Iterable[Clip], kind: str, *, thresholds: Optional[Dict[str, float]] = None,
-                 fallback_to_hard: bool = True) -> Tuple[List[Clip], np.ndarray, Dict[str, int]]:
+def training_set(clips: Iterable[Clip], kind: str, *, thresholds: Optional[Dict] = None, fallback_to_hard: bool = True,
+                 reading: Optional[str] = None) -> Tuple[List[Clip], np.ndarray, Dict[str, int]]:
     """Training clips and their target matrix for ``kind``.
 
     Clips whose consensus is O, X or unknown are left out (the paper's rule). For soft
     targets, a scoreable clip without any target-class annotation falls back to its
     one-hot consensus when ``fallback_to_hard`` (else it is left out); P*/S* keep only
-    clips whose top share reaches the threshold. Returns (clips, targets (N, 8), counts)
+    clips whose agreement share (in ``reading``, else ``thresholds["over"]``, else
+    :data:`DEFAULT_READING`) reaches the threshold. Returns (clips, targets (N, 8), counts)
     where counts says how many clips were dropped or fell back, and why.
     """
     b = base_kind(kind)
+    if kind in ("P*", "S*"):
+        check_reading(reading or (thresholds or {}).get(READING_KEY, DEFAULT_READING))
     kept: List[Clip] = []
     ys: List[np.ndarray] = []
     counts = {"non_target_consensus": 0, "no_annotations": 0, "fallback_to_hard": 0, "low_agreement": 0}
@@ -118,7 +183,7 @@ def training_set(clips: Iterable[Clip], kind: str, *, thresholds: Optional[Dict[
             else:
                 counts["no_annotations"] += 1
                 continue
-        if not passes_agreement(clip, kind, thresholds):
+        if not passes_agreement(clip, kind, thresholds, reading):
             counts["low_agreement"] += 1
             continue
         kept.append(clip)

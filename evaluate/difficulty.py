@@ -259,7 +259,7 @@ def to_markdown(result: Dict, *, heading_level: int = 2, paper: bool = True) -> 
     cols = ["Group", "Clips", "Share", "Duration mean (s)", "Duration sd (s)", "Krippendorff α", "Female", "Male",
             "Unknown gender"]
     if paper:
-        cols += ["Paper: clips", "Paper: duration", "Paper: α"]
+        cols += ["Paper: clips", "Paper: duration", "Paper: α", "Paper: Female / Male"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for key, label in (("easy", "Easy"), ("difficult", "Difficult"), ("mixed", "Mixed"), ("all", "All")):
         x = g[key]
@@ -269,10 +269,18 @@ def to_markdown(result: Dict, *, heading_level: int = 2, paper: bool = True) -> 
         if paper:
             if key in ("easy", "difficult"):
                 row += [f"{P[key]:,} of {P['n']:,}", f"{P['duration_mean'][key]:.2f} ± {P['duration_sd'][key]:.2f}",
-                        f"{P['alpha'][key]:.2f}"]
+                        f"{P['alpha'][key]:.2f}", "—"]
+            elif key == "all":
+                row += [f"{P['n']:,}", "—", "—",
+                        f"{P['gender_clips']['Female']:,} / {P['gender_clips']['Male']:,}"]
             else:
-                row += ["—", "—", "—"]
+                row += ["—", "—", "—", "—"]
         lines.append("| " + " | ".join(row) + " |")
+    if paper:
+        lines += ["", f"The paper's development set is balanced between genders (section 4.3: "
+                  f"{P['gender_clips']['Female']:,} female and {P['gender_clips']['Male']:,} male clips, of "
+                  f"{P['n']:,}); ours: {g['all']['gender']['Female']} female, {g['all']['gender']['Male']} male, "
+                  f"{g['all']['gender']['Unknown']} unknown, of {g['all']['clips']}."]
     lines += ["", f"Speakers (known speakers only; {s['unknown_speaker_clips']} clips of unknown speakers left out). "
               "An Easy speaker has more than half of their clips Easy, a Difficult speaker more than half "
               "Difficult.", ""]

@@ -158,3 +158,31 @@ def ensemble_runs(run_dirs: Sequence, out_dir, *, method: str = "mean",
         write_json(tmp / "config.json", config)
         write_json(tmp / "metrics.json", with_main_split(metrics))
     return metrics
+
+
+def prediction_disagreement(run_dirs: Sequence, split: str = "Development") -> Dict:
+    """How often runs predict different classes on the scoreable clips of ``split`` (the
+    seed's section 4: the three upstreams' predictions "differ more than 30% of the time").
+
+    Returns ``clips``, ``not_unanimous`` (share of clips where not every run predicts the
+    same class) and ``pairwise`` (``"a | b"`` → share of clips where the two differ, runs
+    named by their directory names).
+    """
+    from conilium import CLASSES
+
+    run_dirs = [Path(r) for r in run_dirs]
+    if len(run_dirs) < 2:
+        raise RunError("prediction disagreement needs at least two runs")
+    data = {str(r): read_run(r, [split])[split] for r in run_dirs}
+    aligned = align(data, split)
+    first = next(iter(aligned.values()))
+    keep = np.array([r in CLASSES for r in first.reference], dtype=bool)
+    if not keep.any():
+        raise RunError(f"{run_dirs[0]}: split {split} has no scoreable clip")
+    preds = np.array([np.asarray(p.prediction, dtype=object)[keep] for p in aligned.values()])
+    unanimous = np.all(preds == preds[0], axis=0)
+    names = [r.name for r in run_dirs]
+    pairwise = {f"{names[i]} | {names[j]}": float(np.mean(preds[i] != preds[j]))
+                for i in range(len(names)) for j in range(i + 1, len(names))}
+    return {"split": split, "clips": int(keep.sum()), "runs": [str(r) for r in run_dirs],
+            "not_unanimous": float(1.0 - unanimous.mean()), "pairwise": pairwise}

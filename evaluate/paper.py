@@ -1,13 +1,21 @@
-"""The numbers published in the CONILIUM paper (Shamsi, Gauder, Tahon, Odyssey 2024).
+"""Published numbers, each with its source: the CONILIUM paper (the seed) and the two
+other papers a reader compares it with.
 
-Every score is an F1 on the MSP-Podcast development set with WavLM-large unless the row
-says otherwise; ``None`` where the paper gives no figure. Table 4's test row is the
-challenge's leaderboard score on its unlabelled test set (Test3), which only the
-organisers could compute.
+* :data:`TABLES` holds **only the seed paper's numbers** (Shamsi, Gauder, Tahon, Odyssey
+  2024): every score is an F1 on the MSP-Podcast development set with WavLM-large unless
+  the row says otherwise; ``None`` where the seed gives no figure. Every seed number comes
+  from an end-to-end fine-tuned upstream (:data:`PAPER_SETTING`). Table 4's test row is the
+  challenge's leaderboard score on its unlabelled test set, which only the organisers
+  could compute.
+* :data:`EXTERNAL` holds numbers the seed does **not** give — the challenge baseline's
+  and the challenge winner's — with the paper each comes from (:data:`SOURCES`). They
+  never go into a "paper" column.
+* :data:`FINDINGS` holds the seed's conclusions as checkable comparisons of rows, so a
+  report can say, computed from the numbers, whether a run agrees.
+* :data:`CORPUS`, :data:`TRAINING_SET_SIZES`, :data:`UPSTREAM_DISAGREEMENT` and
+  :data:`EASY_DIFFICULT`: the seed's other numbers (sections 2, 3.5, 3.6 and 4).
 
-:data:`TABLES` maps a table key (as used in a report spec) to its title, the split the
-paper scored, and its rows in the paper's order: ``(label, macro, micro, aliases)``.
-Row labels in a report spec are matched to the paper's rows by :func:`match_row`
+Row labels in a report spec are matched to the seed's rows by :func:`match_row`
 (case, spaces, ``L_`` prefixes and a few spellings are ignored).
 """
 
@@ -23,12 +31,37 @@ CITATION = ("M. Shamsi, L. Gauder, M. Tahon, \"The CONILIUM proposition for Odys
 
 
 @dataclass(frozen=True)
+class Source:
+    key: str
+    short: str
+    citation: str
+
+
+#: Where a published number comes from.
+SOURCES: Dict[str, Source] = {s.key: s for s in (
+    Source("seed", "Shamsi et al. 2024 (CONILIUM, the paper this project implements)", CITATION),
+    Source("challenge", "Goncalves et al. 2024 (the challenge's baseline paper; the paper's reference [17])",
+           "L. Goncalves, A. N. Salman, A. Reddy Naini, L. Moro-Velazquez, T. Thebaud, L. P. Garcia, N. Dehak, "
+           "B. Sisman, C. Busso, \"Odyssey 2024 - Speech Emotion Recognition Challenge: Dataset, Baseline "
+           "Framework, and Results\", Odyssey 2024"),
+    Source("winner", "Chen et al. 2024 (the challenge winner's paper)",
+           "M. Chen, H. Zhang, Y. Li, et al., \"1st Place Solution to Odyssey Emotion Recognition Challenge "
+           "Task1: Tackling Class Imbalance Problem\", Odyssey 2024, pp. 260-265, arXiv:2405.20064"),
+)}
+
+#: How every seed number was trained (section 3): the whole model, end to end.
+PAPER_SETTING = ("end to end: the upstream fine-tuned with an attentive-statistics-pooling head, AdamW, "
+                 "lr 1e-5, batch 16, at most 40 epochs, best development checkpoint (section 3)")
+
+
+@dataclass(frozen=True)
 class PaperRow:
     label: str
     macro: Optional[float]
     micro: Optional[float]
     aliases: Tuple[str, ...] = ()
     note: str = ""
+    where: str = ""  # where in the seed paper
 
 
 @dataclass(frozen=True)
@@ -39,57 +72,190 @@ class PaperTable:
     rows: Tuple[PaperRow, ...]
 
 
+_TABLE2_ROWS = (PaperRow("WCE", 0.302, 0.402, ("wce(hard)", "wce hard"), where="Table 2"),
+                PaperRow("WBCE(P)", 0.340, 0.503, where="Table 2"),
+                PaperRow("WBCE(S)", 0.350, 0.517, where="Table 2"),
+                PaperRow("KLD(P)", 0.322, 0.481, where="Table 2"),
+                PaperRow("KLD(S)", 0.337, 0.502, where="Table 2"))
+
+#: The seed paper's tables, and only its numbers.
 TABLES: Dict[str, PaperTable] = {t.key: t for t in (
     PaperTable("table1", "Table 1: upstream models",
-               "F1 on the development set for each upstream model (weighted cross-entropy, hard labels). "
-               "Section 3.2: MUSAN noise on 80% of training clips helped only Wav2vec2-base.",
-               (PaperRow("WavLM-large", 0.302, 0.402, ("wavlm", "wavlm large")),
-                PaperRow("Wav2vec2-large", 0.282, 0.374, ("wav2vec2 large robust", "wav2vec2-large-robust")),
-                PaperRow("Wav2vec2-base", 0.272, 0.390, ("wav2vec2 base",)),
-                PaperRow("Hubert-large", 0.297, 0.424, ("hubert", "hubert large")),
+               "F1 on the development set for each upstream model (weighted cross-entropy, hard labels), and "
+               "the noise-augmentation run of section 3.2 (MUSAN noise on 80 % of the training clips).",
+               (PaperRow("WavLM-large", 0.302, 0.402, ("wavlm", "wavlm large"), where="Table 1"),
+                PaperRow("Wav2vec2-large", 0.282, 0.374, ("wav2vec2 large robust", "wav2vec2-large-robust"),
+                         where="Table 1"),
+                PaperRow("Wav2vec2-base", 0.272, 0.390, ("wav2vec2 base",), where="Table 1"),
+                PaperRow("Hubert-large", 0.297, 0.424, ("hubert", "hubert large"), where="Table 1"),
                 PaperRow("Wav2vec2-base + noise", 0.286, None,
                          ("wav2vec2-base + musan", "wav2vec2-base+augmentation", "wav2vec2-base augmented"),
-                         "section 3.2, micro not published"))),
+                         "micro not published", where="section 3.2"))),
     PaperTable("table2", "Table 2: loss functions and targets",
                "F1 on the development set, WavLM-large, for each loss and training target "
-               "(P: primary labels of all annotators, S: all perceived labels).",
-               (PaperRow("WCE", 0.302, 0.402, ("wce(hard)", "wce hard")),
-                PaperRow("WBCE(P)", 0.340, 0.503),
-                PaperRow("WBCE(S)", 0.350, 0.517),
-                PaperRow("KLD(P)", 0.322, 0.481),
-                PaperRow("KLD(S)", 0.337, 0.502))),
+               "(P: primary labels of all annotators, S: all perceived labels).", _TABLE2_ROWS),
     PaperTable("sampler", "Section 3.4: class-balancing sampler",
-               "Macro-F1 on the development set, WavLM-large. Dropping the class weights (WBCE(P) to BCE(P)) "
-               "cost about 1% macro-F1; a class-balanced sampler helped BCE(P) a little and KLD(S) more.",
-               (PaperRow("WBCE(P)", 0.340, 0.503, (), "Table 2"),
-                PaperRow("BCE(P)", 0.331, None, ("bce(p) unweighted",), "unweighted, no sampler"),
-                PaperRow("BCE(P) + sampler", 0.334, None, ("bce(p)+sampler", "bce(p) sampler")),
-                PaperRow("KLD(S)", 0.337, 0.502, (), "Table 2, no sampler"),
-                PaperRow("KLD(S) + sampler", 0.347, None, ("kld(s)+sampler", "kld(s) sampler")))),
+               "F1 on the development set, WavLM-large: unweighted BCE, and a sampler drawing each clip with "
+               "weight 1/(frequency of its class) (the loss's class weights then off).",
+               (PaperRow("WBCE(P)", 0.340, 0.503, (), "Table 2", where="Table 2"),
+                PaperRow("BCE(P)", 0.331, None, ("bce(p) unweighted",), "unweighted, no sampler",
+                         where="section 3.4"),
+                PaperRow("BCE(P) + sampler", 0.334, None, ("bce(p)+sampler", "bce(p) sampler"),
+                         where="section 3.4"),
+                PaperRow("KLD(S)", 0.337, 0.502, (), "Table 2, no sampler", where="Table 2"),
+                PaperRow("KLD(S) + sampler", 0.347, None, ("kld(s)+sampler", "kld(s) sampler"),
+                         where="section 3.4"))),
     PaperTable("table3", "Table 3: high-agreement training subsets",
                "F1 on the development set when only clips with high annotator agreement are used for "
-               "training (P*: at least 60% of primaries agree; S*: at least 50% of perceived labels agree).",
-               (PaperRow("WBCE(P*)", 0.317, 0.491),
-                PaperRow("WBCE(S*)", 0.312, 0.511),
-                PaperRow("KLD(P*)", 0.314, 0.483),
-                PaperRow("KLD(S*)", 0.326, 0.487))),
+               "training (P*: the same primary label agreed upon by at least 60 % of annotators; S*: at least "
+               "50 % of the perceived-labels list the same). After section 3.4 the KLD runs use the sampler.",
+               (PaperRow("WBCE(P*)", 0.317, 0.491, where="Table 3"),
+                PaperRow("WBCE(S*)", 0.312, 0.511, where="Table 3"),
+                PaperRow("KLD(P*)", 0.314, 0.483, where="Table 3"),
+                PaperRow("KLD(S*)", 0.326, 0.487, where="Table 3"))),
     PaperTable("ensemble", "Section 3.6: ensemble voting",
-               "Voting over the probabilities of three upstream models trained with WBCE(P) "
-               "(development set); it lowered macro-F1 compared with WavLM-large alone.",
-               (PaperRow("Ensemble", 0.338, 0.523, ("ensemble voting", "vote", "mean", "ensemble (3 upstreams)")),)),
+               "Voting over the probabilities of three upstream models trained with WBCE(P), development set, "
+               "unweighted and weighted (the paper gives one number, 0.338 / 0.523, and says the macro-F1 "
+               "dropped \"regardless of whether the voting is weighted or not\").",
+               (PaperRow("Ensemble", 0.338, 0.523, ("ensemble voting", "vote", "mean", "ensemble (3 upstreams)",
+                                                    "ensemble (mean)"), where="section 3.6"),
+                PaperRow("Ensemble (weighted)", None, None, ("weighted ensemble", "ensemble weighted"),
+                         "weighted voting: no number published", where="section 3.6"))),
     PaperTable("table4", "Table 4: best system",
-               "WavLM-large, WBCE(S), decision thresholds adjusted on the development set. The paper's test "
-               "row is the challenge leaderboard on its unlabelled test set; the challenge baseline scored "
-               "0.307 (development) and 0.311 (test), the challenge winner 0.357 (test).",
-               (PaperRow("Development", 0.361, 0.496, ("dev",)),
-                PaperRow("Test", 0.335, 0.347, ("test",)),
-                PaperRow("Baseline (Development)", 0.307, None, ("baseline_dev", "baseline dev")),
-                PaperRow("Baseline (Test)", 0.311, None, ("baseline_test", "baseline test")))),
+               "WavLM-large, WBCE(S), decision thresholds adjusted on the development set (section 3.7). The "
+               "paper's development row was tuned and scored on the same split; its test row is the challenge "
+               "leaderboard on the unlabelled test set. The paper gives no number for the baseline: it says "
+               "its best system is \"a 6% and 9% absolute improvement\" (macro, micro) over it on the "
+               "development set.",
+               (PaperRow("Development", 0.361, 0.496, ("dev",), "thresholds tuned on this split",
+                         where="Table 4"),
+                PaperRow("Test", 0.335, 0.347, ("test",), "challenge leaderboard", where="Table 4"),
+                PaperRow("Baseline (Development)", None, None, ("baseline_dev", "baseline dev", "baseline"),
+                         "no number in the paper; its best system is +6 % / +9 % absolute over it",
+                         where="section 5"))),
+    PaperTable("table2_finetuned",
+               "Table 2 (fine-tuned features): the same heads on the fine-tuned upstream's features",
+               "Frozen-then-fine-tuned: the upstream of finetune-best (WavLM-large after end-to-end WBCE(S) "
+               "training) is run over the corpus once more and Table 2's heads are trained on its features. "
+               "The paper has no such table; its columns repeat Table 2 (every number of the paper is end to end).",
+               _TABLE2_ROWS),
 )}
 
-#: The challenge baseline (Goncalves et al., Odyssey 2024) and winner, macro-F1.
-BASELINE = {"Development": 0.307, "Test": 0.311}
-CHALLENGE_WINNER_TEST = 0.357
+
+@dataclass(frozen=True)
+class Published:
+    """A number published outside the seed paper."""
+
+    label: str
+    split: str
+    macro: Optional[float]
+    micro: Optional[float]
+    source: str  # key of SOURCES
+    where: str
+    note: str = ""
+
+
+#: Numbers the seed does not give, each with its own source (never in a "paper" column).
+EXTERNAL: Tuple[Published, ...] = (
+    Published("Challenge baseline (WavLM-large, attentive pooling, WCE, 12 s)", "Development", 0.307, None,
+              "challenge", "results", "as recorded in the design card; not checked against the paper here"),
+    Published("Challenge baseline", "Test (challenge test set)", 0.311, None, "challenge", "results",
+              "as recorded in the design card; not checked against the paper here"),
+    Published("Challenge winner (ensemble of 7 models, focal loss)", "Test (challenge test set)", 0.357, 0.373,
+              "winner", "abstract: macro-F1 35.69 %, accuracy 37.32 %",
+              "micro-F1 equals accuracy for one label per clip"),
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One of the seed's conclusions as a comparison of rows.
+
+    ``kind="greater"``: the seed found ``rows[0]`` above ``rows[1]`` on ``metric``;
+    ``kind="best"``: the seed found ``rows[0]`` the best of ``rows``. A row reference is
+    ``"table:label"`` (a table key of :data:`TABLES`). ``metric`` is ``macro``, ``micro`` or
+    ``macro_kfold`` (a tuned row's K-fold estimate; an untuned row's own macro-F1).
+    ``paper_delta``: the seed's difference where it states one without both numbers.
+    """
+
+    table: str
+    where: str
+    text: str
+    kind: str
+    rows: Tuple[str, ...]
+    metric: str = "macro"
+    paper_delta: Optional[float] = None
+
+
+FINDINGS: Tuple[Finding, ...] = (
+    Finding("table1", "section 3.1", "WavLM-large is the best upstream", "best",
+            ("table1:WavLM-large", "table1:Wav2vec2-large", "table1:Wav2vec2-base", "table1:Hubert-large")),
+    Finding("table1", "section 3.2", "noise augmentation helps Wav2vec2-base", "greater",
+            ("table1:Wav2vec2-base + noise", "table1:Wav2vec2-base")),
+    Finding("table2", "section 3.3", "WBCE(S) is the best loss and target", "best",
+            ("table2:WBCE(S)", "table2:WCE", "table2:WBCE(P)", "table2:KLD(P)", "table2:KLD(S)")),
+    Finding("table2", "section 3.3", "soft P targets beat hard labels (WBCE)", "greater",
+            ("table2:WBCE(P)", "table2:WCE")),
+    Finding("table2", "section 3.3", "soft P targets beat hard labels (KLD)", "greater",
+            ("table2:KLD(P)", "table2:WCE")),
+    Finding("table2", "section 3.3", "S targets beat P targets (WBCE)", "greater",
+            ("table2:WBCE(S)", "table2:WBCE(P)")),
+    Finding("table2", "section 3.3", "S targets beat P targets (KLD)", "greater", ("table2:KLD(S)", "table2:KLD(P)")),
+    Finding("table2", "section 3.3", "class weights matter: WBCE beats KLD (P)", "greater",
+            ("table2:WBCE(P)", "table2:KLD(P)")),
+    Finding("table2", "section 3.3", "class weights matter: WBCE beats KLD (S)", "greater",
+            ("table2:WBCE(S)", "table2:KLD(S)")),
+    Finding("sampler", "section 3.4", "dropping the class weights costs about 1 % (WBCE(P) above BCE(P))", "greater",
+            ("sampler:WBCE(P)", "sampler:BCE(P)")),
+    Finding("sampler", "section 3.4", "the sampler helps unweighted BCE(P) slightly", "greater",
+            ("sampler:BCE(P) + sampler", "sampler:BCE(P)")),
+    Finding("sampler", "section 3.4", "BCE(P) with the sampler stays below WBCE(P)", "greater",
+            ("sampler:WBCE(P)", "sampler:BCE(P) + sampler")),
+    Finding("sampler", "section 3.4", "the sampler helps KLD(S)", "greater",
+            ("sampler:KLD(S) + sampler", "sampler:KLD(S)")),
+    Finding("table3", "section 3.5", "the high-agreement subset scores below all of P (WBCE)", "greater",
+            ("table2:WBCE(P)", "table3:WBCE(P*)")),
+    Finding("table3", "section 3.5", "the high-agreement subset scores below all of S (WBCE)", "greater",
+            ("table2:WBCE(S)", "table3:WBCE(S*)")),
+    Finding("table3", "section 3.5", "the high-agreement subset scores below all of P (KLD)", "greater",
+            ("table2:KLD(P)", "table3:KLD(P*)")),
+    Finding("table3", "section 3.5", "the high-agreement subset scores below all of S (KLD)", "greater",
+            ("table2:KLD(S)", "table3:KLD(S*)")),
+    Finding("ensemble", "section 3.6", "the ensemble lowers macro-F1 below WavLM-large alone (WBCE(P))", "greater",
+            ("table2:WBCE(P)", "ensemble:Ensemble")),
+    Finding("ensemble", "section 3.6", "weighted voting lowers macro-F1 too", "greater",
+            ("table2:WBCE(P)", "ensemble:Ensemble (weighted)")),
+    Finding("ensemble", "section 3.6", "the ensemble raises micro-F1 (it favours frequent classes)", "greater",
+            ("ensemble:Ensemble", "table2:WBCE(P)"), metric="micro"),
+    Finding("table4", "section 3.7", "adjusting the decision thresholds raises macro-F1 (tuned and scored on "
+            "the development set)", "greater", ("table4:Development", "table2:WBCE(S)")),
+    Finding("table4", "section 3.7", "adjusting the decision thresholds raises macro-F1 — here the K-fold "
+            "estimate (thresholds fitted on the other folds)", "greater", ("table4:Development", "table2:WBCE(S)"),
+            metric="macro_kfold"),
+    Finding("table4", "section 3.7", "adjusting the decision thresholds lowers micro-F1", "greater",
+            ("table2:WBCE(S)", "table4:Development"), metric="micro"),
+    Finding("table4", "section 3.7", "the test score is below the development score (slight overfitting)",
+            "greater", ("table4:Development", "table4:Test")),
+    Finding("table4", "section 5", "the best system is 6 % (macro) above the baseline system on development",
+            "greater", ("table4:Development", "table4:Baseline (Development)"), paper_delta=0.06),
+    Finding("table4", "section 5", "the best system is 9 % (micro) above the baseline system on development",
+            "greater", ("table4:Development", "table4:Baseline (Development)"), metric="micro", paper_delta=0.09),
+)
+
+#: Section 2: clips and durations (mean, sd in seconds) per split; the test set is unlabelled.
+CORPUS = {
+    "Train": {"clips": 68360, "mean": 5.8, "sd": 2.4},
+    "Development": {"clips": 19815, "mean": 5.76, "sd": 2.3},
+    "Test": {"clips": 2347, "mean": 6.0, "sd": 2.34},
+}
+#: Section 4: scoreable development clips (consensus among the eight classes).
+DEV_SCOREABLE = 15341
+
+#: Section 3.5: training clips of each target set.
+TRAINING_SET_SIZES = {"P": 54651, "S": 53523, "P*": 30647, "S*": 25514}
+
+#: Section 4: the three upstreams' predictions "differ more than 30% of the time".
+UPSTREAM_DISAGREEMENT = 0.30
 
 #: Section 4 (Easy/Difficult analysis of three models on the development set).
 EASY_DIFFICULT = {
@@ -117,7 +283,7 @@ def _norm(label: str) -> str:
 
 
 def match_row(table: str, label: str) -> Optional[PaperRow]:
-    """The paper's row of ``table`` that a report row label refers to, or None."""
+    """The seed's row of ``table`` that a report row label refers to, or None."""
     t = TABLES.get(table)
     if t is None:
         return None
@@ -126,3 +292,20 @@ def match_row(table: str, label: str) -> Optional[PaperRow]:
         if key == _norm(row.label) or key in {_norm(a) for a in row.aliases}:
             return row
     return None
+
+
+def row_ref(ref: str) -> Tuple[str, str]:
+    """``"table2:WBCE(S)"`` → ``("table2", "WBCE(S)")``."""
+    table, _, label = ref.partition(":")
+    if table not in TABLES or not label:
+        raise ValueError(f"bad row reference {ref!r}")
+    return table, label
+
+
+def paper_value(ref: str, metric: str = "macro") -> Optional[float]:
+    """The seed's number of a row reference (``macro_kfold`` reads ``macro``: the seed has no K-fold)."""
+    table, label = row_ref(ref)
+    row = match_row(table, label)
+    if row is None:
+        return None
+    return row.micro if metric == "micro" else row.macro

@@ -37,12 +37,21 @@ def write_per_class_csv(path, scores: Dict) -> None:
             w.writerow(["micro", "", "", "", f"{scores['f1_micro']:.4f}", scores["n"]])
 
 
-def plot_confusion(path, percent, labels: Sequence[str], *, title: Optional[str] = None,
-                   counts=None) -> Path:
-    """Heat map of a confusion matrix in percent of each reference class, written as PNG.
+def figure_title(*parts: str, split: Optional[str] = None, width: int = 46) -> str:
+    """A figure title from its parts joined by " — ", with `` (split)`` added only when no
+    part names the split already, wrapped to ``width`` characters a line (nothing clipped)."""
+    import textwrap
 
-    Each cell shows its percentage (and, with ``counts``, the number of clips below it).
-    """
+    parts = [p.strip() for p in parts if p and p.strip()]
+    text = " — ".join(parts)
+    if split and split.lower() not in text.lower():
+        text += f" ({split})"
+    return "\n".join(textwrap.wrap(text, width=width, break_long_words=False)) or text
+
+
+def confusion_figure(percent, labels: Sequence[str], *, title: Optional[str] = None, counts=None,
+                     support: Optional[Sequence[int]] = None, warning: Optional[str] = None):
+    """The matplotlib figure of :func:`plot_confusion` (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -50,26 +59,48 @@ def plot_confusion(path, percent, labels: Sequence[str], *, title: Optional[str]
 
     pct = np.asarray(percent, dtype=float)
     k = len(labels)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * k, 0.8 + 0.55 * k), dpi=110)
+    if support is None and counts is not None:
+        support = np.asarray(counts).sum(axis=1).tolist()
+    row_labels = [f"{c} (n={int(n)})" for c, n in zip(labels, support)] if support is not None else list(labels)
+    n_lines = ((title or "").count("\n") + 1 if title else 0) + ((warning or "").count("\n") + 1 if warning else 0)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.62 * k, 0.9 + 0.55 * k + 0.22 * n_lines), dpi=110)
+    im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
+    ax.set_xticks(range(k), labels)
+    ax.set_yticks(range(k), row_labels)
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("Reference (consensus), clips per row")
+    for i in range(k):
+        for j in range(k):
+            txt = f"{pct[i, j]:.0f}"
+            if counts is not None:
+                txt += f"\n({int(np.asarray(counts)[i, j])})"
+            ax.text(j, i, txt, ha="center", va="center", fontsize=7 if counts is not None else 8,
+                    color="white" if pct[i, j] > 55 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of reference class")
+    if title:
+        ax.set_title(title, fontsize=9)
+    if warning:
+        fig.suptitle(warning, fontsize=8, color="#b00020", fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(path, percent, labels: Sequence[str], *, title: Optional[str] = None,
+                   counts=None, support: Optional[Sequence[int]] = None, warning: Optional[str] = None) -> Path:
+    """Heat map of a confusion matrix in percent of each reference class, written as PNG.
+
+    Each cell shows its percentage (and, with ``counts``, the number of clips below it).
+    Each reference row is labelled with its number of clips (``support``, else the row
+    sums of ``counts``): on a row of 5 clips one clip moves a cell by 20 points, which the
+    reader has to see. ``warning`` (e.g. that the upstream has random weights) is printed
+    in red above the matrix. The saved image is cropped to its contents, so no title is clipped.
+    """
+    import matplotlib.pyplot as plt
+
+    fig = confusion_figure(percent, labels, title=title, counts=counts, support=support, warning=warning)
     try:
-        im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
-        ax.set_xticks(range(k), labels)
-        ax.set_yticks(range(k), labels)
-        ax.set_xlabel("Predicted")
-        ax.set_ylabel("Reference (consensus)")
-        for i in range(k):
-            for j in range(k):
-                txt = f"{pct[i, j]:.0f}"
-                if counts is not None:
-                    txt += f"\n({int(np.asarray(counts)[i, j])})"
-                ax.text(j, i, txt, ha="center", va="center", fontsize=7 if counts is not None else 8,
-                        color="white" if pct[i, j] > 55 else "black")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of reference class")
-        if title:
-            ax.set_title(title, fontsize=9)
-        fig.tight_layout()
         with atomic_path(path, suffix=".png.tmp") as tmp:
-            fig.savefig(tmp, format="png")
+            fig.savefig(tmp, format="png", bbox_inches="tight", pad_inches=0.08)
     finally:
         plt.close(fig)
     return Path(path)

@@ -58,10 +58,12 @@ class TrainConfig:
     stored layer). ``pooled_stats`` trains on the cache's per-layer mean ‖ std instead of
     frames (``pooling`` is then unused). With ``sampler="balanced"`` the loss's class
     weights are off. ``p_threshold``/``s_threshold`` are the agreement thresholds of
-    ``labels="P*"``/``"S*"``. ``preload``: ``"auto"`` keeps the selected Train and
-    Development features in memory when they take at most ``preload_budget_gb``,
-    ``"yes"``/``"no"`` force it; the other fields after ``dev_split`` change speed, not
-    results.
+    ``labels="P*"``/``"S*"``, and ``agreement_over`` how the share is read: ``"all"``
+    (over all annotators' labels, Other included, as the paper writes it) or
+    ``"targets"`` (over target-class labels only); see :mod:`conilium.targets`.
+    ``preload``: ``"auto"`` keeps the selected Train and Development features in memory
+    when they take at most ``preload_budget_gb``, ``"yes"``/``"no"`` force it; the other
+    fields after ``dev_split`` change speed, not results.
     """
 
     cache: str
@@ -79,6 +81,7 @@ class TrainConfig:
     seed: int = 0
     p_threshold: float = 0.6
     s_threshold: float = 0.5
+    agreement_over: str = "all"
     hidden: int = 1024
     dropout: float = 0.5
     train_split: str = "Train"
@@ -108,5 +111,7 @@ class TrainConfig:
         return asdict(self)
 
     @property
-    def thresholds(self) -> Dict[str, float]:
-        return {"P*": self.p_threshold, "S*": self.s_threshold}
+    def thresholds(self) -> Dict[str, Union[float, str]]:
+        """For :func:`conilium.targets.training_set`: the P*/S* thresholds and, under
+        ``"over"``, the reading of the agreement share."""
+        return {"P*": self.p_threshold, "S*": self.s_threshold, "over": self.agreement_over}

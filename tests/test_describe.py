@@ -142,3 +142,25 @@ def test_cli_help():
         result = CliRunner().invoke(command, ["--help"])
         assert result.exit_code == 0
         assert "Example:" in result.output
+
+
+def test_durations_figure_keeps_the_8s_label_clear_of_the_legend(described):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from conilium.describe import plot_durations
+
+    out, _, corpus = described
+    md = (out / "summary.md").read_text()
+    for name in ("durations.png", "cooccurrence.png"):  # a caption under each figure
+        assert md.split(f"]({name})", 1)[1].lstrip("\n").startswith("*")
+    fig = plot_durations(corpus)
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    label = next(t for t in ax.texts if "8 s" in t.get_text()).get_window_extent(renderer)
+    axes = ax.get_window_extent(renderer)
+    assert not legend.overlaps(label)
+    assert legend.y1 < axes.y0  # below the axes: it hides no bar either
+    assert axes.x0 <= label.x0 and label.x1 <= axes.x1 and label.y1 <= axes.y1 + 1  # inside, not clipped
+    assert [t.get_text() for t in ax.get_legend().get_texts()][0].startswith("Train (n=")

@@ -346,6 +346,8 @@ def test_report_from_demo_runs(demo_runs, corpus, tmp_path):
     assert "Focal(S) *(not in paper)*" in md and "| Ensemble |" in md and "0.338" in md
     assert "no labelled test split" in md and "not comparable" in md and "Test3" in md
     assert "## Easy and Difficult clips" in md
+    assert "7,619 / 7,421" in md  # the paper's development gender totals beside ours (All row)
+    assert "*Clip durations per split, with the 8 s mark" in md  # a caption under each corpus figure
     for link in ("figures/corpus/durations.png", "figures/corpus/cooccurrence.png",
                  "figures/table1/wavlm-large-development.png", "figures/ensemble/ensemble-development.png"):
         assert f"]({link})" in md and (tmp_path / "rep" / link).is_file()

@@ -6,8 +6,8 @@ import pytest
 from conilium import CLASSES
 from conilium.corpus import Annotation, Clip
 from conilium.errors import ConfigError
-from conilium.targets import (class_weights, passes_agreement, primary_target, secondary_target,
-                              training_set)
+from conilium.targets import (DEFAULT_READING, agreement, class_weights, passes_agreement, primary_target,
+                              secondary_target, training_set)
 
 
 def vec(**shares):
@@ -56,10 +56,11 @@ def test_agreement_filters_keep_only_high_agreement_training_clips():
     low_p = clip("b.wav", "N", [Annotation(f"W{i}", w, ()) for i, w in enumerate(["Neutral"] * 2 + ["Sad", "Happy"])])
     # top P share 3/5 = 0.6 passes P*; 2/4 = 0.5 fails it
     assert passes_agreement(high_p, "P*") and not passes_agreement(low_p, "P*")
-    # Figure 2 clip: top S share 3/7 < 0.5 fails S*
+    # Figure 2 clip: top S share 3/7 (targets) or 3/9 (all labels, two Others) < 0.5 fails S*
     fig2 = clip("c.wav", "N", FIGURE2)
     assert not passes_agreement(fig2, "S*")
-    assert passes_agreement(fig2, "S*", {"S*": 0.4})
+    assert passes_agreement(fig2, "S*", {"S*": 0.4, "over": "targets"})
+    assert not passes_agreement(fig2, "S*", {"S*": 0.4, "over": "all"})
     kept, y, counts = training_set([high_p, low_p, fig2], "P*")
     assert [c.name for c in kept] == ["a.wav", "c.wav"]  # Figure 2's top P share is 3/4
     assert counts["low_agreement"] == 1
@@ -100,3 +101,38 @@ def test_class_weights_are_inverse_frequency():
 def test_unknown_target_kind_is_an_error():
     with pytest.raises(ConfigError, match="unknown target kind"):
         training_set([], "Q")
+
+
+def test_agreement_readings_all_annotators_or_target_labels_only():
+    # primaries N, N, Other, Other-bored, S: the paper's "agreed upon by at least 60 % of annotators"
+    # counts all five annotators (2/5); the P target vector alone gives 2/3
+    anns = [Annotation("W1", "Neutral", ("Sad",)), Annotation("W2", "Neutral", ()),
+            Annotation("W3", "Other", ("Neutral",)), Annotation("W4", "Other-bored", ("Frustrated",)),
+            Annotation("W5", "Sad", ("Neutral", "Other"))]
+    c = clip("d.wav", "N", anns)
+    assert DEFAULT_READING == "all"
+    assert agreement(c, "P*", "all") == pytest.approx(2 / 5)
+    assert agreement(c, "P*", "targets") == pytest.approx(2 / 3)
+    assert not passes_agreement(c, "P*") and passes_agreement(c, "P*", reading="targets")
+    # perceived sets {N,S}, {N}, {N}+Other, Other, {S,N}+Other: N 4, S 2; 6 target labels + 3 Others
+    assert agreement(c, "S*", "targets") == pytest.approx(4 / 6)
+    assert agreement(c, "S*", "all") == pytest.approx(4 / 9)
+    assert not passes_agreement(c, "S*") and passes_agreement(c, "S*", {"over": "targets"})
+    # The training set follows the reading given in the thresholds mapping (TrainConfig.thresholds).
+    assert [x.name for x in training_set([c], "P*", thresholds={"over": "targets"})[0]] == ["d.wav"]
+    assert training_set([c], "P*")[0] == []
+    # Without Other anywhere the two readings agree.
+    fig2_no_other = clip("e.wav", "N", [Annotation("W1", "Neutral", ("Sad",)), Annotation("W2", "Neutral", ()),
+                                        Annotation("W3", "Sad", ())])
+    for kind in ("P*", "S*"):
+        assert agreement(fig2_no_other, kind, "all") == pytest.approx(agreement(fig2_no_other, kind, "targets"))
+    with pytest.raises(ConfigError, match="agreement reading 'annotator'"):
+        training_set([c], "S*", reading="annotator")
+
+
+def test_train_config_carries_the_reading():
+    from conilium.heads.config import TrainConfig
+
+    assert TrainConfig(cache="c").thresholds == {"P*": 0.6, "S*": 0.5, "over": "all"}
+    cfg = TrainConfig.from_dict({"cache": "c", "labels": "P*", "agreement_over": "targets"})
+    assert cfg.thresholds["over"] == "targets" and cfg.to_json()["agreement_over"] == "targets"

@@ -10,15 +10,24 @@ temporary name, renamed when complete, and recorded in a small sidecar
 (``shards/shard-NNNNN.json``) with the settings it was made with; a rerun keeps every
 shard whose sidecar and checksum still match and redoes the rest. Under ``torchrun`` the
 ranks take every K-th shard; rank 0 writes ``clips.json`` and, last, ``manifest.json``.
+
+One writer per cache: rank 0 holds the lock of the cache directory (:mod:`conilium.locking`)
+from before anything is read or written until the manifest is written, so that a second
+extraction into the same directory stops with a message naming the first (or waits for
+it, ``wait_for_lock``) instead of removing its temporary shard. The directory is checked
+for being writable before the corpus is read and the model loaded; a failure to write
+(read-only, no permission, full disk) is one :class:`~conilium.errors.OutputError`
+naming the path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 from tqdm import tqdm
 
@@ -28,8 +37,10 @@ from conilium.audio import global_stats, list_noise_files
 from conilium.cache.writer import CacheWriter, UPSTREAM_DIR, human_bytes, projected_bytes
 from conilium.corpus import Corpus, load_corpus
 from conilium.errors import CacheError, ConfigError, CorpusError
+from conilium.locking import DirectoryLock, lock_directory
 from conilium.runtime import compute_dtype as pick_compute_dtype
 from conilium.runtime import Dist, init_distributed
+from conilium.util import check_writable, output_errors
 
 from .encoder import UpstreamRunner
 from .pipeline import ExtractStats, JobLoader, run_shards
@@ -44,7 +55,8 @@ DEFAULT_BATCH_SECONDS = {"cpu": 60.0, "cuda": 300.0}
 
 def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optional[float] = None,
                      device: str = "auto", workers: int = 2, skip_bad: bool = False, overwrite: bool = False,
-                     check_space: bool = True, verbose: bool = True, stats: Optional[ExtractStats] = None) -> Path:
+                     check_space: bool = True, verbose: bool = True, stats: Optional[ExtractStats] = None,
+                     wait_for_lock: Union[bool, float] = False) -> Path:
     """Extract the hidden states ``config`` asks for over ``corpus`` (a root directory or a
     loaded :class:`~conilium.corpus.Corpus`) into the cache directory ``out``; returns ``out``.
 
@@ -57,7 +69,10 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
     complete with the same settings is returned untouched; one built with other settings
     is a :class:`CacheError` naming them (``overwrite=True`` rebuilds it); ``check_space``
     refuses to start when the projected size exceeds the free disk space. ``stats``, when
-    given, receives the run's timing and padding figures.
+    given, receives the run's timing and padding figures. Another process writing ``out``
+    is a :class:`~conilium.errors.LockError` naming it (``wait_for_lock``: True, or at most
+    that many seconds, to wait for it instead); an ``out`` that cannot be written is an
+    :class:`~conilium.errors.OutputError`, before the corpus is read.
     """
     if not isinstance(config, ExtractConfig):
         raise TypeError(f"extract_features() takes an ExtractConfig first, not {type(config).__name__}: "
@@ -69,13 +84,24 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
     out = Path(out)
     dist, dev = init_distributed(device, backend="gloo", timeout_hours=6)  # rank 0 alone computes the statistics first
     clean = False
+    lock: Optional[DirectoryLock] = None
+
+    def claim_out():  # rank 0 only: the ranks of one job share the directory
+        nonlocal lock
+        on_wait = (lambda m: _say(True, m)) if verbose else None
+        lock = lock_directory(out, what="feature cache", wait=wait_for_lock, on_wait=on_wait).acquire()
+        check_writable(out, what="feature cache")
+
     try:
+        _on_rank0(dist, claim_out)
         with CacheWriter(out) as cache:
             _extract(config, corpus, cache, dist, dev, t_start, stats, batch_seconds=batch_seconds, workers=workers,
                      skip_bad=skip_bad, overwrite=overwrite, check_space=check_space, verbose=verbose)
         clean = True
         return out
     finally:
+        if lock is not None:
+            lock.release()
         dist.close(clean)
 
 
@@ -120,12 +146,14 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
 
     # -- the cache directory and the upstream (rank 0 prepares, the others follow) ------------
     def claim():
-        cache.begin(overwrite=overwrite)
-        if config.random_init:  # save the random weights once, before any other rank loads them
-            from .upstreams import build_random_upstream, random_init_dir
+        with output_errors(out), _hf_bars(verbose):
+            cache.begin(overwrite=overwrite)
+            if config.random_init:  # save the random weights once, before any other rank loads them
+                from .upstreams import build_random_upstream, random_init_dir
 
-            build_random_upstream(config.upstream, random_init_dir(config.upstream, config.seed, cache.upstream_dir),
-                                  seed=config.seed)
+                build_random_upstream(config.upstream,
+                                      random_init_dir(config.upstream, config.seed, cache.upstream_dir),
+                                      seed=config.seed)
 
     _on_rank0(dist, claim, name_type=True)
     cdtype = pick_compute_dtype(config.compute_dtype, dev)
@@ -249,7 +277,8 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
 
     # -- finish: rank 0 gathers the sidecars, writes clips.json, then the manifest ---------------
     if dist.rank == 0:
-        _finish(cache, jobs, shards, stats_skipped, list(corpus.skipped))
+        with output_errors(out):
+            _finish(cache, jobs, shards, stats_skipped, list(corpus.skipped))
     dist.barrier()
     stats.wall_seconds = time.perf_counter() - t_start
     if verbose_here:
@@ -257,18 +286,35 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
                    f"{stats.shards_kept} shard(s) kept; {stats.wall_seconds:.1f} s")
 
 
-def _quiet_load(verbose: bool, name: str, **kw):
-    """load_upstream, without transformers' progress bars unless ``verbose``."""
+def _check_rescale_loud(out: Path, found: dict, config: ExtractConfig) -> None:
+    """A CacheError, as for the settings the writer compares, when the cache on disk was built
+    with another ``rescale_loud`` (recorded in its ``"config"``; caches made before the option
+    existed read audio as ``rescale_loud=False`` does)."""
+    had = bool((found.get("config") or {}).get("rescale_loud", False))
+    if had != config.rescale_loud:
+        raise CacheError(f"{out} was built with other settings than requested:\n  rescale_loud: cache has {had}, "
+                         f"requested {config.rescale_loud}\npass --overwrite to rebuild it, or choose another --out")
+
+
+@contextlib.contextmanager
+def _hf_bars(verbose: bool):
+    """transformers' progress bars (loading, saving weights) only when ``verbose``."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
     if not verbose:
         hf_logging.disable_progress_bar()
     try:
-        return load_upstream(name, **kw)
+        yield
     finally:
         if was:
             hf_logging.enable_progress_bar()
+
+
+def _quiet_load(verbose: bool, name: str, **kw):
+    """load_upstream, without transformers' progress bars unless ``verbose``."""
+    with _hf_bars(verbose):
+        return load_upstream(name, **kw)
 
 
 def _settle_settings(cache: CacheWriter, settings: dict, corpus: Corpus, config: ExtractConfig, skip_bad: bool,
@@ -277,11 +323,12 @@ def _settle_settings(cache: CacheWriter, settings: dict, corpus: Corpus, config:
     complete); for a new cache, ``settings`` with the normalisation statistics, written."""
     found = cache.existing_settings(settings)
     if found is not None:
+        _check_rescale_loud(cache.out, found[0], config)
         return found
     stats_skipped: List[Tuple[str, str]] = []
     if config.normalize == "global":
         ns, stats_skipped = global_stats(corpus, max_seconds=config.max_seconds, skip_bad=skip_bad, workers=workers,
-                                         verbose=verbose)
+                                         verbose=verbose, rescale_loud=config.rescale_loud)
         settings["normalize_stats"] = ns
     else:
         settings["normalize_stats"] = None

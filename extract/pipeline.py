@@ -27,6 +27,7 @@ from conilium.audio import Noise, SignalPath
 from conilium.cache.writer import CacheWriter
 from conilium.corpus import Corpus
 from conilium.errors import AudioError
+from conilium.util import output_error
 
 from .encoder import UpstreamRunner
 from .plan import ExtractConfig, Job, plan_batches
@@ -78,7 +79,8 @@ class JobLoader:
     def __init__(self, corpus: Corpus, config: ExtractConfig, norm_stats: Optional[dict]):
         self.corpus = corpus
         self.noise_dir = Path(config.augmentation.noise_dir) if config.augmentation else None
-        self.path = SignalPath(max_seconds=config.max_seconds, normalize=config.normalize, stats=norm_stats)
+        self.path = SignalPath(max_seconds=config.max_seconds, normalize=config.normalize, stats=norm_stats,
+                               rescale_loud=config.rescale_loud)
 
     def __call__(self, job: Job) -> np.ndarray:
         noise = None
@@ -127,7 +129,10 @@ class _ShardWriter(threading.Thread):
         except _Aborted:
             return
         except BaseException as e:  # reported to the main thread, whose put() stops waiting
-            self.error = e
+            err = output_error(e, self.cache.out)  # a full disk, a read-only cache: one error naming it
+            if err is not None and err is not e:
+                err.__cause__ = e
+            self.error = e if err is None else err
 
     def put(self, item):
         while True:

@@ -68,7 +68,9 @@ class ExtractConfig:
 
     ``layers``: ``"last"``, ``"all"``, or hidden-state indices (``"6,12,-1"`` or a list);
     ``splits``: only these splits (a list or ``"Train,Development"``); ``augmentation``:
-    noisy copies of Train clips (:class:`NoiseAugmentation`, or its fields as a dict).
+    noisy copies of Train clips (:class:`NoiseAugmentation`, or its fields as a dict);
+    ``rescale_loud``: float audio stored at integer scale is divided back to [-1, 1]
+    (:func:`conilium.audio.read_audio`) instead of stopping the extraction.
 
     >>> ExtractConfig("demo-wavlm", random_init=True, layers="all", pooled_stats=True)
     """
@@ -86,6 +88,7 @@ class ExtractConfig:
     shard_size: int = 256
     splits: Optional[Tuple[str, ...]] = None
     augmentation: Optional[NoiseAugmentation] = None
+    rescale_loud: bool = False
 
     def __post_init__(self):
         layers = self.layers
@@ -99,7 +102,8 @@ class ExtractConfig:
             aug = NoiseAugmentation(**aug)
         normalised = dict(upstream=str(self.upstream), layers=layers, pooled_stats=bool(self.pooled_stats),
                           random_init=bool(self.random_init), seed=int(self.seed), shard_size=int(self.shard_size),
-                          splits=tuple(splits) if splits else None, augmentation=aug)
+                          splits=tuple(splits) if splits else None, augmentation=aug,
+                          rescale_loud=bool(self.rescale_loud))
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
         if self.dtype not in ("float16", "float32"):

@@ -17,18 +17,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
-from transformers import AutoConfig, AutoModel, HubertConfig, Wav2Vec2Config, WavLMConfig
+from transformers import AutoConfig, AutoModel, HubertConfig, Wav2Vec2Config, WavLMConfig, WhisperConfig
 
-from conilium.errors import ConfigError
+from conilium.errors import ConfigError, OutputError
+from conilium.util import output_error
 
+from . import whisper
 from .registry import FINETUNED_MARKER, UPSTREAMS, UpstreamSpec  # noqa: F401 (re-exported)
 
 #: Architecture family (:attr:`UpstreamSpec.family`) → its transformers configuration class.
-FAMILIES = {"wavlm": WavLMConfig, "wav2vec2": Wav2Vec2Config, "hubert": HubertConfig}
+FAMILIES = {"wavlm": WavLMConfig, "wav2vec2": Wav2Vec2Config, "hubert": HubertConfig, "whisper": WhisperConfig}
 
 
 def random_init_dir(name: str, seed: int, root) -> Path:
@@ -61,18 +64,26 @@ def build_random_upstream(name: str, out_dir, *, seed: int = 0) -> Path:
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = AutoModel.from_config(config)
+        # Whisper: the encoder alone (the upstream never runs the decoder)
+        model = whisper.encoder_from_config(config) if spec.family == "whisper" else AutoModel.from_config(config)
     finally:
         torch.random.set_rng_state(gen_state)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.replace(tmp, out_dir)
-    except OSError:  # another process won the race: its weights are identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not (out_dir / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race: its weights are identical
+    except BaseException as e:
+        # read-only, no permission, full disk (told by the free space, before the half-saved files go)
+        err = output_error(e, tmp, where=out_dir.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-saved weights left behind
+        if err is None or err is e:
+            raise
+        raise OutputError(out_dir, err.reason, err.hint) from e
     return out_dir
 
 
@@ -123,13 +134,18 @@ def load_upstream(name: str, *, random_init: bool = False, seed: int = 0, random
 
     ``config_overrides`` (e.g. ``{"layerdrop": 0.0}``) replace values of the model's
     configuration before it is built (``from_pretrained``'s config keyword arguments).
+    A Whisper model loads as its encoder alone (:func:`.whisper.load_encoder`, which maps
+    the wav2vec 2.0 family's override names onto Whisper's).
 
     Honours ``HF_HUB_OFFLINE``. Without network and without local weights the error
     says how to get them.
     """
     source, identity = resolve_upstream(name, random_init=random_init, seed=seed, random_root=random_root)
     try:
-        model = AutoModel.from_pretrained(source, revision=revision, **(config_overrides or {}))
+        if whisper.is_whisper(AutoConfig.from_pretrained(source, revision=revision)):
+            model = whisper.load_encoder(source, revision=revision, overrides=config_overrides)
+        else:
+            model = AutoModel.from_pretrained(source, revision=revision, **(config_overrides or {}))
     except OSError as e:
         raise ConfigError(
             f"could not load upstream {name!r} ({source}): {e}\n"
@@ -145,7 +161,9 @@ def load_upstream(name: str, *, random_init: bool = False, seed: int = 0, random
 
 
 def frame_rate(config) -> float:
-    """Output frames per second of the CNN encoder at 16 kHz."""
+    """Output frames per second of the CNN encoder (Whisper: of the encoder) at 16 kHz."""
+    if whisper.is_whisper(config):
+        return float(whisper.SAMPLE_RATE / whisper.SAMPLES_PER_FRAME)
     stride = 1
     for s in config.conv_stride:
         stride *= s
@@ -154,4 +172,6 @@ def frame_rate(config) -> float:
 
 def num_frames(model, num_samples: int) -> int:
     """Frames the upstream outputs for ``num_samples`` input samples."""
+    if whisper.is_whisper(model):
+        return whisper.frames_for(num_samples)
     return int(model._get_feat_extract_output_lengths(torch.tensor(num_samples)).item())

@@ -29,8 +29,10 @@ class FinetuneConfig:
     (None keeps the pretrained model's values, as the baseline does). ``init_head`` is a
     train-head run directory and ``baseline_ckpt`` a directory with the challenge
     baseline's ``final_ssl.pt``/``final_pool.pt``/``final_ser.pt`` to start from.
-    ``max_train_clips`` keeps the first N training clips (quick trials). The fields in
-    :data:`RUNTIME_FIELDS` change speed or bookkeeping, not results.
+    ``max_train_clips`` keeps the first N training clips (quick trials). ``rescale_loud``
+    divides float audio stored at integer scale back to [-1, 1] instead of refusing it
+    (:func:`conilium.audio.read_audio`); the model directory keeps it for prediction. The
+    fields in :data:`RUNTIME_FIELDS` change speed or bookkeeping, not results.
     """
 
     corpus: str
@@ -51,6 +53,7 @@ class FinetuneConfig:
     seed: int = 0
     max_seconds: float = 8.0
     normalize: str = "global"
+    rescale_loud: bool = False
     pooling: str = "attentive"
     hidden: int = 1024
     dropout: float = 0.5

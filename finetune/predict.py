@@ -95,11 +95,14 @@ class FilePrediction:
 class Predictor:
     """A loaded model directory that predicts files in length-sorted batches.
 
-    ``max_seconds`` None truncates as in training; 0 reads whole files.
+    ``max_seconds`` None truncates as in training; 0 reads whole files. ``rescale_loud``
+    None reads audio as in training (float audio at integer scale refused, or rescaled
+    when the model was trained with ``rescale_loud``); True or False decides here.
     """
 
     def __init__(self, model_dir, *, device: str = "auto", batch_size: int = 8,
-                 max_seconds: Optional[float] = None, precision: str = "auto", num_workers: int = 0):
+                 max_seconds: Optional[float] = None, precision: str = "auto", num_workers: int = 0,
+                 rescale_loud: Optional[bool] = None):
         self.device = resolve_device(device)
         self.model, self.info = load_model_dir(model_dir, device=self.device)
         self.classes = tuple(self.info["classes"])
@@ -108,8 +111,10 @@ class Predictor:
         self.batch_size = max(1, int(batch_size))
         ms = self.info["max_seconds"] if max_seconds is None else max_seconds
         norm = self.info["normalize"]
+        if rescale_loud is None:  # models written before the option read audio as False does
+            rescale_loud = bool(self.info.get("rescale_loud", False))
         self.signal = SignalPath(max_seconds=float(ms) if ms else None, normalize=norm["mode"],
-                                 stats=norm.get("stats"))
+                                 stats=norm.get("stats"), rescale_loud=rescale_loud)
         self.max_seconds = self.signal.max_seconds
         self.precision = precision
         self.num_workers = num_workers

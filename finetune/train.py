@@ -274,7 +274,7 @@ def _check_out_dir(out: Path, config: FinetuneConfig, resume: bool, overwrite: b
                                   f"to train again")
             return None, has_run  # nothing completed yet: start (again) from the beginning
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        saved = ckpt["config"]
+        saved = FinetuneConfig.from_dict(ckpt["config"]).to_json()  # options added since: their defaults
         now = config.to_json()
         diff = sorted(k for k in set(saved) | set(now)
                       if k not in RUNTIME_FIELDS and _norm(saved.get(k)) != _norm(now.get(k)))
@@ -385,7 +385,8 @@ def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device,
         norm_stats = ckpt["normalize"]["stats"]
     elif start.normalize == "global" and norm_stats is None:
         norm_stats = d.broadcast(_train_audio_stats(prep, config, max_seconds, progress) if d.main else None)
-    signal = SignalPath(max_seconds=max_seconds, normalize=start.normalize, stats=norm_stats)
+    signal = SignalPath(max_seconds=max_seconds, normalize=start.normalize, stats=norm_stats,
+                        rescale_loud=config.rescale_loud)
     shortest = min_samples(model)
     durations = np.array([min(c.duration or 0.0, max_seconds) for c in prep.train])
     noise = None
@@ -590,6 +591,7 @@ def _write_outputs(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, de
     save_model_dir(out, model, {
         "max_seconds": b.signal.max_seconds,
         "normalize": {"mode": b.signal.normalize, "stats": b.signal.stats},
+        "rescale_loud": b.signal.rescale_loud,
         "offsets": {c: 0.0 for c in CLASSES},
         "thresholds": None,
         "loss": config.loss,
@@ -607,7 +609,7 @@ def _write_outputs(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, de
 def _train_audio_stats(prep: Prepared, config: FinetuneConfig, max_seconds: float, progress: bool) -> dict:
     """Global mean/std of the Train audio, exactly as extract-features computes them."""
     stats, bad = global_stats(prep.corpus, max_seconds=max_seconds, skip_bad=config.skip_bad,
-                              workers=max(1, config.num_workers), verbose=progress)
+                              workers=max(1, config.num_workers), verbose=progress, rescale_loud=config.rescale_loud)
     # --skip-bad leaves out the clips it finds unreadable when the corpus is loaded; one that only
     # decoding refuses (e.g. float audio at integer scale) would stop training mid-epoch: say so now
     training = {c.name for c in prep.train}

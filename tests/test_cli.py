@@ -143,3 +143,15 @@ def test_torchrun_entry_modules_run_their_command():
         r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr[-2000:]
         assert first_line in r.stdout
+
+
+def test_every_numeric_option_is_bounded():
+    """Every count, seed, rate, duration and share is checked while the command line is read (a
+    usage error naming the option, exit status 2), never left to fail deep in the library."""
+    unbounded = []
+    for words, command in every_command():
+        for p in command.params:
+            number = isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType))
+            if number and not isinstance(p.type, click.types._NumberRangeBase):
+                unbounded.append(f"conilium {' '.join(words)} {p.opts[0]}")
+    assert unbounded == []

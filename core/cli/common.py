@@ -4,7 +4,10 @@ errors, and groups that list their commands in data-flow order and import them l
 from __future__ import annotations
 
 import importlib
-from typing import Mapping, Optional
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Optional, Union
 
 import click
 
@@ -40,6 +43,169 @@ GROUP_QUIET = "Quiet for whichever command runs below (each command also takes -
 def fail(e: Exception):
     """A library error as click's one-line ``Error: ...`` (exit status 1), without a traceback."""
     raise click.ClickException(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- option values
+
+class Count(click.IntRange):
+    """An integer option with bounds (``Count(1)``: at least 1); out of range is a usage error
+    (exit status 2) naming the option."""
+
+    name = "integer"
+
+    def __init__(self, min: Optional[int] = 1, max: Optional[int] = None):
+        super().__init__(min=min, max=max)
+
+
+class Number(click.FloatRange):
+    """A finite number option with bounds (``Number(0, open_min=True)``: positive); NaN, and
+    infinity unless ``infinite``, are usage errors naming the option, as out of range is."""
+
+    name = "number"
+
+    def __init__(self, min: Optional[float] = None, max: Optional[float] = None, *, open_min: bool = False,
+                 open_max: bool = False, infinite: bool = False):
+        super().__init__(min=min, max=max, min_open=open_min, max_open=open_max)
+        self.infinite = infinite
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if math.isnan(rv) or (math.isinf(rv) and not self.infinite):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+#: Counts of things that need one at least: threads, batch sizes, epochs, clips, widths.
+POSITIVE_INT = Count(1)
+#: Counts that may be zero: DataLoader worker processes.
+NON_NEGATIVE_INT = Count(0)
+#: Random seeds: what numpy and scikit-learn accept everywhere.
+SEED = Count(0, 2 ** 32 - 1)
+#: Learning rates, durations, sizes that must be above zero.
+POSITIVE = Number(0, open_min=True)
+#: Weight decay, memory budgets: zero or more.
+NON_NEGATIVE = Number(0)
+#: Shares and probabilities in [0, 1].
+FRACTION = Number(0, 1)
+#: Dropout-like probabilities in [0, 1).
+DROPOUT = Number(0, 1, open_max=True)
+
+
+def wait_for_lock_option(what: str):
+    """``--wait-for-lock [SECONDS]``: wait for another process writing the output directory
+    (as long as it takes, or at most SECONDS) instead of stopping at once."""
+    return click.option("--wait-for-lock", "wait_for_lock", type=Number(0, infinite=True), is_flag=False,
+                        flag_value=math.inf, default=None, metavar="[SECONDS]",
+                        help=f"When another process is writing {what}, wait for it to finish (at most SECONDS "
+                             f"when given) instead of stopping at once with a message naming it.")
+
+
+def lock_wait(value: Optional[float]) -> Union[bool, float]:
+    """The ``wait`` of :func:`conilium.locking.lock_directory` for a ``--wait-for-lock`` value."""
+    if value is None:
+        return False
+    return True if math.isinf(value) else float(value)
+
+
+# ----------------------------------------------------------------------------- what a directory is
+
+#: The kinds of directory :func:`dir_kind` tells apart, and how messages name them.
+KINDS = {
+    "file": "a file",
+    "model": "a finetune-best model directory",
+    "model-unfinished": "a finetune-best model directory whose training did not finish",
+    "cache": "a feature cache",
+    "cache-unfinished": "a feature cache whose extraction did not finish",
+    "run": "a run directory",
+    "run-unfinished": "a run directory whose training did not finish (no predictions)",
+    "finetune-run": "a finetune-best run directory",
+    "finetune-run-unfinished": "a finetune-best run directory whose training did not finish (no predictions)",
+    "corpus": "a corpus (Audios/, Labels/)",
+    "grid": "a train-grid output directory (a folder of run directories)",
+    "report": "a report folder",
+    "empty": "an empty directory",
+    "runs": "a folder of run directories",
+    "caches": "a folder of feature caches",
+}
+
+
+def dir_kind(path) -> Optional[str]:
+    """Which of :data:`KINDS` ``path`` is, from the files conilium writes; None when it does not
+    exist or is none of them. For messages when a command is given one kind for another."""
+    p = Path(path)
+    if p.is_file():
+        return "file"
+    if not p.is_dir():
+        return None
+    if (p / "conilium_model.json").is_file():
+        return "model"
+    if (p / "checkpoints" / "last.pt").is_file():
+        return "model-unfinished"
+    if (p / "manifest.json").is_file():
+        return "cache"
+    if (p / "extraction.json").is_file() or (p / "shards").is_dir():
+        return "cache-unfinished"
+    if (p / "config.json").is_file():
+        kind = "finetune-run" if _config_kind(p) == "finetune" else "run"
+        done = (p / "predictions").is_dir() or (p / "metrics.json").is_file()
+        return kind if done else f"{kind}-unfinished"
+    if (p / "Labels").is_dir() or (p / "Audios").is_dir():
+        return "corpus"
+    if (p / "results.csv").is_file() or (p / "grid.json").is_file():
+        return "grid"
+    if (p / "report.md").is_file() or (p / "report.json").is_file():
+        return "report"
+    children = _children(p)
+    if children is None:
+        return None
+    if not children:
+        return "empty"
+    if any(dir_kind(c) in ("run", "finetune-run", "model") for c in children):
+        return "runs"
+    if any(dir_kind(c) == "cache" for c in children):
+        return "caches"
+    return None
+
+
+def _children(p: Path):
+    try:
+        return sorted(c for c in p.iterdir() if not c.name.startswith(".") and c.is_dir())
+    except OSError:
+        return None
+
+
+def _config_kind(p: Path):
+    try:
+        return json.loads((p / "config.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def describe_dir(path) -> Optional[str]:
+    """:func:`dir_kind` in words ("a feature cache", "a folder of run directories (a, b)", ...)."""
+    kind = dir_kind(path)
+    if kind is None:
+        return None
+    if kind in ("runs", "caches"):
+        inner = ("run", "finetune-run", "model") if kind == "runs" else ("cache",)
+        some = [str(c) for c in _children(Path(path)) if dir_kind(c) in inner]
+        return f"{KINDS[kind]} ({', '.join(some[:5])}{' …' if len(some) > 5 else ''})"
+    return KINDS[kind]
+
+
+def refuse_dir(path, expected: str, hint: str, *, accept: tuple = ()) -> None:
+    """Click's one-line error (exit status 1) ``"PATH is <what it is>, not <expected>; <hint>"``
+    when :func:`dir_kind` says ``path`` is another kind than those in ``accept`` (:data:`KINDS`
+    keys); silence when it is one of them or nothing known (the library then says more)."""
+    kind = dir_kind(path)
+    if kind is not None and kind not in accept:
+        raise click.ClickException(f"{path} is {describe_dir(path)}, not {expected}; {hint}")
+
+
+def check_corpus_arg(path) -> None:
+    """A ``--corpus`` that is another kind of directory (a cache, a run, an empty one): say so."""
+    refuse_dir(path, "a corpus", "pass the corpus root (Audios/, Labels/labels_consensus.csv) to --corpus",
+               accept=("corpus",))
 
 
 class Group(click.Group):

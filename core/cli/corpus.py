@@ -10,7 +10,7 @@ import click
 from conilium.demo import MIN_CLIPS
 from conilium.errors import ConiliumError
 
-from .common import CONTEXT, GROUP_QUIET, Group, fail, quiet_option, version_option
+from .common import CONTEXT, GROUP_QUIET, SEED, Group, check_corpus_arg, fail, quiet_option, version_option
 
 
 @click.command(context_settings=CONTEXT)
@@ -18,7 +18,7 @@ from .common import CONTEXT, GROUP_QUIET, Group, fail, quiet_option, version_opt
               help="Directory to create for the corpus (Audios/ and Labels/ go inside).")
 @click.option("--clips", type=click.IntRange(min=MIN_CLIPS), default=300, show_default=True,
               help="Number of clips, split 60/25/15 % into Train, Development and Test3.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Random seed; the same seed and --clips give byte-identical files.")
 @click.option("--noise-out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write noise recordings (white, pink, brown, babble, hum) into this directory, "
@@ -94,6 +94,7 @@ def describe_corpus_cmd(corpus, out, skip_bad, quiet):
     """
     from conilium.describe import OUTPUT_FILES, describe_corpus  # matplotlib: only when run
 
+    check_corpus_arg(corpus)
     try:
         summary = describe_corpus(corpus, out, skip_bad=skip_bad)
     except ConiliumError as e:

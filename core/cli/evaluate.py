@@ -4,6 +4,8 @@ Easy/Difficult analysis, reports, submissions — all read run directories (``co
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import click
@@ -11,9 +13,64 @@ import click
 from conilium.errors import ConiliumError
 from conilium.evaluate.options import DEFAULT_ROUNDS, METHODS, OTHER_MODES
 
-from .common import CONTEXT, GROUP_QUIET, Group, fail, quiet_option, version_option
+from .common import (CONTEXT, GROUP_QUIET, POSITIVE_INT, SEED, Count, Group, check_corpus_arg,
+                     describe_dir, dir_kind, fail, quiet_option, version_option)
 
 _RUN = click.Path(file_okay=False, path_type=Path)
+#: The kinds of directory (:data:`~conilium.cli.common.KINDS`) these commands read.
+_RUN_KINDS = ("run", "finetune-run", "model")
+
+
+def _run_hint(run, kind: str) -> str:
+    if kind.startswith("cache"):
+        return f"train a head on it first (train-head --cache {run} --out RUN_DIR) and pass RUN_DIR"
+    if kind == "corpus":
+        return (f"train on it first (finetune-best --corpus {run} --out MODEL_DIR, or extract-features and "
+                f"train-head) and pass that directory")
+    if kind.endswith("unfinished"):
+        return "finish its training first (finetune-best --resume for a model directory), then pass it again"
+    if kind in ("grid", "runs"):
+        return "pass the run directories inside it"
+    return "pass a run directory written by train-head, finetune-best, tune-thresholds or ensemble"
+
+
+def _check_runs(runs) -> None:
+    """One line saying what a RUN argument is when it is another kind of directory (a cache, a
+    corpus, a grid folder, an unfinished run), or when its config.json is damaged; before
+    the library reads anything."""
+    for run in runs:
+        kind = dir_kind(run)
+        if kind is not None and kind not in _RUN_KINDS:
+            unlike = "" if kind.endswith("unfinished") else (", not a run directory (config.json and "
+                                                              "predictions/<Split>.csv)")
+            raise click.ClickException(f"{run} is {describe_dir(run)}{unlike}; {_run_hint(run, kind)}")
+        config = Path(run) / "config.json"
+        if config.is_file():
+            try:
+                json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise click.ClickException(f"{config}: unreadable ({e}); the run directory {run} is damaged: "
+                                           f"train it again, or restore config.json") from None
+
+
+def _folds(ctx, param, k: int) -> int:
+    if k == 1:
+        raise click.BadParameter("1 fold is no cross-validation: give 0 to skip it, or at least 2", ctx, param)
+    return k
+
+
+def _weights(ctx, param, text):
+    """``--weights`` as a list of finite, non-negative numbers with a positive sum (None: equal)."""
+    if not text:
+        return None
+    try:
+        w = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", ctx, param) from None
+    if not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+        raise click.BadParameter(f"weights must be finite and non-negative with a positive sum, got {text!r}",
+                                 ctx, param)
+    return w
 
 
 def _clips(cache, corpus, runs, quiet=False):
@@ -70,6 +127,7 @@ def metrics_cmd(run, splits, out, no_files, quiet):
     from conilium.runs import has_references, read_run
 
     echo = _echo(quiet)
+    _check_runs([run])
     try:
         if not splits:
             data = read_run(run)
@@ -94,11 +152,11 @@ def metrics_cmd(run, splits, out, no_files, quiet):
 @click.argument("out", type=_RUN)
 @click.option("--tune-split", default="Development", show_default=True,
               help="Split whose macro-F1 the offsets maximise; they are applied unchanged to every split.")
-@click.option("-k", "--folds", "k", type=int, default=5, show_default=True,
+@click.option("-k", "--folds", "k", type=Count(0), default=5, show_default=True, callback=_folds,
               help="Folds of the honest estimate (offsets fitted on K-1 folds of the tuning split, scored on "
                    "the held-out fold); 0 skips it.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stratified folds.")
-@click.option("--rounds", type=int, default=DEFAULT_ROUNDS, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the stratified folds.")
+@click.option("--rounds", type=POSITIVE_INT, default=DEFAULT_ROUNDS, show_default=True,
               help="Coordinate-ascent rounds over the classes.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @quiet_option(_QUIET)
@@ -112,6 +170,7 @@ def tune_thresholds_cmd(run, out, tune_split, k, seed, rounds, overwrite, quiet)
     """
     from conilium.evaluate.thresholds import tune_run  # scikit-learn: only when run
 
+    _check_runs([run])
     try:
         m = tune_run(run, out, tune_split=tune_split, k=k, seed=seed, rounds=rounds, overwrite=overwrite)
     except ConiliumError as e:
@@ -136,7 +195,7 @@ def tune_thresholds_cmd(run, out, tune_split, k, seed, rounds, overwrite, quiet)
 @click.option("--method", type=click.Choice(METHODS), default="mean", show_default=True,
               help="mean: argmax of the (weighted) mean probability; vote: majority vote of the runs' "
                    "predictions, ties broken by the mean probability.")
-@click.option("--weights", default=None,
+@click.option("--weights", default=None, callback=_weights,
               help="Comma-separated non-negative weights, one per run (default: equal).")
 @click.option("--split", "splits", multiple=True,
               help="Split to combine (repeatable). Default: every split all runs have.")
@@ -147,12 +206,9 @@ def ensemble_cmd(runs, out, method, weights, splits, overwrite, quiet):
     """Combine two or more runs over the same clips into a new run directory (paper 3.6)."""
     from conilium.evaluate.ensemble import ensemble_runs
 
+    _check_runs(runs)
     try:
-        w = [float(x) for x in weights.split(",")] if weights else None
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {weights!r}", param_hint="--weights")
-    try:
-        m = ensemble_runs(runs, out, method=method, weights=w, splits=splits or None, overwrite=overwrite)
+        m = ensemble_runs(runs, out, method=method, weights=weights, splits=splits or None, overwrite=overwrite)
     except ConiliumError as e:
         fail(e)
     echo = _echo(quiet)
@@ -186,6 +242,9 @@ def easy_difficult_cmd(runs, out, split, cache, corpus, other, quiet):
 
     if cache is not None and corpus is not None:
         raise click.UsageError("give --cache or --corpus, not both")
+    _check_runs(runs)
+    if corpus is not None:
+        check_corpus_arg(corpus)
     try:
         clips = _clips(cache, corpus, runs, quiet)
         result = easy_difficult(runs, clips, split=split, other=other)
@@ -248,6 +307,9 @@ def submission_cmd(run, split, out, cache, corpus, quiet):
 
     if cache is not None and corpus is not None:
         raise click.UsageError("give --cache or --corpus, not both")
+    _check_runs([run])
+    if corpus is not None:
+        check_corpus_arg(corpus)
     try:
         clips = None if cache is None and corpus is None else load_clips(cache=cache, corpus=corpus)
         n = write_submission(run, out, split=split, clips=clips)

@@ -15,7 +15,8 @@ import click
 from conilium.errors import ConiliumError
 from conilium.extract.registry import UPSTREAMS
 
-from .common import CONTEXT, GROUP_QUIET, Group, fail, quiet_option, version_option
+from .common import (CONTEXT, GROUP_QUIET, POSITIVE, POSITIVE_INT, SEED, Group, Number, check_corpus_arg, fail,
+                     lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)
 
 _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face model id, a local model "
                   "directory, or a model directory written by finetune-best")
@@ -34,43 +35,47 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
               help="Storage type of frames; values beyond float16's range are an error.")
 @click.option("--pooled-stats/--no-pooled-stats", default=False, show_default=True,
               help="Also store every layer's mean and std over frames (small; for layer probing).")
-@click.option("--max-seconds", type=float, default=8.0, show_default=True,
+@click.option("--max-seconds", type=POSITIVE, default=8.0, show_default=True,
               help="Truncate clips to this many seconds (the paper: 8; the challenge baseline: 12).")
 @click.option("--normalize", type=click.Choice(["global", "utterance", "none"]), default="global",
               show_default=True, help="Waveform normalisation; global = mean/std over the Train audio.")
 @click.option("--random-init", is_flag=True,
               help="Use the architecture with seeded random weights (no download; for benchmarks and tests).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of --random-init weights and of noise augmentation.")
 @click.option("--revision", default=None, help="Model revision (branch, tag or commit) on the Hugging Face hub.")
 @click.option("--splits", default=None, help="Only these splits, comma-separated (e.g. Train,Development).")
-@click.option("--batch-seconds", type=float, default=None,
+@click.option("--batch-seconds", type=POSITIVE, default=None,
               help="Bound on a batch's padded audio (clips x longest clip), in seconds "
                    "[default: 60 on CPU, 300 on CUDA].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when available (one GPU per rank under torchrun), else CPU.")
 @click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: float32 on CPU, bfloat16 autocast on CUDA (float16 without bf16).")
-@click.option("--shard-size", type=int, default=256, show_default=True, help="Clips per HDF5 shard.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Audio decoding threads.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--shard-size", type=POSITIVE_INT, default=256, show_default=True, help="Clips per HDF5 shard.")
+@click.option("--workers", type=POSITIVE_INT, default=2, show_default=True, help="Audio decoding threads.")
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--skip-bad", is_flag=True,
               help="Leave out unreadable, empty or NaN clips and list them in the manifest, instead of stopping.")
 @click.option("--augment-noise", type=click.Path(file_okay=False, exists=True, path_type=str), default=None,
               help="Folder of noise recordings (e.g. MUSAN): add noisy copies of Train clips to the cache.")
-@click.option("--augment-fraction", type=float, default=0.8, show_default=True,
+@click.option("--augment-fraction", type=Number(0, 1, open_min=True), default=0.8, show_default=True,
               help="Share of Train clips that get noisy copies.")
 @click.option("--snr-db", default="5:20", show_default=True, help="SNR range LOW:HIGH in dB for the noisy copies.")
-@click.option("--copies", type=int, default=1, show_default=True, help="Noisy copies per chosen clip.")
+@click.option("--copies", type=POSITIVE_INT, default=1, show_default=True, help="Noisy copies per chosen clip.")
+@click.option("--rescale-loud", is_flag=True,
+              help="Divide float audio stored at integer scale (samples far beyond [-1, 1], e.g. int16 values) "
+                   "back to [-1, 1] instead of stopping at such a file. Part of the cache's settings.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache in --out and rebuild it.")
 @click.option("--no-space-check", is_flag=True,
               help="Extract even when the projected cache size exceeds the free disk space.")
+@wait_for_lock_option("the cache directory")
 @quiet_option("No progress bar or messages.")
 @version_option
 def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max_seconds, normalize, random_init,
                          seed, revision, splits, batch_seconds, device, compute_dtype, shard_size, workers, threads,
-                         skip_bad, augment_noise, augment_fraction, snr_db, copies, overwrite, no_space_check,
-                         quiet):
+                         skip_bad, augment_noise, augment_fraction, snr_db, copies, rescale_loud, overwrite,
+                         no_space_check, wait_for_lock, quiet):
     """Run an upstream over a corpus once and store its hidden states in an HDF5 feature cache.
 
     \b
@@ -87,21 +92,24 @@ def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max
     from conilium.audio import parse_snr
     from conilium.extract import ExtractConfig, NoiseAugmentation, extract_features  # torch etc.: only when run
 
+    check_corpus_arg(corpus)
+    refuse_dir(out, "a feature cache", "choose a new or empty directory for --out (extract-features writes a "
+               "feature cache there)", accept=("cache", "cache-unfinished", "empty"))
     try:
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         config = ExtractConfig(
             upstream, layers=layers, dtype=dtype, max_seconds=max_seconds, normalize=normalize,
             pooled_stats=pooled_stats, random_init=random_init, seed=seed, revision=revision,
             compute_dtype=compute_dtype, shard_size=shard_size,
             splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None,
             augmentation=NoiseAugmentation(augment_noise, augment_fraction, parse_snr(snr_db), copies)
-            if augment_noise else None)
+            if augment_noise else None, rescale_loud=rescale_loud)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         path = extract_features(config, corpus, out, batch_seconds=batch_seconds, device=device, workers=workers,
                                 skip_bad=skip_bad, overwrite=overwrite, check_space=not no_space_check,
-                                verbose=not quiet)
+                                verbose=not quiet, wait_for_lock=lock_wait(wait_for_lock))
     except ConiliumError as e:
         fail(e)
     if not quiet:

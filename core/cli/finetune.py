@@ -22,7 +22,9 @@ from conilium.errors import ConiliumError
 from conilium.finetune.config import PRECISIONS, FinetuneConfig
 from conilium.heads.config import LOSS_PROPERTIES
 
-from .common import CONTEXT, GROUP_QUIET, Group, fail, quiet_option, version_option
+from .common import (CONTEXT, DROPOUT, FRACTION, GROUP_QUIET, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
+                     SEED, Group, check_corpus_arg, fail, lock_wait, quiet_option, refuse_dir, version_option,
+                     wait_for_lock_option)
 
 _D = FinetuneConfig(corpus="", out="")
 
@@ -47,7 +49,7 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
                    "a Hugging Face model id or a local model directory.")
 @click.option("--random-init", is_flag=True,
               help="The --upstream architecture with seeded random weights, no download (timing, tests, demo-*).")
-@click.option("--random-init-seed", type=int, default=_D.random_init_seed, show_default=True,
+@click.option("--random-init-seed", type=SEED, default=_D.random_init_seed, show_default=True,
               help="Seed of the random weights (use the one the cache was extracted with, for --init-head).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --upstream.")
 @click.option("--loss", type=click.Choice(list(LOSS_PROPERTIES)), default=_D.loss, show_default=True,
@@ -56,31 +58,35 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
               help="Training targets: S (share of primary + secondary labels, the paper's best), P, hard, P*, S*.")
 @click.option("--sampler", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
               help="balanced: draw clips with weight 1/f(class), with replacement (class weights then off).")
-@click.option("--lr", type=float, default=_D.lr, show_default=True, help="AdamW learning rate.")
-@click.option("--weight-decay", type=float, default=_D.weight_decay, show_default=True)
-@click.option("--batch-size", type=int, default=_D.batch_size, show_default=True,
+@click.option("--lr", type=POSITIVE, default=_D.lr, show_default=True, help="AdamW learning rate.")
+@click.option("--weight-decay", type=NON_NEGATIVE, default=_D.weight_decay, show_default=True)
+@click.option("--batch-size", type=POSITIVE_INT, default=_D.batch_size, show_default=True,
               help="Clips per optimiser step, over all processes and accumulation steps.")
-@click.option("--grad-accum", type=int, default=_D.grad_accum, show_default=True,
+@click.option("--grad-accum", type=POSITIVE_INT, default=_D.grad_accum, show_default=True,
               help="Split each process's share of a batch into this many forward/backward passes (less memory).")
-@click.option("--epochs", type=int, default=_D.epochs, show_default=True,
+@click.option("--epochs", type=POSITIVE_INT, default=_D.epochs, show_default=True,
               help="Maximum epochs; the best epoch by development macro-F1 is kept.")
-@click.option("--patience", type=int, default=None, help="Stop after this many epochs without improvement.")
-@click.option("--seed", type=int, default=_D.seed, show_default=True)
-@click.option("--max-seconds", type=float, default=_D.max_seconds, show_default=True,
+@click.option("--patience", type=POSITIVE_INT, default=None,
+              help="Stop after this many epochs without improvement.")
+@click.option("--seed", type=SEED, default=_D.seed, show_default=True)
+@click.option("--max-seconds", type=POSITIVE, default=_D.max_seconds, show_default=True,
               help="Truncate every clip to this many seconds.")
 @click.option("--normalize", type=click.Choice(NORMALIZE_MODES), default=_D.normalize, show_default=True,
               help="Waveform normalisation: global (mean/std over the Train audio, kept in the model), "
                    "utterance, none.")
-@click.option("--dropout", type=float, default=_D.dropout, show_default=True, help="Head dropout.")
-@click.option("--hidden", type=int, default=_D.hidden, show_default=True, help="Classifier hidden width.")
-@click.option("--upstream-dropout", type=float, default=None,
+@click.option("--rescale-loud", is_flag=True,
+              help="Divide float audio stored at integer scale (samples far beyond [-1, 1], e.g. int16 values) "
+                   "back to [-1, 1] instead of stopping at such a file; kept in the model for predict.")
+@click.option("--dropout", type=DROPOUT, default=_D.dropout, show_default=True, help="Head dropout.")
+@click.option("--hidden", type=POSITIVE_INT, default=_D.hidden, show_default=True, help="Classifier hidden width.")
+@click.option("--upstream-dropout", type=DROPOUT, default=None,
               help="Replace the upstream's dropout probabilities (default: the pretrained model's).")
-@click.option("--layerdrop", type=float, default=None, help="Replace the upstream's LayerDrop probability.")
-@click.option("--mask-time-prob", type=float, default=None,
+@click.option("--layerdrop", type=DROPOUT, default=None, help="Replace the upstream's LayerDrop probability.")
+@click.option("--mask-time-prob", type=DROPOUT, default=None,
               help="SpecAugment time-mask probability in the upstream (0 turns it off; default: the model's).")
 @click.option("--augment-noise", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of noise recordings (e.g. MUSAN noise): mix one into a fraction of training clips.")
-@click.option("--augment-fraction", type=float, default=_D.augment_fraction, show_default=True,
+@click.option("--augment-fraction", type=FRACTION, default=_D.augment_fraction, show_default=True,
               help="Share of training clips that get noise, drawn anew each epoch.")
 @click.option("--snr-db", default="5:20", show_default=True, help="SNR range LOW:HIGH (dB) of the added noise.")
 @click.option("--init-head", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -88,29 +94,32 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
                    "truncation and normalisation are used).")
 @click.option("--baseline-ckpt", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Start from the challenge baseline's final_ssl.pt, final_pool.pt, final_ser.pt in this folder.")
-@click.option("--max-train-clips", type=int, default=None, help="Use only the first N training clips (quick trials).")
+@click.option("--max-train-clips", type=POSITIVE_INT, default=None,
+              help="Use only the first N training clips (quick trials).")
 @click.option("--no-thresholds", is_flag=True, help="Do not tune decision offsets on the development set.")
 @click.option("--skip-bad", is_flag=True, help="Leave out (and list) clips whose audio is missing or unreadable.")
 @click.option("--device", default=_D.device, show_default=True, help="auto, cpu or cuda.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=_D.precision, show_default=True,
               help="auto: bf16 autocast on CUDA, float32 on CPU.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute transformer activations (less memory).")
-@click.option("--num-workers", type=int, default=_D.num_workers, show_default=True,
+@click.option("--num-workers", type=NON_NEGATIVE_INT, default=_D.num_workers, show_default=True,
               help="DataLoader processes decoding audio.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads per process.")
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads per process.")
 @click.option("--keep-checkpoints", is_flag=True,
               help="Keep checkpoints/ (last and best epoch) after training, to continue later with --resume.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run in --out from its last completed epoch (from the start when no "
                    "epoch was completed, so scripts may always pass it).")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out that holds a run.")
+@wait_for_lock_option("the model directory")
 @quiet_option("No progress bars.")
 @version_option
 def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revision, loss, labels, sampler, lr,
-                      weight_decay, batch_size, grad_accum, epochs, patience, seed, max_seconds, normalize, dropout,
-                      hidden, upstream_dropout, layerdrop, mask_time_prob, augment_noise, augment_fraction, snr_db,
-                      init_head, baseline_ckpt, max_train_clips, no_thresholds, skip_bad, device, precision,
-                      gradient_checkpointing, num_workers, threads, keep_checkpoints, resume, overwrite, quiet):
+                      weight_decay, batch_size, grad_accum, epochs, patience, seed, max_seconds, normalize,
+                      rescale_loud, dropout, hidden, upstream_dropout, layerdrop, mask_time_prob, augment_noise,
+                      augment_fraction, snr_db, init_head, baseline_ckpt, max_train_clips, no_thresholds, skip_bad,
+                      device, precision, gradient_checkpointing, num_workers, threads, keep_checkpoints, resume,
+                      overwrite, wait_for_lock, quiet):
     """Fine-tune an upstream and an attentive head end to end on a corpus (the paper's best system).
 
     \b
@@ -131,6 +140,12 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
     from conilium.audio import parse_snr
     from conilium.finetune.train import finetune  # torch, transformers: only when run
 
+    check_corpus_arg(corpus)
+    refuse_dir(out, "a finetune-best model directory", "choose a new or empty directory for --out (models/<name>, "
+               "say)", accept=("model", "model-unfinished", "finetune-run", "finetune-run-unfinished", "empty"))
+    if init_head is not None:
+        refuse_dir(init_head, "a train-head run directory", "pass a directory train-head wrote to --init-head",
+                   accept=("run",))
     _quiet_library_warnings(quiet)
     try:
         config = FinetuneConfig(
@@ -138,7 +153,8 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
             random_init_seed=random_init_seed, revision=revision, loss=loss, labels=labels,
             sampler=None if sampler == "none" else sampler, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
             grad_accum=grad_accum, epochs=epochs, patience=patience, seed=seed, max_seconds=max_seconds,
-            normalize=normalize, dropout=dropout, hidden=hidden, upstream_dropout=upstream_dropout,
+            normalize=normalize, rescale_loud=rescale_loud, dropout=dropout, hidden=hidden,
+            upstream_dropout=upstream_dropout,
             layerdrop=layerdrop, mask_time_prob=mask_time_prob,
             augment_noise=None if augment_noise is None else str(augment_noise),
             augment_fraction=augment_fraction, snr_db=parse_snr(snr_db),
@@ -147,7 +163,8 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
             max_train_clips=max_train_clips, tune_thresholds=not no_thresholds, skip_bad=skip_bad,
             precision=precision, gradient_checkpointing=gradient_checkpointing, device=device,
             num_workers=num_workers, keep_checkpoints=keep_checkpoints, threads=threads)
-        metrics = finetune(config, resume=resume, overwrite=overwrite, progress=not quiet)
+        metrics = finetune(config, resume=resume, overwrite=overwrite, progress=not quiet,
+                           wait_for_lock=lock_wait(wait_for_lock))
         if metrics and config.tune_thresholds:
             metrics["thresholds"] = tune_model_thresholds(config)
     except ConiliumError as e:
@@ -169,7 +186,8 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
 
     out = Path(config.out)
     refs = read_predictions(prediction_path(out, config.dev_split)).reference
-    k = min(5, sum(1 for r in refs if r in CLASSES))
+    # stratified folds: no more than the clips of the most frequent class (scikit-learn's bound)
+    k = min(5, max([sum(1 for r in refs if r == c) for c in CLASSES]))
     tuned = tune_run(out, out / TUNED_DIR, tune_split=config.dev_split, k=k if k >= 2 else 0, seed=config.seed,
                      overwrite=True)
     cv = tuned.get("cross_validation")
@@ -186,20 +204,23 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Model directory written by finetune-best.")
 @click.argument("audio", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--list", "list_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Text file with one audio path per line (blank lines and # comments skipped).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write FILE.csv or FILE.json (format from the suffix); default: CSV on standard output.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--max-seconds", type=float, default=None,
+@click.option("--batch-size", type=POSITIVE_INT, default=8, show_default=True)
+@click.option("--max-seconds", type=NON_NEGATIVE, default=None,
               help="Truncate files to this many seconds (default: as in training; 0: whole files).")
+@click.option("--rescale-loud/--no-rescale-loud", default=None,
+              help="Divide float audio stored at integer scale back to [-1, 1] instead of refusing such a file "
+                   "(default: as the model was trained, finetune-best --rescale-loud).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @quiet_option("No progress bar.")
 @version_option
-def predict_cmd(model_dir, audio, list_file, out, batch_size, max_seconds, device, quiet):
+def predict_cmd(model_dir, audio, list_file, out, batch_size, max_seconds, rescale_loud, device, quiet):
     """Predict the emotion of audio files with a finetune-best model.
 
     \b
@@ -219,6 +240,8 @@ def predict_cmd(model_dir, audio, list_file, out, batch_size, max_seconds, devic
     """
     from conilium.finetune.predict import Predictor, output_format, read_list, results_csv, write_results  # torch
 
+    refuse_dir(model_dir, "a finetune-best model directory", "pass a directory finetune-best wrote (train one with "
+               "finetune-best --corpus CORPUS --out MODEL_DIR)", accept=("model",))
     _quiet_library_warnings(quiet)
     files = [str(a) for a in audio]
     try:
@@ -228,7 +251,8 @@ def predict_cmd(model_dir, audio, list_file, out, batch_size, max_seconds, devic
             raise click.UsageError("no audio file given: pass files as arguments or --list FILE")
         if out is not None:
             output_format(out)
-        predictor = Predictor(model_dir, device=device, batch_size=batch_size, max_seconds=max_seconds)
+        predictor = Predictor(model_dir, device=device, batch_size=batch_size, max_seconds=max_seconds,
+                              rescale_loud=rescale_loud)
         results = predictor.predict(files, progress=not quiet)
         if out is not None:
             write_results(out, results, predictor.classes)

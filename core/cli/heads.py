@@ -11,7 +11,8 @@ import click
 from conilium.errors import ConiliumError
 from conilium.heads.config import BACKENDS, LOSS_PROPERTIES, TrainConfig, presets
 
-from .common import CONTEXT, GROUP_QUIET, Group, fail, quiet_option, version_option
+from .common import (CONTEXT, DROPOUT, GROUP_QUIET, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED,
+                     Group, Number, fail, lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)
 
 _DEFAULTS = TrainConfig(cache="")
 
@@ -39,39 +40,41 @@ _DEFAULTS = TrainConfig(cache="")
 @click.option("--sampler", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
               help="balanced: draw each training clip with weight 1/f(its class), with replacement; the loss's "
                    "class weights are then off.")
-@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="AdamW learning rate.")
-@click.option("--weight-decay", type=float, default=_DEFAULTS.weight_decay, show_default=True)
-@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
-@click.option("--epochs", type=int, default=_DEFAULTS.epochs, show_default=True,
+@click.option("--lr", type=POSITIVE, default=_DEFAULTS.lr, show_default=True, help="AdamW learning rate.")
+@click.option("--weight-decay", type=NON_NEGATIVE, default=_DEFAULTS.weight_decay, show_default=True)
+@click.option("--batch-size", type=POSITIVE_INT, default=_DEFAULTS.batch_size, show_default=True)
+@click.option("--epochs", type=POSITIVE_INT, default=_DEFAULTS.epochs, show_default=True,
               help="Maximum number of epochs; the best epoch by development macro-F1 is kept.")
-@click.option("--patience", type=int, default=None,
+@click.option("--patience", type=POSITIVE_INT, default=None,
               help="Stop after this many epochs without a better development macro-F1 (default: never).")
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
+@click.option("--seed", type=SEED, default=_DEFAULTS.seed, show_default=True,
               help="Same seed, same cache, same options: the same metrics (on CPU).")
-@click.option("--p-threshold", type=float, default=_DEFAULTS.p_threshold, show_default=True,
+@click.option("--p-threshold", type=Number(0, 1, open_min=True), default=_DEFAULTS.p_threshold, show_default=True,
               help="--labels P*: keep training clips whose top primary share reaches this.")
-@click.option("--s-threshold", type=float, default=_DEFAULTS.s_threshold, show_default=True,
+@click.option("--s-threshold", type=Number(0, 1, open_min=True), default=_DEFAULTS.s_threshold, show_default=True,
               help="--labels S*: keep training clips whose top perceived-label share reaches this.")
-@click.option("--hidden", type=int, default=_DEFAULTS.hidden, show_default=True, help="Classifier hidden width.")
-@click.option("--dropout", type=float, default=_DEFAULTS.dropout, show_default=True)
+@click.option("--hidden", type=POSITIVE_INT, default=_DEFAULTS.hidden, show_default=True,
+              help="Classifier hidden width.")
+@click.option("--dropout", type=DROPOUT, default=_DEFAULTS.dropout, show_default=True)
 @click.option("--train-split", default=_DEFAULTS.train_split, show_default=True)
 @click.option("--dev-split", default=_DEFAULTS.dev_split, show_default=True,
               help="Split that selects the best epoch (all its scoreable clips are scored).")
 @click.option("--device", default=_DEFAULTS.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--num-workers", type=int, default=_DEFAULTS.num_workers, show_default=True,
+@click.option("--num-workers", type=NON_NEGATIVE_INT, default=_DEFAULTS.num_workers, show_default=True,
               help="DataLoader worker processes reading the shards when streaming (not preloaded); "
                    "on a GPU, 4 workers about doubled the streaming rate in bench/bench_heads.py.")
 @click.option("--preload", type=click.Choice(["auto", "yes", "no"]), default=_DEFAULTS.preload, show_default=True,
               help="Keep the selected Train/Development features in memory; auto: when they fit "
                    "--preload-budget-gb, else stream them from the shards (bounded memory).")
-@click.option("--preload-budget-gb", type=float, default=_DEFAULTS.preload_budget_gb, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--preload-budget-gb", type=NON_NEGATIVE, default=_DEFAULTS.preload_budget_gb, show_default=True)
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--overwrite", is_flag=True, help="Replace a complete run already in --out.")
+@wait_for_lock_option("the run directory")
 @quiet_option("No progress bars.")
 @version_option
 def train_head_cmd(cache, out, loss, labels, pooling, layers, pooled_stats, sampler, lr, weight_decay, batch_size,
                    epochs, patience, seed, p_threshold, s_threshold, hidden, dropout, train_split, dev_split, device,
-                   num_workers, preload, preload_budget_gb, threads, overwrite, quiet):
+                   num_workers, preload, preload_budget_gb, threads, overwrite, wait_for_lock, quiet):
     """Train a pooling head on a feature cache and write a run directory.
 
     \b
@@ -84,6 +87,8 @@ def train_head_cmd(cache, out, loss, labels, pooling, layers, pooled_stats, samp
     from conilium.heads.data import parse_layers
     from conilium.heads.train import train_head  # torch, h5py: only when run
 
+    refuse_dir(out, "a train-head run directory", "choose a new or empty directory for --out (runs/<name>, say)",
+               accept=("run", "run-unfinished", "empty"))
     try:
         config = TrainConfig(cache=str(cache), loss=loss, labels=labels, pooling=pooling, layers=parse_layers(layers),
                              pooled_stats=pooled_stats, sampler=None if sampler == "none" else sampler, lr=lr,
@@ -91,7 +96,7 @@ def train_head_cmd(cache, out, loss, labels, pooling, layers, pooled_stats, samp
                              seed=seed, p_threshold=p_threshold, s_threshold=s_threshold, hidden=hidden,
                              dropout=dropout, train_split=train_split, dev_split=dev_split, num_workers=num_workers,
                              device=device, preload=preload, preload_budget_gb=preload_budget_gb, threads=threads)
-        m = train_head(config, out, overwrite=overwrite, progress=not quiet)
+        m = train_head(config, out, overwrite=overwrite, progress=not quiet, wait_for_lock=lock_wait(wait_for_lock))
     except ConiliumError as e:
         fail(e)
     click.echo(f"{m['split']} macro-F1 {m['f1_macro']:.4f}, micro-F1 {m['f1_micro']:.4f} at epoch "
@@ -123,11 +128,11 @@ def _parse_set(values):
               help="Folder of the grid: one run directory per run, results.csv, results.md.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a training option for every run, e.g. --set epochs=10 --set device=cpu (repeatable).")
-@click.option("--n-jobs", type=int, default=1, show_default=True, help="Runs trained at the same time.")
+@click.option("--n-jobs", type=POSITIVE_INT, default=1, show_default=True, help="Runs trained at the same time.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="loky", show_default=True,
               help="joblib backend: loky (local processes), threading, dask or ray (cluster; needs the package).")
 @click.option("--address", default=None, help="dask scheduler / ray cluster address (default: start a local one).")
-@click.option("--threads-per-job", type=int, default=None,
+@click.option("--threads-per-job", type=POSITIVE_INT, default=None,
               help="torch CPU threads of each run (default: CPU cores / --n-jobs).")
 @click.option("--dry-run", is_flag=True, help="List the runs and exit.")
 @quiet_option("No progress bar.")
@@ -144,9 +149,12 @@ def train_grid_cmd(spec, preset, cache, out, sets, n_jobs, backend, address, thr
     so an interrupted grid resumes. The command fails when any run failed; the table
     then names the error.
     """
+    from conilium.cache.store import check_cache_dir
     from conilium.heads.grid import expand_spec, load_spec, run_grid  # torch, h5py: only when run
 
     try:
+        if cache is not None:  # another kind of directory: one error now, not one per run of the grid
+            check_cache_dir(cache)
         runs = expand_spec(load_spec(spec, preset=preset), cache=cache, overrides=_parse_set(sets))
         if dry_run:
             for name, config, _ in runs:

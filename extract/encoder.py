@@ -1,13 +1,14 @@
 """The one forward pass of an upstream, used by extraction, fine-tuning and prediction.
 
 :class:`UpstreamEncoder` wraps a wav2vec 2.0-family model (WavLM, wav2vec 2.0, HuBERT)
+or a Whisper encoder (:mod:`.whisper`: log-mel front end, 30 s or clip-length input)
 and returns the hidden states of chosen layers for a batch of zero-padded waveforms.
 Extraction calls it under ``inference_mode`` (:class:`UpstreamRunner`), fine-tuning
 trains through it and prediction runs it on new audio, so cached features equal the
 features a fine-tuned model sees by construction.
 
-A clip's features must not depend on the other clips of its batch. Two parts of the
-upstream see padding:
+A clip's features must not depend on the other clips of its batch. Two parts of a
+wav2vec 2.0-family upstream see padding (Whisper: see :mod:`.whisper`):
 
 * the CNN feature encoder. With a layer-normalised encoder (``feat_extract_norm="layer"``:
   WavLM, wav2vec2-large-robust, HuBERT large) every output frame depends only on the
@@ -43,28 +44,115 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from conilium import SAMPLE_RATE
 from conilium.errors import ConfigError
 from conilium.runtime import autocast, valid_mask
 
+from .whisper import WhisperFamily, check_input, is_whisper
+from .whisper import freeze_front_end as whisper_freeze
+
 
 class UpstreamEncoder(nn.Module):
-    """Hidden states of a wav2vec 2.0-family upstream for zero-padded waveforms.
+    """Hidden states of an upstream (wav2vec 2.0 family or Whisper) for zero-padded waveforms.
 
     ``hidden_states(waves, lengths, layers)`` takes waveforms (B, N) with their lengths
     in samples and returns ``(states, frames)``: (B, T, len(layers), D) hidden states
     (indices as in the feature cache: 0 = input of the first transformer layer, the last
     = ``last_hidden_state``) and each clip's valid frame count (B,). Gradients flow
-    through everything but a frozen CNN encoder. With ``fused_attention`` WavLM's
-    attention runs through ``scaled_dot_product_attention`` (:func:`use_fused_attention`;
-    equal to transformers' own forward within float rounding).
+    through everything but a frozen convolutional front end. With ``fused_attention``
+    WavLM's attention runs through ``scaled_dot_product_attention``
+    (:func:`use_fused_attention`; equal to transformers' own forward within float
+    rounding). ``whisper_input`` ("30s" or "clip") is the input length of a Whisper
+    encoder (:mod:`.whisper`); other families ignore it.
+
+    What differs between families lives in a small strategy (:class:`Wav2Vec2Family`,
+    :class:`~conilium.extract.whisper.WhisperFamily`): frame arithmetic, the forward, what
+    :meth:`freeze_front_end` freezes. The wrapped transformers model is ``self.model`` for
+    every family (its weights are ``model.*`` in the state dict).
     """
 
-    def __init__(self, model: nn.Module, *, fused_attention: bool = True):
+    def __init__(self, model: nn.Module, *, fused_attention: bool = True, whisper_input: str = "30s"):
         super().__init__()
+        if is_whisper(model):
+            family = WhisperFamily(model, whisper_input=whisper_input)
+            self.fused_attention = 0  # transformers runs Whisper's attention with SDPA itself
+            self.whisper_input: Optional[str] = family.whisper_input
+        else:
+            check_input(whisper_input)
+            family = Wav2Vec2Family(model, fused_attention=fused_attention)
+            self.fused_attention = family.fused_attention
+            self.whisper_input = None
+        self.model = model
+        self.family = family
+        self.num_hidden_states = family.num_hidden_states
+        self.dim = family.dim
+
+    @property
+    def last(self) -> int:
+        """Index of the last hidden state."""
+        return self.num_hidden_states - 1
+
+    @property
+    def frame_rate(self) -> float:
+        """Output frames per second of audio (16 kHz)."""
+        return self.family.frame_rate
+
+    @property
+    def max_samples(self) -> Optional[int]:
+        """The longest input the upstream takes, in samples (None: no limit)."""
+        return self.family.max_samples
+
+    def check_layers(self, layers: Sequence[int]) -> Tuple[int, ...]:
+        out = tuple(int(i) for i in layers)
+        for i in out:
+            if not 0 <= i <= self.last:
+                raise ConfigError(f"hidden state {i} out of range: the upstream has hidden states 0..{self.last}")
+        return out
+
+    def close(self) -> None:
+        """Remove the hooks (the wrapped model is left as it was)."""
+        self.family.close()
+
+    def freeze_front_end(self) -> None:
+        """Freeze the convolutional front end (the CNN feature encoder; Whisper's two convolutions)."""
+        self.family.freeze_front_end()
+
+    # ---- lengths --------------------------------------------------------------------------
+    def frames_for(self, num_samples: int) -> int:
+        """Frames the upstream outputs for ``num_samples`` input samples (0 when too short)."""
+        return self.family.frames_for(num_samples)
+
+    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Valid output frames of clips of ``lengths`` samples."""
+        return self.family.frame_lengths(lengths)
+
+    def padded_frames(self, frames: torch.Tensor) -> int:
+        """Frames computed for each clip of a batch whose clips have ``frames`` valid frames."""
+        return self.family.padded_frames(frames)
+
+    # ---- forward --------------------------------------------------------------------------
+    def hidden_states(self, waves: torch.Tensor, lengths: torch.Tensor,
+                      layers: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, len(layers), D) hidden states ``layers`` (default: the last) and the valid
+        frame count of each clip."""
+        layers = (self.last,) if layers is None else self.check_layers(layers)
+        frames = self.frame_lengths(lengths)
+        if int(frames.min()) < 1:
+            raise ConfigError(f"a clip of {int(lengths.min())} samples is too short for the upstream "
+                              f"(no output frame)")
+        return self.family.hidden_states(waves, lengths, frames, layers), frames
+
+
+class Wav2Vec2Family:
+    """:class:`UpstreamEncoder`'s strategy for the wav2vec 2.0 family (WavLM, wav2vec 2.0, HuBERT)."""
+
+    max_samples = None
+
+    def __init__(self, model: nn.Module, *, fused_attention: bool = True):
         for part in ("feature_extractor", "feature_projection", "encoder"):
             if not hasattr(model, part):
                 raise ConfigError(f"upstream {type(model).__name__} is not a wav2vec 2.0-family model "
-                                  f"(no {part}); supported: WavLM, wav2vec 2.0, HuBERT")
+                                  f"(no {part}); supported: WavLM, wav2vec 2.0, HuBERT, Whisper")
         if getattr(model, "adapter", None) is not None:
             raise ConfigError("upstreams with an adapter (add_adapter=True) are not supported")
         self.model = model
@@ -73,23 +161,15 @@ class UpstreamEncoder(nn.Module):
         self.group_norm_encoder = getattr(config, "feat_extract_norm", "layer") == "group"
         self.num_hidden_states = config.num_hidden_layers + 1
         self.dim = config.hidden_size
+        stride = 1
+        for s in config.conv_stride:
+            stride *= s
+        self.frame_rate = SAMPLE_RATE / stride
         self._captured: Optional[Dict[int, torch.Tensor]] = None
         enc_layers = model.encoder.layers
         self._hooks = [enc_layers[0].register_forward_pre_hook(self._capture_input)]
         for i, layer in enumerate(enc_layers):
             self._hooks.append(layer.register_forward_hook(self._capture_output(i + 1)))
-
-    @property
-    def last(self) -> int:
-        """Index of the last hidden state."""
-        return self.num_hidden_states - 1
-
-    def check_layers(self, layers: Sequence[int]) -> Tuple[int, ...]:
-        out = tuple(int(i) for i in layers)
-        for i in out:
-            if not 0 <= i <= self.last:
-                raise ConfigError(f"hidden state {i} out of range: the upstream has hidden states 0..{self.last}")
-        return out
 
     # ---- hooks ----------------------------------------------------------------------------
     def _capture_input(self, module, args):
@@ -103,14 +183,15 @@ class UpstreamEncoder(nn.Module):
         return hook
 
     def close(self) -> None:
-        """Remove the hooks (the wrapped model is left as it was)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
 
+    def freeze_front_end(self) -> None:
+        self.model.freeze_feature_encoder()
+
     # ---- lengths --------------------------------------------------------------------------
     def frames_for(self, num_samples: int) -> int:
-        """Frames the upstream outputs for ``num_samples`` input samples (0 when too short)."""
         n = int(num_samples)
         for k, s in zip(self.model.config.conv_kernel, self.model.config.conv_stride):
             n = (n - k) // s + 1
@@ -119,8 +200,10 @@ class UpstreamEncoder(nn.Module):
         return n
 
     def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Valid output frames of clips of ``lengths`` samples."""
         return self.model._get_feat_extract_output_lengths(lengths).to(torch.long)
+
+    def padded_frames(self, frames: torch.Tensor) -> int:
+        return int(frames.max())
 
     # ---- forward --------------------------------------------------------------------------
     def _cnn(self, waves: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
@@ -139,17 +222,11 @@ class UpstreamEncoder(nn.Module):
                 feats = fe(waves[:, : int(lengths.max())])[:, :, :t_max]
         return feats.transpose(1, 2)
 
-    def hidden_states(self, waves: torch.Tensor, lengths: torch.Tensor,
-                      layers: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, len(layers), D) hidden states ``layers`` (default: the last) and the valid
-        frame count of each clip."""
-        layers = (self.last,) if layers is None else self.check_layers(layers)
-        frames = self.frame_lengths(lengths)
-        if int(frames.min()) < 1:
-            raise ConfigError(f"a clip of {int(lengths.min())} samples is too short for the upstream "
-                              f"(no output frame)")
+    def hidden_states(self, waves: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor,
+                      layers: Tuple[int, ...]) -> torch.Tensor:
         up = self.model
-        only_last = layers == (self.last,)
+        last = self.num_hidden_states - 1
+        only_last = layers == (last,)
         with warnings.catch_warnings():
             # WavLM passes a boolean padding mask beside its float position bias
             warnings.filterwarnings("ignore", message=".*mismatched key_padding_mask.*")
@@ -164,14 +241,22 @@ class UpstreamEncoder(nn.Module):
                 captured = self._captured
             finally:
                 self._captured = None
-        last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        last_state = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         if only_last:
-            return last.unsqueeze(2), frames
-        captured[self.last] = last
+            return last_state.unsqueeze(2)
+        captured[last] = last_state
         for i in range(1, self.num_hidden_states):  # a layer LayerDrop skipped passes its input on
             if i not in captured:
                 captured[i] = captured[i - 1]
-        return torch.stack([captured[i] for i in layers], dim=2), frames
+        return torch.stack([captured[i] for i in layers], dim=2)
+
+
+def freeze_front_end(upstream: nn.Module) -> None:
+    """Freeze an upstream's convolutional front end, whatever its family (before it is wrapped)."""
+    if is_whisper(upstream):
+        whisper_freeze(upstream)
+    else:
+        upstream.freeze_feature_encoder()
 
 
 # ----------------------------------------------------------------------------- fused attention
@@ -247,14 +332,15 @@ class UpstreamRunner:
     (frames, len(layers), dim) holding the hidden states ``layers`` (indices into all
     ``num_hidden_states``), and, with ``pooled_stats``, a float32 array (all hidden states,
     2, dim) of the per-layer mean and standard deviation over the clip's frames (else
-    None). ``forward_seconds`` accumulates the time spent in the model (synchronised on
+    None). ``whisper_input``: a Whisper encoder's input length (:mod:`.whisper`).
+    ``forward_seconds`` accumulates the time spent in the model (synchronised on
     CUDA); ``computed_frames`` / ``useful_frames`` count transformer frames including /
     excluding padding.
     """
 
     def __init__(self, model, *, device: torch.device, compute_dtype: str = "float32",
-                 layers: Optional[Sequence[int]] = None, pooled_stats: bool = False):
-        self.encoder = UpstreamEncoder(model.eval()).to(device)
+                 layers: Optional[Sequence[int]] = None, pooled_stats: bool = False, whisper_input: str = "30s"):
+        self.encoder = UpstreamEncoder(model.eval(), whisper_input=whisper_input).to(device)
         self.device = device
         self.compute_dtype = compute_dtype
         self.num_hidden_states = self.encoder.num_hidden_states
@@ -267,6 +353,11 @@ class UpstreamRunner:
 
     def frames_for(self, num_samples: int) -> int:
         return self.encoder.frames_for(num_samples)
+
+    @property
+    def frame_rate(self) -> float:
+        """Output frames per second of audio (the cache manifest's ``frame_rate``)."""
+        return self.encoder.frame_rate
 
     def close(self) -> None:
         self.encoder.close()
@@ -293,6 +384,6 @@ class UpstreamRunner:
         kept = states if len(self.layers) == states.shape[2] else states[:, :, self.layers]
         kept = kept.cpu().numpy()
         self.forward_seconds += time.perf_counter() - t0
-        self.computed_frames += len(waves) * t_max
+        self.computed_frames += len(waves) * self.encoder.padded_frames(frames)
         self.useful_frames += sum(counts)
         return [(kept[i, :n], None if pooled is None else pooled[i]) for i, n in enumerate(counts)]

@@ -32,7 +32,6 @@ from typing import Dict, List, Optional, Tuple, Union
 from tqdm import tqdm
 
 import conilium
-from conilium import SAMPLE_RATE
 from conilium.audio import global_stats, list_noise_files
 from conilium.cache.writer import CacheWriter, UPSTREAM_DIR, human_bytes, projected_bytes
 from conilium.corpus import Corpus, load_corpus
@@ -168,10 +167,8 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
     n_states = model.config.num_hidden_layers + 1
     layer_idx = parse_layers(config.layers, n_states)
     runner = UpstreamRunner(model, device=dev, compute_dtype=cdtype, layers=layer_idx,
-                            pooled_stats=config.pooled_stats)
-    stride = 1
-    for s in model.config.conv_stride:
-        stride *= s
+                            pooled_stats=config.pooled_stats,
+                            whisper_input=getattr(config, "whisper_input", "30s"))  # Whisper's input length
     settings = {
         "upstream": identity,
         "layers": layer_idx,
@@ -180,7 +177,7 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
         "dim": int(model.config.hidden_size),
         "dtype": config.dtype,
         "compute_dtype": cdtype,
-        "frame_rate": SAMPLE_RATE / stride,
+        "frame_rate": runner.frame_rate,
         "max_seconds": config.max_seconds,
         "normalize": config.normalize,
         "pooled_stats": config.pooled_stats,

@@ -1,5 +1,6 @@
 """The upstream registry: each registry name's Hugging Face model id, architecture family
-and configuration, as plain data.
+and configuration, as plain data (families: wavlm, wav2vec2, hubert, whisper; for Whisper
+the upstream is the model's encoder, see :mod:`.whisper`).
 
 This module imports neither torch nor transformers, so that ``extract-features --help``
 lists the names and :mod:`conilium.finetune.config` checks them without loading a
@@ -24,6 +25,20 @@ _LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, in
 _DEMO = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=192,
              conv_dim=(256, 256), conv_kernel=(40, 8), conv_stride=(20, 16),
              num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4)
+# Whisper: the encoder's shape (the upstream is the encoder alone; the decoder is never built).
+# Every released Whisper encoder takes 30 s of 80 (large-v3: 128) log-mel bins, 1500 positions.
+_WHISPER = {
+    "tiny": dict(d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536, num_mel_bins=80),
+    "base": dict(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048, num_mel_bins=80),
+    "small": dict(d_model=768, encoder_layers=12, encoder_attention_heads=12, encoder_ffn_dim=3072, num_mel_bins=80),
+    "medium": dict(d_model=1024, encoder_layers=24, encoder_attention_heads=16, encoder_ffn_dim=4096,
+                   num_mel_bins=80),
+    "large": dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=80),
+}
+_WHISPER["large-v3"] = dict(_WHISPER["large"], num_mel_bins=128)
+# The demo Whisper: the same encoder structure (two convolutions, sinusoidal positions over 30 s,
+# pre-LN transformer), tiny widths.
+_DEMO_WHISPER = dict(d_model=96, encoder_layers=3, encoder_attention_heads=4, encoder_ffn_dim=192, num_mel_bins=80)
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,16 @@ UPSTREAMS: Dict[str, UpstreamSpec] = {
                                   "wav2vec 2.0 Base (group-normalised CNN encoder)"),
     "hubert-large": UpstreamSpec("facebook/hubert-large-ls960-ft", "hubert", dict(_LARGE, conv_bias=True),
                                  "HuBERT Large, fine-tuned on LibriSpeech 960h"),
+    "whisper-large-v3": UpstreamSpec("openai/whisper-large-v3", "whisper", _WHISPER["large-v3"],
+                                     "Whisper large-v3 encoder (128 mel bins, 30 s input)"),
+    "whisper-large-v3-turbo": UpstreamSpec("openai/whisper-large-v3-turbo", "whisper", _WHISPER["large-v3"],
+                                           "Whisper large-v3-turbo encoder (large-v3's encoder shape)"),
+    "whisper-large-v2": UpstreamSpec("openai/whisper-large-v2", "whisper", _WHISPER["large"],
+                                     "Whisper large-v2 encoder"),
+    "whisper-medium": UpstreamSpec("openai/whisper-medium", "whisper", _WHISPER["medium"], "Whisper medium encoder"),
+    "whisper-small": UpstreamSpec("openai/whisper-small", "whisper", _WHISPER["small"], "Whisper small encoder"),
+    "whisper-base": UpstreamSpec("openai/whisper-base", "whisper", _WHISPER["base"], "Whisper base encoder"),
+    "whisper-tiny": UpstreamSpec("openai/whisper-tiny", "whisper", _WHISPER["tiny"], "Whisper tiny encoder"),
     "demo-wavlm": UpstreamSpec(None, "wavlm", dict(_DEMO, feat_extract_norm="layer", do_stable_layer_norm=True),
                                "small WavLM-style architecture for the demo and tests"),
     "demo-wav2vec2-base": UpstreamSpec(None, "wav2vec2", dict(_DEMO, feat_extract_norm="group"),
@@ -53,6 +78,8 @@ UPSTREAMS: Dict[str, UpstreamSpec] = {
                                         "small wav2vec2-large-robust-style architecture for the demo and tests"),
     "demo-hubert": UpstreamSpec(None, "hubert", dict(_DEMO, feat_extract_norm="layer", do_stable_layer_norm=True),
                                 "small HuBERT-style architecture for the demo and tests"),
+    "demo-whisper": UpstreamSpec(None, "whisper", _DEMO_WHISPER,
+                                 "small Whisper-encoder-style architecture for the demo and tests"),
 }
 
 #: Marker file of a model directory written by finetune-best; its upstream is in ``upstream/``.

@@ -45,11 +45,14 @@ class EndToEndModel(nn.Module):
     ``last_hidden_state``), so a head trained on a cache maps onto this model. The
     forward takes zero-padded waveforms (B, N) with their lengths in samples and returns
     logits (B, classes); a clip's logits do not depend on the rest of its batch.
+    ``whisper_input`` ("30s" or "clip"): a Whisper encoder's input length, as the cache the
+    head was trained on was made (:mod:`conilium.extract.whisper`); other families ignore it.
     """
 
-    def __init__(self, upstream: nn.Module, head: EmotionHead, layers: Optional[Sequence[int]] = None):
+    def __init__(self, upstream: nn.Module, head: EmotionHead, layers: Optional[Sequence[int]] = None, *,
+                 whisper_input: str = "30s"):
         super().__init__()
-        self.encoder = UpstreamEncoder(upstream)
+        self.encoder = UpstreamEncoder(upstream, whisper_input=whisper_input)
         self.head = head
         self.num_hidden_states = self.encoder.num_hidden_states
         last = self.encoder.last
@@ -161,6 +164,8 @@ def save_model_dir(out, model: EndToEndModel, info: Mapping) -> Path:
         "activation": activation(info["loss"]),
         "upstream_family": model.upstream.config.model_type,
     })
+    if model.encoder.whisper_input is not None:
+        meta["whisper_input"] = model.encoder.whisper_input
     write_json(out / MODEL_FILE, meta)
     return out
 
@@ -193,7 +198,8 @@ def load_model_dir(model_dir, *, device="cpu") -> Tuple[EndToEndModel, dict]:
     ckpt = torch.load(hpath, map_location="cpu", weights_only=True)
     head = EmotionHead(HeadConfig(**ckpt["head_config"]))
     head.load_state_dict(ckpt["state_dict"])
-    model = EndToEndModel(upstream, head, info["layers"]).to(device).eval()
+    model = EndToEndModel(upstream, head, info["layers"],
+                          whisper_input=info.get("whisper_input") or "30s").to(device).eval()
     return model, info
 
 

@@ -67,6 +67,7 @@ from conilium.audio import NoiseMixer, SignalPath, global_stats
 from conilium.corpus import Clip, Corpus, audio_dir, load_corpus
 from conilium import errors as _errors
 from conilium.errors import ConfigError, ConiliumError
+from conilium.extract.encoder import freeze_front_end
 from conilium.extract.upstreams import load_upstream
 from conilium.heads.losses import loss_fn, uses_weights
 from conilium.heads.samplers import balanced_weights
@@ -365,7 +366,7 @@ def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device,
     upstream, identity = load_upstream(config.upstream, random_init=config.random_init,
                                        seed=config.random_init_seed, random_root=random_root,
                                        revision=config.revision, config_overrides=upstream_overrides(config))
-    upstream.freeze_feature_encoder()
+    freeze_front_end(upstream)  # the CNN feature encoder (Whisper: its two convolutions)
     cfg = upstream.config
     spec_augment = getattr(cfg, "apply_spec_augment", True) and (
         getattr(cfg, "mask_time_prob", 0) > 0 or getattr(cfg, "mask_feature_prob", 0) > 0)

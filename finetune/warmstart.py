@@ -2,7 +2,8 @@
 
 :func:`build_model` puts the upstream and a head together and says which truncation and
 normalisation the start implies: a head trained on a cache keeps that cache's settings
-(its features were made with them), the challenge baseline brings its own statistics.
+(its features were made with them: truncation, normalisation, a Whisper encoder's input
+length), the challenge baseline brings its own statistics.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Start:
 def build_model(config: FinetuneConfig, upstream, identity: Mapping) -> Start:
     """The end-to-end model of ``config``'s starting point (``init_head``, ``baseline_ckpt`` or a new head)."""
     norm_mode, norm_stats, max_seconds = config.normalize, None, config.max_seconds
+    whisper_input = getattr(config, "whisper_input", None) or "30s"
     info = {"kind": "random-init upstream" if config.random_init else "pretrained upstream"}
     note = None
     if config.init_head:
@@ -50,6 +52,8 @@ def build_model(config: FinetuneConfig, upstream, identity: Mapping) -> Start:
             norm_stats = settings.get("normalize_stats") if norm_mode == "global" else None
         if settings.get("max_seconds"):
             max_seconds = float(settings["max_seconds"])
+        if settings.get("whisper_input"):  # the head saw features of this input length
+            whisper_input = settings["whisper_input"]
     elif config.baseline_ckpt:
         head, layers, base_info = load_baseline(config.baseline_ckpt, upstream)
         info = {"kind": "challenge baseline", **base_info}
@@ -58,7 +62,8 @@ def build_model(config: FinetuneConfig, upstream, identity: Mapping) -> Start:
     else:
         head = EmotionHead(default_head_config(upstream, config))
         layers = None
-    return Start(EndToEndModel(upstream, head, layers), norm_mode, norm_stats, max_seconds, info, note)
+    return Start(EndToEndModel(upstream, head, layers, whisper_input=whisper_input), norm_mode, norm_stats,
+                 max_seconds, info, note)
 
 
 def head_from_run(run_dir, upstream, identity: Mapping) -> Tuple[EmotionHead, List[int], dict]:
@@ -87,7 +92,8 @@ def head_from_run(run_dir, upstream, identity: Mapping) -> Tuple[EmotionHead, Li
         raise ConfigError(f"{where}: the head mixes hidden states {layers}, not the last one ({last}); "
                           f"fine-tuning needs the last layer among them")
     settings = {"normalize": manifest.get("normalize"), "normalize_stats": manifest.get("normalize_stats"),
-                "max_seconds": manifest.get("max_seconds"), "loss": ckpt.get("loss"), "labels": ckpt.get("labels")}
+                "max_seconds": manifest.get("max_seconds"), "loss": ckpt.get("loss"), "labels": ckpt.get("labels"),
+                "whisper_input": (manifest.get("config") or {}).get("whisper_input")}
     return head, layers, settings
 
 

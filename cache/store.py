@@ -84,7 +84,7 @@ SHARD_DIR = "shards"
 #: The manifest's checksum of its own content: every other field (see :func:`manifest_checksum`).
 MANIFEST_CHECKSUM = "manifest_sha256"
 #: What to do with a cache of an older format (format 1: one HDF5 dataset per clip).
-UPGRADE_HINT = ("convert it in place, frames unchanged, with conilium.cache.upgrade_cache(DIR) from Python, "
+UPGRADE_HINT = ("convert it in place, frames unchanged, with `conilium extract upgrade DIR`, "
                 "or rebuild it: rerun extract-features with the same options and --overwrite")
 
 #: Files that make a directory something other than a feature cache (see :func:`not_a_cache`).

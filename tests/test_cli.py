@@ -155,3 +155,20 @@ def test_every_numeric_option_is_bounded():
             if number and not isinstance(p.type, click.types._NumberRangeBase):
                 unbounded.append(f"conilium {' '.join(words)} {p.opts[0]}")
     assert unbounded == []
+
+
+def test_upgrade_command_converts_a_format_1_cache_path_is_named(tmp_path):
+    """`conilium extract upgrade` is wired to the library converter; a non-cache is a clear error."""
+    from click.testing import CliRunner
+
+    from conilium.cli import main
+
+    result = CliRunner().invoke(main, ["extract", "upgrade", str(tmp_path)])
+    assert result.exit_code == 1 and str(tmp_path) in result.output and "Traceback" not in result.output
+
+
+def test_train_head_takes_the_agreement_reading(tmp_path):
+    from conilium.cli.heads import train_head_cmd
+
+    names = {p.name for p in train_head_cmd.params}
+    assert "agreement_over" in names

@@ -145,6 +145,30 @@ def verify_cache_cmd(cache_dir, quick, quiet):
                    f"{report.bytes / 1e6:.1f} MB{', checksums verified' if not quick else ''})")
 
 
+@click.command(context_settings=CONTEXT)
+@click.argument("cache_dir", type=click.Path(path_type=str))
+@quiet_option("No progress bar.")
+@version_option
+def upgrade_cache_cmd(cache_dir, quiet):
+    """Convert a format-1 feature cache to format 2 in place (frames unchanged).
+
+    An interrupted conversion resumes when rerun; the result equals a fresh extraction
+    with the same settings, byte for byte.
+
+    \b
+    Example:
+      conilium extract upgrade cache/wavlm-large
+    """
+    from conilium.cache.upgrade import upgrade_cache  # h5py: only when run
+
+    try:
+        upgrade_cache(cache_dir, verbose=not quiet)
+    except ConiliumError as e:
+        fail(e)
+    if not quiet:
+        click.echo(f"{cache_dir}: format 2")
+
+
 @click.group("extract", cls=Group, context_settings=CONTEXT,
              short_help="Corpus -> feature cache (stage 1); check a cache.")
 @quiet_option(GROUP_QUIET)
@@ -155,11 +179,13 @@ def extract_group(quiet):
     \b
       features   corpus -> feature cache         (also installed as extract-features)
       verify     check a cache's shards          (also installed as verify-cache)
+      upgrade    convert a format-1 cache to format 2 in place
     """
 
 
 extract_group.add_command(extract_features_cmd, "features")
 extract_group.add_command(verify_cache_cmd, "verify")
+extract_group.add_command(upgrade_cache_cmd, "upgrade")
 
 
 if __name__ == "__main__":  # pragma: no cover

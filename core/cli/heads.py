@@ -53,6 +53,10 @@ _DEFAULTS = TrainConfig(cache="")
               help="--labels P*: keep training clips whose top primary share reaches this.")
 @click.option("--s-threshold", type=Number(0, 1, open_min=True), default=_DEFAULTS.s_threshold, show_default=True,
               help="--labels S*: keep training clips whose top perceived-label share reaches this.")
+@click.option("--agreement-over", type=click.Choice(["all", "targets"]), default=_DEFAULTS.agreement_over,
+              show_default=True,
+              help="--labels P*/S*: the agreement share over all annotators' labels, Other included (all: the "
+                   "paper's wording), or over target-class labels only (targets).")
 @click.option("--hidden", type=POSITIVE_INT, default=_DEFAULTS.hidden, show_default=True,
               help="Classifier hidden width.")
 @click.option("--dropout", type=DROPOUT, default=_DEFAULTS.dropout, show_default=True)
@@ -73,8 +77,8 @@ _DEFAULTS = TrainConfig(cache="")
 @quiet_option("No progress bars.")
 @version_option
 def train_head_cmd(cache, out, loss, labels, pooling, layers, pooled_stats, sampler, lr, weight_decay, batch_size,
-                   epochs, patience, seed, p_threshold, s_threshold, hidden, dropout, train_split, dev_split, device,
-                   num_workers, preload, preload_budget_gb, threads, overwrite, wait_for_lock, quiet):
+                   epochs, patience, seed, p_threshold, s_threshold, agreement_over, hidden, dropout, train_split,
+                   dev_split, device, num_workers, preload, preload_budget_gb, threads, overwrite, wait_for_lock, quiet):
     """Train a pooling head on a feature cache and write a run directory.
 
     \b
@@ -93,7 +97,8 @@ def train_head_cmd(cache, out, loss, labels, pooling, layers, pooled_stats, samp
         config = TrainConfig(cache=str(cache), loss=loss, labels=labels, pooling=pooling, layers=parse_layers(layers),
                              pooled_stats=pooled_stats, sampler=None if sampler == "none" else sampler, lr=lr,
                              weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
-                             seed=seed, p_threshold=p_threshold, s_threshold=s_threshold, hidden=hidden,
+                             seed=seed, p_threshold=p_threshold, s_threshold=s_threshold,
+                             agreement_over=agreement_over, hidden=hidden,
                              dropout=dropout, train_split=train_split, dev_split=dev_split, num_workers=num_workers,
                              device=device, preload=preload, preload_budget_gb=preload_budget_gb, threads=threads)
         m = train_head(config, out, overwrite=overwrite, progress=not quiet, wait_for_lock=lock_wait(wait_for_lock))

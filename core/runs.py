@@ -113,7 +113,13 @@ def load_run_config(run_dir) -> Dict:
     p = Path(run_dir) / CONFIG
     if not p.is_file():
         raise RunError(f"{run_dir}: not a run directory (no config.json)")
-    return read_json(p)
+    try:
+        config = read_json(p)
+    except ValueError as e:
+        raise RunError(f"{p}: damaged run configuration ({e}); rerun the command that wrote {run_dir}") from None
+    if not isinstance(config, dict):
+        raise RunError(f"{p}: damaged run configuration (not a JSON object)")
+    return config
 
 
 # --------------------------------------------------------------------------- writing a run

@@ -150,6 +150,13 @@ def stratified_folds(references: Sequence[Optional[str]], k: int = 5, seed: int 
     if len(idx) < k:
         raise ConfigError(f"cross-validation with k={k} folds needs at least {k} scoreable clips, "
                           f"found {len(idx)}")
+    largest = int(np.bincount(ref[idx]).max())
+    if largest < k:
+        raise ConfigError(f"cross-validation with k={k} stratified folds needs a class with at least {k} "
+                          f"scoreable clips; the largest has {largest}: use -k {max(largest, 2)} or fewer, "
+                          f"or -k 0 to skip the estimate" if largest >= 2 else
+                          f"cross-validation needs a class with at least 2 scoreable clips; every class has "
+                          f"one: use -k 0 to skip the estimate")
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # Rare classes with fewer members than folds are allowed: they land in fewer folds.

@@ -393,3 +393,16 @@ def test_cli_errors_are_one_line(demo_runs, tmp_path):
     res = runner.invoke(main, ["metrics", str(demo_runs[1]), "--out", str(tmp_path / "m")])
     assert res.exit_code == 0 and "macro-F1" in res.output
     assert json.loads((tmp_path / "m" / "Development" / "metrics.json").read_text())["split"] == "Development"
+
+
+def test_folds_beyond_the_largest_class_and_a_damaged_config_are_clear_errors(tmp_path):
+    """3 development clips of 3 classes cannot make 3 stratified folds: a ConfigError, not sklearn's
+    ValueError; a damaged config.json is a RunError naming it."""
+    from conilium.errors import ConfigError
+    from conilium.runs import load_run_config
+
+    with pytest.raises(ConfigError, match="largest has 1|every class has one"):
+        stratified_folds(["A", "S", "H"], k=3)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(RunError, match="damaged run configuration"):
+        load_run_config(tmp_path)

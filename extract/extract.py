@@ -49,7 +49,10 @@ from .upstreams import load_upstream
 __all__ = ["ExtractConfig", "ExtractStats", "NoiseAugmentation", "extract_features", "parse_layers"]
 
 #: Default bound on a batch's padded audio, in seconds: larger batches pay off on a GPU only.
-DEFAULT_BATCH_SECONDS = {"cpu": 60.0, "cuda": 300.0}
+#: On CPU one clip at a time (0): batching only adds padding there — 60-second batches measured
+#: ≈ 10 % slower than single clips (bench/bench_extract.py --compare-loop); on CUDA large
+#: padding-minimising batches keep the GPU busy.
+DEFAULT_BATCH_SECONDS = {"cpu": 0.0, "cuda": 300.0}
 
 
 def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optional[float] = None,
@@ -62,7 +65,8 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
     >>> extract_features(ExtractConfig("demo-wavlm", random_init=True, layers="all"), "demo", "cache/demo")
 
     The keyword arguments change how fast the cache is made, never its content:
-    ``batch_seconds`` bounds a batch's padded audio (default 60 on CPU, 300 on CUDA),
+    ``batch_seconds`` bounds a batch's padded audio (0: one clip at a time, the default on
+    CPU; 300 on CUDA),
     ``device`` is auto/cpu/cuda, ``workers`` decoding threads; ``skip_bad`` leaves
     unreadable clips out (listed in the manifest) instead of stopping. A cache already
     complete with the same settings is returned untouched; one built with other settings
@@ -76,8 +80,8 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
     if not isinstance(config, ExtractConfig):
         raise TypeError(f"extract_features() takes an ExtractConfig first, not {type(config).__name__}: "
                         f"extract_features(ExtractConfig(upstream, ...), corpus, out, <runtime options>)")
-    if batch_seconds is not None and not batch_seconds > 0:
-        raise ConfigError(f"--batch-seconds must be positive, got {batch_seconds}")
+    if batch_seconds is not None and not batch_seconds >= 0:
+        raise ConfigError(f"--batch-seconds must be 0 (one clip at a time) or positive, got {batch_seconds}")
     t_start = time.perf_counter()
     stats = stats if stats is not None else ExtractStats()
     out = Path(out)

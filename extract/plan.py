@@ -236,6 +236,7 @@ def plan_batches(jobs: Sequence[Job], batch_seconds: float, *, batch_cost: float
     Clips sorted by length are cut into consecutive batches by dynamic programming,
     minimising the padded samples computed plus a fixed cost per batch (``batch_cost``
     times the bound), so that padding stays small without making batches needlessly small.
+    ``batch_seconds`` 0 gives one clip per batch.
     """
     ordered = sorted(jobs, key=lambda j: (j.samples, j.name))
     n = len(ordered)

@@ -17,7 +17,7 @@ from conilium.cache.store import to_float16
 from conilium.corpus import load_corpus
 from conilium.demo import make_demo_corpus
 from conilium.errors import AudioError, CacheError, ConfigError
-from conilium.extract import ExtractConfig, NoiseAugmentation, extract_features, parse_layers
+from conilium.extract import ExtractConfig, ExtractStats, NoiseAugmentation, extract_features, parse_layers
 from conilium.cli.extract import extract_features_cmd
 from conilium.audio import list_noise_files, mix_noise
 from conilium.extract.plan import assign_shards, plan_batches, plan_jobs
@@ -410,3 +410,15 @@ def test_offline_without_weights_says_how_to_get_them(tiny_corpus, tmp_path):
     assert r.returncode == 1
     assert "Error: could not load upstream 'wavlm-large' (microsoft/wavlm-large)" in r.stderr
     assert "--random-init" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cpu_extraction_runs_one_clip_at_a_time_by_default(tiny_corpus, tmp_path):
+    """On CPU the default plan is one clip per batch (no padding computed); 0 asks for it anywhere."""
+    from conilium.extract.plan import plan_batches
+
+    st = ExtractStats()
+    extract_features(ExtractConfig("demo-wavlm", random_init=True), tiny_corpus, tmp_path / "c", device="cpu",
+                     verbose=False, stats=st)
+    assert st.batch_seconds == 0 and st.computed_frames == st.useful_frames
+    jobs = plan_jobs(load_corpus(tiny_corpus, read_durations=True), ExtractConfig("demo-wavlm"))
+    assert all(len(b) == 1 for b in plan_batches(jobs, 0.0))

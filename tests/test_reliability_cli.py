@@ -46,7 +46,7 @@ TUNE = ["eval", "tune-thresholds", "{d}/run", "{d}/tuned"]
 
 BAD = [  # (command, option, value): each refused while the command line is read
     (EXTRACT, "--threads", "-1"), (EXTRACT, "--threads", "0"), (EXTRACT, "--workers", "0"),
-    (EXTRACT, "--shard-size", "0"), (EXTRACT, "--batch-seconds", "0"), (EXTRACT, "--max-seconds", "-1"),
+    (EXTRACT, "--shard-size", "0"), (EXTRACT, "--batch-seconds", "-1"), (EXTRACT, "--max-seconds", "-1"),
     (EXTRACT, "--max-seconds", "nan"), (EXTRACT, "--seed", "-1"), (EXTRACT, "--copies", "0"),
     (EXTRACT, "--augment-fraction", "1.5"), (EXTRACT, "--wait-for-lock=nan", None),
     (HEAD, "--threads", "-1"), (HEAD, "--batch-size", "0"), (HEAD, "--epochs", "0"), (HEAD, "--lr", "0"),

@@ -45,9 +45,9 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
               help="Seed of --random-init weights and of noise augmentation.")
 @click.option("--revision", default=None, help="Model revision (branch, tag or commit) on the Hugging Face hub.")
 @click.option("--splits", default=None, help="Only these splits, comma-separated (e.g. Train,Development).")
-@click.option("--batch-seconds", type=POSITIVE, default=None,
-              help="Bound on a batch's padded audio (clips x longest clip), in seconds "
-                   "[default: 60 on CPU, 300 on CUDA].")
+@click.option("--batch-seconds", type=Number(0), default=None,
+              help="Bound on a batch's padded audio (clips x longest clip), in seconds; 0: one clip at a "
+                   "time [default: 0 on CPU, where batching only adds padding; 300 on CUDA].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when available (one GPU per rank under torchrun), else CPU.")
 @click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",

@@ -16,6 +16,8 @@ an upstream and an :class:`~conilium.heads.model.EmotionHead`, whose parameter n
 are the baseline's, so that the model computes the baseline's outputs before any
 training: last hidden state → attentive pooling over the clip's frames → classifier.
 
+The baseline truncates clips to 12 seconds; :class:`~conilium.finetune.config.FinetuneConfig`
+keeps that truncation when it starts from these files and no ``max_seconds`` is given.
 Two details differ from the baseline's code and do not change a single clip's output:
 the baseline pools ``floor((samples − 1) / 320) + 1`` frames, which for a clip alone is
 every frame the upstream outputs, while in a padded batch it can take one padded
@@ -38,6 +40,8 @@ import torch
 from conilium.errors import ConfigError
 
 from conilium.heads.model import EmotionHead, HeadConfig
+
+from .config import BASELINE_MAX_SECONDS
 
 SSL_FILE, POOL_FILE, SER_FILE = "final_ssl.pt", "final_pool.pt", "final_ser.pt"
 NORM_FILE = "train_norm_stat.pkl"
@@ -166,7 +170,9 @@ def load_baseline(folder, upstream: torch.nn.Module) -> Tuple[EmotionHead, Optio
     """Load the baseline's files into ``upstream`` (in place) and a new head.
 
     Returns ``(head, layers, info)``: layers None (the last hidden state), and info with
-    the files read and, when ``train_norm_stat.pkl`` is there, ``normalize_stats``.
+    the files read, ``baseline_max_seconds`` (the 12 s truncation the baseline was trained
+    and is scored with, which fine-tuning keeps unless ``--max-seconds`` is given) and, when
+    ``train_norm_stat.pkl`` is there, ``normalize_stats``.
     """
     files = baseline_files(folder)
     ssl = read_state_dict(files["ssl"])
@@ -180,7 +186,8 @@ def load_baseline(folder, upstream: torch.nn.Module) -> Tuple[EmotionHead, Optio
     head = EmotionHead(cfg)
     _load_strict(head.pooling, pool, files["pool"], "attentive statistics pooling")
     _load_strict(head.classifier, ser, files["ser"], "classifier")
-    info = {"path": str(Path(folder).resolve()), "files": {k: v.name for k, v in files.items()}}
+    info = {"path": str(Path(folder).resolve()), "files": {k: v.name for k, v in files.items()},
+            "baseline_max_seconds": BASELINE_MAX_SECONDS}
     stats = read_norm_stats(folder)
     if stats is not None:
         info["normalize_stats"] = stats

@@ -33,6 +33,13 @@ class FinetuneConfig:
     divides float audio stored at integer scale back to [-1, 1] instead of refusing it
     (:func:`conilium.audio.read_audio`); the model directory keeps it for prediction. The
     fields in :data:`RUNTIME_FIELDS` change speed or bookkeeping, not results.
+
+    ``max_seconds`` None (not given) becomes :data:`DEFAULT_MAX_SECONDS` (8 s, the
+    paper's), or :data:`BASELINE_MAX_SECONDS` (12 s) with ``baseline_ckpt``: the challenge
+    baseline was trained and is scored on 12-second clips, so starting from it keeps its
+    truncation unless a value is given. The resolved number is what ``config.json``
+    records. (:func:`dataclasses.replace` keeps a resolved value: give ``max_seconds=None``
+    with a new ``baseline_ckpt`` to resolve it again.)
     """
 
     corpus: str
@@ -51,7 +58,7 @@ class FinetuneConfig:
     epochs: int = 40
     patience: Optional[int] = None
     seed: int = 0
-    max_seconds: float = 8.0
+    max_seconds: Optional[float] = None  # None: 8 s, or 12 s with baseline_ckpt (see above)
     normalize: str = "global"
     rescale_loud: bool = False
     pooling: str = "attentive"
@@ -82,6 +89,10 @@ class FinetuneConfig:
     keep_checkpoints: bool = False
     threads: Optional[int] = None
 
+    def __post_init__(self):
+        if self.max_seconds is None:
+            object.__setattr__(self, "max_seconds", default_max_seconds(self.baseline_ckpt))
+
     @classmethod
     def from_dict(cls, d: Mapping) -> "FinetuneConfig":
         reject_unknown_fields(cls, d, "fine-tuning")
@@ -92,6 +103,17 @@ class FinetuneConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+#: Truncation of a fine-tuning run (the paper's 8-second clips) and of one that starts from the challenge
+#: baseline's checkpoint (the baseline's 12 seconds, msplabresearch/MSP-Podcast_Challenge).
+DEFAULT_MAX_SECONDS = 8.0
+BASELINE_MAX_SECONDS = 12.0
+
+
+def default_max_seconds(baseline_ckpt: Optional[str] = None) -> float:
+    """The truncation when ``--max-seconds`` is not given: the baseline's 12 s when starting from it, else 8 s."""
+    return BASELINE_MAX_SECONDS if baseline_ckpt else DEFAULT_MAX_SECONDS
 
 
 #: Fields that may differ between a run and its ``--resume`` (speed and bookkeeping only,

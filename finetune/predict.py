@@ -1,17 +1,27 @@
-"""predict: emotion probabilities of audio files, from a finetune-best model directory.
+"""predict: emotion probabilities of audio files, from a finetune-best model directory or
+from a train-head run.
 
 >>> from conilium.finetune.predict import Predictor
 >>> results = Predictor("models/wavlm-wbce-S").predict(["a.wav", "b.flac"])
 >>> results[0].prediction, results[0].probabilities
+>>> Predictor(run="runs/wbce-S").predict(["a.wav"])        # a head trained on a feature cache
 
 Any file soundfile reads is accepted: other sample rates are resampled to 16 kHz,
 several channels are averaged, and the audio is truncated and normalised as in
-training (the model directory says how), through the same signal path, upstream
-forward and prediction loop as training's scoring. The predicted emotion is
-``argmax(probabilities + offsets)`` with the decision offsets tuned on the development
-set after training (all zero when tuning was off). A file that cannot be read, or is
-too short for the upstream, gets an error instead of a prediction; the others are
-still predicted.
+training (the model directory, or the cache the run's head was trained on, says how),
+through the same signal path, upstream forward and prediction loop as training's
+scoring. The predicted emotion is ``argmax(probabilities + offsets)`` with the decision
+offsets tuned on the development set (a model directory's; a run's when it is the
+output of ``conilium-eval tune-thresholds``; all zero otherwise). A file that cannot be
+read, or is too short for the upstream, gets an error instead of a prediction; the
+others are still predicted.
+
+Both kinds of source come down to one :class:`Loaded`: a module callable on
+``(waves, lengths)`` that returns logits, the signal path, classes, decision offsets and
+loss. For a run that module is :class:`RunModel`: the upstream its cache names, run as
+extraction ran it (:class:`~conilium.extract.encoder.UpstreamRunner`: the run's
+hidden-state layers, or every layer's mean and standard deviation over frames for a
+``--pooled-stats`` head, in the cache's compute dtype), then the run's head.
 """
 
 from __future__ import annotations
@@ -19,30 +29,37 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, TextIO
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 import soundfile as sf
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
+from conilium import CLASSES
 from conilium.audio import SignalPath
 from conilium.errors import AudioError, ConfigError, ConiliumError
 from conilium.heads.predict import predict_batches
-from conilium.runtime import resolve_device
-from conilium.util import atomic_path
+from conilium.runs import load_run_config
+from conilium.runtime import COMPUTE_DTYPES, resolve_device
+from conilium.runtime import compute_dtype as pick_compute_dtype
+from conilium.util import atomic_path, read_json
 
 from .config import precision_dtype
 from .data import AudioClips, collate_waves
-from .model import EndToEndModel, load_model_dir, offsets_array
+from .model import MODEL_FILE, load_model_dir, offsets_array
 
 OUTPUT_FORMATS = ("csv", "json")
+#: Decision offsets of a run written by ``conilium-eval tune-thresholds`` (:mod:`conilium.evaluate.thresholds`,
+#: which sits above this stage: the file is read, the module is not imported).
+THRESHOLDS_FILE = "thresholds.json"
 
 
-def min_samples(model: EndToEndModel) -> int:
-    """The fewest samples for which the upstream outputs a frame."""
+def min_samples(model: nn.Module) -> int:
+    """The fewest samples for which the upstream (``model.encoder``) outputs a frame."""
     n = 1
     while model.encoder.frames_for(n) < 1:
         n *= 2
@@ -53,7 +70,7 @@ def min_samples(model: EndToEndModel) -> int:
     return hi
 
 
-def predict_clips(model: EndToEndModel, dataset: AudioClips, indices: Sequence[int], loss: str, *,
+def predict_clips(model: nn.Module, dataset: AudioClips, indices: Sequence[int], loss: str, *,
                   device: torch.device, batch_size: int, precision: str = "auto", num_workers: int = 0,
                   progress: bool = False, desc: str = "predicting",
                   on_error: Optional[Callable[[int, AudioError], None]] = None) -> Dict[int, np.ndarray]:
@@ -92,31 +109,283 @@ class FilePrediction:
         return self.error is None
 
 
-class Predictor:
-    """A loaded model directory that predicts files in length-sorted batches.
+# ----------------------------------------------------------------------------- what is predicted with
 
-    ``max_seconds`` None truncates as in training; 0 reads whole files. ``rescale_loud``
-    None reads audio as in training (float audio at integer scale refused, or rescaled
-    when the model was trained with ``rescale_loud``); True or False decides here.
+@dataclass
+class Loaded:
+    """What :class:`Predictor` predicts with, whatever it was loaded from.
+
+    ``model`` maps zero-padded waveforms (B, N) and their lengths in samples to logits
+    (B, classes), in eval mode on the device; ``signal`` reads files as in training;
+    ``offsets`` are added to the probabilities before the argmax; ``precision`` is the
+    prediction loop's (:func:`~conilium.finetune.config.precision_dtype`); ``info``
+    describes the source (a model directory's ``conilium_model.json``, or the run, its
+    head run, its upstream and where its offsets come from).
     """
 
-    def __init__(self, model_dir, *, device: str = "auto", batch_size: int = 8,
+    model: nn.Module
+    signal: SignalPath
+    classes: Tuple[str, ...]
+    offsets: np.ndarray
+    loss: str
+    precision: str = "auto"
+    info: dict = field(default_factory=dict)
+
+
+def load_model_source(model_dir, *, device: torch.device, precision: str = "auto") -> Loaded:
+    """A finetune-best model directory: its end-to-end model, truncation, normalisation and offsets."""
+    model, info = load_model_dir(model_dir, device=device)
+    norm = info["normalize"]
+    ms = info["max_seconds"]
+    signal = SignalPath(max_seconds=float(ms) if ms else None, normalize=norm["mode"], stats=norm.get("stats"),
+                        # models written before the option read audio as False does
+                        rescale_loud=bool(info.get("rescale_loud", False)))
+    return Loaded(model, signal, tuple(info["classes"]), offsets_array(info), info["loss"], precision, info)
+
+
+class RunModel(nn.Module):
+    """A train-head run's head on the upstream of the cache it was trained on.
+
+    The upstream runs as extraction ran it for the cache: through
+    :class:`~conilium.extract.encoder.UpstreamRunner` (the one upstream forward,
+    :class:`~conilium.extract.encoder.UpstreamEncoder`, in ``compute_dtype``), giving the
+    hidden states ``upstream_layers`` (``kind="frames"``) or, for a ``--pooled-stats``
+    head (``kind="pooled"``), every hidden state's mean and standard deviation over the
+    clip's frames, of which the head reads ``positions`` (None: all), as it read them
+    from the cache. The head then runs in float32. Only the rounding of the frames the
+    cache stores (float16 by default) differs from what the head saw in training.
+    """
+
+    def __init__(self, upstream: nn.Module, head: nn.Module, *, kind: str, upstream_layers: Sequence[int],
+                 positions: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
+                 compute_dtype: str = "float32", whisper_input: str = "30s"):
+        super().__init__()
+        from conilium.extract.encoder import UpstreamRunner
+
+        if kind not in ("frames", "pooled"):
+            raise ConfigError(f"unknown head input {kind!r}; expected frames or pooled")
+        self.pooled = kind == "pooled"
+        self.upstream_layers = [int(i) for i in upstream_layers]
+        self.positions = None if positions is None else [int(i) for i in positions]
+        # a pooled-statistics head reads no frames: one layer's are kept, and dropped
+        device = torch.device("cpu") if device is None else device
+        self.runner = UpstreamRunner(upstream, device=device, compute_dtype=compute_dtype,
+                                     layers=[0] if self.pooled else self.upstream_layers, pooled_stats=self.pooled,
+                                     whisper_input=whisper_input)
+        self.encoder = self.runner.encoder  # a submodule: moved, switched to eval, asked for frame counts
+        self.encoder.check_layers(self.upstream_layers)
+        self.head = head.to(device)
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        device = waves.device
+        counts = [int(n) for n in lengths.tolist()]
+        out = self.runner([waves[i, :n].detach().float().cpu().numpy() for i, n in enumerate(counts)])
+        if self.pooled:
+            p = np.stack([pooled for _, pooled in out])  # (B, all hidden states, 2, D), as the cache holds them
+            if self.positions is not None:
+                p = p[:, self.positions]
+            x = torch.from_numpy(np.ascontiguousarray(p.reshape(p.shape[0], p.shape[1], -1), dtype=np.float32))
+            return self.head(x.to(device))
+        frames = [f for f, _ in out]  # (T_i, len(upstream_layers), D) each
+        n = torch.tensor([len(f) for f in frames], dtype=torch.long)
+        x = torch.zeros((len(frames), int(n.max()), *frames[0].shape[1:]), dtype=torch.float32)
+        for i, f in enumerate(frames):
+            x[i, : len(f)] = torch.from_numpy(f)
+        return self.head(x.to(device), n.to(device))
+
+
+def find_head_run(run_dir) -> Tuple[Path, Optional[Path]]:
+    """The train-head run holding the head of ``run_dir`` (itself, or the run a
+    ``conilium-eval tune-thresholds`` output was tuned from, followed through
+    ``source_run``), and the ``thresholds.json`` whose offsets apply (``run_dir``'s, or None)."""
+    from conilium.heads.train import CHECKPOINT as HEAD_CHECKPOINT
+
+    run_dir = Path(run_dir)
+    where = f"--run {run_dir}"
+    if not run_dir.is_dir():
+        raise ConfigError(f"{where}: directory not found")
+    if (run_dir / MODEL_FILE).is_file():
+        raise ConfigError(f"{where}: a finetune-best model directory; predict with --model {run_dir}")
+    thresholds = run_dir / THRESHOLDS_FILE if (run_dir / THRESHOLDS_FILE).is_file() else None
+    here, seen = run_dir, []
+    while not (here / HEAD_CHECKPOINT).is_file():
+        seen.append(here.resolve())
+        config = load_run_config(here)  # no or a damaged config.json: a RunError naming it
+        kind, source = config.get("kind"), config.get("source_run")
+        if kind == "thresholds" and source:
+            nxt = Path(source)
+            if not nxt.is_dir():
+                raise ConfigError(f"{where}: tuned from run {source}, which is not there any more (the head is "
+                                  f"in that run's {HEAD_CHECKPOINT})")
+            if nxt.resolve() in seen:
+                raise ConfigError(f"{where}: its source runs form a loop ({' -> '.join(map(str, seen))})")
+            here = nxt
+            continue
+        what = {"ensemble": "an ensemble of runs, with no single head to apply (predict with its member runs)",
+                "finetune": "a finetune-best run (predict with --model on its model directory)"}.get(
+                    kind, f"not a finished train-head run (no {HEAD_CHECKPOINT})")
+        raise ConfigError(f"{where}: {here} is {what}" if here != run_dir else f"{where}: {what}")
+    return here, thresholds
+
+
+def read_offsets(path, classes: Sequence[str]) -> np.ndarray:
+    """The decision offsets of a ``thresholds.json``, in the order of ``classes``."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read the decision offsets ({e})") from None
+    offsets = data.get("offsets") if isinstance(data, dict) else None
+    if not isinstance(offsets, dict):
+        raise ConfigError(f"{path}: no 'offsets' (class -> offset); rerun conilium-eval tune-thresholds")
+    missing = [c for c in classes if c not in offsets]
+    if missing:
+        raise ConfigError(f"{path}: no decision offset for class(es) {', '.join(missing)}")
+    try:
+        return np.array([float(offsets[c]) for c in classes], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: decision offsets must be numbers") from None
+
+
+def _run_cache(head_run: Path, ckpt: Mapping) -> Optional[str]:
+    cache = (ckpt.get("train_config") or {}).get("cache")
+    if not cache:
+        try:
+            cache = load_run_config(head_run).get("cache")
+        except ConiliumError:
+            cache = None
+    return str(cache) if cache else None
+
+
+def load_run_upstream(head_run: Path, ckpt: Mapping, where: str) -> Tuple[nn.Module, dict]:
+    """The upstream the run's cache was extracted with (its manifest's identity): from the hub at
+    the recorded revision, the local directory, or the random weights kept in the cache's
+    ``upstream/`` folder. Its weights hash must equal the recorded one, when one was recorded."""
+    from conilium.cache.writer import UPSTREAM_DIR
+    from conilium.extract.upstreams import load_upstream, random_init_dir
+    from conilium.heads.train import CHECKPOINT as HEAD_CHECKPOINT
+
+    manifest = ckpt.get("cache_manifest") or {}
+    ident = dict(manifest.get("upstream") or {})
+    source = ident.get("source")
+    if source == "hub":
+        name = ident.get("model_id") or ident.get("name")
+        model, got = load_upstream(str(name), revision=ident.get("revision"))
+        place = f"{name}" + (f" at revision {ident['revision']}" if ident.get("revision") else "")
+    elif source == "local":
+        path = ident.get("path")
+        if not path or not Path(path).is_dir():
+            raise ConfigError(f"{where}: the cache was extracted with the local upstream {path}, which is not "
+                              f"there any more")
+        model, got = load_upstream(str(path))
+        place = str(path)
+    elif source == "random-init":
+        cache = _run_cache(head_run, ckpt)
+        rel = ident.get("path") or (f"{UPSTREAM_DIR}/"
+                                    f"{random_init_dir(str(ident.get('name')), int(ident.get('seed', 0)), '.').name}")
+        folder = Path(cache or ".") / rel
+        if not cache or not (folder / "config.json").is_file():
+            raise ConfigError(f"{where}: the head was trained on features of a randomly initialised "
+                              f"{ident.get('name')} (seed {ident.get('seed')}), whose weights are kept in the "
+                              f"cache's {UPSTREAM_DIR}/ folder; {folder} is not there (the run names cache "
+                              f"{cache}: predict from where train-head ran, with the cache in place)")
+        model, got = load_upstream(str(folder))
+        place = str(folder)
+    else:
+        raise ConfigError(f"{where}: the cache manifest in {head_run / HEAD_CHECKPOINT} names no upstream "
+                          f"({ident or 'nothing'}); cannot tell which upstream to run")
+    want, have = ident.get("weights_sha256"), got.get("weights_sha256")
+    if want and have and want != have:
+        raise ConfigError(f"{where}: the upstream weights at {place} (sha256 {have[:12]}…) are not those the "
+                          f"cache was extracted with ({want[:12]}…); the head was trained on features of other "
+                          f"weights (was the cache's upstream replaced?)")
+    return model, dict(ident, loaded_from=place)
+
+
+def load_run(run_dir, *, device: torch.device, precision: str = "auto") -> Loaded:
+    """A train-head run (or its ``tune-thresholds`` output): its head on the upstream, signal
+    path and layers of the cache it was trained on, and its decision offsets when tuned.
+
+    ``precision`` "auto" runs the upstream in the cache's compute dtype (float32 on CPU);
+    "float32" or "bfloat16" choose it. The head always runs in float32, as train-head scored it.
+    """
+    from conilium.heads.train import CHECKPOINT as HEAD_CHECKPOINT
+    from conilium.heads.train import load_head
+
+    run_dir = Path(run_dir)
+    where = f"--run {run_dir}"
+    head_run, thresholds = find_head_run(run_dir)
+    head, ckpt = load_head(head_run)
+    manifest = ckpt.get("cache_manifest") or {}
+    inp = ckpt.get("input") or {}
+    layers = [int(i) for i in inp.get("upstream_layers") or []]
+    if inp.get("kind") not in ("frames", "pooled") or not layers:
+        raise ConfigError(f"{where}: {head_run / HEAD_CHECKPOINT} does not say which upstream layers the head "
+                          f"read; train the head again with this version of train-head")
+    upstream, ident = load_run_upstream(head_run, ckpt, where)
+    if head.config.dim != upstream.config.hidden_size:
+        raise ConfigError(f"{where}: head width {head.config.dim} differs from the hidden size "
+                          f"{upstream.config.hidden_size} of upstream {ident.get('loaded_from')}")
+    cache_cfg = manifest.get("config") or {}
+    stored = manifest.get("compute_dtype") or "float32"
+    if precision == "auto":
+        compute = pick_compute_dtype(stored if stored in COMPUTE_DTYPES else "auto", device, strict=False)
+    else:
+        compute = precision_dtype(precision, device)
+    model = RunModel(upstream, head, kind=inp["kind"], upstream_layers=layers, positions=inp.get("positions"),
+                     device=device, compute_dtype=compute,
+                     whisper_input=cache_cfg.get("whisper_input") or "30s").to(device).eval()
+    n_states = manifest.get("num_hidden_states")
+    if n_states is not None and int(n_states) != model.encoder.num_hidden_states:
+        raise ConfigError(f"{where}: the cache's upstream has {n_states} hidden states, "
+                          f"{ident.get('loaded_from')} has {model.encoder.num_hidden_states}")
+    classes = tuple(ckpt.get("classes") or CLASSES)
+    offsets = read_offsets(thresholds, classes) if thresholds else np.zeros(len(classes))
+    mode = manifest.get("normalize") or "none"
+    ms = manifest.get("max_seconds")
+    signal = SignalPath(max_seconds=float(ms) if ms else None, normalize=mode,
+                        stats=manifest.get("normalize_stats") if mode == "global" else None,
+                        rescale_loud=bool(cache_cfg.get("rescale_loud", False)))
+    info = {"run": str(run_dir), "head_run": str(head_run), "offsets_from": None if thresholds is None
+            else str(thresholds), "upstream": ident, "input": inp, "compute_dtype": compute,
+            "loss": ckpt.get("loss"), "labels": ckpt.get("labels")}
+    # the head as train-head scored it: float32, whatever the upstream computed in
+    return Loaded(model, signal, classes, offsets, ckpt["loss"], "float32", info)
+
+
+# ----------------------------------------------------------------------------- the predictor
+
+class Predictor:
+    """A finetune-best model directory (``model_dir``) or a train-head run (``run``) that
+    predicts files in length-sorted batches, one code path for both (:class:`Loaded`).
+
+    ``max_seconds`` None truncates as in training (the model's, or the run's cache's); 0
+    reads whole files. ``rescale_loud`` None reads audio as in training (float audio at
+    integer scale refused, or rescaled when the model or cache was made with
+    ``rescale_loud``); True or False decides here.
+    """
+
+    def __init__(self, model_dir=None, *, run=None, device: str = "auto", batch_size: int = 8,
                  max_seconds: Optional[float] = None, precision: str = "auto", num_workers: int = 0,
                  rescale_loud: Optional[bool] = None):
+        if (model_dir is None) == (run is None):
+            raise ConfigError("predict from a finetune-best model directory or from a train-head run: give one "
+                              "of the two")
         self.device = resolve_device(device)
-        self.model, self.info = load_model_dir(model_dir, device=self.device)
-        self.classes = tuple(self.info["classes"])
-        self.offsets = offsets_array(self.info)
-        self.loss = self.info["loss"]
+        loaded = (load_model_source(model_dir, device=self.device, precision=precision) if run is None
+                  else load_run(run, device=self.device, precision=precision))
+        self.loaded = loaded
+        self.model = loaded.model
+        self.info = loaded.info
+        self.classes = loaded.classes
+        self.offsets = loaded.offsets
+        self.loss = loaded.loss
         self.batch_size = max(1, int(batch_size))
-        ms = self.info["max_seconds"] if max_seconds is None else max_seconds
-        norm = self.info["normalize"]
-        if rescale_loud is None:  # models written before the option read audio as False does
-            rescale_loud = bool(self.info.get("rescale_loud", False))
-        self.signal = SignalPath(max_seconds=float(ms) if ms else None, normalize=norm["mode"],
-                                 stats=norm.get("stats"), rescale_loud=rescale_loud)
+        base = loaded.signal
+        ms = base.max_seconds if max_seconds is None else max_seconds
+        self.signal = SignalPath(max_seconds=float(ms) if ms else None, normalize=base.normalize, stats=base.stats,
+                                 rescale_loud=base.rescale_loud if rescale_loud is None else bool(rescale_loud))
         self.max_seconds = self.signal.max_seconds
-        self.precision = precision
+        self.precision = loaded.precision
         self.num_workers = num_workers
         self._min_samples = min_samples(self.model)
 

@@ -142,3 +142,53 @@ def test_checkpoint_files_that_do_not_fit_are_clear_errors(baseline, tmp_path):
         load_baseline(empty, other)
     with pytest.raises(ConfigError, match="directory not found"):
         load_baseline(tmp_path / "missing", other)
+
+
+def test_the_baseline_keeps_its_12_second_truncation_unless_told_otherwise():
+    base = dict(corpus="c", out="o")
+    assert FinetuneConfig(**base).max_seconds == 8.0
+    assert FinetuneConfig(**base, baseline_ckpt="ckpt").max_seconds == 12.0
+    assert FinetuneConfig(**base, baseline_ckpt="ckpt", max_seconds=8.0).max_seconds == 8.0  # given: it wins
+    assert FinetuneConfig(**base, init_head="run").max_seconds == 8.0
+    saved = FinetuneConfig(**base, baseline_ckpt="ckpt").to_json()
+    assert saved["max_seconds"] == 12.0 and FinetuneConfig.from_dict(saved).max_seconds == 12.0
+
+
+def test_finetune_best_from_the_baseline_scores_12_second_clips(baseline, small_demo_corpus, tmp_path):
+    """finetune-best --baseline-ckpt without --max-seconds reads 12 s of each clip, as the baseline,
+    says so in config.json, and its predictions on a clip longer than 8 s are the baseline's on
+    12 s of it; an explicit --max-seconds wins."""
+    import json
+
+    from click.testing import CliRunner
+
+    from conilium.cli.finetune import finetune_best_cmd
+    from conilium.corpus import load_corpus
+
+    folder = baseline[0]
+    args = ["--corpus", str(small_demo_corpus), "--upstream", "demo-wavlm", "--random-init", "--baseline-ckpt",
+            str(folder), "--lr", "1e-12", "--weight-decay", "0", "--epochs", "1", "--batch-size", "8",
+            "--max-train-clips", "8", "--num-workers", "0", "--no-thresholds", "--device", "cpu"]
+    r = CliRunner().invoke(finetune_best_cmd, [*args, "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    assert "truncated at 12 s, as the challenge baseline" in r.stderr
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["max_seconds"] == config["max_seconds_used"] == 12.0
+    assert config["start_from"]["kind"] == "challenge baseline"
+    assert config["start_from"]["baseline_max_seconds"] == 12.0
+    dev = read_predictions(prediction_path(tmp_path / "m", "Development"))
+    durations = {c.name: c.duration for c in load_corpus(small_demo_corpus)}
+    k = max(range(len(dev.names)), key=lambda i: durations[dev.names[i]])
+    assert durations[dev.names[k]] > 9.0  # well over 8 s: 12 s and 8 s of it differ
+    stats = read_norm_stats(folder)
+    x = read_audio(Path(small_demo_corpus) / "Audios" / dev.names[k], max_seconds=12.0)
+    expected = torch.sigmoid(reference_logits(baseline, normalize(x, "global", stats))).numpy()
+    np.testing.assert_allclose(dev.probs[k], expected, atol=5e-6)
+    x8 = read_audio(Path(small_demo_corpus) / "Audios" / dev.names[k], max_seconds=8.0)
+    at8 = torch.sigmoid(reference_logits(baseline, normalize(x8, "global", stats))).numpy()
+    assert np.abs(at8 - expected).max() > 1e-4
+    # an explicit --max-seconds wins
+    r = CliRunner().invoke(finetune_best_cmd, [*args, "--out", str(tmp_path / "m8"), "--max-seconds", "8", "-q"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "m8" / "config.json").read_text())
+    assert config["max_seconds"] == config["max_seconds_used"] == 8.0

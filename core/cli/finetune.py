@@ -19,7 +19,7 @@ import click
 from conilium import CLASSES
 from conilium.audio import NORMALIZE_MODES
 from conilium.errors import ConiliumError
-from conilium.finetune.config import PRECISIONS, FinetuneConfig
+from conilium.finetune.config import BASELINE_MAX_SECONDS, DEFAULT_MAX_SECONDS, PRECISIONS, FinetuneConfig
 from conilium.heads.config import LOSS_PROPERTIES
 
 from .common import (CONTEXT, DROPOUT, FRACTION, GROUP_QUIET, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
@@ -69,8 +69,9 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
 @click.option("--patience", type=POSITIVE_INT, default=None,
               help="Stop after this many epochs without improvement.")
 @click.option("--seed", type=SEED, default=_D.seed, show_default=True)
-@click.option("--max-seconds", type=POSITIVE, default=_D.max_seconds, show_default=True,
-              help="Truncate every clip to this many seconds.")
+@click.option("--max-seconds", type=POSITIVE, default=None,
+              help=f"Truncate every clip to this many seconds  [default: {DEFAULT_MAX_SECONDS:g}; "
+                   f"{BASELINE_MAX_SECONDS:g} with --baseline-ckpt, the challenge baseline's]")
 @click.option("--normalize", type=click.Choice(NORMALIZE_MODES), default=_D.normalize, show_default=True,
               help="Waveform normalisation: global (mean/std over the Train audio, kept in the model), "
                    "utterance, none.")
@@ -125,7 +126,8 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
     \b
     Defaults are the paper's: WavLM-large with its CNN encoder frozen, attentive statistics
     pooling, WBCE on S targets, AdamW 1e-5, batch 16, at most 40 epochs, best epoch by
-    development macro-F1, 8-second clips; then decision offsets tuned on the development set.
+    development macro-F1, 8-second clips (12 with --baseline-ckpt, as the challenge baseline);
+    then decision offsets tuned on the development set.
 
     \b
     Examples:
@@ -163,6 +165,9 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
             max_train_clips=max_train_clips, tune_thresholds=not no_thresholds, skip_bad=skip_bad,
             precision=precision, gradient_checkpointing=gradient_checkpointing, device=device,
             num_workers=num_workers, keep_checkpoints=keep_checkpoints, threads=threads)
+        if baseline_ckpt is not None and max_seconds is None and not quiet:
+            click.echo(f"--baseline-ckpt: clips truncated at {config.max_seconds:g} s, as the challenge baseline "
+                       f"was trained (--max-seconds to change it)", err=True)
         metrics = finetune(config, resume=resume, overwrite=overwrite, progress=not quiet,
                            wait_for_lock=lock_wait(wait_for_lock))
         if metrics and config.tune_thresholds:
@@ -204,8 +209,12 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Model directory written by finetune-best.")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Run directory written by train-head (or its conilium-eval tune-thresholds output, whose "
+                   "decision offsets then apply): its head on the upstream, layers, truncation and normalisation "
+                   "of the cache it was trained on. Instead of --model.")
 @click.argument("audio", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--list", "list_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Text file with one audio path per line (blank lines and # comments skipped).")
@@ -213,35 +222,49 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
               help="Write FILE.csv or FILE.json (format from the suffix); default: CSV on standard output.")
 @click.option("--batch-size", type=POSITIVE_INT, default=8, show_default=True)
 @click.option("--max-seconds", type=NON_NEGATIVE, default=None,
-              help="Truncate files to this many seconds (default: as in training; 0: whole files).")
+              help="Truncate files to this many seconds (default: as in training, the model's or the run's "
+                   "cache's; 0: whole files).")
 @click.option("--rescale-loud/--no-rescale-loud", default=None,
               help="Divide float audio stored at integer scale back to [-1, 1] instead of refusing such a file "
-                   "(default: as the model was trained, finetune-best --rescale-loud).")
+                   "(default: as the model or the run's cache was made, --rescale-loud).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @quiet_option("No progress bar.")
 @version_option
-def predict_cmd(model_dir, audio, list_file, out, batch_size, max_seconds, rescale_loud, device, quiet):
-    """Predict the emotion of audio files with a finetune-best model.
+def predict_cmd(model_dir, run_dir, audio, list_file, out, batch_size, max_seconds, rescale_loud, device, quiet):
+    """Predict the emotion of audio files with a finetune-best model or a train-head run.
 
     \b
+    --model MODEL_DIR: the fine-tuned model. --run RUN: a head trained on a feature cache,
+    applied to the upstream the cache was extracted with (a random-init upstream is read
+    from the cache's upstream/ folder, so the cache must be where train-head found it).
     Any file soundfile reads works (WAV, FLAC, OGG, ...; any sample rate; stereo is averaged).
     Output columns: FileName, one probability per class (A S H U F D C N), Prediction
-    (argmax after the decision offsets tuned on the development set), Error.
+    (argmax after the decision offsets tuned on the development set: the model's, or the
+    run's when RUN is a conilium-eval tune-thresholds output; none otherwise), Error.
     A file that cannot be read is reported by name on standard error and in the output
     (Error column), and the others are still predicted.
 
     \b
     Exit status: 0 when at least one file was predicted, 1 when every file failed,
-    2 for usage errors (no file given, bad --out suffix).
+    2 for usage errors (no file given, bad --out suffix, both or neither of --model and --run).
 
     \b
-    Example:
+    Examples:
       predict --model models/wavlm-wbce-S a.wav b.flac --out predictions.csv
+      predict --run runs/wbce-S-tuned a.wav b.flac --out predictions.csv
     """
+    if (model_dir is None) == (run_dir is None):
+        raise click.UsageError("give --model MODEL_DIR (finetune-best) or --run RUN (train-head), one of the two")
     from conilium.finetune.predict import Predictor, output_format, read_list, results_csv, write_results  # torch
 
-    refuse_dir(model_dir, "a finetune-best model directory", "pass a directory finetune-best wrote (train one with "
-               "finetune-best --corpus CORPUS --out MODEL_DIR)", accept=("model",))
+    if run_dir is None:
+        refuse_dir(model_dir, "a finetune-best model directory", "pass a directory finetune-best wrote (train one "
+                   "with finetune-best --corpus CORPUS --out MODEL_DIR), or a train-head run to --run",
+                   accept=("model",))
+    else:
+        refuse_dir(run_dir, "a train-head run directory", "pass a directory train-head (or conilium-eval "
+                   "tune-thresholds) wrote to --run; a finetune-best model directory goes to --model",
+                   accept=("run",))
     _quiet_library_warnings(quiet)
     files = [str(a) for a in audio]
     try:
@@ -251,7 +274,7 @@ def predict_cmd(model_dir, audio, list_file, out, batch_size, max_seconds, resca
             raise click.UsageError("no audio file given: pass files as arguments or --list FILE")
         if out is not None:
             output_format(out)
-        predictor = Predictor(model_dir, device=device, batch_size=batch_size, max_seconds=max_seconds,
+        predictor = Predictor(model_dir, run=run_dir, device=device, batch_size=batch_size, max_seconds=max_seconds,
                               rescale_loud=rescale_loud)
         results = predictor.predict(files, progress=not quiet)
         if out is not None:
@@ -284,7 +307,7 @@ def finetune_group(quiet):
 
     \b
       train     corpus -> model directory, thresholds tuned   (also installed as finetune-best)
-      predict   model directory + audio files -> predictions   (also installed as predict)
+      predict   model directory or head run + audio files -> predictions   (also installed as predict)
     """
 
 

@@ -185,7 +185,7 @@ def test_a_format_1_cache_is_refused_with_the_way_out_then_upgraded_in_place(syn
     old = tmp_path / "old"
     _to_format1(syn.path, old)
     for call in (FeatureCache, load_manifest, verify_cache):
-        with pytest.raises(CacheError, match=r"cache format 1, this conilium reads format 2; .*upgrade_cache.*"
+        with pytest.raises(CacheError, match=r"cache format 1, this conilium reads format 2; .*conilium extract upgrade.*"
                                              r"rerun extract-features with the same options and --overwrite"):
             call(old)
     manifest = upgrade_cache(old)

@@ -44,7 +44,7 @@ from conilium.util import check_writable, output_errors
 from .encoder import UpstreamRunner
 from .pipeline import ExtractStats, JobLoader, run_shards
 from .plan import ExtractConfig, Job, NoiseAugmentation, assign_shards, noise_fingerprint, parse_layers, plan_jobs
-from .upstreams import load_upstream
+from .upstreams import check_upstream, load_upstream
 
 __all__ = ["ExtractConfig", "ExtractStats", "NoiseAugmentation", "extract_features", "parse_layers"]
 
@@ -96,6 +96,9 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
         check_writable(out, what="feature cache")
 
     try:
+        # an upstream that cannot be loaded here fails in seconds, before anything is written
+        _on_rank0(dist, lambda: check_upstream(config.upstream, random_init=config.random_init,
+                                               revision=config.revision))
         _on_rank0(dist, claim_out)
         with CacheWriter(out) as cache:
             _extract(config, corpus, cache, dist, dev, t_start, stats, batch_seconds=batch_seconds, workers=workers,

@@ -18,6 +18,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+from urllib.parse import urlparse
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -128,6 +130,63 @@ def weights_hash(model_dir) -> str:
     return h.hexdigest()
 
 
+def download_command(model_id: str) -> str:
+    """The command of the installed huggingface_hub that fetches ``model_id`` into the local cache."""
+    import huggingface_hub
+
+    major, minor = (int(x) for x in huggingface_hub.__version__.split(".")[:2])
+    return f"hf download {model_id}" if (major, minor) >= (0, 34) else f"huggingface-cli download {model_id}"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub's endpoint opens within ``timeout`` seconds."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_access(name: str, model_id: str, revision: Optional[str] = None) -> Dict:
+    """How to load a hub model: ``{}`` (the hub is reachable), ``{"local_files_only": True}``
+    (offline, but in the local cache), or a :class:`ConfigError` in seconds saying how to get
+    the weights (offline and not cached) — instead of transformers' retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(model_id, "config.json", revision=revision), str)
+    if constants.HF_HUB_OFFLINE or not hub_reachable():
+        if cached:
+            return {"local_files_only": True}
+        raise ConfigError(
+            f"upstream {name!r} ({model_id}): the Hugging Face hub is not reachable from here and the weights are "
+            f"not in the local cache ({constants.HF_HUB_CACHE}). On a machine with network run "
+            f"`{download_command(model_id)}`" + (f" --revision {revision}" if revision else "") + " and copy "
+            f"that cache here (or set HF_HOME to it), or pass a local model directory to --upstream; for "
+            f"timing or tests without weights add --random-init.")
+    return {}
+
+
+def check_upstream(name: str, *, random_init: bool = False, revision: Optional[str] = None) -> None:
+    """Fail in seconds, before anything is written, when ``name`` cannot be loaded here."""
+    if random_init:
+        if name not in UPSTREAMS:
+            raise ConfigError(f"--random-init needs a registered upstream name ({', '.join(UPSTREAMS)}), "
+                              f"not {name!r}")
+        return
+    p = Path(name)
+    if p.is_dir():
+        resolve_upstream(name)
+        return
+    spec = UPSTREAMS.get(name)
+    if spec is not None and spec.model_id is None:
+        raise ConfigError(f"{name} is a demo architecture with no released weights: use --random-init")
+    hub_access(name, spec.model_id if spec else name, revision)
+
+
 def load_upstream(name: str, *, random_init: bool = False, seed: int = 0, random_root=None,
                   revision: Optional[str] = None, config_overrides: Optional[Dict] = None):
     """Load an upstream through ``from_pretrained``; returns ``(model, identity)``.
@@ -141,19 +200,18 @@ def load_upstream(name: str, *, random_init: bool = False, seed: int = 0, random
     says how to get them.
     """
     source, identity = resolve_upstream(name, random_init=random_init, seed=seed, random_root=random_root)
+    access = hub_access(name, source, revision) if identity["source"] == "hub" else {}
     try:
-        if whisper.is_whisper(AutoConfig.from_pretrained(source, revision=revision)):
+        if whisper.is_whisper(AutoConfig.from_pretrained(source, revision=revision, **access)):
             model = whisper.load_encoder(source, revision=revision, overrides=config_overrides)
         else:
-            model = AutoModel.from_pretrained(source, revision=revision, **(config_overrides or {}))
+            model = AutoModel.from_pretrained(source, revision=revision, **access, **(config_overrides or {}))
     except OSError as e:
         raise ConfigError(
             f"could not load upstream {name!r} ({source}): {e}\n"
             f"The weights are neither reachable nor in the local Hugging Face cache. On a machine with "
-            f"network run `huggingface-cli download {source}` (or `python -c \"from transformers import "
-            f"AutoModel; AutoModel.from_pretrained('{source}')\"`) and copy ~/.cache/huggingface here, "
-            f"or pass a local model directory to --upstream. For timing or tests without weights, "
-            f"add --random-init.") from None
+            f"network run `{download_command(source)}` and copy the Hugging Face cache here, or pass a "
+            f"local model directory to --upstream. For timing or tests without weights, add --random-init.") from None
     if identity["source"] == "hub":
         identity["revision"] = revision or getattr(model.config, "_commit_hash", None)
     identity["family"] = model.config.model_type

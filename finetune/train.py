@@ -68,7 +68,7 @@ from conilium.corpus import Clip, Corpus, audio_dir, load_corpus
 from conilium import errors as _errors
 from conilium.errors import ConfigError, ConiliumError
 from conilium.extract.encoder import freeze_front_end
-from conilium.extract.upstreams import load_upstream
+from conilium.extract.upstreams import check_upstream, load_upstream
 from conilium.heads.losses import loss_fn, uses_weights
 from conilium.heads.samplers import balanced_weights
 from conilium.locking import DirectoryLock, lock_directory
@@ -191,6 +191,8 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
         if config.threads:
             torch.set_num_threads(int(config.threads))
         prep = prepare(config)
+        # an upstream that cannot be loaded here fails in seconds, before anything is written
+        check_upstream(config.upstream, random_init=config.random_init, revision=config.revision)
         ckpt, lock = _claim_out_dir(Path(config.out), config, d, resume=resume, overwrite=overwrite,
                                     wait_for_lock=wait_for_lock, progress=progress)
         progress = progress and d.main

@@ -203,7 +203,7 @@ def load_upstream(name: str, *, random_init: bool = False, seed: int = 0, random
     access = hub_access(name, source, revision) if identity["source"] == "hub" else {}
     try:
         if whisper.is_whisper(AutoConfig.from_pretrained(source, revision=revision, **access)):
-            model = whisper.load_encoder(source, revision=revision, overrides=config_overrides)
+            model = whisper.load_encoder(source, revision=revision, overrides=config_overrides, **access)
         else:
             model = AutoModel.from_pretrained(source, revision=revision, **access, **(config_overrides or {}))
     except OSError as e:

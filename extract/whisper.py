@@ -22,7 +22,7 @@ Input length (``whisper_input``):
   own zero padding at the clip's end) and padded keys masked in attention, so a clip's
   features equal those of the clip alone whatever its batch. Much faster for short clips;
   the features differ from the 30 s input's (the model never saw inputs cut short): see
-  bench/bench_extract.py ``--whisper-inputs`` for both figures.
+  ``bench/bench_extract.py --forward`` for both figures.
 
 Hidden-state indices are those of the other families: 0 = the input of the first
 transformer layer (convolutions + positional embedding), ``i`` = the output of layer ``i``,
@@ -93,15 +93,16 @@ def encoder_from_config(config):
     return WhisperEncoder(config)
 
 
-def load_encoder(source: str, *, revision: Optional[str] = None, overrides: Optional[Dict] = None):
+def load_encoder(source: str, *, revision: Optional[str] = None, overrides: Optional[Dict] = None, **access):
     """The encoder of the Whisper model at ``source`` (a hub id or a directory), through
     ``from_pretrained``; the checkpoint may hold the whole model or the encoder alone (as a
     finetune-best model directory does). ``overrides`` use fine-tuning's (wav2vec 2.0) key
-    names (:data:`OVERRIDE_KEYS`) or Whisper's own."""
+    names (:data:`OVERRIDE_KEYS`) or Whisper's own; ``access`` goes to both
+    ``from_pretrained`` calls (e.g. ``local_files_only=True`` offline)."""
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    config = WhisperConfig.from_pretrained(source, revision=revision)
+    config = WhisperConfig.from_pretrained(source, revision=revision, **access)
     for key, value in (overrides or {}).items():
         key = OVERRIDE_KEYS.get(key, key)
         if key is None:
@@ -109,7 +110,8 @@ def load_encoder(source: str, *, revision: Optional[str] = None, overrides: Opti
         if not hasattr(config, key):
             raise ConfigError(f"upstream {source}: Whisper has no configuration value {key!r}")
         setattr(config, key, value)
-    return WhisperEncoder.from_pretrained(source, config=config, revision=revision, key_mapping=_ENCODER_KEYS)
+    return WhisperEncoder.from_pretrained(source, config=config, revision=revision, key_mapping=_ENCODER_KEYS,
+                                          **access)
 
 
 def feature_extractor(config):

@@ -84,5 +84,9 @@ UPSTREAMS: Dict[str, UpstreamSpec] = {
                                  "small Whisper-encoder-style architecture for the demo and tests"),
 }
 
+#: A Whisper encoder's input length (``whisper_input``): its own 30 s input, or the input cut to
+#: the clip (:mod:`.whisper`); here, without torch, for configuration checks and ``--help``.
+WHISPER_INPUTS = ("30s", "clip")
+
 #: Marker file of a model directory written by finetune-best; its upstream is in ``upstream/``.
 FINETUNED_MARKER = "conilium_model.json"

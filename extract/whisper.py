@@ -44,14 +44,14 @@ from conilium import SAMPLE_RATE
 from conilium.errors import ConfigError
 from conilium.runtime import valid_mask
 
+from .registry import WHISPER_INPUTS  # noqa: F401 (re-exported)
+
 #: Samples per mel frame (the feature extractor's hop) and per encoder frame (conv stride 2).
 MEL_HOP = 160
 SAMPLES_PER_FRAME = 2 * MEL_HOP
 #: Whisper's input window: 30 s.
 CHUNK_SECONDS = 30
 MAX_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE
-#: ``whisper_input`` choices: the model's own 30 s input, or the input cut to the clip.
-WHISPER_INPUTS = ("30s", "clip")
 #: Fine-tuning's configuration keys (the wav2vec 2.0 family's names) → Whisper's; None: no counterpart.
 OVERRIDE_KEYS = {"hidden_dropout": "dropout", "attention_dropout": "attention_dropout",
                  "activation_dropout": "activation_dropout", "feat_proj_dropout": None, "final_dropout": None,

@@ -165,8 +165,8 @@ def hub_access(name: str, model_id: str, revision: Optional[str] = None) -> Dict
             f"upstream {name!r} ({model_id}): the Hugging Face hub is not reachable from here and the weights are "
             f"not in the local cache ({constants.HF_HUB_CACHE}). On a machine with network run "
             f"`{download_command(model_id)}`" + (f" --revision {revision}" if revision else "") + " and copy "
-            f"that cache here (or set HF_HOME to it), or pass a local model directory to --upstream; for "
-            f"timing or tests without weights add --random-init.")
+            "that cache here (or set HF_HOME to it), or pass a local model directory to --upstream; for "
+            "timing or tests without weights add --random-init.")
     return {}
 
 

@@ -408,8 +408,10 @@ def test_offline_without_weights_says_how_to_get_them(tiny_corpus, tmp_path):
                         "--upstream", "wavlm-large", "--out", str(tmp_path / "c"), "--device", "cpu"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
-    assert "Error: could not load upstream 'wavlm-large' (microsoft/wavlm-large)" in r.stderr
+    assert "Error: upstream 'wavlm-large' (microsoft/wavlm-large)" in r.stderr
+    assert "download microsoft/wavlm-large" in r.stderr
     assert "--random-init" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "c").exists()  # nothing written when nothing started
 
 
 def test_cpu_extraction_runs_one_clip_at_a_time_by_default(tiny_corpus, tmp_path):

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -257,3 +257,22 @@ def seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
+
+
+def lazy_exports(package: str, exports: Mapping[str, str], namespace: dict):
+    """PEP 562 ``__getattr__`` and ``__dir__`` for a package whose names (``exports``: name →
+    module, relative to ``package``) load their module on first use, so that importing one
+    light module of the package does not import the heavy ones."""
+    import importlib
+
+    def __getattr__(name):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name], package), name)
+        namespace[name] = value
+        return value
+
+    def __dir__():
+        return sorted(set(namespace) | set(exports))
+
+    return __getattr__, __dir__

@@ -5,7 +5,7 @@ the package (:mod:`.registry`, which ``extract-features --help`` reads) loads ne
 torch, transformers nor h5py.
 """
 
-import importlib
+from conilium.util import lazy_exports
 
 #: The package's names → the module that defines them.
 _EXPORTS = {
@@ -19,14 +19,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name):
-    # PEP 562: a name above loads its module on first use
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

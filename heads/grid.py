@@ -22,7 +22,18 @@ the source tree, not installed as package data): ``table2.json`` (losses × targ
 ``sampler.json`` (the class-balanced sampler runs of section 3.4) and ``table3.json``
 (the high-agreement subsets P*, S*); ``--preset NAME`` loads them.
 
-Runs are spread over processes with joblib: the ``loky`` backend on this machine, or
+Runs that read the same batches (same cache, input, training clips and clip order:
+:func:`conilium.heads.train.pass_key`) are trained in **one data pass**: each batch is read
+and collated once and fed to every head of the group, and the Development scoring and the
+final predictions read each batch once for all of them; every run still gets exactly the
+files its own ``train-head`` writes. On the paper's presets (every run on one cache, seed
+and batch size): ``table2`` is one pass of 5 heads (hard, P and S keep the same clips, no
+sampler); ``sampler`` two, the 2 runs without the sampler and the 4 with it (its draws
+depend on the clips' consensus classes only, the same for P and S); ``table3`` four, as
+P* and S* keep different clips and the sampler changes the order. ``grid.json`` lists the
+passes.
+
+The passes are spread over processes with joblib: the ``loky`` backend on this machine, or
 ``dask`` / ``ray`` on a cluster when those packages are installed (they are not
 dependencies of conilium).
 """
@@ -46,7 +57,7 @@ from conilium.util import atomic_path, read_json, read_json_object, write_json
 from conilium.runs import CONFIG, METRICS, is_complete
 
 from .config import BACKENDS, SPEC_DIR, presets
-from .train import TrainConfig, check_config, same_run, train_head
+from .train import TrainConfig, check_config, plan_passes, same_run, train_heads
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _SPEC_KEYS = {"description", "common", "runs", "product"}
@@ -145,21 +156,30 @@ def _row(name: str, config: TrainConfig, paper: Mapping, status: str, metrics: O
     }
 
 
-def _train_one(name: str, config: TrainConfig, paper: Mapping, run_dir: str, threads: Optional[int]) -> dict:
-    """One grid job (runs in a worker process): train, or report the failure; never raises."""
+def _train_pass(group: Sequence[Tuple[str, TrainConfig, Mapping, str]], threads: Optional[int]) -> List[dict]:
+    """One grid job (runs in a worker process): the runs of one data pass, trained together, or
+    their failures reported; never raises. ``seconds`` is the pass's, shared by its runs."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
     try:
-        metrics = train_head(config, run_dir, overwrite=True, progress=False)
-        return _row(name, config, paper, "trained", metrics, time.time() - t0)
-    except ConiliumError as e:
-        return _row(name, config, paper, "failed", seconds=time.time() - t0, error=str(e))
-    except Exception as e:  # report it in the table and the log, keep the other runs going
-        return _row(name, config, paper, "failed", seconds=time.time() - t0,
-                    error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        results = train_heads([(config, run_dir) for _, config, _, run_dir in group], overwrite=True,
+                              progress=False)
+    except Exception as e:  # noqa: BLE001 - report it in the table and the log, keep the other passes going
+        results = [e] * len(group)
+    seconds = time.time() - t0
+    rows = []
+    for (name, config, paper, _), r in zip(group, results):
+        if isinstance(r, dict):
+            rows.append(_row(name, config, paper, "trained", r, seconds))
+        elif isinstance(r, ConiliumError):
+            rows.append(_row(name, config, paper, "failed", seconds=seconds, error=str(r)))
+        else:
+            trace = "".join(traceback.format_exception(type(r), r, r.__traceback__))
+            rows.append(_row(name, config, paper, "failed", seconds=seconds, error=f"{type(r).__name__}: {r}\n{trace}"))
+    return rows
 
 
 def _parallel(backend: str, n_jobs: int, address: Optional[str]):
@@ -194,6 +214,9 @@ def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: 
              address: Optional[str] = None, threads_per_job: Optional[int] = None, progress: bool = True) -> List[dict]:
     """Train every run not already complete into ``out_dir/<name>``; write and return the results table.
 
+    The runs to train are grouped into data passes (:func:`~conilium.heads.train.plan_passes`),
+    each pass one job; ``n_jobs`` passes are trained at the same time.
+
     A complete run directory with another configuration is an error (nothing is
     trained): choose another ``out_dir`` or remove it. Failed runs are listed in the
     table with their error; the others still run.
@@ -218,23 +241,29 @@ def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: 
     if conflicts:
         raise ConfigError(f"{out_dir}: run(s) {', '.join(conflicts)} already hold a complete run with another "
                           f"configuration; use another --out or remove those directories")
+    # runs reading the same batches share one data pass; the passes are the parallel jobs
+    passes = [[todo[i] for i in group] for group in plan_passes([c for _, c, _, _ in todo])] if todo else []
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "grid.json", {"runs": [{"name": n, "config": c.to_json(), "paper": p} for n, c, p in runs]})
-    if todo:
-        jobs = min(n_jobs, len(todo))
+    write_json(out_dir / "grid.json", {"runs": [{"name": n, "config": c.to_json(), "paper": p} for n, c, p in runs],
+                                       "passes": [[name for name, _, _, _ in group] for group in passes]})
+    if passes:
+        jobs = min(n_jobs, len(passes))
         if threads_per_job is None:
             threads_per_job = max(1, (os.cpu_count() or 1) // jobs)
         context, client = _parallel(backend, jobs, address)
         try:
             with context:
                 gen = Parallel(return_as="generator_unordered")(
-                    delayed(_train_one)(n, c, p, d, threads_per_job) for n, c, p, d in todo)
-                for row in tqdm(gen, total=len(todo), desc="grid runs", unit="run", disable=not progress):
-                    rows[row["name"]] = row
-                    if progress:
-                        tqdm.write(f"{row['name']}: {row['status']}"
-                                   + (f", dev macro-F1 {row['f1_macro']:.3f}" if row["f1_macro"] != "" else "")
-                                   + (f" — {row['error'].splitlines()[0]}" if row["error"] else ""))
+                    delayed(_train_pass)(group, threads_per_job) for group in passes)
+                with tqdm(total=len(todo), desc="grid runs", unit="run", disable=not progress) as bar:
+                    for group_rows in gen:
+                        for row in group_rows:
+                            rows[row["name"]] = row
+                            bar.update()
+                            if progress:
+                                tqdm.write(f"{row['name']}: {row['status']}"
+                                           + (f", dev macro-F1 {row['f1_macro']:.3f}" if row["f1_macro"] != "" else "")
+                                           + (f" — {row['error'].splitlines()[0]}" if row["error"] else ""))
         finally:
             if client is not None:
                 client.close()

@@ -4,11 +4,14 @@ Heads on cached features (:mod:`conilium.heads.train`), end-to-end models on aud
 (:mod:`conilium.finetune`) and ``predict`` on new files all score clips the same way:
 the model in eval mode, no gradients, the forward under the device's autocast, and the
 scores as the loss sees them (sigmoid for the BCE family, softmax otherwise).
+:func:`predict_many` scores several models on the same batches, each batch moved to the
+device once (train-grid's heads sharing a data pass); :func:`predict_batches` is it with
+one model.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,8 +21,42 @@ from conilium.runtime import autocast
 
 from .losses import probabilities
 
-#: A batch: the model's positional inputs (CPU tensors or None) and the clips' indices.
+#: A batch: the model's positional inputs (CPU or device tensors, or None) and the clips' indices.
 Batch = Tuple[Sequence[Optional[torch.Tensor]], Sequence[int]]
+
+
+def predict_many(models: Sequence[Tuple[torch.nn.Module, str]], batches: Iterable[Batch], *,
+                 device: torch.device, dtype: str = "float32", progress: bool = False, desc: str = "predicting",
+                 total: Optional[int] = None,
+                 on_batch: Optional[Callable[[int, Dict[int, np.ndarray]], None]] = None) -> List[Dict[int, np.ndarray]]:
+    """For each ``(model, loss)``, the class scores (float64, one row per clip) keyed by clip index.
+
+    Every batch is moved to the device once and given to every model in turn; a model's
+    scores are those :func:`predict_batches` gives it alone. ``on_batch(k, scores)``
+    receives model ``k``'s scores of each batch as they come.
+    """
+    was = [m.training for m, _ in models]
+    for m, _ in models:
+        m.eval()
+    out: List[Dict[int, np.ndarray]] = [{} for _ in models]
+    try:
+        with torch.no_grad():
+            for inputs, idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False,
+                                    total=total):
+                args = [None if t is None else t.to(device, non_blocking=True) for t in inputs]
+                keys = [int(i) for i in idx]
+                for k, (model, loss) in enumerate(models):
+                    with autocast(device, dtype):
+                        logits = model(*args)
+                    p = probabilities(logits.float(), loss).cpu().numpy().astype(np.float64)
+                    got = dict(zip(keys, p))
+                    out[k].update(got)
+                    if on_batch is not None:
+                        on_batch(k, got)
+    finally:
+        for (m, _), w in zip(models, was):
+            m.train(w)
+    return out
 
 
 def predict_batches(model: torch.nn.Module, batches: Iterable[Batch], loss: str, *, device: torch.device,
@@ -30,24 +67,9 @@ def predict_batches(model: torch.nn.Module, batches: Iterable[Batch], loss: str,
 
     ``on_batch`` receives each batch's scores as they come (e.g. to write them out).
     """
-    was = model.training
-    model.eval()
-    out: Dict[int, np.ndarray] = {}
-    try:
-        with torch.no_grad():
-            for inputs, idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False,
-                                    total=total):
-                args = [None if t is None else t.to(device, non_blocking=True) for t in inputs]
-                with autocast(device, dtype):
-                    logits = model(*args)
-                p = probabilities(logits.float(), loss).cpu().numpy().astype(np.float64)
-                got = {int(i): p[k] for k, i in enumerate(idx)}
-                out.update(got)
-                if on_batch is not None:
-                    on_batch(got)
-    finally:
-        model.train(was)
-    return out
+    each = None if on_batch is None else (lambda _k, got: on_batch(got))
+    return predict_many([(model, loss)], batches, device=device, dtype=dtype, progress=progress, desc=desc,
+                        total=total, on_batch=each)[0]
 
 
 def stack_scores(scores: Dict[int, np.ndarray], n: int, n_classes: int) -> np.ndarray:

@@ -22,6 +22,18 @@ train-head on the same directory stops with a message naming the first (or waits
 ``wait_for_lock``). The output directory is checked for being writable (and for room for
 the checkpoint) before training; a failure to write the outputs removes what was written
 of them and is an :class:`~conilium.errors.OutputError` naming the file.
+
+**One data pass, several heads.** :func:`train_heads` trains runs that read the same
+batches (same cache, input selection, training clips and clip order, batch size and
+runtime options: :func:`pass_key`) in one pass: each batch is read and collated once and
+fed to every head, each with its own targets, loss, class weights, optimizer, random
+stream, best-epoch bookkeeping and early stopping; the Development scoring and the final
+predictions read each batch once for all heads. :func:`train_head` is a pass of one head,
+and every head of a pass writes exactly what its own ``train_head`` writes (the same
+predictions and metrics, timings aside): a head's weights are initialised from its seed
+as alone, its dropout draws from its own copy of the random stream, and the clip order
+has its own generator. train-grid (:mod:`conilium.heads.grid`) groups its runs with
+:func:`plan_passes`.
 """
 
 from __future__ import annotations
@@ -34,11 +46,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm import tqdm
 
 import conilium
@@ -53,12 +65,13 @@ from conilium.targets import TARGET_KINDS, base_kind, class_counts, class_weight
 from conilium.util import (atomic_path, check_writable, output_errors, read_json, seed_everything,
                            write_json)
 
+from .batches import Batch, BatchReader, loader_batches
 from .config import TrainConfig
 from .data import (GIB, ClipDataset, InputSelection, check_cache_dir, check_clips, collate, feature_bytes,
                    length_batches, parse_layers, select_input)
-from .losses import activation, check_loss, loss_fn, probabilities, uses_weights
+from .losses import activation, check_loss, loss_fn, uses_weights
 from .model import POOLINGS, EmotionHead, HeadConfig
-from .predict import predict_batches, stack_scores
+from .predict import predict_many, stack_scores
 from .samplers import balanced_sampler, check_sampler
 
 CHECKPOINT = "model.pt"
@@ -124,11 +137,16 @@ class PreparedData:
     weights: Optional[np.ndarray]
 
 
-def prepare(config: TrainConfig) -> PreparedData:
-    """Open the cache and check every choice against it (clear errors before any training)."""
+def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> PreparedData:
+    """Open the cache and check every choice against it (clear errors before any training).
+
+    ``cache``: the already open :class:`FeatureCache` of ``config.cache`` (the heads of one
+    data pass share it).
+    """
     check_config(config)
-    check_cache_dir(config.cache)  # a run, model or corpus directory: say what it is, not "incomplete cache"
-    cache = FeatureCache(config.cache)
+    if cache is None:
+        check_cache_dir(config.cache)  # a run, model or corpus directory: say what it is, not "incomplete cache"
+        cache = FeatureCache(config.cache)
     selection = select_input(cache, config.layers, config.pooled_stats)
     if base_kind(config.labels) != "hard" and not cache.has_annotations:
         raise ConfigError(f"--labels {config.labels} needs the annotators' labels, but cache {cache.path} holds "
@@ -160,6 +178,28 @@ def head_config_for(config: TrainConfig, selection: InputSelection) -> HeadConfi
                       hidden=config.hidden, dropout=config.dropout)
 
 
+def _batches(dataset: ClipDataset, index_batches: Sequence[Sequence[int]], device: torch.device, *,
+             num_workers: int = 0, persistent: bool = False) -> Callable[[], Iterator[Batch]]:
+    """The batches ``index_batches`` of ``dataset``: padded into reused buffers in this process
+    (:class:`~conilium.heads.batches.BatchReader`), or collated by DataLoader workers when
+    streaming with ``num_workers``. Call again for another pass over the same batches."""
+    if dataset.preloaded or num_workers == 0:
+        reader = BatchReader(dataset, device, max_batch=max(len(b) for b in index_batches))
+        return lambda: reader(index_batches)
+    loader = DataLoader(dataset, batch_sampler=index_batches, collate_fn=collate, num_workers=num_workers,
+                        persistent_workers=persistent, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(0))  # leaves the global random stream alone
+    return lambda: loader_batches(loader, device)
+
+
+def _predict(models: Sequence[Tuple[torch.nn.Module, str]], batches: Iterator[Batch], n: int, *, device,
+             progress: bool = False, desc: str = "predicting", total: Optional[int] = None) -> List[np.ndarray]:
+    """(n, C) scores of each model on ``batches`` (read once for all of them)."""
+    scores = predict_many(models, (((x, lengths), idx) for x, lengths, idx in batches), device=device,
+                          progress=progress, desc=desc, total=total)
+    return [stack_scores(s, n, len(CLASSES)) for s in scores]
+
+
 def predict_probs(model: EmotionHead, dataset: ClipDataset, loss: str, *, batch_size: int,
                   device: torch.device, num_workers: int = 0, progress: bool = False,
                   desc: str = "predicting") -> np.ndarray:
@@ -169,12 +209,9 @@ def predict_probs(model: EmotionHead, dataset: ClipDataset, loss: str, *, batch_
     since pooling ignores padded frames.
     """
     batches = length_batches(dataset.cache, dataset.names, batch_size, dataset.selection)
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                        num_workers=0 if dataset.preloaded else num_workers)
-    inputs = (((x.float(), lengths), idx.tolist()) for x, lengths, _, idx in loader)
-    scores = predict_batches(model, inputs, loss, device=device, progress=progress, desc=desc, total=len(batches))
-    return stack_scores(scores, len(dataset), len(CLASSES))
-
+    read = _batches(dataset, batches, device, num_workers=num_workers)
+    return _predict([(model, loss)], read(), len(dataset), device=device, progress=progress, desc=desc,
+                    total=len(batches))[0]
 
 def _clear_outputs(out_dir: Path) -> None:
     (out_dir / METRICS).unlink(missing_ok=True)  # first: the directory stops being complete
@@ -216,6 +253,180 @@ def _use_preload(config: TrainConfig, nbytes: int) -> bool:
     return nbytes <= config.preload_budget_gb * GIB
 
 
+def make_optimizer(params, config: TrainConfig) -> Tuple[torch.optim.Optimizer, str]:
+    """AdamW over ``params``, and the implementation's name.
+
+    The fused implementation (one kernel for every tensor, on CPU and CUDA where torch has
+    it) instead of the per-tensor loop, which took 14–17 % of a CPU head epoch; its
+    updates differ from the loop's in the last bits of float32 rounding (≈6e-8 after 30
+    steps on a head's weights), so a run trained before it differs in the last digits.
+    Without it: the foreach implementation, bitwise equal to the loop.
+    """
+    params = list(params)
+    kw = dict(lr=config.lr, weight_decay=config.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw), "AdamW (fused)"
+    except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the fused kernel
+        return torch.optim.AdamW(params, foreach=True, **kw), "AdamW (foreach)"
+
+
+def _freeze_constant_mix(model: EmotionHead) -> None:
+    """Freeze the layer weight of a ``"weighted"`` mix of one layer (a one-layer cache).
+
+    A softmax over one weight is 1 whatever the weight, so its gradient is exactly 0 and
+    AdamW leaves the weight at 0: frozen, the run is bitwise the same, and the backward
+    pass no longer computes the gradient of the pooling's input (a frames × dim × dim
+    matmul and the pooling's elementwise gradients, about a third of a step).
+    """
+    mix = model.layer_mix.weights
+    if mix is not None and mix.numel() == 1:
+        mix.requires_grad_(False)
+
+
+class _RandomStream:
+    """A head's own copy of the global random stream (CPU, and the device's on CUDA), swapped in
+    around its training step: dropout then draws what it would draw in the head's run alone."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if device.type == "cuda" else None
+        self.cpu = torch.get_rng_state()
+        self.cuda = None if self.device is None else torch.cuda.get_rng_state(self.device)
+
+    def __enter__(self):
+        torch.set_rng_state(self.cpu)
+        if self.device is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+    def __exit__(self, *exc):
+        self.cpu = torch.get_rng_state()
+        if self.device is not None:
+            self.cuda = torch.cuda.get_rng_state(self.device)
+
+
+class _Head:
+    """One head of a data pass: model, optimizer, random stream, targets, and its best epoch."""
+
+    def __init__(self, config: TrainConfig, out_dir: Path, data: PreparedData, device: torch.device):
+        self.config, self.out_dir, self.data = config, Path(out_dir), data
+        self.head_cfg = head_config_for(config, data.selection)
+        torch.manual_seed(config.seed)
+        self.model = EmotionHead(self.head_cfg).to(device)
+        self.rng = _RandomStream(device)  # right after the init, as a run alone goes on
+        _freeze_constant_mix(self.model)
+        self.optimizer, self.optimizer_name = make_optimizer(
+            (p for p in self.model.parameters() if p.requires_grad), config)
+        self.fn = loss_fn(config.loss)
+        self.weights = None if data.weights is None else torch.as_tensor(data.weights, device=device)
+        self.targets = torch.as_tensor(np.asarray(data.train_targets, dtype=np.float32)).to(device)
+        self.history: List[dict] = []
+        self.best_f1, self.best_epoch, self.best_state, self.since_best = -1.0, 0, None, 0
+        self.stopped = False
+        self.error: Optional[BaseException] = None
+        self.total, self.seen = 0.0, 0
+        self.split_predictions: Dict[str, tuple] = {}
+
+    def trains(self, epoch: int) -> bool:
+        return self.error is None and not self.stopped and epoch <= self.config.epochs
+
+    def step(self, x: torch.Tensor, lengths: Optional[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        """One AdamW step on the batch; the loss (not yet read back from the device)."""
+        with self.rng:
+            logits = self.model(x, lengths)
+            loss = self.fn(logits, self.targets[idx], self.weights)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach()
+
+    def count(self, value: float, n: int, *, epoch: int, step: int) -> None:
+        if not math.isfinite(value):
+            self.error = TrainingError(
+                f"training stopped: the {self.config.loss} loss is {value} at epoch {epoch}, step {step} "
+                f"(lr {self.config.lr}); lower --lr, or check the cache's features with verify-cache")
+            return
+        self.total += value * n
+        self.seen += n
+
+    def end_epoch(self, epoch: int, dev: dict, train_seconds: float, seconds: float) -> None:
+        self.history.append({"epoch": epoch, "train_loss": self.total / max(self.seen, 1),
+                             "dev_f1_macro": dev["f1_macro"], "dev_f1_micro": dev["f1_micro"],
+                             "train_seconds": round(train_seconds, 3), "seconds": round(seconds, 3)})
+        if dev["f1_macro"] > self.best_f1:
+            self.best_f1, self.best_epoch, self.since_best = dev["f1_macro"], epoch, 0
+            self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        else:
+            self.since_best += 1
+        if self.config.patience is not None and self.since_best >= self.config.patience:
+            self.stopped = True
+        self.total, self.seen = 0.0, 0
+
+
+def pass_key(config: TrainConfig, data: PreparedData) -> tuple:
+    """What the heads of one data pass share: the cache, the input read from it, the training
+    clips in their order (sampler, seed, batch size), the Development split and the runtime
+    options (device, preloading, loader workers, threads). Runs with equal keys read the same
+    batches; the loss, targets, pooling, sizes, learning rate, epochs and patience may differ."""
+    return (str(Path(config.cache).resolve()), data.selection, tuple(data.train_names), config.sampler,
+            config.seed, config.batch_size, config.train_split, config.dev_split, config.device, config.preload,
+            config.preload_budget_gb, config.num_workers, config.threads)
+
+
+def plan_passes(configs: Sequence[TrainConfig]) -> List[List[int]]:
+    """Indices of ``configs`` grouped into data passes (:func:`pass_key`), in order of first appearance.
+
+    A config that cannot be prepared (a missing cache, no annotations for its targets, …)
+    is a pass of its own, where it fails with the error :func:`train_head` gives it.
+    """
+    caches: Dict[str, FeatureCache] = {}
+    groups: Dict[object, List[int]] = {}
+    for i, config in enumerate(configs):
+        try:
+            where = str(Path(config.cache).resolve())
+            if where not in caches:
+                check_cache_dir(config.cache)
+                caches[where] = FeatureCache(config.cache)
+            key = pass_key(config, prepare(config, cache=caches[where]))
+        except Exception:  # noqa: BLE001 - it fails again, with its message, when trained
+            key = ("alone", i)
+        groups.setdefault(key, []).append(i)
+    for cache in caches.values():
+        cache.close()
+    return list(groups.values())
+
+
+@contextlib.contextmanager
+def _claim(config: TrainConfig, out_dir: Path, *, overwrite: bool, progress: bool, wait_for_lock,
+           cache: Optional[FeatureCache] = None) -> Iterator[PreparedData]:
+    """The checks before training a run into ``out_dir``, its lock held meanwhile; the prepared data."""
+    check_out_dir(config, out_dir)
+    if is_complete(out_dir) and not overwrite:
+        raise ConfigError(f"{out_dir} already holds a complete run; choose another output directory "
+                          f"or overwrite it (--overwrite)")
+    on_wait = (lambda m: tqdm.write(m, file=sys.stderr)) if progress else None
+    with lock_directory(out_dir, what="train-head run directory", wait=wait_for_lock, on_wait=on_wait):
+        if is_complete(out_dir) and not overwrite:  # finished while we waited for the lock
+            raise ConfigError(f"{out_dir} already holds a complete run; choose another output directory "
+                              f"or overwrite it (--overwrite)")
+        check_writable(out_dir, what="train-head run directory")
+        data = prepare(config, cache=cache)
+        # room for the checkpoint and the predictions, before any feature is read
+        predicted = sum(len(data.cache.split(s, augmented=False)) for s in data.cache.splits)
+        need = output_bytes(EmotionHead(head_config_for(config, data.selection)), predicted)
+        check_writable(out_dir, what="train-head run directory", need_bytes=need)
+        yield data
+
+
+@contextlib.contextmanager
+def _threads(n: Optional[int]):
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)  # a library call leaves the process as it found it
+
+
 def train_head(config: TrainConfig, out_dir, *, overwrite: bool = False, progress: bool = True,
                wait_for_lock=False) -> dict:
     """Train one head on ``config.cache`` and write the run directory ``out_dir``; return its metrics.
@@ -231,31 +442,70 @@ def train_head(config: TrainConfig, out_dir, *, overwrite: bool = False, progres
     a complete run is refused unless ``overwrite``.
     """
     out_dir = Path(out_dir)
-    check_out_dir(config, out_dir)
-    if is_complete(out_dir) and not overwrite:
-        raise ConfigError(f"{out_dir} already holds a complete run; choose another output directory "
-                          f"or overwrite it (--overwrite)")
-    on_wait = (lambda m: tqdm.write(m, file=sys.stderr)) if progress else None
-    with lock_directory(out_dir, what="train-head run directory", wait=wait_for_lock, on_wait=on_wait):
-        if is_complete(out_dir) and not overwrite:  # finished while we waited for the lock
-            raise ConfigError(f"{out_dir} already holds a complete run; choose another output directory "
-                              f"or overwrite it (--overwrite)")
-        check_writable(out_dir, what="train-head run directory")
-        data = prepare(config)
-        # room for the checkpoint and the predictions, before any feature is read
-        predicted = sum(len(data.cache.split(s, augmented=False)) for s in data.cache.splits)
-        need = output_bytes(EmotionHead(head_config_for(config, data.selection)), predicted)
-        check_writable(out_dir, what="train-head run directory", need_bytes=need)
-        threads_before = torch.get_num_threads()
-        if config.threads:
-            torch.set_num_threads(int(config.threads))
-        try:
+    with _claim(config, out_dir, overwrite=overwrite, progress=progress, wait_for_lock=wait_for_lock) as data:
+        with _threads(config.threads):
             return _train(config, out_dir, data, progress=progress)
-        finally:
-            torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
 
 
 def _train(config: TrainConfig, out_dir: Path, data: PreparedData, *, progress: bool) -> dict:
+    result = _train_pass([(config, out_dir, data)], progress=progress)[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def train_heads(runs: Sequence[Tuple[TrainConfig, Union[str, Path]]], *, overwrite: bool = False,
+                progress: bool = True, wait_for_lock=False) -> List[Union[dict, BaseException]]:
+    """Train ``runs`` (``(config, out_dir)`` pairs that share one data pass, see :func:`pass_key`)
+    in one pass; for each run, its metrics or the error that stopped it.
+
+    Each run is checked, locked and written as :func:`train_head` does it, and gets the
+    same files; a run that fails (its checks, a non-finite loss, writing its outputs) gives
+    its error and the others go on. An error of the shared part (reading the cache) is
+    every run's. Runs that do not share a pass are a :class:`~conilium.errors.ConfigError`
+    before anything is trained (group them with :func:`plan_passes`).
+    """
+    results: List[Union[dict, BaseException, None]] = [None] * len(runs)
+    if not runs:
+        return []
+    first = runs[0][0]
+    with contextlib.ExitStack() as stack:
+        try:
+            check_cache_dir(first.cache)
+            cache = stack.enter_context(FeatureCache(first.cache))
+        except ConiliumError as e:
+            return [e] * len(runs)
+        members, keys = [], set()
+        for i, (config, out_dir) in enumerate(runs):
+            try:
+                if Path(config.cache).resolve() != Path(first.cache).resolve():
+                    raise ConfigError(f"train_heads: run {out_dir} reads cache {config.cache}, not {first.cache}")
+                data = stack.enter_context(_claim(config, Path(out_dir), overwrite=overwrite, progress=progress,
+                                                  wait_for_lock=wait_for_lock, cache=cache))
+            except ConiliumError as e:
+                results[i] = e
+                continue
+            members.append((i, (config, Path(out_dir), data)))
+            keys.add(pass_key(config, data))
+        if len(keys) > 1:
+            raise ConfigError("train_heads: the runs do not share one data pass (cache, input, training clips, "
+                              "sampler, seed, batch size and runtime options must be equal); group them with "
+                              "plan_passes")
+        if members:
+            with _threads(first.threads):
+                try:
+                    got = _train_pass([m for _, m in members], progress=progress)
+                except ConiliumError as e:
+                    got = [e] * len(members)
+            for (i, _), r in zip(members, got):
+                results[i] = r
+    return results
+
+
+def _train_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *,
+                progress: bool) -> List[Union[dict, BaseException]]:
+    """Train the heads of one data pass; each head's metrics, or the error that stopped it."""
+    config, _, data = members[0]
     device = resolve_device(config.device)
     seed_everything(config.seed)
     t_start = time.time()
@@ -263,22 +513,16 @@ def _train(config: TrainConfig, out_dir: Path, data: PreparedData, *, progress: 
     cache, sel = data.cache, data.selection
     nbytes = feature_bytes(cache, data.train_names, sel) + feature_bytes(cache, data.dev_names, sel)
     preload = _use_preload(config, nbytes)
-    train_ds = ClipDataset(cache, data.train_names, sel, data.train_targets, preload=preload,
-                           progress=progress, desc="loading Train features")
+    train_ds = ClipDataset(cache, data.train_names, sel, None, preload=preload, progress=progress,
+                           desc="loading Train features")
     dev_ds = ClipDataset(cache, data.dev_names, sel, None, preload=preload, progress=progress,
                          desc=f"loading {config.dev_split} features")
     dev_refs = [cache.clips[n].emo_class for n in data.dev_names]
-
-    head_cfg = head_config_for(config, sel)
-    torch.manual_seed(config.seed)
-    model = EmotionHead(head_cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    fn = loss_fn(config.loss)
-    weights = None if data.weights is None else torch.as_tensor(data.weights, device=device)
+    heads = [_Head(c, out_dir, d, device) for c, out_dir, d in members]
 
     # The clip order has its own generator, and so has the DataLoader (it draws worker seeds
-    # from it), so that neither touches the global RNG that dropout uses: with or without
-    # worker processes, the same seed gives the same run.
+    # from it): neither touches the random streams of the heads' dropout. With or without
+    # worker processes, the same seed gives the same order, shared by every head.
     order_gen = torch.Generator().manual_seed(config.seed)
     loader_gen = torch.Generator().manual_seed(config.seed + 1)
     if config.sampler == "balanced":
@@ -286,88 +530,105 @@ def _train(config: TrainConfig, out_dir: Path, data: PreparedData, *, progress: 
     else:
         sampler = RandomSampler(train_ds, generator=order_gen)
     workers = 0 if preload else config.num_workers
-    loader = DataLoader(train_ds, batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
-                        num_workers=workers, persistent_workers=workers > 0, generator=loader_gen,
-                        pin_memory=device.type == "cuda")
+    order = BatchSampler(sampler, config.batch_size, drop_last=False)
+    if workers == 0:
+        reader = BatchReader(train_ds, device, max_batch=config.batch_size)
+        train_batches = lambda: reader(order)  # noqa: E731
+    else:
+        loader = DataLoader(train_ds, batch_sampler=order, collate_fn=collate, num_workers=workers,
+                            persistent_workers=True, generator=loader_gen, pin_memory=device.type == "cuda")
+        train_batches = lambda: loader_batches(loader, device)  # noqa: E731
+    dev_order = length_batches(cache, data.dev_names, config.batch_size, sel)
+    dev_batches = _batches(dev_ds, dev_order, device, num_workers=config.num_workers, persistent=True)
 
-    history: List[dict] = []
-    best_f1, best_epoch, best_state, since_best = -1.0, 0, None, 0
-    bar = tqdm(range(1, config.epochs + 1), desc="epochs", unit="epoch", disable=not progress)
+    names = ", ".join(h.out_dir.name for h in heads)
+    bar = tqdm(range(1, max(h.config.epochs for h in heads) + 1), desc="epochs" if len(heads) == 1 else
+               f"epochs ({len(heads)} heads: {names})", unit="epoch", disable=not progress)
     for epoch in bar:
-        t0 = time.time()
-        model.train()
-        total, seen = 0.0, 0
-        steps = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
-        for step, (x, lengths, y, _) in enumerate(steps, start=1):
-            x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
-            logits = model(x, None if lengths is None else lengths.to(device))
-            loss = fn(logits, y, weights)
-            if not torch.isfinite(loss):
-                bar.close()
-                raise TrainingError(
-                    f"training stopped: the {config.loss} loss is {loss.item()} at epoch {epoch}, step {step} "
-                    f"(lr {config.lr}); lower --lr, or check the cache's features with verify-cache")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.item()) * len(y)
-            seen += len(y)
-            steps.set_postfix(loss=f"{total / seen:.4f}")
-        train_seconds_epoch = time.time() - t0
-        probs = predict_probs(model, dev_ds, config.loss, batch_size=config.batch_size, device=device,
-                              num_workers=config.num_workers)
-        dev = score(dev_refs, letters(probs))
-        history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "dev_f1_macro": dev["f1_macro"],
-                        "dev_f1_micro": dev["f1_micro"], "train_seconds": round(train_seconds_epoch, 3),
-                        "seconds": round(time.time() - t0, 3)})
-        if dev["f1_macro"] > best_f1:
-            best_f1, best_epoch, since_best = dev["f1_macro"], epoch, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        else:
-            since_best += 1
-        bar.set_postfix(loss=f"{total / max(seen, 1):.4f}", dev_f1=f"{dev['f1_macro']:.3f}",
-                        best=f"{best_f1:.3f}@{best_epoch}")
-        if config.patience is not None and since_best >= config.patience:
+        active = [h for h in heads if h.trains(epoch)]
+        if not active:
             break
+        t0 = time.time()
+        for h in active:
+            h.model.train()
+        steps = tqdm(train_batches(), total=len(order), desc=f"epoch {epoch}", unit="batch", leave=False,
+                     disable=not progress)
+        for step, (x, lengths, idx) in enumerate(steps, start=1):
+            at = torch.as_tensor(idx, dtype=torch.long).to(device, non_blocking=True)
+            losses = [h.step(x, lengths, at) for h in active]
+            # one read back from the device per batch for every head (the finite check and the running loss)
+            for h, value in zip(active, torch.stack(losses).tolist()):
+                h.count(value, len(idx), epoch=epoch, step=step)
+            active = [h for h in active if h.error is None]
+            if not active:
+                break
+            if len(active) == 1:
+                steps.set_postfix(loss=f"{active[0].total / max(active[0].seen, 1):.4f}")
+        steps.close()
+        train_seconds = time.time() - t0
+        scored = [h for h in heads if h.trains(epoch)]
+        if scored:
+            probs = _predict([(h.model, h.config.loss) for h in scored], dev_batches(), len(dev_ds), device=device)
+            for h, p in zip(scored, probs):
+                h.end_epoch(epoch, score(dev_refs, letters(p)), train_seconds, time.time() - t0)
+        if len(heads) == 1 and heads[0].history and heads[0].history[-1]["epoch"] == epoch:
+            h = heads[0]
+            bar.set_postfix(loss=f"{h.history[-1]['train_loss']:.4f}", dev_f1=f"{h.history[-1]['dev_f1_macro']:.3f}",
+                            best=f"{h.best_f1:.3f}@{h.best_epoch}")
     bar.close()
-    model.load_state_dict(best_state)
+    done = [h for h in heads if h.error is None]
+    for h in done:
+        h.model.load_state_dict(h.best_state)
     train_seconds = time.time() - t_start
 
-    # predictions of the best epoch on every split of the cache, Development first
-    split_predictions = {}
-    order = [config.dev_split] + [s for s in cache.splits if s != config.dev_split]
-    for split in order:
-        names = cache.split(split, augmented=False)
-        if not names:
+    # predictions of each head's best epoch on every split of the cache, Development first,
+    # every batch read once for all heads
+    splits = [config.dev_split] + [s for s in cache.splits if s != config.dev_split]
+    for split in splits if done else []:
+        split_names = cache.split(split, augmented=False)
+        if not split_names:
             continue
-        check_clips(cache, names, sel)
-        ds = ClipDataset(cache, names, sel, None)
-        probs = predict_probs(model, ds, config.loss, batch_size=config.batch_size, device=device,
-                              num_workers=config.num_workers, progress=progress, desc=f"predicting {split}")
-        split_predictions[split] = (names, probs, [cache.clips[n].emo_class for n in names])
+        check_clips(cache, split_names, sel)
+        ds = ClipDataset(cache, split_names, sel, None)
+        batches = length_batches(cache, split_names, config.batch_size, sel)
+        read = _batches(ds, batches, device, num_workers=config.num_workers)
+        probs = _predict([(h.model, h.config.loss) for h in done], read(), len(ds), device=device,
+                         progress=progress, desc=f"predicting {split}", total=len(batches))
+        refs = [cache.clips[n].emo_class for n in split_names]
+        for h, p in zip(done, probs):
+            h.split_predictions[split] = (split_names, p, refs)
 
-    try:
-        with output_errors(out_dir):
-            out_dir.mkdir(parents=True, exist_ok=True)
-            _clear_outputs(out_dir)
-        return _write_outputs(config, out_dir, data, head_cfg, best_state, best_epoch, history, split_predictions,
-                              train_seconds=train_seconds, preload=preload, nbytes=nbytes, device=device)
-    except BaseException:
-        _remove_partial_outputs(out_dir)
-        raise
+    results: List[Union[dict, BaseException]] = []
+    for h in heads:
+        if h.error is not None:
+            results.append(h.error)
+            continue
+        try:
+            try:
+                with output_errors(h.out_dir):
+                    h.out_dir.mkdir(parents=True, exist_ok=True)
+                    _clear_outputs(h.out_dir)
+                results.append(_write_outputs(h, train_seconds=train_seconds, preload=preload, nbytes=nbytes,
+                                              device=device))
+            except BaseException:
+                _remove_partial_outputs(h.out_dir)
+                raise
+        except ConiliumError as e:
+            results.append(e)
+    return results
 
 
-def _write_outputs(config: TrainConfig, out_dir: Path, data: PreparedData, head_cfg: HeadConfig, best_state: dict,
-                   best_epoch: int, history: List[dict], split_predictions: dict, *, train_seconds: float,
-                   preload: bool, nbytes: int, device: torch.device) -> dict:
+def _write_outputs(head: _Head, *, train_seconds: float, preload: bool, nbytes: int, device: torch.device) -> dict:
     """config.json, model.pt, predictions/ and, last, metrics.json."""
+    config, out_dir, data = head.config, head.out_dir, head.data
     cache, sel = data.cache, data.selection
+    history = head.history
     write_json(out_dir / CONFIG, config.to_json())
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "conilium_version": conilium.__version__,
-        "head_config": asdict(head_cfg),
-        "state_dict": best_state,
+        "head_config": asdict(head.head_cfg),
+        "state_dict": head.best_state,
         "loss": config.loss,
         "labels": config.labels,
         "activation": activation(config.loss),
@@ -375,7 +636,7 @@ def _write_outputs(config: TrainConfig, out_dir: Path, data: PreparedData, head_
         "input": sel.to_json(),
         "cache_manifest": manifest_summary(cache.manifest),
         "train_config": config.to_json(),
-        "best_epoch": best_epoch,
+        "best_epoch": head.best_epoch,
     }
     with atomic_path(out_dir / CHECKPOINT, suffix=".pt.tmp") as tmp:
         torch.save(checkpoint, tmp)
@@ -387,6 +648,7 @@ def _write_outputs(config: TrainConfig, out_dir: Path, data: PreparedData, head_
             "class_weights": None if data.weights is None else dict(zip(CLASSES, data.weights.tolist())),
             "sampler": config.sampler,
             "epochs_run": len(history),
+            # timings are the data pass's, shared by every head trained in it
             "seconds": round(train_seconds, 3),
             # training steps only (reading, forward, backward, update), not the Development scoring
             "clips_per_second": round(len(data.train_names) * len(history)
@@ -394,10 +656,12 @@ def _write_outputs(config: TrainConfig, out_dir: Path, data: PreparedData, head_
             "preloaded": preload,
             "feature_bytes": nbytes,
             "device": str(device),
+            "optimizer": head.optimizer_name,
             "input": sel.to_json(),
         },
     }
-    return write_run_outputs(out_dir, split_predictions, history, best_epoch, dev_split=config.dev_split, extra=extra)
+    return write_run_outputs(out_dir, head.split_predictions, history, head.best_epoch, dev_split=config.dev_split,
+                             extra=extra)
 
 
 def manifest_summary(manifest: Mapping) -> dict:

@@ -73,6 +73,9 @@ def test_grid_on_the_demo_cache_writes_the_results_table_and_resumes(demo_cache,
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["name"] for row in rows] == ["wce-hard", "kld-S-balanced", "wbce-Pstar"]
+    # the sampler changes the clip order, P* keeps fewer clips: three data passes
+    passes = json.loads((out / "grid.json").read_text())["passes"]
+    assert passes == [["wce-hard"], ["kld-S-balanced"], ["wbce-Pstar"]]
     assert all(row["status"] == "trained" for row in rows)
     for row in rows:
         metrics = json.loads((out / row["name"] / "metrics.json").read_text())

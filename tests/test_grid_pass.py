@@ -1,0 +1,151 @@
+"""One data pass per grid group: every head of a pass writes exactly what its own train-head
+run writes (bitwise equal predictions, equal metrics apart from timings), and train-grid
+groups the paper's presets into the passes their clip lists and samplers allow."""
+
+import filecmp
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conilium.heads.batches import BatchReader
+from conilium.heads.data import ClipDataset, collate, select_input, write_synthetic_cache
+from conilium.heads.grid import expand_spec, load_spec, run_grid
+from conilium.heads.train import TrainConfig, TrainingError, load_head, plan_passes, train_head, train_heads
+
+TIMING_HISTORY = ("seconds", "train_seconds")
+TIMING_TRAINING = ("seconds", "clips_per_second")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return write_synthetic_cache(tmp_path_factory.mktemp("pass") / "cache", clips=90, dim=8, seed=3, signal=0.5)
+
+
+def _config(cache, **kw):
+    kw.setdefault("epochs", 3)
+    kw.setdefault("hidden", 16)
+    kw.setdefault("batch_size", 8)
+    return TrainConfig(cache=str(cache.path), device="cpu", threads=1, **kw)
+
+
+def _untimed(metrics):
+    m = dict(metrics)
+    m["history"] = [{k: v for k, v in h.items() if k not in TIMING_HISTORY} for h in m["history"]]
+    m["training"] = {k: v for k, v in m["training"].items() if k not in TIMING_TRAINING}
+    return m
+
+
+def assert_same_run(a, b):
+    """Two run directories: bitwise equal predictions, equal metrics apart from timings, equal weights."""
+    preds = sorted(p.name for p in (a / "predictions").iterdir())
+    assert preds == sorted(p.name for p in (b / "predictions").iterdir()) and preds
+    for name in preds:
+        assert filecmp.cmp(a / "predictions" / name, b / "predictions" / name, shallow=False), name
+    assert _untimed(json.loads((a / "metrics.json").read_text())) == _untimed(json.loads((b / "metrics.json").read_text()))
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    sa, sb = load_head(a)[1]["state_dict"], load_head(b)[1]["state_dict"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_every_head_of_a_pass_equals_its_own_train_head_run(cache, tmp_path):
+    configs = {
+        "wce-hard": _config(cache, loss="wce", labels="hard"),
+        "wbce-P": _config(cache, loss="wbce", labels="P"),
+        "kld-S": _config(cache, loss="kld", labels="S", pooling="mean", epochs=5, hidden=24),
+        # stops early: the others go on
+        "bce-S-patience": _config(cache, loss="bce", labels="S", epochs=6, patience=1, lr=1e-6),
+        "focal-P": _config(cache, loss="focal", labels="P", dropout=0.0, lr=3e-3, weight_decay=0.0),
+    }
+    shared = configs
+    assert len(plan_passes(list(shared.values()))) == 1
+    # the input selection is part of what a pass shares
+    other = [_config(cache, loss="wbce", labels="P", layers=3), _config(cache, loss="wbce", labels="P", layers=-1)]
+    assert plan_passes(list(shared.values()) + other) == [[0, 1, 2, 3, 4], [5, 6]]
+    results = train_heads([(c, tmp_path / "pass" / k) for k, c in shared.items()], progress=False)
+    assert all(isinstance(r, dict) for r in results)
+    patience = results[list(shared).index("bce-S-patience")]
+    assert len(patience["history"]) < 6 and len(results[list(shared).index("kld-S")]["history"]) == 5
+    for name, config in shared.items():
+        solo = train_head(config, tmp_path / "solo" / name, progress=False)
+        assert _untimed(solo) == _untimed(results[list(shared).index(name)])
+        assert_same_run(tmp_path / "pass" / name, tmp_path / "solo" / name)
+
+
+def test_a_head_whose_loss_diverges_fails_alone(cache, tmp_path):
+    good = _config(cache, loss="wbce", labels="S", epochs=2)
+    bad = _config(cache, loss="wce", labels="hard", epochs=2, lr=1e30)
+    results = train_heads([(bad, tmp_path / "bad"), (good, tmp_path / "good")], progress=False)
+    assert isinstance(results[0], TrainingError) and "lower --lr" in str(results[0])
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+    train_head(good, tmp_path / "good-solo", progress=False)
+    assert_same_run(tmp_path / "good", tmp_path / "good-solo")
+    with pytest.raises(TrainingError):
+        train_head(bad, tmp_path / "bad-solo", progress=False)
+
+
+def test_runs_that_cannot_share_a_pass_are_refused(cache, tmp_path):
+    from conilium.errors import ConfigError
+
+    a, b = _config(cache, loss="wbce", labels="S"), _config(cache, loss="wbce", labels="S", seed=1)
+    with pytest.raises(ConfigError, match="do not share one data pass"):
+        train_heads([(a, tmp_path / "a"), (b, tmp_path / "b")], progress=False)
+    assert not (tmp_path / "a" / "metrics.json").exists()
+
+
+def test_table2_is_one_pass_and_every_run_equals_train_head(cache, tmp_path):
+    runs = expand_spec(load_spec(preset="table2"), cache=cache.path,
+                       overrides={"epochs": 2, "hidden": 16, "batch_size": 8, "device": "cpu", "threads": 1})
+    rows = run_grid(runs, tmp_path / "grid", progress=False)
+    assert [r["status"] for r in rows] == ["trained"] * 5
+    grid = json.loads((tmp_path / "grid" / "grid.json").read_text())
+    assert grid["passes"] == [["wce-hard", "wbce-P", "wbce-S", "kld-P", "kld-S"]]
+    for name, config, _ in runs:
+        train_head(config, tmp_path / "solo" / name, progress=False)
+        assert_same_run(tmp_path / "grid" / name, tmp_path / "solo" / name)
+    # resuming trains nothing
+    again = run_grid(runs, tmp_path / "grid", progress=False)
+    assert {r["status"] for r in again} == {"skipped (complete)"}
+
+
+def test_the_presets_group_into_the_passes_their_clips_and_samplers_allow(cache):
+    def passes(preset):
+        runs = expand_spec(load_spec(preset=preset), cache=cache.path)
+        return [[runs[i][0] for i in group] for group in plan_passes([c for _, c, _ in runs])]
+
+    # hard, P and S keep the same clips (P/S fall back to the consensus one-hot where no
+    # annotation names a target class)
+    assert passes("table2") == [["wce-hard", "wbce-P", "wbce-S", "kld-P", "kld-S"]]
+    # the balanced sampler's draws depend on the consensus classes only: the same for P and S
+    assert passes("sampler") == [["bce-P", "bce-S"],
+                                 ["bce-P-balanced", "bce-S-balanced", "kld-P-balanced", "kld-S-balanced"]]
+    # P* and S* keep different clips, and the sampler changes the order
+    assert passes("table3") == [["wbce-Pstar"], ["wbce-Sstar"], ["kld-Pstar-balanced"], ["kld-Sstar-balanced"]]
+
+
+def test_buffered_batches_equal_collate(cache):
+    names = cache.split("Train")
+    for layers, pooled in (("weighted", False), (3, False), ("weighted", True)):
+        sel = select_input(cache, layers, pooled)
+        ds = ClipDataset(cache, names, sel, None)
+        reader = BatchReader(ds, torch.device("cpu"), max_batch=7)
+        order = np.random.default_rng(0).permutation(len(names)).tolist()
+        for idx in (order[:7], order[7:10], order[10:17]):
+            x, lengths, got = reader.read(idx)
+            cx, clengths, _, cidx = collate([ds[i] for i in idx])
+            assert got == cidx.tolist()
+            assert x.dtype == torch.float32 and x.is_contiguous() and torch.equal(x, cx.float())
+            assert (lengths is None and clengths is None) or torch.equal(lengths, clengths)
+
+
+def test_a_one_layer_weighted_mix_is_frozen_without_changing_the_run(tmp_path, monkeypatch):
+    from conilium.heads import train as head_train
+
+    one = write_synthetic_cache(tmp_path / "one", clips=60, dim=8, stored_layers=(3,), seed=4, signal=0.5)
+    config = _config(one, loss="wbce", labels="S", epochs=2)
+    train_head(config, tmp_path / "frozen", progress=False)
+    monkeypatch.setattr(head_train, "_freeze_constant_mix", lambda model: None)
+    train_head(config, tmp_path / "trained", progress=False)
+    assert_same_run(tmp_path / "frozen", tmp_path / "trained")
+    assert load_head(tmp_path / "frozen")[1]["state_dict"]["layer_mix.weights"].tolist() == [0.0]

@@ -33,9 +33,13 @@ depend on the clips' consensus classes only, the same for P and S); ``table3`` f
 P* and S* keep different clips and the sampler changes the order. ``grid.json`` lists the
 passes.
 
-The passes are spread over processes with joblib: the ``loky`` backend on this machine, or
-``dask`` / ``ray`` on a cluster when those packages are installed (they are not
-dependencies of conilium).
+The passes are the parallel jobs: ``loky`` (local processes, through joblib, the default)
+or ``threading``; ``dask`` (a ``dask.distributed`` scheduler at ``address``, or a
+``LocalCluster`` started for the grid) or ``ray`` (the ray cluster at ``address``, or a local
+ray) when those packages are installed (``pip install conilium[cluster]``; they are not
+dependencies of conilium). A cluster's workers must see the cache and the output folder
+at the same paths (a shared file system); the grid sends them absolute paths, and every
+run's ``config.json`` records its cache as an absolute path.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ import re
 import time
 import traceback
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import replace
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -182,32 +187,100 @@ def _train_pass(group: Sequence[Tuple[str, TrainConfig, Mapping, str]], threads:
     return rows
 
 
-def _parallel(backend: str, n_jobs: int, address: Optional[str]):
-    """The joblib context for ``backend`` (dask and ray only when installed)."""
-    import joblib
+def _absolute(config: TrainConfig) -> TrainConfig:
+    """``config`` with its cache as an absolute path (a cluster's workers do not share our working directory)."""
+    return replace(config, cache=os.path.abspath(config.cache))
+
+
+def _same_cache(old: Mapping, new: Mapping) -> bool:
+    """``same_run`` with the two caches compared as absolute paths (a grid written with a relative
+    ``--cache`` is recognised when rerun from the same folder)."""
+    def norm(d):
+        d = dict(d)
+        if isinstance(d.get("cache"), str):
+            d["cache"] = os.path.abspath(d["cache"])
+        return d
+    return same_run(norm(old), norm(new))
+
+
+def _missing(backend: str, module: str, install: str) -> ConfigError:
+    return ConfigError(f"--backend {backend} needs {module} (pip install '{install}'); "
+                       f"it is not a dependency of conilium")
+
+
+_CLUSTER = {"dask": ("dask.distributed", "dask[distributed]"), "ray": ("ray", "ray[default]")}
+
+
+def _check_backend(backend: str) -> None:
+    """A clear error, before anything is written, for an unknown backend or one whose package is missing."""
+    import importlib.util
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown --backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if backend == "dask":
+    if backend in _CLUSTER:
+        module, install = _CLUSTER[backend]
         try:
-            from dask.distributed import Client
-        except ImportError:
-            raise ConfigError("--backend dask needs dask.distributed (pip install 'dask[distributed]'); "
-                              "it is not a dependency of conilium") from None
-        client = Client(address) if address else Client()
-        return joblib.parallel_backend("dask", n_jobs=n_jobs), client
-    if backend == "ray":
-        try:
-            import ray
-            from ray.util.joblib import register_ray
-        except ImportError:
-            raise ConfigError("--backend ray needs ray (pip install 'ray[default]'); "
-                              "it is not a dependency of conilium") from None
-        register_ray()
-        if not ray.is_initialized():
-            ray.init(address=address)
-        return joblib.parallel_backend("ray", n_jobs=n_jobs), None
-    return joblib.parallel_backend(backend, n_jobs=n_jobs), None
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # dask itself missing
+            found = False
+        if not found:
+            raise _missing(backend, module, install)
+
+
+def _run_local(backend: str, jobs: int, passes, threads: int) -> Iterator[List[dict]]:
+    """loky (processes) or threading, through joblib; each pass's rows as it finishes."""
+    from joblib import Parallel, delayed, parallel_backend
+
+    with parallel_backend(backend, n_jobs=jobs):
+        yield from Parallel(return_as="generator_unordered")(delayed(_train_pass)(g, threads) for g in passes)
+
+
+def _run_dask(address: Optional[str], jobs: int, passes, threads: int) -> Iterator[List[dict]]:
+    """On a dask.distributed scheduler at ``address``, or on a LocalCluster of ``jobs`` worker
+    processes started (and closed) here; each pass one task (``pure=False``: never cached)."""
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise _missing("dask", *_CLUSTER["dask"]) from None
+    cluster = None
+    if address:
+        client = Client(address)
+    else:
+        cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = [client.submit(_train_pass, g, threads, pure=False) for g in passes]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_ray(address: Optional[str], jobs: int, passes, threads: int) -> Iterator[List[dict]]:
+    """On the ray cluster at ``address`` (or a local ray started, and shut down, here), each pass
+    one task asking for ``threads`` CPUs; at most ``jobs`` tasks in flight."""
+    try:
+        import ray
+    except ImportError:
+        raise _missing("ray", *_CLUSTER["ray"]) from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, num_cpus=None if address else max(jobs * threads, 1),
+                 include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=threads, max_retries=0)(_train_pass)
+        waiting = list(passes)
+        running = []
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                running.append(task.remote(waiting.pop(0), threads))
+            done, running = ray.wait(running, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: int = 1, backend: str = "loky",
@@ -221,19 +294,19 @@ def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: 
     trained): choose another ``out_dir`` or remove it. Failed runs are listed in the
     table with their error; the others still run.
     """
-    from joblib import Parallel, delayed
-
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))
+    _check_backend(backend)
     if n_jobs < 1:
         raise ConfigError(f"--n-jobs must be at least 1, not {n_jobs}")
     rows: Dict[str, dict] = {}
     todo = []
     conflicts = []
+    runs = [(name, _absolute(config), paper) for name, config, paper in runs]
     for name, config, paper in runs:
         run_dir = out_dir / name
         if is_complete(run_dir):
             old = read_json(run_dir / CONFIG) if (run_dir / CONFIG).is_file() else {}
-            if same_run(old, config.to_json()):
+            if _same_cache(old, config.to_json()):
                 rows[name] = _row(name, config, paper, "skipped (complete)", read_json(run_dir / METRICS))
                 continue
             conflicts.append(name)
@@ -250,23 +323,21 @@ def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: 
         jobs = min(n_jobs, len(passes))
         if threads_per_job is None:
             threads_per_job = max(1, (os.cpu_count() or 1) // jobs)
-        context, client = _parallel(backend, jobs, address)
-        try:
-            with context:
-                gen = Parallel(return_as="generator_unordered")(
-                    delayed(_train_pass)(group, threads_per_job) for group in passes)
-                with tqdm(total=len(todo), desc="grid runs", unit="run", disable=not progress) as bar:
-                    for group_rows in gen:
-                        for row in group_rows:
-                            rows[row["name"]] = row
-                            bar.update()
-                            if progress:
-                                tqdm.write(f"{row['name']}: {row['status']}"
-                                           + (f", dev macro-F1 {row['f1_macro']:.3f}" if row["f1_macro"] != "" else "")
-                                           + (f" — {row['error'].splitlines()[0]}" if row["error"] else ""))
-        finally:
-            if client is not None:
-                client.close()
+        if backend == "dask":
+            results = _run_dask(address, jobs, passes, threads_per_job)
+        elif backend == "ray":
+            results = _run_ray(address, jobs, passes, threads_per_job)
+        else:
+            results = _run_local(backend, jobs, passes, threads_per_job)
+        with tqdm(total=len(todo), desc="grid runs", unit="run", disable=not progress) as bar:
+            for group_rows in results:
+                for row in group_rows:
+                    rows[row["name"]] = row
+                    bar.update()
+                    if progress:
+                        tqdm.write(f"{row['name']}: {row['status']}"
+                                   + (f", dev macro-F1 {row['f1_macro']:.3f}" if row["f1_macro"] != "" else "")
+                                   + (f" — {row['error'].splitlines()[0]}" if row["error"] else ""))
     ordered = [rows[name] for name, _, _ in runs]
     write_results(out_dir, ordered)
     return ordered

@@ -47,16 +47,20 @@ def test_bad_specs_are_clear_errors(spec, message):
         expand_spec(spec)
 
 
-def test_missing_cluster_backend_is_a_clear_error(tmp_path):
-    pytest.importorskip("joblib")
-    try:
-        import dask.distributed  # noqa: F401
-        pytest.skip("dask is installed here")
-    except ImportError:
-        pass
+@pytest.mark.parametrize("backend, module, message", [
+    ("dask", "dask.distributed", "--backend dask needs dask.distributed"),
+    ("ray", "ray", "--backend ray needs ray"),
+])
+def test_missing_cluster_backend_is_a_clear_error_before_anything_is_written(tmp_path, monkeypatch, backend, module,
+                                                                             message):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
     runs = expand_spec({"common": {"cache": str(tmp_path)}, "runs": [{"name": "a"}]})
-    with pytest.raises(ConfigError, match="--backend dask needs dask.distributed"):
-        run_grid(runs, tmp_path / "grid", backend="dask", progress=False)
+    with pytest.raises(ConfigError, match=message):
+        run_grid(runs, tmp_path / "grid", backend=backend, progress=False)
+    assert not (tmp_path / "grid").exists()
 
 
 def test_grid_on_the_demo_cache_writes_the_results_table_and_resumes(demo_cache, tmp_path):

@@ -135,8 +135,12 @@ def _parse_set(values):
               help="Override a training option for every run, e.g. --set epochs=10 --set device=cpu (repeatable).")
 @click.option("--n-jobs", type=POSITIVE_INT, default=1, show_default=True, help="Runs trained at the same time.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="loky", show_default=True,
-              help="joblib backend: loky (local processes), threading, dask or ray (cluster; needs the package).")
-@click.option("--address", default=None, help="dask scheduler / ray cluster address (default: start a local one).")
+              help="Where the runs train: loky (local processes), threading, dask or ray (a cluster, or a "
+                   "local one; pip install conilium[cluster]). Cluster workers must see --cache and --out "
+                   "at the same absolute paths.")
+@click.option("--address", default=None,
+              help="dask scheduler (tcp://host:8786) or ray cluster (host:6379, or auto) address "
+                   "(default: start a local one for the grid).")
 @click.option("--threads-per-job", type=POSITIVE_INT, default=None,
               help="torch CPU threads of each run (default: CPU cores / --n-jobs).")
 @click.option("--dry-run", is_flag=True, help="List the runs and exit.")
@@ -149,6 +153,8 @@ def train_grid_cmd(spec, preset, cache, out, sets, n_jobs, backend, address, thr
     Examples:
       train-grid --preset table2 --cache cache/wavlm-large --out runs/table2 --n-jobs 4
       train-grid --spec my-grid.json --out runs/grid --set epochs=10
+      train-grid --preset table2 --cache /shared/cache/wavlm-large --out /shared/runs/table2 \
+          --backend dask --address tcp://scheduler:8786 --n-jobs 8
 
     Runs whose directory is already complete (same configuration) are not trained again,
     so an interrupted grid resumes. The command fails when any run failed; the table

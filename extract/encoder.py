@@ -48,7 +48,7 @@ from conilium import SAMPLE_RATE
 from conilium.errors import ConfigError
 from conilium.runtime import autocast, valid_mask
 
-from .whisper import WhisperFamily, check_input, is_whisper
+from .whisper import MAX_SAMPLES, WhisperFamily, check_input, is_whisper
 from .whisper import freeze_front_end as whisper_freeze
 
 
@@ -353,6 +353,12 @@ class UpstreamRunner:
 
     def frames_for(self, num_samples: int) -> int:
         return self.encoder.frames_for(num_samples)
+
+    @property
+    def min_samples(self) -> int:
+        """Samples the model computes for a clip at least, whatever its length: a Whisper
+        encoder on its 30 s input computes 30 s for every clip; 0 for the others."""
+        return MAX_SAMPLES if self.encoder.whisper_input == "30s" else 0
 
     @property
     def frame_rate(self) -> float:

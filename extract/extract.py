@@ -43,8 +43,10 @@ from conilium.util import check_writable, output_errors
 
 from .encoder import UpstreamRunner
 from .pipeline import ExtractStats, JobLoader, run_shards
-from .plan import ExtractConfig, Job, NoiseAugmentation, assign_shards, noise_fingerprint, parse_layers, plan_jobs
-from .upstreams import check_upstream, load_upstream
+from .plan import (ExtractConfig, Job, NoiseAugmentation, assign_shards, noise_fingerprint, parse_layers, plan_jobs,
+                   resolve_for_family)
+from .upstreams import check_upstream, load_upstream, upstream_family
+from .whisper import is_whisper
 
 __all__ = ["ExtractConfig", "ExtractStats", "NoiseAugmentation", "extract_features", "parse_layers"]
 
@@ -99,6 +101,9 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
         # an upstream that cannot be loaded here fails in seconds, before anything is written
         _on_rank0(dist, lambda: check_upstream(config.upstream, random_init=config.random_init,
                                                revision=config.revision))
+        # settings the upstream's family cannot take are refused now, too (settled again once it is loaded)
+        resolve_for_family(config, upstream_family(config.upstream, random_init=config.random_init,
+                                                   revision=config.revision) == "whisper")
         _on_rank0(dist, claim_out)
         with CacheWriter(out) as cache:
             _extract(config, corpus, cache, dist, dev, t_start, stats, batch_seconds=batch_seconds, workers=workers,
@@ -171,11 +176,12 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
         from .upstreams import random_init_dir
 
         identity["path"] = f"{UPSTREAM_DIR}/{random_init_dir(config.upstream, config.seed, '.').name}"
+    # normalisation "auto" and Whisper's input length, settled for the upstream's family
+    config = resolve_for_family(config, is_whisper(model))
     n_states = model.config.num_hidden_layers + 1
     layer_idx = parse_layers(config.layers, n_states)
     runner = UpstreamRunner(model, device=dev, compute_dtype=cdtype, layers=layer_idx,
-                            pooled_stats=config.pooled_stats,
-                            whisper_input=getattr(config, "whisper_input", "30s"))  # Whisper's input length
+                            pooled_stats=config.pooled_stats, whisper_input=config.whisper_input or "30s")
     settings = {
         "upstream": identity,
         "layers": layer_idx,
@@ -290,14 +296,18 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
                    f"{stats.shards_kept} shard(s) kept; {stats.wall_seconds:.1f} s")
 
 
-def _check_rescale_loud(out: Path, found: dict, config: ExtractConfig) -> None:
+def _check_later_options(out: Path, found: dict, config: ExtractConfig) -> None:
     """A CacheError, as for the settings the writer compares, when the cache on disk was built
-    with another ``rescale_loud`` (recorded in its ``"config"``; caches made before the option
-    existed read audio as ``rescale_loud=False`` does)."""
-    had = bool((found.get("config") or {}).get("rescale_loud", False))
-    if had != config.rescale_loud:
-        raise CacheError(f"{out} was built with other settings than requested:\n  rescale_loud: cache has {had}, "
-                         f"requested {config.rescale_loud}\npass --overwrite to rebuild it, or choose another --out")
+    with another ``rescale_loud`` or ``whisper_input`` (recorded in its ``"config"``; caches
+    made before an option existed read as its default did then: ``rescale_loud=False``, a
+    Whisper encoder's 30 s input). ``config`` is resolved (:func:`resolve_for_family`)."""
+    recorded = found.get("config") or {}
+    had = {"rescale_loud": bool(recorded.get("rescale_loud", False)),
+           "whisper_input": recorded.get("whisper_input") or ("30s" if config.whisper_input else None)}
+    diffs = [f"{k}: cache has {had[k]}, requested {getattr(config, k)}" for k in had if had[k] != getattr(config, k)]
+    if diffs:
+        raise CacheError(f"{out} was built with other settings than requested:\n  " + "\n  ".join(diffs)
+                         + "\npass --overwrite to rebuild it, or choose another --out")
 
 
 @contextlib.contextmanager
@@ -327,7 +337,7 @@ def _settle_settings(cache: CacheWriter, settings: dict, corpus: Corpus, config:
     complete); for a new cache, ``settings`` with the normalisation statistics, written."""
     found = cache.existing_settings(settings)
     if found is not None:
-        _check_rescale_loud(cache.out, found[0], config)
+        _check_later_options(cache.out, found[0], config)
         return found
     stats_skipped: List[Tuple[str, str]] = []
     if config.normalize == "global":

@@ -27,7 +27,13 @@ from conilium.corpus import Clip, Corpus
 from conilium.errors import ConfigError
 from conilium.util import reject_unknown_fields
 
+from .registry import WHISPER_INPUTS
+
 AUG_SEP = "#aug"
+#: ``--normalize`` values; ``auto`` is resolved per upstream family (:func:`resolve_for_family`).
+NORMALIZE_CHOICES = ("auto", "global", "utterance", "none")
+#: A Whisper encoder's input window (seconds): the longest clip it takes.
+WHISPER_MAX_SECONDS = 30.0
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -71,6 +77,12 @@ class ExtractConfig:
     noisy copies of Train clips (:class:`NoiseAugmentation`, or its fields as a dict);
     ``rescale_loud``: float audio stored at integer scale is divided back to [-1, 1]
     (:func:`conilium.audio.read_audio`) instead of stopping the extraction.
+    ``normalize`` ``"auto"`` is ``"global"`` (mean/std over the Train audio, the paper's)
+    for the wav2vec 2.0 family and ``"none"`` for a Whisper encoder, whose log-mel front end
+    expects the audio as recorded; ``whisper_input`` is a Whisper encoder's input length
+    (``"30s"``, the model's own and the default, or ``"clip"``; :mod:`conilium.extract.whisper`),
+    refused for other families. Both are resolved when the upstream is loaded
+    (:func:`resolve_for_family`), and the cache records the resolved values.
 
     >>> ExtractConfig("demo-wavlm", random_init=True, layers="all", pooled_stats=True)
     """
@@ -79,7 +91,7 @@ class ExtractConfig:
     layers: str = "last"
     dtype: str = "float16"
     max_seconds: Optional[float] = 8.0
-    normalize: str = "global"
+    normalize: str = "auto"
     pooled_stats: bool = False
     random_init: bool = False
     seed: int = 0
@@ -89,6 +101,7 @@ class ExtractConfig:
     splits: Optional[Tuple[str, ...]] = None
     augmentation: Optional[NoiseAugmentation] = None
     rescale_loud: bool = False
+    whisper_input: Optional[str] = None
 
     def __post_init__(self):
         layers = self.layers
@@ -108,8 +121,11 @@ class ExtractConfig:
             object.__setattr__(self, name, value)
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"--dtype must be float16 or float32, got {self.dtype!r}")
-        if self.normalize not in ("global", "utterance", "none"):
-            raise ConfigError(f"--normalize must be global, utterance or none, got {self.normalize!r}")
+        if self.normalize not in NORMALIZE_CHOICES:
+            raise ConfigError(f"--normalize must be {', '.join(NORMALIZE_CHOICES[:-1])} or {NORMALIZE_CHOICES[-1]}, "
+                              f"got {self.normalize!r}")
+        if self.whisper_input is not None and self.whisper_input not in WHISPER_INPUTS:
+            raise ConfigError(f"--whisper-input must be {' or '.join(WHISPER_INPUTS)}, got {self.whisper_input!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ConfigError(f"--max-seconds must be positive, got {self.max_seconds}")
         if self.shard_size < 1:
@@ -127,6 +143,23 @@ class ExtractConfig:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def resolve_for_family(config: ExtractConfig, whisper: bool) -> ExtractConfig:
+    """``config`` with ``normalize`` and ``whisper_input`` settled for the loaded upstream's family
+    (``whisper``: a Whisper encoder), or a ConfigError for a setting that family cannot take."""
+    changes = {}
+    if config.normalize == "auto":
+        changes["normalize"] = "none" if whisper else "global"
+    if whisper:
+        changes["whisper_input"] = config.whisper_input or WHISPER_INPUTS[0]
+        if config.max_seconds is None or config.max_seconds > WHISPER_MAX_SECONDS:
+            raise ConfigError(f"{config.upstream}: a Whisper encoder takes at most {WHISPER_MAX_SECONDS:g} s of audio; "
+                              f"give --max-seconds {WHISPER_MAX_SECONDS:g} or less "
+                              f"(not {config.max_seconds if config.max_seconds is not None else 'no limit'})")
+    elif config.whisper_input is not None:
+        raise ConfigError(f"--whisper-input applies to Whisper encoders only; {config.upstream} is not one")
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def parse_layers(spec, num_hidden_states: int) -> List[int]:
@@ -229,9 +262,11 @@ def assign_shards(jobs: Sequence[Job], shard_size: int) -> List[List[Job]]:
     return [ordered[i:i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 
-def plan_batches(jobs: Sequence[Job], batch_seconds: float, *, batch_cost: float = 0.02) -> List[List[Job]]:
+def plan_batches(jobs: Sequence[Job], batch_seconds: float, *, batch_cost: float = 0.02,
+                 min_samples: int = 0) -> List[List[Job]]:
     """Batches of clips of similar length whose padded audio (size x longest) stays within
-    ``batch_seconds``.
+    ``batch_seconds``. ``min_samples``: what the model computes for a clip at least (a Whisper
+    encoder on its 30 s input computes 30 s for every clip), counted instead of shorter lengths.
 
     Clips sorted by length are cut into consecutive batches by dynamic programming,
     minimising the padded samples computed plus a fixed cost per batch (``batch_cost``
@@ -244,7 +279,7 @@ def plan_batches(jobs: Sequence[Job], batch_seconds: float, *, batch_cost: float
         return []
     limit = batch_seconds * SAMPLE_RATE
     overhead = batch_cost * limit
-    lengths = [max(j.samples, 1) for j in ordered]
+    lengths = [max(j.samples, min_samples, 1) for j in ordered]
     best = [0.0] + [math.inf] * n
     start = [0] * (n + 1)
     for end in range(1, n + 1):

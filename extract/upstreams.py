@@ -187,6 +187,20 @@ def check_upstream(name: str, *, random_init: bool = False, revision: Optional[s
     hub_access(name, spec.model_id if spec else name, revision)
 
 
+def upstream_family(name: str, *, random_init: bool = False, revision: Optional[str] = None) -> str:
+    """The transformers ``model_type`` of ``name`` without loading its weights (the registry's
+    family, or the model's config.json); call :func:`check_upstream` first."""
+    spec = UPSTREAMS.get(name)
+    if spec is not None and (random_init or not Path(name).is_dir()):
+        return spec.family
+    p = Path(name)
+    if p.is_dir():
+        if (p / FINETUNED_MARKER).is_file():
+            p = p / "upstream"
+        return AutoConfig.from_pretrained(str(p)).model_type
+    return AutoConfig.from_pretrained(name, revision=revision, **hub_access(name, name, revision)).model_type
+
+
 def load_upstream(name: str, *, random_init: bool = False, seed: int = 0, random_root=None,
                   revision: Optional[str] = None, config_overrides: Optional[Dict] = None):
     """Load an upstream through ``from_pretrained``; returns ``(model, identity)``.

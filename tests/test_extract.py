@@ -155,11 +155,16 @@ def test_one_layer_chunks_read_little(demo_cache):
 
 
 def test_extract_config_is_all_a_cache_records(demo_cache, tmp_path):
-    """The manifest's "config" rebuilds the ExtractConfig that made the cache; runtime options
-    are keyword arguments of extract_features, content settings are not."""
+    """The manifest's "config" rebuilds the ExtractConfig that made the cache, with the settings
+    left to the upstream's family resolved (normalisation "auto" → global for WavLM); runtime
+    options are keyword arguments of extract_features, content settings are not."""
+    from conilium.extract.plan import resolve_for_family
+
     m = FeatureCache(demo_cache).manifest
     config = ExtractConfig("demo-wavlm", random_init=True, seed=0, layers="all", pooled_stats=True)
-    assert ExtractConfig.from_dict(m["config"]) == config
+    assert config.normalize == "auto"
+    assert ExtractConfig.from_dict(m["config"]) == resolve_for_family(config, whisper=False)
+    assert m["config"]["normalize"] == "global" and m["config"]["whisper_input"] is None
     assert ExtractConfig("x", layers=[1, -1], splits="Train, Development").layers == "1,-1"
     assert ExtractConfig("x", splits="Train, Development").splits == ("Train", "Development")
     aug = ExtractConfig("x", augmentation={"noise_dir": str(tmp_path), "snr_db": "0:10"}).augmentation

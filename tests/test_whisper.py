@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-from conilium import CLASSES
+from conilium import CLASSES, SAMPLE_RATE
 from conilium.audio import read_audio
 from conilium.cache import FeatureCache
 from conilium.corpus import load_corpus
@@ -310,6 +310,61 @@ def test_extraction_into_a_cache_then_a_head(whisper_cache, tiny_corpus, demo, t
     start = build_model(config, upstream, identity)
     assert start.model.layers == (0, 1, 2, 3) and start.max_seconds == 4.0 and start.normalize == "none"
     assert start.model.encoder.whisper_input == "30s"
+
+
+def test_extract_features_settles_whisper_settings_and_compares_them(whisper_cache, tiny_corpus, tmp_path):
+    """On the command line a Whisper cache gets no waveform normalisation and the 30 s input by
+    default (both recorded); a rerun asking for the clip-length input is refused, naming it."""
+    from click.testing import CliRunner
+
+    from conilium.cli.extract import extract_features_cmd
+
+    out = tmp_path / "cli-cache"
+    base = ["--corpus", str(tiny_corpus), "--upstream", "demo-whisper", "--random-init", "--max-seconds", "4",
+            "--layers", "last", "--splits", "Development", "--out", str(out), "--quiet"]
+    r = CliRunner().invoke(extract_features_cmd, base)
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["normalize"] == "none" and m["normalize_stats"] is None
+    assert m["config"]["normalize"] == "none" and m["config"]["whisper_input"] == "30s"
+    r = CliRunner().invoke(extract_features_cmd, base + ["--whisper-input", "clip"])
+    assert r.exit_code != 0 and "whisper_input: cache has 30s, requested clip" in r.output, r.output
+    r = CliRunner().invoke(extract_features_cmd, base + ["--whisper-input", "30s"])  # the same settings: kept
+    assert r.exit_code == 0, r.output
+    # the library's cache fixture asked for the 30 s input by leaving it out: recorded resolved
+    assert json.loads((Path(whisper_cache) / "manifest.json").read_text())["config"]["whisper_input"] == "30s"
+
+
+@pytest.mark.parametrize("upstream, extra, message", [
+    ("demo-whisper", ["--max-seconds", "40"], "takes at most 30 s of audio"),
+    ("demo-wavlm", ["--whisper-input", "clip"], "--whisper-input applies to Whisper encoders only"),
+])
+def test_settings_a_family_cannot_take_are_refused(tiny_corpus, tmp_path, upstream, extra, message):
+    from click.testing import CliRunner
+
+    from conilium.cli.extract import extract_features_cmd
+
+    out = tmp_path / "cache"
+    r = CliRunner().invoke(extract_features_cmd, ["--corpus", str(tiny_corpus), "--upstream", upstream,
+                                                  "--random-init", "--out", str(out), "--quiet", *extra])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert not out.exists()  # nothing left behind
+
+
+def test_batches_count_the_30s_input_of_every_clip(demo):
+    """On CUDA, batches are bounded by padded audio: a Whisper encoder on its 30 s input computes
+    30 s per clip, so a 300 s bound holds 10 clips whatever their length."""
+    from conilium.corpus import Clip
+    from conilium.extract.plan import Job, plan_batches
+
+    jobs = [Job(f"c{i}", f"c{i}", Clip(f"c{i}", "Train", "N", None, "Unknown", 3.0), 3 * SAMPLE_RATE)
+            for i in range(25)]
+    assert max(len(b) for b in plan_batches(jobs, 300.0)) > 10
+    sizes = [len(b) for b in plan_batches(jobs, 300.0, min_samples=whisper.MAX_SAMPLES)]
+    assert sum(sizes) == 25 and max(sizes) <= 10
+    model, _ = demo
+    assert UpstreamRunner(model, device=CPU).min_samples == whisper.MAX_SAMPLES
+    assert UpstreamRunner(model, device=CPU, whisper_input="clip").min_samples == 0
 
 
 def test_finetune_best_and_predict_with_demo_whisper(small_demo_corpus, tmp_path):

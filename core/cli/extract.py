@@ -13,7 +13,7 @@ import sys
 import click
 
 from conilium.errors import ConiliumError
-from conilium.extract.registry import UPSTREAMS
+from conilium.extract.registry import UPSTREAMS, WHISPER_INPUTS
 
 from .common import (CONTEXT, GROUP_QUIET, POSITIVE, POSITIVE_INT, SEED, Group, Number, check_corpus_arg, fail,
                      lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)
@@ -37,8 +37,13 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
               help="Also store every layer's mean and std over frames (small; for layer probing).")
 @click.option("--max-seconds", type=POSITIVE, default=8.0, show_default=True,
               help="Truncate clips to this many seconds (the paper: 8; the challenge baseline: 12).")
-@click.option("--normalize", type=click.Choice(["global", "utterance", "none"]), default="global",
-              show_default=True, help="Waveform normalisation; global = mean/std over the Train audio.")
+@click.option("--normalize", type=click.Choice(["auto", "global", "utterance", "none"]), default="auto",
+              show_default=True, help="Waveform normalisation; global = mean/std over the Train audio; auto = global, "
+                                      "or none for a Whisper encoder (its log-mel front end takes the audio as is).")
+@click.option("--whisper-input", type=click.Choice(WHISPER_INPUTS), default=None,
+              help="A Whisper encoder's input: 30s (the model's own window, every clip zero-padded to 30 s; "
+                   "the default) or clip (cut to the clip, positional embeddings sliced: faster, but "
+                   "features the model never saw in training). Whisper only.")
 @click.option("--random-init", is_flag=True,
               help="Use the architecture with seeded random weights (no download; for benchmarks and tests).")
 @click.option("--seed", type=SEED, default=0, show_default=True,
@@ -72,7 +77,8 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
 @wait_for_lock_option("the cache directory")
 @quiet_option("No progress bar or messages.")
 @version_option
-def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max_seconds, normalize, random_init,
+def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max_seconds, normalize, whisper_input,
+                         random_init,
                          seed, revision, splits, batch_seconds, device, compute_dtype, shard_size, workers, threads,
                          skip_bad, augment_noise, augment_fraction, snr_db, copies, rescale_loud, overwrite,
                          no_space_check, wait_for_lock, quiet):
@@ -83,6 +89,8 @@ def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max
       extract-features --corpus MSP-PODCAST-1.11 --upstream wavlm-large --out cache/wavlm-large
       extract-features --corpus demo --upstream demo-wavlm --random-init --layers all \\
           --pooled-stats --out cache/demo-wavlm
+      extract-features --corpus MSP-PODCAST-1.11 --upstream whisper-large-v3 --layers all \\
+          --out cache/whisper-large-v3
 
     The cache (manifest.json, clips.json, shards/*.h5) carries the clips' annotations, so
     training heads needs only the cache directory. An interrupted run resumes where it
@@ -102,7 +110,7 @@ def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max
             compute_dtype=compute_dtype, shard_size=shard_size,
             splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None,
             augmentation=NoiseAugmentation(augment_noise, augment_fraction, parse_snr(snr_db), copies)
-            if augment_noise else None, rescale_loud=rescale_loud)
+            if augment_noise else None, rescale_loud=rescale_loud, whisper_input=whisper_input)
         if threads:
             import torch
 

@@ -34,8 +34,9 @@ Each shard holds a few hundred clips (N), T frames in all, L stored layers of di
 come from HDF5), so a clip's layer ``l`` is the ``num_frames·D`` values at
 ``frames[l, offsets[i]:offsets[i] + num_frames[i]]``: one read of exactly its own bytes,
 with no HDF5 machinery on the way. Reading a clip reads one range per layer; a batch of
-neighbouring clips or a whole shard, one range per layer. Every range read is checked
-against its CRC-32 (a damaged clip is a :class:`CacheError` naming shard and clip); the
+neighbouring clips or a whole shard, one range per layer. Each clip's bytes are checked
+against their CRC-32 when a reader first reads them (a damaged clip is a
+:class:`CacheError` naming shard and clip; later epochs reread them unchecked); the
 small index datasets carry HDF5's fletcher32 checksum. Shards are assembled under a
 temporary name and renamed when complete; ``manifest.json`` is written last, with
 ``"complete": true``. Caches are written through
@@ -58,7 +59,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import h5py
 import numpy as np
@@ -372,9 +373,14 @@ class ShardIndex:
     pooled_offset: Optional[int] = None
     pooled_crc: Optional[np.ndarray] = None
     position: Dict[str, int] = field(default_factory=dict)
+    #: (N, L) / (N,): which clips' layers / pooled statistics this process has checked already
+    verified: Optional[np.ndarray] = None
+    pooled_verified: Optional[np.ndarray] = None
 
     def __post_init__(self):
         self.position = {n: i for i, n in enumerate(self.names)}
+        self.verified = np.zeros((len(self.names), self.num_layers), dtype=bool)
+        self.pooled_verified = np.zeros(len(self.names), dtype=bool)
 
     @property
     def row_bytes(self) -> int:
@@ -579,15 +585,19 @@ class FeatureCache:
     >>> x = cache.frames(cache.names[0])      # float32 (frames, layers, dim)
 
     Opening checks the manifest against its own checksum and clips.json against the
-    manifest's; every read of frames or pooled statistics is checked against the clip's
-    CRC-32 (``verify=False`` skips that, for measurements only). A shard's index is read
+    manifest's; frames and pooled statistics are checked against the clip's CRC-32 the
+    first time this reader reads them (``verify=True``, the default: a head trained for 40
+    epochs pays the checksum in its first epoch only), at every read (``"always"``), or
+    never (``False``, for measurements only). A shard's index is read
     once; its frames are then read with plain positional reads of the file (no HDF5 on the
     way). At most ``max_open`` shard files stay open at once (one closed while another
     thread reads it is closed when that read ends); the reader can be shared by threads and
     handed to DataLoader workers (forked or pickled).
     """
 
-    def __init__(self, path, *, max_open: int = 16, verify: bool = True):
+    def __init__(self, path, *, max_open: int = 16, verify: Union[bool, str] = True):
+        if verify not in (True, False, "once", "always"):
+            raise ValueError(f"verify must be True (once per clip), 'always' or False, not {verify!r}")
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         self._shards = [self.path / s["file"] for s in self.manifest["shards"]]
@@ -615,7 +625,8 @@ class FeatureCache:
             raise CacheError(f"{self.path / CLIPS}: clips in shard(s) {bad[:5]}, the cache has {len(self._shards)}")
         self.names: List[str] = list(self.clips)
         self.max_open = max_open
-        self.verify = verify
+        self.verify = bool(verify)
+        self._verify_always = verify == "always"
         self._index: Dict[int, ShardIndex] = {}
         self._reset_files()
         self._dtype = np.dtype(np.float32 if self.manifest.get("dtype") == "float32" else np.float16)
@@ -795,9 +806,12 @@ class FeatureCache:
                 self._pread(fd, buf[j], idx.layer_offset(k, a), idx)
                 if self.verify:  # while the bytes just read are still in the CPU's caches
                     for i in range(first, last + 1):
+                        if idx.verified[i, k] and not self._verify_always:
+                            continue
                         s = int(idx.offsets[i]) - a
                         if crc32(buf[j, s : s + int(idx.num_frames[i])]) != int(idx.crc[i, k]):
                             raise self._damaged(idx, idx.names[i], f"frames of layer {self.layers[k]}")
+                        idx.verified[i, k] = True
         return buf
 
     @staticmethod
@@ -830,8 +844,10 @@ class FeatureCache:
         out = np.empty(idx.pooled_shape, np.float32)
         with self._file(shard) as fd:
             self._pread(fd, out, idx.pooled_offset + i * idx.pooled_bytes, idx)
-        if self.verify and crc32(out) != int(idx.pooled_crc[i]):
-            raise self._damaged(idx, name, "pooled statistics")
+        if self.verify and (self._verify_always or not idx.pooled_verified[i]):
+            if crc32(out) != int(idx.pooled_crc[i]):
+                raise self._damaged(idx, name, "pooled statistics")
+            idx.pooled_verified[i] = True
         return out
 
     def iter_frames(self, names: Sequence[str], layer: Optional[int] = None,

@@ -183,3 +183,34 @@ def test_rerunning_extraction_rewrites_a_damaged_clips_json_or_manifest(extracte
     assert {p.name: p.stat().st_mtime_ns for p in (cache / "shards").iterdir()} == shards
     assert {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()} == files
     assert verify_cache(cache).ok and len(FeatureCache(cache)) == 60
+
+
+def test_a_reader_checks_each_clip_once_and_always_when_asked(copy, monkeypatch):
+    """The CRC-32 of a clip's layer is computed on its first read by a reader (a 40-epoch
+    head pays it once); ``verify="always"`` checks every read and so sees a shard damaged
+    after a first read; a damaged clip is found on its first read either way."""
+    import conilium.cache.store as store
+
+    calls = []
+    real = store.crc32
+    monkeypatch.setattr(store, "crc32", lambda data: calls.append(1) or real(data))
+    cache = FeatureCache(copy)
+    names = cache.split("Train")[:4]
+    layers = len(cache.layers)
+    for _ in range(3):  # three "epochs"
+        for n in names:
+            cache.frames(n)
+        list(cache.iter_frames(names))
+    assert len(calls) == len(names) * layers
+    calls.clear()
+    always = FeatureCache(copy, verify="always")
+    for _ in range(3):
+        always.frames(names[1])
+    assert len(calls) == 3 * layers
+    shard = _flip_bit(copy, names[1], layer=0)  # damaged after the reader has read it
+    with pytest.raises(CacheError, match=rf"{shard}: clip {names[1]}: frames of layer"):
+        always.frames(names[1])
+    with pytest.raises(CacheError, match=rf"clip {names[1]}"):
+        FeatureCache(copy).frames(names[1])  # a new reader: first read, checked
+    with pytest.raises(ValueError, match="verify must be"):
+        FeatureCache(copy, verify="sometimes")

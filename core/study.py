@@ -40,6 +40,17 @@ TABLE2_ROWS = {"WCE": "wce-hard", "WBCE(P)": "wbce-P", "WBCE(S)": "wbce-S", "KLD
 SAMPLER_ROWS = {"BCE(P)": "bce-P", "BCE(P) + sampler": "bce-P-balanced", "BCE(S)": "bce-S",
                 "BCE(S) + sampler": "bce-S-balanced", "KLD(P) + sampler": "kld-P-balanced",
                 "KLD(S) + sampler": "kld-S-balanced"}
+#: Runs beyond the paper, on the Table 2 cache: arousal/valence/dominance alone and jointly with
+#: WBCE(S) (report: "attributes"), and WBCE(S) also trained on X and O clips (a Table 2 row).
+ATTRIBUTE_ROWS = {"Attributes": "avd", "WBCE(S) + attributes": "wbce-S-avd"}
+XO_ROW = ("WBCE(S) + X/O", "wbce-S-xo")
+EXTRA_SPEC = {
+    "description": "beyond the paper: arousal, valence, dominance (CCC loss) alone and with WBCE(S); "
+                   "WBCE(S) also trained on X and O clips",
+    "runs": [{"name": "avd", "task": "attributes"},
+             {"name": "wbce-S-avd", "task": "joint", "loss": "wbce", "labels": "S"},
+             {"name": "wbce-S-xo", "loss": "wbce", "labels": "S", "train_on_xo": True}],
+}
 TABLE3_ROWS = {"WBCE(P*)": "wbce-Pstar", "WBCE(S*)": "wbce-Sstar", "KLD(P*)": "kld-Pstar-balanced",
                "KLD(S*)": "kld-Sstar-balanced"}
 
@@ -234,6 +245,8 @@ class Study:
         self.grid("train heads: Table 2 (losses and targets)", self.runs / "table2", preset="table2", cache=best_cache)
         self.grid("train heads: section 3.4 (class-balanced sampler)", self.runs / "sampler", preset="sampler", cache=best_cache)
         self.grid("train heads: Table 3 (high-agreement subsets)", self.runs / "table3", preset="table3", cache=best_cache)
+        self.grid("train heads: arousal/valence/dominance, alone and with WBCE(S); WBCE(S) on X and O clips too",
+                  self.runs / "extra", spec=EXTRA_SPEC, cache=best_cache)
 
         best = self.runs / "table2" / "wbce-S"
         tuned = self.runs / "best-tuned"
@@ -318,7 +331,8 @@ class Study:
                      t2_finetuned: Optional[Path] = None) -> dict:
         tables = {
             "table1": {label: str(t1 / f"{name}-wce-hard") for label, name in self.upstreams.items()},
-            "table2": {label: str(self.runs / "table2" / d) for label, d in TABLE2_ROWS.items()},
+            "table2": {**{label: str(self.runs / "table2" / d) for label, d in TABLE2_ROWS.items()},
+                       XO_ROW[0]: str(self.runs / "extra" / XO_ROW[1])},
             # the sampler section compares with the Table 2 runs without a sampler
             "sampler": {"WBCE(P)": str(self.runs / "table2" / "wbce-P"), "KLD(S)": str(self.runs / "table2" / "kld-S"),
                         **{label: str(self.runs / "sampler" / d) for label, d in SAMPLER_ROWS.items()}},
@@ -327,6 +341,7 @@ class Study:
             # the paper's "baseline system" (WavLM + attentive pooling + WCE on hard labels, the
             # challenge baseline's configuration) is Table 1's WavLM row, here as a head on
             # frozen features; the report says so in its Setting column
+            "attributes": {label: str(self.runs / "extra" / d) for label, d in ATTRIBUTE_ROWS.items()},
             "table4": {"dev": str(tuned), "Baseline (Development)": str(t1 / f"{self.upstreams['WavLM-large']}-wce-hard")},
         }
         if t2_finetuned is not None:

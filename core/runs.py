@@ -332,7 +332,8 @@ def check_run(run_dir) -> List[str]:
     return available
 
 
-def read_run(run_dir, splits: Optional[Sequence[str]] = None, *, attributes_only_ok: bool = False) -> Dict[str, Predictions]:
+def read_run(run_dir, splits: Optional[Sequence[str]] = None, *,
+             attributes_only_ok: bool = False) -> Dict[str, Predictions]:
     """Every split's predictions of a run (or the given splits), with clear errors.
 
     An attributes-only run (``train-head --task attributes``: no class scores) is a

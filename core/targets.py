@@ -167,7 +167,8 @@ def passes_agreement(clip: Clip, kind: str, thresholds: Optional[Dict] = None,
 
 
 def training_set(clips: Iterable[Clip], kind: str, *, thresholds: Optional[Dict] = None, fallback_to_hard: bool = True,
-                 reading: Optional[str] = None, include_xo: bool = False) -> Tuple[List[Clip], np.ndarray, Dict[str, int]]:
+                 reading: Optional[str] = None,
+                 include_xo: bool = False) -> Tuple[List[Clip], np.ndarray, Dict[str, int]]:
     """Training clips and their target matrix for ``kind``.
 
     Clips whose consensus is O, X or unknown are left out (the paper's rule). For soft

@@ -472,7 +472,8 @@ def attribute_table(rows_spec: Dict, base: Path) -> List[Dict]:
                            f"(scored: {', '.join(m['attributes']) or 'none'})")
         cfg = _config_or_none(run_dir) or {}
         rows.append({"label": label, "run": str(run_dir), "split": split, "task": cfg.get("task"),
-                     "setting": run_setting(run_dir), "scores": a, "f1_macro": (m.get("splits") or {}).get(split, {}).get("f1_macro"),
+                     "setting": run_setting(run_dir), "scores": a,
+                     "f1_macro": (m.get("splits") or {}).get(split, {}).get("f1_macro"),
                      "train_clips": (m.get("training") or {}).get("attribute_clips")})
     return rows
 
@@ -880,8 +881,8 @@ def _attribute_lines(rows: List[Dict], out_dir: Path) -> List[str]:
               "*attributes*: CCC loss only, on every training clip with attribute values (X and O included), "
               "best epoch by mean CCC; *joint*: the categories loss plus the weighted CCC loss, best epoch by "
               "macro-F1. The paper reports no attribute numbers.", "",
-              "| Row | Task | Setting (ours) | Run | Split | Clips | " + " | ".join(f"CCC {n} ({c})" for c, n in ATTRIBUTE_NAMES)
-              + " | CCC mean | Macro-F1 (ours) |",
+              "| Row | Task | Setting (ours) | Run | Split | Clips | "
+              + " | ".join(f"CCC {n} ({c})" for c, n in ATTRIBUTE_NAMES) + " | CCC mean | Macro-F1 (ours) |",
               "|---|---|---|---|---|---:|" + "---:|" * (len(ATTRIBUTE_NAMES) + 2)]
     for r in rows:
         a = r["scores"]

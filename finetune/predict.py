@@ -20,7 +20,9 @@ Both kinds of source come down to one :class:`Loaded`: a module callable on
 ``(waves, lengths)`` that returns logits, the signal path, classes, decision offsets and
 loss. A run whose head predicts the attributes (``train-head --task attributes|joint``)
 gives them too: ``EmoAct, EmoVal, EmoDom`` on the corpus's 1–7 scale, after the class
-columns (an attributes-only run has no class columns and no Prediction). For a run that module is :class:`RunModel`: the upstream its cache names, run as
+columns (an attributes-only run has no class columns and no Prediction).
+
+For a run, that module is :class:`RunModel`: the upstream its cache names, run as
 extraction ran it (:class:`~conilium.extract.encoder.UpstreamRunner`: the run's
 hidden-state layers, or every layer's mean and standard deviation over frames for a
 ``--pooled-stats`` head, in the cache's compute dtype), then the run's head.

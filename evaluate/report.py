@@ -386,6 +386,8 @@ def training_set_sizes(scored: Dict[str, List[Dict]]) -> List[Dict]:
             cfg = _config_or_none(r["run"])
             if not cfg or cfg.get("kind") or cfg.get("labels") not in paper.TRAINING_SET_SIZES or not cfg.get("cache"):
                 continue
+            if cfg.get("train_on_xo") or cfg.get("task", "categories") != "categories":
+                continue  # not the paper's training set
             lab = cfg["labels"]
             if lab in found:
                 continue

@@ -15,6 +15,11 @@ the paper's end-to-end fine-tuning); ``finetune-best`` then trains the best conf
 end to end, its upstream's features are extracted once more (``extract-features
 --upstream MODEL_DIR``) and Table 2's heads are trained on them (frozen-then-fine-tuned).
 The report states each row's setting.
+
+Beyond the paper, on Table 2's cache: a head on arousal, valence and dominance alone
+(``--task attributes``), one jointly with WBCE(S) (``--task joint``), both in the report's
+attributes table, and WBCE(S) also trained on X and O clips (``--train-on-xo``), a Table 2
+row of its own with its X/O counts.
 """
 
 from __future__ import annotations

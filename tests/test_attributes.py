@@ -324,3 +324,17 @@ def test_report_attribute_table(attribute_runs, tmp_path):
     (categories / "metrics.json").write_text(json.dumps({"f1_macro": 0.2, "splits": {}}))
     with pytest.raises(RunError, match="predicts no attributes"):
         build_report({"tables": {"attributes": {"x": str(categories)}}}, tmp_path / "bad")
+
+
+def test_grid_reuses_a_run_written_before_the_task_fields(demo_cache, tmp_path):
+    from conilium.heads.grid import expand_spec, run_grid
+
+    spec = {"common": {"epochs": 2, "hidden": 64, "device": "cpu"}, "runs": [{"name": "wbce-S"}]}
+    runs = expand_spec(spec, cache=str(demo_cache))
+    run_grid(runs, tmp_path / "grid", progress=False)
+    config = tmp_path / "grid" / "wbce-S" / "config.json"
+    old = {k: v for k, v in json.loads(config.read_text()).items()
+           if k not in ("task", "attribute_weight", "train_on_xo")}
+    config.write_text(json.dumps(old))  # as written before these fields existed
+    rows = run_grid(expand_spec(spec, cache=str(demo_cache)), tmp_path / "grid", progress=False)
+    assert rows[0]["status"] == "skipped (complete)"

@@ -16,6 +16,15 @@ stopping. The run directory then gets (see :mod:`conilium.runs`)::
     metrics.json              Development scores at top level, best_epoch, history, "splits"
     predictions/<Split>.csv   every split of the cache
 
+**Attributes** (``task``): ``"attributes"`` trains on every Train clip with arousal,
+valence and dominance values (X and O included) with the CCC loss and keeps the epoch of
+the best mean CCC over the Development clips with values; ``"joint"`` trains the
+categories' clips on the categories loss plus ``attribute_weight`` × the CCC loss (over
+the clips of the batch with values) and keeps the best macro-F1 epoch (its history also
+has the Development CCC, over the scoreable clips). metrics.json then scores the
+attributes of every clip with values on every split (``attributes``, ``ccc_mean``), and
+the predictions CSV has the attribute columns (:mod:`conilium.runs`).
+
 ``metrics.json`` is written last: a run directory is complete when it exists. While a
 run is being trained, ``out_dir`` holds a lock (:mod:`conilium.locking`): a second
 train-head on the same directory stops with a message naming the first (or waits,

@@ -53,3 +53,51 @@ def macro_f1(references: Sequence[str], predictions: Sequence[str]) -> float:
     keep = scoreable(refs)
     return float(f1_score(refs[keep].astype(str), np.asarray(predictions, dtype=object)[keep].astype(str),
                           labels=list(CLASSES), average="macro", zero_division=0))
+
+
+# --------------------------------------------------------------------------- attributes
+
+def ccc_parts(predictions: Sequence[float], references: Sequence[float]) -> Dict:
+    """Lin's concordance correlation coefficient and its parts, over the clips whose
+    reference is known (NaN references are left out).
+
+    ``ccc = 2 ρ σ_p σ_r / (σ_p² + σ_r² + (μ_p − μ_r)²)`` with population (1/N) moments;
+    ``pearson`` is ρ (None when either side is constant); ``ccc`` is 0 when both sides are
+    constant and unequal, 1 when they are constant and equal. None entries when no clip
+    is left.
+    """
+    p = np.asarray(predictions, dtype=np.float64)
+    r = np.asarray(references, dtype=np.float64)
+    keep = ~np.isnan(r)
+    p, r = p[keep], r[keep]
+    n = int(len(r))
+    if n == 0:
+        return {"n": 0, "ccc": None, "pearson": None, "pred_mean": None, "pred_std": None,
+                "ref_mean": None, "ref_std": None}
+    mp, mr = float(p.mean()), float(r.mean())
+    vp, vr = float(p.var()), float(r.var())
+    cov = float(((p - mp) * (r - mr)).mean())
+    denom = vp + vr + (mp - mr) ** 2
+    ccc = 2 * cov / denom if denom > 0 else 1.0
+    pearson = None
+    if vp > 0 and vr > 0:
+        pearson = float(np.corrcoef(p, r)[0, 1])
+    return {"n": n, "ccc": float(ccc), "pearson": pearson, "pred_mean": mp, "pred_std": float(np.sqrt(vp)),
+            "ref_mean": mr, "ref_std": float(np.sqrt(vr))}
+
+
+def score_attributes(references: np.ndarray, predictions: np.ndarray,
+                     names: Sequence[str] = ("EmoAct", "EmoVal", "EmoDom")) -> Dict:
+    """Per attribute :func:`ccc_parts` of (N, 3) predictions against (N, 3) references
+    (NaN where unknown), and ``ccc_mean`` over the attributes with a score."""
+    refs = np.asarray(references, dtype=np.float64)
+    preds = np.asarray(predictions, dtype=np.float64)
+    if refs.shape != preds.shape or refs.ndim != 2 or refs.shape[1] != len(names):
+        raise ValueError(f"attribute predictions {preds.shape} and references {refs.shape}: expected (N, {len(names)})")
+    out: Dict = {name: ccc_parts(preds[:, k], refs[:, k]) for k, name in enumerate(names)}
+    known = [out[name]["ccc"] for name in names if out[name]["ccc"] is not None]
+    if not known:
+        raise ValueError("no clip with a known attribute reference")
+    out["ccc_mean"] = float(np.mean(known))
+    out["n"] = int((~np.isnan(refs).all(axis=1)).sum())
+    return out

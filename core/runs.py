@@ -10,6 +10,14 @@ A run directory holds::
 ``Reference`` is the consensus letter (O and X included, so nothing is hidden); it is
 empty where the split is unlabelled. Scoring keeps the eight target classes only.
 
+A run that predicts the attributes (``train-head --task joint|attributes``) adds
+``EmoAct,EmoVal,EmoDom`` (predictions, corpus scale) and ``Ref_EmoAct,Ref_EmoVal,Ref_EmoDom``
+(references, empty where unknown) after ``Reference``; an attributes-only run's file
+has ``FileName`` and those six columns only (no class columns, no Prediction or
+Reference). Its metrics.json scores the attributes under ``attributes`` (split → CCC per
+attribute and its parts, ``ccc_mean``). Readers that need class scores refuse an
+attributes-only run by name (:func:`read_run`).
+
 This is the contract between the stages that produce runs (:mod:`conilium.heads`,
 :mod:`conilium.finetune`) and the one that reads them (:mod:`conilium.evaluate`):
 writing a run, reading its predictions, checking it, and staging derived runs
@@ -31,8 +39,12 @@ import numpy as np
 
 from . import CLASSES
 from .errors import ConiliumError
-from .metrics import score
+from .metrics import score, score_attributes
 from .util import atomic_path, read_json, write_json
+
+#: Attribute columns of a predictions CSV: predictions, then references.
+ATTRIBUTE_COLUMNS = ("EmoAct", "EmoVal", "EmoDom")
+ATTRIBUTE_REF_COLUMNS = tuple(f"Ref_{c}" for c in ATTRIBUTE_COLUMNS)
 
 PRED_DIR = "predictions"
 METRICS = "metrics.json"
@@ -52,22 +64,53 @@ class Predictions:
     prediction: List[str]
     reference: List[Optional[str]]
     classes: Sequence[str] = CLASSES
+    #: (N, 3) predicted arousal, valence, dominance (corpus scale) and their references (NaN
+    #: where unknown), for runs that predict them; None otherwise
+    attributes: Optional[np.ndarray] = None
+    attribute_refs: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def attributes_only(self) -> bool:
+        """True for an attributes-only run's predictions (no class scores)."""
+        return len(self.classes) == 0
+
+
+def _value(x: float) -> str:
+    return "" if np.isnan(x) else f"{x:.6f}"
+
 
 def write_predictions(path, names: Sequence[str], probs: np.ndarray, prediction: Sequence[str],
-                      reference: Sequence[Optional[str]], classes: Sequence[str] = CLASSES) -> None:
+                      reference: Sequence[Optional[str]], classes: Sequence[str] = CLASSES, *,
+                      attributes: Optional[np.ndarray] = None, attribute_refs: Optional[np.ndarray] = None) -> None:
+    """One split's predictions CSV. ``classes`` empty (with ``attributes``): an attributes-only
+    file, FileName and the attribute columns."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.shape != (len(names), len(classes)):
         raise ValueError(f"probabilities of shape {probs.shape} for {len(names)} clips and {len(classes)} classes")
+    if attributes is None and not classes:
+        raise ValueError("a predictions file needs class scores or attributes")
+    header = ["FileName"]
+    if classes:
+        header += [*classes, "Prediction", "Reference"]
+    if attributes is not None:
+        attributes = np.asarray(attributes, dtype=np.float64).reshape(len(names), len(ATTRIBUTE_COLUMNS))
+        refs = (np.full_like(attributes, np.nan) if attribute_refs is None
+                else np.asarray(attribute_refs, dtype=np.float64).reshape(attributes.shape))
+        header += [*ATTRIBUTE_COLUMNS, *ATTRIBUTE_REF_COLUMNS]
     with atomic_path(path, suffix=".csv.tmp") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["FileName", *classes, "Prediction", "Reference"])
+            w.writerow(header)
             for i, n in enumerate(names):
-                w.writerow([n, *(f"{p:.6f}" for p in probs[i]), prediction[i], reference[i] or ""])
+                row = [n]
+                if classes:
+                    row += [*(f"{p:.6f}" for p in probs[i]), prediction[i], reference[i] or ""]
+                if attributes is not None:
+                    row += [*(_value(v) for v in attributes[i]), *(_value(v) for v in refs[i])]
+                w.writerow(row)
 
 
 def read_predictions(path) -> Predictions:
@@ -80,24 +123,43 @@ def read_predictions(path) -> Predictions:
             header = next(r)
         except StopIteration:
             raise RunError(f"{path}: empty predictions file") from None
-        if len(header) < 4 or header[0] != "FileName" or header[-2:] != ["Prediction", "Reference"]:
-            raise RunError(f"{path}:1: expected header FileName,<class columns>,Prediction,Reference; got {header}")
-        classes = header[1:-2]
-        names, probs, pred, ref = [], [], [], []
+        attr_cols = [*ATTRIBUTE_COLUMNS, *ATTRIBUTE_REF_COLUMNS]
+        has_attr = header[-len(attr_cols):] == attr_cols
+        core = header[: len(header) - len(attr_cols)] if has_attr else header
+        if core == ["FileName"] and has_attr:
+            n_cls = 0
+        elif len(core) >= 4 and core[0] == "FileName" and core[-2:] == ["Prediction", "Reference"]:
+            n_cls = len(core) - 3
+        else:
+            raise RunError(f"{path}:1: expected header FileName,<class columns>,Prediction,Reference"
+                           f"[,{','.join(attr_cols)}] or FileName,{','.join(attr_cols)}; got {header}")
+        classes = core[1: 1 + n_cls]
+        names, probs, pred, ref, attrs = [], [], [], [], []
         for lineno, row in enumerate(r, start=2):
             if not row:
                 continue
             if len(row) != len(header):
                 raise RunError(f"{path}:{lineno}: expected {len(header)} fields, found {len(row)}")
             try:
-                probs.append([float(x) for x in row[1:-2]])
+                probs.append([float(x) for x in row[1: 1 + n_cls]])
             except ValueError:
-                raise RunError(f"{path}:{lineno}: non-numeric probability in {row[1:-2]}") from None
+                raise RunError(f"{path}:{lineno}: non-numeric probability in {row[1: 1 + n_cls]}") from None
+            if has_attr:
+                values = row[len(core):]
+                try:
+                    attrs.append([float(x) if x != "" else np.nan for x in values])
+                except ValueError:
+                    raise RunError(f"{path}:{lineno}: non-numeric attribute value in {values}") from None
             names.append(row[0])
-            pred.append(row[-2])
-            ref.append(row[-1] or None)
+            if n_cls:
+                pred.append(row[len(core) - 2])
+                ref.append(row[len(core) - 1] or None)
+            else:
+                pred.append("")
+                ref.append(None)
+    a = np.asarray(attrs, dtype=np.float64).reshape(len(names), len(attr_cols)) if has_attr else None
     return Predictions(names, np.asarray(probs, dtype=np.float64).reshape(len(names), len(classes)),
-                       pred, ref, tuple(classes))
+                       pred, ref, tuple(classes), None if a is None else a[:, :3], None if a is None else a[:, 3:])
 
 
 def prediction_path(run_dir, split: str) -> Path:
@@ -135,28 +197,51 @@ def write_run_outputs(out_dir, split_predictions: Mapping[str, Tuple[Sequence[st
     """Write ``predictions/<Split>.csv`` for each split and then ``metrics.json``; return the metrics.
 
     ``split_predictions`` maps a split name to ``(names, probs (N, 8), references)``,
-    references being consensus letters (O and X included) or None where unknown.
-    Prediction = argmax of the scores. Every split with at least one target-class
-    reference is scored; ``metrics.json`` holds the ``dev_split`` scores at top level
-    (f1_macro, f1_micro, per_class, confusion, …), ``split``, ``best_epoch``, ``history``,
-    ``splits`` (split → scores) and the ``extra`` items. It is written last, so a run
-    directory with a metrics.json is complete.
+    references being consensus letters (O and X included) or None where unknown, or to
+    ``(names, probs, references, attributes (N, 3), attribute references (N, 3))`` for a
+    run that predicts the attributes (corpus scale, NaN where unknown; ``probs`` (N, 0):
+    an attributes-only run). Prediction = argmax of the scores. Every split with at least
+    one target-class reference is scored; ``metrics.json`` holds the ``dev_split`` scores
+    at top level (f1_macro, f1_micro, per_class, confusion, …), ``split``, ``best_epoch``,
+    ``history``, ``splits`` (split → scores), for attribute runs ``attributes`` (split →
+    :func:`~conilium.metrics.score_attributes`, every split with a known attribute
+    reference) and ``ccc_mean`` (the ``dev_split``'s), and the ``extra`` items. It is
+    written last, so a run directory with a metrics.json is complete.
     """
     out_dir = Path(out_dir)
     splits: Dict[str, dict] = {}
-    for split, (names, probs, refs) in split_predictions.items():
+    attr_splits: Dict[str, dict] = {}
+    with_attributes = False
+    for split, entry in split_predictions.items():
+        names, probs, refs = entry[:3]
+        attributes, attr_refs = (entry[3], entry[4]) if len(entry) > 3 else (None, None)
         probs = np.asarray(probs, dtype=np.float64)
-        pred = letters(probs) if len(names) else []
-        write_predictions(prediction_path(out_dir, split), list(names), probs.reshape(len(names), len(CLASSES)),
-                          pred, list(refs))
-        if any(r in CLASSES for r in refs):
+        n_cls = 0 if (attributes is not None and probs.size == 0) else len(CLASSES)
+        probs = probs.reshape(len(names), n_cls)
+        pred = letters(probs) if (len(names) and n_cls) else [""] * len(names)
+        write_predictions(prediction_path(out_dir, split), list(names), probs, pred, list(refs),
+                          CLASSES if n_cls else (), attributes=attributes, attribute_refs=attr_refs)
+        if n_cls and any(r in CLASSES for r in refs):
             splits[split] = score(list(refs), pred)
+        if attributes is not None:
+            with_attributes = True
+            attr_refs = np.asarray(attr_refs, dtype=np.float64).reshape(len(names), len(ATTRIBUTE_COLUMNS))
+            if len(names) and not np.isnan(attr_refs).all():
+                attr_splits[split] = score_attributes(attr_refs, attributes, ATTRIBUTE_COLUMNS)
     main = dev_split if dev_split in splits else next(iter(splits), None)
     metrics: dict = dict(splits[main]) if main is not None else {}
+    if with_attributes:
+        attr_main = dev_split if dev_split in attr_splits else next(iter(attr_splits), None)
+        main = main if main is not None else attr_main
+        if attr_main is not None:
+            metrics["ccc_mean"] = attr_splits[attr_main]["ccc_mean"]
+            metrics["attributes_split"] = attr_main
     metrics["split"] = main
     metrics["best_epoch"] = best_epoch
     metrics["history"] = list(history or [])
     metrics["splits"] = splits
+    if with_attributes:
+        metrics["attributes"] = attr_splits
     if extra:
         metrics.update(extra)
     write_json(out_dir / METRICS, metrics)
@@ -247,12 +332,25 @@ def check_run(run_dir) -> List[str]:
     return available
 
 
-def read_run(run_dir, splits: Optional[Sequence[str]] = None) -> Dict[str, Predictions]:
-    """Every split's predictions of a run (or the given splits), with clear errors."""
+def read_run(run_dir, splits: Optional[Sequence[str]] = None, *,
+             attributes_only_ok: bool = False) -> Dict[str, Predictions]:
+    """Every split's predictions of a run (or the given splits), with clear errors.
+
+    An attributes-only run (``train-head --task attributes``: no class scores) is a
+    :class:`RunError` naming it unless ``attributes_only_ok``: the readers of class scores
+    (thresholds, ensembles, Easy/Difficult, submissions) cannot use it.
+    """
     available = check_run(run_dir)
     wanted = list(splits) if splits else available
     missing = [s for s in wanted if s not in available]
     if missing:
         raise RunError(f"{run_dir}: no predictions for split(s) {', '.join(missing)}; "
                        f"available: {', '.join(available)}")
-    return {s: read_predictions(prediction_path(run_dir, s)) for s in wanted}
+    out = {s: read_predictions(prediction_path(run_dir, s)) for s in wanted}
+    if not attributes_only_ok:
+        for s, p in out.items():
+            if p.attributes_only:
+                raise RunError(f"{run_dir}: an attributes-only run (train-head --task attributes: "
+                               f"{prediction_path(run_dir, s).name} holds EmoAct, EmoVal, EmoDom and no class "
+                               f"scores); this needs a run with class scores (--task categories or joint)")
+    return out

@@ -19,7 +19,11 @@ The report states each row's setting.
 Beyond the paper (left out with ``--paper-only``): a Whisper encoder upstream
 (whisper-large-v3; demo-whisper on the demo corpus) in Table 1's style, WCE on hard labels
 from frozen features, reported as its own row with no paper number and kept out of the
-paper's comparisons (the three best upstreams of section 3.6 are chosen among the paper's four).
+paper's comparisons (the three best upstreams of section 3.6 are chosen among the paper's four);
+on Table 2's cache, a head on arousal, valence and dominance alone (``--task attributes``),
+one jointly with WBCE(S) (``--task joint``), both in the report's attributes table, and
+WBCE(S) also trained on X and O clips (``--train-on-xo``), a Table 2 row of its own with its
+X/O counts.
 """
 
 from __future__ import annotations
@@ -48,6 +52,17 @@ TABLE2_ROWS = {"WCE": "wce-hard", "WBCE(P)": "wbce-P", "WBCE(S)": "wbce-S", "KLD
 SAMPLER_ROWS = {"BCE(P)": "bce-P", "BCE(P) + sampler": "bce-P-balanced", "BCE(S)": "bce-S",
                 "BCE(S) + sampler": "bce-S-balanced", "KLD(P) + sampler": "kld-P-balanced",
                 "KLD(S) + sampler": "kld-S-balanced"}
+#: Runs beyond the paper, on the Table 2 cache: arousal/valence/dominance alone and jointly with
+#: WBCE(S) (report: "attributes"), and WBCE(S) also trained on X and O clips (a Table 2 row).
+ATTRIBUTE_ROWS = {"Attributes": "avd", "WBCE(S) + attributes": "wbce-S-avd"}
+XO_ROW = ("WBCE(S) + X/O", "wbce-S-xo")
+EXTRA_SPEC = {
+    "description": "beyond the paper: arousal, valence, dominance (CCC loss) alone and with WBCE(S); "
+                   "WBCE(S) also trained on X and O clips",
+    "runs": [{"name": "avd", "task": "attributes"},
+             {"name": "wbce-S-avd", "task": "joint", "loss": "wbce", "labels": "S"},
+             {"name": "wbce-S-xo", "loss": "wbce", "labels": "S", "train_on_xo": True}],
+}
 TABLE3_ROWS = {"WBCE(P*)": "wbce-Pstar", "WBCE(S*)": "wbce-Sstar", "KLD(P*)": "kld-Pstar-balanced",
                "KLD(S*)": "kld-Sstar-balanced"}
 
@@ -250,6 +265,9 @@ class Study:
         self.grid("train heads: Table 2 (losses and targets)", self.runs / "table2", preset="table2", cache=best_cache)
         self.grid("train heads: section 3.4 (class-balanced sampler)", self.runs / "sampler", preset="sampler", cache=best_cache)
         self.grid("train heads: Table 3 (high-agreement subsets)", self.runs / "table3", preset="table3", cache=best_cache)
+        if not c.paper_only:
+            self.grid("train heads: arousal/valence/dominance, alone and with WBCE(S); WBCE(S) on X and O clips too",
+                      self.runs / "extra", spec=EXTRA_SPEC, cache=best_cache)
 
         best = self.runs / "table2" / "wbce-S"
         tuned = self.runs / "best-tuned"
@@ -334,7 +352,8 @@ class Study:
                      t2_finetuned: Optional[Path] = None) -> dict:
         tables = {
             "table1": {label: str(t1 / f"{name}-wce-hard") for label, name in self.upstreams.items()},
-            "table2": {label: str(self.runs / "table2" / d) for label, d in TABLE2_ROWS.items()},
+            "table2": {**{label: str(self.runs / "table2" / d) for label, d in TABLE2_ROWS.items()},
+                       **({} if self.c.paper_only else {XO_ROW[0]: str(self.runs / "extra" / XO_ROW[1])})},
             # the sampler section compares with the Table 2 runs without a sampler
             "sampler": {"WBCE(P)": str(self.runs / "table2" / "wbce-P"), "KLD(S)": str(self.runs / "table2" / "kld-S"),
                         **{label: str(self.runs / "sampler" / d) for label, d in SAMPLER_ROWS.items()}},
@@ -343,6 +362,8 @@ class Study:
             # the paper's "baseline system" (WavLM + attentive pooling + WCE on hard labels, the
             # challenge baseline's configuration) is Table 1's WavLM row, here as a head on
             # frozen features; the report says so in its Setting column
+            "attributes": {} if self.c.paper_only else {label: str(self.runs / "extra" / d)
+                                                        for label, d in ATTRIBUTE_ROWS.items()},
             "table4": {"dev": str(tuned), "Baseline (Development)": str(t1 / f"{self.upstreams['WavLM-large']}-wce-hard")},
         }
         if t2_finetuned is not None:
@@ -387,7 +408,8 @@ def _main() -> None:
     @click.option("--skip-bad", is_flag=True, help="Leave out unreadable clips (listed) instead of stopping.")
     @click.option("--skip-finetune", is_flag=True, help="Leave out the end-to-end fine-tuning and prediction.")
     @click.option("--paper-only", is_flag=True,
-                  help="Only the paper's experiments: leave out the rows beyond it (the Whisper upstream, ...).")
+                  help="Only the paper's experiments: leave out the rows beyond it (Whisper upstream, "
+                       "arousal/valence/dominance, X/O clips, LoRA).")
     @click.option("--noise", type=click.Path(exists=True, file_okay=False), default=None,
                   help="Noise recordings (e.g. MUSAN's noise folder) for the augmentation run of section 3.2 "
                        "(real corpora; the demo writes its own).")

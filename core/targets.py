@@ -21,6 +21,18 @@
 Other, ``Other-…`` and non-target words are ignored by the targets themselves, so P and
 S sum to 1 over the eight classes. A clip none of whose annotations names a target class
 has no P (S) target.
+
+**X and O clips** (no agreement, other) are left out of training by default, as in the
+paper. With ``include_xo`` (``train-head --train-on-xo``) and soft targets, they train on
+their annotators' target-class labels (their P or S vector, the P*/S* filter applied as
+to any clip); an X or O clip whose annotations name no target class stays out. They are
+never scored.
+
+**Attributes** (arousal ``EmoAct``, valence ``EmoVal``, dominance ``EmoDom``, on the
+MSP-Podcast 1–7 scale): a clip's attribute target is its consensus values, each missing
+one replaced by the mean of its annotators' values; a clip with an attribute known
+neither way has no attribute target. Heads train on the fixed rescale ``(v − 1) / 6``
+to [0, 1] (:func:`to_unit`) and report on the corpus scale (:func:`from_unit`).
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import CLASSES
+from . import CLASSES, NON_TARGET_CONSENSUS
 from .corpus import Annotation, Clip
 from .errors import ConfigError
 
@@ -155,7 +167,8 @@ def passes_agreement(clip: Clip, kind: str, thresholds: Optional[Dict] = None,
 
 
 def training_set(clips: Iterable[Clip], kind: str, *, thresholds: Optional[Dict] = None, fallback_to_hard: bool = True,
-                 reading: Optional[str] = None) -> Tuple[List[Clip], np.ndarray, Dict[str, int]]:
+                 reading: Optional[str] = None,
+                 include_xo: bool = False) -> Tuple[List[Clip], np.ndarray, Dict[str, int]]:
     """Training clips and their target matrix for ``kind``.
 
     Clips whose consensus is O, X or unknown are left out (the paper's rule). For soft
@@ -164,14 +177,37 @@ def training_set(clips: Iterable[Clip], kind: str, *, thresholds: Optional[Dict]
     clips whose agreement share (in ``reading``, else ``thresholds["over"]``, else
     :data:`DEFAULT_READING`) reaches the threshold. Returns (clips, targets (N, 8), counts)
     where counts says how many clips were dropped or fell back, and why.
+
+    ``include_xo`` (soft targets only): clips whose consensus is X or O train too, on
+    their P or S vector (P*/S*: when their agreement reaches the threshold); counts then
+    also holds ``added_X`` and ``added_O`` (kept) and ``xo_no_target_label`` (left out: no
+    annotation names a target class). Their letters stay X or O, so they count in no
+    class weight (:func:`class_weights` counts target-class letters only).
     """
     b = base_kind(kind)
+    if include_xo and b == "hard":
+        raise ConfigError("training on X and O clips (--train-on-xo) needs soft targets (--labels P, S, P* or S*): "
+                          "X and O clips have no one-hot consensus target")
     if kind in ("P*", "S*"):
         check_reading(reading or (thresholds or {}).get(READING_KEY, DEFAULT_READING))
     kept: List[Clip] = []
     ys: List[np.ndarray] = []
     counts = {"non_target_consensus": 0, "no_annotations": 0, "fallback_to_hard": 0, "low_agreement": 0}
+    if include_xo:
+        counts.update({"added_X": 0, "added_O": 0, "xo_no_target_label": 0})
     for clip in clips:
+        if include_xo and clip.emo_class in NON_TARGET_CONSENSUS:
+            y = clip_target(clip, kind)
+            if y is None:
+                counts["xo_no_target_label"] += 1
+                continue
+            if not passes_agreement(clip, kind, thresholds, reading):
+                counts["low_agreement"] += 1
+                continue
+            counts[f"added_{clip.emo_class}"] += 1
+            kept.append(clip)
+            ys.append(y)
+            continue
         if not clip.scoreable:
             counts["non_target_consensus"] += 1
             continue
@@ -190,6 +226,63 @@ def training_set(clips: Iterable[Clip], kind: str, *, thresholds: Optional[Dict]
         ys.append(y)
     targets = np.stack(ys).astype(np.float32) if ys else np.zeros((0, len(CLASSES)), np.float32)
     return kept, targets, counts
+
+
+#: Attribute names of :class:`~conilium.corpus.Clip` and their predictions CSV columns.
+ATTRIBUTES = ("act", "val", "dom")
+ATTRIBUTE_COLUMNS = ("EmoAct", "EmoVal", "EmoDom")
+#: The corpus scale of the attributes (MSP-Podcast: 1 to 7).
+ATTRIBUTE_RANGE = (1.0, 7.0)
+
+
+def to_unit(values):
+    """Corpus scale → [0, 1]: ``(v − 1) / 6``."""
+    lo, hi = ATTRIBUTE_RANGE
+    return (np.asarray(values, dtype=np.float64) - lo) / (hi - lo)
+
+
+def from_unit(values):
+    """[0, 1] → corpus scale: ``1 + 6 u`` (numpy arrays or torch tensors)."""
+    lo, hi = ATTRIBUTE_RANGE
+    return values * (hi - lo) + lo
+
+
+def attribute_values(clip: Clip) -> np.ndarray:
+    """(3,) arousal, valence, dominance on the corpus scale: the consensus value, else the
+    mean of the annotators' values, else NaN."""
+    out = np.full(len(ATTRIBUTES), np.nan, dtype=np.float64)
+    for k, name in enumerate(ATTRIBUTES):
+        v = getattr(clip, name)
+        if v is None:
+            given = [getattr(a, name) for a in clip.annotations if getattr(a, name) is not None]
+            v = float(np.mean(given)) if given else None
+        if v is not None:
+            out[k] = float(v)
+    return out
+
+
+def attribute_target(clip: Clip) -> Optional[np.ndarray]:
+    """The clip's attribute values on the corpus scale (:func:`attribute_values`), or None
+    when any of the three is unknown."""
+    v = attribute_values(clip)
+    return None if np.isnan(v).any() else v
+
+
+def attribute_set(clips: Iterable[Clip]) -> Tuple[List[Clip], np.ndarray, Dict[str, int]]:
+    """Clips with an attribute target (whatever their consensus class, X and O included),
+    their (N, 3) values on the corpus scale, and how many were left out for lacking one."""
+    kept: List[Clip] = []
+    ys: List[np.ndarray] = []
+    counts = {"no_attributes": 0}
+    for clip in clips:
+        y = attribute_target(clip)
+        if y is None:
+            counts["no_attributes"] += 1
+            continue
+        kept.append(clip)
+        ys.append(y)
+    values = np.stack(ys) if ys else np.zeros((0, len(ATTRIBUTES)), np.float64)
+    return kept, values, counts
 
 
 def class_counts(labels: Iterable[Optional[str]]) -> np.ndarray:

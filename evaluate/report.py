@@ -33,7 +33,8 @@ A report spec is JSON::
         "table3":   {"KLD(S*)": "runs/t3/kld-Sstar"},
         "ensemble": {"Ensemble": "runs/ens", "Ensemble (weighted)": "runs/ens-weighted"},
         "table4":   {"dev": "runs/best-tuned", "test": {"run": "runs/best-tuned", "split": "Test1"}},
-        "table2_finetuned": {"WBCE(S)": "runs/t2-finetuned/wbce-S"}
+        "table2_finetuned": {"WBCE(S)": "runs/t2-finetuned/wbce-S"},
+        "attributes": {"Attributes": "runs/avd", "WBCE(S) + attributes": "runs/wbce-S-avd"}
       },
       "easy_difficult": "analysis/easy-difficult"  # easy-difficult output (optional)
     }
@@ -43,6 +44,12 @@ from the spec file's folder. Rows are scored on the Development split unless tol
 otherwise; Table 4's test rows on the first labelled split of the run other than Train
 and Development. Row labels are matched to the paper's rows (see
 :mod:`conilium.evaluate.paper`); the paper's rows missing from the spec show "—".
+
+``attributes`` (not a table of the paper, which predicts categories only) lists runs
+trained with ``train-head --task attributes`` or ``joint``: their Development CCC of
+arousal, valence and dominance, read from their metrics.json; the report says so when
+there is none. A row of any table trained with ``--train-on-xo`` is followed by how many
+X and O clips it trained on.
 """
 
 from __future__ import annotations
@@ -66,6 +73,9 @@ REPORT_FILE = "report.md"
 CORPUS_FIGURES = ("durations.png", "cooccurrence.png")
 TEST_ROWS = ("test", "baseline (test)", "baseline_test", "baseline test")
 DEV_SPLIT = "Development"
+#: The report spec's table of attribute runs (not one of the paper's).
+ATTRIBUTES_TABLE = "attributes"
+ATTRIBUTE_NAMES = (("EmoAct", "arousal"), ("EmoVal", "valence"), ("EmoDom", "dominance"))
 #: Differences below this are ties: the report shows three decimals.
 TIE = 0.0005
 FINETUNED_MARKER = "conilium_model.json"  # a model directory written by finetune-best
@@ -376,6 +386,8 @@ def training_set_sizes(scored: Dict[str, List[Dict]]) -> List[Dict]:
             cfg = _config_or_none(r["run"])
             if not cfg or cfg.get("kind") or cfg.get("labels") not in paper.TRAINING_SET_SIZES or not cfg.get("cache"):
                 continue
+            if cfg.get("train_on_xo") or cfg.get("task", "categories") != "categories":
+                continue  # not the paper's training set
             lab = cfg["labels"]
             if lab in found:
                 continue
@@ -437,6 +449,52 @@ def corpus_rows(corpus_dir: Optional[Path]) -> Optional[List[Dict]]:
     return rows
 
 
+def attribute_table(rows_spec: Dict, base: Path) -> List[Dict]:
+    """The attribute runs of a report spec: each row's Development (or given split) CCC per
+    attribute and its parts, from the run's metrics.json; an error naming the row when the
+    run predicts no attributes."""
+    if not isinstance(rows_spec, dict):
+        raise ConfigError(f"report spec, table {ATTRIBUTES_TABLE}: expected {{row label: run directory}}")
+    rows = []
+    for label, value in rows_spec.items():
+        run_dir, split = _row_entry(ATTRIBUTES_TABLE, label, value, base)
+        where = f"report spec, table {ATTRIBUTES_TABLE}, row {label!r}"
+        if not run_dir.is_dir():
+            raise RunError(f"{where}: run directory {run_dir} not found")
+        m = _read_json_or_none(run_dir / "metrics.json")
+        if m is None:
+            raise RunError(f"{where}: {run_dir} has no metrics.json (not a complete run)")
+        if "attributes" not in m:
+            raise RunError(f"{where}: {run_dir} predicts no attributes (train it with train-head --task "
+                           f"attributes or joint)")
+        split = split or DEV_SPLIT
+        a = (m.get("attributes") or {}).get(split)
+        if a is None:
+            raise RunError(f"{where}: {run_dir} has no attribute scores on split {split} "
+                           f"(scored: {', '.join(m['attributes']) or 'none'})")
+        cfg = _config_or_none(run_dir) or {}
+        rows.append({"label": label, "run": str(run_dir), "split": split, "task": cfg.get("task"),
+                     "setting": run_setting(run_dir), "scores": a,
+                     "f1_macro": (m.get("splits") or {}).get(split, {}).get("f1_macro"),
+                     "train_clips": (m.get("training") or {}).get("attribute_clips")})
+    return rows
+
+
+def xo_rows(scored: Dict[str, List[Dict]]) -> List[Dict]:
+    """Rows of the paper's tables trained with ``--train-on-xo``, with their X/O counts."""
+    out = []
+    for key, rows in scored.items():
+        for r in rows:
+            if not r.get("run"):
+                continue
+            m = _read_json_or_none(Path(r["run"]) / "metrics.json") or {}
+            xo = (m.get("training") or {}).get("xo")
+            if xo:
+                out.append({"table": key, "label": r["label"], "run": r["run"], **xo,
+                            "clips": (m.get("training") or {}).get("clips")})
+    return out
+
+
 def _disagreement(scored: Dict[str, List[Dict]]) -> Optional[Dict]:
     """Prediction disagreement of the (first, unweighted) ensemble's members."""
     from .ensemble import prediction_disagreement
@@ -467,9 +525,10 @@ def build_report(spec, out_dir, *, title: Optional[str] = None) -> Path:
     tables_spec = spec.get("tables", {})
     if not isinstance(tables_spec, dict):
         raise ConfigError("report spec: 'tables' must map table names to {row label: run directory}")
-    unknown = sorted(set(tables_spec) - set(paper.TABLES))
+    unknown = sorted(set(tables_spec) - set(paper.TABLES) - {ATTRIBUTES_TABLE})
     if unknown:
-        raise ConfigError(f"report spec: unknown table(s) {', '.join(unknown)}; known: {', '.join(paper.TABLES)}")
+        raise ConfigError(f"report spec: unknown table(s) {', '.join(unknown)}; known: "
+                          f"{', '.join([*paper.TABLES, ATTRIBUTES_TABLE])}")
 
     # Score every row first: nothing is written when a row is broken.
     scored: Dict[str, List[Dict]] = {}
@@ -520,6 +579,8 @@ def build_report(spec, out_dir, *, title: Optional[str] = None) -> Path:
         ordered.extend(r for r in rows if not r["in_paper"])
         scored[key] = ordered
 
+    attribute_rows = attribute_table(tables_spec.get(ATTRIBUTES_TABLE) or {}, base)
+
     easy = None
     if spec.get("easy_difficult"):
         from .difficulty import easy_difficult, load_clips, read_result
@@ -540,7 +601,7 @@ def build_report(spec, out_dir, *, title: Optional[str] = None) -> Path:
 
     findings = [check_finding(f, scored) for f in all_findings() if f.table in scored]
     extras = {"training_sets": training_set_sizes(scored), "corpus": corpus_rows(corpus_dir),
-              "disagreement": _disagreement(scored)}
+              "disagreement": _disagreement(scored), "attributes": attribute_rows, "xo": xo_rows(scored)}
 
     # ---- write
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -736,6 +797,7 @@ def _markdown(title: str, scored: Dict[str, List[Dict]], out_dir: Path, corpus_f
             lines += _disagreement_lines(extras.get("disagreement"))
         if key == "table2_finetuned":
             lines += _frozen_vs_finetuned_lines(scored)
+        lines += _xo_lines([x for x in extras.get("xo") or [] if x["table"] == key])
         lines += _findings_lines([f for f in findings if f["table"] == key])
         if key == "table4":
             lines += _external_lines()
@@ -749,6 +811,8 @@ def _markdown(title: str, scored: Dict[str, List[Dict]], out_dir: Path, corpus_f
                           f"![{r['label']}]({Path(r['figure']).as_posix()})", ""]
             lines += ["</details>"]
         lines.append("")
+
+    lines += _attribute_lines(extras.get("attributes") or [], out_dir)
 
     if easy is not None:
         from .difficulty import to_markdown
@@ -796,6 +860,39 @@ def _training_size_lines(sizes: List[Dict]) -> List[str]:
         ours = "—" if s["ours"] is None else f"{s['ours']:,}{share}"
         lines.append(f"| {s['labels']} | {ours} | {s['paper']:,}{pshare} | {ran} | {other} |")
     return lines
+
+
+def _xo_lines(rows: List[Dict]) -> List[str]:
+    if not rows:
+        return []
+    each = "; ".join(f"{r['label']}: {r['added_X']} X and {r['added_O']} O clips added to the training clips "
+                     f"({r['clips']} in all), {r['left_out_no_target_label']} left out for lacking a target-class label"
+                     for r in rows)
+    return ["", f"**Trained on X and O clips too** (`train-head --train-on-xo`, not in the paper, which leaves them "
+            f"out): {each}. They train on their annotators' target-class labels (their soft targets) and are "
+            f"never scored: the scores above keep the eight consensus classes only."]
+
+
+def _attribute_lines(rows: List[Dict], out_dir: Path) -> List[str]:
+    lines = ["## Arousal, valence, dominance (not in the paper)", ""]
+    if not rows:
+        return lines + ["No attribute run in this report: the paper predicts categories only; `train-head --task "
+                        "attributes` (or `joint`) trains a head on them.", ""]
+    lines += ["Concordance correlation coefficient (CCC) of each attribute on the 1–7 scale, computed from each "
+              "run's predictions over the clips with attribute values (consensus, else the annotators' mean). "
+              "*attributes*: CCC loss only, on every training clip with attribute values (X and O included), "
+              "best epoch by mean CCC; *joint*: the categories loss plus the weighted CCC loss, best epoch by "
+              "macro-F1. The paper reports no attribute numbers.", "",
+              "| Row | Task | Setting (ours) | Run | Split | Clips | "
+              + " | ".join(f"CCC {n} ({c})" for c, n in ATTRIBUTE_NAMES) + " | CCC mean | Macro-F1 (ours) |",
+              "|---|---|---|---|---|---:|" + "---:|" * (len(ATTRIBUTE_NAMES) + 2)]
+    for r in rows:
+        a = r["scores"]
+        cells = [r["label"], r.get("task") or "—", _setting_cell(r.get("setting")), f"`{_rel(r['run'], out_dir)}`",
+                 r["split"], str(a.get("n", "—")), *(_fmt(a[c]["ccc"]) for c, _ in ATTRIBUTE_NAMES),
+                 _fmt(a["ccc_mean"]), _fmt(r.get("f1_macro"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _disagreement_lines(d: Optional[Dict]) -> List[str]:

@@ -18,7 +18,11 @@ others are still predicted.
 
 Both kinds of source come down to one :class:`Loaded`: a module callable on
 ``(waves, lengths)`` that returns logits, the signal path, classes, decision offsets and
-loss. For a run that module is :class:`RunModel`: the upstream its cache names, run as
+loss. A run whose head predicts the attributes (``train-head --task attributes|joint``)
+gives them too: ``EmoAct, EmoVal, EmoDom`` on the corpus's 1–7 scale, after the class
+columns (an attributes-only run has no class columns and no Prediction).
+
+For a run, that module is :class:`RunModel`: the upstream its cache names, run as
 extraction ran it (:class:`~conilium.extract.encoder.UpstreamRunner`: the run's
 hidden-state layers, or every layer's mean and standard deviation over frames for a
 ``--pooled-stats`` head, in the cache's compute dtype), then the run's head.
@@ -103,6 +107,8 @@ class FilePrediction:
     probabilities: Optional[np.ndarray] = None
     prediction: Optional[str] = None
     error: Optional[str] = None
+    #: arousal, valence, dominance (corpus scale) for a model that predicts them
+    attributes: Optional[np.ndarray] = None
 
     @property
     def ok(self) -> bool:
@@ -130,6 +136,8 @@ class Loaded:
     loss: str
     precision: str = "auto"
     info: dict = field(default_factory=dict)
+    #: attribute columns the model outputs after its class scores (empty: none)
+    attributes: Tuple[str, ...] = ()
 
 
 def load_model_source(model_dir, *, device: torch.device, precision: str = "auto") -> Loaded:
@@ -175,6 +183,11 @@ class RunModel(nn.Module):
         self.encoder = self.runner.encoder  # a submodule: moved, switched to eval, asked for frame counts
         self.encoder.check_layers(self.upstream_layers)
         self.head = head.to(device)
+
+    @property
+    def attribute_outputs(self) -> int:
+        """The head's attribute outputs (the last columns of the output; 0: none)."""
+        return int(getattr(self.head, "attribute_outputs", 0) or 0)
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         device = waves.device
@@ -338,7 +351,10 @@ def load_run(run_dir, *, device: torch.device, precision: str = "auto") -> Loade
     if n_states is not None and int(n_states) != model.encoder.num_hidden_states:
         raise ConfigError(f"{where}: the cache's upstream has {n_states} hidden states, "
                           f"{ident.get('loaded_from')} has {model.encoder.num_hidden_states}")
-    classes = tuple(ckpt.get("classes") or CLASSES)
+    from conilium.targets import ATTRIBUTE_COLUMNS
+
+    classes = tuple(ckpt.get("classes") or CLASSES) if head.config.num_classes else ()
+    attributes = tuple(ATTRIBUTE_COLUMNS) if model.attribute_outputs else ()
     offsets = read_offsets(thresholds, classes) if thresholds else np.zeros(len(classes))
     mode = manifest.get("normalize") or "none"
     ms = manifest.get("max_seconds")
@@ -349,7 +365,7 @@ def load_run(run_dir, *, device: torch.device, precision: str = "auto") -> Loade
             else str(thresholds), "upstream": ident, "input": inp, "compute_dtype": compute,
             "loss": ckpt.get("loss"), "labels": ckpt.get("labels")}
     # the head as train-head scored it: float32, whatever the upstream computed in
-    return Loaded(model, signal, classes, offsets, ckpt["loss"], "float32", info)
+    return Loaded(model, signal, classes, offsets, ckpt["loss"], "float32", info, attributes)
 
 
 # ----------------------------------------------------------------------------- the predictor
@@ -377,6 +393,7 @@ class Predictor:
         self.model = loaded.model
         self.info = loaded.info
         self.classes = loaded.classes
+        self.attributes = loaded.attributes
         self.offsets = loaded.offsets
         self.loss = loaded.loss
         self.batch_size = max(1, int(batch_size))
@@ -411,9 +428,13 @@ class Predictor:
         scores = predict_clips(self.model, ds, range(len(files)), self.loss, device=self.device,
                                batch_size=self.batch_size, precision=self.precision, num_workers=self.num_workers,
                                progress=progress, on_error=failed)
+        c = len(self.classes)
         for i, p in scores.items():
-            results[i].probabilities = p
-            results[i].prediction = self.classes[int(np.argmax(p + self.offsets))]
+            if c:
+                results[i].probabilities = p[:c]
+                results[i].prediction = self.classes[int(np.argmax(p[:c] + self.offsets))]
+            if self.attributes:
+                results[i].attributes = p[c:]
         return results
 
 
@@ -434,34 +455,52 @@ def output_format(path) -> str:
     return suffix
 
 
-def write_csv(f: TextIO, results: Iterable[FilePrediction], classes: Sequence[str]) -> None:
-    """``FileName``, one probability column per class, ``Prediction``, ``Error`` (empty when predicted)."""
+def write_csv(f: TextIO, results: Iterable[FilePrediction], classes: Sequence[str],
+              attributes: Sequence[str] = ()) -> None:
+    """``FileName``, one probability column per class, ``Prediction``, the attribute columns
+    (``EmoAct, EmoVal, EmoDom``, for a model that predicts them), ``Error`` (empty when
+    predicted). A model without classes has no class columns and no ``Prediction``."""
     w = csv.writer(f)
-    w.writerow(["FileName", *classes, "Prediction", "Error"])
+    w.writerow(["FileName", *classes, *(["Prediction"] if classes else []), *attributes, "Error"])
     for r in results:
-        probs = [f"{v:.6f}" for v in r.probabilities] if r.ok else [""] * len(classes)
-        w.writerow([r.file, *probs, r.prediction or "", r.error or ""])
+        row = [r.file]
+        if classes:
+            row += [f"{v:.6f}" for v in r.probabilities] if r.ok else [""] * len(classes)
+            row.append(r.prediction or "")
+        if attributes:
+            row += [f"{v:.6f}" for v in r.attributes] if r.ok else [""] * len(attributes)
+        w.writerow([*row, r.error or ""])
 
 
-def to_json(results: Iterable[FilePrediction], classes: Sequence[str]) -> list:
-    return [{"file": r.file,
-             "probabilities": None if not r.ok else {c: round(float(v), 6) for c, v in zip(classes, r.probabilities)},
-             "prediction": r.prediction, "error": r.error} for r in results]
+def to_json(results: Iterable[FilePrediction], classes: Sequence[str], attributes: Sequence[str] = ()) -> list:
+    out = []
+    for r in results:
+        item = {"file": r.file}
+        if classes:
+            item["probabilities"] = (None if not r.ok else
+                                     {c: round(float(v), 6) for c, v in zip(classes, r.probabilities)})
+            item["prediction"] = r.prediction
+        if attributes:
+            item["attributes"] = None if not r.ok else {a: round(float(v), 6) for a, v in zip(attributes, r.attributes)}
+        item["error"] = r.error
+        out.append(item)
+    return out
 
 
-def write_results(out, results: Sequence[FilePrediction], classes: Sequence[str]) -> None:
+def write_results(out, results: Sequence[FilePrediction], classes: Sequence[str],
+                  attributes: Sequence[str] = ()) -> None:
     """Write CSV or JSON by the suffix of ``out``, atomically."""
     fmt = output_format(out)
     with atomic_path(out, suffix=f".{fmt}.tmp") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             if fmt == "csv":
-                write_csv(f, results, classes)
+                write_csv(f, results, classes, attributes)
             else:
-                json.dump(to_json(results, classes), f, indent=2)
+                json.dump(to_json(results, classes, attributes), f, indent=2)
                 f.write("\n")
 
 
-def results_csv(results: Sequence[FilePrediction], classes: Sequence[str]) -> str:
+def results_csv(results: Sequence[FilePrediction], classes: Sequence[str], attributes: Sequence[str] = ()) -> str:
     buf = io.StringIO()
-    write_csv(buf, results, classes)
+    write_csv(buf, results, classes, attributes)
     return buf.getvalue()

@@ -72,6 +72,10 @@ def head_from_run(run_dir, upstream, identity: Mapping) -> Tuple[EmotionHead, Li
     head, ckpt = load_head(run_dir)
     manifest = ckpt.get("cache_manifest") or {}
     where = f"--init-head {run_dir}"
+    if head.config.attributes or head.config.num_classes == 0:
+        raise ConfigError(f"{where}: the head was trained with train-head --task {ckpt.get('task') or 'attributes'} "
+                          f"(it predicts arousal, valence, dominance); finetune-best trains the eight classes only: "
+                          f"start it from a --task categories run")
     inp = ckpt.get("input") or {}
     if inp.get("kind") != "frames" or head.config.pooling == "stats":
         raise ConfigError(f"{where}: the head was trained on pooled per-layer statistics (--pooled-stats), "

@@ -45,6 +45,20 @@ SPEC_DIR = Path(__file__).resolve().parent / "specs"
 BACKENDS = ("loky", "threading", "dask", "ray")
 
 
+#: What a head learns: the eight classes (default), the attributes (arousal, valence,
+#: dominance), or both.
+TASKS = ("categories", "attributes", "joint")
+#: Weight of the CCC loss in ``task="joint"``: categories loss + weight × (1 − mean CCC).
+DEFAULT_ATTRIBUTE_WEIGHT = 1.0
+
+
+def check_task(task: str, attribute_weight: float) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"unknown --task {task!r}; expected one of {', '.join(TASKS)}")
+    if not (attribute_weight >= 0 and attribute_weight < float("inf")):
+        raise ConfigError(f"--attribute-weight must be a number >= 0, not {attribute_weight}")
+
+
 def presets() -> List[str]:
     return sorted(p.stem for p in SPEC_DIR.glob("*.json"))
 
@@ -62,8 +76,18 @@ class TrainConfig:
     (over all annotators' labels, Other included, as the paper writes it) or
     ``"targets"`` (over target-class labels only); see :mod:`conilium.targets`.
     ``preload``: ``"auto"`` keeps the selected Train and Development features in memory
-    when they take at most ``preload_budget_gb``, ``"yes"``/``"no"`` force it; the other
-    fields after ``dev_split`` change speed, not results.
+    when they take at most ``preload_budget_gb``, ``"yes"``/``"no"`` force it; the
+    fields after ``train_on_xo`` change speed, not results.
+
+    ``task``: ``"categories"`` (the eight classes, the loss above; the best epoch by
+    Development macro-F1), ``"attributes"`` (arousal, valence, dominance only, with the
+    CCC loss, on every training clip with attribute values, X and O clips included; the
+    best epoch by Development mean CCC; ``loss``/``labels`` unused) or ``"joint"`` (the
+    categories loss on the categories' training clips + ``attribute_weight`` × the CCC
+    loss on those of them with attribute values; best epoch by macro-F1).
+    ``train_on_xo``: with soft targets, X and O clips train too, on their annotators'
+    target-class labels (:func:`conilium.targets.training_set`); they are never scored.
+    Configs written before these fields existed read with their defaults.
     """
 
     cache: str
@@ -86,6 +110,9 @@ class TrainConfig:
     dropout: float = 0.5
     train_split: str = "Train"
     dev_split: str = "Development"
+    task: str = "categories"
+    attribute_weight: float = DEFAULT_ATTRIBUTE_WEIGHT
+    train_on_xo: bool = False
     # speed only
     num_workers: int = 0
     device: str = "auto"

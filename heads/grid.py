@@ -67,8 +67,8 @@ from .train import TrainConfig, check_config, plan_passes, same_run, train_heads
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _SPEC_KEYS = {"description", "common", "runs", "product"}
 
-RESULT_COLUMNS = ("name", "status", "loss", "labels", "sampler", "pooling", "layers", "pooled_stats",
-                  "train_clips", "f1_macro", "f1_micro", "best_epoch", "paper_f1_macro", "paper_f1_micro",
+RESULT_COLUMNS = ("name", "status", "loss", "labels", "task", "sampler", "pooling", "layers", "pooled_stats",
+                  "train_clips", "f1_macro", "f1_micro", "ccc_mean", "best_epoch", "paper_f1_macro", "paper_f1_micro",
                   "seconds", "error")
 
 
@@ -151,11 +151,12 @@ def _row(name: str, config: TrainConfig, paper: Mapping, status: str, metrics: O
          seconds: Optional[float] = None, error: str = "") -> dict:
     m = metrics or {}
     return {
-        "name": name, "status": status, "loss": config.loss, "labels": config.labels,
+        "name": name, "status": status, "loss": config.loss, "labels": config.labels, "task": config.task,
         "sampler": config.sampler or "", "pooling": "stats" if config.pooled_stats else config.pooling,
         "layers": config.layers, "pooled_stats": config.pooled_stats,
         "train_clips": (m.get("training") or {}).get("clips", ""),
-        "f1_macro": m.get("f1_macro", ""), "f1_micro": m.get("f1_micro", ""), "best_epoch": m.get("best_epoch", ""),
+        "f1_macro": m.get("f1_macro", ""), "f1_micro": m.get("f1_micro", ""), "ccc_mean": m.get("ccc_mean", ""),
+        "best_epoch": m.get("best_epoch", ""),
         "paper_f1_macro": paper.get("f1_macro", ""), "paper_f1_micro": paper.get("f1_micro", ""),
         "seconds": "" if seconds is None else round(seconds, 1), "error": error,
     }
@@ -357,7 +358,10 @@ def write_results(out_dir, rows: Sequence[Mapping]) -> None:
     def fmt(x):
         return f"{x:.3f}" if isinstance(x, float) else ("" if x is None else str(x))
 
+    has_attributes = any(r.get("task") not in ("categories", "", None) for r in rows)
     head = ["run", "loss", "labels", "sampler", "dev F1-macro", "dev F1-micro", "best epoch"]
+    if has_attributes:
+        head[4:4] = ["task", "dev CCC mean"]
     if has_paper:
         head += ["paper F1-macro", "paper F1-micro"]
     head.append("status")
@@ -365,6 +369,8 @@ def write_results(out_dir, rows: Sequence[Mapping]) -> None:
     for r in rows:
         cells = [r["name"], r["loss"], r["labels"], r["sampler"] or "—", fmt(r["f1_macro"]), fmt(r["f1_micro"]),
                  fmt(r["best_epoch"])]
+        if has_attributes:
+            cells[4:4] = [r.get("task") or "categories", fmt(r.get("ccc_mean"))]
         if has_paper:
             cells += [fmt(r.get("paper_f1_macro")), fmt(r.get("paper_f1_micro"))]
         status = r["status"] if not r.get("error") else f"{r['status']}: {r['error'].splitlines()[0]}"

@@ -10,6 +10,9 @@ Every loss takes ``logits`` (N, C), ``targets`` (N, C) — one-hot or soft — a
 * ``focal`` −1/N Σ_i Σ_c w_c y_ic (1 − p_ic)^γ log p_ic on softmax outputs, γ = 2
 
 Note that eq. 1 divides by N, not by Σ w_{y_i} as ``torch.nn.CrossEntropyLoss`` does.
+
+The attribute loss (arousal, valence, dominance) is :func:`ccc_loss`: ``1 − CCC`` per
+attribute over the batch, averaged over the attributes.
 """
 
 from __future__ import annotations
@@ -52,6 +55,32 @@ def focal(logits, targets, weights=None, gamma: float = 2.0):
     logp = F.log_softmax(logits, dim=1)
     p = logp.exp()
     return -(targets * (1 - p).pow(gamma) * logp * _w(weights, logits)).sum(dim=1).mean()
+
+
+def ccc_loss(predictions: torch.Tensor, targets: torch.Tensor, mask: Optional[torch.Tensor] = None,
+             eps: float = 1e-8) -> torch.Tensor:
+    """Mean over attributes of ``1 − CCC``, CCC computed over the batch's clips.
+
+    ``CCC = 2 cov(p, t) / (var p + var t + (mean p − mean t)² + eps)``, with population
+    (1/N) moments; ``predictions`` and ``targets`` are (N, A). ``mask`` (N,), 1 for the
+    clips with attribute targets and 0 for the others, weights the moments (no clip:
+    every moment is 0, the loss is 1 and its gradient 0). A batch of one clip has zero
+    variances and covariance: CCC is 0, never NaN.
+    """
+    p = predictions.float()
+    t = targets.to(dtype=p.dtype, device=p.device)
+    if mask is None:
+        w = torch.full((p.shape[0], 1), 1.0 / max(p.shape[0], 1), dtype=p.dtype, device=p.device)
+    else:
+        m = mask.to(dtype=p.dtype, device=p.device).reshape(-1, 1)
+        w = m / m.sum().clamp(min=1.0)
+        t = torch.where(m > 0, t, torch.zeros_like(t))  # unknown targets (NaN) must not reach the sums
+    mp, mt = (w * p).sum(dim=0), (w * t).sum(dim=0)
+    dp, dt = p - mp, t - mt
+    vp, vt = (w * dp * dp).sum(dim=0), (w * dt * dt).sum(dim=0)
+    cov = (w * dp * dt).sum(dim=0)
+    ccc = 2 * cov / (vp + vt + (mp - mt) ** 2 + eps)
+    return (1 - ccc).mean()
 
 
 #: loss name → (function, output activation, uses class weights, target kinds it accepts); the

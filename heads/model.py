@@ -10,6 +10,13 @@ they are:
   ``std = sqrt(clamp(E[x²] − μ², 1e-5))``;
 * classifier: dropout → Linear(in, 1024) → LayerNorm → ReLU → dropout → Linear(1024, 8).
 
+A head may also predict the attributes (arousal, valence, dominance): a Linear(1024, 3)
+beside the class output, on the same hidden layer (``HeadConfig.attributes``); its
+outputs follow the class logits in the head's output, ``(B, num_classes + attributes)``.
+An attributes-only head (``num_classes=0``) has no class output. With ``attributes=0``
+(the default) the head is exactly the classifier alone: same parameters, same
+initialisation draws, same outputs.
+
 Frames come as ``(batch, time, layers, dim)`` with per-clip valid lengths; when the
 cache holds several layers, :class:`LayerMix` takes a learnable softmax-weighted sum of
 them (the SUPERB way) or selects one.
@@ -91,18 +98,26 @@ class LayerMix(nn.Module):
 class Classifier(nn.Module):
     """dropout → Linear → LayerNorm → ReLU → dropout → Linear (challenge-baseline names)."""
 
-    def __init__(self, in_dim: int, hidden: int = 1024, num_classes: int = len(CLASSES), dropout: float = 0.5):
+    def __init__(self, in_dim: int, hidden: int = 1024, num_classes: int = len(CLASSES), dropout: float = 0.5,
+                 attributes: int = 0):
         super().__init__()
         self.inp_drop = nn.Dropout(dropout)
         self.fc = nn.ModuleList([nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden),
                                                nn.ReLU(), nn.Dropout(dropout))])
-        self.out = nn.Sequential(nn.Linear(hidden, num_classes))
+        self.out = nn.Sequential(nn.Linear(hidden, num_classes)) if num_classes else None
+        # created after the class output, so that a head with attributes draws the same
+        # initial class weights as one without
+        self.attributes = nn.Linear(hidden, attributes) if attributes else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp_drop(x)
         for block in self.fc:
             h = block(h)
-        return self.out(h)
+        if self.attributes is None:
+            return self.out(h)
+        if self.out is None:
+            return self.attributes(h)
+        return torch.cat([self.out(h), self.attributes(h)], dim=1)
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,7 @@ class HeadConfig:
     hidden: int = 1024
     dropout: float = 0.5
     num_classes: int = len(CLASSES)
+    attributes: int = 0  # attribute outputs (3: arousal, valence, dominance) after the class logits
 
 
 class EmotionHead(nn.Module):
@@ -139,7 +155,20 @@ class EmotionHead(nn.Module):
                                  f"{', '.join(list(POOLINGS) + ['stats'])}")
             self.pooling = POOLINGS[config.pooling](config.dim)
             in_dim = self.pooling.out_dim
-        self.classifier = Classifier(in_dim, config.hidden, config.num_classes, config.dropout)
+        if config.num_classes < 0 or config.attributes < 0 or config.num_classes + config.attributes == 0:
+            raise ValueError(f"a head needs class or attribute outputs, not num_classes={config.num_classes}, "
+                             f"attributes={config.attributes}")
+        self.classifier = Classifier(in_dim, config.hidden, config.num_classes, config.dropout, config.attributes)
+
+    @property
+    def attribute_outputs(self) -> int:
+        """How many of the last output columns are attribute values (0: class logits only)."""
+        return self.config.attributes
+
+    @property
+    def output_width(self) -> int:
+        """Columns of the head's output: class logits, then attribute values."""
+        return self.config.num_classes + self.config.attributes
 
     def embed(self, x: torch.Tensor, lengths: torch.Tensor = None) -> torch.Tensor:
         """Pooled clip vector: ``x`` is (B, T, L, D) frames with ``lengths``, or (B, L, 2D) stats."""

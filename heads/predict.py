@@ -7,6 +7,10 @@ scores as the loss sees them (sigmoid for the BCE family, softmax otherwise).
 :func:`predict_many` scores several models on the same batches, each batch moved to the
 device once (train-grid's heads sharing a data pass); :func:`predict_batches` is it with
 one model.
+
+A model with attribute outputs (``model.attribute_outputs`` > 0, the last columns of its
+output, trained on the [0, 1] rescale) gets its class scores followed by its attribute
+values on the corpus scale (:func:`conilium.targets.from_unit`).
 """
 
 from __future__ import annotations
@@ -18,11 +22,27 @@ import torch
 from tqdm import tqdm
 
 from conilium.runtime import autocast
+from conilium.targets import from_unit
 
 from .losses import probabilities
 
 #: A batch: the model's positional inputs (CPU or device tensors, or None) and the clips' indices.
 Batch = Tuple[Sequence[Optional[torch.Tensor]], Sequence[int]]
+
+
+def attribute_outputs(model: torch.nn.Module) -> int:
+    """How many of ``model``'s last output columns are attributes (0 for class-only models)."""
+    return int(getattr(model, "attribute_outputs", 0) or 0)
+
+
+def scores_of(model: torch.nn.Module, logits: torch.Tensor, loss: str) -> torch.Tensor:
+    """Class scores as the loss sees them, then attribute values on the corpus scale."""
+    a = attribute_outputs(model)
+    if a == 0:
+        return probabilities(logits, loss)
+    classes = logits[:, : logits.shape[1] - a]
+    parts = [probabilities(classes, loss)] if classes.shape[1] else []
+    return torch.cat(parts + [from_unit(logits[:, logits.shape[1] - a:])], dim=1)
 
 
 def predict_many(models: Sequence[Tuple[torch.nn.Module, str]], batches: Iterable[Batch], *,
@@ -48,7 +68,7 @@ def predict_many(models: Sequence[Tuple[torch.nn.Module, str]], batches: Iterabl
                 for k, (model, loss) in enumerate(models):
                     with autocast(device, dtype):
                         logits = model(*args)
-                    p = probabilities(logits.float(), loss).cpu().numpy().astype(np.float64)
+                    p = scores_of(model, logits.float(), loss).cpu().numpy().astype(np.float64)
                     got = dict(zip(keys, p))
                     out[k].update(got)
                     if on_batch is not None:
@@ -73,7 +93,7 @@ def predict_batches(model: torch.nn.Module, batches: Iterable[Batch], loss: str,
 
 
 def stack_scores(scores: Dict[int, np.ndarray], n: int, n_classes: int) -> np.ndarray:
-    """(n, n_classes) array of ``scores`` keyed 0..n-1."""
+    """(n, n_classes) array of ``scores`` keyed 0..n-1 (``n_classes``: the width of a row)."""
     out = np.zeros((n, n_classes), dtype=np.float64)
     for i, p in scores.items():
         out[i] = p

@@ -16,6 +16,15 @@ stopping. The run directory then gets (see :mod:`conilium.runs`)::
     metrics.json              Development scores at top level, best_epoch, history, "splits"
     predictions/<Split>.csv   every split of the cache
 
+**Attributes** (``task``): ``"attributes"`` trains on every Train clip with arousal,
+valence and dominance values (X and O included) with the CCC loss and keeps the epoch of
+the best mean CCC over the Development clips with values; ``"joint"`` trains the
+categories' clips on the categories loss plus ``attribute_weight`` × the CCC loss (over
+the clips of the batch with values) and keeps the best macro-F1 epoch (its history also
+has the Development CCC, over the scoreable clips). metrics.json then scores the
+attributes of every clip with values on every split (``attributes``, ``ccc_mean``), and
+the predictions CSV has the attribute columns (:mod:`conilium.runs`).
+
 ``metrics.json`` is written last: a run directory is complete when it exists. While a
 run is being trained, ``out_dir`` holds a lock (:mod:`conilium.locking`): a second
 train-head on the same directory stops with a message naming the first (or waits,
@@ -44,7 +53,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -59,17 +68,18 @@ from conilium.cache.store import FeatureCache
 from conilium.errors import ConfigError, ConiliumError
 from conilium.locking import lock_directory
 from conilium.runtime import resolve_device
-from conilium.metrics import score
+from conilium.metrics import score, score_attributes
 from conilium.runs import CONFIG, METRICS, PRED_DIR, is_complete, letters, write_run_outputs
-from conilium.targets import TARGET_KINDS, base_kind, class_counts, class_weights, training_set
+from conilium.targets import (ATTRIBUTE_COLUMNS, ATTRIBUTES, TARGET_KINDS, attribute_set, attribute_values, base_kind,
+                              class_counts, class_weights, to_unit, training_set)
 from conilium.util import (atomic_path, check_writable, output_errors, read_json, seed_everything,
                            write_json)
 
 from .batches import Batch, BatchReader, loader_batches
-from .config import TrainConfig
+from .config import TrainConfig, check_task
 from .data import (GIB, ClipDataset, InputSelection, check_cache_dir, check_clips, collate, feature_bytes,
                    length_batches, parse_layers, select_input)
-from .losses import activation, check_loss, loss_fn, uses_weights
+from .losses import activation, ccc_loss, check_loss, loss_fn, uses_weights
 from .model import POOLINGS, EmotionHead, HeadConfig
 from .predict import predict_many, stack_scores
 from .samplers import balanced_sampler, check_sampler
@@ -87,9 +97,14 @@ RUNTIME_FIELDS = ("num_workers", "device", "preload", "preload_budget_gb", "thre
 
 
 def same_run(a: Mapping, b: Mapping) -> bool:
-    """True when two config mappings describe the same run (runtime fields aside)."""
-    ka = {k: v for k, v in a.items() if k not in RUNTIME_FIELDS}
-    kb = {k: v for k, v in b.items() if k not in RUNTIME_FIELDS}
+    """True when two config mappings describe the same run (runtime fields aside).
+
+    A field missing from one of them (a config.json written before the field existed)
+    reads as its default, as :meth:`TrainConfig.from_dict` reads it.
+    """
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    ka = {k: v for k, v in {**defaults, **a}.items() if k not in RUNTIME_FIELDS}
+    kb = {k: v for k, v in {**defaults, **b}.items() if k not in RUNTIME_FIELDS}
     return ka == kb
 
 
@@ -99,6 +114,21 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"unknown --labels {config.labels!r}; expected one of {', '.join(TARGET_KINDS)}")
     check_loss(config.loss, config.labels)
     check_sampler(config.sampler)
+    check_task(config.task, config.attribute_weight)
+    if config.task == "attributes" and config.sampler is not None:
+        raise ConfigError(f"--sampler {config.sampler} draws clips by consensus class; --task attributes trains on "
+                          f"every clip with attribute values (X and O included): use no sampler")
+    if config.train_on_xo:
+        if config.task == "attributes":
+            raise ConfigError("--train-on-xo adds X and O clips to the category targets; --task attributes already "
+                              "trains on every clip with attribute values, X and O included")
+        if base_kind(config.labels) == "hard":
+            raise ConfigError(f"--train-on-xo needs soft targets (--labels P, S, P* or S*, and a loss other than "
+                              f"wce): X and O clips have no one-hot consensus target, not --labels {config.labels}"
+                              + (f" with --loss {config.loss}" if config.loss == "wce" else ""))
+        if config.sampler is not None:
+            raise ConfigError(f"--train-on-xo with --sampler {config.sampler}: the sampler draws by consensus class, "
+                              f"and X and O clips have none")
     if not config.pooled_stats and config.pooling not in POOLINGS:
         raise ConfigError(f"unknown --pooling {config.pooling!r}; expected one of {', '.join(POOLINGS)}")
     parse_layers(config.layers)
@@ -135,6 +165,9 @@ class PreparedData:
     dev_names: List[str]
     counts: Dict[str, int]
     weights: Optional[np.ndarray]
+    #: (N, 3) attribute values of the training clips on the corpus scale, NaN where unknown
+    #: (None for ``task="categories"``)
+    train_attributes: Optional[np.ndarray] = None
 
 
 def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> PreparedData:
@@ -155,27 +188,52 @@ def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> Pre
     if not train_clips:
         raise ConfigError(f"cache {cache.path} has no clip in split {config.train_split!r} "
                           f"(splits: {', '.join(cache.splits)})")
-    clips, targets, counts = training_set(train_clips, config.labels, thresholds=config.thresholds)
-    if not clips:
-        raise ConfigError(f"no training clip left for --labels {config.labels} in split {config.train_split} "
-                          f"(dropped: {counts})")
+    if config.task == "attributes":
+        clips, _, counts = attribute_set(train_clips)
+        if not clips:
+            raise ConfigError(f"--task attributes: no clip of split {config.train_split} in cache {cache.path} has "
+                              f"arousal, valence and dominance values (EmoAct, EmoVal, EmoDom in "
+                              f"labels_consensus.csv, or the annotators' A/V/D)")
+        targets = np.zeros((len(clips), 0), dtype=np.float32)
+    else:
+        clips, targets, counts = training_set(train_clips, config.labels, thresholds=config.thresholds,
+                                              include_xo=config.train_on_xo)
+        if not clips:
+            raise ConfigError(f"no training clip left for --labels {config.labels} in split {config.train_split} "
+                              f"(dropped: {counts})")
     # noise-augmented copies (extract-features --augment-noise) train, but are never scored
-    dev_names = [n for n in cache.split(config.dev_split, augmented=False) if cache.clips[n].scoreable]
+    if config.task == "attributes":
+        dev_names = [n for n in cache.split(config.dev_split, augmented=False)
+                     if not np.isnan(attribute_values(cache.clips[n])).any()]
+        what = "clip with attribute values"
+    else:
+        dev_names = [n for n in cache.split(config.dev_split, augmented=False) if cache.clips[n].scoreable]
+        what = "scoreable clip"
     if not dev_names:
-        raise ConfigError(f"cache {cache.path} has no scoreable clip in split {config.dev_split!r} to select "
+        raise ConfigError(f"cache {cache.path} has no {what} in split {config.dev_split!r} to select "
                           f"the best epoch (splits: {', '.join(cache.splits)})")
     train_names = [c.name for c in clips]
     check_clips(cache, train_names + dev_names, selection)
     labels = [c.emo_class for c in clips]
-    weights = class_weights(labels) if (uses_weights(config.loss) and config.sampler is None) else None
-    return PreparedData(cache, selection, train_names, targets, labels, dev_names, counts, weights)
+    weights = (class_weights(labels) if (config.task != "attributes" and uses_weights(config.loss)
+                                         and config.sampler is None) else None)
+    attributes = None
+    if config.task != "categories":
+        attributes = np.stack([attribute_values(c) for c in clips]) if clips else np.zeros((0, len(ATTRIBUTES)))
+        if config.task == "joint" and np.isnan(attributes).any(axis=1).all():
+            raise ConfigError(f"--task joint: no training clip of split {config.train_split} in cache {cache.path} "
+                              f"has arousal, valence and dominance values")
+    return PreparedData(cache, selection, train_names, targets, labels, dev_names, counts, weights, attributes)
 
 
 def head_config_for(config: TrainConfig, selection: InputSelection) -> HeadConfig:
+    extra = {}
+    if config.task != "categories":  # a categories head's config stays as it always was
+        extra = {"attributes": len(ATTRIBUTES), "num_classes": 0 if config.task == "attributes" else len(CLASSES)}
     return HeadConfig(dim=selection.dim, num_layers=selection.num_layers,
                       layers="weighted" if selection.positions is None else 0,
                       pooling="stats" if selection.kind == "pooled" else config.pooling,
-                      hidden=config.hidden, dropout=config.dropout)
+                      hidden=config.hidden, dropout=config.dropout, **extra)
 
 
 def _batches(dataset: ClipDataset, index_batches: Sequence[Sequence[int]], device: torch.device, *,
@@ -194,10 +252,11 @@ def _batches(dataset: ClipDataset, index_batches: Sequence[Sequence[int]], devic
 
 def _predict(models: Sequence[Tuple[torch.nn.Module, str]], batches: Iterator[Batch], n: int, *, device,
              progress: bool = False, desc: str = "predicting", total: Optional[int] = None) -> List[np.ndarray]:
-    """(n, C) scores of each model on ``batches`` (read once for all of them)."""
+    """(n, C + A) scores of each model on ``batches`` (read once for all of them): class
+    scores, then attribute values on the corpus scale for a head with attributes."""
     scores = predict_many(models, (((x, lengths), idx) for x, lengths, idx in batches), device=device,
                           progress=progress, desc=desc, total=total)
-    return [stack_scores(s, n, len(CLASSES)) for s in scores]
+    return [stack_scores(s, n, getattr(m, "output_width", len(CLASSES))) for s, (m, _) in zip(scores, models)]
 
 
 def predict_probs(model: EmotionHead, dataset: ClipDataset, loss: str, *, batch_size: int,
@@ -318,8 +377,17 @@ class _Head:
         self.fn = loss_fn(config.loss)
         self.weights = None if data.weights is None else torch.as_tensor(data.weights, device=device)
         self.targets = torch.as_tensor(np.asarray(data.train_targets, dtype=np.float32)).to(device)
+        self.task = config.task
+        self.num_classes = self.head_cfg.num_classes
+        if data.train_attributes is not None:
+            known = ~np.isnan(data.train_attributes).any(axis=1)
+            unit = np.where(known[:, None], to_unit(np.nan_to_num(data.train_attributes)), 0.0)
+            self.attr_targets = torch.as_tensor(unit, dtype=torch.float32).to(device)
+            self.attr_mask = torch.as_tensor(known, dtype=torch.float32).to(device)
+        # the best epoch: by Development mean CCC for attributes only, by macro-F1 otherwise
+        self.select_by = "dev_ccc_mean" if self.task == "attributes" else "dev_f1_macro"
         self.history: List[dict] = []
-        self.best_f1, self.best_epoch, self.best_state, self.since_best = -1.0, 0, None, 0
+        self.best_value, self.best_epoch, self.best_state, self.since_best = -math.inf, 0, None, 0
         self.stopped = False
         self.error: Optional[BaseException] = None
         self.total, self.seen = 0.0, 0
@@ -332,7 +400,14 @@ class _Head:
         """One AdamW step on the batch; the loss (not yet read back from the device)."""
         with self.rng:
             logits = self.model(x, lengths)
-            loss = self.fn(logits, self.targets[idx], self.weights)
+            if self.task == "categories":
+                loss = self.fn(logits, self.targets[idx], self.weights)
+            else:
+                c = self.num_classes
+                loss = ccc_loss(logits[:, c:], self.attr_targets[idx], None if self.task == "attributes"
+                                else self.attr_mask[idx])
+                if self.task == "joint":
+                    loss = self.fn(logits[:, :c], self.targets[idx], self.weights) + self.config.attribute_weight * loss
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -347,12 +422,25 @@ class _Head:
         self.total += value * n
         self.seen += n
 
+    def dev_scores(self, scores: np.ndarray, refs: Sequence[Optional[str]], attr_refs: np.ndarray) -> dict:
+        """This epoch's Development entries of the history, from the head's (n, C + A) scores."""
+        out = {}
+        c = self.num_classes
+        if c:
+            dev = score(refs, letters(scores[:, :c]))
+            out.update(dev_f1_macro=dev["f1_macro"], dev_f1_micro=dev["f1_micro"])
+        if self.task != "categories":
+            a = score_attributes(attr_refs, scores[:, c:], ATTRIBUTE_COLUMNS)
+            out["dev_ccc_mean"] = a["ccc_mean"]
+            out.update({f"dev_ccc_{name}": a[name]["ccc"] for name in ATTRIBUTE_COLUMNS})
+        return out
+
     def end_epoch(self, epoch: int, dev: dict, train_seconds: float, seconds: float) -> None:
-        self.history.append({"epoch": epoch, "train_loss": self.total / max(self.seen, 1),
-                             "dev_f1_macro": dev["f1_macro"], "dev_f1_micro": dev["f1_micro"],
+        self.history.append({"epoch": epoch, "train_loss": self.total / max(self.seen, 1), **dev,
                              "train_seconds": round(train_seconds, 3), "seconds": round(seconds, 3)})
-        if dev["f1_macro"] > self.best_f1:
-            self.best_f1, self.best_epoch, self.since_best = dev["f1_macro"], epoch, 0
+        value = dev[self.select_by]
+        if value > self.best_value:
+            self.best_value, self.best_epoch, self.since_best = value, epoch, 0
             self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
         else:
             self.since_best += 1
@@ -365,8 +453,12 @@ def pass_key(config: TrainConfig, data: PreparedData) -> tuple:
     """What the heads of one data pass share: the cache, the input read from it, the training
     clips in their order (sampler, seed, batch size), the Development split and the runtime
     options (device, preloading, loader workers, threads). Runs with equal keys read the same
-    batches; the loss, targets, pooling, sizes, learning rate, epochs and patience may differ."""
-    return (str(Path(config.cache).resolve()), data.selection, tuple(data.train_names), config.sampler,
+    batches; the loss, targets, pooling, sizes, learning rate, epochs and patience may differ.
+    The task may differ too when the clips are the same: an attributes run trains on every
+    clip with attribute values (X and O included) and is scored on the Development clips with
+    attribute values, so it shares a pass only with runs reading those very clips."""
+    return (str(Path(config.cache).resolve()), data.selection, tuple(data.train_names), tuple(data.dev_names),
+            config.sampler,
             config.seed, config.batch_size, config.train_split, config.dev_split, config.device, config.preload,
             config.preload_budget_gb, config.num_workers, config.threads)
 
@@ -518,6 +610,7 @@ def _train_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *,
     dev_ds = ClipDataset(cache, data.dev_names, sel, None, preload=preload, progress=progress,
                          desc=f"loading {config.dev_split} features")
     dev_refs = [cache.clips[n].emo_class for n in data.dev_names]
+    dev_attr_refs = np.stack([attribute_values(cache.clips[n]) for n in data.dev_names])
     heads = [_Head(c, out_dir, d, device) for c, out_dir, d in members]
 
     # The clip order has its own generator, and so has the DataLoader (it draws worker seeds
@@ -570,11 +663,12 @@ def _train_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *,
         if scored:
             probs = _predict([(h.model, h.config.loss) for h in scored], dev_batches(), len(dev_ds), device=device)
             for h, p in zip(scored, probs):
-                h.end_epoch(epoch, score(dev_refs, letters(p)), train_seconds, time.time() - t0)
+                h.end_epoch(epoch, h.dev_scores(p, dev_refs, dev_attr_refs), train_seconds, time.time() - t0)
         if len(heads) == 1 and heads[0].history and heads[0].history[-1]["epoch"] == epoch:
             h = heads[0]
-            bar.set_postfix(loss=f"{h.history[-1]['train_loss']:.4f}", dev_f1=f"{h.history[-1]['dev_f1_macro']:.3f}",
-                            best=f"{h.best_f1:.3f}@{h.best_epoch}")
+            name = "dev_ccc" if h.select_by == "dev_ccc_mean" else "dev_f1"
+            bar.set_postfix({"loss": f"{h.history[-1]['train_loss']:.4f}",
+                             name: f"{h.history[-1][h.select_by]:.3f}", "best": f"{h.best_value:.3f}@{h.best_epoch}"})
     bar.close()
     done = [h for h in heads if h.error is None]
     for h in done:
@@ -595,8 +689,11 @@ def _train_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *,
         probs = _predict([(h.model, h.config.loss) for h in done], read(), len(ds), device=device,
                          progress=progress, desc=f"predicting {split}", total=len(batches))
         refs = [cache.clips[n].emo_class for n in split_names]
+        attr_refs = np.stack([attribute_values(cache.clips[n]) for n in split_names])
         for h, p in zip(done, probs):
-            h.split_predictions[split] = (split_names, p, refs)
+            c = h.num_classes
+            h.split_predictions[split] = ((split_names, p, refs) if h.task == "categories" else
+                                          (split_names, p[:, :c], refs, p[:, c:], attr_refs))
 
     results: List[Union[dict, BaseException]] = []
     for h in heads:
@@ -638,6 +735,8 @@ def _write_outputs(head: _Head, *, train_seconds: float, preload: bool, nbytes: 
         "train_config": config.to_json(),
         "best_epoch": head.best_epoch,
     }
+    if config.task != "categories":
+        checkpoint.update(task=config.task, attributes=list(ATTRIBUTE_COLUMNS), attribute_scale="(v - 1) / 6")
     with atomic_path(out_dir / CHECKPOINT, suffix=".pt.tmp") as tmp:
         torch.save(checkpoint, tmp)
     extra = {
@@ -660,8 +759,21 @@ def _write_outputs(head: _Head, *, train_seconds: float, preload: bool, nbytes: 
             "input": sel.to_json(),
         },
     }
+    if config.task != "categories":
+        known = int((~np.isnan(data.train_attributes).any(axis=1)).sum())
+        extra["training"].update(task=config.task, attribute_clips=known,
+                                 attribute_weight=config.attribute_weight if config.task == "joint" else None)
+    if config.train_on_xo:
+        extra["training"]["xo"] = xo_summary(data.counts)
     return write_run_outputs(out_dir, head.split_predictions, history, head.best_epoch, dev_split=config.dev_split,
                              extra=extra)
+
+
+def xo_summary(counts: Mapping[str, int]) -> dict:
+    """The X and O clips of a ``train_on_xo`` run: added (by consensus) and left out for
+    lacking a target-class label."""
+    return {"added_X": int(counts.get("added_X", 0)), "added_O": int(counts.get("added_O", 0)),
+            "left_out_no_target_label": int(counts.get("xo_no_target_label", 0))}
 
 
 def manifest_summary(manifest: Mapping) -> dict:

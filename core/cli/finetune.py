@@ -240,7 +240,9 @@ def predict_cmd(model_dir, run_dir, audio, list_file, out, batch_size, max_secon
     Any file soundfile reads works (WAV, FLAC, OGG, ...; any sample rate; stereo is averaged).
     Output columns: FileName, one probability per class (A S H U F D C N), Prediction
     (argmax after the decision offsets tuned on the development set: the model's, or the
-    run's when RUN is a conilium-eval tune-thresholds output; none otherwise), Error.
+    run's when RUN is a conilium-eval tune-thresholds output; none otherwise), then for a
+    run trained with --task attributes or joint EmoAct, EmoVal, EmoDom (1-7 scale; an
+    attributes-only run has no class columns nor Prediction), Error.
     A file that cannot be read is reported by name on standard error and in the output
     (Error column), and the others are still predicted.
 
@@ -278,9 +280,9 @@ def predict_cmd(model_dir, run_dir, audio, list_file, out, batch_size, max_secon
                               rescale_loud=rescale_loud)
         results = predictor.predict(files, progress=not quiet)
         if out is not None:
-            write_results(out, results, predictor.classes)
+            write_results(out, results, predictor.classes, predictor.attributes)
         else:
-            click.echo(results_csv(results, predictor.classes), nl=False)
+            click.echo(results_csv(results, predictor.classes, predictor.attributes), nl=False)
     except click.UsageError:
         raise
     except ConiliumError as e:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from conilium.errors import ConiliumError
-from conilium.heads.config import BACKENDS, LOSS_PROPERTIES, TrainConfig, presets
+from conilium.heads.config import BACKENDS, LOSS_PROPERTIES, TASKS, TrainConfig, presets
 
 from .common import (CONTEXT, DROPOUT, GROUP_QUIET, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED,
                      Group, Number, fail, lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)
@@ -57,6 +57,16 @@ _DEFAULTS = TrainConfig(cache="")
               show_default=True,
               help="--labels P*/S*: the agreement share over all annotators' labels, Other included (all: the "
                    "paper's wording), or over target-class labels only (targets).")
+@click.option("--task", type=click.Choice(list(TASKS)), default=_DEFAULTS.task, show_default=True,
+              help="categories: the eight classes (best epoch by development macro-F1); attributes: arousal, "
+                   "valence, dominance only, CCC loss, on every Train clip with attribute values, X and O included "
+                   "(best epoch by development mean CCC; --loss/--labels unused); joint: the categories loss + "
+                   "--attribute-weight x the CCC loss (best epoch by development macro-F1).")
+@click.option("--attribute-weight", type=NON_NEGATIVE, default=_DEFAULTS.attribute_weight, show_default=True,
+              help="--task joint: weight of the CCC loss (1 - mean CCC) added to the categories loss.")
+@click.option("--train-on-xo", is_flag=True,
+              help="Soft targets (--labels P, S, P*, S*): train on X (no agreement) and O (other) clips too, on "
+                   "their annotators' target-class labels; clips with none stay out; never scored.")
 @click.option("--hidden", type=POSITIVE_INT, default=_DEFAULTS.hidden, show_default=True,
               help="Classifier hidden width.")
 @click.option("--dropout", type=DROPOUT, default=_DEFAULTS.dropout, show_default=True)
@@ -77,16 +87,22 @@ _DEFAULTS = TrainConfig(cache="")
 @quiet_option("No progress bars.")
 @version_option
 def train_head_cmd(cache, out, loss, labels, pooling, layers, pooled_stats, sampler, lr, weight_decay, batch_size,
-                   epochs, patience, seed, p_threshold, s_threshold, agreement_over, hidden, dropout, train_split,
-                   dev_split, device, num_workers, preload, preload_budget_gb, threads, overwrite, wait_for_lock, quiet):
+                   epochs, patience, seed, p_threshold, s_threshold, agreement_over, task, attribute_weight,
+                   train_on_xo, hidden, dropout, train_split, dev_split, device, num_workers, preload,
+                   preload_budget_gb, threads, overwrite, wait_for_lock, quiet):
     """Train a pooling head on a feature cache and write a run directory.
 
     \b
-    Example (the paper's best loss and targets):
+    Examples:
       train-head --cache cache/wavlm-large --loss wbce --labels S --out runs/wbce-S
+      train-head --cache cache/wavlm-large --task attributes --out runs/avd
+      train-head --cache cache/wavlm-large --task joint --attribute-weight 0.5 --out runs/wbce-S-avd
+      train-head --cache cache/wavlm-large --labels S --train-on-xo --out runs/wbce-S-xo
 
-    The best epoch by development macro-F1 is kept; metrics.json holds its scores on
-    every labelled split, predictions/<Split>.csv its class scores on every split.
+    The best epoch is kept: by development macro-F1 (--task categories, joint) or by
+    development mean CCC of arousal, valence and dominance (--task attributes).
+    metrics.json holds its scores on every labelled split, predictions/<Split>.csv its
+    class scores (and EmoAct, EmoVal, EmoDom on the 1-7 scale) on every split.
     """
     from conilium.heads.data import parse_layers
     from conilium.heads.train import train_head  # torch, h5py: only when run
@@ -98,14 +114,32 @@ def train_head_cmd(cache, out, loss, labels, pooling, layers, pooled_stats, samp
                              pooled_stats=pooled_stats, sampler=None if sampler == "none" else sampler, lr=lr,
                              weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
                              seed=seed, p_threshold=p_threshold, s_threshold=s_threshold,
-                             agreement_over=agreement_over, hidden=hidden,
+                             agreement_over=agreement_over, task=task, attribute_weight=attribute_weight,
+                             train_on_xo=train_on_xo, hidden=hidden,
                              dropout=dropout, train_split=train_split, dev_split=dev_split, num_workers=num_workers,
                              device=device, preload=preload, preload_budget_gb=preload_budget_gb, threads=threads)
         m = train_head(config, out, overwrite=overwrite, progress=not quiet, wait_for_lock=lock_wait(wait_for_lock))
     except ConiliumError as e:
         fail(e)
-    click.echo(f"{m['split']} macro-F1 {m['f1_macro']:.4f}, micro-F1 {m['f1_micro']:.4f} at epoch "
-               f"{m['best_epoch']} of {len(m['history'])}; run written to {out}")
+    click.echo(summary_line(m, out))
+
+
+def summary_line(m: dict, out) -> str:
+    """train-head's one-line summary of a run's metrics."""
+    parts = []
+    if "f1_macro" in m:
+        parts.append(f"{m['split']} macro-F1 {m['f1_macro']:.4f}, micro-F1 {m['f1_micro']:.4f}")
+    attrs = (m.get("attributes") or {}).get(m.get("attributes_split") or "")
+    if attrs:
+        each = ", ".join(f"{k} {attrs[k]['ccc']:.3f}" for k in ("EmoAct", "EmoVal", "EmoDom")
+                         if attrs[k]["ccc"] is not None)
+        parts.append(f"{m['attributes_split']} CCC mean {attrs['ccc_mean']:.4f} ({each})")
+    line = "; ".join(parts) + f" at epoch {m['best_epoch']} of {len(m['history'])}"
+    xo = (m.get("training") or {}).get("xo")
+    if xo:
+        line += (f"; trained on {xo['added_X']} X and {xo['added_O']} O clip(s) too "
+                 f"({xo['left_out_no_target_label']} left out: no target-class label)")
+    return line + f"; run written to {out}"
 
 
 def _parse_set(values):

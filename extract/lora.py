@@ -23,6 +23,7 @@ This module imports torch and peft only inside its functions, so that option che
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -237,27 +238,32 @@ def merge_adapter(model, adapter_dir):
     """``model`` with the LoRA adapter of ``adapter_dir`` applied and merged into its weights
     (``PeftModel``'s ``merge_and_unload``): a plain transformers model, no adapter layer left."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     adapter_dir = check_adapter_dir(adapter_dir)
     try:
         config = LoraConfig.from_pretrained(str(adapter_dir))
         weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
-    except (ValueError, OSError, TypeError) as e:
+    except (ValueError, OSError, TypeError, SafetensorError) as e:
         raise ConfigError(f"{adapter_dir}: unreadable LoRA adapter ({e})") from None
     config.inference_mode = True
-    try:
-        peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
-    except ValueError as e:
-        raise ConfigError(f"{adapter_dir}: the adapter does not fit the upstream in {adapter_dir.parent} ({e})") from None
-    result = set_peft_model_state_dict(peft_model, weights, adapter_name=ADAPTER_NAME)
-    missing = [k for k in result.missing_keys if ".lora_" in k]
-    unexpected = list(result.unexpected_keys)
-    if missing or unexpected:
-        raise ConfigError(f"{adapter_dir / ADAPTER_WEIGHTS}: the adapter weights do not match the upstream "
-                          f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
-                          f"e.g. {unexpected[:2]})")
-    merged = peft_model.merge_and_unload(safe_merge=True)
+    with warnings.catch_warnings():
+        # raised by transformers when peft reads the model's checkpointing flag; harmless
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        try:
+            peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+        except ValueError as e:
+            raise ConfigError(f"{adapter_dir}: the adapter does not fit the upstream in {adapter_dir.parent} "
+                              f"({e})") from None
+        result = set_peft_model_state_dict(peft_model, weights, adapter_name=ADAPTER_NAME)
+        missing = [k for k in result.missing_keys if ".lora_" in k]
+        unexpected = list(result.unexpected_keys)
+        if missing or unexpected:
+            raise ConfigError(f"{adapter_dir / ADAPTER_WEIGHTS}: the adapter weights do not match the upstream "
+                              f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
+                              f"e.g. {unexpected[:2]})")
+        merged = peft_model.merge_and_unload(safe_merge=True)
     if hasattr(merged, "peft_config"):
         del merged.peft_config
     return merged

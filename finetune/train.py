@@ -27,6 +27,10 @@ How a step runs:
   (wav2vec2-base) runs clip by clip.
 * **noise augmentation** (paper 3.2) — a fraction of the training clips of each epoch
   get a random noise file mixed in at a random SNR, decided by (seed, epoch, clip).
+* **LoRA** — with ``lora_rank`` the upstream is frozen once the starting point is loaded
+  and peft's LoRA adapters are put beside the chosen linear layers of its transformer
+  (:mod:`conilium.extract.lora`); the adapters and the head are trained, the rest of the
+  step is the same. The model directory keeps the base upstream and the adapter apart.
 * **resume** — after each epoch ``checkpoints/last.pt`` (model, optimizer, RNG and
   sampler state, history) is replaced atomically; ``resume=True`` continues from it and
   ends with the same model as an uninterrupted run.

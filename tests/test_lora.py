@@ -311,3 +311,37 @@ def test_lora_starts_from_a_train_head_run(weighted_head_run, small_demo_corpus,
     assert metrics["training"]["lora"]["trainable_parameters"] == (
         sum(v.numel() for v in adapter.values()) + sum(v.numel() for v in head["state_dict"].values()))
     assert any("layer_weights" in k or "mix" in k for k in head["state_dict"])
+
+
+@pytest.mark.parametrize("name", ["demo-wavlm", "demo-whisper"])
+def test_saved_base_and_adapter_merge_into_the_trained_upstream(name, tmp_path):
+    """upstream/ (base weights under their own names) + adapter/ load back, merged, as the upstream
+    with its adapters; a damaged adapter is a clear error naming the file."""
+    from conilium.extract.encoder import UpstreamEncoder
+    from conilium.extract.lora import base_state_dict, merge_adapter, save_adapter
+
+    upstream, _ = load_upstream(name, random_init=True, random_root=tmp_path)
+    torch.manual_seed(0)
+    add_adapters(upstream, rank=2, modules=("q", "v", "fc1"), layers=[0, 2])
+    with torch.no_grad():
+        for k, p in upstream.named_parameters():
+            if ".lora_B" in k:
+                p.normal_(0, 0.2)
+    upstream.save_pretrained(tmp_path / "base", state_dict=base_state_dict(upstream))
+    save_adapter(upstream, tmp_path / "adapter")
+    merged = merge_adapter(load_upstream(str(tmp_path / "base"))[0], tmp_path / "adapter")
+    assert not any(".lora_" in k or "base_layer" in k for k in merged.state_dict())
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal(12000).astype(np.float32))[None]
+    n = torch.tensor([12000])
+    with torch.no_grad():
+        a, _ = UpstreamEncoder(upstream.eval()).hidden_states(x, n, [1, 2, 3])
+        b, _ = UpstreamEncoder(merged.eval()).hidden_states(x, n, [1, 2, 3])
+        c, _ = UpstreamEncoder(load_upstream(str(tmp_path / "base"))[0].eval()).hidden_states(x, n, [1, 2, 3])
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert (c - a).abs().max() > 1e-2
+    (tmp_path / "adapter" / ADAPTER_WEIGHTS).write_bytes(b"damaged")
+    with pytest.raises(ConfigError, match="unreadable LoRA adapter"):
+        merge_adapter(load_upstream(str(tmp_path / "base"))[0], tmp_path / "adapter")
+    (tmp_path / "adapter" / ADAPTER_WEIGHTS).unlink()
+    with pytest.raises(ConfigError, match="adapter_model.safetensors missing"):
+        merge_adapter(load_upstream(str(tmp_path / "base"))[0], tmp_path / "adapter")

@@ -30,6 +30,7 @@ from conilium.finetune.predict import Predictor
 from conilium.finetune.train import CHECKPOINT_DIR, LAST
 from conilium.heads.model import EmotionHead, HeadConfig
 from conilium.runs import prediction_path, read_predictions
+from test_finetune_baseline import baseline, reference_logits  # noqa: F401 (fixture: a baseline checkpoint folder)
 
 # Deterministic forward (no dropout, LayerDrop or SpecAugment) so that runs can be compared.
 BASE = dict(upstream="demo-wavlm", random_init=True, max_seconds=1.5, batch_size=8, epochs=2, lr=1e-2,
@@ -345,3 +346,27 @@ def test_saved_base_and_adapter_merge_into_the_trained_upstream(name, tmp_path):
     (tmp_path / "adapter" / ADAPTER_WEIGHTS).unlink()
     with pytest.raises(ConfigError, match="adapter_model.safetensors missing"):
         merge_adapter(load_upstream(str(tmp_path / "base"))[0], tmp_path / "adapter")
+
+
+def test_lora_starts_from_the_challenge_baseline(baseline, small_demo_corpus, tmp_path):
+    """The baseline's upstream becomes the frozen base: upstream/ holds its weights, and with a vanishing
+    learning rate the LoRA model's development predictions are the baseline's outputs."""
+    from conilium.finetune.baseline import read_norm_stats
+
+    folder, upstream = baseline[0], baseline[1]
+    out = tmp_path / "m"
+    finetune(FinetuneConfig(corpus=str(small_demo_corpus), out=str(out), upstream="demo-wavlm", random_init=True,
+                            baseline_ckpt=str(folder), lr=1e-12, weight_decay=0.0, epochs=1, batch_size=8,
+                            max_train_clips=8, max_seconds=1.5, num_workers=0, tune_thresholds=False, lora_rank=2),
+             progress=False)
+    saved = load_upstream(str(out / "upstream"))[0].state_dict()
+    theirs = upstream.state_dict()
+    assert saved.keys() == theirs.keys()
+    for k in theirs:
+        assert torch.equal(saved[k], theirs[k]), k
+    dev = read_predictions(prediction_path(out, "Development"))
+    stats = read_norm_stats(folder)
+    for k in (0, 7):
+        x = normalize(_clip(small_demo_corpus, dev.names[k]), "global", stats)
+        expected = torch.sigmoid(reference_logits(baseline, x)).numpy()
+        np.testing.assert_allclose(dev.probs[k], expected, atol=5e-6)

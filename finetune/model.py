@@ -151,9 +151,9 @@ def save_model_dir(out, model: EndToEndModel, info: Mapping) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / MODEL_FILE).unlink(missing_ok=True)
     if lora:
-        _replace_dir(out, ADAPTER_DIR, lambda tmp: save_adapter(model.upstream, tmp))
         _replace_dir(out, UPSTREAM_DIR,
                      lambda tmp: model.upstream.save_pretrained(tmp, state_dict=base_state_dict(model.upstream)))
+        _replace_dir(out, ADAPTER_DIR, lambda tmp: save_adapter(model.upstream, tmp))
     else:
         _replace_dir(out, UPSTREAM_DIR, lambda tmp: model.upstream.save_pretrained(tmp))
         shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)  # an older LoRA model's adapter

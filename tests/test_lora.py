@@ -31,6 +31,7 @@ from conilium.finetune.train import CHECKPOINT_DIR, LAST
 from conilium.heads.model import EmotionHead, HeadConfig
 from conilium.runs import prediction_path, read_predictions
 from test_finetune_baseline import baseline, reference_logits  # noqa: F401 (fixture: a baseline checkpoint folder)
+from test_reliability_output import full_disk  # noqa: F401 (fixture: a 64 KiB file system)
 
 # Deterministic forward (no dropout, LayerDrop or SpecAugment) so that runs can be compared.
 BASE = dict(upstream="demo-wavlm", random_init=True, max_seconds=1.5, batch_size=8, epochs=2, lr=1e-2,
@@ -370,3 +371,19 @@ def test_lora_starts_from_the_challenge_baseline(baseline, small_demo_corpus, tm
         x = normalize(_clip(small_demo_corpus, dev.names[k]), "global", stats)
         expected = torch.sigmoid(reference_logits(baseline, x)).numpy()
         np.testing.assert_allclose(dev.probs[k], expected, atol=5e-6)
+
+
+def test_a_lora_model_directory_on_a_full_disk_leaves_nothing(full_disk, tmp_path):
+    from conilium.errors import OutputError
+    from conilium.finetune.model import save_model_dir
+
+    upstream, _ = load_upstream("demo-wavlm", random_init=True, random_root=tmp_path / "weights")
+    model = EndToEndModel(upstream, EmotionHead(HeadConfig(dim=96, layers=0, hidden=16)))
+    lora = add_adapters(upstream, rank=2)
+    info = {"max_seconds": 8.0, "normalize": {"mode": "none", "stats": None}, "offsets": {}, "loss": "wbce"}
+    out = full_disk / "model"
+    with pytest.raises(OutputError, match=rf"cannot write {out}/upstream: no space left on device"):
+        save_model_dir(out, model, dict(info, lora=lora))
+    assert sorted(p.name for p in out.rglob("*")) == []
+    with pytest.raises(ConfigError, match="info\\['lora'\\] must describe"):
+        save_model_dir(tmp_path / "m", model, info)  # adapters, but no description of them

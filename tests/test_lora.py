@@ -213,6 +213,8 @@ def test_extract_features_on_a_lora_model_directory_uses_the_merged_model(refere
     ident = cache.manifest["upstream"]
     assert ident["adapter"] == str((out / "adapter").resolve())
     assert ident["weights_sha256"] == weights_hash(out / "upstream", out / "adapter") != weights_hash(out / "upstream")
+    # the identity's path loads the same merged model again (predict --run on a head trained on this cache)
+    assert load_upstream(ident["path"])[1]["weights_sha256"] == ident["weights_sha256"]
     merged, _ = load_model_dir(out)
     base = UpstreamRunner(load_upstream(str(out / "upstream"))[0], device=torch.device("cpu"), layers=[3])
     for name in cache.names[:3]:
@@ -387,3 +389,34 @@ def test_a_lora_model_directory_on_a_full_disk_leaves_nothing(full_disk, tmp_pat
     assert sorted(p.name for p in out.rglob("*")) == []
     with pytest.raises(ConfigError, match="info\\['lora'\\] must describe"):
         save_model_dir(tmp_path / "m", model, info)  # adapters, but no description of them
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(tmp_path):
+    from conilium.finetune.model import enable_checkpointing
+
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal(8000).astype(np.float32))[None]
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        upstream, _ = load_upstream("demo-wavlm", random_init=True, random_root=tmp_path,
+                                    config_overrides={"hidden_dropout": 0.0, "attention_dropout": 0.0,
+                                                      "activation_dropout": 0.0, "feat_proj_dropout": 0.0,
+                                                      "layerdrop": 0.0, "apply_spec_augment": False})
+        torch.manual_seed(0)
+        head = EmotionHead(HeadConfig(dim=96, num_layers=4, layers="weighted", hidden=32, dropout=0.0))
+        model = EndToEndModel(upstream, head, layers=[0, 1, 2, 3]).train()
+        add_adapters(upstream, rank=2)
+        with torch.no_grad():
+            for k, p in upstream.named_parameters():
+                if ".lora_B" in k:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(k)))
+        if checkpointing:
+            enable_checkpointing(upstream)
+        n = [0]
+        upstream.encoder.layers[1].feed_forward.register_forward_pre_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+        model(x, torch.tensor([8000])).sum().backward()
+        calls.append(n[0])
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert calls == [1, 2]  # the layers were recomputed in the backward pass
+    assert grads[0].keys() == grads[1].keys() and sum(".lora_A" in k for k in grads[0]) == 12
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-4)

@@ -43,7 +43,7 @@ HEAD_FILE = "head.pt"
 UPSTREAM_DIR = "upstream"
 ADAPTER_DIR = LORA_ADAPTER_DIR  # adapter/: a LoRA model's adapter (peft's save format)
 MODEL_FORMAT = 1
-LORA_MODEL_FORMAT = 2  # a model directory with an adapter: read by this version on
+LORA_MODEL_FORMAT = 2  # a model directory with a LoRA adapter/ beside upstream/
 
 
 class EndToEndModel(nn.Module):

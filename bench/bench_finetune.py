@@ -123,10 +123,13 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def timed(m, o) -> float:
-        t = time.perf_counter()
+    cpu_times: dict = {"full": [], "lora": []}  # process CPU seconds (all threads): steadier on a shared machine
+
+    def timed(m, o, kind: str = "full") -> float:
+        c, t = time.process_time(), time.perf_counter()
         step(m, o)
         sync()
+        cpu_times[kind].append(time.process_time() - c)
         return time.perf_counter() - t
 
     for _ in range(args.warmup):
@@ -139,7 +142,7 @@ def main(argv=None) -> dict:
         times.append(timed(model, opt))
         msg = f"step {i + 1}/{args.steps}: {times[-1]:.3f} s"
         if lora_model is not None:
-            lora_times.append(timed(*lora_model[:2]))
+            lora_times.append(timed(*lora_model[:2], "lora"))
             msg += f" (LoRA {lora_times[-1]:.3f} s)"
         print(msg, file=sys.stderr)
 
@@ -201,6 +204,10 @@ def main(argv=None) -> dict:
             "full_step_seconds_min": round(min(times), 4),
             "ratio_median_lora_over_full": round(lmed / med, 3),
             "ratio_min_lora_over_full": round(min(lora_times) / min(times), 3),
+            "step_cpu_seconds": [round(t, 3) for t in cpu_times["lora"]],
+            "full_step_cpu_seconds": [round(t, 3) for t in cpu_times["full"]],
+            "ratio_median_cpu_lora_over_full": round(statistics.median(cpu_times["lora"])
+                                                     / statistics.median(cpu_times["full"]), 3),
             "trainable_ratio_lora_over_full": round(lora_trained / res["trainable_parameters"], 5),
         }
         r = res["lora"]
@@ -211,6 +218,8 @@ def main(argv=None) -> dict:
         print(f"    step min / median: LoRA {min(lora_times):.3f} / {lmed:.3f} s, full {min(times):.3f} / "
               f"{med:.3f} s; LoRA / full {r['ratio_min_lora_over_full']:.3f} (min), "
               f"{r['ratio_median_lora_over_full']:.3f} (median)")
+        print(f"    process CPU time per step (median): LoRA {statistics.median(cpu_times['lora']):.3f} s, full "
+              f"{statistics.median(cpu_times['full']):.3f} s; LoRA / full {r['ratio_median_cpu_lora_over_full']:.3f}")
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=2)

@@ -7,6 +7,13 @@ and, with ``--json OUT``, writes them as JSON.
     python bench/bench_finetune.py                                    # this CPU, batch 2, 3 steps
     python bench/bench_finetune.py --device cuda --batch-size 16 --steps 10   # bf16 autocast
     python bench/bench_finetune.py --device cuda --batch-size 16 --gradient-checkpointing
+    python bench/bench_finetune.py --lora-rank 8 --steps 5 --threads 2   # LoRA vs full, steps in turn
+
+With ``--lora-rank R`` a second model of the same architecture gets LoRA adapters
+(finetune-best --lora-rank: upstream frozen, adapters on ``--lora-modules`` of every
+transformer layer, head trained) and the two models' steps are timed in turn, full then
+LoRA, so that both see the same machine load; the figures give each model's trainable
+parameters, min and median step time, and the LoRA / full ratios of this one run.
 
 Inputs are random waveforms of ``--seconds`` seconds (the paper's 8 s truncation), so
 every clip of a batch has the longest length (no padding): an upper bound for a corpus
@@ -29,6 +36,7 @@ import warnings
 
 import torch
 
+from conilium.extract.lora import add_adapters, check_lora_modules
 from conilium.extract.upstreams import load_upstream
 from conilium.finetune import EndToEndModel, FinetuneConfig
 from conilium.finetune.config import precision_dtype
@@ -54,6 +62,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--weights-dir", default=None, help="where the random weights are saved (reused when present)")
+    ap.add_argument("--lora-rank", type=int, default=None,
+                    help="also time a LoRA model of this rank (steps in turn with the full model)")
+    ap.add_argument("--lora-modules", default="q,k,v,o", help="linear layers that get adapters (with --lora-rank)")
     ap.add_argument("--json", dest="json_out", default=None, help="write the figures here")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask")
@@ -67,20 +78,28 @@ def main(argv=None) -> dict:
     batch = args.batch_size or (16 if device.type == "cuda" else 2)
 
     t0 = time.perf_counter()
+    config = FinetuneConfig(corpus="", out="", upstream=args.upstream)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.weights_dir or tmp
-        torch.manual_seed(0)
-        upstream, identity = load_upstream(args.upstream, random_init=True, seed=0, random_root=root)
+
+        def build(lora: bool):
+            """The end-to-end model as finetune-best builds it, its optimizer and trained parameters."""
+            torch.manual_seed(0)
+            upstream, _ = load_upstream(args.upstream, random_init=True, seed=0, random_root=root)
+            upstream.freeze_feature_encoder()
+            torch.manual_seed(0)
+            m = EndToEndModel(upstream, EmotionHead(default_head_config(upstream, config)))
+            if lora:
+                add_adapters(upstream, rank=args.lora_rank, modules=check_lora_modules(args.lora_modules))
+            if args.gradient_checkpointing:
+                enable_checkpointing(upstream)
+            m.to(device).train()
+            trained = [p for p in m.parameters() if p.requires_grad]
+            return m, torch.optim.AdamW(trained, lr=1e-5), trained
+
+        model, opt, params = build(False)
+        lora_model = build(True) if args.lora_rank else None
     load_seconds = time.perf_counter() - t0
-    upstream.freeze_feature_encoder()
-    config = FinetuneConfig(corpus="", out="", upstream=args.upstream)
-    torch.manual_seed(0)
-    model = EndToEndModel(upstream, EmotionHead(default_head_config(upstream, config)))
-    if args.gradient_checkpointing:
-        enable_checkpointing(upstream)
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
     fn = loss_fn("wbce")
     n = int(args.seconds * 16000)
     g = torch.Generator().manual_seed(0)
@@ -91,29 +110,41 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def step():
+    def step(m, o):
         with autocast(device, precision_dtype(args.precision, device)):
-            logits = model(waves, lengths)
+            logits = m(waves, lengths)
         loss = fn(logits.float(), targets, weights)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        o.step()
+        o.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(args.warmup):
-        step()
-    sync()
-    times = []
-    for i in range(args.steps):
-        t = time.perf_counter()
-        step()
+    cpu_times: dict = {"full": [], "lora": []}  # process CPU seconds (all threads): steadier on a shared machine
+
+    def timed(m, o, kind: str = "full") -> float:
+        c, t = time.process_time(), time.perf_counter()
+        step(m, o)
         sync()
-        times.append(time.perf_counter() - t)
-        print(f"step {i + 1}/{args.steps}: {times[-1]:.3f} s", file=sys.stderr)
+        cpu_times[kind].append(time.process_time() - c)
+        return time.perf_counter() - t
+
+    for _ in range(args.warmup):
+        step(model, opt)
+        if lora_model is not None:
+            step(*lora_model[:2])
+    sync()
+    times, lora_times = [], []
+    for i in range(args.steps):
+        times.append(timed(model, opt))
+        msg = f"step {i + 1}/{args.steps}: {times[-1]:.3f} s"
+        if lora_model is not None:
+            lora_times.append(timed(*lora_model[:2], "lora"))
+            msg += f" (LoRA {lora_times[-1]:.3f} s)"
+        print(msg, file=sys.stderr)
 
     med = statistics.median(times)
     clips_per_s = batch / med
@@ -138,7 +169,8 @@ def main(argv=None) -> dict:
         "model_load_seconds": round(load_seconds, 1),
         "peak_memory_gib": round((torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30, 2),
-        "peak_memory_kind": "CUDA max allocated" if device.type == "cuda" else "process max RSS",
+        "peak_memory_kind": ("CUDA max allocated" if device.type == "cuda" else "process max RSS")
+                            + (", full and LoRA models together" if lora_model is not None else ""),
         # an MSP-Podcast epoch at this rate: clips cut at --seconds (upper bound) and at the mean duration
         "projected_epoch_hours_at_clip_seconds": round(MSP_TRAIN_CLIPS / clips_per_s / 3600, 2),
         "projected_epoch_hours_at_mean_duration": round(
@@ -155,6 +187,39 @@ def main(argv=None) -> dict:
     print(f"  projected MSP-Podcast epoch ({MSP_TRAIN_CLIPS:,} clips): {res['projected_epoch_hours_at_clip_seconds']} h "
           f"with {args.seconds:g} s clips, {res['projected_epoch_hours_at_mean_duration']} h scaled to the "
           f"{MSP_MEAN_SECONDS} s mean duration")
+    if lora_model is not None:
+        lm = lora_model[0]
+        lora_trained = int(sum(p.numel() for p in lora_model[2]))
+        head_params = int(sum(p.numel() for p in lm.head.parameters()))
+        lmed = statistics.median(lora_times)
+        res["lora"] = {
+            "rank": args.lora_rank,
+            "modules": args.lora_modules,
+            "trainable_parameters": lora_trained,
+            "adapter_parameters": lora_trained - head_params,
+            "frozen_parameters": int(sum(p.numel() for p in lm.parameters() if not p.requires_grad)),
+            "step_seconds": [round(t, 4) for t in lora_times],
+            "step_seconds_min": round(min(lora_times), 4),
+            "step_seconds_median": round(lmed, 4),
+            "full_step_seconds_min": round(min(times), 4),
+            "ratio_median_lora_over_full": round(lmed / med, 3),
+            "ratio_min_lora_over_full": round(min(lora_times) / min(times), 3),
+            "step_cpu_seconds": [round(t, 3) for t in cpu_times["lora"]],
+            "full_step_cpu_seconds": [round(t, 3) for t in cpu_times["full"]],
+            "ratio_median_cpu_lora_over_full": round(statistics.median(cpu_times["lora"])
+                                                     / statistics.median(cpu_times["full"]), 3),
+            "trainable_ratio_lora_over_full": round(lora_trained / res["trainable_parameters"], 5),
+        }
+        r = res["lora"]
+        print(f"  LoRA rank {args.lora_rank} on {args.lora_modules} of every layer, same batch, steps in turn with "
+              f"the full model:")
+        print(f"    trainable parameters {lora_trained:,} ({r['adapter_parameters']:,} adapter + {head_params:,} "
+              f"head) vs {res['trainable_parameters']:,} full: {100 * r['trainable_ratio_lora_over_full']:.2f} %")
+        print(f"    step min / median: LoRA {min(lora_times):.3f} / {lmed:.3f} s, full {min(times):.3f} / "
+              f"{med:.3f} s; LoRA / full {r['ratio_min_lora_over_full']:.3f} (min), "
+              f"{r['ratio_median_lora_over_full']:.3f} (median)")
+        print(f"    process CPU time per step (median): LoRA {statistics.median(cpu_times['lora']):.3f} s, full "
+              f"{statistics.median(cpu_times['full']):.3f} s; LoRA / full {r['ratio_median_cpu_lora_over_full']:.3f}")
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=2)

@@ -276,9 +276,10 @@ def _wavlm_sdpa(self, hidden_states: torch.Tensor, attention_mask: Optional[torc
     def split(x: torch.Tensor) -> torch.Tensor:
         return x.view(bsz, tgt, heads, dim).transpose(1, 2)
 
-    q = split(F.linear(hidden_states, self.q_proj.weight, self.q_proj.bias))
-    k = split(F.linear(hidden_states, self.k_proj.weight, self.k_proj.bias))
-    v = split(F.linear(hidden_states, self.v_proj.weight, self.v_proj.bias))
+    # the projections are called as modules, so that LoRA adapters around them (:mod:`.lora`) take part
+    q = split(self.q_proj(hidden_states))
+    k = split(self.k_proj(hidden_states))
+    v = split(self.v_proj(hidden_states))
     bias = gated_position_bias.view(bsz, heads, tgt, tgt).to(q.dtype)
     if attention_mask is not None:
         padded = attention_mask.ne(1)[:, None, None, :]

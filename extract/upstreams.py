@@ -94,7 +94,9 @@ def resolve_upstream(name: str, *, random_init: bool = False, seed: int = 0,
     """Where to load ``name`` from, and its identity for the cache manifest.
 
     ``name`` is a registry name, a Hugging Face model id, a local model directory, or a
-    model directory written by finetune-best (its ``upstream/`` is used).
+    model directory written by finetune-best (its ``upstream/`` is used; with a LoRA
+    ``adapter/`` beside it, the identity names the adapter too and :func:`load_upstream`
+    merges it in).
     """
     if random_init:
         if random_root is None:
@@ -104,10 +106,16 @@ def resolve_upstream(name: str, *, random_init: bool = False, seed: int = 0,
                            "weights_sha256": weights_hash(path)}
     p = Path(name)
     if p.is_dir():
+        adapter = model_dir_adapter(p) if (p / FINETUNED_MARKER).is_file() else None
         if (p / FINETUNED_MARKER).is_file():
             p = p / "upstream"
         if not (p / "config.json").is_file():
             raise ConfigError(f"{name}: not a transformers model directory (no config.json)")
+        if adapter is not None:
+            # the model is the base weights with the adapter merged in: the path names the model
+            # directory (loading it again applies the adapter), the hash covers both folders
+            return str(p), {"name": name, "source": "local", "path": str(Path(name).resolve()),
+                            "adapter": str(adapter.resolve()), "weights_sha256": weights_hash(p, adapter)}
         return str(p), {"name": name, "source": "local", "path": str(p.resolve()),
                         "weights_sha256": weights_hash(p)}
     spec = UPSTREAMS.get(name)
@@ -117,11 +125,28 @@ def resolve_upstream(name: str, *, random_init: bool = False, seed: int = 0,
     return model_id, {"name": name, "source": "hub", "model_id": model_id}
 
 
-def weights_hash(model_dir) -> str:
-    """SHA-256 over a model directory's weight and config files."""
+def model_dir_adapter(model_dir) -> Optional[Path]:
+    """The LoRA adapter folder of a finetune-best model directory (None for a fully fine-tuned one)."""
+    from .lora import ADAPTER_DIR, check_adapter_dir
+
+    marker = Path(model_dir) / FINETUNED_MARKER
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{marker}: unreadable model description ({e})") from None
+    lora = info.get("lora") if isinstance(info, dict) else None
+    if not lora:
+        return None
+    return check_adapter_dir(Path(model_dir) / str(lora.get("adapter") or ADAPTER_DIR))
+
+
+def weights_hash(model_dir, *more_dirs) -> str:
+    """SHA-256 over a model directory's weight and config files (then those of ``more_dirs``,
+    e.g. a LoRA adapter folder, in order)."""
     h = hashlib.sha256()
-    files = sorted(q for q in Path(model_dir).iterdir()
-                   if q.is_file() and (q.suffix in (".safetensors", ".bin", ".json")))
+    files = [q for d in (model_dir, *more_dirs)
+             for q in sorted(q for q in Path(d).iterdir()
+                             if q.is_file() and (q.suffix in (".safetensors", ".bin", ".json")))]
     for q in files:
         h.update(q.name.encode())
         with open(q, "rb") as f:
@@ -210,6 +235,9 @@ def load_upstream(name: str, *, random_init: bool = False, seed: int = 0, random
     A Whisper model loads as its encoder alone (:func:`.whisper.load_encoder`, which maps
     the wav2vec 2.0 family's override names onto Whisper's).
 
+    A finetune-best model directory trained with LoRA loads as its base upstream with the
+    adapter merged in (:func:`.lora.merge_adapter`): the model it was fine-tuned into.
+
     Honours ``HF_HUB_OFFLINE``. Without network and without local weights the error
     says how to get them.
     """
@@ -226,6 +254,10 @@ def load_upstream(name: str, *, random_init: bool = False, seed: int = 0, random
             f"The weights are neither reachable nor in the local Hugging Face cache. On a machine with "
             f"network run `{download_command(source)}` and copy the Hugging Face cache here, or pass a "
             f"local model directory to --upstream. For timing or tests without weights, add --random-init.") from None
+    if identity.get("adapter"):
+        from .lora import merge_adapter  # peft: only for a LoRA model directory
+
+        model = merge_adapter(model, identity["adapter"])
     if identity["source"] == "hub":
         identity["revision"] = revision or getattr(model.config, "_commit_hash", None)
     identity["family"] = model.config.model_type

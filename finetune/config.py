@@ -34,6 +34,14 @@ class FinetuneConfig:
     (:func:`conilium.audio.read_audio`); the model directory keeps it for prediction. The
     fields in :data:`RUNTIME_FIELDS` change speed or bookkeeping, not results.
 
+    ``lora_rank`` trains LoRA adapters of that rank instead of the upstream's weights
+    (:mod:`conilium.extract.lora`): the upstream is frozen, adapters go beside the linear
+    layers ``lora_modules`` (short names q, k, v, o, fc1, fc2 or paths inside a transformer
+    layer; default the attention's q,k,v,o) of the transformer layers ``lora_layers``
+    (default all), scaled by ``lora_alpha`` / ``lora_rank`` (default alpha: 2 × rank), with
+    ``lora_dropout`` on their input (default 0). None (the default) fine-tunes the whole
+    transformer; the other ``lora_*`` fields then must stay None.
+
     ``max_seconds`` None (not given) becomes :data:`DEFAULT_MAX_SECONDS` (8 s, the
     paper's), or :data:`BASELINE_MAX_SECONDS` (12 s) with ``baseline_ckpt``: the challenge
     baseline was trained and is scored on 12-second clips, so starting from it keeps its
@@ -72,6 +80,11 @@ class FinetuneConfig:
     snr_db: Tuple[float, float] = (5.0, 20.0)
     init_head: Optional[str] = None
     baseline_ckpt: Optional[str] = None
+    lora_rank: Optional[int] = None  # None: full fine-tuning of the upstream's transformer
+    lora_alpha: Optional[float] = None  # None: 2 x lora_rank
+    lora_dropout: Optional[float] = None  # None: 0
+    lora_layers: Optional[str] = None  # transformer layer indices, e.g. "0-11" or "8,9,10,11"; None: all
+    lora_modules: Optional[str] = None  # e.g. "q,k,v,o" (the default), "q,v", "q,k,v,o,fc1,fc2"
     bucket_batches: int = 50
     max_train_clips: Optional[int] = None
     p_threshold: float = 0.6
@@ -170,9 +183,37 @@ def check_config(config: FinetuneConfig) -> None:
         raise ConfigError(f"--max-train-clips must be at least 1, not {config.max_train_clips}")
     if config.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, not {config.num_workers}")
+    check_lora(config)
     if config.random_init and config.upstream not in UPSTREAMS:
         raise ConfigError(f"--random-init needs a registered upstream name ({', '.join(UPSTREAMS)}), "
                           f"not {config.upstream!r}")
+
+
+def check_lora(config: FinetuneConfig) -> None:
+    """Errors for the ``--lora-*`` options (a layer index beyond the upstream's layers is caught
+    here for registered architectures, else when the upstream is loaded)."""
+    from conilium.extract.lora import check_lora_modules, parse_lora_layers
+
+    others = [name for name in ("lora_alpha", "lora_dropout", "lora_layers", "lora_modules")
+              if getattr(config, name) is not None]
+    if config.lora_rank is None:
+        if others:
+            raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in others)} without --lora-rank: "
+                              f"give --lora-rank R to train LoRA adapters (full fine-tuning has no adapters)")
+        return
+    if isinstance(config.lora_rank, bool) or int(config.lora_rank) != config.lora_rank or config.lora_rank < 1:
+        raise ConfigError(f"--lora-rank must be a whole number of at least 1, not {config.lora_rank}")
+    if config.lora_alpha is not None and not (config.lora_alpha > 0 and math.isfinite(config.lora_alpha)):
+        raise ConfigError(f"--lora-alpha must be a positive number, not {config.lora_alpha}")
+    if config.lora_dropout is not None and not 0 <= config.lora_dropout < 1:
+        raise ConfigError(f"--lora-dropout must be in [0, 1), not {config.lora_dropout}")
+    check_lora_modules(config.lora_modules)
+    layers = parse_lora_layers(config.lora_layers)
+    spec = UPSTREAMS.get(config.upstream)
+    n = None if spec is None else spec.config.get("num_hidden_layers", spec.config.get("encoder_layers"))
+    if layers and n is not None and layers[-1] >= n:
+        raise ConfigError(f"--lora-layers {config.lora_layers}: {config.upstream} has transformer layers "
+                          f"0..{n - 1}")
 
 
 def precision_dtype(precision: str, device) -> str:

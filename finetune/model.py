@@ -5,6 +5,12 @@ upstream's ``save_pretrained``), ``head.pt`` and, written last, ``conilium_model
 (the marker: classes, truncation, normalisation, decision offsets, head layers). It is
 a model for ``predict`` and for ``extract-features --upstream MODEL_DIR``, and — with
 the run files ``finetune-best`` writes beside — a run directory for ``conilium-eval``.
+
+A model trained with LoRA (``finetune-best --lora-rank``) keeps the unchanged base
+weights in ``upstream/`` and the adapter in ``adapter/`` (peft's layout), and
+``conilium_model.json`` describes it under ``lora`` (format 2). Loading the directory
+merges the adapter into the base weights (:func:`conilium.extract.lora.merge_adapter`),
+so the model runs as a plain transformers model.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import conilium
 from conilium import CLASSES, SAMPLE_RATE
 from conilium.errors import ConfigError
 from conilium.extract.encoder import UpstreamEncoder
+from conilium.extract.lora import ADAPTER_DIR as LORA_ADAPTER_DIR
+from conilium.extract.lora import has_adapters
 from conilium.extract.upstreams import FINETUNED_MARKER, load_upstream
 from conilium.heads.losses import activation
 from conilium.heads.model import EmotionHead, HeadConfig
@@ -33,7 +41,9 @@ from .config import FinetuneConfig
 MODEL_FILE = FINETUNED_MARKER  # conilium_model.json: written last, marks a complete model directory
 HEAD_FILE = "head.pt"
 UPSTREAM_DIR = "upstream"
+ADAPTER_DIR = LORA_ADAPTER_DIR  # adapter/: a LoRA model's adapter (peft's save format)
 MODEL_FORMAT = 1
+LORA_MODEL_FORMAT = 2  # a model directory with a LoRA adapter/ beside upstream/
 
 
 class EndToEndModel(nn.Module):
@@ -125,24 +135,28 @@ def save_model_dir(out, model: EndToEndModel, info: Mapping) -> Path:
     renamed, ``conilium_model.json`` last, so a directory with that file is complete. A
     failure to write (full disk, read-only) is an :class:`~conilium.errors.OutputError`
     naming the file, with no temporary copy left.
+
+    An upstream carrying LoRA adapters needs ``info["lora"]`` (the description
+    :func:`~conilium.extract.lora.add_adapters` returned): ``upstream/`` then gets the base
+    weights under their own names, unchanged by training, and ``adapter/`` the adapter.
     """
+    from conilium.extract.lora import base_state_dict, save_adapter
+
     out = Path(out)
+    lora = info.get("lora")
+    if bool(lora) != has_adapters(model.upstream):
+        raise ConfigError("save_model_dir: info['lora'] must describe the upstream's LoRA adapters exactly when it "
+                          "carries some")
     with output_errors(out):
         out.mkdir(parents=True, exist_ok=True)
         (out / MODEL_FILE).unlink(missing_ok=True)
-    tmp = out / f".{UPSTREAM_DIR}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        # a full disk or a read-only directory: an OutputError naming upstream/, and no partial copy left
-        with output_errors(out / UPSTREAM_DIR, where=out):
-            model.upstream.save_pretrained(tmp)
-            old = out / f".{UPSTREAM_DIR}.old{os.getpid()}"
-            if (out / UPSTREAM_DIR).exists():
-                os.replace(out / UPSTREAM_DIR, old)
-            os.replace(tmp, out / UPSTREAM_DIR)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+    if lora:
+        _replace_dir(out, UPSTREAM_DIR,
+                     lambda tmp: model.upstream.save_pretrained(tmp, state_dict=base_state_dict(model.upstream)))
+        _replace_dir(out, ADAPTER_DIR, lambda tmp: save_adapter(model.upstream, tmp))
+    else:
+        _replace_dir(out, UPSTREAM_DIR, lambda tmp: model.upstream.save_pretrained(tmp))
+        shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)  # an older LoRA model's adapter
     head_ckpt = {
         "format": MODEL_FORMAT,
         "head_config": asdict(model.head.config),
@@ -153,9 +167,9 @@ def save_model_dir(out, model: EndToEndModel, info: Mapping) -> Path:
     }
     with atomic_path(out / HEAD_FILE, suffix=".pt.tmp") as t:
         torch.save(head_ckpt, t)
-    meta = dict(info)
+    meta = {k: v for k, v in info.items() if k != "lora"}
     meta.update({
-        "format": MODEL_FORMAT,
+        "format": LORA_MODEL_FORMAT if lora else MODEL_FORMAT,
         "conilium_version": conilium.__version__,
         "classes": list(CLASSES),
         "sample_rate": SAMPLE_RATE,
@@ -166,8 +180,28 @@ def save_model_dir(out, model: EndToEndModel, info: Mapping) -> Path:
     })
     if model.encoder.whisper_input is not None:
         meta["whisper_input"] = model.encoder.whisper_input
+    if lora:
+        meta["lora"] = dict(lora, adapter=ADAPTER_DIR, base=UPSTREAM_DIR, merged_on_load=True)
     write_json(out / MODEL_FILE, meta)
     return out
+
+
+def _replace_dir(out: Path, name: str, write) -> None:
+    """``write(folder)`` into a temporary folder of ``out``, then rename it to ``out/name`` (replacing
+    an older one). A full disk or a read-only directory: an OutputError naming ``name``, and no partial
+    copy left."""
+    tmp = out / f".{name}.tmp{os.getpid()}"
+    old = out / f".{name}.old{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with output_errors(out / name, where=out):
+            write(tmp)
+            if (out / name).exists():
+                os.replace(out / name, old)
+            os.replace(tmp, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_model_info(model_dir) -> dict:
@@ -184,11 +218,16 @@ def read_model_info(model_dir) -> dict:
     for key in ("classes", "max_seconds", "normalize", "loss", "head_config", "layers"):
         if key not in info:
             raise ConfigError(f"{path}: missing field {key!r}")
+    if int(info.get("format", MODEL_FORMAT)) > LORA_MODEL_FORMAT:
+        raise ConfigError(f"{path}: model format {info.get('format')} is newer than this conilium reads "
+                          f"(up to {LORA_MODEL_FORMAT}); update conilium")
     return info
 
 
 def load_model_dir(model_dir, *, device="cpu") -> Tuple[EndToEndModel, dict]:
-    """The model of a finetune-best directory (eval mode, on ``device``) and its description."""
+    """The model of a finetune-best directory (eval mode, on ``device``) and its description.
+
+    A LoRA model's adapter is merged into the base upstream (:func:`load_upstream` does it)."""
     model_dir = Path(model_dir)
     info = read_model_info(model_dir)
     upstream, _ = load_upstream(str(model_dir))

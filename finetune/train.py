@@ -27,6 +27,10 @@ How a step runs:
   (wav2vec2-base) runs clip by clip.
 * **noise augmentation** (paper 3.2) — a fraction of the training clips of each epoch
   get a random noise file mixed in at a random SNR, decided by (seed, epoch, clip).
+* **LoRA** — with ``lora_rank`` the upstream is frozen once the starting point is loaded
+  and peft's LoRA adapters are put beside the chosen linear layers of its transformer
+  (:mod:`conilium.extract.lora`); the adapters and the head are trained, the rest of the
+  step is the same. The model directory keeps the base upstream and the adapter apart.
 * **resume** — after each epoch ``checkpoints/last.pt`` (model, optimizer, RNG and
   sampler state, history) is replaced atomically; ``resume=True`` continues from it and
   ends with the same model as an uninterrupted run.
@@ -68,6 +72,7 @@ from conilium.corpus import Clip, Corpus, audio_dir, load_corpus
 from conilium import errors as _errors
 from conilium.errors import ConfigError, ConiliumError
 from conilium.extract.encoder import freeze_front_end
+from conilium.extract.lora import add_adapters, check_lora_modules, parse_lora_layers
 from conilium.extract.upstreams import check_upstream, load_upstream
 from conilium.heads.losses import loss_fn, uses_weights
 from conilium.heads.samplers import balanced_weights
@@ -80,7 +85,8 @@ from conilium.util import atomic_path, check_writable, output_errors, read_json,
 
 from .config import RUNTIME_FIELDS, FinetuneConfig, FinetuneError, check_config, precision_dtype
 from .data import AudioClips, collate_waves, epoch_batches, rank_micro_batches
-from .model import HEAD_FILE, MODEL_FILE, UPSTREAM_DIR, EndToEndModel, enable_checkpointing, save_model_dir, upstream_overrides
+from .model import (ADAPTER_DIR, HEAD_FILE, MODEL_FILE, UPSTREAM_DIR, EndToEndModel, enable_checkpointing,
+                    save_model_dir, upstream_overrides)
 from .predict import min_samples, predict_clips
 from .warmstart import build_model
 
@@ -325,7 +331,7 @@ def _claim_out_dir(out: Path, config: FinetuneConfig, d: Dist, *, resume: bool, 
         if clear:
             for p in (MODEL_FILE, METRICS, HEAD_FILE, CONFIG):
                 (out / p).unlink(missing_ok=True)
-            for p in (CHECKPOINT_DIR, PRED_DIR, UPSTREAM_DIR, TUNED_DIR):
+            for p in (CHECKPOINT_DIR, PRED_DIR, UPSTREAM_DIR, ADAPTER_DIR, TUNED_DIR):
                 shutil.rmtree(out / p, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
     d.barrier()
@@ -348,6 +354,7 @@ class Built:
     weights: Optional[torch.Tensor]
     draw: Optional[np.ndarray]  # class-balanced sampler's draw weights
     eval_sets: Dict[str, Tuple[AudioClips, List[Clip]]]  # dev first
+    lora: Optional[dict] = None  # the LoRA adapters' description (:func:`~conilium.extract.lora.add_adapters`)
 
 
 def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device, ckpt: Optional[dict], *,
@@ -379,6 +386,18 @@ def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device,
     if progress and start.note:
         tqdm.write(start.note)
     model = start.model
+    lora = None
+    if config.lora_rank is not None:
+        # after the starting point is loaded (the baseline's weights become the frozen base)
+        torch.manual_seed(config.seed)
+        lora = add_adapters(upstream, rank=config.lora_rank, alpha=config.lora_alpha,
+                            dropout=config.lora_dropout or 0.0, layers=parse_lora_layers(config.lora_layers),
+                            modules=check_lora_modules(config.lora_modules))
+        if progress:
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            tqdm.write(f"LoRA rank {lora['rank']} (alpha {lora['alpha']:g}) on {lora['targets']} linear layers: "
+                       f"{trained:,} of {total:,} parameters trained (adapters and head)")
     if config.gradient_checkpointing:
         enable_checkpointing(upstream)
     model.to(device)
@@ -406,7 +425,7 @@ def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device,
     draw = balanced_weights([c.emo_class for c in prep.train]) if config.sampler == "balanced" else None
     weights = None if prep.weights is None else torch.as_tensor(prep.weights, device=device)
     return Built(model, identity, start.info, signal, train, durations, torch.as_tensor(prep.train_targets), weights,
-                 draw, eval_sets)
+                 draw, eval_sets, lora)
 
 
 # ----------------------------------------------------------------------------- fit
@@ -564,7 +583,7 @@ def _write_model_dir(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, 
         for name in (METRICS, MODEL_FILE, HEAD_FILE):
             with contextlib.suppress(OSError):
                 (out / name).unlink(missing_ok=True)
-        for name in (PRED_DIR, UPSTREAM_DIR):
+        for name in (PRED_DIR, UPSTREAM_DIR, ADAPTER_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
         if isinstance(e, _errors.OutputError) and (out / CHECKPOINT_DIR / LAST).is_file():
             raise _errors.OutputError(e.path, e.reason, (e.hint + "; " if e.hint else "") +
@@ -589,6 +608,9 @@ def _write_outputs(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, de
         "start_from": b.start_from,
         "augment_noise": config.augment_noise,
     }
+    if b.lora:
+        training["lora"] = dict(b.lora, trainable_parameters=sum(p.numel() for p in model.parameters()
+                                                                  if p.requires_grad))
     metrics = write_run_outputs(out, split_predictions, history, best["epoch"], dev_split=config.dev_split,
                                 extra={"training": training, "kind": "finetune"})
     save_model_dir(out, model, {
@@ -603,6 +625,7 @@ def _write_outputs(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, de
         "best_epoch": best["epoch"],
         "dev_f1_macro": best["f1_macro"],
         "start_from": b.start_from,
+        "lora": b.lora,
     })
     if not config.keep_checkpoints:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)

@@ -95,6 +95,17 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
                    "truncation and normalisation are used).")
 @click.option("--baseline-ckpt", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Start from the challenge baseline's final_ssl.pt, final_pool.pt, final_ser.pt in this folder.")
+@click.option("--lora-rank", type=POSITIVE_INT, default=None,
+              help="Train LoRA adapters of this rank (and the head) instead of the upstream, which stays frozen; "
+                   "the model directory keeps the base upstream/ and the adapter/.")
+@click.option("--lora-alpha", type=POSITIVE, default=None,
+              help="LoRA scale numerator: adapters are scaled by alpha / rank  [default: 2 x --lora-rank]")
+@click.option("--lora-dropout", type=DROPOUT, default=None, help="Dropout on the adapters' input  [default: 0]")
+@click.option("--lora-layers", default=None, metavar="SPEC",
+              help="Transformer layers (from 0) that get adapters, e.g. 0-11 or 8,9,10,11  [default: all]")
+@click.option("--lora-modules", default=None, metavar="LIST",
+              help="Linear layers of each transformer layer that get adapters: q, k, v, o (attention), fc1, fc2 "
+                   "(feed-forward) or a module path inside the layer  [default: q,k,v,o]")
 @click.option("--max-train-clips", type=POSITIVE_INT, default=None,
               help="Use only the first N training clips (quick trials).")
 @click.option("--no-thresholds", is_flag=True, help="Do not tune decision offsets on the development set.")
@@ -118,7 +129,8 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
 def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revision, loss, labels, sampler, lr,
                       weight_decay, batch_size, grad_accum, epochs, patience, seed, max_seconds, normalize,
                       rescale_loud, dropout, hidden, upstream_dropout, layerdrop, mask_time_prob, augment_noise,
-                      augment_fraction, snr_db, init_head, baseline_ckpt, max_train_clips, no_thresholds, skip_bad,
+                      augment_fraction, snr_db, init_head, baseline_ckpt, lora_rank, lora_alpha, lora_dropout,
+                      lora_layers, lora_modules, max_train_clips, no_thresholds, skip_bad,
                       device, precision, gradient_checkpointing, num_workers, threads, keep_checkpoints, resume,
                       overwrite, wait_for_lock, quiet):
     """Fine-tune an upstream and an attentive head end to end on a corpus (the paper's best system).
@@ -135,6 +147,7 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
       finetune-best --corpus demo --out models/demo --upstream demo-wavlm --random-init --epochs 2
       torchrun --nproc_per_node 4 -m conilium.cli.finetune --corpus C --out M --gradient-checkpointing
       finetune-best --corpus C --out M --resume          # after an interruption
+      finetune-best --corpus C --out M --lora-rank 8 --lora-layers 12-23 --lr 1e-4   # LoRA adapters only
 
     \b
     Then: predict --model M a.wav b.flac; extract-features --upstream M ...; conilium-eval on M.
@@ -162,7 +175,8 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
             augment_fraction=augment_fraction, snr_db=parse_snr(snr_db),
             init_head=None if init_head is None else str(init_head),
             baseline_ckpt=None if baseline_ckpt is None else str(baseline_ckpt),
-            max_train_clips=max_train_clips, tune_thresholds=not no_thresholds, skip_bad=skip_bad,
+            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_layers=lora_layers,
+            lora_modules=lora_modules, max_train_clips=max_train_clips, tune_thresholds=not no_thresholds, skip_bad=skip_bad,
             precision=precision, gradient_checkpointing=gradient_checkpointing, device=device,
             num_workers=num_workers, keep_checkpoints=keep_checkpoints, threads=threads)
         if baseline_ckpt is not None and max_seconds is None and not quiet:

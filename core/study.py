@@ -204,6 +204,9 @@ class Study:
                  skip_if=weighted / "metrics.json")
         return {"Ensemble": ens, "Ensemble (weighted)": weighted}
 
+    def lora_model(self) -> Path:
+        return self.out / "models" / "finetuned-lora"
+
     def frozen_then_finetuned(self, model: Path) -> Optional[Path]:
         """The design card's loop: features of the fine-tuned upstream (``extract-features
         --upstream MODEL_DIR``), then Table 2's heads on them; returns the grid's folder."""
@@ -300,6 +303,11 @@ class Study:
                 argv += ["--batch-size", c.finetune_batch_size]
             self.run("fine-tune the best configuration end to end (finetune-best)", argv,
                      skip_if=model / "conilium_model.json")
+            if not c.paper_only:  # the same recipe with LoRA adapters instead of the whole transformer
+                lora = self.lora_model()
+                self.run("the same fine-tuning with LoRA adapters (rank 8), beyond the paper",
+                         [*argv[:argv.index("--out") + 1], lora, *argv[argv.index("--out") + 2:], "--lora-rank", 8],
+                         skip_if=lora / "conilium_model.json")
             t2_finetuned = self.frozen_then_finetuned(model)
             test_split = self._unlabelled_split()
             if test_split:
@@ -375,6 +383,10 @@ class Study:
             tables["table1"][f"{label} (beyond the paper)"] = str(t1 / f"{name}-wce-hard")
         if (model / "tuned" / "metrics.json").is_file():
             tables["table4"]["finetune-best, end to end, thresholds adjusted (Development)"] = str(model / "tuned")
+        lora = self.lora_model()
+        if not self.c.paper_only and (lora / "tuned" / "metrics.json").is_file():
+            tables["table4"]["finetune-best with LoRA rank 8 (beyond the paper), thresholds adjusted "
+                             "(Development)"] = str(lora / "tuned")
         labelled_tests = [s for s, lab in self._labelled_splits().items() if lab and s not in ("Train", "Development")]
         if labelled_tests:
             tables["table4"]["test"] = {"run": str(tuned), "split": labelled_tests[0]}

@@ -174,6 +174,8 @@ def _setting_of(cfg: dict) -> Dict:
         random = up.get("name") or cfg.get("upstream") if (up.get("source") == "random-init"
                                                              or cfg.get("random_init")) else None
         bits = [str(cfg.get("upstream")), f"lr {_lr(cfg.get('lr'))}", f"{cfg.get('epochs')} epochs"]
+        if cfg.get("lora_rank"):
+            bits.insert(1, f"LoRA rank {cfg['lora_rank']} adapters, upstream frozen")
         if cfg.get("max_train_clips"):
             bits.append(f"{cfg['max_train_clips']} training clips")
         return {"kind": END_TO_END, "text": f"{END_TO_END} ({', '.join(bits)})", "random_init": random,

@@ -12,7 +12,7 @@ from typing import Mapping, Optional, Tuple
 
 from conilium.audio import NORMALIZE_MODES
 from conilium.errors import ConfigError, ConiliumError
-from conilium.extract.registry import UPSTREAMS
+from conilium.extract.registry import UPSTREAMS, WHISPER_INPUTS
 from conilium.heads.config import check_loss
 from conilium.targets import TARGET_KINDS
 from conilium.util import reject_unknown_fields
@@ -42,6 +42,13 @@ class FinetuneConfig:
     ``lora_dropout`` on their input (default 0). None (the default) fine-tunes the whole
     transformer; the other ``lora_*`` fields then must stay None.
 
+    ``normalize`` ``"auto"`` becomes ``"global"`` for the wav2vec 2.0 family and ``"none"``
+    for a Whisper encoder (its log-mel front end takes the audio as recorded);
+    ``whisper_input`` is a Whisper encoder's input length (``"30s"``, the default, or
+    ``"clip"``), refused for other families. Both are settled when the run starts
+    (:func:`conilium.finetune.train.settle_family_settings`), and ``config.json`` records them
+    settled; a ``--init-head`` run's cache decides both for the model it starts.
+
     ``max_seconds`` None (not given) becomes :data:`DEFAULT_MAX_SECONDS` (8 s, the
     paper's), or :data:`BASELINE_MAX_SECONDS` (12 s) with ``baseline_ckpt``: the challenge
     baseline was trained and is scored on 12-second clips, so starting from it keeps its
@@ -67,7 +74,7 @@ class FinetuneConfig:
     patience: Optional[int] = None
     seed: int = 0
     max_seconds: Optional[float] = None  # None: 8 s, or 12 s with baseline_ckpt (see above)
-    normalize: str = "global"
+    normalize: str = "auto"
     rescale_loud: bool = False
     pooling: str = "attentive"
     hidden: int = 1024
@@ -85,6 +92,7 @@ class FinetuneConfig:
     lora_dropout: Optional[float] = None  # None: 0
     lora_layers: Optional[str] = None  # transformer layer indices, e.g. "0-11" or "8,9,10,11"; None: all
     lora_modules: Optional[str] = None  # e.g. "q,k,v,o" (the default), "q,v", "q,k,v,o,fc1,fc2"
+    whisper_input: Optional[str] = None  # Whisper only: "30s" (None) or "clip"
     bucket_batches: int = 50
     max_train_clips: Optional[int] = None
     p_threshold: float = 0.6
@@ -164,8 +172,10 @@ def check_config(config: FinetuneConfig) -> None:
         raise ConfigError(f"--patience must be at least 1 (or unset), not {config.patience}")
     if not config.max_seconds > 0:
         raise ConfigError(f"--max-seconds must be positive, not {config.max_seconds}")
-    if config.normalize not in NORMALIZE_MODES:
-        raise ConfigError(f"--normalize must be one of {', '.join(NORMALIZE_MODES)}, not {config.normalize!r}")
+    if config.normalize not in ("auto",) + NORMALIZE_MODES:
+        raise ConfigError(f"--normalize must be one of auto, {', '.join(NORMALIZE_MODES)}, not {config.normalize!r}")
+    if config.whisper_input is not None and config.whisper_input not in WHISPER_INPUTS:
+        raise ConfigError(f"--whisper-input must be {' or '.join(WHISPER_INPUTS)}, not {config.whisper_input!r}")
     for name in ("dropout", "upstream_dropout", "layerdrop", "mask_time_prob"):
         v = getattr(config, name)
         if v is not None and not 0 <= v < 1:

@@ -398,3 +398,30 @@ def test_finetune_best_and_predict_with_demo_whisper(small_demo_corpus, tmp_path
     results = Predictor(out, device="cpu", batch_size=2).predict(files)
     assert all(r.ok and r.prediction in CLASSES for r in results)
     np.testing.assert_allclose(np.stack([r.probabilities for r in results]), dev.probs[:3], atol=1e-4)
+
+
+def test_finetune_settles_normalisation_and_input_per_family(small_demo_corpus, tmp_path):
+    """finetune-best's defaults: no waveform normalisation and the 30 s input for a Whisper
+    encoder, global normalisation for WavLM; settings a family cannot take are refused before
+    anything is written."""
+    from click.testing import CliRunner
+
+    from conilium.cli.finetune import finetune_best_cmd
+    from conilium.finetune import FinetuneConfig
+    from conilium.finetune.train import settle_family_settings
+
+    whisper_cfg = settle_family_settings(FinetuneConfig(corpus="c", out="o", upstream="demo-whisper", random_init=True))
+    assert (whisper_cfg.normalize, whisper_cfg.whisper_input) == ("none", "30s")
+    clip = settle_family_settings(FinetuneConfig(corpus="c", out="o", upstream="demo-whisper", random_init=True,
+                                                 whisper_input="clip", normalize="utterance"))
+    assert (clip.normalize, clip.whisper_input) == ("utterance", "clip")
+    wavlm = settle_family_settings(FinetuneConfig(corpus="c", out="o", upstream="demo-wavlm", random_init=True))
+    assert (wavlm.normalize, wavlm.whisper_input) == ("global", None)
+    for upstream, extra, message in [("demo-wavlm", ["--whisper-input", "30s"], "applies to Whisper encoders only"),
+                                     ("demo-whisper", ["--max-seconds", "31"], "takes at most 30 s of audio")]:
+        out = tmp_path / upstream
+        r = CliRunner().invoke(finetune_best_cmd, ["--corpus", str(small_demo_corpus), "--out", str(out),
+                                                   "--upstream", upstream, "--random-init", "--epochs", "1",
+                                                   "--quiet", *extra])
+        assert r.exit_code != 0 and message in r.output, r.output
+        assert not out.exists()

@@ -19,6 +19,7 @@ import click
 from conilium import CLASSES
 from conilium.audio import NORMALIZE_MODES
 from conilium.errors import ConiliumError
+from conilium.extract.registry import WHISPER_INPUTS
 from conilium.finetune.config import BASELINE_MAX_SECONDS, DEFAULT_MAX_SECONDS, PRECISIONS, FinetuneConfig
 from conilium.heads.config import LOSS_PROPERTIES
 
@@ -72,9 +73,13 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
 @click.option("--max-seconds", type=POSITIVE, default=None,
               help=f"Truncate every clip to this many seconds  [default: {DEFAULT_MAX_SECONDS:g}; "
                    f"{BASELINE_MAX_SECONDS:g} with --baseline-ckpt, the challenge baseline's]")
-@click.option("--normalize", type=click.Choice(NORMALIZE_MODES), default=_D.normalize, show_default=True,
+@click.option("--normalize", type=click.Choice(("auto",) + NORMALIZE_MODES), default=_D.normalize,
+              show_default=True,
               help="Waveform normalisation: global (mean/std over the Train audio, kept in the model), "
-                   "utterance, none.")
+                   "utterance, none; auto = global, or none for a Whisper encoder.")
+@click.option("--whisper-input", type=click.Choice(WHISPER_INPUTS), default=None,
+              help="A Whisper encoder's input: 30s (its own window; the default) or clip (cut to the clip, "
+                   "positional embeddings sliced). Whisper only; with --init-head, the head's cache decides.")
 @click.option("--rescale-loud", is_flag=True,
               help="Divide float audio stored at integer scale (samples far beyond [-1, 1], e.g. int16 values) "
                    "back to [-1, 1] instead of stopping at such a file; kept in the model for predict.")
@@ -128,7 +133,7 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
 @version_option
 def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revision, loss, labels, sampler, lr,
                       weight_decay, batch_size, grad_accum, epochs, patience, seed, max_seconds, normalize,
-                      rescale_loud, dropout, hidden, upstream_dropout, layerdrop, mask_time_prob, augment_noise,
+                      whisper_input, rescale_loud, dropout, hidden, upstream_dropout, layerdrop, mask_time_prob, augment_noise,
                       augment_fraction, snr_db, init_head, baseline_ckpt, lora_rank, lora_alpha, lora_dropout,
                       lora_layers, lora_modules, max_train_clips, no_thresholds, skip_bad,
                       device, precision, gradient_checkpointing, num_workers, threads, keep_checkpoints, resume,
@@ -148,6 +153,7 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
       torchrun --nproc_per_node 4 -m conilium.cli.finetune --corpus C --out M --gradient-checkpointing
       finetune-best --corpus C --out M --resume          # after an interruption
       finetune-best --corpus C --out M --lora-rank 8 --lora-layers 12-23 --lr 1e-4   # LoRA adapters only
+      finetune-best --corpus C --out M --upstream whisper-large-v3 --lora-rank 16 --lr 1e-4
 
     \b
     Then: predict --model M a.wav b.flac; extract-features --upstream M ...; conilium-eval on M.
@@ -176,7 +182,7 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
             init_head=None if init_head is None else str(init_head),
             baseline_ckpt=None if baseline_ckpt is None else str(baseline_ckpt),
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_layers=lora_layers,
-            lora_modules=lora_modules, max_train_clips=max_train_clips, tune_thresholds=not no_thresholds, skip_bad=skip_bad,
+            lora_modules=lora_modules, whisper_input=whisper_input, max_train_clips=max_train_clips, tune_thresholds=not no_thresholds, skip_bad=skip_bad,
             precision=precision, gradient_checkpointing=gradient_checkpointing, device=device,
             num_workers=num_workers, keep_checkpoints=keep_checkpoints, threads=threads)
         if baseline_ckpt is not None and max_seconds is None and not quiet:

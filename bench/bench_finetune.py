@@ -36,6 +36,7 @@ import warnings
 
 import torch
 
+from conilium.extract.encoder import freeze_front_end
 from conilium.extract.lora import add_adapters, check_lora_modules
 from conilium.extract.upstreams import load_upstream
 from conilium.finetune import EndToEndModel, FinetuneConfig
@@ -86,7 +87,7 @@ def main(argv=None) -> dict:
             """The end-to-end model as finetune-best builds it, its optimizer and trained parameters."""
             torch.manual_seed(0)
             upstream, _ = load_upstream(args.upstream, random_init=True, seed=0, random_root=root)
-            upstream.freeze_feature_encoder()
+            freeze_front_end(upstream)  # the CNN encoder (Whisper: its two convolutions)
             torch.manual_seed(0)
             m = EndToEndModel(upstream, EmotionHead(default_head_config(upstream, config)))
             if lora:

@@ -46,7 +46,6 @@ from .pipeline import ExtractStats, JobLoader, run_shards
 from .plan import (ExtractConfig, Job, NoiseAugmentation, assign_shards, noise_fingerprint, parse_layers, plan_jobs,
                    resolve_for_family)
 from .upstreams import check_upstream, load_upstream, upstream_family
-from .whisper import is_whisper
 
 __all__ = ["ExtractConfig", "ExtractStats", "NoiseAugmentation", "extract_features", "parse_layers"]
 
@@ -101,9 +100,10 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
         # an upstream that cannot be loaded here fails in seconds, before anything is written
         _on_rank0(dist, lambda: check_upstream(config.upstream, random_init=config.random_init,
                                                revision=config.revision))
-        # settings the upstream's family cannot take are refused now, too (settled again once it is loaded)
-        resolve_for_family(config, upstream_family(config.upstream, random_init=config.random_init,
-                                                   revision=config.revision) == "whisper")
+        # normalisation "auto" and Whisper's input length settled for the upstream's family (registry or
+        # config.json, no weights); settings the family cannot take are refused now, before anything is written
+        config = resolve_for_family(config, upstream_family(config.upstream, random_init=config.random_init,
+                                                            revision=config.revision) == "whisper")
         _on_rank0(dist, claim_out)
         with CacheWriter(out) as cache:
             _extract(config, corpus, cache, dist, dev, t_start, stats, batch_seconds=batch_seconds, workers=workers,
@@ -176,8 +176,6 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
         from .upstreams import random_init_dir
 
         identity["path"] = f"{UPSTREAM_DIR}/{random_init_dir(config.upstream, config.seed, '.').name}"
-    # normalisation "auto" and Whisper's input length, settled for the upstream's family
-    config = resolve_for_family(config, is_whisper(model))
     n_states = model.config.num_hidden_layers + 1
     layer_idx = parse_layers(config.layers, n_states)
     runner = UpstreamRunner(model, device=dev, compute_dtype=cdtype, layers=layer_idx,

@@ -145,9 +145,11 @@ class ExtractConfig:
         return dataclasses.asdict(self)
 
 
-def resolve_for_family(config: ExtractConfig, whisper: bool) -> ExtractConfig:
-    """``config`` with ``normalize`` and ``whisper_input`` settled for the loaded upstream's family
-    (``whisper``: a Whisper encoder), or a ConfigError for a setting that family cannot take."""
+def resolve_for_family(config, whisper: bool):
+    """``config`` (an :class:`ExtractConfig`, or any frozen dataclass with ``upstream``,
+    ``normalize``, ``whisper_input`` and ``max_seconds``: finetune-best's config too) with
+    ``normalize`` and ``whisper_input`` settled for the upstream's family (``whisper``: a
+    Whisper encoder), or a ConfigError for a setting that family cannot take."""
     changes = {}
     if config.normalize == "auto":
         changes["normalize"] = "none" if whisper else "global"
@@ -156,7 +158,7 @@ def resolve_for_family(config: ExtractConfig, whisper: bool) -> ExtractConfig:
         if config.max_seconds is None or config.max_seconds > WHISPER_MAX_SECONDS:
             raise ConfigError(f"{config.upstream}: a Whisper encoder takes at most {WHISPER_MAX_SECONDS:g} s of audio; "
                               f"give --max-seconds {WHISPER_MAX_SECONDS:g} or less "
-                              f"(not {config.max_seconds if config.max_seconds is not None else 'no limit'})")
+                              f"(not {f'{config.max_seconds:g}' if config.max_seconds is not None else 'no limit'})")
     elif config.whisper_input is not None:
         raise ConfigError(f"--whisper-input applies to Whisper encoders only; {config.upstream} is not one")
     return dataclasses.replace(config, **changes) if changes else config

@@ -56,7 +56,7 @@ import contextlib
 import random
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -183,23 +183,14 @@ def _cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:
 def settle_family_settings(config: FinetuneConfig) -> FinetuneConfig:
     """``config`` with the settings left to the upstream's family settled: ``normalize`` "auto"
     (none for a Whisper encoder, global otherwise) and ``whisper_input`` ("30s" for Whisper when
-    not given); a ConfigError for a setting the family cannot take. The upstream's family is read
-    from the registry or its config.json, without loading weights."""
-    from conilium.extract.plan import WHISPER_MAX_SECONDS
+    not given); a ConfigError for a setting the family cannot take — the rules of extraction
+    (:func:`conilium.extract.plan.resolve_for_family`). The upstream's family is read from the
+    registry or its config.json, without loading weights."""
+    from conilium.extract.plan import resolve_for_family
     from conilium.extract.upstreams import upstream_family
 
-    whisper = upstream_family(config.upstream, random_init=config.random_init, revision=config.revision) == "whisper"
-    changes = {}
-    if config.normalize == "auto":
-        changes["normalize"] = "none" if whisper else "global"
-    if whisper:
-        changes["whisper_input"] = config.whisper_input or "30s"
-        if config.max_seconds > WHISPER_MAX_SECONDS:
-            raise ConfigError(f"{config.upstream}: a Whisper encoder takes at most {WHISPER_MAX_SECONDS:g} s of "
-                              f"audio; give --max-seconds {WHISPER_MAX_SECONDS:g} or less (not {config.max_seconds:g})")
-    elif config.whisper_input is not None:
-        raise ConfigError(f"--whisper-input applies to Whisper encoders only; {config.upstream} is not one")
-    return replace(config, **changes) if changes else config
+    family = upstream_family(config.upstream, random_init=config.random_init, revision=config.revision)
+    return resolve_for_family(config, family == "whisper")
 
 
 def finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,

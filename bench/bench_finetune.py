@@ -43,7 +43,7 @@ from conilium.finetune import EndToEndModel, FinetuneConfig
 from conilium.finetune.config import precision_dtype
 from conilium.finetune.model import default_head_config, enable_checkpointing
 from conilium.runtime import autocast
-from conilium.heads.losses import loss_fn
+from conilium.training.losses import loss_fn
 from conilium.heads.model import EmotionHead
 
 MSP_TRAIN_CLIPS = 68000  # MSP-Podcast 1.11 Train split, about

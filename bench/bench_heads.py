@@ -108,7 +108,7 @@ class EndToEnd:
         import torch
 
         from conilium.audio import read_audio
-        from conilium.heads.losses import loss_fn
+        from conilium.training.losses import loss_fn
 
         idx = self.order[(self.steps * self.batch) % len(self.names):][: self.batch]
         self.steps += 1

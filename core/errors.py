@@ -41,3 +41,8 @@ class OutputError(ConiliumError):
 
 class LockError(ConiliumError):
     """A directory is being written by another process (its lock file names the holder)."""
+
+
+class TrainingError(ConiliumError):
+    """Training cannot go on (the loss became NaN or infinite, an unusable checkpoint, an
+    inconsistent resume)."""

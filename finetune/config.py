@@ -7,21 +7,19 @@ reads the defaults from :class:`FinetuneConfig` without loading the training cod
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 from conilium.audio import NORMALIZE_MODES
-from conilium.errors import ConfigError, ConiliumError
+from conilium.errors import ConfigError, TrainingError
 from conilium.extract.registry import UPSTREAMS, WHISPER_INPUTS
-from conilium.heads.config import check_loss
-from conilium.targets import TARGET_KINDS
-from conilium.util import reject_unknown_fields
+from conilium.training.config import RunConfig, option, runtime_fields
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(RunConfig):
     """Everything that defines a fine-tuning run; written to ``config.json``.
 
     ``upstream_dropout`` / ``layerdrop`` / ``mask_time_prob`` replace the upstream
@@ -32,7 +30,7 @@ class FinetuneConfig:
     ``max_train_clips`` keeps the first N training clips (quick trials). ``rescale_loud``
     divides float audio stored at integer scale back to [-1, 1] instead of refusing it
     (:func:`conilium.audio.read_audio`); the model directory keeps it for prediction. The
-    fields in :data:`RUNTIME_FIELDS` change speed or bookkeeping, not results.
+    runtime fields (:func:`~conilium.training.config.runtime_fields`) change speed or bookkeeping, not results.
 
     ``lora_rank`` trains LoRA adapters of that rank instead of the upstream's weights
     (:mod:`conilium.extract.lora`): the upstream is frozen, adapters go beside the linear
@@ -57,73 +55,107 @@ class FinetuneConfig:
     with a new ``baseline_ckpt`` to resolve it again.)
     """
 
-    corpus: str
-    out: str
-    upstream: str = "wavlm-large"
-    random_init: bool = False
-    random_init_seed: int = 0
-    revision: Optional[str] = None
-    loss: str = "wbce"
-    labels: str = "S"
-    sampler: Optional[str] = None
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    batch_size: int = 16
-    grad_accum: int = 1
-    epochs: int = 40
-    patience: Optional[int] = None
-    seed: int = 0
-    max_seconds: Optional[float] = None  # None: 8 s, or 12 s with baseline_ckpt (see above)
-    normalize: str = "auto"
-    rescale_loud: bool = False
-    pooling: str = "attentive"
-    hidden: int = 1024
-    dropout: float = 0.5
-    upstream_dropout: Optional[float] = None
-    layerdrop: Optional[float] = None
-    mask_time_prob: Optional[float] = None
-    augment_noise: Optional[str] = None
-    augment_fraction: float = 0.8
-    snr_db: Tuple[float, float] = (5.0, 20.0)
-    init_head: Optional[str] = None
-    baseline_ckpt: Optional[str] = None
-    lora_rank: Optional[int] = None  # None: full fine-tuning of the upstream's transformer
-    lora_alpha: Optional[float] = None  # None: 2 x lora_rank
-    lora_dropout: Optional[float] = None  # None: 0
-    lora_layers: Optional[str] = None  # transformer layer indices, e.g. "0-11" or "8,9,10,11"; None: all
-    lora_modules: Optional[str] = None  # e.g. "q,k,v,o" (the default), "q,v", "q,k,v,o,fc1,fc2"
-    whisper_input: Optional[str] = None  # Whisper only: "30s" (None) or "clip"
-    bucket_batches: int = 50
-    max_train_clips: Optional[int] = None
-    p_threshold: float = 0.6
-    s_threshold: float = 0.5
-    train_split: str = "Train"
-    dev_split: str = "Development"
-    tune_thresholds: bool = True
-    skip_bad: bool = False
+    corpus: str = option(help="Corpus root in the MSP-Podcast layout (Audios/, Labels/).", cli=False)
+    out: str = option(help="Model directory to write.", cli=False)
+    upstream: str = option("wavlm-large", "Registry name (wavlm-large, wav2vec2-large-robust, wav2vec2-base, "
+                           "hubert-large, demo-*), a Hugging Face model id or a local model directory.")
+    random_init: bool = option(False, "The --upstream architecture with seeded random weights, no download "
+                               "(timing, tests, demo-*).")
+    random_init_seed: int = option(0, "Seed of the random weights (use the one the cache was extracted with, for "
+                                   "--init-head).", minimum=0, integer=True)
+    revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of --upstream.")
+    lr: float = option(1e-5, "AdamW learning rate.", minimum=0, open_min=True)
+    batch_size: int = option(16, "Clips per optimiser step, over all processes and accumulation steps.",
+                             minimum=1, integer=True)
+    grad_accum: int = option(1, "Split each process's share of a batch into this many forward/backward passes "
+                             "(less memory).", minimum=1, integer=True)
+    max_seconds: Optional[float] = option(None, "Truncate every clip to this many seconds.", minimum=0,
+                                          open_min=True, default_text="8; 12 with --baseline-ckpt, the challenge "
+                                          "baseline's")
+    normalize: str = option("auto", "Waveform normalisation: global (mean/std over the Train audio, kept in the "
+                            "model), utterance, none; auto = global, or none for a Whisper encoder.",
+                            choices=("auto",) + NORMALIZE_MODES)
+    rescale_loud: bool = option(False, "Divide float audio stored at integer scale (samples far beyond [-1, 1], "
+                                "e.g. int16 values) back to [-1, 1] instead of stopping at such a file; kept in "
+                                "the model for predict.")
+    upstream_dropout: Optional[float] = option(None, "Replace the upstream's dropout probabilities (default: the "
+                                               "pretrained model's).", minimum=0, maximum=1, open_max=True)
+    layerdrop: Optional[float] = option(None, "Replace the upstream's LayerDrop probability.", minimum=0,
+                                        maximum=1, open_max=True)
+    mask_time_prob: Optional[float] = option(None, "SpecAugment time-mask probability in the upstream (0 turns "
+                                             "it off; default: the model's).", minimum=0, maximum=1,
+                                             open_max=True)
+    augment_noise: Optional[str] = option(None, "Folder of noise recordings (e.g. MUSAN noise): mix one into a "
+                                          "fraction of training clips.")
+    augment_fraction: float = option(0.8, "Share of training clips that get noise, drawn anew each epoch.",
+                                     minimum=0, maximum=1)
+    snr_db: Tuple[float, float] = option((5.0, 20.0), "SNR range LOW:HIGH (dB) of the added noise.", cli=False)
+    init_head: Optional[str] = option(None, "Start from the head of a train-head run on this upstream's frozen "
+                                      "cache (its layer choice, truncation and normalisation are used).")
+    baseline_ckpt: Optional[str] = option(None, "Start from the challenge baseline's final_ssl.pt, final_pool.pt, "
+                                          "final_ser.pt in this folder.")
+    # LoRA (None: full fine-tuning of the upstream's transformer); checked by check_lora
+    lora_rank: Optional[int] = option(None, "Train LoRA adapters of this rank (and the head) instead of the "
+                                      "upstream, which stays frozen; the model directory keeps the base upstream/ "
+                                      "and the adapter/.", minimum=1, integer=True)
+    lora_alpha: Optional[float] = option(None, "LoRA scale numerator: adapters are scaled by alpha / rank.",
+                                         minimum=0, open_min=True, default_text="2 x --lora-rank")
+    lora_dropout: Optional[float] = option(None, "Dropout on the adapters' input.", minimum=0, maximum=1,
+                                           open_max=True, default_text="0")
+    lora_layers: Optional[str] = option(None, "Transformer layers (from 0) that get adapters, e.g. 0-11 or "
+                                        "8,9,10,11.", metavar="SPEC", default_text="all")
+    lora_modules: Optional[str] = option(None, "Linear layers of each transformer layer that get adapters: q, k, "
+                                         "v, o (attention), fc1, fc2 (feed-forward) or a module path inside the "
+                                         "layer.", metavar="LIST", default_text="q,k,v,o")
+    whisper_input: Optional[str] = option(None, "A Whisper encoder's input: 30s (its own window; the default) or "
+                                          "clip (cut to the clip, positional embeddings sliced). Whisper only; "
+                                          "with --init-head, the head's cache decides.",
+                                          choices=(None,) + WHISPER_INPUTS)
+    bucket_batches: int = option(50, "Batches per duration-sorted pool of the batch plan.", minimum=1,
+                                 integer=True)
+    max_train_clips: Optional[int] = option(None, "Use only the first N training clips (quick trials).",
+                                            minimum=1, integer=True)
+    tune_thresholds: bool = option(True, "Tune decision offsets on the development set after training.",
+                                   cli=False)
+    skip_bad: bool = option(False, "Leave out (and list) clips whose audio is missing or unreadable.")
     # runtime only
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    device: str = "auto"
-    num_workers: int = 2
-    eval_batch_size: int = 16
-    keep_checkpoints: bool = False
-    threads: Optional[int] = None
+    precision: str = option("auto", "auto: bf16 autocast on CUDA, float32 on CPU.", choices=PRECISIONS,
+                            runtime=True)
+    gradient_checkpointing: bool = option(False, "Recompute transformer activations (less memory).",
+                                          runtime=True)
+    num_workers: int = option(2, "DataLoader processes decoding audio.", minimum=0, integer=True, runtime=True)
+    eval_batch_size: int = option(16, "Clips per batch when scoring and predicting.", minimum=1, integer=True,
+                                  runtime=True)
+    keep_checkpoints: bool = option(False, "Keep checkpoints/ (last and best epoch) after training, to continue "
+                                    "later with --resume.", runtime=True)
+
+    what = "fine-tuning"
 
     def __post_init__(self):
         if self.max_seconds is None:
             object.__setattr__(self, "max_seconds", default_max_seconds(self.baseline_ckpt))
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "FinetuneConfig":
-        reject_unknown_fields(cls, d, "fine-tuning")
-        d = dict(d)
+    def _from_json(cls, d: dict) -> dict:
         if "snr_db" in d:
             d["snr_db"] = tuple(float(x) for x in d["snr_db"])
-        return cls(**d)
+        return d
 
-    def to_json(self) -> dict:
-        return asdict(self)
+    def check(self) -> None:
+        """Errors for option values that are wrong whatever the corpus."""
+        check_lora(self)  # before the generic bounds: its messages say more
+        super().check()
+        if self.grad_accum > self.batch_size:
+            raise ConfigError(f"--grad-accum {self.grad_accum} exceeds --batch-size {self.batch_size}: "
+                              f"a micro-batch needs at least one clip")
+        lo, hi = self.snr_db
+        if lo > hi:
+            raise ConfigError(f"--snr-db: low {lo} above high {hi}")
+        if self.init_head and self.baseline_ckpt:
+            raise ConfigError("--init-head and --baseline-ckpt are two different starting points: give one")
+        if self.random_init and self.upstream not in UPSTREAMS:
+            raise ConfigError(f"--random-init needs a registered upstream name ({', '.join(UPSTREAMS)}), "
+                              f"not {self.upstream!r}")
 
 
 #: Truncation of a fine-tuning run (the paper's 8-second clips) and of one that starts from the challenge
@@ -137,13 +169,12 @@ def default_max_seconds(baseline_ckpt: Optional[str] = None) -> float:
     return BASELINE_MAX_SECONDS if baseline_ckpt else DEFAULT_MAX_SECONDS
 
 
-#: Fields that may differ between a run and its ``--resume`` (speed and bookkeeping only,
-#: plus ``epochs``/``patience``, so that a finished run can be continued for longer).
-RUNTIME_FIELDS = ("precision", "gradient_checkpointing", "device", "num_workers", "eval_batch_size",
-                  "keep_checkpoints", "threads", "epochs", "patience")
+#: Fields that may differ between a run and its ``--resume``: speed and bookkeeping, plus
+#: ``epochs``/``patience``, so that a finished run can be continued for longer.
+RESUMABLE_FIELDS = runtime_fields(FinetuneConfig) + ("epochs", "patience")
 
 
-class FinetuneError(ConiliumError):
+class FinetuneError(TrainingError):
     """Fine-tuning cannot go on (non-finite loss, unusable checkpoint, inconsistent resume)."""
 
 
@@ -151,52 +182,7 @@ class FinetuneError(ConiliumError):
 
 def check_config(config: FinetuneConfig) -> None:
     """Errors for option values that are wrong whatever the corpus."""
-    from conilium.heads.model import POOLINGS  # torch: loaded to check a config, not to read its defaults
-    from conilium.heads.samplers import check_sampler
-
-    if config.labels not in TARGET_KINDS:
-        raise ConfigError(f"unknown --labels {config.labels!r}; expected one of {', '.join(TARGET_KINDS)}")
-    check_loss(config.loss, config.labels)
-    check_sampler(config.sampler)
-    if config.pooling not in POOLINGS:
-        raise ConfigError(f"unknown --pooling {config.pooling!r}; expected one of {', '.join(POOLINGS)}")
-    if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise ConfigError(f"--lr must be a positive number, not {config.lr}")
-    for name in ("batch_size", "grad_accum", "epochs", "hidden", "bucket_batches", "eval_batch_size"):
-        if int(getattr(config, name)) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
-    if config.grad_accum > config.batch_size:
-        raise ConfigError(f"--grad-accum {config.grad_accum} exceeds --batch-size {config.batch_size}: "
-                          f"a micro-batch needs at least one clip")
-    if config.patience is not None and config.patience < 1:
-        raise ConfigError(f"--patience must be at least 1 (or unset), not {config.patience}")
-    if not config.max_seconds > 0:
-        raise ConfigError(f"--max-seconds must be positive, not {config.max_seconds}")
-    if config.normalize not in ("auto",) + NORMALIZE_MODES:
-        raise ConfigError(f"--normalize must be one of auto, {', '.join(NORMALIZE_MODES)}, not {config.normalize!r}")
-    if config.whisper_input is not None and config.whisper_input not in WHISPER_INPUTS:
-        raise ConfigError(f"--whisper-input must be {' or '.join(WHISPER_INPUTS)}, not {config.whisper_input!r}")
-    for name in ("dropout", "upstream_dropout", "layerdrop", "mask_time_prob"):
-        v = getattr(config, name)
-        if v is not None and not 0 <= v < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), not {v}")
-    if not 0 <= config.augment_fraction <= 1:
-        raise ConfigError(f"--augment-fraction must be in [0, 1], not {config.augment_fraction}")
-    lo, hi = config.snr_db
-    if lo > hi:
-        raise ConfigError(f"--snr-db: low {lo} above high {hi}")
-    if config.init_head and config.baseline_ckpt:
-        raise ConfigError("--init-head and --baseline-ckpt are two different starting points: give one")
-    if config.precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not {config.precision!r}")
-    if config.max_train_clips is not None and config.max_train_clips < 1:
-        raise ConfigError(f"--max-train-clips must be at least 1, not {config.max_train_clips}")
-    if config.num_workers < 0:
-        raise ConfigError(f"--num-workers must be >= 0, not {config.num_workers}")
-    check_lora(config)
-    if config.random_init and config.upstream not in UPSTREAMS:
-        raise ConfigError(f"--random-init needs a registered upstream name ({', '.join(UPSTREAMS)}), "
-                          f"not {config.upstream!r}")
+    config.check()
 
 
 def check_lora(config: FinetuneConfig) -> None:

@@ -32,7 +32,7 @@ from conilium.extract.encoder import UpstreamEncoder
 from conilium.extract.lora import ADAPTER_DIR as LORA_ADAPTER_DIR
 from conilium.extract.lora import has_adapters
 from conilium.extract.upstreams import FINETUNED_MARKER, load_upstream
-from conilium.heads.losses import activation
+from conilium.training.losses import activation
 from conilium.heads.model import EmotionHead, HeadConfig
 from conilium.util import atomic_path, output_errors, read_json, write_json
 

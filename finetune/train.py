@@ -74,8 +74,8 @@ from conilium.errors import ConfigError, ConiliumError
 from conilium.extract.encoder import freeze_front_end
 from conilium.extract.lora import add_adapters, check_lora_modules, parse_lora_layers
 from conilium.extract.upstreams import check_upstream, load_upstream
-from conilium.heads.losses import loss_fn, uses_weights
-from conilium.heads.samplers import balanced_weights
+from conilium.training.losses import loss_fn, uses_weights
+from conilium.training.samplers import balanced_weights
 from conilium.locking import DirectoryLock, lock_directory
 from conilium.metrics import score
 from conilium.runs import CONFIG, METRICS, PRED_DIR, write_run_outputs

@@ -1,43 +1,21 @@
 """What defines a head run, and the names its options accept: :class:`TrainConfig`, the
-losses' properties, the grid backends and presets.
+grid backends and presets.
 
 This module imports neither torch nor h5py, so that ``train-head --help`` and
-``train-grid --help`` (and :mod:`conilium.finetune.config`) read the defaults and the
-names from here without loading the training code; :mod:`.train`, :mod:`.losses` and
-:mod:`.grid` import them from here.
+``train-grid --help`` read the defaults and the names from here without loading the
+training code. The fields a head run shares with end-to-end fine-tuning are declared
+once, in :class:`conilium.training.config.RunConfig`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Union
+from typing import List, Union
 
 from conilium.errors import ConfigError
-from conilium.util import reject_unknown_fields
-
-_ANY_TARGETS = ("hard", "P", "S", "P*", "S*")
-
-#: loss name → (output activation, uses class weights, target kinds it accepts); the loss
-#: functions themselves are :data:`conilium.heads.losses.LOSSES`.
-LOSS_PROPERTIES = {
-    "wce": ("softmax", True, ("hard",)),
-    "bce": ("sigmoid", False, _ANY_TARGETS),
-    "wbce": ("sigmoid", True, _ANY_TARGETS),
-    "kld": ("softmax", False, _ANY_TARGETS),
-    "focal": ("softmax", True, _ANY_TARGETS),
-}
-
-
-def check_loss(loss: str, labels: str) -> None:
-    """Clear error for an unknown loss or a loss/target pair that makes no sense."""
-    if loss not in LOSS_PROPERTIES:
-        raise ConfigError(f"unknown loss {loss!r}; expected one of {', '.join(LOSS_PROPERTIES)}")
-    allowed = LOSS_PROPERTIES[loss][2]
-    if labels not in allowed:
-        raise ConfigError(f"--loss {loss} needs --labels {' or '.join(allowed)} "
-                          f"(it is defined on one-hot consensus targets), not {labels}")
-
+from conilium.targets import base_kind
+from conilium.training.config import RunConfig, option
 
 #: Ready grid specs (``train-grid --preset NAME`` reads ``SPEC_DIR/NAME.json``).
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
@@ -52,19 +30,12 @@ TASKS = ("categories", "attributes", "joint")
 DEFAULT_ATTRIBUTE_WEIGHT = 1.0
 
 
-def check_task(task: str, attribute_weight: float) -> None:
-    if task not in TASKS:
-        raise ConfigError(f"unknown --task {task!r}; expected one of {', '.join(TASKS)}")
-    if not (attribute_weight >= 0 and attribute_weight < float("inf")):
-        raise ConfigError(f"--attribute-weight must be a number >= 0, not {attribute_weight}")
-
-
 def presets() -> List[str]:
     return sorted(p.stem for p in SPEC_DIR.glob("*.json"))
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(RunConfig):
     """Everything that defines a head training run; written to ``config.json``.
 
     ``layers`` is ``"weighted"`` (learnable softmax mix of every stored layer) or the
@@ -77,7 +48,7 @@ class TrainConfig:
     ``"targets"`` (over target-class labels only); see :mod:`conilium.targets`.
     ``preload``: ``"auto"`` keeps the selected Train and Development features in memory
     when they take at most ``preload_budget_gb``, ``"yes"``/``"no"`` force it; the
-    fields after ``train_on_xo`` change speed, not results.
+    runtime fields change speed, not results.
 
     ``task``: ``"categories"`` (the eight classes, the loss above; the best epoch by
     Development macro-F1), ``"attributes"`` (arousal, valence, dominance only, with the
@@ -90,55 +61,62 @@ class TrainConfig:
     Configs written before these fields existed read with their defaults.
     """
 
-    cache: str
-    loss: str = "wbce"
-    labels: str = "S"
-    pooling: str = "attentive"
-    layers: Union[str, int] = "weighted"
-    pooled_stats: bool = False
-    sampler: Optional[str] = None
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    batch_size: int = 16
-    epochs: int = 40
-    patience: Optional[int] = None
-    seed: int = 0
-    p_threshold: float = 0.6
-    s_threshold: float = 0.5
-    agreement_over: str = "all"
-    hidden: int = 1024
-    dropout: float = 0.5
-    train_split: str = "Train"
-    dev_split: str = "Development"
-    task: str = "categories"
-    attribute_weight: float = DEFAULT_ATTRIBUTE_WEIGHT
-    train_on_xo: bool = False
+    cache: str = option(help="Feature cache directory written by extract-features.", cli=False)
+    layers: Union[str, int] = option("weighted", "'weighted' (learnable softmax mix of the stored layers) or one "
+                                     "upstream layer number (0 = CNN output, -1 = last stored layer).")
+    pooled_stats: bool = option(False, "Train on the cache's per-layer utterance mean+std instead of frames (fast "
+                                "layer probing; needs a cache extracted with --pooled-stats; --pooling is then "
+                                "unused).")
+    task: str = option("categories", "categories: the eight classes (best epoch by development macro-F1); "
+                       "attributes: arousal, valence, dominance only, CCC loss, on every Train clip with attribute "
+                       "values, X and O included (best epoch by development mean CCC; --loss/--labels unused); "
+                       "joint: the categories loss + --attribute-weight x the CCC loss (best epoch by development "
+                       "macro-F1).", choices=TASKS)
+    attribute_weight: float = option(DEFAULT_ATTRIBUTE_WEIGHT, "--task joint: weight of the CCC loss "
+                                     "(1 - mean CCC) added to the categories loss.", minimum=0)
+    train_on_xo: bool = option(False, "Soft targets (--labels P, S, P*, S*): train on X (no agreement) and O "
+                               "(other) clips too, on their annotators' target-class labels; clips with none stay "
+                               "out; never scored.")
     # speed only
-    num_workers: int = 0
-    device: str = "auto"
-    preload: str = "auto"
-    preload_budget_gb: float = 2.0
-    threads: Optional[int] = None
+    preload: str = option("auto", "Keep the selected Train/Development features in memory; auto: when they fit "
+                          "--preload-budget-gb, else stream them from the shards (bounded memory).",
+                          choices=("auto", "yes", "no"), runtime=True)
+    preload_budget_gb: float = option(2.0, "Memory budget of --preload auto, in GiB.", minimum=0, runtime=True)
+
+    what = "training"
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "TrainConfig":
-        """Build from a JSON mapping; unknown keys are an error naming them."""
-        from .data import parse_layers  # the data module imports torch: only when a config is read
-
-        reject_unknown_fields(cls, d, "training")
+    def from_dict(cls, d) -> "TrainConfig":
         if "cache" not in d:
             raise ConfigError("training option 'cache' (the feature cache directory) is required")
-        d = dict(d)
+        return super().from_dict(d)
+
+    @classmethod
+    def _from_json(cls, d: dict) -> dict:
+        from .data import parse_layers  # the data module imports torch: only when a config is read
+
         d["cache"] = str(d["cache"])
         if "layers" in d:
             d["layers"] = parse_layers(d["layers"])
-        return cls(**d)
+        return d
 
-    def to_json(self) -> dict:
-        return asdict(self)
+    def check(self) -> None:
+        """Errors for option values that are wrong whatever the cache."""
+        from .data import parse_layers
 
-    @property
-    def thresholds(self) -> Dict[str, Union[float, str]]:
-        """For :func:`conilium.targets.training_set`: the P*/S* thresholds and, under
-        ``"over"``, the reading of the agreement share."""
-        return {"P*": self.p_threshold, "S*": self.s_threshold, "over": self.agreement_over}
+        super().check()
+        parse_layers(self.layers)
+        if self.task == "attributes" and self.sampler is not None:
+            raise ConfigError(f"--sampler {self.sampler} draws clips by consensus class; --task attributes trains "
+                              f"on every clip with attribute values (X and O included): use no sampler")
+        if self.train_on_xo:
+            if self.task == "attributes":
+                raise ConfigError("--train-on-xo adds X and O clips to the category targets; --task attributes "
+                                  "already trains on every clip with attribute values, X and O included")
+            if base_kind(self.labels) == "hard":
+                raise ConfigError(f"--train-on-xo needs soft targets (--labels P, S, P* or S*, and a loss other "
+                                  f"than wce): X and O clips have no one-hot consensus target, not --labels "
+                                  f"{self.labels}" + (f" with --loss {self.loss}" if self.loss == "wce" else ""))
+            if self.sampler is not None:
+                raise ConfigError(f"--train-on-xo with --sampler {self.sampler}: the sampler draws by consensus "
+                                  f"class, and X and O clips have none")

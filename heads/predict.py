@@ -24,7 +24,7 @@ from tqdm import tqdm
 from conilium.runtime import autocast
 from conilium.targets import from_unit
 
-from .losses import probabilities
+from conilium.training.losses import probabilities
 
 #: A batch: the model's positional inputs (CPU or device tensors, or None) and the clips' indices.
 Batch = Tuple[Sequence[Optional[torch.Tensor]], Sequence[int]]

@@ -31,7 +31,7 @@ def _ccc_by_hand(p, t):
 # --------------------------------------------------------------------------- loss and metric
 
 def test_ccc_loss_is_one_minus_ccc_averaged_over_attributes():
-    from conilium.heads.losses import ccc_loss
+    from conilium.training.losses import ccc_loss
 
     pred = np.array([[0.1, 0.9, 0.5], [0.4, 0.2, 0.5], [0.8, 0.4, 0.7], [0.3, 0.6, 0.2]])
     target = np.array([[0.0, 1.0, 0.3], [0.5, 0.1, 0.6], [1.0, 0.5, 0.9], [0.2, 0.4, 0.1]])
@@ -42,7 +42,7 @@ def test_ccc_loss_is_one_minus_ccc_averaged_over_attributes():
 
 
 def test_ccc_loss_batch_of_one_and_mask():
-    from conilium.heads.losses import ccc_loss
+    from conilium.training.losses import ccc_loss
 
     one = ccc_loss(torch.tensor([[0.3, 0.2, 0.1]], requires_grad=True), torch.tensor([[0.5, 0.5, 0.5]]))
     assert math.isfinite(one.item()) and one.item() == pytest.approx(1.0)

@@ -14,7 +14,7 @@ from conilium.runs import prediction_path, read_predictions
 from conilium.extract.upstreams import load_upstream
 from conilium.finetune import EndToEndModel, FinetuneConfig, finetune
 from conilium.finetune.warmstart import head_from_run
-from conilium.heads.losses import probabilities
+from conilium.training.losses import probabilities
 from conilium.heads.train import TrainConfig, train_head
 
 

@@ -140,12 +140,12 @@ def test_buffered_batches_equal_collate(cache):
 
 
 def test_a_one_layer_weighted_mix_is_frozen_without_changing_the_run(tmp_path, monkeypatch):
-    from conilium.heads import train as head_train
+    from conilium.heads import recipe as head_recipe
 
     one = write_synthetic_cache(tmp_path / "one", clips=60, dim=8, stored_layers=(3,), seed=4, signal=0.5)
     config = _config(one, loss="wbce", labels="S", epochs=2)
     train_head(config, tmp_path / "frozen", progress=False)
-    monkeypatch.setattr(head_train, "_freeze_constant_mix", lambda model: None)
+    monkeypatch.setattr(head_recipe, "_freeze_constant_mix", lambda model: None)
     train_head(config, tmp_path / "trained", progress=False)
     assert_same_run(tmp_path / "frozen", tmp_path / "trained")
     assert load_head(tmp_path / "frozen")[1]["state_dict"]["layer_mix.weights"].tolist() == [0.0]

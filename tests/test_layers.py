@@ -60,11 +60,11 @@ def test_an_import_against_the_flow_breaks_the_contract(tmp_path, monkeypatch):
     if not (Path(sys.executable).parent / "lint-imports").exists():
         pytest.skip("import-linter is not installed (pip install -e .[test])")
     src = installed_layout(tmp_path / "src")
-    bad = src / "conilium" / "heads" / "samplers.py"
+    bad = src / "conilium" / "heads" / "model.py"
     bad.write_text(bad.read_text() + "\n\ndef _against_the_flow():\n    from conilium.evaluate import report\n")
     exe = Path(sys.executable).parent / "lint-imports"
     env = dict(os.environ, PYTHONPATH=str(src))
     result = subprocess.run([str(exe), str(ROOT / ".importlinter"), "--no-cache"], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "conilium.heads.samplers -> conilium.evaluate.report" in result.stdout
+    assert "conilium.heads.model -> conilium.evaluate.report" in result.stdout

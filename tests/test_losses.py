@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conilium.errors import ConfigError
-from conilium.heads.losses import LOSSES, check_loss, loss_fn, probabilities, uses_weights
+from conilium.training.config import check_loss
+from conilium.training.losses import LOSSES, loss_fn, probabilities, uses_weights
 
 RNG = np.random.default_rng(7)
 N, C = 5, 8

@@ -21,7 +21,7 @@ from conilium.audio import NORMALIZE_MODES
 from conilium.errors import ConiliumError
 from conilium.extract.registry import WHISPER_INPUTS
 from conilium.finetune.config import BASELINE_MAX_SECONDS, DEFAULT_MAX_SECONDS, PRECISIONS, FinetuneConfig
-from conilium.heads.config import LOSS_PROPERTIES
+from conilium.training.config import LOSS_PROPERTIES
 
 from .common import (CONTEXT, DROPOUT, FRACTION, GROUP_QUIET, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
                      SEED, Group, check_corpus_arg, fail, lock_wait, quiet_option, refuse_dir, version_option,

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from conilium.errors import ConiliumError
-from conilium.heads.config import BACKENDS, LOSS_PROPERTIES, TASKS, TrainConfig, presets
+from conilium.heads.config import BACKENDS, TASKS, TrainConfig, presets
+from conilium.training.config import LOSS_PROPERTIES
 
 from .common import (CONTEXT, DROPOUT, GROUP_QUIET, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED,
                      Group, Number, fail, lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)

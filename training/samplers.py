@@ -17,13 +17,6 @@ from torch.utils.data import WeightedRandomSampler
 from conilium import CLASSES
 from conilium.errors import ConfigError
 
-SAMPLERS = ("balanced",)
-
-
-def check_sampler(sampler: Optional[str]) -> None:
-    if sampler is not None and sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)} (or none)")
-
 
 def balanced_weights(labels: Sequence[str]) -> np.ndarray:
     """Per-clip draw weight 1 / f(class of the clip), f the class's count among ``labels``."""

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .config import LOSS_PROPERTIES, check_loss  # noqa: F401 (check_loss: re-exported)
+from .config import LOSS_PROPERTIES
 
 
 def _w(weights: Optional[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ def ccc_loss(predictions: torch.Tensor, targets: torch.Tensor, mask: Optional[to
 
 
 #: loss name → (function, output activation, uses class weights, target kinds it accepts); the
-#: properties come from :data:`conilium.heads.config.LOSS_PROPERTIES` (importable without torch).
+#: properties come from :data:`conilium.training.config.LOSS_PROPERTIES` (importable without torch).
 _FUNCTIONS = {"wce": wce, "bce": bce, "wbce": bce, "kld": kld, "focal": focal}
 LOSSES = {name: (_FUNCTIONS[name],) + properties for name, properties in LOSS_PROPERTIES.items()}
 

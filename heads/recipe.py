@@ -1,0 +1,177 @@
+"""How a head run trains, as a :class:`~conilium.training.loop.Recipe`: batches of cached
+features read once per step for every head of a data pass, each head's step under its own
+random stream, the Development split scored in one pass for every head."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from conilium import CLASSES
+from conilium.metrics import score, score_attributes
+from conilium.runs import letters
+from conilium.targets import ATTRIBUTE_COLUMNS, to_unit
+from conilium.training.loop import Recipe, Selection, Trainee, make_optimizer
+from conilium.training.losses import ccc_loss, loss_fn
+from conilium.training.state import RandomStream
+
+from .batches import Batch, BatchReader, loader_batches
+from .config import TrainConfig
+from .data import ClipDataset, collate, length_batches
+from .model import EmotionHead
+from .predict import predict_many, stack_scores
+from .prepare import PreparedData, head_config_for
+
+
+def read_batches(dataset: ClipDataset, index_batches: Sequence[Sequence[int]], device: torch.device, *,
+             num_workers: int = 0, persistent: bool = False) -> Callable[[], Iterator[Batch]]:
+    """The batches ``index_batches`` of ``dataset``: padded into reused buffers in this process
+    (:class:`~conilium.heads.batches.BatchReader`), or collated by DataLoader workers when
+    streaming with ``num_workers``. Call again for another pass over the same batches."""
+    if dataset.preloaded or num_workers == 0:
+        reader = BatchReader(dataset, device, max_batch=max(len(b) for b in index_batches))
+        return lambda: reader(index_batches)
+    loader = DataLoader(dataset, batch_sampler=index_batches, collate_fn=collate, num_workers=num_workers,
+                        persistent_workers=persistent, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(0))  # leaves the global random stream alone
+    return lambda: loader_batches(loader, device)
+
+
+def predict_heads(models: Sequence[Tuple[torch.nn.Module, str]], batches: Iterator[Batch], n: int, *, device,
+             progress: bool = False, desc: str = "predicting", total: Optional[int] = None) -> List[np.ndarray]:
+    """(n, C + A) scores of each model on ``batches`` (read once for all of them): class
+    scores, then attribute values on the corpus scale for a head with attributes."""
+    scores = predict_many(models, (((x, lengths), idx) for x, lengths, idx in batches), device=device,
+                          progress=progress, desc=desc, total=total)
+    return [stack_scores(s, n, getattr(m, "output_width", len(CLASSES))) for s, (m, _) in zip(scores, models)]
+
+
+def predict_probs(model: EmotionHead, dataset: ClipDataset, loss: str, *, batch_size: int,
+                  device: torch.device, num_workers: int = 0, progress: bool = False,
+                  desc: str = "predicting") -> np.ndarray:
+    """(N, C) class scores of every clip of ``dataset`` (sigmoid or softmax, as the loss sees them).
+
+    Batches group clips of similar length; the scores do not depend on the batching
+    since pooling ignores padded frames.
+    """
+    batches = length_batches(dataset.cache, dataset.names, batch_size, dataset.selection)
+    read = read_batches(dataset, batches, device, num_workers=num_workers)
+    return predict_heads([(model, loss)], read(), len(dataset), device=device, progress=progress, desc=desc,
+                    total=len(batches))[0]
+
+def _freeze_constant_mix(model: EmotionHead) -> None:
+    """Freeze the layer weight of a ``"weighted"`` mix of one layer (a one-layer cache).
+
+    A softmax over one weight is 1 whatever the weight, so its gradient is exactly 0 and
+    AdamW leaves the weight at 0: frozen, the run is bitwise the same, and the backward
+    pass no longer computes the gradient of the pooling's input (a frames × dim × dim
+    matmul and the pooling's elementwise gradients, about a third of a step).
+    """
+    mix = model.layer_mix.weights
+    if mix is not None and mix.numel() == 1:
+        mix.requires_grad_(False)
+
+
+class HeadTrainee(Trainee):
+    """One head of a data pass: model, optimizer, random stream, targets, and its best epoch."""
+
+    def __init__(self, config: TrainConfig, out_dir: Path, data: PreparedData, device: torch.device):
+        self.config, self.out_dir, self.data = config, Path(out_dir), data
+        self.head_cfg = head_config_for(config, data.selection)
+        torch.manual_seed(config.seed)
+        model = EmotionHead(self.head_cfg).to(device)
+        self.rng = RandomStream(device)  # right after the init, as a run alone goes on
+        _freeze_constant_mix(model)
+        optimizer, name = make_optimizer((p for p in model.parameters() if p.requires_grad), lr=config.lr,
+                                         weight_decay=config.weight_decay)
+        # the best epoch: by Development mean CCC for attributes only, by macro-F1 otherwise
+        metric = "dev_ccc_mean" if config.task == "attributes" else "dev_f1_macro"
+        super().__init__(self.out_dir.name, model, optimizer, epochs=config.epochs, optimizer_name=name,
+                         selection=Selection(metric, config.patience))
+        self.fn = loss_fn(config.loss)
+        self.weights = None if data.weights is None else torch.as_tensor(data.weights, device=device)
+        self.targets = torch.as_tensor(np.asarray(data.train_targets, dtype=np.float32)).to(device)
+        self.task = config.task
+        self.num_classes = self.head_cfg.num_classes
+        if data.train_attributes is not None:
+            known = ~np.isnan(data.train_attributes).any(axis=1)
+            unit = np.where(known[:, None], to_unit(np.nan_to_num(data.train_attributes)), 0.0)
+            self.attr_targets = torch.as_tensor(unit, dtype=torch.float32).to(device)
+            self.attr_mask = torch.as_tensor(known, dtype=torch.float32).to(device)
+        self.best_state = None
+        self.split_predictions: dict = {}
+
+    def step(self, x: torch.Tensor, lengths: Optional[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        """One AdamW step on the batch; the loss (not yet read back from the device)."""
+        with self.rng:
+            logits = self.model(x, lengths)
+            if self.task == "categories":
+                loss = self.fn(logits, self.targets[idx], self.weights)
+            else:
+                c = self.num_classes
+                loss = ccc_loss(logits[:, c:], self.attr_targets[idx], None if self.task == "attributes"
+                                else self.attr_mask[idx])
+                if self.task == "joint":
+                    loss = self.fn(logits[:, :c], self.targets[idx], self.weights) + self.config.attribute_weight * loss
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach()
+
+    def dev_scores(self, scores: np.ndarray, refs: Sequence[Optional[str]], attr_refs: np.ndarray) -> dict:
+        """This epoch's Development entries of the history, from the head's (n, C + A) scores."""
+        out = {}
+        c = self.num_classes
+        if c:
+            dev = score(refs, letters(scores[:, :c]))
+            out.update(dev_f1_macro=dev["f1_macro"], dev_f1_micro=dev["f1_micro"])
+        if self.task != "categories":
+            a = score_attributes(attr_refs, scores[:, c:], ATTRIBUTE_COLUMNS)
+            out["dev_ccc_mean"] = a["ccc_mean"]
+            out.update({f"dev_ccc_{name}": a[name]["ccc"] for name in ATTRIBUTE_COLUMNS})
+        return out
+
+
+class HeadRecipe(Recipe):
+    """The heads of one data pass: ``train_batches()`` gives an epoch's batches (the same for
+    every head), ``dev_batches()`` the Development split's."""
+
+    nonfinite_hint = "check the cache's features with verify-cache"
+
+    def __init__(self, train_batches: Callable[[], Iterator[Batch]], steps: int,
+                 dev_batches: Callable[[], Iterator[Batch]], dev_size: int, dev_refs, dev_attr_refs,
+                 device: torch.device):
+        self.train_batches, self.steps = train_batches, steps
+        self.dev_batches, self.dev_size = dev_batches, dev_size
+        self.dev_refs, self.dev_attr_refs, self.device = dev_refs, dev_attr_refs, device
+
+    def epoch_batches(self, epoch: int):
+        def batches():
+            for x, lengths, idx in self.train_batches():
+                yield x, lengths, torch.as_tensor(idx, dtype=torch.long).to(self.device, non_blocking=True), len(idx)
+
+        return batches(), self.steps
+
+    def fit_batch(self, trainee: HeadTrainee, batch, *, epoch: int, step: int):
+        x, lengths, at, n = batch
+        return [(trainee.step(x, lengths, at), n)]
+
+    def loss_name(self, trainee: HeadTrainee) -> str:
+        return trainee.config.loss
+
+    def lr(self, trainee: HeadTrainee) -> float:
+        return trainee.config.lr
+
+    def evaluate(self, trainees: Sequence[HeadTrainee], epoch: int) -> List[dict]:
+        probs = predict_heads([(t.model, t.config.loss) for t in trainees], self.dev_batches(), self.dev_size,
+                         device=self.device)
+        return [t.dev_scores(p, self.dev_refs, self.dev_attr_refs) for t, p in zip(trainees, probs)]
+
+    def on_epoch_end(self, trainee: HeadTrainee, record: dict, improved: bool) -> None:
+        if improved:
+            trainee.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in trainee.model.state_dict().items()})

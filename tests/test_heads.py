@@ -206,7 +206,7 @@ def _cfg(cache, **kw):
     (dict(layers=7, pooled_stats=True), "--layers 7: the cache holds pooled statistics of layers 0..3"),
     (dict(layers=-3), "--layers -3: out of range"),
     (dict(layers="last"), "--layers must be 'weighted' or a layer number"),
-    (dict(sampler="uniform"), "unknown sampler"),
+    (dict(sampler="uniform"), "unknown --sampler"),
     (dict(pooling="max"), "unknown --pooling"),
     (dict(labels="Q"), "unknown --labels"),
     (dict(lr=0.0), "--lr must be a positive"),

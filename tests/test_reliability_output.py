@@ -203,7 +203,7 @@ def test_finetune_best_failing_to_write_its_model_directory_leaves_no_finished_r
     import json
 
     from conilium.finetune import FinetuneConfig, finetune
-    from conilium.finetune import train as ft
+    from conilium.finetune import rundir as ft
     from conilium.finetune.model import MODEL_FILE
 
     config = FinetuneConfig(corpus=str(small_demo_corpus), out=str(tmp_path / "model"), upstream="demo-wavlm",

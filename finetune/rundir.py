@@ -1,0 +1,228 @@
+"""The model directory a fine-tuning run writes into: claiming it (lock, resume or start
+over), its checkpoints and, at the end, its outputs (predictions, metrics.json, the model).
+
+While training, ``out`` holds ``config.json`` and ``checkpoints/last.pt`` (model, optimiser,
+random streams, batch plan, history: :func:`checkpoint`) and ``checkpoints/best.pt``; a
+finished run adds ``predictions/``, ``metrics.json`` and the model directory's files
+(:func:`conilium.finetune.model.save_model_dir`), ``conilium_model.json`` last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from conilium import CLASSES
+from conilium import errors as _errors
+from conilium.errors import ConfigError, ConiliumError
+from conilium.locking import DirectoryLock, lock_directory
+from conilium.runs import CONFIG, METRICS, PRED_DIR, write_run_outputs
+from conilium.runtime import Dist
+from conilium.targets import class_counts
+from conilium.training.config import differing_fields
+from conilium.util import check_writable, read_json
+
+from .config import RESUMABLE_FIELDS, FinetuneConfig
+from .model import ADAPTER_DIR, HEAD_FILE, MODEL_FILE, UPSTREAM_DIR, EndToEndModel, save_model_dir
+
+if TYPE_CHECKING:  # the run's parts, made by conilium.finetune.train
+    from .train import Built, Prepared
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+TUNED_DIR = "tuned"
+
+
+def checkpoint_paths(out: Path) -> Tuple[Path, Path]:
+    """``out``'s last and best checkpoints."""
+    return out / CHECKPOINT_DIR / LAST, out / CHECKPOINT_DIR / BEST
+
+
+def output_bytes(model: nn.Module, *, resuming: bool) -> int:
+    """About the most bytes the checkpoints and the model directory take on disk at once:
+    best.pt and last.pt (the weights, and the optimizer's two moments of the trained ones)
+    with a new last.pt being written beside them, then the model directory. A resumed run
+    already has its checkpoints."""
+    every = sum(p.numel() for p in model.parameters()) * 4
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+    if resuming:
+        return 2 * every + 2 * trained + (1 << 20)
+    return 3 * every + 4 * trained + (1 << 20)
+
+
+def on_main(d: Dist, fn: Callable[[], object]):
+    """Run ``fn`` on rank 0 only and return what it returns there (None elsewhere); a
+    ConiliumError it raises (a full disk, say) is raised on every rank, so that no rank waits
+    for rank 0 forever. Synchronises the ranks."""
+    error: Optional[ConiliumError] = None
+    result = None
+    if d.main:
+        try:
+            result = fn()
+        except ConiliumError as e:
+            error = e
+    problem = d.broadcast(None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    if problem is not None:
+        raise _remote_error(*problem)
+    return result
+
+
+def _remote_error(kind: str, message: str) -> ConiliumError:
+    """An exception of rank 0's error class (by name) with its message, for the other ranks."""
+    cls = getattr(_errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, ConiliumError):
+        try:
+            e = cls.__new__(cls)
+            Exception.__init__(e, message)
+            return e
+        except TypeError:  # pragma: no cover
+            pass
+    return ConiliumError(message)
+
+
+def check_out_dir(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> Tuple[Optional[dict], bool]:
+    """What to do with ``out``: ``(checkpoint to resume from or None, whether to clear it first)``.
+
+    With ``resume`` and no completed epoch yet (no checkpoint, no finished model), the run
+    starts afresh, so a script may always pass ``--resume``.
+    """
+    last, _ = checkpoint_paths(out)
+    has_model = (out / MODEL_FILE).is_file()
+    has_ckpt = last.is_file()
+    has_run = has_model or has_ckpt or (out / "config.json").is_file()
+    if (out / "config.json").is_file() and not overwrite:
+        try:
+            kind = read_json(out / "config.json").get("kind")
+        except (ValueError, AttributeError):
+            kind = None
+        if kind != "finetune":
+            raise ConfigError(f"{out} holds a config.json that finetune-best did not write (another kind of run?); "
+                              f"choose another --out, or replace it with --overwrite")
+    if resume and not overwrite:
+        if not has_ckpt:
+            if has_model:
+                raise ConfigError(f"--resume: {out} holds a finished model whose checkpoints were removed; "
+                                  f"use --keep-checkpoints to be able to continue a finished run, or --overwrite "
+                                  f"to train again")
+            return None, has_run  # nothing completed yet: start (again) from the beginning
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        saved = FinetuneConfig.from_dict(ckpt["config"]).to_json()  # options added since: their defaults
+        now = config.to_json()
+        diff = differing_fields(FinetuneConfig, saved, now, ignore=RESUMABLE_FIELDS)
+        if diff:
+            raise ConfigError(f"--resume: {out} was started with other settings ({', '.join(diff)}: "
+                              + "; ".join(f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
+                              + "); resume with the same options, or start over with --overwrite")
+        return ckpt, False
+    if has_run and not overwrite:
+        raise ConfigError(f"{out} already holds a fine-tuning run; continue it with --resume, choose another "
+                          f"--out, or start over with --overwrite")
+    return None, has_run
+
+
+def claim_out_dir(out: Path, config: FinetuneConfig, d: Dist, *, resume: bool, overwrite: bool,
+                   wait_for_lock=False, progress: bool = False) -> Tuple[Optional[dict], Optional[DirectoryLock]]:
+    """Lock ``out`` on rank 0, check it (writable; clear it when starting over) and return the
+    checkpoint to resume from and the lock (None on the other ranks)."""
+    ckpt, clear, problem, lock = None, False, None, None
+    error: Optional[ConiliumError] = None
+    if d.main:
+        on_wait = (lambda m: tqdm.write(m)) if progress else None
+        try:
+            lock = lock_directory(out, what="finetune-best model directory", wait=wait_for_lock,
+                                  on_wait=on_wait).acquire()
+            check_writable(out, what="finetune-best model directory")
+            ckpt, clear = check_out_dir(out, config, resume, overwrite)
+        except ConiliumError as e:
+            error, problem = e, (type(e).__name__, str(e))
+            if lock is not None:
+                lock.release()
+                lock = None
+    problem, resuming = d.broadcast((problem, ckpt is not None))
+    if error is not None:
+        raise error
+    if problem:
+        raise _remote_error(*problem)
+    if resuming and not d.main:
+        ckpt = torch.load(checkpoint_paths(out)[0], map_location="cpu", weights_only=False)
+    if d.main and not resuming:
+        if clear:
+            for p in (MODEL_FILE, METRICS, HEAD_FILE, CONFIG):
+                (out / p).unlink(missing_ok=True)
+            for p in (CHECKPOINT_DIR, PRED_DIR, UPSTREAM_DIR, ADAPTER_DIR, TUNED_DIR):
+                shutil.rmtree(out / p, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+    return ckpt, lock
+
+
+def write_model_dir(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, device: torch.device,
+                     history: List[dict], best: dict, train_seconds: float, split_predictions: dict, out: Path,
+                     model: EndToEndModel) -> dict:
+    """Rank 0: predictions, metrics.json and the model directory; on a failure to write, none of
+    them is left (no metrics.json, no conilium_model.json; the checkpoints stay, so that
+    ``--resume`` writes them again once the problem is solved)."""
+    try:
+        return _write_outputs(config, prep, b, d, device, history, best, train_seconds, split_predictions, out,
+                              model)
+    except BaseException as e:
+        for name in (METRICS, MODEL_FILE, HEAD_FILE):
+            with contextlib.suppress(OSError):
+                (out / name).unlink(missing_ok=True)
+        for name in (PRED_DIR, UPSTREAM_DIR, ADAPTER_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
+        if isinstance(e, _errors.OutputError) and (out / CHECKPOINT_DIR / LAST).is_file():
+            raise _errors.OutputError(e.path, e.reason, (e.hint + "; " if e.hint else "") +
+                                      f"the checkpoints in {out / CHECKPOINT_DIR} are kept: finetune-best "
+                                      f"--resume then writes the model directory without training again") from e
+        raise
+
+
+def _write_outputs(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, device: torch.device,
+                   history: List[dict], best: dict, train_seconds: float, split_predictions: dict, out: Path,
+                   model: EndToEndModel) -> dict:
+    training = {
+        "clips": len(prep.train),
+        "class_counts": dict(zip(CLASSES, class_counts([c.emo_class for c in prep.train]).tolist())),
+        "dropped": prep.train_counts,
+        "class_weights": None if prep.weights is None else dict(zip(CLASSES, prep.weights.tolist())),
+        "sampler": config.sampler,
+        "epochs_run": len(history),
+        "seconds_this_session": round(train_seconds, 3),
+        "world_size": d.world,
+        "device": str(device),
+        "start_from": b.start_from,
+        "augment_noise": config.augment_noise,
+        "optimizer": b.optimizer_name,
+    }
+    if b.lora:
+        training["lora"] = dict(b.lora, trainable_parameters=sum(p.numel() for p in model.parameters()
+                                                                  if p.requires_grad))
+    metrics = write_run_outputs(out, split_predictions, history, best["epoch"], dev_split=config.dev_split,
+                                extra={"training": training, "kind": "finetune"})
+    save_model_dir(out, model, {
+        "max_seconds": b.signal.max_seconds,
+        "normalize": {"mode": b.signal.normalize, "stats": b.signal.stats},
+        "rescale_loud": b.signal.rescale_loud,
+        "offsets": {c: 0.0 for c in CLASSES},
+        "thresholds": None,
+        "loss": config.loss,
+        "labels": config.labels,
+        "upstream": b.identity,
+        "best_epoch": best["epoch"],
+        "dev_f1_macro": best["f1_macro"],
+        "start_from": b.start_from,
+        "lora": b.lora,
+    })
+    if not config.keep_checkpoints:
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    return metrics

@@ -13,9 +13,19 @@ from typing import Optional, Tuple
 from conilium.audio import NORMALIZE_MODES
 from conilium.errors import ConfigError, TrainingError
 from conilium.extract.registry import UPSTREAMS, WHISPER_INPUTS
-from conilium.training.config import RunConfig, option, runtime_fields
+from conilium.training.config import SEED_MAX, RunConfig, option, runtime_fields
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+
+#: Truncation of a fine-tuning run (the paper's 8-second clips) and of one that starts from the challenge
+#: baseline's checkpoint (the baseline's 12 seconds, msplabresearch/MSP-Podcast_Challenge).
+DEFAULT_MAX_SECONDS = 8.0
+BASELINE_MAX_SECONDS = 12.0
+
+
+def default_max_seconds(baseline_ckpt: Optional[str] = None) -> float:
+    """The truncation when ``--max-seconds`` is not given: the baseline's 12 s when starting from it, else 8 s."""
+    return BASELINE_MAX_SECONDS if baseline_ckpt else DEFAULT_MAX_SECONDS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +72,7 @@ class FinetuneConfig(RunConfig):
     random_init: bool = option(False, "The --upstream architecture with seeded random weights, no download "
                                "(timing, tests, demo-*).")
     random_init_seed: int = option(0, "Seed of the random weights (use the one the cache was extracted with, for "
-                                   "--init-head).", minimum=0, integer=True)
+                                   "--init-head).", minimum=0, maximum=SEED_MAX, integer=True)
     revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of --upstream.")
     lr: float = option(1e-5, "AdamW learning rate.", minimum=0, open_min=True)
     batch_size: int = option(16, "Clips per optimiser step, over all processes and accumulation steps.",
@@ -70,8 +80,8 @@ class FinetuneConfig(RunConfig):
     grad_accum: int = option(1, "Split each process's share of a batch into this many forward/backward passes "
                              "(less memory).", minimum=1, integer=True)
     max_seconds: Optional[float] = option(None, "Truncate every clip to this many seconds.", minimum=0,
-                                          open_min=True, default_text="8; 12 with --baseline-ckpt, the challenge "
-                                          "baseline's")
+                                          open_min=True, default_text=f"{DEFAULT_MAX_SECONDS:g}; "
+                                          f"{BASELINE_MAX_SECONDS:g} with --baseline-ckpt, the challenge baseline's")
     normalize: str = option("auto", "Waveform normalisation: global (mean/std over the Train audio, kept in the "
                             "model), utterance, none; auto = global, or none for a Whisper encoder.",
                             choices=("auto",) + NORMALIZE_MODES)
@@ -158,16 +168,10 @@ class FinetuneConfig(RunConfig):
                               f"not {self.upstream!r}")
 
 
-#: Truncation of a fine-tuning run (the paper's 8-second clips) and of one that starts from the challenge
-#: baseline's checkpoint (the baseline's 12 seconds, msplabresearch/MSP-Podcast_Challenge).
-DEFAULT_MAX_SECONDS = 8.0
-BASELINE_MAX_SECONDS = 12.0
-
-
-def default_max_seconds(baseline_ckpt: Optional[str] = None) -> float:
-    """The truncation when ``--max-seconds`` is not given: the baseline's 12 s when starting from it, else 8 s."""
-    return BASELINE_MAX_SECONDS if baseline_ckpt else DEFAULT_MAX_SECONDS
-
+#: What a fine-tuning run's ``config.json`` records beside the config's fields (read back
+#: by ``finetune-best --config FILE``, they are left out).
+RECORDED_KEYS = ("kind", "upstream_identity", "start_from", "normalize_stats", "world_size", "max_seconds_used",
+                 "normalize_used")
 
 #: Fields that may differ between a run and its ``--resume``: speed and bookkeeping, plus
 #: ``epochs``/``patience``, so that a finished run can be continued for longer.

@@ -44,6 +44,8 @@ LOSS_PROPERTIES = {
 
 #: Sampler names (``None``, written ``none`` on the command line: the clips shuffled once per epoch).
 SAMPLERS = ("balanced",)
+#: Random seeds: what numpy and scikit-learn accept everywhere.
+SEED_MAX = 2 ** 32 - 1
 #: Frame poolings of a head (:data:`conilium.heads.model.POOLINGS` holds the modules).
 POOLING_NAMES = ("attentive", "mean")
 
@@ -180,7 +182,7 @@ class RunConfig:
     patience: Optional[int] = option(None, "Stop after this many epochs without a better development score "
                                      "(default: never).", minimum=1, integer=True)
     seed: int = option(0, "Same seed, same data, same options: the same metrics (on CPU).", minimum=0,
-                       integer=True)
+                       maximum=SEED_MAX, integer=True)
     p_threshold: float = option(0.6, "--labels P*: keep training clips whose top primary share reaches this.",
                                 minimum=0, maximum=1, open_min=True)
     s_threshold: float = option(0.5, "--labels S*: keep training clips whose top perceived-label share reaches "

@@ -17,17 +17,12 @@ from pathlib import Path
 import click
 
 from conilium import CLASSES
-from conilium.audio import NORMALIZE_MODES
 from conilium.errors import ConiliumError
-from conilium.extract.registry import WHISPER_INPUTS
-from conilium.finetune.config import BASELINE_MAX_SECONDS, DEFAULT_MAX_SECONDS, PRECISIONS, FinetuneConfig
-from conilium.training.config import LOSS_PROPERTIES
+from conilium.finetune.config import RECORDED_KEYS, FinetuneConfig
 
-from .common import (CONTEXT, DROPOUT, FRACTION, GROUP_QUIET, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
-                     SEED, Group, check_corpus_arg, fail, lock_wait, quiet_option, refuse_dir, version_option,
-                     wait_for_lock_option)
-
-_D = FinetuneConfig(corpus="", out="")
+from .common import (CONTEXT, GROUP_QUIET, NON_NEGATIVE, POSITIVE_INT, Group, check_corpus_arg, fail, lock_wait,
+                     quiet_option, refuse_dir, version_option, wait_for_lock_option)
+from .options import config_from_command, config_options
 
 
 def _quiet_library_warnings(quiet: bool = False) -> None:
@@ -40,90 +35,14 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--corpus", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Corpus root in the MSP-Podcast layout (Audios/, Labels/).")
+@click.option("--corpus", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Corpus root in the MSP-Podcast layout (Audios/, Labels/); required, unless --config names one.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Model directory to write (upstream/, head.pt, conilium_model.json; also a run directory: "
                    "config.json, metrics.json, predictions/<Split>.csv, tuned/).")
-@click.option("--upstream", default=_D.upstream, show_default=True,
-              help="Registry name (wavlm-large, wav2vec2-large-robust, wav2vec2-base, hubert-large, demo-*), "
-                   "a Hugging Face model id or a local model directory.")
-@click.option("--random-init", is_flag=True,
-              help="The --upstream architecture with seeded random weights, no download (timing, tests, demo-*).")
-@click.option("--random-init-seed", type=SEED, default=_D.random_init_seed, show_default=True,
-              help="Seed of the random weights (use the one the cache was extracted with, for --init-head).")
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --upstream.")
-@click.option("--loss", type=click.Choice(list(LOSS_PROPERTIES)), default=_D.loss, show_default=True,
-              help="wbce (the paper's best), wce, bce, kld or focal.")
-@click.option("--labels", type=click.Choice(["hard", "P", "S", "P*", "S*"]), default=_D.labels, show_default=True,
-              help="Training targets: S (share of primary + secondary labels, the paper's best), P, hard, P*, S*.")
-@click.option("--sampler", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
-              help="balanced: draw clips with weight 1/f(class), with replacement (class weights then off).")
-@click.option("--lr", type=POSITIVE, default=_D.lr, show_default=True, help="AdamW learning rate.")
-@click.option("--weight-decay", type=NON_NEGATIVE, default=_D.weight_decay, show_default=True)
-@click.option("--batch-size", type=POSITIVE_INT, default=_D.batch_size, show_default=True,
-              help="Clips per optimiser step, over all processes and accumulation steps.")
-@click.option("--grad-accum", type=POSITIVE_INT, default=_D.grad_accum, show_default=True,
-              help="Split each process's share of a batch into this many forward/backward passes (less memory).")
-@click.option("--epochs", type=POSITIVE_INT, default=_D.epochs, show_default=True,
-              help="Maximum epochs; the best epoch by development macro-F1 is kept.")
-@click.option("--patience", type=POSITIVE_INT, default=None,
-              help="Stop after this many epochs without improvement.")
-@click.option("--seed", type=SEED, default=_D.seed, show_default=True)
-@click.option("--max-seconds", type=POSITIVE, default=None,
-              help=f"Truncate every clip to this many seconds  [default: {DEFAULT_MAX_SECONDS:g}; "
-                   f"{BASELINE_MAX_SECONDS:g} with --baseline-ckpt, the challenge baseline's]")
-@click.option("--normalize", type=click.Choice(("auto",) + NORMALIZE_MODES), default=_D.normalize,
-              show_default=True,
-              help="Waveform normalisation: global (mean/std over the Train audio, kept in the model), "
-                   "utterance, none; auto = global, or none for a Whisper encoder.")
-@click.option("--whisper-input", type=click.Choice(WHISPER_INPUTS), default=None,
-              help="A Whisper encoder's input: 30s (its own window; the default) or clip (cut to the clip, "
-                   "positional embeddings sliced). Whisper only; with --init-head, the head's cache decides.")
-@click.option("--rescale-loud", is_flag=True,
-              help="Divide float audio stored at integer scale (samples far beyond [-1, 1], e.g. int16 values) "
-                   "back to [-1, 1] instead of stopping at such a file; kept in the model for predict.")
-@click.option("--dropout", type=DROPOUT, default=_D.dropout, show_default=True, help="Head dropout.")
-@click.option("--hidden", type=POSITIVE_INT, default=_D.hidden, show_default=True, help="Classifier hidden width.")
-@click.option("--upstream-dropout", type=DROPOUT, default=None,
-              help="Replace the upstream's dropout probabilities (default: the pretrained model's).")
-@click.option("--layerdrop", type=DROPOUT, default=None, help="Replace the upstream's LayerDrop probability.")
-@click.option("--mask-time-prob", type=DROPOUT, default=None,
-              help="SpecAugment time-mask probability in the upstream (0 turns it off; default: the model's).")
-@click.option("--augment-noise", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder of noise recordings (e.g. MUSAN noise): mix one into a fraction of training clips.")
-@click.option("--augment-fraction", type=FRACTION, default=_D.augment_fraction, show_default=True,
-              help="Share of training clips that get noise, drawn anew each epoch.")
-@click.option("--snr-db", default="5:20", show_default=True, help="SNR range LOW:HIGH (dB) of the added noise.")
-@click.option("--init-head", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Start from the head of a train-head run on this upstream's frozen cache (its layer choice, "
-                   "truncation and normalisation are used).")
-@click.option("--baseline-ckpt", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Start from the challenge baseline's final_ssl.pt, final_pool.pt, final_ser.pt in this folder.")
-@click.option("--lora-rank", type=POSITIVE_INT, default=None,
-              help="Train LoRA adapters of this rank (and the head) instead of the upstream, which stays frozen; "
-                   "the model directory keeps the base upstream/ and the adapter/.")
-@click.option("--lora-alpha", type=POSITIVE, default=None,
-              help="LoRA scale numerator: adapters are scaled by alpha / rank  [default: 2 x --lora-rank]")
-@click.option("--lora-dropout", type=DROPOUT, default=None, help="Dropout on the adapters' input  [default: 0]")
-@click.option("--lora-layers", default=None, metavar="SPEC",
-              help="Transformer layers (from 0) that get adapters, e.g. 0-11 or 8,9,10,11  [default: all]")
-@click.option("--lora-modules", default=None, metavar="LIST",
-              help="Linear layers of each transformer layer that get adapters: q, k, v, o (attention), fc1, fc2 "
-                   "(feed-forward) or a module path inside the layer  [default: q,k,v,o]")
-@click.option("--max-train-clips", type=POSITIVE_INT, default=None,
-              help="Use only the first N training clips (quick trials).")
+@config_options(FinetuneConfig)
+@click.option("--snr-db", default=None, show_default="5:20", help="SNR range LOW:HIGH (dB) of the added noise.")
 @click.option("--no-thresholds", is_flag=True, help="Do not tune decision offsets on the development set.")
-@click.option("--skip-bad", is_flag=True, help="Leave out (and list) clips whose audio is missing or unreadable.")
-@click.option("--device", default=_D.device, show_default=True, help="auto, cpu or cuda.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=_D.precision, show_default=True,
-              help="auto: bf16 autocast on CUDA, float32 on CPU.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute transformer activations (less memory).")
-@click.option("--num-workers", type=NON_NEGATIVE_INT, default=_D.num_workers, show_default=True,
-              help="DataLoader processes decoding audio.")
-@click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads per process.")
-@click.option("--keep-checkpoints", is_flag=True,
-              help="Keep checkpoints/ (last and best epoch) after training, to continue later with --resume.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run in --out from its last completed epoch (from the start when no "
                    "epoch was completed, so scripts may always pass it).")
@@ -131,13 +50,7 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
 @wait_for_lock_option("the model directory")
 @quiet_option("No progress bars.")
 @version_option
-def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revision, loss, labels, sampler, lr,
-                      weight_decay, batch_size, grad_accum, epochs, patience, seed, max_seconds, normalize,
-                      whisper_input, rescale_loud, dropout, hidden, upstream_dropout, layerdrop, mask_time_prob, augment_noise,
-                      augment_fraction, snr_db, init_head, baseline_ckpt, lora_rank, lora_alpha, lora_dropout,
-                      lora_layers, lora_modules, max_train_clips, no_thresholds, skip_bad,
-                      device, precision, gradient_checkpointing, num_workers, threads, keep_checkpoints, resume,
-                      overwrite, wait_for_lock, quiet):
+def finetune_best_cmd(corpus, out, snr_db, no_thresholds, resume, overwrite, wait_for_lock, quiet, **options):
     """Fine-tune an upstream and an attentive head end to end on a corpus (the paper's best system).
 
     \b
@@ -161,31 +74,20 @@ def finetune_best_cmd(corpus, out, upstream, random_init, random_init_seed, revi
     from conilium.audio import parse_snr
     from conilium.finetune.train import finetune  # torch, transformers: only when run
 
-    check_corpus_arg(corpus)
+    if corpus is not None:
+        check_corpus_arg(corpus)
     refuse_dir(out, "a finetune-best model directory", "choose a new or empty directory for --out (models/<name>, "
                "say)", accept=("model", "model-unfinished", "finetune-run", "finetune-run-unfinished", "empty"))
-    if init_head is not None:
-        refuse_dir(init_head, "a train-head run directory", "pass a directory train-head wrote to --init-head",
-                   accept=("run",))
     _quiet_library_warnings(quiet)
     try:
-        config = FinetuneConfig(
-            corpus=str(corpus), out=str(out), upstream=upstream, random_init=random_init,
-            random_init_seed=random_init_seed, revision=revision, loss=loss, labels=labels,
-            sampler=None if sampler == "none" else sampler, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-            grad_accum=grad_accum, epochs=epochs, patience=patience, seed=seed, max_seconds=max_seconds,
-            normalize=normalize, rescale_loud=rescale_loud, dropout=dropout, hidden=hidden,
-            upstream_dropout=upstream_dropout,
-            layerdrop=layerdrop, mask_time_prob=mask_time_prob,
-            augment_noise=None if augment_noise is None else str(augment_noise),
-            augment_fraction=augment_fraction, snr_db=parse_snr(snr_db),
-            init_head=None if init_head is None else str(init_head),
-            baseline_ckpt=None if baseline_ckpt is None else str(baseline_ckpt),
-            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_layers=lora_layers,
-            lora_modules=lora_modules, whisper_input=whisper_input, max_train_clips=max_train_clips, tune_thresholds=not no_thresholds, skip_bad=skip_bad,
-            precision=precision, gradient_checkpointing=gradient_checkpointing, device=device,
-            num_workers=num_workers, keep_checkpoints=keep_checkpoints, threads=threads)
-        if baseline_ckpt is not None and max_seconds is None and not quiet:
+        config = config_from_command(
+            FinetuneConfig, options, required=("corpus",), ignore_file_keys=RECORDED_KEYS,
+            given={"corpus": corpus, "out": out, "snr_db": None if snr_db is None else parse_snr(snr_db),
+                   "tune_thresholds": False if no_thresholds else None})
+        if config.init_head is not None:
+            refuse_dir(config.init_head, "a train-head run directory", "pass a directory train-head wrote to "
+                       "--init-head", accept=("run",))
+        if config.baseline_ckpt is not None and options.get("max_seconds") is None and not quiet:
             click.echo(f"--baseline-ckpt: clips truncated at {config.max_seconds:g} s, as the challenge baseline "
                        f"was trained (--max-seconds to change it)", err=True)
         metrics = finetune(config, resume=resume, overwrite=overwrite, progress=not quiet,

@@ -9,88 +9,24 @@ from pathlib import Path
 import click
 
 from conilium.errors import ConiliumError
-from conilium.heads.config import BACKENDS, TASKS, TrainConfig, presets
-from conilium.training.config import LOSS_PROPERTIES
+from conilium.heads.config import BACKENDS, TrainConfig, presets
 
-from .common import (CONTEXT, DROPOUT, GROUP_QUIET, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED,
-                     Group, Number, fail, lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)
-
-_DEFAULTS = TrainConfig(cache="")
+from .common import (CONTEXT, GROUP_QUIET, POSITIVE_INT, Group, fail, lock_wait, quiet_option, refuse_dir,
+                     version_option, wait_for_lock_option)
+from .options import config_from_command, config_options, parse_sets
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--cache", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Feature cache directory written by extract-features.")
+@click.option("--cache", "cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Feature cache directory written by extract-features (required, unless --config names one).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory to write (config.json, model.pt, metrics.json, predictions/<Split>.csv).")
-@click.option("--loss", type=click.Choice(list(LOSS_PROPERTIES)), default=_DEFAULTS.loss, show_default=True,
-              help="wce: weighted cross-entropy (hard labels only); bce/wbce: (weighted) binary cross-entropy; "
-                   "kld: Kullback-Leibler divergence; focal: class-weighted focal loss.")
-@click.option("--labels", type=click.Choice(["hard", "P", "S", "P*", "S*"]), default=_DEFAULTS.labels,
-              show_default=True,
-              help="Training targets: hard (consensus one-hot), P (share of primaries), S (share of primary + "
-                   "secondary labels), P*/S* (P/S on high-agreement training clips only).")
-@click.option("--pooling", type=click.Choice(["attentive", "mean"]), default=_DEFAULTS.pooling, show_default=True,
-              help="Frame pooling: attentive statistics (challenge baseline) or plain mean.")
-@click.option("--layers", default="weighted", show_default=True,
-              help="'weighted' (learnable softmax mix of the stored layers) or one upstream layer number "
-                   "(0 = CNN output, -1 = last stored layer).")
-@click.option("--pooled-stats", is_flag=True,
-              help="Train on the cache's per-layer utterance mean+std instead of frames (fast layer probing; "
-                   "needs a cache extracted with --pooled-stats; --pooling is then unused).")
-@click.option("--sampler", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
-              help="balanced: draw each training clip with weight 1/f(its class), with replacement; the loss's "
-                   "class weights are then off.")
-@click.option("--lr", type=POSITIVE, default=_DEFAULTS.lr, show_default=True, help="AdamW learning rate.")
-@click.option("--weight-decay", type=NON_NEGATIVE, default=_DEFAULTS.weight_decay, show_default=True)
-@click.option("--batch-size", type=POSITIVE_INT, default=_DEFAULTS.batch_size, show_default=True)
-@click.option("--epochs", type=POSITIVE_INT, default=_DEFAULTS.epochs, show_default=True,
-              help="Maximum number of epochs; the best epoch by development macro-F1 is kept.")
-@click.option("--patience", type=POSITIVE_INT, default=None,
-              help="Stop after this many epochs without a better development macro-F1 (default: never).")
-@click.option("--seed", type=SEED, default=_DEFAULTS.seed, show_default=True,
-              help="Same seed, same cache, same options: the same metrics (on CPU).")
-@click.option("--p-threshold", type=Number(0, 1, open_min=True), default=_DEFAULTS.p_threshold, show_default=True,
-              help="--labels P*: keep training clips whose top primary share reaches this.")
-@click.option("--s-threshold", type=Number(0, 1, open_min=True), default=_DEFAULTS.s_threshold, show_default=True,
-              help="--labels S*: keep training clips whose top perceived-label share reaches this.")
-@click.option("--agreement-over", type=click.Choice(["all", "targets"]), default=_DEFAULTS.agreement_over,
-              show_default=True,
-              help="--labels P*/S*: the agreement share over all annotators' labels, Other included (all: the "
-                   "paper's wording), or over target-class labels only (targets).")
-@click.option("--task", type=click.Choice(list(TASKS)), default=_DEFAULTS.task, show_default=True,
-              help="categories: the eight classes (best epoch by development macro-F1); attributes: arousal, "
-                   "valence, dominance only, CCC loss, on every Train clip with attribute values, X and O included "
-                   "(best epoch by development mean CCC; --loss/--labels unused); joint: the categories loss + "
-                   "--attribute-weight x the CCC loss (best epoch by development macro-F1).")
-@click.option("--attribute-weight", type=NON_NEGATIVE, default=_DEFAULTS.attribute_weight, show_default=True,
-              help="--task joint: weight of the CCC loss (1 - mean CCC) added to the categories loss.")
-@click.option("--train-on-xo", is_flag=True,
-              help="Soft targets (--labels P, S, P*, S*): train on X (no agreement) and O (other) clips too, on "
-                   "their annotators' target-class labels; clips with none stay out; never scored.")
-@click.option("--hidden", type=POSITIVE_INT, default=_DEFAULTS.hidden, show_default=True,
-              help="Classifier hidden width.")
-@click.option("--dropout", type=DROPOUT, default=_DEFAULTS.dropout, show_default=True)
-@click.option("--train-split", default=_DEFAULTS.train_split, show_default=True)
-@click.option("--dev-split", default=_DEFAULTS.dev_split, show_default=True,
-              help="Split that selects the best epoch (all its scoreable clips are scored).")
-@click.option("--device", default=_DEFAULTS.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--num-workers", type=NON_NEGATIVE_INT, default=_DEFAULTS.num_workers, show_default=True,
-              help="DataLoader worker processes reading the shards when streaming (not preloaded); "
-                   "on a GPU, 4 workers about doubled the streaming rate in bench/bench_heads.py.")
-@click.option("--preload", type=click.Choice(["auto", "yes", "no"]), default=_DEFAULTS.preload, show_default=True,
-              help="Keep the selected Train/Development features in memory; auto: when they fit "
-                   "--preload-budget-gb, else stream them from the shards (bounded memory).")
-@click.option("--preload-budget-gb", type=NON_NEGATIVE, default=_DEFAULTS.preload_budget_gb, show_default=True)
-@click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice).")
+@config_options(TrainConfig)
 @click.option("--overwrite", is_flag=True, help="Replace a complete run already in --out.")
 @wait_for_lock_option("the run directory")
 @quiet_option("No progress bars.")
 @version_option
-def train_head_cmd(cache, out, loss, labels, pooling, layers, pooled_stats, sampler, lr, weight_decay, batch_size,
-                   epochs, patience, seed, p_threshold, s_threshold, agreement_over, task, attribute_weight,
-                   train_on_xo, hidden, dropout, train_split, dev_split, device, num_workers, preload,
-                   preload_budget_gb, threads, overwrite, wait_for_lock, quiet):
+def train_head_cmd(cache, out, overwrite, wait_for_lock, quiet, **options):
     """Train a pooling head on a feature cache and write a run directory.
 
     \b
@@ -99,26 +35,19 @@ def train_head_cmd(cache, out, loss, labels, pooling, layers, pooled_stats, samp
       train-head --cache cache/wavlm-large --task attributes --out runs/avd
       train-head --cache cache/wavlm-large --task joint --attribute-weight 0.5 --out runs/wbce-S-avd
       train-head --cache cache/wavlm-large --labels S --train-on-xo --out runs/wbce-S-xo
+      train-head --config runs/wbce-S/config.json --set seed=1 --out runs/wbce-S-seed1
 
     The best epoch is kept: by development macro-F1 (--task categories, joint) or by
     development mean CCC of arousal, valence and dominance (--task attributes).
     metrics.json holds its scores on every labelled split, predictions/<Split>.csv its
     class scores (and EmoAct, EmoVal, EmoDom on the 1-7 scale) on every split.
     """
-    from conilium.heads.data import parse_layers
     from conilium.heads.train import train_head  # torch, h5py: only when run
 
     refuse_dir(out, "a train-head run directory", "choose a new or empty directory for --out (runs/<name>, say)",
                accept=("run", "run-unfinished", "empty"))
     try:
-        config = TrainConfig(cache=str(cache), loss=loss, labels=labels, pooling=pooling, layers=parse_layers(layers),
-                             pooled_stats=pooled_stats, sampler=None if sampler == "none" else sampler, lr=lr,
-                             weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, patience=patience,
-                             seed=seed, p_threshold=p_threshold, s_threshold=s_threshold,
-                             agreement_over=agreement_over, task=task, attribute_weight=attribute_weight,
-                             train_on_xo=train_on_xo, hidden=hidden,
-                             dropout=dropout, train_split=train_split, dev_split=dev_split, num_workers=num_workers,
-                             device=device, preload=preload, preload_budget_gb=preload_budget_gb, threads=threads)
+        config = config_from_command(TrainConfig, options, given={"cache": cache}, required=("cache",))
         m = train_head(config, out, overwrite=overwrite, progress=not quiet, wait_for_lock=lock_wait(wait_for_lock))
     except ConiliumError as e:
         fail(e)
@@ -141,19 +70,6 @@ def summary_line(m: dict, out) -> str:
         line += (f"; trained on {xo['added_X']} X and {xo['added_O']} O clip(s) too "
                  f"({xo['left_out_no_target_label']} left out: no target-class label)")
     return line + f"; run written to {out}"
-
-
-def _parse_set(values):
-    out = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        try:
-            out[key.strip().replace("-", "_")] = json.loads(value)
-        except ValueError:
-            out[key.strip().replace("-", "_")] = value
-    return out
 
 
 @click.command(context_settings=CONTEXT)
@@ -201,7 +117,7 @@ def train_grid_cmd(spec, preset, cache, out, sets, n_jobs, backend, address, thr
     try:
         if cache is not None:  # another kind of directory: one error now, not one per run of the grid
             check_cache_dir(cache)
-        runs = expand_spec(load_spec(spec, preset=preset), cache=cache, overrides=_parse_set(sets))
+        runs = expand_spec(load_spec(spec, preset=preset), cache=cache, overrides=parse_sets(sets))
         if dry_run:
             for name, config, _ in runs:
                 click.echo(f"{name}: {json.dumps(config.to_json())}")

@@ -416,7 +416,7 @@ def training_set_sizes(scored: Dict[str, List[Dict]]) -> List[Dict]:
 def _count_under(cfg: dict, kind: str, reading: str) -> Optional[int]:
     """Training clips of ``kind`` in the run's cache under another P*/S* reading."""
     try:
-        from conilium.cache.store import FeatureCache
+        from conilium.cache.reader import FeatureCache
         from conilium.targets import training_set
 
         cache = FeatureCache(cfg["cache"])

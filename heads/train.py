@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 import conilium
 from conilium import CLASSES
-from conilium.cache.store import FeatureCache
+from conilium.cache.reader import FeatureCache
 from conilium.errors import ConfigError, ConiliumError
 from conilium.locking import lock_directory
 from conilium.runtime import resolve_device

@@ -212,7 +212,7 @@ def whole_shards(cache_dir: Path, repeats: int) -> dict:
 
 
 def crc_speed(nbytes: int) -> dict:
-    from conilium.cache.store import CRC_IMPLEMENTATION, crc32
+    from conilium.cache.shards import CRC_IMPLEMENTATION, crc32
 
     data = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8).tobytes()
     out = {"implementation": CRC_IMPLEMENTATION}

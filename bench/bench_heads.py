@@ -156,7 +156,7 @@ def head_vs_e2e(work: Path, large: Path, corpus: Path, names, frames, *, repeats
     Every end-to-end step trains on the same ``batch`` corpus clips (``names``, with their
     lengths ``frames``): those nearest the mean length of the clips the head epoch trains on,
     so that the ratios differ by the machine's noise only, not by the clips drawn."""
-    from conilium.cache.store import FeatureCache
+    from conilium.cache.reader import FeatureCache
     from conilium.heads.train import TrainConfig, prepare, train_head
 
     config = TrainConfig(cache=str(large), loss="wbce", labels="hard", epochs=2, device=device, preload="auto",
@@ -196,7 +196,7 @@ def _drop_cache(paths):
 
 
 def read_throughput(cache_dir: Path) -> dict:
-    from conilium.cache.store import FeatureCache
+    from conilium.cache.reader import FeatureCache
 
     cache = FeatureCache(cache_dir)
     shards = [cache.path / s["file"] for s in cache.manifest["shards"]]
@@ -420,7 +420,7 @@ def main(argv=None):
 
     import torch
 
-    from conilium.cache.store import FeatureCache
+    from conilium.cache.reader import FeatureCache
     from conilium.heads.data import write_synthetic_cache
 
     tmp = None

@@ -2,7 +2,7 @@
 
 Format 1 stored one HDF5 dataset per clip (``frames/<clip>``, chunked one layer per chunk,
 and ``pooled/<clip>``); format 2 stores each layer's frames contiguously with a per-clip
-index and CRC-32s (:mod:`conilium.cache.store`). :func:`upgrade_cache` rewrites every
+index and CRC-32s (:mod:`conilium.cache.shards`). :func:`upgrade_cache` rewrites every
 shard through the :class:`~conilium.cache.writer.CacheWriter` (the same bytes a fresh
 extraction would write), then the sidecars, extraction.json, clips.json and, last, the
 manifest. It reads every shard once and needs free space for one shard at a time. An
@@ -21,7 +21,10 @@ from tqdm import tqdm
 from conilium.errors import CacheError
 from conilium.util import read_json, write_json
 
-from .store import FORMAT_VERSION, MANIFEST, file_sha256, load_manifest, read_clips
+from conilium.dirs import CacheDir, file_sha256
+
+from .reader import load_manifest, read_clips
+from .shards import FORMAT_VERSION
 from .writer import MANIFEST_FIELDS, SETTINGS, CacheWriter
 
 
@@ -50,7 +53,7 @@ def upgrade_cache(path, *, verbose: bool = False) -> dict:
     checksum) is a :class:`CacheError`: rebuild it with extract-features --overwrite.
     """
     path = Path(path)
-    mpath = path / MANIFEST
+    mpath = CacheDir(path).manifest_path
     if not mpath.is_file():
         load_manifest(path)  # says what the directory is, or that the cache is incomplete
     try:

@@ -35,13 +35,16 @@ from conilium.errors import CacheError
 from conilium.locking import LOCK_FILE
 from conilium.util import check_writable, read_json, write_json
 
-from .store import CLIPS, FORMAT_VERSION, MANIFEST, MANIFEST_CHECKSUM, SHARD_DIR, file_sha256, manifest_checksum, \
-    manifest_problem, shard_name, write_clips, write_manifest, write_shard
+from conilium.dirs import MANIFEST_CHECKSUM, CacheDir, Manifest, file_sha256
 
+from .shards import FORMAT_VERSION, SHARD_DIR, shard_name, write_shard
+
+MANIFEST = CacheDir.MANIFEST
+CLIPS = CacheDir.CLIPS
 #: The settings file written when a cache is begun (the manifest is written when it is finished).
-SETTINGS = "extraction.json"
+SETTINGS = CacheDir.SETTINGS
 #: Where weights made for the cache (random-init upstreams) are saved, inside the cache directory.
-UPSTREAM_DIR = "upstream"
+UPSTREAM_DIR = CacheDir.UPSTREAM
 #: The settings every cache records, in this order after ``"format"``: in extraction.json
 #: and at the head of manifest.json.
 SETTINGS_FIELDS = ("upstream", "layers", "layers_spec", "num_hidden_states", "dim", "dtype", "compute_dtype",
@@ -82,11 +85,6 @@ def settings_key(settings: Mapping) -> str:
     return h.hexdigest()
 
 
-def is_cache_dir(path) -> bool:
-    path = Path(path)
-    return (path / MANIFEST).exists() or (path / SETTINGS).exists() or (path / SHARD_DIR).is_dir()
-
-
 def projected_bytes(num_frames: int, n_clips: int, n_layers: int, dim: int, dtype: str, pooled_layers: int) -> int:
     """Bytes the shards of ``n_clips`` clips with ``num_frames`` frames in all will take."""
     per_value = 2 if dtype == "float16" else 4
@@ -123,6 +121,7 @@ class CacheWriter:
 
     def __init__(self, out):
         self.out = Path(out)
+        self.dir = CacheDir(out)
         self.settings: Optional[dict] = None
         self.key: Optional[str] = None
         #: sidecar records of the shards written through this writer, by shard index
@@ -155,7 +154,7 @@ class CacheWriter:
         if out.exists() and not out.is_dir():
             raise CacheError(f"--out {out}: exists and is not a directory")
         content = [c for c in out.iterdir() if not c.name.startswith(LOCK_FILE)] if out.is_dir() else []
-        if content and not is_cache_dir(out) and not (out / UPSTREAM_DIR).is_dir():
+        if content and not self.dir.is_begun() and not self.dir.upstream_dir.is_dir():
             raise CacheError(f"--out {out}: directory is not empty and is not a feature cache; "
                              f"choose a new or empty directory")
         check_writable(out, what="cache directory")  # read-only, no permission, full: an OutputError naming it
@@ -215,7 +214,7 @@ class CacheWriter:
                     continue  # damaged: rewritten when the cache is finished
                 raise CacheError(f"{path}: unreadable (corrupt); pass --overwrite to rebuild the cache") from None
             if (path.name == MANIFEST and existing.get("format") == FORMAT_VERSION
-                    and existing.get(MANIFEST_CHECKSUM) != manifest_checksum(existing)):
+                    and existing.get(MANIFEST_CHECKSUM) != Manifest(existing).checksum()):
                 continue  # edited or damaged: its settings are not to be trusted
             diffs = compare_settings(existing, requested)
             if diffs:
@@ -250,7 +249,7 @@ class CacheWriter:
             return f"{MANIFEST} unreadable ({e})"
         if not isinstance(manifest, dict):
             return f"{MANIFEST} is not a JSON object"
-        why = manifest_problem(manifest)
+        why = Manifest(manifest).problem()
         if why is not None:
             return f"{MANIFEST}: {why}"
         if not cpath.is_file():
@@ -285,7 +284,7 @@ class CacheWriter:
 
     # ---- shards ----------------------------------------------------------------------
     def sidecar_path(self, index: int) -> Path:
-        return self.out / shard_name(index).replace(".h5", ".json")
+        return self.dir.sidecar_path(index)
 
     def valid_shard(self, index: int, names: Iterable[str], *, check_hash: bool = True) -> Optional[dict]:
         """The sidecar record of shard ``index`` if the shard is complete, holds (or skipped)
@@ -353,7 +352,8 @@ class CacheWriter:
                                  f"the cache has {len(shards)} shard(s)")
         self._finishing = True
         (self.out / MANIFEST).unlink(missing_ok=True)  # never a manifest beside another clips.json
-        write_clips(self._start(self.out / CLIPS).parent, records)
+        self._start(self.dir.clips_path)
+        self.dir.write_clips(records)
         manifest = {k: v for k, v in self.settings.items() if k not in SETTINGS_ONLY}
         manifest.update({
             "format": FORMAT_VERSION,
@@ -363,8 +363,13 @@ class CacheWriter:
             "shards": list(shards),
             "complete": True,
         })
-        manifest.pop(MANIFEST_CHECKSUM, None)
-        manifest[MANIFEST_CHECKSUM] = manifest_checksum(manifest)
-        write_manifest(self._start(self.out / MANIFEST).parent, manifest)
+        manifest = Manifest(manifest).sealed()
+        self._start(self.dir.manifest_path)
+        write_manifest(self.out, manifest)
         self._finishing = False
         return manifest
+
+
+def write_manifest(path, manifest: Manifest) -> None:
+    """Write the manifest of the cache directory ``path`` (the last file of a finished cache)."""
+    CacheDir(path).write_manifest(manifest)

@@ -38,21 +38,17 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import CLASSES
-from .errors import ConiliumError
+from .dirs import RunDir, RunError  # noqa: F401 (RunError re-exported)
 from .metrics import score, score_attributes
-from .util import atomic_path, read_json, write_json
+from .util import atomic_path
 
 #: Attribute columns of a predictions CSV: predictions, then references.
 ATTRIBUTE_COLUMNS = ("EmoAct", "EmoVal", "EmoDom")
 ATTRIBUTE_REF_COLUMNS = tuple(f"Ref_{c}" for c in ATTRIBUTE_COLUMNS)
 
-PRED_DIR = "predictions"
-METRICS = "metrics.json"
-CONFIG = "config.json"
-
-
-class RunError(ConiliumError):
-    """A run directory or predictions file is missing or malformed."""
+PRED_DIR = RunDir.PREDICTIONS
+METRICS = RunDir.METRICS
+CONFIG = RunDir.CONFIG
 
 
 @dataclass
@@ -163,25 +159,16 @@ def read_predictions(path) -> Predictions:
 
 
 def prediction_path(run_dir, split: str) -> Path:
-    return Path(run_dir) / PRED_DIR / f"{split}.csv"
+    return RunDir(run_dir).prediction_path(split)
 
 
 def run_splits(run_dir) -> List[str]:
-    d = Path(run_dir) / PRED_DIR
-    return sorted(p.stem for p in d.glob("*.csv")) if d.is_dir() else []
+    return RunDir(run_dir).splits()
 
 
 def load_run_config(run_dir) -> Dict:
-    p = Path(run_dir) / CONFIG
-    if not p.is_file():
-        raise RunError(f"{run_dir}: not a run directory (no config.json)")
-    try:
-        config = read_json(p)
-    except ValueError as e:
-        raise RunError(f"{p}: damaged run configuration ({e}); rerun the command that wrote {run_dir}") from None
-    if not isinstance(config, dict):
-        raise RunError(f"{p}: damaged run configuration (not a JSON object)")
-    return config
+    """The run's ``config.json`` (:meth:`conilium.dirs.RunDir.config`)."""
+    return RunDir(run_dir).config()
 
 
 # --------------------------------------------------------------------------- writing a run
@@ -244,12 +231,12 @@ def write_run_outputs(out_dir, split_predictions: Mapping[str, Tuple[Sequence[st
         metrics["attributes"] = attr_splits
     if extra:
         metrics.update(extra)
-    write_json(out_dir / METRICS, metrics)
+    RunDir(out_dir).write_metrics(metrics)
     return metrics
 
 
 def is_complete(run_dir) -> bool:
-    return (Path(run_dir) / METRICS).is_file()
+    return RunDir(run_dir).is_complete()
 
 
 # --------------------------------------------------------------------------- derived run directories
@@ -299,13 +286,6 @@ def derived_run_dir(out_dir, *, overwrite: bool = False, sources: Sequence = ())
 def has_references(preds: Predictions) -> bool:
     """True when at least one clip's reference is one of the run's classes."""
     return any(r in preds.classes for r in preds.reference if r)
-
-
-def score_predictions(preds: Predictions) -> Optional[Dict]:
-    """:func:`~conilium.evaluate.metrics.score` of a split, or None when it has no labelled clip."""
-    if not has_references(preds):
-        return None
-    return score(preds.reference, preds.prediction)
 
 
 def with_main_split(metrics: Dict, main: str = "Development") -> Dict:

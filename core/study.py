@@ -37,8 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from conilium.dirs import ModelDir, RunDir, StudyDir
 from conilium.errors import ConiliumError
-from conilium.util import read_json, write_json
+from conilium.util import write_json
 
 #: Table 1 rows (the paper's upstream names) → registry names, for real corpora and for the demo.
 REAL_UPSTREAMS = {"WavLM-large": "wavlm-large", "Wav2vec2-large": "wav2vec2-large-robust",
@@ -100,8 +101,9 @@ class Study:
     def __init__(self, config: StudyConfig):
         self.c = config
         self.out = Path(config.out).resolve()
+        self.results = StudyDir(self.out)
         self.cache_dir = Path(config.cache_dir).resolve() if config.cache_dir else self.out / "cache"
-        self.runs = self.out / "runs"
+        self.runs = self.results.runs
         self.bin = Path(sys.executable).parent
         self.upstreams = dict(config.upstreams) or (DEMO_UPSTREAMS if config.demo else REAL_UPSTREAMS)
         self.beyond = {} if config.paper_only else {
@@ -188,29 +190,28 @@ class Study:
 
     @staticmethod
     def dev_f1(run_dir: Path) -> float:
-        m = read_json(run_dir / "metrics.json")
-        return float(m["f1_macro"])
+        return float(RunDir(run_dir).metrics()["f1_macro"])
 
     def ensembles(self, members: Sequence[Path]) -> Dict[str, Path]:
         """Section 3.6: the members' mean probabilities, unweighted and weighted by each
         member's development macro-F1 (the paper reports both without saying its weights)."""
         ens = self.runs / "ensemble"
         self.run("ensemble the three best upstreams, WBCE(P) (section 3.6)",
-                 ["conilium-eval", "ensemble", *members, "--out", ens], skip_if=ens / "metrics.json")
+                 ["conilium-eval", "ensemble", *members, "--out", ens], skip_if=RunDir(ens).metrics_path)
         weighted = self.runs / "ensemble-weighted"
         weights = ",".join(f"{max(self.dev_f1(m), 1e-3):.4f}" for m in members)
         self.run("weighted ensemble of the same runs, weights = their development macro-F1 (section 3.6)",
                  ["conilium-eval", "ensemble", *members, "--weights", weights, "--out", weighted],
-                 skip_if=weighted / "metrics.json")
+                 skip_if=RunDir(weighted).metrics_path)
         return {"Ensemble": ens, "Ensemble (weighted)": weighted}
 
     def lora_model(self) -> Path:
-        return self.out / "models" / "finetuned-lora"
+        return self.results.models / "finetuned-lora"
 
     def frozen_then_finetuned(self, model: Path) -> Optional[Path]:
         """The design card's loop: features of the fine-tuned upstream (``extract-features
         --upstream MODEL_DIR``), then Table 2's heads on them; returns the grid's folder."""
-        if not (model / "conilium_model.json").is_file():
+        if not ModelDir(model).is_model():
             return None
         cache = self.cache_dir / f"finetuned-{self.upstreams['WavLM-large']}"
         self.extract(f"extract features of the fine-tuned upstream ({model.name})", model, cache, [],
@@ -223,7 +224,7 @@ class Study:
     def execute(self) -> Path:
         c = self.c
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "study.json", asdict(c))
+        self.results.write_settings(asdict(c))
         self.say(f"study on {'the demo corpus' if c.demo else self.corpus}; results in {self.out}")
 
         if c.demo:
@@ -275,7 +276,7 @@ class Study:
         best = self.runs / "table2" / "wbce-S"
         tuned = self.runs / "best-tuned"
         self.run("adjust decision thresholds of WBCE(S) (section 3.7)",
-                 ["conilium-eval", "tune-thresholds", best, tuned], skip_if=tuned / "metrics.json")
+                 ["conilium-eval", "tune-thresholds", best, tuned], skip_if=RunDir(tuned).metrics_path)
 
         ranked = sorted(self.upstreams, key=lambda lab: -self.dev_f1(t1 / f"{self.upstreams[lab]}-wce-hard"))
         top3 = ranked[:3]
@@ -286,7 +287,7 @@ class Study:
         self.run("Easy/Difficult analysis (section 4)",
                  ["conilium-eval", "easy-difficult", *members, "--out", ed], skip_if=ed / "easy_difficult.json")
 
-        model = self.out / "models" / "finetuned"
+        model = self.results.models / "finetuned"
         t2_finetuned = None
         if not c.skip_finetune:
             # Warm start from the best head of Table 2 (same upstream, same weights): the
@@ -302,12 +303,12 @@ class Study:
             if c.finetune_batch_size:
                 argv += ["--batch-size", c.finetune_batch_size]
             self.run("fine-tune the best configuration end to end (finetune-best)", argv,
-                     skip_if=model / "conilium_model.json")
+                     skip_if=ModelDir(model).marker_path)
             if not c.paper_only:  # the same recipe with LoRA adapters instead of the whole transformer
                 lora = self.lora_model()
                 self.run("the same fine-tuning with LoRA adapters (rank 8), beyond the paper",
                          [*argv[:argv.index("--out") + 1], lora, *argv[argv.index("--out") + 2:], "--lora-rank", 8],
-                         skip_if=lora / "conilium_model.json")
+                         skip_if=ModelDir(lora).marker_path)
             t2_finetuned = self.frozen_then_finetuned(model)
             test_split = self._unlabelled_split()
             if test_split:
@@ -323,10 +324,10 @@ class Study:
                      ["conilium-eval", "submission", tuned, "--split", test_split, "--out", sub], skip_if=sub)
 
         report_spec = self._report_spec(t1, tuned, ens, ed, model, t2_finetuned)
-        write_json(self.out / "report_spec.json", report_spec)
-        self.run("write the report", ["conilium-eval", "report", self.out / "report_spec.json", "--out", self.out])
-        report = self.out / "REPORT.md"
-        os.replace(self.out / "report.md", report)
+        self.results.write_spec(report_spec)
+        self.run("write the report", ["conilium-eval", "report", self.results.spec_path, "--out", self.out])
+        report = self.results.report_path
+        os.replace(self.results.markdown_path, report)
         with open(report, "a", encoding="utf-8") as f:
             f.write("\n## How these results were made\n\nEvery step of `run_all.sh`, in order "
                     "(reused steps were complete from an earlier run):\n\n```bash\n")
@@ -377,14 +378,14 @@ class Study:
         if t2_finetuned is not None:
             tables["table2_finetuned"] = {label: str(t2_finetuned / d) for label, d in TABLE2_ROWS.items()}
         noisy_run = t1 / f"{self.upstreams['Wav2vec2-base']}-noise-wce-hard"
-        if (noisy_run / "metrics.json").is_file():
+        if RunDir(noisy_run).is_complete():
             tables["table1"]["Wav2vec2-base + noise"] = str(noisy_run)
         for label, name in self.beyond.items():  # not among the paper's upstreams: no paper number, no finding
             tables["table1"][f"{label} (beyond the paper)"] = str(t1 / f"{name}-wce-hard")
-        if (model / "tuned" / "metrics.json").is_file():
+        if RunDir(model / "tuned").is_complete():
             tables["table4"]["finetune-best, end to end, thresholds adjusted (Development)"] = str(model / "tuned")
         lora = self.lora_model()
-        if not self.c.paper_only and (lora / "tuned" / "metrics.json").is_file():
+        if not self.c.paper_only and RunDir(lora / "tuned").is_complete():
             tables["table4"]["finetune-best with LoRA rank 8 (beyond the paper), thresholds adjusted "
                              "(Development)"] = str(lora / "tuned")
         labelled_tests = [s for s, lab in self._labelled_splits().items() if lab and s not in ("Train", "Development")]

@@ -50,7 +50,7 @@ def load_clips(*, cache=None, corpus=None) -> Dict[str, Clip]:
     if (cache is None) == (corpus is None):
         raise ConfigError("give exactly one of a cache directory or a corpus directory for clip metadata")
     if cache is not None:
-        from conilium.cache.store import FeatureCache
+        from conilium.cache.reader import FeatureCache
 
         return dict(FeatureCache(cache).clips)
     from conilium.corpus import load_corpus

@@ -19,10 +19,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from conilium.util import write_json
+from conilium.dirs import RunDir
 
 from conilium.metrics import score
-from conilium.runs import (Predictions, RunError, check_run, derived_run_dir, has_references, load_run_config,
+from conilium.runs import (Predictions, RunError, check_run, derived_run_dir, has_references,
                            prediction_path, read_run, with_main_split, write_predictions)
 
 from .options import METHODS
@@ -148,15 +148,16 @@ def ensemble_runs(run_dirs: Sequence, out_dir, *, method: str = "mean",
                 for r, p in aligned.items():
                     s = score(p.reference, p.prediction)
                     metrics["members"][r][split] = {"f1_macro": s["f1_macro"], "f1_micro": s["f1_micro"]}
-        member_configs = [load_run_config(r) for r in run_dirs]
+        member_configs = [RunDir(r).config() for r in run_dirs]
         config = {"kind": "ensemble", "method": method, "weights": w.tolist(),
                   "members": [str(r.resolve()) for r in run_dirs], "splits": wanted,
                   "member_configs": member_configs}
         caches = {c.get("cache") for c in member_configs if isinstance(c, dict)}
         if len(caches) == 1 and None not in caches:
             config["cache"] = caches.pop()
-        write_json(tmp / "config.json", config)
-        write_json(tmp / "metrics.json", with_main_split(metrics))
+        run = RunDir(tmp)
+        run.write_config(config)
+        run.write_metrics(with_main_split(metrics))
     return metrics
 
 

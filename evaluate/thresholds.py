@@ -28,17 +28,18 @@ from sklearn.model_selection import StratifiedKFold
 
 from conilium import CLASSES
 from conilium.errors import ConfigError
+from conilium.dirs import RunDir
 from conilium.util import write_json
 
 from conilium.metrics import score
-from conilium.runs import (RunError, derived_run_dir, has_references, load_run_config, prediction_path,
+from conilium.runs import (RunError, derived_run_dir, has_references, prediction_path,
                            read_run, with_main_split, write_predictions)
 
 from .options import DEFAULT_ROUNDS
 
 #: Offsets tried for each class: -0.5 to 0.5 in steps of 0.01.
 DEFAULT_GRID = tuple(float(x) for x in np.round(np.linspace(-0.5, 0.5, 101), 4))
-THRESHOLDS_FILE = "thresholds.json"
+THRESHOLDS_FILE = RunDir.THRESHOLDS
 
 
 # --------------------------------------------------------------------------- core math
@@ -242,7 +243,7 @@ def tune_run(run_dir, out_dir, *, tune_split: str = "Development", k: int = 5, s
     offsets = fit_offsets(dev.probs, dev.reference, classes, grid=grid, rounds=rounds)
     cv = cross_validated_f1(dev.probs, dev.reference, k, seed, classes=classes, grid=grid,
                             rounds=rounds) if k and k >= 2 else None
-    source_config = load_run_config(run_dir)
+    source_config = RunDir(run_dir).config()
     offsets_by_class = {c: float(o) for c, o in zip(classes, offsets)}
     metrics: Dict = {"kind": "thresholds", "tune_split": tune_split, "offsets": offsets_by_class,
                      "splits": {}, "untuned": {}, "cross_validation": cv}
@@ -268,11 +269,12 @@ def tune_run(run_dir, out_dir, *, tune_split: str = "Development", k: int = 5, s
         }
         if isinstance(source_config, dict) and "cache" in source_config:
             config["cache"] = source_config["cache"]
-        write_json(tmp / "config.json", config)
-        write_json(tmp / THRESHOLDS_FILE, {
+        run = RunDir(tmp)
+        run.write_config(config)
+        write_json(run.thresholds_path, {
             "classes": list(classes), "offsets": offsets_by_class, "tune_split": tune_split,
             "f1_macro_before": before, "f1_macro_after": after,
             "f1_macro_cross_validated": cv["f1_macro_pooled"] if cv else None,
         })
-        write_json(tmp / "metrics.json", with_main_split(metrics, tune_split))
+        run.write_metrics(with_main_split(metrics, tune_split))
     return metrics

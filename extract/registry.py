@@ -89,4 +89,4 @@ UPSTREAMS: Dict[str, UpstreamSpec] = {
 WHISPER_INPUTS = ("30s", "clip")
 
 #: Marker file of a model directory written by finetune-best; its upstream is in ``upstream/``.
-FINETUNED_MARKER = "conilium_model.json"
+from conilium.dirs import MODEL_MARKER as FINETUNED_MARKER  # noqa: E402

@@ -11,7 +11,8 @@ from typing import Dict, List
 import numpy as np
 from tqdm import tqdm
 
-from conilium.cache.store import CLIPS, RUN_BYTES, ShardIndex, crc32, file_sha256, load_manifest, read_shard_index
+from conilium.cache.reader import CLIPS, load_manifest
+from conilium.cache.shards import RUN_BYTES, ShardIndex, crc32, file_sha256, read_shard_index
 from conilium.errors import CacheError
 from conilium.util import read_json
 
@@ -30,7 +31,7 @@ class VerifyReport:
 
 def damaged_clips(index: ShardIndex) -> List[str]:
     """The clips of a shard whose frames or pooled statistics fail their CRC-32 check (each layer
-    read in blocks of up to :data:`~conilium.cache.store.RUN_BYTES`)."""
+    read in blocks of up to :data:`~conilium.cache.shards.RUN_BYTES`)."""
     bad: List[str] = []
     n = len(index.names)
     with open(index.path, "rb", buffering=0) as f:

@@ -28,22 +28,22 @@ from torch import nn
 import conilium
 from conilium import CLASSES, SAMPLE_RATE
 from conilium.errors import ConfigError
+from conilium.dirs import ModelDir
 from conilium.extract.encoder import UpstreamEncoder
-from conilium.extract.lora import ADAPTER_DIR as LORA_ADAPTER_DIR
 from conilium.extract.lora import has_adapters
-from conilium.extract.upstreams import FINETUNED_MARKER, load_upstream
+from conilium.extract.upstreams import load_upstream
 from conilium.training.losses import activation
 from conilium.heads.model import EmotionHead, HeadConfig
-from conilium.util import atomic_path, output_errors, read_json, write_json
+from conilium.util import atomic_path, output_errors
 
 from .config import FinetuneConfig
 
-MODEL_FILE = FINETUNED_MARKER  # conilium_model.json: written last, marks a complete model directory
-HEAD_FILE = "head.pt"
-UPSTREAM_DIR = "upstream"
-ADAPTER_DIR = LORA_ADAPTER_DIR  # adapter/: a LoRA model's adapter (peft's save format)
-MODEL_FORMAT = 1
-LORA_MODEL_FORMAT = 2  # a model directory with a LoRA adapter/ beside upstream/
+MODEL_FILE = ModelDir.MARKER  # conilium_model.json: written last, marks a complete model directory
+HEAD_FILE = ModelDir.HEAD
+UPSTREAM_DIR = ModelDir.UPSTREAM
+ADAPTER_DIR = ModelDir.ADAPTER  # adapter/: a LoRA model's adapter (peft's save format)
+MODEL_FORMAT = ModelDir.FORMAT
+LORA_MODEL_FORMAT = ModelDir.LORA_FORMAT  # a model directory with a LoRA adapter/ beside upstream/
 
 
 class EndToEndModel(nn.Module):
@@ -143,13 +143,14 @@ def save_model_dir(out, model: EndToEndModel, info: Mapping) -> Path:
     from conilium.extract.lora import base_state_dict, save_adapter
 
     out = Path(out)
+    model_dir = ModelDir(out)
     lora = info.get("lora")
     if bool(lora) != has_adapters(model.upstream):
         raise ConfigError("save_model_dir: info['lora'] must describe the upstream's LoRA adapters exactly when it "
                           "carries some")
     with output_errors(out):
         out.mkdir(parents=True, exist_ok=True)
-        (out / MODEL_FILE).unlink(missing_ok=True)
+        model_dir.marker_path.unlink(missing_ok=True)
     if lora:
         _replace_dir(out, UPSTREAM_DIR,
                      lambda tmp: model.upstream.save_pretrained(tmp, state_dict=base_state_dict(model.upstream)))
@@ -165,7 +166,7 @@ def save_model_dir(out, model: EndToEndModel, info: Mapping) -> Path:
         "labels": info.get("labels"),
         "layers": list(model.layers),
     }
-    with atomic_path(out / HEAD_FILE, suffix=".pt.tmp") as t:
+    with atomic_path(model_dir.head_path, suffix=".pt.tmp") as t:
         torch.save(head_ckpt, t)
     meta = {k: v for k, v in info.items() if k != "lora"}
     meta.update({
@@ -182,7 +183,7 @@ def save_model_dir(out, model: EndToEndModel, info: Mapping) -> Path:
         meta["whisper_input"] = model.encoder.whisper_input
     if lora:
         meta["lora"] = dict(lora, adapter=ADAPTER_DIR, base=UPSTREAM_DIR, merged_on_load=True)
-    write_json(out / MODEL_FILE, meta)
+    model_dir.write_info(meta)
     return out
 
 
@@ -205,23 +206,9 @@ def _replace_dir(out: Path, name: str, write) -> None:
 
 
 def read_model_info(model_dir) -> dict:
-    """``conilium_model.json`` of a model directory, with a clear error when it is not one."""
-    model_dir = Path(model_dir)
-    path = model_dir / MODEL_FILE
-    if not path.is_file():
-        raise ConfigError(f"{model_dir}: not a finetune-best model directory (no {MODEL_FILE}); "
-                          f"train one with finetune-best")
-    try:
-        info = read_json(path)
-    except ValueError as e:
-        raise ConfigError(f"{path}: corrupt model description ({e})") from None
-    for key in ("classes", "max_seconds", "normalize", "loss", "head_config", "layers"):
-        if key not in info:
-            raise ConfigError(f"{path}: missing field {key!r}")
-    if int(info.get("format", MODEL_FORMAT)) > LORA_MODEL_FORMAT:
-        raise ConfigError(f"{path}: model format {info.get('format')} is newer than this conilium reads "
-                          f"(up to {LORA_MODEL_FORMAT}); update conilium")
-    return info
+    """``conilium_model.json`` of a model directory, with a clear error when it is not one
+    (:meth:`conilium.dirs.ModelDir.info`)."""
+    return ModelDir(model_dir).info()
 
 
 def load_model_dir(model_dir, *, device="cpu") -> Tuple[EndToEndModel, dict]:
@@ -231,7 +218,7 @@ def load_model_dir(model_dir, *, device="cpu") -> Tuple[EndToEndModel, dict]:
     model_dir = Path(model_dir)
     info = read_model_info(model_dir)
     upstream, _ = load_upstream(str(model_dir))
-    hpath = model_dir / HEAD_FILE
+    hpath = ModelDir(model_dir).head_path
     if not hpath.is_file():
         raise ConfigError(f"{model_dir}: {HEAD_FILE} missing")
     ckpt = torch.load(hpath, map_location="cpu", weights_only=True)
@@ -254,18 +241,17 @@ def set_decision_offsets(model_dir, offsets: Mapping[str, float], thresholds: Op
     macro-F1, the tuned run) goes into ``conilium_model.json`` and, when the directory is
     also a run, its ``metrics.json``. Each file is replaced atomically.
     """
-    model_dir = Path(model_dir)
-    info = read_model_info(model_dir)
+    model_dir = ModelDir(model_dir)
+    info = model_dir.info()
     classes = info["classes"]
     missing = [c for c in classes if c not in offsets]
     if missing:
-        raise ConfigError(f"decision offsets for {model_dir} lack class(es) {', '.join(missing)}")
+        raise ConfigError(f"decision offsets for {model_dir.path} lack class(es) {', '.join(missing)}")
     info["offsets"] = {c: float(offsets[c]) for c in classes}
     info["thresholds"] = None if thresholds is None else dict(thresholds)
-    metrics_path = model_dir / "metrics.json"
-    if metrics_path.is_file():
-        metrics = read_json(metrics_path)
+    if model_dir.is_complete():
+        metrics = model_dir.metrics()
         metrics["thresholds"] = info["thresholds"]
-        write_json(metrics_path, metrics)
-    write_json(model_dir / MODEL_FILE, info)
+        model_dir.write_metrics(metrics)
+    model_dir.write_info(info)
     return info

@@ -45,21 +45,21 @@ from torch.utils.data import DataLoader
 
 from conilium import CLASSES
 from conilium.audio import SignalPath
+from conilium.dirs import CacheDir, Manifest, ModelDir, RunDir
 from conilium.errors import AudioError, ConfigError, ConiliumError
 from conilium.heads.predict import predict_batches
-from conilium.runs import load_run_config
 from conilium.runtime import COMPUTE_DTYPES, resolve_device
 from conilium.runtime import compute_dtype as pick_compute_dtype
 from conilium.util import atomic_path, read_json
 
 from .config import precision_dtype
 from .data import AudioClips, collate_waves
-from .model import MODEL_FILE, load_model_dir, offsets_array
+from .model import load_model_dir, offsets_array
 
 OUTPUT_FORMATS = ("csv", "json")
 #: Decision offsets of a run written by ``conilium-eval tune-thresholds`` (:mod:`conilium.evaluate.thresholds`,
 #: which sits above this stage: the file is read, the module is not imported).
-THRESHOLDS_FILE = "thresholds.json"
+THRESHOLDS_FILE = RunDir.THRESHOLDS
 
 
 def min_samples(model: nn.Module) -> int:
@@ -211,32 +211,31 @@ def find_head_run(run_dir) -> Tuple[Path, Optional[Path]]:
     """The train-head run holding the head of ``run_dir`` (itself, or the run a
     ``conilium-eval tune-thresholds`` output was tuned from, followed through
     ``source_run``), and the ``thresholds.json`` whose offsets apply (``run_dir``'s, or None)."""
-    from conilium.heads.train import CHECKPOINT as HEAD_CHECKPOINT
-
     run_dir = Path(run_dir)
     where = f"--run {run_dir}"
     if not run_dir.is_dir():
         raise ConfigError(f"{where}: directory not found")
-    if (run_dir / MODEL_FILE).is_file():
+    if ModelDir(run_dir).is_model():
         raise ConfigError(f"{where}: a finetune-best model directory; predict with --model {run_dir}")
-    thresholds = run_dir / THRESHOLDS_FILE if (run_dir / THRESHOLDS_FILE).is_file() else None
+    run = RunDir(run_dir)
+    thresholds = run.thresholds_path if run.thresholds_path.is_file() else None
     here, seen = run_dir, []
-    while not (here / HEAD_CHECKPOINT).is_file():
+    while not RunDir(here).has_checkpoint():
         seen.append(here.resolve())
-        config = load_run_config(here)  # no or a damaged config.json: a RunError naming it
+        config = RunDir(here).config()  # no or a damaged config.json: a RunError naming it
         kind, source = config.get("kind"), config.get("source_run")
         if kind == "thresholds" and source:
             nxt = Path(source)
             if not nxt.is_dir():
                 raise ConfigError(f"{where}: tuned from run {source}, which is not there any more (the head is "
-                                  f"in that run's {HEAD_CHECKPOINT})")
+                                  f"in that run's {RunDir.CHECKPOINT})")
             if nxt.resolve() in seen:
                 raise ConfigError(f"{where}: its source runs form a loop ({' -> '.join(map(str, seen))})")
             here = nxt
             continue
         what = {"ensemble": "an ensemble of runs, with no single head to apply (predict with its member runs)",
                 "finetune": "a finetune-best run (predict with --model on its model directory)"}.get(
-                    kind, f"not a finished train-head run (no {HEAD_CHECKPOINT})")
+                    kind, f"not a finished train-head run (no {RunDir.CHECKPOINT})")
         raise ConfigError(f"{where}: {here} is {what}" if here != run_dir else f"{where}: {what}")
     return here, thresholds
 
@@ -260,12 +259,7 @@ def read_offsets(path, classes: Sequence[str]) -> np.ndarray:
 
 
 def _run_cache(head_run: Path, ckpt: Mapping) -> Optional[str]:
-    cache = (ckpt.get("train_config") or {}).get("cache")
-    if not cache:
-        try:
-            cache = load_run_config(head_run).get("cache")
-        except ConiliumError:
-            cache = None
+    cache = (ckpt.get("train_config") or {}).get("cache") or RunDir(head_run).cache
     return str(cache) if cache else None
 
 
@@ -273,12 +267,10 @@ def load_run_upstream(head_run: Path, ckpt: Mapping, where: str) -> Tuple[nn.Mod
     """The upstream the run's cache was extracted with (its manifest's identity): from the hub at
     the recorded revision, the local directory, or the random weights kept in the cache's
     ``upstream/`` folder. Its weights hash must equal the recorded one, when one was recorded."""
-    from conilium.cache.writer import UPSTREAM_DIR
     from conilium.extract.upstreams import load_upstream, random_init_dir
-    from conilium.heads.train import CHECKPOINT as HEAD_CHECKPOINT
 
-    manifest = ckpt.get("cache_manifest") or {}
-    ident = dict(manifest.get("upstream") or {})
+    UPSTREAM_DIR = CacheDir.UPSTREAM
+    ident = Manifest(ckpt.get("cache_manifest") or {}).upstream
     source = ident.get("source")
     if source == "hub":
         name = ident.get("model_id") or ident.get("name")
@@ -304,7 +296,7 @@ def load_run_upstream(head_run: Path, ckpt: Mapping, where: str) -> Tuple[nn.Mod
         model, got = load_upstream(str(folder))
         place = str(folder)
     else:
-        raise ConfigError(f"{where}: the cache manifest in {head_run / HEAD_CHECKPOINT} names no upstream "
+        raise ConfigError(f"{where}: the cache manifest in {RunDir(head_run).checkpoint_path} names no upstream "
                           f"({ident or 'nothing'}); cannot tell which upstream to run")
     want, have = ident.get("weights_sha256"), got.get("weights_sha256")
     if want and have and want != have:
@@ -321,34 +313,32 @@ def load_run(run_dir, *, device: torch.device, precision: str = "auto") -> Loade
     ``precision`` "auto" runs the upstream in the cache's compute dtype (float32 on CPU);
     "float32" or "bfloat16" choose it. The head always runs in float32, as train-head scored it.
     """
-    from conilium.heads.train import CHECKPOINT as HEAD_CHECKPOINT
     from conilium.heads.train import load_head
 
     run_dir = Path(run_dir)
     where = f"--run {run_dir}"
     head_run, thresholds = find_head_run(run_dir)
     head, ckpt = load_head(head_run)
-    manifest = ckpt.get("cache_manifest") or {}
+    manifest = Manifest(ckpt.get("cache_manifest") or {})
     inp = ckpt.get("input") or {}
     layers = [int(i) for i in inp.get("upstream_layers") or []]
     if inp.get("kind") not in ("frames", "pooled") or not layers:
-        raise ConfigError(f"{where}: {head_run / HEAD_CHECKPOINT} does not say which upstream layers the head "
+        raise ConfigError(f"{where}: {RunDir(head_run).checkpoint_path} does not say which upstream layers the head "
                           f"read; train the head again with this version of train-head")
     upstream, ident = load_run_upstream(head_run, ckpt, where)
     if head.config.dim != upstream.config.hidden_size:
         raise ConfigError(f"{where}: head width {head.config.dim} differs from the hidden size "
                           f"{upstream.config.hidden_size} of upstream {ident.get('loaded_from')}")
-    cache_cfg = manifest.get("config") or {}
-    stored = manifest.get("compute_dtype") or "float32"
+    stored = manifest.compute_dtype
     if precision == "auto":
         compute = pick_compute_dtype(stored if stored in COMPUTE_DTYPES else "auto", device, strict=False)
     else:
         compute = precision_dtype(precision, device)
     model = RunModel(upstream, head, kind=inp["kind"], upstream_layers=layers, positions=inp.get("positions"),
                      device=device, compute_dtype=compute,
-                     whisper_input=cache_cfg.get("whisper_input") or "30s").to(device).eval()
-    n_states = manifest.get("num_hidden_states")
-    if n_states is not None and int(n_states) != model.encoder.num_hidden_states:
+                     whisper_input=manifest.whisper_input or "30s").to(device).eval()
+    n_states = manifest.num_hidden_states
+    if n_states is not None and n_states != model.encoder.num_hidden_states:
         raise ConfigError(f"{where}: the cache's upstream has {n_states} hidden states, "
                           f"{ident.get('loaded_from')} has {model.encoder.num_hidden_states}")
     from conilium.targets import ATTRIBUTE_COLUMNS
@@ -356,11 +346,10 @@ def load_run(run_dir, *, device: torch.device, precision: str = "auto") -> Loade
     classes = tuple(ckpt.get("classes") or CLASSES) if head.config.num_classes else ()
     attributes = tuple(ATTRIBUTE_COLUMNS) if model.attribute_outputs else ()
     offsets = read_offsets(thresholds, classes) if thresholds else np.zeros(len(classes))
-    mode = manifest.get("normalize") or "none"
-    ms = manifest.get("max_seconds")
-    signal = SignalPath(max_seconds=float(ms) if ms else None, normalize=mode,
-                        stats=manifest.get("normalize_stats") if mode == "global" else None,
-                        rescale_loud=bool(cache_cfg.get("rescale_loud", False)))
+    mode = manifest.normalize
+    signal = SignalPath(max_seconds=manifest.max_seconds, normalize=mode,
+                        stats=manifest.normalize_stats if mode == "global" else None,
+                        rescale_loud=manifest.rescale_loud)
     info = {"run": str(run_dir), "head_run": str(head_run), "offsets_from": None if thresholds is None
             else str(thresholds), "upstream": ident, "input": inp, "compute_dtype": compute,
             "loss": ckpt.get("loss"), "labels": ckpt.get("labels")}

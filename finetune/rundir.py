@@ -22,19 +22,20 @@ from conilium import CLASSES
 from conilium import errors as _errors
 from conilium.errors import ConfigError, ConiliumError
 from conilium.locking import DirectoryLock, lock_directory
-from conilium.runs import CONFIG, METRICS, PRED_DIR, write_run_outputs
+from conilium.dirs import ModelDir
+from conilium.runs import write_run_outputs
 from conilium.runtime import Dist
 from conilium.targets import class_counts
 from conilium.training.config import differing_fields
-from conilium.util import check_writable, read_json
+from conilium.util import check_writable
 
 from .config import RESUMABLE_FIELDS, FinetuneConfig
-from .model import ADAPTER_DIR, HEAD_FILE, MODEL_FILE, UPSTREAM_DIR, EndToEndModel, save_model_dir
+from .model import EndToEndModel, save_model_dir
 
 if TYPE_CHECKING:  # the run's parts, made by conilium.finetune.train
     from .train import Built, Prepared
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = ModelDir.CHECKPOINTS
 LAST = "last.pt"
 BEST = "best.pt"
 TUNED_DIR = "tuned"
@@ -95,16 +96,13 @@ def check_out_dir(out: Path, config: FinetuneConfig, resume: bool, overwrite: bo
     With ``resume`` and no completed epoch yet (no checkpoint, no finished model), the run
     starts afresh, so a script may always pass ``--resume``.
     """
+    model_dir = ModelDir(out)
     last, _ = checkpoint_paths(out)
-    has_model = (out / MODEL_FILE).is_file()
+    has_model = model_dir.is_model()
     has_ckpt = last.is_file()
-    has_run = has_model or has_ckpt or (out / "config.json").is_file()
-    if (out / "config.json").is_file() and not overwrite:
-        try:
-            kind = read_json(out / "config.json").get("kind")
-        except (ValueError, AttributeError):
-            kind = None
-        if kind != "finetune":
+    has_run = has_model or has_ckpt or model_dir.has_config()
+    if model_dir.has_config() and not overwrite:
+        if model_dir.kind != "finetune":
             raise ConfigError(f"{out} holds a config.json that finetune-best did not write (another kind of run?); "
                               f"choose another --out, or replace it with --overwrite")
     if resume and not overwrite:
@@ -156,9 +154,9 @@ def claim_out_dir(out: Path, config: FinetuneConfig, d: Dist, *, resume: bool, o
         ckpt = torch.load(checkpoint_paths(out)[0], map_location="cpu", weights_only=False)
     if d.main and not resuming:
         if clear:
-            for p in (MODEL_FILE, METRICS, HEAD_FILE, CONFIG):
+            for p in (ModelDir.MARKER, ModelDir.METRICS, ModelDir.HEAD, ModelDir.CONFIG):
                 (out / p).unlink(missing_ok=True)
-            for p in (CHECKPOINT_DIR, PRED_DIR, UPSTREAM_DIR, ADAPTER_DIR, TUNED_DIR):
+            for p in (ModelDir.CHECKPOINTS, ModelDir.PREDICTIONS, ModelDir.UPSTREAM, ModelDir.ADAPTER, TUNED_DIR):
                 shutil.rmtree(out / p, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
     d.barrier()
@@ -175,10 +173,10 @@ def write_model_dir(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, d
         return _write_outputs(config, prep, b, d, device, history, best, train_seconds, split_predictions, out,
                               model)
     except BaseException as e:
-        for name in (METRICS, MODEL_FILE, HEAD_FILE):
+        for name in (ModelDir.METRICS, ModelDir.MARKER, ModelDir.HEAD):
             with contextlib.suppress(OSError):
                 (out / name).unlink(missing_ok=True)
-        for name in (PRED_DIR, UPSTREAM_DIR, ADAPTER_DIR):
+        for name in (ModelDir.PREDICTIONS, ModelDir.UPSTREAM, ModelDir.ADAPTER):
             shutil.rmtree(out / name, ignore_errors=True)
         if isinstance(e, _errors.OutputError) and (out / CHECKPOINT_DIR / LAST).is_file():
             raise _errors.OutputError(e.path, e.reason, (e.hint + "; " if e.hint else "") +

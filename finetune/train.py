@@ -74,14 +74,14 @@ from conilium.extract.encoder import freeze_front_end
 from conilium.extract.lora import add_adapters, check_lora_modules, parse_lora_layers
 from conilium.extract.upstreams import check_upstream, load_upstream
 from conilium.metrics import score
-from conilium.runs import CONFIG
+from conilium.dirs import ModelDir
 from conilium.runtime import Dist, autocast, init_distributed
 from conilium.targets import class_weights, training_set
 from conilium.training import loop
 from conilium.training.losses import loss_fn, uses_weights
 from conilium.training.samplers import balanced_weights
 from conilium.training.state import cpu_state, rng_state, save_atomic, seed_epoch, set_rng_state
-from conilium.util import check_writable, output_errors, write_json
+from conilium.util import check_writable, output_errors
 
 from .config import FinetuneConfig, FinetuneError, check_config, precision_dtype
 from .data import AudioClips, collate_waves, epoch_batches, rank_micro_batches
@@ -405,7 +405,7 @@ def fit(config: FinetuneConfig, b: Built, d: Dist, device: torch.device, ckpt: O
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=find_unused)
-    on_main(d, lambda: write_json(out / CONFIG, {
+    on_main(d, lambda: ModelDir(out).write_config({
         **config.to_json(), "kind": "finetune", "upstream_identity": b.identity, "start_from": b.start_from,
         "normalize_stats": b.signal.stats, "world_size": d.world, "max_seconds_used": b.signal.max_seconds,
         "normalize_used": b.signal.normalize}))

@@ -14,7 +14,7 @@ statistics ((all layers, 2, dim)) from the cache.
 :func:`collate` pads each batch to its longest clip, returning the valid lengths so that
 pooling ignores the padding. Peak memory is then one batch (per DataLoader worker),
 whatever the size of the cache. What a directory passed as a cache is (a run, a model, a
-corpus: :func:`check_cache_dir`) is told by :mod:`conilium.cache.store`; this module re-exports it.
+corpus: :func:`check_cache_dir`) is told by :mod:`conilium.dirs`; this module re-exports it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from conilium.cache.store import CACHE_TRACES, MODEL_MARKER, FeatureCache, check_cache_dir, not_a_cache  # noqa: F401
+from conilium.cache.reader import FeatureCache
+from conilium.dirs import check_cache_dir, not_a_cache  # noqa: F401
 from conilium.errors import CacheError, ConfigError
 
 GIB = 1024 ** 3

@@ -56,10 +56,9 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
+from conilium.dirs import GridDir
 from conilium.errors import ConfigError, ConiliumError
-from conilium.util import atomic_path, read_json, read_json_object, write_json
-
-from conilium.runs import CONFIG, METRICS, is_complete
+from conilium.util import atomic_path, read_json_object
 
 from .config import BACKENDS, SPEC_DIR, presets
 from .train import TrainConfig, check_config, plan_passes, same_run, train_heads
@@ -303,23 +302,24 @@ def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: 
     todo = []
     conflicts = []
     runs = [(name, _absolute(config), paper) for name, config, paper in runs]
+    grid = GridDir(out_dir)
     for name, config, paper in runs:
-        run_dir = out_dir / name
-        if is_complete(run_dir):
-            old = read_json(run_dir / CONFIG) if (run_dir / CONFIG).is_file() else {}
+        run = grid.run(name)
+        if run.is_complete():
+            old = run.config() if run.has_config() else {}
             if _same_cache(old, config.to_json()):
-                rows[name] = _row(name, config, paper, "skipped (complete)", read_json(run_dir / METRICS))
+                rows[name] = _row(name, config, paper, "skipped (complete)", run.metrics())
                 continue
             conflicts.append(name)
-        todo.append((name, config, paper, str(run_dir)))
+        todo.append((name, config, paper, str(run.path)))
     if conflicts:
         raise ConfigError(f"{out_dir}: run(s) {', '.join(conflicts)} already hold a complete run with another "
                           f"configuration; use another --out or remove those directories")
     # runs reading the same batches share one data pass; the passes are the parallel jobs
     passes = [[todo[i] for i in group] for group in plan_passes([c for _, c, _, _ in todo])] if todo else []
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "grid.json", {"runs": [{"name": n, "config": c.to_json(), "paper": p} for n, c, p in runs],
-                                       "passes": [[name for name, _, _, _ in group] for group in passes]})
+    grid.write_plan([{"name": n, "config": c.to_json(), "paper": p} for n, c, p in runs],
+                    [[name for name, _, _, _ in group] for group in passes])
     if passes:
         jobs = min(n_jobs, len(passes))
         if threads_per_job is None:
@@ -346,8 +346,8 @@ def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: 
 
 def write_results(out_dir, rows: Sequence[Mapping]) -> None:
     """``results.csv`` (every column) and ``results.md`` (a readable table), atomically."""
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir / "results.csv", suffix=".csv.tmp") as tmp:
+    grid = GridDir(out_dir)
+    with atomic_path(grid.results_path, suffix=".csv.tmp") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
             w.writeheader()
@@ -377,5 +377,5 @@ def write_results(out_dir, rows: Sequence[Mapping]) -> None:
         cells.append(status.replace("|", "/"))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     text = "\n".join(lines) + "\n"
-    with atomic_path(out_dir / "results.md", suffix=".md.tmp") as tmp:
+    with atomic_path(grid.results_table_path, suffix=".md.tmp") as tmp:
         tmp.write_text(text, encoding="utf-8")

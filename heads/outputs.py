@@ -22,22 +22,24 @@ import torch
 import conilium
 from conilium import CLASSES
 from conilium.errors import ConfigError
-from conilium.runs import CONFIG, METRICS, PRED_DIR, write_run_outputs
+from conilium.dirs import RunDir
+from conilium.runs import write_run_outputs
 from conilium.targets import ATTRIBUTE_COLUMNS, class_counts
 from conilium.training.losses import activation
-from conilium.util import atomic_path, read_json, write_json
+from conilium.util import atomic_path
 
 from .config import TrainConfig
 from .model import EmotionHead, HeadConfig
 
-CHECKPOINT = "model.pt"
+CHECKPOINT = RunDir.CHECKPOINT
 CHECKPOINT_FORMAT = 1
 
 
 def clear_outputs(out_dir: Path) -> None:
-    (out_dir / METRICS).unlink(missing_ok=True)  # first: the directory stops being complete
-    (out_dir / CHECKPOINT).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / PRED_DIR, ignore_errors=True)
+    run = RunDir(out_dir)
+    run.metrics_path.unlink(missing_ok=True)  # first: the directory stops being complete
+    run.checkpoint_path.unlink(missing_ok=True)
+    shutil.rmtree(run.path / run.PREDICTIONS, ignore_errors=True)
 
 
 def remove_partial_outputs(out_dir: Path) -> None:
@@ -46,7 +48,7 @@ def remove_partial_outputs(out_dir: Path) -> None:
     with contextlib.suppress(OSError):
         clear_outputs(out_dir)
     with contextlib.suppress(OSError):
-        (out_dir / CONFIG).unlink(missing_ok=True)
+        RunDir(out_dir).config_path.unlink(missing_ok=True)
 
 
 def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, device: torch.device) -> dict:
@@ -54,7 +56,8 @@ def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, dev
     config, out_dir, data = head.config, head.out_dir, head.data
     cache, sel = data.cache, data.selection
     history = head.history
-    write_json(out_dir / CONFIG, config.to_json())
+    run = RunDir(out_dir)
+    run.write_config(config.to_json())
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "conilium_version": conilium.__version__,
@@ -65,13 +68,13 @@ def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, dev
         "activation": activation(config.loss),
         "classes": list(CLASSES),
         "input": sel.to_json(),
-        "cache_manifest": manifest_summary(cache.manifest),
+        "cache_manifest": cache.manifest.summary(),
         "train_config": config.to_json(),
         "best_epoch": head.best_epoch,
     }
     if config.task != "categories":
         checkpoint.update(task=config.task, attributes=list(ATTRIBUTE_COLUMNS), attribute_scale="(v - 1) / 6")
-    with atomic_path(out_dir / CHECKPOINT, suffix=".pt.tmp") as tmp:
+    with atomic_path(run.checkpoint_path, suffix=".pt.tmp") as tmp:
         torch.save(checkpoint, tmp)
     extra = {
         "training": {
@@ -110,14 +113,9 @@ def xo_summary(counts: Mapping[str, int]) -> dict:
             "left_out_no_target_label": int(counts.get("xo_no_target_label", 0))}
 
 
-def manifest_summary(manifest: Mapping) -> dict:
-    """The cache manifest without its shard list: upstream identity, layers, dim, normalisation, …"""
-    return {k: v for k, v in manifest.items() if k != "shards"}
-
-
 def load_head(run_dir, *, map_location="cpu") -> Tuple[EmotionHead, dict]:
     """The best head of a run directory (in eval mode) and its checkpoint dict."""
-    path = Path(run_dir) / CHECKPOINT
+    path = RunDir(run_dir).checkpoint_path
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no {CHECKPOINT} (not a train-head run directory, or it did not finish)")
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
@@ -128,4 +126,4 @@ def load_head(run_dir, *, map_location="cpu") -> Tuple[EmotionHead, dict]:
 
 
 def load_config(run_dir) -> TrainConfig:
-    return TrainConfig.from_dict(read_json(Path(run_dir) / CONFIG))
+    return TrainConfig.from_dict(RunDir(run_dir).config())

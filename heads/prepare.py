@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from conilium import CLASSES
-from conilium.cache.store import FeatureCache
+from conilium.cache.reader import FeatureCache
 from conilium.errors import ConfigError
 from conilium.runtime import resolve_device
 from conilium.targets import ATTRIBUTES, attribute_set, attribute_values, base_kind, class_weights, training_set

@@ -58,7 +58,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm import tqdm
 
-from conilium.cache.store import FeatureCache
+from conilium.cache.reader import FeatureCache
 from conilium.errors import ConfigError, ConiliumError, TrainingError  # noqa: F401 (TrainingError: raised here)
 from conilium.locking import lock_directory
 from conilium.runs import is_complete

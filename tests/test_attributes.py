@@ -101,7 +101,7 @@ def test_attribute_targets_consensus_fallback_and_missing():
 
 
 def test_demo_attributes_are_not_trivial(demo_cache):
-    from conilium.cache.store import FeatureCache
+    from conilium.cache.reader import FeatureCache
 
     with FeatureCache(demo_cache) as cache:
         train = [cache.clips[n] for n in cache.split("Train")]
@@ -130,7 +130,7 @@ def attribute_runs(demo_cache, tmp_path_factory):
 
 
 def test_attributes_task_learns_arousal(attribute_runs, demo_cache):
-    from conilium.cache.store import FeatureCache
+    from conilium.cache.reader import FeatureCache
 
     run, m = attribute_runs["attributes"]
     dev = m["attributes"]["Development"]

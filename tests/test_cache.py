@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from conilium.cache import FeatureCache
-from conilium.cache.store import FORMAT_VERSION, load_manifest
+from conilium.cache.reader import load_manifest
+from conilium.cache.shards import FORMAT_VERSION
 from conilium.errors import CacheError
 from conilium.extract import ExtractConfig, NoiseAugmentation, extract_features, verify_cache
 from conilium.cli.extract import verify_cache_cmd

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conilium.cache import FeatureCache, load_manifest, upgrade_cache
-from conilium.cache.store import FORMAT_VERSION, file_sha256, read_shard_index, to_float16
+from conilium.cache.shards import FORMAT_VERSION, file_sha256, read_shard_index, to_float16
 from conilium.cache.writer import CacheWriter
 from conilium.errors import CacheError, OutputError
 from conilium.extract import verify_cache

@@ -189,7 +189,7 @@ def test_a_reader_checks_each_clip_once_and_always_when_asked(copy, monkeypatch)
     """The CRC-32 of a clip's layer is computed on its first read by a reader (a 40-epoch
     head pays it once); ``verify="always"`` checks every read and so sees a shard damaged
     after a first read; a damaged clip is found on its first read either way."""
-    import conilium.cache.store as store
+    import conilium.cache.reader as store
 
     calls = []
     real = store.crc32

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from conilium.audio import read_audio
 from conilium.cache import FeatureCache
-from conilium.cache.store import to_float16
+from conilium.cache.shards import to_float16
 from conilium.corpus import load_corpus
 from conilium.demo import make_demo_corpus
 from conilium.errors import AudioError, CacheError, ConfigError

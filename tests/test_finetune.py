@@ -19,7 +19,7 @@ import torch
 
 from conilium import CLASSES
 from conilium.audio import normalize, read_audio
-from conilium.cache.store import FeatureCache
+from conilium.cache.reader import FeatureCache
 from conilium.errors import ConfigError
 from conilium.runs import prediction_path, read_predictions
 from conilium.extract.encoder import UpstreamRunner

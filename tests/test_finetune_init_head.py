@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conilium.audio import normalize, read_audio
-from conilium.cache.store import FeatureCache
+from conilium.cache.reader import FeatureCache
 from conilium.errors import ConfigError
 from conilium.runs import prediction_path, read_predictions
 from conilium.extract.upstreams import load_upstream

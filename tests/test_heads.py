@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conilium.cache.store import manifest_checksum
+from conilium.dirs import Manifest
 from conilium.errors import CacheError, ConfigError
 from conilium.cli.heads import train_head_cmd
 from conilium.heads.data import ClipDataset, collate, feature_bytes, select_input, write_synthetic_cache
@@ -228,7 +228,7 @@ def test_soft_targets_need_annotations_and_pooled_stats_need_a_pooled_cache(tmp_
     prepare(_cfg(bare, loss="wce", labels="hard"))  # hard labels need no annotation
     manifest = json.loads((bare.path / "manifest.json").read_text())
     manifest["pooled_stats"] = False
-    manifest["manifest_sha256"] = manifest_checksum(manifest)  # as if extracted without --pooled-stats
+    manifest["manifest_sha256"] = Manifest(manifest).checksum()  # as if extracted without --pooled-stats
     (bare.path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="no pooled statistics, so --pooled-stats cannot be used"):
         prepare(_cfg(bare, loss="wce", labels="hard", pooled_stats=True))

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from conilium.audio import normalize, read_audio
-from conilium.cache.store import FeatureCache
+from conilium.cache.reader import FeatureCache
 from conilium.errors import ConfigError
 from conilium.extract.encoder import UpstreamRunner
 from conilium.extract.lora import ADAPTER_WEIGHTS, add_adapters, lora_targets, parse_lora_layers

@@ -298,3 +298,21 @@ def test_corpus_section_puts_section_2_beside_ours(small_demo_corpus, tmp_path):
     for fig in ("durations", "cooccurrence"):
         i = md.index(f"](figures/corpus/{fig}.png)")
         assert md[i:].split("\n\n", 2)[1].startswith("*")  # its caption follows the figure
+
+
+def test_a_config_written_before_an_option_existed_is_reported_as_training_reads_it(tmp_path):
+    """A head run whose config.json predates ``agreement_over`` (or ``task``) trained with
+    TrainConfig's default; the report says that default, for the run and for a run tuned from it."""
+    from conilium.evaluate.report import run_setting
+    from conilium.evaluate.report_data import run_config
+    from conilium.heads.config import TrainConfig
+
+    refs = _refs(np.random.default_rng(1), 40)
+    old = _run(tmp_path / "old-Sstar", refs, 0.5, 1, {"cache": str(tmp_path / "cache"), "loss": "wbce",
+                                                       "labels": "S*", "lr": 1e-3, "epochs": 20})
+    default = TrainConfig(cache="c").agreement_over
+    assert run_config(old)["agreement_over"] == default and run_config(old)["task"] == TrainConfig(cache="c").task
+    assert f"S* over {default}" in run_setting(old)["text"]
+    tuned = tmp_path / "tuned"
+    tune_run(old, tuned, k=0, grid=GRID, rounds=1)
+    assert f"S* over {default}" in run_setting(tuned)["text"]

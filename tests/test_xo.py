@@ -14,7 +14,7 @@ SMALL = dict(hidden=256, dropout=0.2, device="cpu", epochs=3)
 
 
 def _train_clips(cache_dir, split="Train"):
-    from conilium.cache.store import FeatureCache
+    from conilium.cache.reader import FeatureCache
 
     with FeatureCache(cache_dir) as cache:
         return [cache.clips[n] for n in cache.split(split)]

@@ -4,14 +4,13 @@ errors, and groups that list their commands in data-flow order and import them l
 from __future__ import annotations
 
 import importlib
-import json
 import math
-from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import click
 
 import conilium
+from conilium.dirs import KINDS, describe_dir, dir_kind  # noqa: F401 (re-exported)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -108,90 +107,7 @@ def lock_wait(value: Optional[float]) -> Union[bool, float]:
 
 
 # ----------------------------------------------------------------------------- what a directory is
-
-#: The kinds of directory :func:`dir_kind` tells apart, and how messages name them.
-KINDS = {
-    "file": "a file",
-    "model": "a finetune-best model directory",
-    "model-unfinished": "a finetune-best model directory whose training did not finish",
-    "cache": "a feature cache",
-    "cache-unfinished": "a feature cache whose extraction did not finish",
-    "run": "a run directory",
-    "run-unfinished": "a run directory whose training did not finish (no predictions)",
-    "finetune-run": "a finetune-best run directory",
-    "finetune-run-unfinished": "a finetune-best run directory whose training did not finish (no predictions)",
-    "corpus": "a corpus (Audios/, Labels/)",
-    "grid": "a train-grid output directory (a folder of run directories)",
-    "report": "a report folder",
-    "empty": "an empty directory",
-    "runs": "a folder of run directories",
-    "caches": "a folder of feature caches",
-}
-
-
-def dir_kind(path) -> Optional[str]:
-    """Which of :data:`KINDS` ``path`` is, from the files conilium writes; None when it does not
-    exist or is none of them. For messages when a command is given one kind for another."""
-    p = Path(path)
-    if p.is_file():
-        return "file"
-    if not p.is_dir():
-        return None
-    if (p / "conilium_model.json").is_file():
-        return "model"
-    if (p / "checkpoints" / "last.pt").is_file():
-        return "model-unfinished"
-    if (p / "manifest.json").is_file():
-        return "cache"
-    if (p / "extraction.json").is_file() or (p / "shards").is_dir():
-        return "cache-unfinished"
-    if (p / "config.json").is_file():
-        kind = "finetune-run" if _config_kind(p) == "finetune" else "run"
-        done = (p / "predictions").is_dir() or (p / "metrics.json").is_file()
-        return kind if done else f"{kind}-unfinished"
-    if (p / "Labels").is_dir() or (p / "Audios").is_dir():
-        return "corpus"
-    if (p / "results.csv").is_file() or (p / "grid.json").is_file():
-        return "grid"
-    if (p / "report.md").is_file() or (p / "report.json").is_file():
-        return "report"
-    children = _children(p)
-    if children is None:
-        return None
-    if not children:
-        return "empty"
-    if any(dir_kind(c) in ("run", "finetune-run", "model") for c in children):
-        return "runs"
-    if any(dir_kind(c) == "cache" for c in children):
-        return "caches"
-    return None
-
-
-def _children(p: Path):
-    try:
-        return sorted(c for c in p.iterdir() if not c.name.startswith(".") and c.is_dir())
-    except OSError:
-        return None
-
-
-def _config_kind(p: Path):
-    try:
-        return json.loads((p / "config.json").read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def describe_dir(path) -> Optional[str]:
-    """:func:`dir_kind` in words ("a feature cache", "a folder of run directories (a, b)", ...)."""
-    kind = dir_kind(path)
-    if kind is None:
-        return None
-    if kind in ("runs", "caches"):
-        inner = ("run", "finetune-run", "model") if kind == "runs" else ("cache",)
-        some = [str(c) for c in _children(Path(path)) if dir_kind(c) in inner]
-        return f"{KINDS[kind]} ({', '.join(some[:5])}{' …' if len(some) > 5 else ''})"
-    return KINDS[kind]
-
+# (the kinds are told apart by conilium.dirs, re-exported here for the commands)
 
 def refuse_dir(path, expected: str, hint: str, *, accept: tuple = ()) -> None:
     """Click's one-line error (exit status 1) ``"PATH is <what it is>, not <expected>; <hint>"``

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from conilium.dirs import RUN_KINDS as _RUN_KINDS
+from conilium.dirs import RunDir
 from conilium.errors import ConiliumError
 from conilium.evaluate.options import DEFAULT_ROUNDS, METHODS, OTHER_MODES
 
@@ -17,8 +19,6 @@ from .common import (CONTEXT, GROUP_QUIET, POSITIVE_INT, SEED, Count, Group, che
                      describe_dir, dir_kind, fail, quiet_option, version_option)
 
 _RUN = click.Path(file_okay=False, path_type=Path)
-#: The kinds of directory (:data:`~conilium.cli.common.KINDS`) these commands read.
-_RUN_KINDS = ("run", "finetune-run", "model")
 
 
 def _run_hint(run, kind: str) -> str:
@@ -44,7 +44,7 @@ def _check_runs(runs) -> None:
             unlike = "" if kind.endswith("unfinished") else (", not a run directory (config.json and "
                                                               "predictions/<Split>.csv)")
             raise click.ClickException(f"{run} is {describe_dir(run)}{unlike}; {_run_hint(run, kind)}")
-        config = Path(run) / "config.json"
+        config = RunDir(run).config_path
         if config.is_file():
             try:
                 json.loads(config.read_text(encoding="utf-8"))

@@ -111,7 +111,7 @@ def train_grid_cmd(spec, preset, cache, out, sets, n_jobs, backend, address, thr
     so an interrupted grid resumes. The command fails when any run failed; the table
     then names the error.
     """
-    from conilium.cache.store import check_cache_dir
+    from conilium.dirs import check_cache_dir
     from conilium.heads.grid import expand_spec, load_spec, run_grid  # torch, h5py: only when run
 
     try:

@@ -190,3 +190,24 @@ def test_train_head_reruns_from_a_runs_config_json(tmp_path):
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert a["f1_macro"] == b["f1_macro"] and a["best_epoch"] == b["best_epoch"]
     assert all(math.isfinite(r["train_loss"]) for r in b["history"])
+
+
+def test_finetune_best_reads_a_runs_config_json_and_the_recorded_keys_beside_it(tmp_path, monkeypatch,
+                                                                                  small_demo_corpus):
+    from conilium.cli.finetune import finetune_best_cmd
+    from conilium.finetune import train as ft
+
+    seen = []
+    monkeypatch.setattr(ft, "finetune", lambda config, **kw: seen.append(config) or {})
+    before = FinetuneConfig(corpus=str(small_demo_corpus), out=str(tmp_path / "old"), upstream="demo-wavlm",
+                            random_init=True, lr=3e-5, labels="P", epochs=3, lora_rank=4)
+    recorded = {**before.to_json(), "kind": "finetune", "upstream_identity": {"name": "demo-wavlm"},
+                "world_size": 1, "normalize_used": "global", "max_seconds_used": 8.0}
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    result = CliRunner().invoke(finetune_best_cmd, ["--config", str(tmp_path / "config.json"), "--out",
+                                                    str(tmp_path / "new"), "--epochs", "5", "--no-thresholds",
+                                                    "-q"])
+    assert result.exit_code == 0, result.output
+    assert seen[0] == dataclasses.replace(before, out=str(tmp_path / "new"), epochs=5, tune_thresholds=False)
+    result = CliRunner().invoke(finetune_best_cmd, ["--out", str(tmp_path / "x"), "-q"])
+    assert result.exit_code == 2 and "Missing option '--corpus'" in result.output

@@ -143,11 +143,3 @@ def verify_cache(path, *, checksums: bool = True, verbose: bool = False) -> Veri
         if pooled and names and shard.pooled_shape is None:
             report.problems.append(f"{f}: no pooled statistics (for clips {', '.join(names[:3])} …)")
     return report
-
-
-def check_cache(path, **kw) -> VerifyReport:
-    """Like :func:`verify_cache` but raises :class:`CacheError` listing the problems."""
-    report = verify_cache(path, **kw)
-    if report.problems:
-        raise CacheError(f"{path}: " + "; ".join(report.problems[:10]))
-    return report

@@ -98,13 +98,13 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
 
     try:
         # an upstream that cannot be loaded here fails in seconds, before anything is written
-        _on_rank0(dist, lambda: check_upstream(config.upstream, random_init=config.random_init,
-                                               revision=config.revision))
+        dist.on_main(lambda: check_upstream(config.upstream, random_init=config.random_init,
+                                            revision=config.revision))
         # normalisation "auto" and Whisper's input length settled for the upstream's family (registry or
         # config.json, no weights); settings the family cannot take are refused now, before anything is written
         config = resolve_for_family(config, upstream_family(config.upstream, random_init=config.random_init,
                                                             revision=config.revision) == "whisper")
-        _on_rank0(dist, claim_out)
+        dist.on_main(claim_out)
         with CacheWriter(out) as cache:
             _extract(config, corpus, cache, dist, dev, t_start, stats, batch_seconds=batch_seconds, workers=workers,
                      skip_bad=skip_bad, overwrite=overwrite, check_space=check_space, verbose=verbose)
@@ -119,23 +119,6 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
 def _say(verbose: bool, msg: str) -> None:
     if verbose:
         tqdm.write(msg, file=sys.stderr)
-
-
-def _on_rank0(dist: Dist, step, *, name_type: bool = False):
-    """Run ``step()`` on rank 0 and share its result; its failure fails every rank (alone, it
-    is raised as it is; with other ranks, as a CacheError with its message)."""
-    result, error = None, None
-    if dist.rank == 0:
-        try:
-            result = step()
-        except Exception as e:
-            if dist.world == 1:
-                raise
-            error = f"{type(e).__name__}: {e}" if name_type else f"{e}"
-    error = dist.broadcast(error)
-    if error:
-        raise CacheError(error)
-    return dist.broadcast(result)
 
 
 def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev, t_start: float,
@@ -166,7 +149,7 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
                                       random_init_dir(config.upstream, config.seed, cache.upstream_dir),
                                       seed=config.seed)
 
-    _on_rank0(dist, claim, name_type=True)
+    dist.on_main(claim)
     cdtype = pick_compute_dtype(config.compute_dtype, dev)
     if batch_seconds is None:
         batch_seconds = DEFAULT_BATCH_SECONDS[dev.type]
@@ -205,8 +188,8 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
     }
 
     # -- compare with what is on disk, fix the normalisation statistics ----------------------
-    settings, was_complete = _on_rank0(dist, lambda: _settle_settings(cache, settings, corpus, config, skip_bad,
-                                                                      workers, verbose_here))
+    settings, was_complete = dist.on_main(lambda: _settle_settings(cache, settings, corpus, config, skip_bad,
+                                                                   workers, verbose_here), share=True)
     cache.use_settings(settings)
     stats_skipped = [tuple(x) for x in settings.get("skipped_in_stats", [])]
 

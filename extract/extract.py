@@ -41,7 +41,7 @@ from conilium.runtime import compute_dtype as pick_compute_dtype
 from conilium.runtime import Dist, init_distributed
 from conilium.util import check_writable, output_errors
 
-from .encoder import UpstreamRunner
+from .encoder import UpstreamRunner, hidden_shape
 from .pipeline import ExtractStats, JobLoader, run_shards
 from .plan import (ExtractConfig, Job, NoiseAugmentation, assign_shards, noise_fingerprint, parse_layers, plan_jobs,
                    resolve_for_family)
@@ -159,7 +159,7 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
         from .upstreams import random_init_dir
 
         identity["path"] = f"{UPSTREAM_DIR}/{random_init_dir(config.upstream, config.seed, '.').name}"
-    n_states = model.config.num_hidden_layers + 1
+    n_states, dim = hidden_shape(model)
     layer_idx = parse_layers(config.layers, n_states)
     runner = UpstreamRunner(model, device=dev, compute_dtype=cdtype, layers=layer_idx,
                             pooled_stats=config.pooled_stats, whisper_input=config.whisper_input or "30s")
@@ -168,7 +168,7 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
         "layers": layer_idx,
         "layers_spec": config.layers,
         "num_hidden_states": n_states,
-        "dim": int(model.config.hidden_size),
+        "dim": dim,
         "dtype": config.dtype,
         "compute_dtype": cdtype,
         "frame_rate": runner.frame_rate,

@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from conilium.errors import ConiliumError
 from conilium.util import read_json, write_json
@@ -199,7 +199,29 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "study.json", asdict(c))
         self.say(f"study on {'the demo corpus' if c.demo else self.corpus}; results in {self.out}")
+        self.corpus_steps()
+        noisy = self.feature_caches()
+        t1 = self.table1(noisy)
+        self.frozen_heads(self.cache("WavLM-large"))
 
+        best = self.runs / "table2" / "wbce-S"
+        tuned = self.runs / "best-tuned"
+        self.run("adjust decision thresholds of WBCE(S) (section 3.7)",
+                 ["conilium-eval", "tune-thresholds", best, tuned], skip_if=tuned / "metrics.json")
+        ens, ed = self.best_upstreams(t1)
+
+        model = self.out / "models" / "finetuned"
+        t2_finetuned = None if c.skip_finetune else self.end_to_end(model, best)
+        test_split = self._unlabelled_split()
+        if test_split:
+            sub = self.out / f"submission_{test_split}.csv"
+            self.run(f"challenge-style submission of the tuned WBCE(S) run on {test_split}",
+                     ["conilium-eval", "submission", tuned, "--split", test_split, "--out", sub], skip_if=sub)
+        return self.report(self._report_spec(t1, tuned, ens, ed, model, t2_finetuned))
+
+    def corpus_steps(self) -> None:
+        """The demo corpus (when no corpus is given), then the corpus description."""
+        c = self.c
         if c.demo:
             self.run("make the demo corpus", ["make-demo-corpus", "--out", self.corpus, "--clips", c.demo_clips,
                                               "--seed", c.seed, "--noise-out", self.noise],
@@ -209,6 +231,8 @@ class Study:
                   *(["--skip-bad"] if c.skip_bad else [])],
                  skip_if=self.out / "corpus" / "summary.json")
 
+    def feature_caches(self) -> Optional[Path]:
+        """Every upstream's cache, and the noise-augmented one when there is noise (its path)."""
         for label, name in self.upstreams.items():
             self.extract(f"extract features: {label} ({name})", name, self.cache(label), ["--pooled-stats"])
         for label, name in self.beyond.items():  # the encoder's own 30 s input, no waveform normalisation
@@ -216,14 +240,16 @@ class Study:
 
         # Section 3.2: MUSAN-style noise mixed into 80 % of the Train clips, for Wav2vec2-base
         # (the one upstream the paper saw it help); the noisy copies live in their own cache.
-        noisy = None
-        if self.noise is not None:
-            noisy = self.cache_dir / f"{self.upstreams['Wav2vec2-base']}-noise"
-            self.extract("extract features with noise augmentation: Wav2vec2-base (section 3.2)",
-                         self.upstreams["Wav2vec2-base"], noisy,
-                         ["--augment-noise", self.noise, "--augment-fraction", "0.8", "--snr-db", "5:20", "--copies", "1"])
+        if self.noise is None:
+            return None
+        noisy = self.cache_dir / f"{self.upstreams['Wav2vec2-base']}-noise"
+        self.extract("extract features with noise augmentation: Wav2vec2-base (section 3.2)",
+                     self.upstreams["Wav2vec2-base"], noisy,
+                     ["--augment-noise", self.noise, "--augment-fraction", "0.8", "--snr-db", "5:20", "--copies", "1"])
+        return noisy
 
-        # Table 1 and the WBCE(P) runs of each upstream (for the ensemble and Easy/Difficult).
+    def table1(self, noisy: Optional[Path]) -> Path:
+        """Table 1 and the WBCE(P) runs of each upstream (for the ensemble and Easy/Difficult)."""
         t1 = self.runs / "table1"
         spec = {"description": "Table 1 (WCE on hard labels per upstream) and WBCE(P) per upstream (section 3.6)",
                 "runs": []}
@@ -237,20 +263,20 @@ class Study:
             spec["runs"].append({"name": f"{name}-wce-hard", "cache": str(self.cache_dir / name), "loss": "wce",
                                  "labels": "hard"})
         self.grid("train heads: Table 1 (upstreams) and WBCE(P) per upstream", t1, spec=spec)
+        return t1
 
-        best_cache = self.cache("WavLM-large")
+    def frozen_heads(self, best_cache: Path) -> None:
+        """Table 2, the sampler runs, Table 3 and the runs beyond the paper, on the best upstream's cache."""
         self.grid("train heads: Table 2 (losses and targets)", self.runs / "table2", preset="table2", cache=best_cache)
         self.grid("train heads: section 3.4 (class-balanced sampler)", self.runs / "sampler", preset="sampler", cache=best_cache)
         self.grid("train heads: Table 3 (high-agreement subsets)", self.runs / "table3", preset="table3", cache=best_cache)
-        if not c.paper_only:
+        if not self.c.paper_only:
             self.grid("train heads: arousal/valence/dominance, alone and with WBCE(S); WBCE(S) on X and O clips too",
                       self.runs / "extra", spec=EXTRA_SPEC, cache=best_cache)
 
-        best = self.runs / "table2" / "wbce-S"
-        tuned = self.runs / "best-tuned"
-        self.run("adjust decision thresholds of WBCE(S) (section 3.7)",
-                 ["conilium-eval", "tune-thresholds", best, tuned], skip_if=tuned / "metrics.json")
-
+    def best_upstreams(self, t1: Path) -> Tuple[Dict[str, Path], Path]:
+        """The three best upstreams by Table 1: their WBCE(P) runs' ensembles and the Easy/Difficult
+        analysis; returns the ensembles and the analysis folder."""
         ranked = sorted(self.upstreams, key=lambda lab: -self.dev_f1(t1 / f"{self.upstreams[lab]}-wce-hard"))
         top3 = ranked[:3]
         members = [t1 / f"{self.upstreams[lab]}-wbce-P" for lab in top3]
@@ -259,44 +285,42 @@ class Study:
         ed = self.out / "easy_difficult"
         self.run("Easy/Difficult analysis (section 4)",
                  ["conilium-eval", "easy-difficult", *members, "--out", ed], skip_if=ed / "easy_difficult.json")
+        return ens, ed
 
-        model = self.out / "models" / "finetuned"
-        t2_finetuned = None
-        if not c.skip_finetune:
-            # Warm start from the best head of Table 2 (same upstream, same weights): the
-            # end-to-end model starts where the frozen-feature head ended. --resume continues
-            # an interrupted fine-tuning (and starts afresh when none was begun).
-            argv = ["finetune-best", "--corpus", self.corpus, "--out", model, "--upstream", self.upstreams["WavLM-large"],
-                    "--device", c.device, "--seed", c.seed, "--init-head", best, "--resume"]
-            if c.demo:
-                argv += ["--random-init", "--random-init-seed", c.seed, "--epochs", c.finetune_epochs or 2,
-                         "--lr", "1e-4", "--max-train-clips", "160", "--quiet"]
-            elif c.finetune_epochs:
-                argv += ["--epochs", c.finetune_epochs]
-            if c.finetune_batch_size:
-                argv += ["--batch-size", c.finetune_batch_size]
-            self.run("fine-tune the best configuration end to end (finetune-best)", argv,
-                     skip_if=model / "conilium_model.json")
-            if not c.paper_only:  # the same recipe with LoRA adapters instead of the whole transformer
-                lora = self.lora_model()
-                self.run("the same fine-tuning with LoRA adapters (rank 8), beyond the paper",
-                         [*argv[:argv.index("--out") + 1], lora, *argv[argv.index("--out") + 2:], "--lora-rank", 8],
-                         skip_if=lora / "conilium_model.json")
-            t2_finetuned = self.frozen_then_finetuned(model)
-            test_split = self._unlabelled_split()
-            if test_split:
-                files = self._split_files(test_split)[:8]
-                self.run(f"predict {len(files)} {test_split} files with the fine-tuned model",
-                         ["predict", "--model", model, *files, "--out", self.out / "predictions_finetuned.csv", "--quiet"],
-                         skip_if=self.out / "predictions_finetuned.csv")
-
+    def end_to_end(self, model: Path, best: Path) -> Optional[Path]:
+        """finetune-best into ``model`` (and with LoRA), Table 2's heads on its features, predictions
+        on unlabelled files; returns the frozen-then-fine-tuned grid's folder."""
+        c = self.c
+        # Warm start from the best head of Table 2 (same upstream, same weights): the
+        # end-to-end model starts where the frozen-feature head ended. --resume continues
+        # an interrupted fine-tuning (and starts afresh when none was begun).
+        argv = ["finetune-best", "--corpus", self.corpus, "--out", model, "--upstream", self.upstreams["WavLM-large"],
+                "--device", c.device, "--seed", c.seed, "--init-head", best, "--resume"]
+        if c.demo:
+            argv += ["--random-init", "--random-init-seed", c.seed, "--epochs", c.finetune_epochs or 2,
+                     "--lr", "1e-4", "--max-train-clips", "160", "--quiet"]
+        elif c.finetune_epochs:
+            argv += ["--epochs", c.finetune_epochs]
+        if c.finetune_batch_size:
+            argv += ["--batch-size", c.finetune_batch_size]
+        self.run("fine-tune the best configuration end to end (finetune-best)", argv,
+                 skip_if=model / "conilium_model.json")
+        if not c.paper_only:  # the same recipe with LoRA adapters instead of the whole transformer
+            lora = self.lora_model()
+            self.run("the same fine-tuning with LoRA adapters (rank 8), beyond the paper",
+                     [*argv[:argv.index("--out") + 1], lora, *argv[argv.index("--out") + 2:], "--lora-rank", 8],
+                     skip_if=lora / "conilium_model.json")
+        t2_finetuned = self.frozen_then_finetuned(model)
         test_split = self._unlabelled_split()
         if test_split:
-            sub = self.out / f"submission_{test_split}.csv"
-            self.run(f"challenge-style submission of the tuned WBCE(S) run on {test_split}",
-                     ["conilium-eval", "submission", tuned, "--split", test_split, "--out", sub], skip_if=sub)
+            files = self._split_files(test_split)[:8]
+            self.run(f"predict {len(files)} {test_split} files with the fine-tuned model",
+                     ["predict", "--model", model, *files, "--out", self.out / "predictions_finetuned.csv", "--quiet"],
+                     skip_if=self.out / "predictions_finetuned.csv")
+        return t2_finetuned
 
-        report_spec = self._report_spec(t1, tuned, ens, ed, model, t2_finetuned)
+    def report(self, report_spec: dict) -> Path:
+        """REPORT.md from ``report_spec``, with every step of the study appended as a recipe."""
         write_json(self.out / "report_spec.json", report_spec)
         self.run("write the report", ["conilium-eval", "report", self.out / "report_spec.json", "--out", self.out])
         report = self.out / "REPORT.md"

@@ -150,8 +150,8 @@ class Dist:
 
         An exception ``fn`` raises fails every rank, so that no rank waits for rank 0 forever:
         a :class:`ConiliumError` (a full disk, say) is raised on every rank as an error of the
-        same class with the same message and fields; another exception is raised as a
-        ConiliumError naming its type. In a single process every exception propagates as it is.
+        same class with the same message and fields (a ConiliumError when its class is not in
+        :mod:`conilium.errors`); another exception is raised as a ConiliumError naming its type. In a single process every exception propagates as it is.
         """
         result, error = None, None
         if self.main:
@@ -180,9 +180,13 @@ class Dist:
 
 
 def _describe(error: Exception) -> Tuple[str, str, dict]:
-    """What another rank needs to raise ``error`` again: class name, message, plain fields."""
+    """What another rank needs to raise ``error`` again: class name (ConiliumError for a
+    conilium error defined outside :mod:`conilium.errors`), message, plain fields."""
+    kind = type(error).__name__
+    if isinstance(error, ConiliumError) and getattr(errors, kind, None) is not type(error):
+        kind = ConiliumError.__name__
     fields = {k: v for k, v in vars(error).items() if isinstance(v, (str, int, float, bool, type(None)))}
-    return type(error).__name__, str(error), fields
+    return kind, str(error), fields
 
 
 def _rebuild(kind: str, message: str, fields: dict) -> ConiliumError:

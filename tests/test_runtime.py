@@ -11,6 +11,14 @@ from conilium.errors import ConiliumError, OutputError
 from conilium.runtime import Dist
 
 
+class StageError(ConiliumError):
+    """A conilium error defined in a stage, not in conilium.errors."""
+
+
+def _stage_failure():
+    raise StageError("the stage stopped")
+
+
 def _full_disk():
     raise OutputError("/data/out", "No space left on device", "free some space")
 
@@ -30,7 +38,7 @@ def _rank(rank: int, store: str, out: str) -> None:
     ran = []
     seen = {"result": d.on_main(lambda: ran.append(rank) or "on rank 0"),
             "shared": d.on_main(lambda: {"from": rank}, share=True)}
-    for name, step in (("conilium", _full_disk), ("other", lambda: 1 / 0)):
+    for name, step in (("conilium", _full_disk), ("stage", _stage_failure), ("other", lambda: 1 / 0)):
         try:
             d.on_main(step)
         except ConiliumError as e:
@@ -51,4 +59,6 @@ def test_two_ranks_share_rank_0s_result_and_its_error(tmp_path):
     assert zero["shared"] == one["shared"] == {"from": 0}
     message = "cannot write /data/out: No space left on device; free some space"
     assert zero["conilium"] == one["conilium"] == ["OutputError", message, "/data/out"]
+    assert zero["stage"] == ["StageError", "the stage stopped", None]
+    assert one["stage"] == ["ConiliumError", "the stage stopped", None]
     assert zero["other"] == one["other"] == ["ConiliumError", "ZeroDivisionError: division by zero", None]

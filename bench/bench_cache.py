@@ -49,7 +49,7 @@ def log(msg: str) -> None:
 
 
 def build(work: Path, clips: int, frames, dim: int, layers: int, shard_size: int) -> Path:
-    from conilium.heads.data import write_synthetic_cache
+    from conilium.testing import write_synthetic_cache
 
     path = work / f"cache-{clips}x{dim}x{layers}"
     marker = path / "manifest.json"

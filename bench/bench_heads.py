@@ -314,9 +314,9 @@ def grid_vs_single(work: Path, *, clips: int, epochs: int, device: str = "cpu", 
     (≈300 × 1024 float16 frames each); and whether each grid run equals its single run."""
     import filecmp
 
-    from conilium.heads.data import write_synthetic_cache
     from conilium.heads.grid import expand_spec, load_spec
     from conilium.heads.train import plan_passes
+    from conilium.testing import write_synthetic_cache
 
     cache = work / f"wavlm-large-shaped-{clips}"
     if not (cache / "manifest.json").is_file():
@@ -421,7 +421,7 @@ def main(argv=None):
     import torch
 
     from conilium.cache.reader import FeatureCache
-    from conilium.heads.data import write_synthetic_cache
+    from conilium.testing import write_synthetic_cache
 
     tmp = None
     if args.workdir is None:

@@ -59,11 +59,6 @@ def word_to_class(word: str) -> Optional[str]:
     return _WORD_TO_CLASS.get(key)
 
 
-def is_other(word: str) -> bool:
-    key = word.strip().lower()
-    return key in ("other", "o") or key.startswith("other-") or key.startswith("other ")
-
-
 @dataclass(frozen=True)
 class Annotation:
     """One annotator's judgement of a clip: a primary emotion and a set of secondary ones.

@@ -17,12 +17,15 @@ import datetime
 import gc
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from . import errors
+from .errors import ConfigError, ConiliumError
+
+T = TypeVar("T")
 
 #: Compute dtypes a model may run in; "auto" picks per device.
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -141,6 +144,31 @@ class Dist:
         """The error messages of every rank that had one."""
         return [e for e in self.gather(error) if e]
 
+    def on_main(self, fn: Callable[[], T], *, share: bool = False) -> Optional[T]:
+        """Run ``fn`` on rank 0 only and return what it returns there (None on the other ranks,
+        or rank 0's result on every rank with ``share``). Synchronises the ranks.
+
+        An exception ``fn`` raises fails every rank, so that no rank waits for rank 0 forever:
+        a :class:`ConiliumError` (a full disk, say) is raised on every rank as an error of the
+        same class with the same message and fields (a ConiliumError when its class is not in
+        :mod:`conilium.errors`); another exception is raised as a ConiliumError naming its type. In a single process every exception propagates as it is.
+        """
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except Exception as e:
+                if not self.on:
+                    raise
+                error = e
+        problem = None if error is None else _describe(error)
+        problem, shared = self.broadcast((problem, result if share else None))
+        if isinstance(error, ConiliumError):
+            raise error
+        if problem is not None:
+            raise _rebuild(*problem) from error
+        return result if self.main else shared
+
     def close(self, clean: bool = True) -> None:
         """Leave the process group if this process started it (after a barrier when ``clean``)."""
         if self.initialised_here and dist.is_initialized():
@@ -149,6 +177,28 @@ class Dist:
             dist.destroy_process_group()
             gc.collect()  # free the group (and join gloo's threads) now, not at interpreter exit
         self.initialised_here = False
+
+
+def _describe(error: Exception) -> Tuple[str, str, dict]:
+    """What another rank needs to raise ``error`` again: class name (ConiliumError for a
+    conilium error defined outside :mod:`conilium.errors`), message, plain fields."""
+    kind = type(error).__name__
+    if isinstance(error, ConiliumError) and getattr(errors, kind, None) is not type(error):
+        kind = ConiliumError.__name__
+    fields = {k: v for k, v in vars(error).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return kind, str(error), fields
+
+
+def _rebuild(kind: str, message: str, fields: dict) -> ConiliumError:
+    """Rank 0's error on this rank: its conilium class (by name) with its message and fields,
+    else a ConiliumError naming the type."""
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, ConiliumError):
+        e = cls.__new__(cls)
+        Exception.__init__(e, message)
+        e.__dict__.update(fields)
+        return e
+    return ConiliumError(f"{kind}: {message}")
 
 
 def init_distributed(device_name: str = "auto", *, backend: Optional[str] = None,

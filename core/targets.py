@@ -300,7 +300,3 @@ def class_weights(labels: Iterable[Optional[str]]) -> np.ndarray:
     if total == 0:
         raise ConfigError("no training clip with a target-class consensus label: cannot compute class weights")
     return (total / (len(CLASSES) * np.maximum(n, 1))).astype(np.float32)
-
-
-def class_index(letter: str) -> int:
-    return _INDEX[letter]

@@ -152,6 +152,28 @@ def easy_difficult(run_dirs: Sequence, clips: Mapping[str, Clip], *, split: str 
         raise RunError("the Easy/Difficult analysis needs at least two runs")
     if other not in OTHER_MODES:
         raise ConfigError(f"other must be one of {', '.join(OTHER_MODES)}, got {other!r}")
+    ref, correct = _correct_runs(run_dirs, split)
+    missing = [n for n in ref if n not in clips]
+    if missing:
+        raise RunError(f"{len(missing)} clip(s) of split {split} are not in the clip metadata "
+                       f"(wrong cache or corpus?), e.g. {missing[:3]}")
+    k = len(run_dirs)
+    group_of = {n: ("easy" if c == k else "difficult" if c == 0 else "mixed") for n, c in correct.items()}
+    return {
+        "split": split,
+        "runs": [str(r) for r in run_dirs],
+        "other": other,
+        "n": len(ref),
+        "groups": _groups(ref, clips, group_of, other),
+        "speakers": _speakers(ref, clips, group_of),
+        "clip_groups": {n: group_of[n] for n in ref},
+        "correct_runs": {n: correct[n] for n in ref},
+    }
+
+
+def _correct_runs(run_dirs: Sequence[Path], split: str) -> Tuple[Dict[str, str], Dict[str, int]]:
+    """The scoreable clips of ``split`` with their reference (the first run's order) and how many
+    runs predict each correctly; the runs must agree on the clips and their references."""
     preds = {str(r): read_run(r, [split])[split] for r in run_dirs}
     first_run = str(run_dirs[0])
     first = preds[first_run]
@@ -170,15 +192,13 @@ def easy_difficult(run_dirs: Sequence, clips: Mapping[str, Clip], *, split: str 
                 raise RunError(f"runs {first_run} and {run}, split {split}: clip {n} has reference {ref[n]} "
                                f"in one and {r} in the other")
             correct[n] += int(y == r)
-    missing = [n for n in ref if n not in clips]
-    if missing:
-        raise RunError(f"{len(missing)} clip(s) of split {split} are not in the clip metadata "
-                       f"(wrong cache or corpus?), e.g. {missing[:3]}")
-    k = len(run_dirs)
-    group_of = {n: ("easy" if c == k else "difficult" if c == 0 else "mixed") for n, c in correct.items()}
+    return ref, correct
+
+
+def _groups(ref: Mapping[str, str], clips: Mapping[str, Clip], group_of: Mapping[str, str], other: str) -> Dict:
+    """Size, duration, agreement, genders and classes of each group and of all clips together."""
     members = {g: [clips[n] for n in ref if group_of[n] == g] for g in GROUPS}
     all_clips = [clips[n] for n in ref]
-
     groups = {}
     for g in GROUPS + ("all",):
         cl = all_clips if g == "all" else members[g]
@@ -192,8 +212,11 @@ def easy_difficult(run_dirs: Sequence, clips: Mapping[str, Clip], *, split: str 
             "classes": {c: int(v) for c, v in sorted(Counter(ref[x.name] for x in cl).items(),
                                                      key=lambda kv: CLASSES.index(kv[0]))},
         }
+    return groups
 
-    # Speakers (known speakers only).
+
+def _speakers(ref: Mapping[str, str], clips: Mapping[str, Clip], group_of: Mapping[str, str]) -> Dict:
+    """Easy, Difficult and other speakers (known speakers only): how many, their clips, genders."""
     by_speaker: Dict[str, List[str]] = OrderedDict()
     for n in ref:
         spk = clips[n].speaker
@@ -219,17 +242,7 @@ def easy_difficult(run_dirs: Sequence, clips: Mapping[str, Clip], *, split: str 
             **({f"{own}_clips_gender": _genders(own_clips)} if own else {}),
         }
     speakers["unknown_speaker_clips"] = int(sum(1 for n in ref if clips[n].speaker is None))
-
-    return {
-        "split": split,
-        "runs": [str(r) for r in run_dirs],
-        "other": other,
-        "n": len(all_clips),
-        "groups": groups,
-        "speakers": speakers,
-        "clip_groups": {n: group_of[n] for n in ref},
-        "correct_runs": {n: correct[n] for n in ref},
-    }
+    return speakers
 
 
 # --------------------------------------------------------------------------- output

@@ -52,6 +52,14 @@ from .whisper import MAX_SAMPLES, WhisperFamily, check_input, is_whisper
 from .whisper import freeze_front_end as whisper_freeze
 
 
+def hidden_shape(model: nn.Module) -> Tuple[int, int]:
+    """``(num_hidden_states, dim)`` of an upstream model of any family, from its config, as
+    :class:`UpstreamEncoder` reports them: hidden states 0 (input of the first transformer
+    layer) to ``num_hidden_states - 1`` (the last), each ``dim`` wide."""
+    family = WhisperFamily if is_whisper(model) else Wav2Vec2Family
+    return family.shape(model.config)
+
+
 class UpstreamEncoder(nn.Module):
     """Hidden states of an upstream (wav2vec 2.0 family or Whisper) for zero-padded waveforms.
 
@@ -159,8 +167,7 @@ class Wav2Vec2Family:
         self.fused_attention = use_fused_attention(model) if fused_attention else 0
         config = model.config
         self.group_norm_encoder = getattr(config, "feat_extract_norm", "layer") == "group"
-        self.num_hidden_states = config.num_hidden_layers + 1
-        self.dim = config.hidden_size
+        self.num_hidden_states, self.dim = self.shape(config)
         stride = 1
         for s in config.conv_stride:
             stride *= s
@@ -170,6 +177,11 @@ class Wav2Vec2Family:
         self._hooks = [enc_layers[0].register_forward_pre_hook(self._capture_input)]
         for i, layer in enumerate(enc_layers):
             self._hooks.append(layer.register_forward_hook(self._capture_output(i + 1)))
+
+    @staticmethod
+    def shape(config) -> Tuple[int, int]:
+        """``(hidden states, width)`` of a wav2vec 2.0-family upstream with this config."""
+        return int(config.num_hidden_layers) + 1, int(config.hidden_size)
 
     # ---- hooks ----------------------------------------------------------------------------
     def _capture_input(self, module, args):

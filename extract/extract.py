@@ -41,7 +41,7 @@ from conilium.runtime import compute_dtype as pick_compute_dtype
 from conilium.runtime import Dist, init_distributed
 from conilium.util import check_writable, output_errors
 
-from .encoder import UpstreamRunner
+from .encoder import UpstreamRunner, hidden_shape
 from .pipeline import ExtractStats, JobLoader, run_shards
 from .plan import (ExtractConfig, Job, NoiseAugmentation, assign_shards, noise_fingerprint, parse_layers, plan_jobs,
                    resolve_for_family)
@@ -98,13 +98,13 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
 
     try:
         # an upstream that cannot be loaded here fails in seconds, before anything is written
-        _on_rank0(dist, lambda: check_upstream(config.upstream, random_init=config.random_init,
-                                               revision=config.revision))
+        dist.on_main(lambda: check_upstream(config.upstream, random_init=config.random_init,
+                                            revision=config.revision))
         # normalisation "auto" and Whisper's input length settled for the upstream's family (registry or
         # config.json, no weights); settings the family cannot take are refused now, before anything is written
         config = resolve_for_family(config, upstream_family(config.upstream, random_init=config.random_init,
                                                             revision=config.revision) == "whisper")
-        _on_rank0(dist, claim_out)
+        dist.on_main(claim_out)
         with CacheWriter(out) as cache:
             _extract(config, corpus, cache, dist, dev, t_start, stats, batch_seconds=batch_seconds, workers=workers,
                      skip_bad=skip_bad, overwrite=overwrite, check_space=check_space, verbose=verbose)
@@ -121,30 +121,82 @@ def _say(verbose: bool, msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
-def _on_rank0(dist: Dist, step, *, name_type: bool = False):
-    """Run ``step()`` on rank 0 and share its result; its failure fails every rank (alone, it
-    is raised as it is; with other ranks, as a CacheError with its message)."""
-    result, error = None, None
-    if dist.rank == 0:
-        try:
-            result = step()
-        except Exception as e:
-            if dist.world == 1:
-                raise
-            error = f"{type(e).__name__}: {e}" if name_type else f"{e}"
-    error = dist.broadcast(error)
-    if error:
-        raise CacheError(error)
-    return dist.broadcast(result)
-
-
 def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev, t_start: float,
              stats: ExtractStats, *, batch_seconds, workers, skip_bad, overwrite, check_space, verbose) -> None:
     out = cache.out
     verbose_here = verbose and dist.rank == 0
-    aug = config.augmentation
+    corpus = _select_clips(corpus, config, skip_bad)
+    noise_files = list_noise_files(config.augmentation.noise_dir) if config.augmentation else []
 
-    # -- the corpus ------------------------------------------------------------------------
+    # -- the cache directory and the upstream (rank 0 prepares, the others follow) ------------
+    dist.on_main(lambda: _claim(cache, config, overwrite, verbose))
+    cdtype = pick_compute_dtype(config.compute_dtype, dev)
+    if batch_seconds is None:
+        batch_seconds = DEFAULT_BATCH_SECONDS[dev.type]
+    runner, identity = _load_runner(config, cache, dev, cdtype, verbose)
+    settings = _settings(config, identity, runner, corpus, noise_files)
+
+    # -- compare with what is on disk, fix the normalisation statistics ----------------------
+    settings, was_complete = dist.on_main(lambda: _settle_settings(cache, settings, corpus, config, skip_bad,
+                                                                   workers, verbose_here), share=True)
+    cache.use_settings(settings)
+    stats_skipped = [tuple(x) for x in settings.get("skipped_in_stats", [])]
+
+    # -- plan -----------------------------------------------------------------------------------
+    jobs = plan_jobs(corpus, config, noise_files)
+    shards = assign_shards(jobs, config.shard_size)
+    mine, kept = _my_shards(cache, shards, dist)
+    stats.shards_kept = kept
+    stats.device = dev.type
+    stats.compute_dtype = cdtype
+    stats.batch_seconds = batch_seconds
+    todo_jobs = [j for v in mine.values() for j in v]
+    todo_frames = sum(dist.gather(sum(runner.frames_for(j.samples) for j in todo_jobs)))
+    todo_clips = sum(dist.gather(len(todo_jobs)))
+    if was_complete and todo_clips == 0:
+        runner.close()
+        _say(verbose_here, f"{out}: cache already complete with these settings; nothing to do")
+        stats.wall_seconds = time.perf_counter() - t_start
+        return
+    pooled_layers = runner.num_hidden_states if config.pooled_stats else 0
+    total_bytes = projected_bytes(sum(runner.frames_for(j.samples) for j in jobs), len(jobs), len(runner.layers),
+                                  settings["dim"], config.dtype, pooled_layers)
+    todo_bytes = projected_bytes(todo_frames, todo_clips, len(runner.layers), settings["dim"], config.dtype,
+                                 pooled_layers)
+
+    def check_room():
+        free = shutil.disk_usage(out).free
+        _say(verbose_here, f"extracting {len(jobs)} clips ({len(corpus)} in the corpus"
+             + (f", {len(jobs) - len(corpus)} noisy copies" if config.augmentation else "")
+             + f") with {config.upstream} on {dev.type} ({cdtype}) into {len(shards)} shard(s); "
+             f"layers {runner.layers}, {config.dtype}")
+        _say(verbose_here, f"projected cache size: {human_bytes(total_bytes)}"
+             + (f" ({human_bytes(todo_bytes)} still to write)" if todo_clips < len(jobs) else "")
+             + f"; free disk: {human_bytes(free)}")
+        if check_space and todo_bytes > free:
+            raise CacheError(f"projected cache size {human_bytes(todo_bytes)} exceeds the free disk space at {out} "
+                             f"({human_bytes(free)}); free some space, store fewer --layers or use --dtype float16, "
+                             f"or pass --no-space-check to try anyway")
+
+    dist.on_main(check_room)
+    if kept:
+        _say(verbose_here, f"resuming: {kept} complete shard(s) kept")
+
+    # -- extract, then rank 0 gathers the sidecars, writes clips.json, then the manifest ---------
+    _run(mine, JobLoader(corpus, config, settings.get("normalize_stats")), cache, runner, dist, stats,
+         upstream=config.upstream, batch_seconds=batch_seconds, workers=workers, skip_bad=skip_bad, verbose=verbose)
+    if dist.rank == 0:
+        with output_errors(out):
+            _finish(cache, jobs, shards, stats_skipped, list(corpus.skipped))
+    dist.barrier()
+    stats.wall_seconds = time.perf_counter() - t_start
+    if verbose_here:
+        _say(True, f"{out}: {stats.clips} clip(s) extracted, {stats.skipped} skipped, "
+                   f"{stats.shards_kept} shard(s) kept; {stats.wall_seconds:.1f} s")
+
+
+def _select_clips(corpus, config: ExtractConfig, skip_bad: bool) -> Corpus:
+    """The corpus (a root directory or a loaded :class:`Corpus`) restricted to ``config.splits``."""
     if not isinstance(corpus, Corpus):
         corpus = load_corpus(corpus, read_durations=True, skip_bad=skip_bad, splits=config.splits)
     elif config.splits:
@@ -153,41 +205,49 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
     if len(corpus) == 0:
         raise CorpusError(f"{corpus.root}: no clips to extract"
                           + (f" in split(s) {', '.join(config.splits)}" if config.splits else ""))
-    noise_files = list_noise_files(aug.noise_dir) if aug else []
+    return corpus
 
-    # -- the cache directory and the upstream (rank 0 prepares, the others follow) ------------
-    def claim():
-        with output_errors(out), _hf_bars(verbose):
-            cache.begin(overwrite=overwrite)
-            if config.random_init:  # save the random weights once, before any other rank loads them
-                from .upstreams import build_random_upstream, random_init_dir
 
-                build_random_upstream(config.upstream,
-                                      random_init_dir(config.upstream, config.seed, cache.upstream_dir),
-                                      seed=config.seed)
+def _claim(cache: CacheWriter, config: ExtractConfig, overwrite: bool, verbose: bool) -> None:
+    """Rank 0: begin the cache directory and save seeded random weights once, before any
+    other rank loads them."""
+    with output_errors(cache.out), _hf_bars(verbose):
+        cache.begin(overwrite=overwrite)
+        if config.random_init:
+            from .upstreams import build_random_upstream, random_init_dir
 
-    _on_rank0(dist, claim, name_type=True)
-    cdtype = pick_compute_dtype(config.compute_dtype, dev)
-    if batch_seconds is None:
-        batch_seconds = DEFAULT_BATCH_SECONDS[dev.type]
+            build_random_upstream(config.upstream, random_init_dir(config.upstream, config.seed, cache.upstream_dir),
+                                  seed=config.seed)
+
+
+def _load_runner(config: ExtractConfig, cache: CacheWriter, dev, cdtype: str,
+                 verbose: bool) -> Tuple[UpstreamRunner, dict]:
+    """The upstream, ready to extract the layers ``config`` asks for, and its identity."""
     model, identity = _quiet_load(verbose, config.upstream, random_init=config.random_init, seed=config.seed,
                                   random_root=cache.upstream_dir, revision=config.revision)
     if config.random_init:  # where the weights are, relative to the cache, for later stages
         from .upstreams import random_init_dir
 
         identity["path"] = f"{UPSTREAM_DIR}/{random_init_dir(config.upstream, config.seed, '.').name}"
-    n_states = model.config.num_hidden_layers + 1
-    layer_idx = parse_layers(config.layers, n_states)
-    runner = UpstreamRunner(model, device=dev, compute_dtype=cdtype, layers=layer_idx,
+    num_hidden_states, _ = hidden_shape(model)
+    runner = UpstreamRunner(model, device=dev, compute_dtype=cdtype,
+                            layers=parse_layers(config.layers, num_hidden_states),
                             pooled_stats=config.pooled_stats, whisper_input=config.whisper_input or "30s")
-    settings = {
+    return runner, identity
+
+
+def _settings(config: ExtractConfig, identity: dict, runner: UpstreamRunner, corpus: Corpus,
+              noise_files: List) -> dict:
+    """What a cache made with ``config`` from ``runner``'s upstream records (extraction.json)."""
+    aug = config.augmentation
+    return {
         "upstream": identity,
-        "layers": layer_idx,
+        "layers": runner.layers,
         "layers_spec": config.layers,
-        "num_hidden_states": n_states,
-        "dim": int(model.config.hidden_size),
+        "num_hidden_states": runner.num_hidden_states,
+        "dim": runner.dim,
         "dtype": config.dtype,
-        "compute_dtype": cdtype,
+        "compute_dtype": runner.compute_dtype,
         "frame_rate": runner.frame_rate,
         "max_seconds": config.max_seconds,
         "normalize": config.normalize,
@@ -204,15 +264,10 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
         "config": config.to_json(),
     }
 
-    # -- compare with what is on disk, fix the normalisation statistics ----------------------
-    settings, was_complete = _on_rank0(dist, lambda: _settle_settings(cache, settings, corpus, config, skip_bad,
-                                                                      workers, verbose_here))
-    cache.use_settings(settings)
-    stats_skipped = [tuple(x) for x in settings.get("skipped_in_stats", [])]
 
-    # -- plan -----------------------------------------------------------------------------------
-    jobs = plan_jobs(corpus, config, noise_files)
-    shards = assign_shards(jobs, config.shard_size)
+def _my_shards(cache: CacheWriter, shards: List[List[Job]], dist: Dist) -> Tuple[Dict[int, List[Job]], int]:
+    """This rank's shards still to write (every K-th of K ranks) and how many of its shards are
+    already complete on disk."""
     mine: Dict[int, List[Job]] = {}
     kept = 0
     for index, shard_jobs in enumerate(shards):
@@ -222,45 +277,15 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
             kept += 1
             continue
         mine[index] = shard_jobs
-    stats.shards_kept = kept
-    stats.device = dev.type
-    stats.compute_dtype = cdtype
-    stats.batch_seconds = batch_seconds
-    todo_jobs = [j for v in mine.values() for j in v]
-    todo_frames = sum(dist.gather(sum(runner.frames_for(j.samples) for j in todo_jobs)))
-    todo_clips = sum(dist.gather(len(todo_jobs)))
-    if was_complete and todo_clips == 0:
-        runner.close()
-        _say(verbose_here, f"{out}: cache already complete with these settings; nothing to do")
-        stats.wall_seconds = time.perf_counter() - t_start
-        return
-    useful = sum(runner.frames_for(j.samples) for j in jobs)
-    pooled_layers = n_states if config.pooled_stats else 0
-    total_bytes = projected_bytes(useful, len(jobs), len(layer_idx), settings["dim"], config.dtype, pooled_layers)
-    todo_bytes = projected_bytes(todo_frames, todo_clips, len(layer_idx), settings["dim"], config.dtype, pooled_layers)
-    error = None
-    if dist.rank == 0:
-        free = shutil.disk_usage(out).free
-        _say(verbose_here, f"extracting {len(jobs)} clips ({len(corpus)} in the corpus"
-             + (f", {len(jobs) - len(corpus)} noisy copies" if aug else "") + f") with {config.upstream} "
-             f"on {dev.type} ({cdtype}) into {len(shards)} shard(s); layers {layer_idx}, {config.dtype}")
-        _say(verbose_here, f"projected cache size: {human_bytes(total_bytes)}"
-             + (f" ({human_bytes(todo_bytes)} still to write)" if todo_clips < len(jobs) else "")
-             + f"; free disk: {human_bytes(free)}")
-        if check_space and todo_bytes > free:
-            error = (f"projected cache size {human_bytes(todo_bytes)} exceeds the free disk space at {out} "
-                     f"({human_bytes(free)}); free some space, store fewer --layers or use --dtype float16, "
-                     f"or pass --no-space-check to try anyway")
-    error = dist.broadcast(error)
-    if error:
-        raise CacheError(error)
-    if kept:
-        _say(verbose_here, f"resuming: {kept} complete shard(s) kept")
+    return mine, kept
 
-    # -- extract --------------------------------------------------------------------------------
-    loader = JobLoader(corpus, config, settings.get("normalize_stats"))
+
+def _run(mine: Dict[int, List[Job]], loader: JobLoader, cache: CacheWriter, runner: UpstreamRunner, dist: Dist,
+         stats: ExtractStats, *, upstream: str, batch_seconds, workers, skip_bad, verbose) -> None:
+    """Write this rank's shards (then release the upstream); a failure on any rank fails every
+    rank with a CacheError naming the ranks."""
     todo = sum(len(v) for v in mine.values())
-    progress = tqdm(total=todo, desc=f"extract {config.upstream}" + (f" [rank {dist.rank}]" if dist.world > 1 else ""),
+    progress = tqdm(total=todo, desc=f"extract {upstream}" + (f" [rank {dist.rank}]" if dist.world > 1 else ""),
                     unit="clip", disable=not verbose or todo == 0, file=sys.stderr, position=dist.rank,
                     dynamic_ncols=True, smoothing=0.1)
     error = None
@@ -282,16 +307,6 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
     errors = dist.gather_errors(error)
     if errors:
         raise CacheError("; ".join(errors))
-
-    # -- finish: rank 0 gathers the sidecars, writes clips.json, then the manifest ---------------
-    if dist.rank == 0:
-        with output_errors(out):
-            _finish(cache, jobs, shards, stats_skipped, list(corpus.skipped))
-    dist.barrier()
-    stats.wall_seconds = time.perf_counter() - t_start
-    if verbose_here:
-        _say(True, f"{out}: {stats.clips} clip(s) extracted, {stats.skipped} skipped, "
-                   f"{stats.shards_kept} shard(s) kept; {stats.wall_seconds:.1f} s")
 
 
 def _check_later_options(out: Path, found: dict, config: ExtractConfig) -> None:

@@ -6,7 +6,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -73,27 +73,14 @@ def verify_cache(path, *, checksums: bool = True, verbose: bool = False) -> Veri
     path = Path(path)
     manifest = load_manifest(path)
     report = VerifyReport(shards=len(manifest.get("shards", [])))
-    cpath = path / CLIPS
-    if not cpath.is_file():
-        report.problems.append(f"{cpath}: missing")
+    records = _read_clips(path, manifest, report)
+    if records is None:
         return report
-    if file_sha256(cpath) != manifest.get("clips_sha256"):
-        report.problems.append(f"{cpath}: checksum differs from the manifest's")
-    try:
-        records = read_json(cpath)
-    except ValueError as e:
-        report.problems.append(f"{cpath}: unreadable ({e})")
-        return report
-    report.clips = len(records)
-    if manifest.get("num_clips") is not None and manifest["num_clips"] != len(records):
-        report.problems.append(f"{cpath}: {len(records)} clips, the manifest says {manifest['num_clips']}")
     by_shard: Dict[int, Dict[str, int]] = defaultdict(dict)
     for r in records:
         by_shard[int(r["shard"])][r["name"]] = int(r["num_frames"])
-    n_layers = len(manifest["layers"])
-    dim = int(manifest["dim"])
-    pooled = bool(manifest.get("pooled_stats"))
-    dtype = manifest.get("dtype", "float16")
+    layout = _Layout(len(manifest["layers"]), int(manifest["dim"]), manifest.get("dtype", "float16"),
+                     bool(manifest.get("pooled_stats")))
     for index, entry in enumerate(tqdm(manifest["shards"], desc="verifying shards", unit="shard",
                                        disable=not verbose, file=sys.stderr)):
         f = path / entry["file"]
@@ -102,53 +89,80 @@ def verify_cache(path, *, checksums: bool = True, verbose: bool = False) -> Veri
             continue
         size = f.stat().st_size
         report.bytes += size
-        if size != entry.get("bytes", size):
-            report.problems.append(f"{f}: {size} bytes, the manifest says {entry['bytes']}")
-            continue
-        if checksums and file_sha256(f) != entry["sha256"]:
-            problem = f"{f}: SHA-256 differs from the manifest's (the file is damaged)"
-            try:
-                bad = damaged_clips(read_shard_index(f))
-            except (CacheError, OSError) as e:
-                problem += f"; its index is damaged too ({e})"
-            else:
-                if bad:
-                    problem += f"; clip(s) failing their CRC-32 check: {', '.join(bad[:5])}" + (" …" if len(bad) > 5 else "")
-            report.problems.append(problem)
-            continue
+        report.problems += _shard_problems(f, size, entry, by_shard.get(index, {}), layout, checksums)
+    return report
+
+
+def _read_clips(path: Path, manifest: dict, report: VerifyReport) -> Optional[list]:
+    """clips.json's records, checked against the manifest (problems go to ``report``); None when
+    it is missing or unreadable."""
+    cpath = path / CLIPS
+    if not cpath.is_file():
+        report.problems.append(f"{cpath}: missing")
+        return None
+    if file_sha256(cpath) != manifest.get("clips_sha256"):
+        report.problems.append(f"{cpath}: checksum differs from the manifest's")
+    try:
+        records = read_json(cpath)
+    except ValueError as e:
+        report.problems.append(f"{cpath}: unreadable ({e})")
+        return None
+    report.clips = len(records)
+    if manifest.get("num_clips") is not None and manifest["num_clips"] != len(records):
+        report.problems.append(f"{cpath}: {len(records)} clips, the manifest says {manifest['num_clips']}")
+    return records
+
+
+class _Layout(NamedTuple):
+    """What the manifest says every shard holds."""
+
+    num_layers: int
+    dim: int
+    dtype: str
+    pooled: bool
+
+
+def _shard_problems(f: Path, size: int, entry: dict, expected: Dict[str, int], layout: _Layout,
+                    checksums: bool) -> List[str]:
+    """What is wrong with shard file ``f`` (``size`` bytes): its size and SHA-256 against the
+    manifest's ``entry``, then its clips (``expected``: clips.json's names and frame counts)."""
+    if size != entry.get("bytes", size):
+        return [f"{f}: {size} bytes, the manifest says {entry['bytes']}"]
+    if checksums and file_sha256(f) != entry["sha256"]:
+        problem = f"{f}: SHA-256 differs from the manifest's (the file is damaged)"
         try:
-            shard = read_shard_index(f)
-        except CacheError as e:
-            report.problems.append(str(e))
-            continue
-        names = shard.names
-        if len(names) != entry["clips"]:
-            report.problems.append(f"{f}: {len(names)} clips, the manifest says {entry['clips']}")
-        expected = by_shard.get(index, {})
-        if set(names) != set(expected):
-            missing = sorted(set(expected) - set(names))
-            extra = sorted(set(names) - set(expected))
-            report.problems.append(f"{f}: clips differ from clips.json (missing {missing[:3]}, "
-                                   f"extra {extra[:3]})")
-        if names and (shard.num_layers, shard.dim) != (n_layers, dim):
-            report.problems.append(f"{f}: frames of {shard.num_layers} layer(s) × {shard.dim}, the manifest says "
-                                   f"{n_layers} × {dim}")
-        if names and str(shard.dtype) != dtype:
-            report.problems.append(f"{f}: frames stored as {shard.dtype}, the manifest says {dtype}")
-        for i, n in enumerate(names):
-            t = int(shard.num_frames[i])
-            want = (expected.get(n, t), n_layers, dim)
-            if (t, shard.num_layers, shard.dim) != want:
-                report.problems.append(f"{f}: clip {n} frames have shape {(t, shard.num_layers, shard.dim)}, "
-                                       f"expected {want}")
-        if pooled and names and shard.pooled_shape is None:
-            report.problems.append(f"{f}: no pooled statistics (for clips {', '.join(names[:3])} …)")
-    return report
-
-
-def check_cache(path, **kw) -> VerifyReport:
-    """Like :func:`verify_cache` but raises :class:`CacheError` listing the problems."""
-    report = verify_cache(path, **kw)
-    if report.problems:
-        raise CacheError(f"{path}: " + "; ".join(report.problems[:10]))
-    return report
+            bad = damaged_clips(read_shard_index(f))
+        except (CacheError, OSError) as e:
+            problem += f"; its index is damaged too ({e})"
+        else:
+            if bad:
+                problem += f"; clip(s) failing their CRC-32 check: {', '.join(bad[:5])}" + (" …" if len(bad) > 5 else "")
+        return [problem]
+    try:
+        shard = read_shard_index(f)
+    except CacheError as e:
+        return [str(e)]
+    problems = []
+    names = shard.names
+    n_layers, dim, dtype = layout.num_layers, layout.dim, layout.dtype
+    if len(names) != entry["clips"]:
+        problems.append(f"{f}: {len(names)} clips, the manifest says {entry['clips']}")
+    if set(names) != set(expected):
+        missing = sorted(set(expected) - set(names))
+        extra = sorted(set(names) - set(expected))
+        problems.append(f"{f}: clips differ from clips.json (missing {missing[:3]}, "
+                        f"extra {extra[:3]})")
+    if names and (shard.num_layers, shard.dim) != (n_layers, dim):
+        problems.append(f"{f}: frames of {shard.num_layers} layer(s) × {shard.dim}, the manifest says "
+                        f"{n_layers} × {dim}")
+    if names and str(shard.dtype) != dtype:
+        problems.append(f"{f}: frames stored as {shard.dtype}, the manifest says {dtype}")
+    for i, n in enumerate(names):
+        t = int(shard.num_frames[i])
+        want = (expected.get(n, t), n_layers, dim)
+        if (t, shard.num_layers, shard.dim) != want:
+            problems.append(f"{f}: clip {n} frames have shape {(t, shard.num_layers, shard.dim)}, "
+                            f"expected {want}")
+    if layout.pooled and names and shard.pooled_shape is None:
+        problems.append(f"{f}: no pooled statistics (for clips {', '.join(names[:3])} …)")
+    return problems

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -159,8 +159,12 @@ class WhisperFamily:
         if self.positions * SAMPLES_PER_FRAME != MAX_SAMPLES:
             raise ConfigError(f"Whisper encoder with {self.positions} positions: only the released 30 s input "
                               f"(1500 positions) is supported")
-        self.num_hidden_states = int(model.config.encoder_layers) + 1
-        self.dim = int(model.config.d_model)
+        self.num_hidden_states, self.dim = self.shape(model.config)
+
+    @staticmethod
+    def shape(config) -> Tuple[int, int]:
+        """``(hidden states, width)`` of a Whisper encoder with this config."""
+        return int(config.encoder_layers) + 1, int(config.d_model)
 
     # ---- lengths ----------------------------------------------------------------------------
     def frames_for(self, num_samples: int) -> int:

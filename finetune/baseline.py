@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from conilium.errors import ConfigError
-
+from conilium.extract.encoder import hidden_shape
 from conilium.heads.model import EmotionHead, HeadConfig
 
 from .config import BASELINE_MAX_SECONDS
@@ -180,9 +180,9 @@ def load_baseline(folder, upstream: torch.nn.Module) -> Tuple[EmotionHead, Optio
     _load_strict(upstream, ssl, files["ssl"], f"upstream {type(upstream).__name__}")
     pool, ser = read_state_dict(files["pool"]), read_state_dict(files["ser"])
     cfg = head_config(pool, ser, files["pool"], files["ser"])
-    if cfg.dim != upstream.config.hidden_size:
-        raise ConfigError(f"{files['pool']}: pooling width {cfg.dim} differs from the upstream's hidden size "
-                          f"{upstream.config.hidden_size}")
+    _, dim = hidden_shape(upstream)
+    if cfg.dim != dim:
+        raise ConfigError(f"{files['pool']}: pooling width {cfg.dim} differs from the upstream's hidden size {dim}")
     head = EmotionHead(cfg)
     _load_strict(head.pooling, pool, files["pool"], "attentive statistics pooling")
     _load_strict(head.classifier, ser, files["ser"], "classifier")

@@ -29,7 +29,7 @@ import conilium
 from conilium import CLASSES, SAMPLE_RATE
 from conilium.errors import ConfigError
 from conilium.dirs import ModelDir
-from conilium.extract.encoder import UpstreamEncoder
+from conilium.extract.encoder import UpstreamEncoder, hidden_shape
 from conilium.extract.lora import has_adapters
 from conilium.extract.upstreams import load_upstream
 from conilium.training.losses import activation
@@ -72,9 +72,9 @@ class EndToEndModel(nn.Module):
                               f"{list(self.layers)}, which would leave the top transformer layers untrained")
         if head.config.num_layers != len(self.layers):
             raise ConfigError(f"head expects {head.config.num_layers} layer(s), model gives {len(self.layers)}")
-        if head.config.dim != upstream.config.hidden_size:
+        if head.config.dim != hidden_shape(upstream)[1]:
             raise ConfigError(f"head width {head.config.dim} differs from the upstream's hidden size "
-                              f"{upstream.config.hidden_size}")
+                              f"{hidden_shape(upstream)[1]}")
 
     @property
     def upstream(self) -> nn.Module:
@@ -103,7 +103,7 @@ def enable_checkpointing(upstream) -> None:
 
 
 def default_head_config(upstream, config: FinetuneConfig) -> HeadConfig:
-    return HeadConfig(dim=upstream.config.hidden_size, num_layers=1, layers=0, pooling=config.pooling,
+    return HeadConfig(dim=hidden_shape(upstream)[1], num_layers=1, layers=0, pooling=config.pooling,
                       hidden=config.hidden, dropout=config.dropout)
 
 

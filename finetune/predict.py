@@ -47,6 +47,7 @@ from conilium import CLASSES
 from conilium.audio import SignalPath
 from conilium.dirs import CacheDir, Manifest, ModelDir, RunDir
 from conilium.errors import AudioError, ConfigError, ConiliumError
+from conilium.extract.encoder import hidden_shape
 from conilium.heads.predict import predict_batches
 from conilium.runtime import COMPUTE_DTYPES, resolve_device
 from conilium.runtime import compute_dtype as pick_compute_dtype
@@ -326,9 +327,9 @@ def load_run(run_dir, *, device: torch.device, precision: str = "auto") -> Loade
         raise ConfigError(f"{where}: {RunDir(head_run).checkpoint_path} does not say which upstream layers the head "
                           f"read; train the head again with this version of train-head")
     upstream, ident = load_run_upstream(head_run, ckpt, where)
-    if head.config.dim != upstream.config.hidden_size:
+    if head.config.dim != hidden_shape(upstream)[1]:
         raise ConfigError(f"{where}: head width {head.config.dim} differs from the hidden size "
-                          f"{upstream.config.hidden_size} of upstream {ident.get('loaded_from')}")
+                          f"{hidden_shape(upstream)[1]} of upstream {ident.get('loaded_from')}")
     stored = manifest.compute_dtype
     if precision == "auto":
         compute = pick_compute_dtype(stored if stored in COMPUTE_DTYPES else "auto", device, strict=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from conilium import CLASSES
 from conilium import errors as _errors
-from conilium.errors import ConfigError, ConiliumError
+from conilium.errors import ConfigError
 from conilium.locking import DirectoryLock, lock_directory
 from conilium.dirs import ModelDir
 from conilium.runs import write_run_outputs
@@ -56,38 +56,6 @@ def output_bytes(model: nn.Module, *, resuming: bool) -> int:
     if resuming:
         return 2 * every + 2 * trained + (1 << 20)
     return 3 * every + 4 * trained + (1 << 20)
-
-
-def on_main(d: Dist, fn: Callable[[], object]):
-    """Run ``fn`` on rank 0 only and return what it returns there (None elsewhere); a
-    ConiliumError it raises (a full disk, say) is raised on every rank, so that no rank waits
-    for rank 0 forever. Synchronises the ranks."""
-    error: Optional[ConiliumError] = None
-    result = None
-    if d.main:
-        try:
-            result = fn()
-        except ConiliumError as e:
-            error = e
-    problem = d.broadcast(None if error is None else (type(error).__name__, str(error)))
-    if error is not None:
-        raise error
-    if problem is not None:
-        raise _remote_error(*problem)
-    return result
-
-
-def _remote_error(kind: str, message: str) -> ConiliumError:
-    """An exception of rank 0's error class (by name) with its message, for the other ranks."""
-    cls = getattr(_errors, kind, None)
-    if isinstance(cls, type) and issubclass(cls, ConiliumError):
-        try:
-            e = cls.__new__(cls)
-            Exception.__init__(e, message)
-            return e
-        except TypeError:  # pragma: no cover
-            pass
-    return ConiliumError(message)
 
 
 def check_out_dir(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> Tuple[Optional[dict], bool]:
@@ -131,25 +99,23 @@ def claim_out_dir(out: Path, config: FinetuneConfig, d: Dist, *, resume: bool, o
                    wait_for_lock=False, progress: bool = False) -> Tuple[Optional[dict], Optional[DirectoryLock]]:
     """Lock ``out`` on rank 0, check it (writable; clear it when starting over) and return the
     checkpoint to resume from and the lock (None on the other ranks)."""
-    ckpt, clear, problem, lock = None, False, None, None
-    error: Optional[ConiliumError] = None
-    if d.main:
+    state: dict = {}
+
+    def claim() -> bool:
         on_wait = (lambda m: tqdm.write(m)) if progress else None
+        lock = lock_directory(out, what="finetune-best model directory", wait=wait_for_lock,
+                              on_wait=on_wait).acquire()
         try:
-            lock = lock_directory(out, what="finetune-best model directory", wait=wait_for_lock,
-                                  on_wait=on_wait).acquire()
             check_writable(out, what="finetune-best model directory")
-            ckpt, clear = check_out_dir(out, config, resume, overwrite)
-        except ConiliumError as e:
-            error, problem = e, (type(e).__name__, str(e))
-            if lock is not None:
-                lock.release()
-                lock = None
-    problem, resuming = d.broadcast((problem, ckpt is not None))
-    if error is not None:
-        raise error
-    if problem:
-        raise _remote_error(*problem)
+            state["ckpt"], state["clear"] = check_out_dir(out, config, resume, overwrite)
+        except BaseException:
+            lock.release()
+            raise
+        state["lock"] = lock
+        return state["ckpt"] is not None
+
+    resuming = d.on_main(claim, share=True)
+    ckpt, clear, lock = state.get("ckpt"), state.get("clear", False), state.get("lock")
     if resuming and not d.main:
         ckpt = torch.load(checkpoint_paths(out)[0], map_location="cpu", weights_only=False)
     if d.main and not resuming:

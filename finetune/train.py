@@ -87,8 +87,8 @@ from .config import FinetuneConfig, FinetuneError, check_config, precision_dtype
 from .data import AudioClips, collate_waves, epoch_batches, rank_micro_batches
 from .model import EndToEndModel, enable_checkpointing, upstream_overrides
 from .predict import min_samples, predict_clips
-from .rundir import (CHECKPOINT_DIR, LAST, TUNED_DIR, check_out_dir, checkpoint_paths,  # noqa: F401
-                     claim_out_dir, on_main, output_bytes, write_model_dir)
+from .rundir import (CHECKPOINT_DIR, LAST, TUNED_DIR, check_out_dir, checkpoint_paths,  # noqa: F401 (LAST, TUNED_DIR: the run's names)
+                     claim_out_dir, output_bytes, write_model_dir)
 from .warmstart import build_model
 
 #: the training core's atomic checkpoint writer, under the name the tests and tools know
@@ -180,7 +180,7 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
                                    wait_for_lock=wait_for_lock, progress=progress)
         progress = progress and d.main
         built = build(config, prep, d, device, ckpt, progress=progress)
-        on_main(d, lambda: check_writable(config.out, what="finetune-best model directory",
+        d.on_main(lambda: check_writable(config.out, what="finetune-best model directory",
                                           need_bytes=output_bytes(built.model, resuming=ckpt is not None)))
         history, best, seconds = fit(config, built, d, device, ckpt, progress=progress, on_epoch_end=on_epoch_end)
         return export(config, prep, built, d, device, history, best, seconds, progress=progress)
@@ -222,7 +222,7 @@ def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device,
                 load_upstream(config.upstream, random_init=True, seed=config.random_init_seed,
                               random_root=random_root, config_overrides=upstream_overrides(config))
 
-        on_main(d, make_random_weights)
+        d.on_main(make_random_weights)
     else:
         d.barrier()
     upstream, identity = load_upstream(config.upstream, random_init=config.random_init,
@@ -367,7 +367,7 @@ class FinetuneRecipe(loop.Recipe):
                                      "bucket_batches": config.bucket_batches, "batch_size": config.batch_size},
                          "normalize": {"mode": self.b.signal.normalize, "stats": self.b.signal.stats}}, last_path)
 
-        on_main(d, save_checkpoints)  # in place of a barrier: a failure to save stops every rank
+        d.on_main(save_checkpoints)  # in place of a barrier: a failure to save stops every rank
         if self.progress:
             tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}, {config.dev_split} macro-F1 "
                        f"{record['dev_f1_macro']:.4f} (best {best['f1_macro']:.4f} at epoch {best['epoch']}), "
@@ -405,7 +405,7 @@ def fit(config: FinetuneConfig, b: Built, d: Dist, device: torch.device, ckpt: O
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=find_unused)
-    on_main(d, lambda: ModelDir(out).write_config({
+    d.on_main(lambda: ModelDir(out).write_config({
         **config.to_json(), "kind": "finetune", "upstream_identity": b.identity, "start_from": b.start_from,
         "normalize_stats": b.signal.stats, "world_size": d.world, "max_seconds_used": b.signal.max_seconds,
         "normalize_used": b.signal.normalize}))
@@ -435,7 +435,7 @@ def export(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, device: to
         _, probs = _evaluate_split(model, ds, clips, config, d, device, progress, f"predicting {split}")
         split_predictions[split] = ([c.name for c in clips], probs, [c.emo_class for c in clips])
     # rank 0 writes; the other ranks wait for it, and fail with it
-    metrics = on_main(d, lambda: write_model_dir(config, prep, b, d, device, history, best, train_seconds,
+    metrics = d.on_main(lambda: write_model_dir(config, prep, b, d, device, history, best, train_seconds,
                                                  split_predictions, out, model))
     return metrics if d.main else {}
 

@@ -14,6 +14,7 @@ from typing import List, Mapping, Optional, Tuple
 
 from conilium.audio import NORMALIZE_MODES
 from conilium.errors import ConfigError
+from conilium.extract.encoder import hidden_shape
 from conilium.heads.model import EmotionHead
 from conilium.heads.train import load_head
 
@@ -80,12 +81,13 @@ def head_from_run(run_dir, upstream, identity: Mapping) -> Tuple[EmotionHead, Li
     if inp.get("kind") != "frames" or head.config.pooling == "stats":
         raise ConfigError(f"{where}: the head was trained on pooled per-layer statistics (--pooled-stats), "
                           f"which an end-to-end model does not produce; train a head on frames instead")
-    if head.config.dim != upstream.config.hidden_size:
+    num_hidden_states, dim = hidden_shape(upstream)
+    if head.config.dim != dim:
         raise ConfigError(f"{where}: head width {head.config.dim} differs from upstream {identity.get('name')}'s "
-                          f"hidden size {upstream.config.hidden_size}: the head was trained on another upstream")
+                          f"hidden size {dim}: the head was trained on another upstream")
     check_same_upstream(manifest.get("upstream") or {}, identity, where)
     layers = [int(i) for i in inp.get("upstream_layers", [])]
-    last = upstream.config.num_hidden_layers
+    last = num_hidden_states - 1
     if not layers:
         raise ConfigError(f"{where}: the checkpoint does not say which upstream layers the head read")
     if head.config.layers != "weighted" and len(layers) == 1 and layers[0] != last:

@@ -14,13 +14,14 @@ import torch
 
 from conilium import CLASSES
 from conilium.cache.reader import FeatureCache
+from conilium.dirs import check_cache_dir
 from conilium.errors import ConfigError
 from conilium.runtime import resolve_device
 from conilium.targets import ATTRIBUTES, attribute_set, attribute_values, base_kind, class_weights, training_set
 from conilium.training.losses import uses_weights
 
 from .config import TrainConfig
-from .data import GIB, InputSelection, check_cache_dir, check_clips, select_input
+from .data import GIB, InputSelection, check_clips, select_input
 from .model import HeadConfig
 
 

@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 from conilium.cache.reader import FeatureCache
 from conilium.errors import ConfigError, ConiliumError, TrainingError  # noqa: F401 (TrainingError: raised here)
+from conilium.dirs import check_cache_dir
 from conilium.locking import lock_directory
 from conilium.runs import is_complete
 from conilium.runtime import resolve_device
@@ -71,7 +72,7 @@ from conilium.util import check_writable, output_errors, seed_everything
 
 from .batches import BatchReader, loader_batches
 from .config import TrainConfig
-from .data import ClipDataset, check_cache_dir, check_clips, collate, feature_bytes, length_batches
+from .data import ClipDataset, check_clips, collate, feature_bytes, length_batches
 from .model import EmotionHead
 from .outputs import (CHECKPOINT, clear_outputs, load_config, load_head, remove_partial_outputs,  # noqa: F401
                       write_outputs)

@@ -225,7 +225,7 @@ def test_writer_refuses_incomplete_settings(tmp_path):
 
 def test_synthetic_and_extracted_caches_record_the_same_fields(small_cache, tmp_path):
     from conilium.cache.writer import SETTINGS_ONLY
-    from conilium.heads.data import write_synthetic_cache
+    from conilium.testing import write_synthetic_cache
 
     syn = write_synthetic_cache(tmp_path / "syn", clips=12, dim=4, clips_per_shard=5)
     extracted = FeatureCache(small_cache)

@@ -20,7 +20,8 @@ from conilium.cache.shards import FORMAT_VERSION, file_sha256, read_shard_index,
 from conilium.cache.writer import CacheWriter
 from conilium.errors import CacheError, OutputError
 from conilium.extract import verify_cache
-from conilium.heads.data import ClipDataset, select_input, write_synthetic_cache
+from conilium.heads.data import ClipDataset, select_input
+from conilium.testing import write_synthetic_cache
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

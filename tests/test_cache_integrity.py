@@ -14,8 +14,9 @@ from conilium.cache import FeatureCache
 from conilium.cli.extract import verify_cache_cmd
 from conilium.errors import CacheError
 from conilium.extract import ExtractConfig, ExtractStats, extract_features, verify_cache
-from conilium.heads.data import ClipDataset, select_input, write_synthetic_cache
+from conilium.heads.data import ClipDataset, select_input
 from conilium.heads.train import TrainConfig, train_head
+from conilium.testing import write_synthetic_cache
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conilium.extract.encoder import UpstreamEncoder, pad_waves, use_fused_attention
+from conilium.extract.encoder import UpstreamEncoder, hidden_shape, pad_waves, use_fused_attention
 from conilium.extract.upstreams import load_upstream
 
 FAMILIES = ["demo-wavlm", "demo-hubert", "demo-wav2vec2-base", "demo-wav2vec2-large"]
@@ -73,3 +73,13 @@ def test_modules_without_the_expected_attributes_keep_their_forward(upstreams):
     for layer in model.encoder.layers:
         del layer.attention.head_dim  # as a transformers version that names it otherwise
     assert use_fused_attention(model) == 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hidden_shape_is_what_the_encoder_reports(upstreams, name):
+    model = upstreams[name]
+    enc = UpstreamEncoder(model)
+    try:
+        assert hidden_shape(model) == (enc.num_hidden_states, enc.dim) == (4, 96)  # the demo: 3 layers, 96 wide
+    finally:
+        enc.close()

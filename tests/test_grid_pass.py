@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conilium.heads.batches import BatchReader
-from conilium.heads.data import ClipDataset, collate, select_input, write_synthetic_cache
+from conilium.heads.data import ClipDataset, collate, select_input
 from conilium.heads.grid import expand_spec, load_spec, run_grid
 from conilium.heads.train import TrainConfig, TrainingError, load_head, plan_passes, train_head, train_heads
+from conilium.testing import write_synthetic_cache
 
 TIMING_HISTORY = ("seconds", "train_seconds")
 TIMING_TRAINING = ("seconds", "clips_per_second")

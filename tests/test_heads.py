@@ -13,11 +13,12 @@ from click.testing import CliRunner
 from conilium.dirs import Manifest
 from conilium.errors import CacheError, ConfigError
 from conilium.cli.heads import train_head_cmd
-from conilium.heads.data import ClipDataset, collate, feature_bytes, select_input, write_synthetic_cache
+from conilium.heads.data import ClipDataset, collate, feature_bytes, select_input
 from conilium.heads.model import AttentiveStatsPooling, EmotionHead, HeadConfig, LayerMix, MeanPooling, valid_mask
 from conilium.training.samplers import balanced_sampler, balanced_weights
 from conilium.heads.train import TrainConfig, prepare
 from conilium.targets import passes_agreement, primary_target, secondary_target
+from conilium.testing import write_synthetic_cache
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ from conilium.errors import ConfigError
 from conilium.metrics import score
 from conilium.runs import load_run_config, read_predictions, run_splits
 from conilium.cli.heads import train_head_cmd
-from conilium.heads.data import ClipDataset, select_input, write_synthetic_cache
+from conilium.heads.data import ClipDataset, select_input
 from conilium.heads.train import TrainConfig, TrainingError, load_config, load_head, predict_probs, train_head
 from conilium.runs import is_complete, write_run_outputs
+from conilium.testing import write_synthetic_cache
 
 
 @pytest.fixture(scope="module")

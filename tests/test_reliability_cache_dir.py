@@ -7,8 +7,9 @@ import re
 import pytest
 
 from conilium.errors import CacheError, ConfigError
-from conilium.heads.data import not_a_cache, write_synthetic_cache
+from conilium.dirs import not_a_cache
 from conilium.heads.train import TrainConfig, train_head
+from conilium.testing import write_synthetic_cache
 
 
 @pytest.fixture(scope="module")

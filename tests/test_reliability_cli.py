@@ -17,11 +17,11 @@ from conilium.cli.common import describe_dir, dir_kind
 from conilium.extract.upstreams import load_upstream
 from conilium.finetune.config import FinetuneConfig
 from conilium.finetune.model import EndToEndModel, save_model_dir
-from conilium.heads.data import write_synthetic_cache
 from conilium.heads.model import EmotionHead, HeadConfig
 from conilium.heads.train import TrainConfig, train_head
 from conilium.locking import LOCK_FILE, lock_directory
 from conilium.runs import write_run_outputs
+from conilium.testing import write_synthetic_cache
 
 from test_reliability_extract import loud_corpus  # noqa: F401  (a corpus with a float clip at int16 scale)
 

@@ -16,9 +16,9 @@ from dataclasses import replace
 import pytest
 
 from conilium.errors import LockError
-from conilium.heads.data import write_synthetic_cache
 from conilium.heads.train import TrainConfig, train_head
 from conilium.locking import LOCK_FILE, DirectoryLock, LockHolder, is_stale, lock_directory, read_holder, this_process
+from conilium.testing import write_synthetic_cache
 
 HOLD = textwrap.dedent("""
     import sys

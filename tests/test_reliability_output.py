@@ -18,9 +18,9 @@ import torch
 from conilium.describe import describe_corpus
 from conilium.errors import OutputError
 from conilium.heads import train as head_train
-from conilium.heads.data import write_synthetic_cache
 from conilium.heads.train import TrainConfig, train_head
 from conilium.runs import write_run_outputs
+from conilium.testing import write_synthetic_cache
 from conilium.util import atomic_path, check_writable, write_json
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

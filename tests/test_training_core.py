@@ -174,7 +174,7 @@ def test_an_out_of_range_option_is_a_usage_error_naming_it():
 
 def test_train_head_reruns_from_a_runs_config_json(tmp_path):
     from conilium.cli.heads import train_head_cmd
-    from conilium.heads.data import write_synthetic_cache
+    from conilium.testing import write_synthetic_cache
     from conilium.heads.train import load_config
 
     cache = tmp_path / "cache"

@@ -98,6 +98,18 @@ def test_registry_and_a_full_whisper_model_loads_as_its_encoder(demo, tmp_path):
         load_upstream(str(tmp_path / "encoder-only"), config_overrides={"no_such_thing": 1})
 
 
+def test_hidden_shape_reads_the_encoders_layers_and_width(demo):
+    from conilium.extract.encoder import UpstreamEncoder, hidden_shape
+
+    model, _ = demo
+    enc = UpstreamEncoder(model)
+    try:
+        assert hidden_shape(model) == (enc.num_hidden_states, enc.dim)
+        assert hidden_shape(model) == (model.config.encoder_layers + 1, model.config.d_model)
+    finally:
+        enc.close()
+
+
 def test_the_mel_is_the_feature_extractors_as_released(demo):
     model, _ = demo
     enc = UpstreamEncoder(model)

@@ -1,30 +1,4 @@
-"""The whole study in one command (``run_all.sh``).
-
-Every step is one of the project's own commands, run as a subprocess and printed
-before it runs, so the log doubles as a recipe a user can replay by hand. A step whose
-output is already complete is not redone: caches are resumed by ``extract-features``
-itself, head runs by ``train-grid``, and derived runs, analyses and the model are kept
-when their directory exists. A failing step stops the study with its name.
-
-With no corpus the study runs on the built-in demo corpus with small random-weight
-upstreams of each family, standing in for the paper's upstreams; with ``--corpus`` it
-runs on a real MSP-Podcast copy with the real upstreams.
-
-Tables 1-3, the sampler runs and the ensembles are heads on frozen cached features (not
-the paper's end-to-end fine-tuning); ``finetune-best`` then trains the best configuration
-end to end, its upstream's features are extracted once more (``extract-features
---upstream MODEL_DIR``) and Table 2's heads are trained on them (frozen-then-fine-tuned).
-The report states each row's setting.
-
-Beyond the paper (left out with ``--paper-only``): a Whisper encoder upstream
-(whisper-large-v3; demo-whisper on the demo corpus) in Table 1's style, WCE on hard labels
-from frozen features, reported as its own row with no paper number and kept out of the
-paper's comparisons (the three best upstreams of section 3.6 are chosen among the paper's four);
-on Table 2's cache, a head on arousal, valence and dominance alone (``--task attributes``),
-one jointly with WBCE(S) (``--task joint``), both in the report's attributes table, and
-WBCE(S) also trained on X and O clips (``--train-on-xo``), a Table 2 row of its own with its
-X/O counts.
-"""
+"""The study's steps: each one of the project's own commands, run as a subprocess."""
 
 from __future__ import annotations
 
@@ -35,7 +9,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from conilium.dirs import ModelDir, RunDir, StudyDir
 from conilium.errors import ConiliumError
@@ -226,7 +200,29 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         self.results.write_settings(asdict(c))
         self.say(f"study on {'the demo corpus' if c.demo else self.corpus}; results in {self.out}")
+        self.corpus_steps()
+        noisy = self.feature_caches()
+        t1 = self.table1(noisy)
+        self.frozen_heads(self.cache("WavLM-large"))
 
+        best = self.runs / "table2" / "wbce-S"
+        tuned = self.runs / "best-tuned"
+        self.run("adjust decision thresholds of WBCE(S) (section 3.7)",
+                 ["conilium-eval", "tune-thresholds", best, tuned], skip_if=RunDir(tuned).metrics_path)
+        ens, ed = self.best_upstreams(t1)
+
+        model = self.results.models / "finetuned"
+        t2_finetuned = None if c.skip_finetune else self.end_to_end(model, best)
+        test_split = self._unlabelled_split()
+        if test_split:
+            sub = self.out / f"submission_{test_split}.csv"
+            self.run(f"challenge-style submission of the tuned WBCE(S) run on {test_split}",
+                     ["conilium-eval", "submission", tuned, "--split", test_split, "--out", sub], skip_if=sub)
+        return self.report(self._report_spec(t1, tuned, ens, ed, model, t2_finetuned))
+
+    def corpus_steps(self) -> None:
+        """The demo corpus (when no corpus is given), then the corpus description."""
+        c = self.c
         if c.demo:
             self.run("make the demo corpus", ["make-demo-corpus", "--out", self.corpus, "--clips", c.demo_clips,
                                               "--seed", c.seed, "--noise-out", self.noise],
@@ -236,6 +232,8 @@ class Study:
                   *(["--skip-bad"] if c.skip_bad else [])],
                  skip_if=self.out / "corpus" / "summary.json")
 
+    def feature_caches(self) -> Optional[Path]:
+        """Every upstream's cache, and the noise-augmented one when there is noise (its path)."""
         for label, name in self.upstreams.items():
             self.extract(f"extract features: {label} ({name})", name, self.cache(label), ["--pooled-stats"])
         for label, name in self.beyond.items():  # the encoder's own 30 s input, no waveform normalisation
@@ -243,14 +241,16 @@ class Study:
 
         # Section 3.2: MUSAN-style noise mixed into 80 % of the Train clips, for Wav2vec2-base
         # (the one upstream the paper saw it help); the noisy copies live in their own cache.
-        noisy = None
-        if self.noise is not None:
-            noisy = self.cache_dir / f"{self.upstreams['Wav2vec2-base']}-noise"
-            self.extract("extract features with noise augmentation: Wav2vec2-base (section 3.2)",
-                         self.upstreams["Wav2vec2-base"], noisy,
-                         ["--augment-noise", self.noise, "--augment-fraction", "0.8", "--snr-db", "5:20", "--copies", "1"])
+        if self.noise is None:
+            return None
+        noisy = self.cache_dir / f"{self.upstreams['Wav2vec2-base']}-noise"
+        self.extract("extract features with noise augmentation: Wav2vec2-base (section 3.2)",
+                     self.upstreams["Wav2vec2-base"], noisy,
+                     ["--augment-noise", self.noise, "--augment-fraction", "0.8", "--snr-db", "5:20", "--copies", "1"])
+        return noisy
 
-        # Table 1 and the WBCE(P) runs of each upstream (for the ensemble and Easy/Difficult).
+    def table1(self, noisy: Optional[Path]) -> Path:
+        """Table 1 and the WBCE(P) runs of each upstream (for the ensemble and Easy/Difficult)."""
         t1 = self.runs / "table1"
         spec = {"description": "Table 1 (WCE on hard labels per upstream) and WBCE(P) per upstream (section 3.6)",
                 "runs": []}
@@ -264,20 +264,20 @@ class Study:
             spec["runs"].append({"name": f"{name}-wce-hard", "cache": str(self.cache_dir / name), "loss": "wce",
                                  "labels": "hard"})
         self.grid("train heads: Table 1 (upstreams) and WBCE(P) per upstream", t1, spec=spec)
+        return t1
 
-        best_cache = self.cache("WavLM-large")
+    def frozen_heads(self, best_cache: Path) -> None:
+        """Table 2, the sampler runs, Table 3 and the runs beyond the paper, on the best upstream's cache."""
         self.grid("train heads: Table 2 (losses and targets)", self.runs / "table2", preset="table2", cache=best_cache)
         self.grid("train heads: section 3.4 (class-balanced sampler)", self.runs / "sampler", preset="sampler", cache=best_cache)
         self.grid("train heads: Table 3 (high-agreement subsets)", self.runs / "table3", preset="table3", cache=best_cache)
-        if not c.paper_only:
+        if not self.c.paper_only:
             self.grid("train heads: arousal/valence/dominance, alone and with WBCE(S); WBCE(S) on X and O clips too",
                       self.runs / "extra", spec=EXTRA_SPEC, cache=best_cache)
 
-        best = self.runs / "table2" / "wbce-S"
-        tuned = self.runs / "best-tuned"
-        self.run("adjust decision thresholds of WBCE(S) (section 3.7)",
-                 ["conilium-eval", "tune-thresholds", best, tuned], skip_if=RunDir(tuned).metrics_path)
-
+    def best_upstreams(self, t1: Path) -> Tuple[Dict[str, Path], Path]:
+        """The three best upstreams by Table 1: their WBCE(P) runs' ensembles and the Easy/Difficult
+        analysis; returns the ensembles and the analysis folder."""
         ranked = sorted(self.upstreams, key=lambda lab: -self.dev_f1(t1 / f"{self.upstreams[lab]}-wce-hard"))
         top3 = ranked[:3]
         members = [t1 / f"{self.upstreams[lab]}-wbce-P" for lab in top3]
@@ -286,44 +286,42 @@ class Study:
         ed = self.out / "easy_difficult"
         self.run("Easy/Difficult analysis (section 4)",
                  ["conilium-eval", "easy-difficult", *members, "--out", ed], skip_if=ed / "easy_difficult.json")
+        return ens, ed
 
-        model = self.results.models / "finetuned"
-        t2_finetuned = None
-        if not c.skip_finetune:
-            # Warm start from the best head of Table 2 (same upstream, same weights): the
-            # end-to-end model starts where the frozen-feature head ended. --resume continues
-            # an interrupted fine-tuning (and starts afresh when none was begun).
-            argv = ["finetune-best", "--corpus", self.corpus, "--out", model, "--upstream", self.upstreams["WavLM-large"],
-                    "--device", c.device, "--seed", c.seed, "--init-head", best, "--resume"]
-            if c.demo:
-                argv += ["--random-init", "--random-init-seed", c.seed, "--epochs", c.finetune_epochs or 2,
-                         "--lr", "1e-4", "--max-train-clips", "160", "--quiet"]
-            elif c.finetune_epochs:
-                argv += ["--epochs", c.finetune_epochs]
-            if c.finetune_batch_size:
-                argv += ["--batch-size", c.finetune_batch_size]
-            self.run("fine-tune the best configuration end to end (finetune-best)", argv,
-                     skip_if=ModelDir(model).marker_path)
-            if not c.paper_only:  # the same recipe with LoRA adapters instead of the whole transformer
-                lora = self.lora_model()
-                self.run("the same fine-tuning with LoRA adapters (rank 8), beyond the paper",
-                         [*argv[:argv.index("--out") + 1], lora, *argv[argv.index("--out") + 2:], "--lora-rank", 8],
-                         skip_if=ModelDir(lora).marker_path)
-            t2_finetuned = self.frozen_then_finetuned(model)
-            test_split = self._unlabelled_split()
-            if test_split:
-                files = self._split_files(test_split)[:8]
-                self.run(f"predict {len(files)} {test_split} files with the fine-tuned model",
-                         ["predict", "--model", model, *files, "--out", self.out / "predictions_finetuned.csv", "--quiet"],
-                         skip_if=self.out / "predictions_finetuned.csv")
-
+    def end_to_end(self, model: Path, best: Path) -> Optional[Path]:
+        """finetune-best into ``model`` (and with LoRA), Table 2's heads on its features, predictions
+        on unlabelled files; returns the frozen-then-fine-tuned grid's folder."""
+        c = self.c
+        # Warm start from the best head of Table 2 (same upstream, same weights): the
+        # end-to-end model starts where the frozen-feature head ended. --resume continues
+        # an interrupted fine-tuning (and starts afresh when none was begun).
+        argv = ["finetune-best", "--corpus", self.corpus, "--out", model, "--upstream", self.upstreams["WavLM-large"],
+                "--device", c.device, "--seed", c.seed, "--init-head", best, "--resume"]
+        if c.demo:
+            argv += ["--random-init", "--random-init-seed", c.seed, "--epochs", c.finetune_epochs or 2,
+                     "--lr", "1e-4", "--max-train-clips", "160", "--quiet"]
+        elif c.finetune_epochs:
+            argv += ["--epochs", c.finetune_epochs]
+        if c.finetune_batch_size:
+            argv += ["--batch-size", c.finetune_batch_size]
+        self.run("fine-tune the best configuration end to end (finetune-best)", argv,
+                 skip_if=ModelDir(model).marker_path)
+        if not c.paper_only:  # the same recipe with LoRA adapters instead of the whole transformer
+            lora = self.lora_model()
+            self.run("the same fine-tuning with LoRA adapters (rank 8), beyond the paper",
+                     [*argv[:argv.index("--out") + 1], lora, *argv[argv.index("--out") + 2:], "--lora-rank", 8],
+                     skip_if=ModelDir(lora).marker_path)
+        t2_finetuned = self.frozen_then_finetuned(model)
         test_split = self._unlabelled_split()
         if test_split:
-            sub = self.out / f"submission_{test_split}.csv"
-            self.run(f"challenge-style submission of the tuned WBCE(S) run on {test_split}",
-                     ["conilium-eval", "submission", tuned, "--split", test_split, "--out", sub], skip_if=sub)
+            files = self._split_files(test_split)[:8]
+            self.run(f"predict {len(files)} {test_split} files with the fine-tuned model",
+                     ["predict", "--model", model, *files, "--out", self.out / "predictions_finetuned.csv", "--quiet"],
+                     skip_if=self.out / "predictions_finetuned.csv")
+        return t2_finetuned
 
-        report_spec = self._report_spec(t1, tuned, ens, ed, model, t2_finetuned)
+    def report(self, report_spec: dict) -> Path:
+        """REPORT.md from ``report_spec``, with every step of the study appended as a recipe."""
         self.results.write_spec(report_spec)
         self.run("write the report", ["conilium-eval", "report", self.results.spec_path, "--out", self.out])
         report = self.results.report_path
@@ -398,56 +396,3 @@ class Study:
 
 def run_study(config: StudyConfig) -> Path:
     return Study(config).execute()
-
-
-def _main() -> None:
-    import click
-
-    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-    @click.option("--corpus", type=click.Path(exists=True, file_okay=False), default=None,
-                  help="MSP-Podcast corpus root (Audios/, Labels/). Default: generate the demo corpus "
-                       "and use small random-weight upstreams.")
-    @click.option("--out", default="results", show_default=True, help="Results folder (REPORT.md, runs, caches).")
-    @click.option("--cache-dir", default=None, help="Where feature caches go (default: <out>/cache).")
-    @click.option("--demo-clips", default=400, show_default=True, help="Clips of the demo corpus.")
-    @click.option("--seed", default=0, show_default=True)
-    @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-    @click.option("--batch-seconds", type=float, default=None, help="extract-features: audio seconds per batch.")
-    @click.option("--batch-size", type=int, default=None, help="train-head batch size.")
-    @click.option("--epochs", type=int, default=None, help="train-head epochs (demo: 20; real: 40).")
-    @click.option("--finetune-epochs", type=int, default=None, help="finetune-best epochs (demo: 2; real: 40).")
-    @click.option("--finetune-batch-size", type=int, default=None)
-    @click.option("--n-jobs", default=2, show_default=True, help="Heads trained at the same time.")
-    @click.option("--skip-bad", is_flag=True, help="Leave out unreadable clips (listed) instead of stopping.")
-    @click.option("--skip-finetune", is_flag=True, help="Leave out the end-to-end fine-tuning and prediction.")
-    @click.option("--paper-only", is_flag=True,
-                  help="Only the paper's experiments: leave out the rows beyond it (Whisper upstream, "
-                       "arousal/valence/dominance, X/O clips, LoRA).")
-    @click.option("--noise", type=click.Path(exists=True, file_okay=False), default=None,
-                  help="Noise recordings (e.g. MUSAN's noise folder) for the augmentation run of section 3.2 "
-                       "(real corpora; the demo writes its own).")
-    def study_cmd(**kw):
-        """The whole CONILIUM study in one command: corpus description, feature caches of four
-        upstreams, the heads of the paper's Tables 1-3 and section 3.4 (on frozen features),
-        threshold adjustment, ensembles (unweighted and weighted), Easy/Difficult analysis,
-        end-to-end fine-tuning, Table 2's heads again on the fine-tuned upstream's features,
-        prediction, and <out>/REPORT.md with our numbers beside the paper's, the setting
-        of every row stated.
-
-        \b
-        Examples:
-          ./run_all.sh                                   # demo corpus, about 7 minutes on 2 idle cores
-          ./run_all.sh --corpus /data/MSP-PODCAST-1.11 --device cuda --cache-dir /scratch/cache
-
-        Rerunning resumes: complete caches and runs are reused.
-        """
-        try:
-            run_study(StudyConfig(**kw))
-        except ConiliumError as e:
-            raise click.ClickException(str(e)) from None
-
-    study_cmd(prog_name="run_all.sh")
-
-
-if __name__ == "__main__":
-    _main()

@@ -40,7 +40,7 @@ from conilium.extract.encoder import freeze_front_end
 from conilium.extract.lora import add_adapters, check_lora_modules
 from conilium.extract.upstreams import load_upstream
 from conilium.finetune import EndToEndModel, FinetuneConfig
-from conilium.finetune.config import precision_dtype
+from conilium.runtime import precision_dtype
 from conilium.finetune.model import default_head_config, enable_checkpointing
 from conilium.runtime import autocast
 from conilium.training.losses import loss_fn

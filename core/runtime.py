@@ -222,3 +222,12 @@ def init_distributed(device_name: str = "auto", *, backend: Optional[str] = None
             d.initialised_here = True
         d.world, d.rank = dist.get_world_size(), dist.get_rank()
     return d, device
+
+
+def precision_dtype(precision: str, device) -> str:
+    """The compute dtype of ``--precision`` on ``device``: bfloat16 autocast on CUDA for
+    ``bfloat16`` (and for ``auto`` where supported), float32 otherwise."""
+    if device.type == "cuda" and precision in ("auto", "bfloat16"):
+        if precision == "bfloat16" or torch.cuda.is_bf16_supported():
+            return "bfloat16"
+    return "float32"

@@ -214,14 +214,3 @@ def check_lora(config: FinetuneConfig) -> None:
     if layers and n is not None and layers[-1] >= n:
         raise ConfigError(f"--lora-layers {config.lora_layers}: {config.upstream} has transformer layers "
                           f"0..{n - 1}")
-
-
-def precision_dtype(precision: str, device) -> str:
-    """The compute dtype of ``--precision`` on ``device``: bfloat16 autocast on CUDA for
-    ``bfloat16`` (and for ``auto`` where supported), float32 otherwise."""
-    import torch
-
-    if device.type == "cuda" and precision in ("auto", "bfloat16"):
-        if precision == "bfloat16" or torch.cuda.is_bf16_supported():
-            return "bfloat16"
-    return "float32"

@@ -16,13 +16,14 @@ output of ``conilium-eval tune-thresholds``; all zero otherwise). A file that ca
 read, or is too short for the upstream, gets an error instead of a prediction; the
 others are still predicted.
 
-Both kinds of source come down to one :class:`Loaded`: a module callable on
+Both kinds of source come down to one :class:`~conilium.heads.audio.Loaded`: a module callable on
 ``(waves, lengths)`` that returns logits, the signal path, classes, decision offsets and
 loss. A run whose head predicts the attributes (``train-head --task attributes|joint``)
 gives them too: ``EmoAct, EmoVal, EmoDom`` on the corpus's 1–7 scale, after the class
 columns (an attributes-only run has no class columns and no Prediction).
 
-For a run, that module is :class:`RunModel`: the upstream its cache names, run as
+For a run, that module is :class:`~conilium.heads.audio.RunModel` (:mod:`conilium.heads.audio`,
+beside the heads): the upstream its cache names, run as
 extraction ran it (:class:`~conilium.extract.encoder.UpstreamRunner`: the run's
 hidden-state layers, or every layer's mean and standard deviation over frames for a
 ``--pooled-stats`` head, in the cache's compute dtype), then the run's head.
@@ -33,9 +34,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TextIO, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, TextIO
 
 import numpy as np
 import soundfile as sf
@@ -43,24 +44,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conilium import CLASSES
 from conilium.audio import SignalPath
-from conilium.dirs import CacheDir, Manifest, ModelDir, RunDir
 from conilium.errors import AudioError, ConfigError, ConiliumError
-from conilium.extract.encoder import hidden_shape
+from conilium.heads.audio import Loaded, load_run
 from conilium.heads.predict import predict_batches
-from conilium.runtime import COMPUTE_DTYPES, resolve_device
-from conilium.runtime import compute_dtype as pick_compute_dtype
-from conilium.util import atomic_path, read_json
+from conilium.runtime import precision_dtype, resolve_device
+from conilium.util import atomic_path
 
-from .config import precision_dtype
 from .data import AudioClips, collate_waves
 from .model import load_model_dir, offsets_array
 
 OUTPUT_FORMATS = ("csv", "json")
-#: Decision offsets of a run written by ``conilium-eval tune-thresholds`` (:mod:`conilium.evaluate.thresholds`,
-#: which sits above this stage: the file is read, the module is not imported).
-THRESHOLDS_FILE = RunDir.THRESHOLDS
 
 
 def min_samples(model: nn.Module) -> int:
@@ -118,29 +112,6 @@ class FilePrediction:
 
 # ----------------------------------------------------------------------------- what is predicted with
 
-@dataclass
-class Loaded:
-    """What :class:`Predictor` predicts with, whatever it was loaded from.
-
-    ``model`` maps zero-padded waveforms (B, N) and their lengths in samples to logits
-    (B, classes), in eval mode on the device; ``signal`` reads files as in training;
-    ``offsets`` are added to the probabilities before the argmax; ``precision`` is the
-    prediction loop's (:func:`~conilium.finetune.config.precision_dtype`); ``info``
-    describes the source (a model directory's ``conilium_model.json``, or the run, its
-    head run, its upstream and where its offsets come from).
-    """
-
-    model: nn.Module
-    signal: SignalPath
-    classes: Tuple[str, ...]
-    offsets: np.ndarray
-    loss: str
-    precision: str = "auto"
-    info: dict = field(default_factory=dict)
-    #: attribute columns the model outputs after its class scores (empty: none)
-    attributes: Tuple[str, ...] = ()
-
-
 def load_model_source(model_dir, *, device: torch.device, precision: str = "auto") -> Loaded:
     """A finetune-best model directory: its end-to-end model, truncation, normalisation and offsets."""
     model, info = load_model_dir(model_dir, device=device)
@@ -150,212 +121,6 @@ def load_model_source(model_dir, *, device: torch.device, precision: str = "auto
                         # models written before the option read audio as False does
                         rescale_loud=bool(info.get("rescale_loud", False)))
     return Loaded(model, signal, tuple(info["classes"]), offsets_array(info), info["loss"], precision, info)
-
-
-class RunModel(nn.Module):
-    """A train-head run's head on the upstream of the cache it was trained on.
-
-    The upstream runs as extraction ran it for the cache: through
-    :class:`~conilium.extract.encoder.UpstreamRunner` (the one upstream forward,
-    :class:`~conilium.extract.encoder.UpstreamEncoder`, in ``compute_dtype``), giving the
-    hidden states ``upstream_layers`` (``kind="frames"``) or, for a ``--pooled-stats``
-    head (``kind="pooled"``), every hidden state's mean and standard deviation over the
-    clip's frames, of which the head reads ``positions`` (None: all), as it read them
-    from the cache. The head then runs in float32. Only the rounding of the frames the
-    cache stores (float16 by default) differs from what the head saw in training.
-    """
-
-    def __init__(self, upstream: nn.Module, head: nn.Module, *, kind: str, upstream_layers: Sequence[int],
-                 positions: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
-                 compute_dtype: str = "float32", whisper_input: str = "30s"):
-        super().__init__()
-        from conilium.extract.encoder import UpstreamRunner
-
-        if kind not in ("frames", "pooled"):
-            raise ConfigError(f"unknown head input {kind!r}; expected frames or pooled")
-        self.pooled = kind == "pooled"
-        self.upstream_layers = [int(i) for i in upstream_layers]
-        self.positions = None if positions is None else [int(i) for i in positions]
-        # a pooled-statistics head reads no frames: one layer's are kept, and dropped
-        device = torch.device("cpu") if device is None else device
-        self.runner = UpstreamRunner(upstream, device=device, compute_dtype=compute_dtype,
-                                     layers=[0] if self.pooled else self.upstream_layers, pooled_stats=self.pooled,
-                                     whisper_input=whisper_input)
-        self.encoder = self.runner.encoder  # a submodule: moved, switched to eval, asked for frame counts
-        self.encoder.check_layers(self.upstream_layers)
-        self.head = head.to(device)
-
-    @property
-    def attribute_outputs(self) -> int:
-        """The head's attribute outputs (the last columns of the output; 0: none)."""
-        return int(getattr(self.head, "attribute_outputs", 0) or 0)
-
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        device = waves.device
-        counts = [int(n) for n in lengths.tolist()]
-        out = self.runner([waves[i, :n].detach().float().cpu().numpy() for i, n in enumerate(counts)])
-        if self.pooled:
-            p = np.stack([pooled for _, pooled in out])  # (B, all hidden states, 2, D), as the cache holds them
-            if self.positions is not None:
-                p = p[:, self.positions]
-            x = torch.from_numpy(np.ascontiguousarray(p.reshape(p.shape[0], p.shape[1], -1), dtype=np.float32))
-            return self.head(x.to(device))
-        frames = [f for f, _ in out]  # (T_i, len(upstream_layers), D) each
-        n = torch.tensor([len(f) for f in frames], dtype=torch.long)
-        x = torch.zeros((len(frames), int(n.max()), *frames[0].shape[1:]), dtype=torch.float32)
-        for i, f in enumerate(frames):
-            x[i, : len(f)] = torch.from_numpy(f)
-        return self.head(x.to(device), n.to(device))
-
-
-def find_head_run(run_dir) -> Tuple[Path, Optional[Path]]:
-    """The train-head run holding the head of ``run_dir`` (itself, or the run a
-    ``conilium-eval tune-thresholds`` output was tuned from, followed through
-    ``source_run``), and the ``thresholds.json`` whose offsets apply (``run_dir``'s, or None)."""
-    run_dir = Path(run_dir)
-    where = f"--run {run_dir}"
-    if not run_dir.is_dir():
-        raise ConfigError(f"{where}: directory not found")
-    if ModelDir(run_dir).is_model():
-        raise ConfigError(f"{where}: a finetune-best model directory; predict with --model {run_dir}")
-    run = RunDir(run_dir)
-    thresholds = run.thresholds_path if run.thresholds_path.is_file() else None
-    here, seen = run_dir, []
-    while not RunDir(here).has_checkpoint():
-        seen.append(here.resolve())
-        config = RunDir(here).config()  # no or a damaged config.json: a RunError naming it
-        kind, source = config.get("kind"), config.get("source_run")
-        if kind == "thresholds" and source:
-            nxt = Path(source)
-            if not nxt.is_dir():
-                raise ConfigError(f"{where}: tuned from run {source}, which is not there any more (the head is "
-                                  f"in that run's {RunDir.CHECKPOINT})")
-            if nxt.resolve() in seen:
-                raise ConfigError(f"{where}: its source runs form a loop ({' -> '.join(map(str, seen))})")
-            here = nxt
-            continue
-        what = {"ensemble": "an ensemble of runs, with no single head to apply (predict with its member runs)",
-                "finetune": "a finetune-best run (predict with --model on its model directory)"}.get(
-                    kind, f"not a finished train-head run (no {RunDir.CHECKPOINT})")
-        raise ConfigError(f"{where}: {here} is {what}" if here != run_dir else f"{where}: {what}")
-    return here, thresholds
-
-
-def read_offsets(path, classes: Sequence[str]) -> np.ndarray:
-    """The decision offsets of a ``thresholds.json``, in the order of ``classes``."""
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot read the decision offsets ({e})") from None
-    offsets = data.get("offsets") if isinstance(data, dict) else None
-    if not isinstance(offsets, dict):
-        raise ConfigError(f"{path}: no 'offsets' (class -> offset); rerun conilium-eval tune-thresholds")
-    missing = [c for c in classes if c not in offsets]
-    if missing:
-        raise ConfigError(f"{path}: no decision offset for class(es) {', '.join(missing)}")
-    try:
-        return np.array([float(offsets[c]) for c in classes], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{path}: decision offsets must be numbers") from None
-
-
-def _run_cache(head_run: Path, ckpt: Mapping) -> Optional[str]:
-    cache = (ckpt.get("train_config") or {}).get("cache") or RunDir(head_run).cache
-    return str(cache) if cache else None
-
-
-def load_run_upstream(head_run: Path, ckpt: Mapping, where: str) -> Tuple[nn.Module, dict]:
-    """The upstream the run's cache was extracted with (its manifest's identity): from the hub at
-    the recorded revision, the local directory, or the random weights kept in the cache's
-    ``upstream/`` folder. Its weights hash must equal the recorded one, when one was recorded."""
-    from conilium.extract.upstreams import load_upstream, random_init_dir
-
-    UPSTREAM_DIR = CacheDir.UPSTREAM
-    ident = Manifest(ckpt.get("cache_manifest") or {}).upstream
-    source = ident.get("source")
-    if source == "hub":
-        name = ident.get("model_id") or ident.get("name")
-        model, got = load_upstream(str(name), revision=ident.get("revision"))
-        place = f"{name}" + (f" at revision {ident['revision']}" if ident.get("revision") else "")
-    elif source == "local":
-        path = ident.get("path")
-        if not path or not Path(path).is_dir():
-            raise ConfigError(f"{where}: the cache was extracted with the local upstream {path}, which is not "
-                              f"there any more")
-        model, got = load_upstream(str(path))
-        place = str(path)
-    elif source == "random-init":
-        cache = _run_cache(head_run, ckpt)
-        rel = ident.get("path") or (f"{UPSTREAM_DIR}/"
-                                    f"{random_init_dir(str(ident.get('name')), int(ident.get('seed', 0)), '.').name}")
-        folder = Path(cache or ".") / rel
-        if not cache or not (folder / "config.json").is_file():
-            raise ConfigError(f"{where}: the head was trained on features of a randomly initialised "
-                              f"{ident.get('name')} (seed {ident.get('seed')}), whose weights are kept in the "
-                              f"cache's {UPSTREAM_DIR}/ folder; {folder} is not there (the run names cache "
-                              f"{cache}: predict from where train-head ran, with the cache in place)")
-        model, got = load_upstream(str(folder))
-        place = str(folder)
-    else:
-        raise ConfigError(f"{where}: the cache manifest in {RunDir(head_run).checkpoint_path} names no upstream "
-                          f"({ident or 'nothing'}); cannot tell which upstream to run")
-    want, have = ident.get("weights_sha256"), got.get("weights_sha256")
-    if want and have and want != have:
-        raise ConfigError(f"{where}: the upstream weights at {place} (sha256 {have[:12]}…) are not those the "
-                          f"cache was extracted with ({want[:12]}…); the head was trained on features of other "
-                          f"weights (was the cache's upstream replaced?)")
-    return model, dict(ident, loaded_from=place)
-
-
-def load_run(run_dir, *, device: torch.device, precision: str = "auto") -> Loaded:
-    """A train-head run (or its ``tune-thresholds`` output): its head on the upstream, signal
-    path and layers of the cache it was trained on, and its decision offsets when tuned.
-
-    ``precision`` "auto" runs the upstream in the cache's compute dtype (float32 on CPU);
-    "float32" or "bfloat16" choose it. The head always runs in float32, as train-head scored it.
-    """
-    from conilium.heads.train import load_head
-
-    run_dir = Path(run_dir)
-    where = f"--run {run_dir}"
-    head_run, thresholds = find_head_run(run_dir)
-    head, ckpt = load_head(head_run)
-    manifest = Manifest(ckpt.get("cache_manifest") or {})
-    inp = ckpt.get("input") or {}
-    layers = [int(i) for i in inp.get("upstream_layers") or []]
-    if inp.get("kind") not in ("frames", "pooled") or not layers:
-        raise ConfigError(f"{where}: {RunDir(head_run).checkpoint_path} does not say which upstream layers the head "
-                          f"read; train the head again with this version of train-head")
-    upstream, ident = load_run_upstream(head_run, ckpt, where)
-    if head.config.dim != hidden_shape(upstream)[1]:
-        raise ConfigError(f"{where}: head width {head.config.dim} differs from the hidden size "
-                          f"{hidden_shape(upstream)[1]} of upstream {ident.get('loaded_from')}")
-    stored = manifest.compute_dtype
-    if precision == "auto":
-        compute = pick_compute_dtype(stored if stored in COMPUTE_DTYPES else "auto", device, strict=False)
-    else:
-        compute = precision_dtype(precision, device)
-    model = RunModel(upstream, head, kind=inp["kind"], upstream_layers=layers, positions=inp.get("positions"),
-                     device=device, compute_dtype=compute,
-                     whisper_input=manifest.whisper_input or "30s").to(device).eval()
-    n_states = manifest.num_hidden_states
-    if n_states is not None and n_states != model.encoder.num_hidden_states:
-        raise ConfigError(f"{where}: the cache's upstream has {n_states} hidden states, "
-                          f"{ident.get('loaded_from')} has {model.encoder.num_hidden_states}")
-    from conilium.targets import ATTRIBUTE_COLUMNS
-
-    classes = tuple(ckpt.get("classes") or CLASSES) if head.config.num_classes else ()
-    attributes = tuple(ATTRIBUTE_COLUMNS) if model.attribute_outputs else ()
-    offsets = read_offsets(thresholds, classes) if thresholds else np.zeros(len(classes))
-    mode = manifest.normalize
-    signal = SignalPath(max_seconds=manifest.max_seconds, normalize=mode,
-                        stats=manifest.normalize_stats if mode == "global" else None,
-                        rescale_loud=manifest.rescale_loud)
-    info = {"run": str(run_dir), "head_run": str(head_run), "offsets_from": None if thresholds is None
-            else str(thresholds), "upstream": ident, "input": inp, "compute_dtype": compute,
-            "loss": ckpt.get("loss"), "labels": ckpt.get("labels")}
-    # the head as train-head scored it: float32, whatever the upstream computed in
-    return Loaded(model, signal, classes, offsets, ckpt["loss"], "float32", info, attributes)
 
 
 # ----------------------------------------------------------------------------- the predictor

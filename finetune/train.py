@@ -83,7 +83,9 @@ from conilium.training.samplers import balanced_weights
 from conilium.training.state import cpu_state, rng_state, save_atomic, seed_epoch, set_rng_state
 from conilium.util import check_writable, output_errors
 
-from .config import FinetuneConfig, FinetuneError, check_config, precision_dtype
+from conilium.runtime import precision_dtype
+
+from .config import FinetuneConfig, FinetuneError, check_config
 from .data import AudioClips, collate_waves, epoch_batches, rank_micro_batches
 from .model import EndToEndModel, enable_checkpointing, upstream_overrides
 from .predict import min_samples, predict_clips

@@ -20,7 +20,8 @@ from click.testing import CliRunner
 from conilium import CLASSES
 from conilium.cli.finetune import predict_cmd
 from conilium.errors import ConfigError, ConiliumError
-from conilium.finetune.predict import Predictor, find_head_run
+from conilium.finetune.predict import Predictor
+from conilium.heads.audio import find_head_run
 from conilium.heads.train import TrainConfig, train_head
 from conilium.runs import prediction_path, read_predictions
 

@@ -100,6 +100,11 @@ def test_the_shared_fields_are_declared_once_for_heads_and_fine_tuning():
         # the same choices, bounds and help in both commands
         assert option_meta(head[name]) == option_meta(ft[name]), name
     assert TrainConfig(cache="c").lr == 1e-3 and FinetuneConfig(corpus="c", out="o").lr == 1e-5
+    from conilium.heads.model import POOLINGS
+    from conilium.training.config import LOSS_PROPERTIES, POOLING_NAMES
+    from conilium.training.losses import LOSSES
+
+    assert tuple(POOLINGS) == POOLING_NAMES and tuple(LOSSES) == tuple(LOSS_PROPERTIES)  # the names --help shows
     assert set(runtime_fields(TrainConfig)) == {"device", "num_workers", "threads", "preload", "preload_budget_gb"}
     assert {"precision", "eval_batch_size", "keep_checkpoints"} <= set(runtime_fields(FinetuneConfig))
 

@@ -27,6 +27,7 @@ from conilium.runs import write_run_outputs
 from conilium.runtime import Dist
 from conilium.targets import class_counts
 from conilium.training.config import differing_fields
+from conilium.training.state import Checkpoint
 from conilium.util import check_writable
 
 from .config import RESUMABLE_FIELDS, FinetuneConfig
@@ -39,6 +40,11 @@ CHECKPOINT_DIR = ModelDir.CHECKPOINTS
 LAST = "last.pt"
 BEST = "best.pt"
 TUNED_DIR = "tuned"
+
+
+#: the way out of a damaged last checkpoint
+_DAMAGED = ("the last epoch's checkpoint is damaged (a full disk, a copy cut short?); start over with --overwrite, "
+            "or put back a good copy of it to --resume")
 
 
 def checkpoint_paths(out: Path) -> Tuple[Path, Path]:
@@ -58,7 +64,7 @@ def output_bytes(model: nn.Module, *, resuming: bool) -> int:
     return 3 * every + 4 * trained + (1 << 20)
 
 
-def check_out_dir(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> Tuple[Optional[dict], bool]:
+def check_out_dir(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> Tuple[Optional[Checkpoint], bool]:
     """What to do with ``out``: ``(checkpoint to resume from or None, whether to clear it first)``.
 
     With ``resume`` and no completed epoch yet (no checkpoint, no finished model), the run
@@ -80,8 +86,8 @@ def check_out_dir(out: Path, config: FinetuneConfig, resume: bool, overwrite: bo
                                   f"use --keep-checkpoints to be able to continue a finished run, or --overwrite "
                                   f"to train again")
             return None, has_run  # nothing completed yet: start (again) from the beginning
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        saved = FinetuneConfig.from_dict(ckpt["config"]).to_json()  # options added since: their defaults
+        ckpt = Checkpoint.load(last, way_out=_DAMAGED)
+        saved = FinetuneConfig.from_dict(ckpt.config).to_json()  # options added since: their defaults
         now = config.to_json()
         diff = differing_fields(FinetuneConfig, saved, now, ignore=RESUMABLE_FIELDS)
         if diff:
@@ -96,7 +102,7 @@ def check_out_dir(out: Path, config: FinetuneConfig, resume: bool, overwrite: bo
 
 
 def claim_out_dir(out: Path, config: FinetuneConfig, d: Dist, *, resume: bool, overwrite: bool,
-                   wait_for_lock=False, progress: bool = False) -> Tuple[Optional[dict], Optional[DirectoryLock]]:
+                   wait_for_lock=False, progress: bool = False) -> Tuple[Optional[Checkpoint], Optional[DirectoryLock]]:
     """Lock ``out`` on rank 0, check it (writable; clear it when starting over) and return the
     checkpoint to resume from and the lock (None on the other ranks)."""
     state: dict = {}
@@ -117,7 +123,7 @@ def claim_out_dir(out: Path, config: FinetuneConfig, d: Dist, *, resume: bool, o
     resuming = d.on_main(claim, share=True)
     ckpt, clear, lock = state.get("ckpt"), state.get("clear", False), state.get("lock")
     if resuming and not d.main:
-        ckpt = torch.load(checkpoint_paths(out)[0], map_location="cpu", weights_only=False)
+        ckpt = Checkpoint.load(checkpoint_paths(out)[0], way_out=_DAMAGED)
     if d.main and not resuming:
         if clear:
             for p in (ModelDir.MARKER, ModelDir.METRICS, ModelDir.HEAD, ModelDir.CONFIG):

@@ -80,7 +80,7 @@ from conilium.targets import class_weights, training_set
 from conilium.training import loop
 from conilium.training.losses import loss_fn, uses_weights
 from conilium.training.samplers import balanced_weights
-from conilium.training.state import cpu_state, rng_state, save_atomic, seed_epoch, set_rng_state
+from conilium.training.state import Checkpoint, cpu_state, rng_state, save_atomic, seed_epoch, set_rng_state
 from conilium.util import check_writable, output_errors
 
 from conilium.runtime import precision_dtype
@@ -212,7 +212,7 @@ class Built:
     optimizer_name: Optional[str] = None  # set by :func:`fit`
 
 
-def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device, ckpt: Optional[dict], *,
+def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device, ckpt: Optional[Checkpoint], *,
           progress: bool) -> Built:
     """The upstream, the head and its starting point, the normalisation and the datasets."""
     out = Path(config.out)
@@ -259,7 +259,7 @@ def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device,
 
     max_seconds, norm_stats = start.max_seconds, start.normalize_stats
     if ckpt is not None:
-        norm_stats = ckpt["normalize"]["stats"]
+        norm_stats = ckpt.extra["normalize"]["stats"]
     elif start.normalize == "global" and norm_stats is None:
         norm_stats = d.broadcast(_train_audio_stats(prep, config, max_seconds, progress) if d.main else None)
     signal = SignalPath(max_seconds=max_seconds, normalize=start.normalize, stats=norm_stats,
@@ -362,12 +362,12 @@ class FinetuneRecipe(loop.Recipe):
         def save_checkpoints():
             if improved:
                 save_atomic({"model": cpu_state(model), "epoch": epoch}, best_path)
-            save_atomic({"config": config.to_json(), "model": cpu_state(model),
-                         "optimizer": trainee.optimizer.state_dict(), "history": trainee.history, "best": best,
-                         "rng": dict(enumerate(rng_all)),
-                         "sampler": {"seed": config.seed, "next_epoch": epoch + 1,
-                                     "bucket_batches": config.bucket_batches, "batch_size": config.batch_size},
-                         "normalize": {"mode": self.b.signal.normalize, "stats": self.b.signal.stats}}, last_path)
+            Checkpoint(config=config.to_json(), model=cpu_state(model), optimizer=trainee.optimizer.state_dict(),
+                       history=trainee.history, best=best, rng=dict(enumerate(rng_all)),
+                       sampler={"seed": config.seed, "next_epoch": epoch + 1, "bucket_batches": config.bucket_batches,
+                                "batch_size": config.batch_size},
+                       extra={"normalize": {"mode": self.b.signal.normalize, "stats": self.b.signal.stats}}
+                       ).save(last_path)
 
         d.on_main(save_checkpoints)  # in place of a barrier: a failure to save stops every rank
         if self.progress:
@@ -378,7 +378,7 @@ class FinetuneRecipe(loop.Recipe):
             self.callback(dict(record))
 
 
-def fit(config: FinetuneConfig, b: Built, d: Dist, device: torch.device, ckpt: Optional[dict], *, progress: bool,
+def fit(config: FinetuneConfig, b: Built, d: Dist, device: torch.device, ckpt: Optional[Checkpoint], *, progress: bool,
         on_epoch_end: Optional[Callable[[dict], None]] = None) -> Tuple[List[dict], dict, float]:
     """The epochs: train, score the development split, keep the best and the last checkpoint.
 
@@ -393,12 +393,12 @@ def fit(config: FinetuneConfig, b: Built, d: Dist, device: torch.device, ckpt: O
     best = {"f1_macro": -1.0, "epoch": 0}
     first_epoch = 1
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history = list(ckpt["history"])
-        best = dict(ckpt["best"])
-        first_epoch = int(ckpt["sampler"]["next_epoch"])
-        rng = ckpt.get("rng", {}).get(d.rank)
+        model.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(ckpt.optimizer)
+        history = list(ckpt.history)
+        best = dict(ckpt.best)
+        first_epoch = ckpt.next_epoch
+        rng = ckpt.rng.get(d.rank)
         if rng is not None:
             set_rng_state(rng)
     train_model: nn.Module = model

@@ -144,7 +144,7 @@ def train_head(config: TrainConfig, out_dir, *, overwrite: bool = False, progres
 
 
 def _train(config: TrainConfig, out_dir: Path, data: PreparedData, *, progress: bool) -> dict:
-    result = _train_pass([(config, out_dir, data)], progress=progress)[0]
+    result = _fit_pass([(config, out_dir, data)], progress=progress)[0]
     if isinstance(result, BaseException):
         raise result
     return result
@@ -190,7 +190,7 @@ def train_heads(runs: Sequence[Tuple[TrainConfig, Union[str, Path]]], *, overwri
         if members:
             with _threads(first.threads):
                 try:
-                    got = _train_pass([m for _, m in members], progress=progress)
+                    got = _fit_pass([m for _, m in members], progress=progress)
                 except ConiliumError as e:
                     got = [e] * len(members)
             for (i, _), r in zip(members, got):
@@ -199,7 +199,7 @@ def train_heads(runs: Sequence[Tuple[TrainConfig, Union[str, Path]]], *, overwri
 
 
 
-def _train_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *,
+def _fit_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *,
                 progress: bool) -> List[Union[dict, BaseException]]:
     """Train the heads of one data pass; each head's metrics, or the error that stopped it."""
     config, _, data = members[0]

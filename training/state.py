@@ -6,18 +6,22 @@
   checkpoint;
 * :class:`RandomStream`: a model's own copy of the global random stream, swapped in around
   its step, so that models trained side by side draw what each would draw alone;
-* :func:`save_atomic` / :func:`cpu_state`: checkpoints written whole or not at all.
+* :func:`save_atomic` / :func:`cpu_state`: checkpoints written whole or not at all;
+* :class:`Checkpoint`: the state a run continues from, read back with a clear error for a
+  damaged file.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Mapping
+from typing import Any, Dict, List, Mapping
 
 import numpy as np
 import torch
 
+from conilium.errors import TrainingError
 from conilium.util import atomic_path
 
 
@@ -74,3 +78,48 @@ def save_atomic(obj, path: Path) -> None:
 def cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """A copy of ``module``'s weights on the CPU."""
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+@dataclass
+class Checkpoint:
+    """What a run continues from after an interruption (``checkpoints/last.pt``): the model's
+    and the optimiser's state, the history and best epoch, every rank's random streams, the
+    batch plan's position (``sampler``: seed, next epoch, sizes) and the run's config;
+    ``extra`` holds what a kind of run adds (fine-tuning: its waveform normalisation). The
+    file keeps these as one dict of plain keys, as earlier versions wrote it."""
+
+    config: dict
+    model: Dict[str, torch.Tensor]
+    optimizer: dict
+    history: List[dict]
+    best: dict  # {"f1_macro": value, "epoch": n}
+    sampler: dict  # {"seed", "next_epoch", ...}
+    rng: Dict[int, dict] = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    KEYS = ("config", "model", "optimizer", "history", "best", "sampler")
+
+    @property
+    def next_epoch(self) -> int:
+        return int(self.sampler["next_epoch"])
+
+    def save(self, path: Path) -> None:
+        """Written whole or not at all (:func:`save_atomic`)."""
+        save_atomic({**self.extra, "config": self.config, "model": self.model, "optimizer": self.optimizer,
+                     "history": self.history, "best": self.best, "rng": self.rng, "sampler": self.sampler}, path)
+
+    @classmethod
+    def load(cls, path: Path, *, way_out: str = "") -> "Checkpoint":
+        """Read ``path``; a file that cannot be read (truncated, not a checkpoint) or lacks a part is a
+        :class:`~conilium.errors.TrainingError` naming it and ``way_out``."""
+        path = Path(path)
+        hint = f"; {way_out}" if way_out else ""
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+            raise TrainingError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}){hint}") from None
+        missing = [k for k in cls.KEYS if not isinstance(data, dict) or k not in data]
+        if missing:
+            raise TrainingError(f"{path}: not a training checkpoint (no {', '.join(missing)}){hint}")
+        extra = {k: v for k, v in data.items() if k not in cls.KEYS + ("rng",)}
+        return cls(**{k: data[k] for k in cls.KEYS}, rng=dict(data.get("rng") or {}), extra=extra)

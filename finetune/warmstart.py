@@ -71,13 +71,13 @@ def head_from_run(run_dir, upstream, identity: Mapping) -> Tuple[EmotionHead, Li
     """The head of a train-head run, checked against the upstream; its hidden-state layers and
     the cache's settings (normalisation, truncation) to train with."""
     head, ckpt = load_head(run_dir)
-    manifest = ckpt.get("cache_manifest") or {}
+    manifest = ckpt.cache_manifest
     where = f"--init-head {run_dir}"
     if head.config.attributes or head.config.num_classes == 0:
-        raise ConfigError(f"{where}: the head was trained with train-head --task {ckpt.get('task') or 'attributes'} "
+        raise ConfigError(f"{where}: the head was trained with train-head --task {ckpt.task} "
                           f"(it predicts arousal, valence, dominance); finetune-best trains the eight classes only: "
                           f"start it from a --task categories run")
-    inp = ckpt.get("input") or {}
+    inp = ckpt.input
     if inp.get("kind") != "frames" or head.config.pooling == "stats":
         raise ConfigError(f"{where}: the head was trained on pooled per-layer statistics (--pooled-stats), "
                           f"which an end-to-end model does not produce; train a head on frames instead")
@@ -85,8 +85,8 @@ def head_from_run(run_dir, upstream, identity: Mapping) -> Tuple[EmotionHead, Li
     if head.config.dim != dim:
         raise ConfigError(f"{where}: head width {head.config.dim} differs from upstream {identity.get('name')}'s "
                           f"hidden size {dim}: the head was trained on another upstream")
-    check_same_upstream(manifest.get("upstream") or {}, identity, where)
-    layers = [int(i) for i in inp.get("upstream_layers", [])]
+    check_same_upstream(manifest.upstream, identity, where)
+    layers = ckpt.upstream_layers
     last = num_hidden_states - 1
     if not layers:
         raise ConfigError(f"{where}: the checkpoint does not say which upstream layers the head read")
@@ -97,9 +97,9 @@ def head_from_run(run_dir, upstream, identity: Mapping) -> Tuple[EmotionHead, Li
     if last not in layers:
         raise ConfigError(f"{where}: the head mixes hidden states {layers}, not the last one ({last}); "
                           f"fine-tuning needs the last layer among them")
-    settings = {"normalize": manifest.get("normalize"), "normalize_stats": manifest.get("normalize_stats"),
-                "max_seconds": manifest.get("max_seconds"), "loss": ckpt.get("loss"), "labels": ckpt.get("labels"),
-                "whisper_input": (manifest.get("config") or {}).get("whisper_input")}
+    settings = {"normalize": manifest.normalize, "normalize_stats": manifest.normalize_stats,
+                "max_seconds": manifest.max_seconds, "loss": ckpt.loss, "labels": ckpt.labels,
+                "whisper_input": manifest.whisper_input}
     return head, layers, settings
 
 

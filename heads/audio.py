@@ -11,20 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from conilium import CLASSES
 from conilium.audio import SignalPath
-from conilium.dirs import CacheDir, Manifest, ModelDir, RunDir
+from conilium.dirs import CacheDir, ModelDir, RunDir
 from conilium.errors import ConfigError
 from conilium.extract.encoder import hidden_shape
 from conilium.runtime import COMPUTE_DTYPES, precision_dtype
 from conilium.runtime import compute_dtype as pick_compute_dtype
 from conilium.util import read_json
+
+from .outputs import HeadCheckpoint, load_head
 
 
 @dataclass
@@ -157,19 +158,18 @@ def read_offsets(path, classes: Sequence[str]) -> np.ndarray:
         raise ConfigError(f"{path}: decision offsets must be numbers") from None
 
 
-def _run_cache(head_run: Path, ckpt: Mapping) -> Optional[str]:
-    cache = (ckpt.get("train_config") or {}).get("cache") or RunDir(head_run).cache
-    return str(cache) if cache else None
+def _run_cache(head_run: Path, ckpt: HeadCheckpoint) -> Optional[str]:
+    return ckpt.cache or RunDir(head_run).cache
 
 
-def load_run_upstream(head_run: Path, ckpt: Mapping, where: str) -> Tuple[nn.Module, dict]:
+def load_run_upstream(head_run: Path, ckpt: HeadCheckpoint, where: str) -> Tuple[nn.Module, dict]:
     """The upstream the run's cache was extracted with (its manifest's identity): from the hub at
     the recorded revision, the local directory, or the random weights kept in the cache's
     ``upstream/`` folder. Its weights hash must equal the recorded one, when one was recorded."""
     from conilium.extract.upstreams import load_upstream, random_init_dir
 
     UPSTREAM_DIR = CacheDir.UPSTREAM
-    ident = Manifest(ckpt.get("cache_manifest") or {}).upstream
+    ident = ckpt.cache_manifest.upstream
     source = ident.get("source")
     if source == "hub":
         name = ident.get("model_id") or ident.get("name")
@@ -212,15 +212,11 @@ def load_run(run_dir, *, device: torch.device, precision: str = "auto") -> Loade
     ``precision`` "auto" runs the upstream in the cache's compute dtype (float32 on CPU);
     "float32" or "bfloat16" choose it. The head always runs in float32, as train-head scored it.
     """
-    from .outputs import load_head
-
     run_dir = Path(run_dir)
     where = f"--run {run_dir}"
     head_run, thresholds = find_head_run(run_dir)
     head, ckpt = load_head(head_run)
-    manifest = Manifest(ckpt.get("cache_manifest") or {})
-    inp = ckpt.get("input") or {}
-    layers = [int(i) for i in inp.get("upstream_layers") or []]
+    manifest, inp, layers = ckpt.cache_manifest, ckpt.input, ckpt.upstream_layers
     if inp.get("kind") not in ("frames", "pooled") or not layers:
         raise ConfigError(f"{where}: {RunDir(head_run).checkpoint_path} does not say which upstream layers the head "
                           f"read; train the head again with this version of train-head")
@@ -242,7 +238,7 @@ def load_run(run_dir, *, device: torch.device, precision: str = "auto") -> Loade
                           f"{ident.get('loaded_from')} has {model.encoder.num_hidden_states}")
     from conilium.targets import ATTRIBUTE_COLUMNS
 
-    classes = tuple(ckpt.get("classes") or CLASSES) if head.config.num_classes else ()
+    classes = tuple(ckpt.classes) if head.config.num_classes else ()
     attributes = tuple(ATTRIBUTE_COLUMNS) if model.attribute_outputs else ()
     offsets = read_offsets(thresholds, classes) if thresholds else np.zeros(len(classes))
     mode = manifest.normalize
@@ -251,6 +247,6 @@ def load_run(run_dir, *, device: torch.device, precision: str = "auto") -> Loade
                         rescale_loud=manifest.rescale_loud)
     info = {"run": str(run_dir), "head_run": str(head_run), "offsets_from": None if thresholds is None
             else str(thresholds), "upstream": ident, "input": inp, "compute_dtype": compute,
-            "loss": ckpt.get("loss"), "labels": ckpt.get("labels")}
+            "loss": ckpt.loss, "labels": ckpt.labels}
     # the head as train-head scored it: float32, whatever the upstream computed in
-    return Loaded(model, signal, classes, offsets, ckpt["loss"], "float32", info, attributes)
+    return Loaded(model, signal, classes, offsets, ckpt.loss, "float32", info, attributes)

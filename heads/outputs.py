@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ import torch
 import conilium
 from conilium import CLASSES
 from conilium.errors import ConfigError
-from conilium.dirs import RunDir
+from conilium.dirs import Manifest, RunDir
 from conilium.runs import write_run_outputs
 from conilium.targets import ATTRIBUTE_COLUMNS, class_counts
 from conilium.training.losses import activation
@@ -33,6 +33,74 @@ from .model import EmotionHead, HeadConfig
 
 CHECKPOINT = RunDir.CHECKPOINT
 CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class HeadCheckpoint:
+    """A head run's ``model.pt``: the best epoch's weights and what a reader needs to use them —
+    the head's shape, the loss and targets it was trained with, the input it read from the
+    cache (``input``: kind, upstream layers, positions), the cache's manifest without its
+    shard list (the upstream and signal path to reproduce it), the run's config.
+
+    On disk it is one dict with these keys (``task``, ``attributes`` and ``attribute_scale``
+    only for a head with attributes), as every version wrote it.
+    """
+
+    head_config: dict
+    state_dict: Dict[str, torch.Tensor]
+    loss: str
+    labels: str
+    classes: List[str]
+    input: dict
+    cache_manifest: Manifest
+    train_config: dict = field(default_factory=dict)
+    best_epoch: Optional[int] = None
+    task: str = "categories"
+    format: int = CHECKPOINT_FORMAT
+    conilium_version: str = ""
+
+    REQUIRED = ("head_config", "state_dict", "loss")
+
+    @property
+    def upstream_layers(self) -> List[int]:
+        return [int(i) for i in self.input.get("upstream_layers") or []]
+
+    @property
+    def cache(self) -> Optional[str]:
+        """The cache the head was trained on, as its config recorded it."""
+        value = self.train_config.get("cache")
+        return str(value) if value else None
+
+    def to_dict(self) -> dict:
+        d = {"format": self.format, "conilium_version": self.conilium_version, "head_config": self.head_config,
+             "state_dict": self.state_dict, "loss": self.loss, "labels": self.labels,
+             "activation": activation(self.loss), "classes": list(self.classes), "input": self.input,
+             "cache_manifest": dict(self.cache_manifest), "train_config": self.train_config,
+             "best_epoch": self.best_epoch}
+        if self.task != "categories":
+            d.update(task=self.task, attributes=list(ATTRIBUTE_COLUMNS), attribute_scale="(v - 1) / 6")
+        return d
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path, suffix=".pt.tmp") as tmp:
+            torch.save(self.to_dict(), tmp)
+
+    @classmethod
+    def load(cls, path: Path) -> "HeadCheckpoint":
+        """Read ``path``; a damaged or foreign file is a ConfigError naming it."""
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+            raise ConfigError(f"{path}: cannot read the head checkpoint ({type(e).__name__}: {e}); train the head "
+                              f"again (train-head --overwrite)") from None
+        missing = [k for k in cls.REQUIRED if not isinstance(d, dict) or k not in d]
+        if missing:
+            raise ConfigError(f"{path}: not a train-head checkpoint (no {', '.join(missing)})")
+        return cls(head_config=d["head_config"], state_dict=d["state_dict"], loss=d["loss"],
+                   labels=d.get("labels", ""), classes=list(d.get("classes") or CLASSES), input=d.get("input") or {},
+                   cache_manifest=Manifest(d.get("cache_manifest") or {}), train_config=d.get("train_config") or {},
+                   best_epoch=d.get("best_epoch"), task=d.get("task", "categories"),
+                   format=d.get("format", CHECKPOINT_FORMAT), conilium_version=d.get("conilium_version", ""))
 
 
 def clear_outputs(out_dir: Path) -> None:
@@ -58,24 +126,11 @@ def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, dev
     history = head.history
     run = RunDir(out_dir)
     run.write_config(config.to_json())
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT,
-        "conilium_version": conilium.__version__,
-        "head_config": asdict(head.head_cfg),
-        "state_dict": head.best_state,
-        "loss": config.loss,
-        "labels": config.labels,
-        "activation": activation(config.loss),
-        "classes": list(CLASSES),
-        "input": sel.to_json(),
-        "cache_manifest": cache.manifest.summary(),
-        "train_config": config.to_json(),
-        "best_epoch": head.best_epoch,
-    }
-    if config.task != "categories":
-        checkpoint.update(task=config.task, attributes=list(ATTRIBUTE_COLUMNS), attribute_scale="(v - 1) / 6")
-    with atomic_path(run.checkpoint_path, suffix=".pt.tmp") as tmp:
-        torch.save(checkpoint, tmp)
+    HeadCheckpoint(head_config=asdict(head.head_cfg), state_dict=head.best_state, loss=config.loss,
+                   labels=config.labels, classes=list(CLASSES), input=sel.to_json(),
+                   cache_manifest=cache.manifest.summary(), train_config=config.to_json(),
+                   best_epoch=head.best_epoch, task=config.task,
+                   conilium_version=conilium.__version__).save(run.checkpoint_path)
     extra = {
         "training": {
             "clips": len(data.train_names),
@@ -113,14 +168,14 @@ def xo_summary(counts: Mapping[str, int]) -> dict:
             "left_out_no_target_label": int(counts.get("xo_no_target_label", 0))}
 
 
-def load_head(run_dir, *, map_location="cpu") -> Tuple[EmotionHead, dict]:
-    """The best head of a run directory (in eval mode) and its checkpoint dict."""
+def load_head(run_dir) -> Tuple[EmotionHead, HeadCheckpoint]:
+    """The best head of a run directory (in eval mode, on the CPU) and its checkpoint."""
     path = RunDir(run_dir).checkpoint_path
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no {CHECKPOINT} (not a train-head run directory, or it did not finish)")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    model = EmotionHead(HeadConfig(**ckpt["head_config"]))
-    model.load_state_dict(ckpt["state_dict"])
+    ckpt = HeadCheckpoint.load(path)
+    model = EmotionHead(HeadConfig(**ckpt.head_config))
+    model.load_state_dict(ckpt.state_dict)
     model.eval()
     return model, ckpt
 

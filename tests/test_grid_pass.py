@@ -46,7 +46,7 @@ def assert_same_run(a, b):
         assert filecmp.cmp(a / "predictions" / name, b / "predictions" / name, shallow=False), name
     assert _untimed(json.loads((a / "metrics.json").read_text())) == _untimed(json.loads((b / "metrics.json").read_text()))
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
-    sa, sb = load_head(a)[1]["state_dict"], load_head(b)[1]["state_dict"]
+    sa, sb = load_head(a)[1].state_dict, load_head(b)[1].state_dict
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -149,4 +149,4 @@ def test_a_one_layer_weighted_mix_is_frozen_without_changing_the_run(tmp_path, m
     monkeypatch.setattr(head_recipe, "_freeze_constant_mix", lambda model: None)
     train_head(config, tmp_path / "trained", progress=False)
     assert_same_run(tmp_path / "frozen", tmp_path / "trained")
-    assert load_head(tmp_path / "frozen")[1]["state_dict"]["layer_mix.weights"].tolist() == [0.0]
+    assert load_head(tmp_path / "frozen")[1].state_dict["layer_mix.weights"].tolist() == [0.0]

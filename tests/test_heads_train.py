@@ -66,13 +66,18 @@ def test_run_directory_holds_config_checkpoint_metrics_and_predictions(syn_cache
     assert m["f1_macro"] == pytest.approx(max(h["dev_f1_macro"] for h in m["history"]), abs=1e-4)
     # the checkpoint is the best epoch: reloaded, it gives the Development scores written
     model, ckpt = load_head(out)
-    assert ckpt["loss"] == "wbce" and ckpt["labels"] == "S" and ckpt["input"]["upstream_layers"] == [3]
-    assert ckpt["cache_manifest"]["layers"] == [1, 3] and "shards" not in ckpt["cache_manifest"]
-    assert ckpt["head_config"]["num_layers"] == 1
-    sel = select_input(syn_cache, ckpt["input"]["upstream_layers"][0])
+    assert ckpt.loss == "wbce" and ckpt.labels == "S" and ckpt.upstream_layers == [3]
+    assert ckpt.cache_manifest["layers"] == [1, 3] and "shards" not in ckpt.cache_manifest
+    assert ckpt.head_config["num_layers"] == 1
+    sel = select_input(syn_cache, ckpt.upstream_layers[0])
     probs = predict_probs(model, ClipDataset(syn_cache, dev.names, sel), "wbce", batch_size=5,
                           device=torch.device("cpu"))
     assert np.allclose(probs, dev.probs, atol=2e-6)
+    # a checkpoint cut short (a full disk, a copy interrupted) is an error naming it, not a torch traceback
+    path = out / "model.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=rf"{path}: cannot read the head checkpoint"):
+        load_head(out)
 
 
 def test_same_seed_same_metrics_and_streaming_equals_preloading(demo_cache, tmp_path):
@@ -99,7 +104,7 @@ def test_same_seed_same_metrics_and_streaming_equals_preloading(demo_cache, tmp_
 def test_pooled_statistics_head_and_weighted_layers(syn_cache, tmp_path):
     m = _train(syn_cache, tmp_path / "p", loss="wce", labels="hard", pooled_stats=True, epochs=2)
     model, ckpt = load_head(tmp_path / "p")
-    assert ckpt["head_config"]["pooling"] == "stats" and ckpt["head_config"]["num_layers"] == 4
+    assert ckpt.head_config["pooling"] == "stats" and ckpt.head_config["num_layers"] == 4
     assert model.layer_mix.weights.shape == (4,)
     assert m["training"]["class_weights"] is not None
 

@@ -42,16 +42,19 @@ def train_head_cmd(cache, out, overwrite, wait_for_lock, quiet, **options):
     metrics.json holds its scores on every labelled split, predictions/<Split>.csv its
     class scores (and EmoAct, EmoVal, EmoDom on the 1-7 scale) on every split.
     """
-    from conilium.heads.train import train_head  # torch, h5py: only when run
+    from conilium.heads.train import finished_run, train_head  # torch, h5py: only when run
 
     refuse_dir(out, "a train-head run directory", "choose a new or empty directory for --out (runs/<name>, say)",
                accept=("run", "run-unfinished", "empty"))
     try:
         config = config_from_command(TrainConfig, options, given={"cache": cache}, required=("cache",))
-        m = train_head(config, out, overwrite=overwrite, progress=not quiet, wait_for_lock=lock_wait(wait_for_lock))
+        done = None if overwrite else finished_run(config, out)
+        m = done if done is not None else train_head(config, out, overwrite=overwrite, progress=not quiet,
+                                                     wait_for_lock=lock_wait(wait_for_lock))
     except ConiliumError as e:
         fail(e)
-    click.echo(summary_line(m, out))
+    click.echo(summary_line(m, out) + ("" if done is None else " (complete already with these options: nothing "
+                                                                "trained; --overwrite trains it again)"))
 
 
 def summary_line(m: dict, out) -> str:

@@ -48,6 +48,7 @@ has its own generator. train-grid (:mod:`conilium.heads.grid`) groups its runs w
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ from tqdm import tqdm
 
 from conilium.cache.reader import FeatureCache
 from conilium.errors import ConfigError, ConiliumError, TrainingError  # noqa: F401 (TrainingError: raised here)
-from conilium.dirs import check_cache_dir
+from conilium.dirs import RunDir, check_cache_dir
 from conilium.locking import lock_directory
 from conilium.runs import is_complete
 from conilium.runtime import resolve_device
@@ -90,14 +91,33 @@ def same_run(a: Mapping, b: Mapping) -> bool:
     return not differing_fields(TrainConfig, a, b)
 
 
+def finished_run(config: TrainConfig, out_dir) -> Optional[dict]:
+    """The metrics of the complete run in ``out_dir`` when ``config`` describes it (runtime
+    fields aside, caches compared as absolute paths); None otherwise."""
+    run = RunDir(out_dir)
+    if not run.is_complete():
+        return None
+    old = run.config_or_none()
+    if old is None:
+        return None
+
+    def absolute(d: Mapping) -> dict:
+        d = dict(d)
+        if isinstance(d.get("cache"), str):
+            d["cache"] = os.path.abspath(d["cache"])
+        return d
+
+    return run.metrics_or_none() if same_run(absolute(old), absolute(config.to_json())) else None
+
+
 @contextlib.contextmanager
 def _claim(config: TrainConfig, out_dir: Path, *, overwrite: bool, progress: bool, wait_for_lock,
            cache: Optional[FeatureCache] = None) -> Iterator[PreparedData]:
     """The checks before training a run into ``out_dir``, its lock held meanwhile; the prepared data."""
     check_out_dir(config, out_dir)
     if is_complete(out_dir) and not overwrite:
-        raise ConfigError(f"{out_dir} already holds a complete run; choose another output directory "
-                          f"or overwrite it (--overwrite)")
+        raise ConfigError(f"{out_dir} already holds a complete run of other options; choose another output "
+                          f"directory or overwrite it (--overwrite)")
     on_wait = (lambda m: tqdm.write(m, file=sys.stderr)) if progress else None
     with lock_directory(out_dir, what="train-head run directory", wait=wait_for_lock, on_wait=on_wait):
         if is_complete(out_dir) and not overwrite:  # finished while we waited for the lock
@@ -135,9 +155,15 @@ def train_head(config: TrainConfig, out_dir, *, overwrite: bool = False, progres
     :class:`~conilium.errors.OutputError` when ``out_dir`` cannot be written (checked
     before training) and :class:`TrainingError` when the loss stops being finite. Nothing
     but the lock is written to ``out_dir`` until training is over. An ``out_dir`` holding
-    a complete run is refused unless ``overwrite``.
+    a complete run of the same configuration (runtime options aside) is done: its metrics
+    are returned and nothing is trained; one of another configuration is refused unless
+    ``overwrite``.
     """
     out_dir = Path(out_dir)
+    if not overwrite:
+        done = finished_run(config, out_dir)
+        if done is not None:
+            return done
     with _claim(config, out_dir, overwrite=overwrite, progress=progress, wait_for_lock=wait_for_lock) as data:
         with _threads(config.threads):
             return _train(config, out_dir, data, progress=progress)

@@ -120,16 +120,23 @@ def test_patience_stops_training_early(syn_cache, tmp_path):
     assert len(m["history"]) == m["best_epoch"] + 2 < 30
 
 
-def test_a_complete_run_is_not_overwritten_unless_asked(syn_cache, tmp_path):
+def test_a_complete_run_is_done_when_rerun_and_not_overwritten_unless_asked(syn_cache, tmp_path):
     out = tmp_path / "run"
-    _train(syn_cache, out, loss="bce", labels="hard", epochs=1)
-    with pytest.raises(ConfigError, match="already holds a complete run"):
-        _train(syn_cache, out, loss="bce", labels="hard", epochs=1)
+    first = _train(syn_cache, out, loss="bce", labels="hard", epochs=1)
+    stamp = (out / "metrics.json").stat().st_mtime_ns
+    # the same options (runtime ones aside): done, nothing trained or written again
+    assert _train(syn_cache, out, loss="bce", labels="hard", epochs=1, num_workers=1) == first
+    assert (out / "metrics.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="already holds a complete run of other options"):
+        _train(syn_cache, out, loss="bce", labels="hard", epochs=2)
     r = CliRunner().invoke(train_head_cmd, ["--cache", str(syn_cache.path), "--out", str(out), "--loss", "focal",
                                             "--labels", "hard", "--epochs", "1", "--hidden", "16", "--device", "cpu",
                                             "--quiet", "--overwrite"])
     assert r.exit_code == 0, r.output
     assert "Development macro-F1" in r.output and load_config(out).loss == "focal"
+    r = CliRunner().invoke(train_head_cmd, ["--cache", str(syn_cache.path), "--out", str(out), "--loss", "focal",
+                                            "--labels", "hard", "--epochs", "1", "--hidden", "16", "--quiet"])
+    assert r.exit_code == 0 and "complete already with these options: nothing trained" in r.output
 
 
 def test_write_run_outputs_scores_every_labelled_split(tmp_path):

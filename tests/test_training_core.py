@@ -216,3 +216,15 @@ def test_finetune_best_reads_a_runs_config_json_and_the_recorded_keys_beside_it(
     assert seen[0] == dataclasses.replace(before, out=str(tmp_path / "new"), epochs=5, tune_thresholds=False)
     result = CliRunner().invoke(finetune_best_cmd, ["--out", str(tmp_path / "x"), "-q"])
     assert result.exit_code == 2 and "Missing option '--corpus'" in result.output
+
+
+def test_finetune_best_summary_gives_the_k_fold_estimate_beside_the_in_sample_tuned_score():
+    from conilium.cli.finetune import finetune_summary
+
+    m = {"best_epoch": 3, "split": "Development", "f1_macro": 0.31,
+         "thresholds": {"f1_macro_tuned": 0.36, "f1_macro_cross_validated": 0.33}}
+    assert finetune_summary(m, "models/m") == ("models/m: best epoch 3, Development macro-F1 0.3100; thresholds "
+                                               "tuned: 0.3600 in-sample, 0.3300 K-fold estimate")
+    m["thresholds"]["f1_macro_cross_validated"] = None
+    assert finetune_summary({**m, "thresholds": None}, "m") == "m: best epoch 3, Development macro-F1 0.3100"
+    assert finetune_summary(m, "m").endswith("(too few Development clips per class for a K-fold estimate)")

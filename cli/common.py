@@ -3,6 +3,7 @@ errors, and groups that list their commands in data-flow order and import them l
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 from typing import Mapping, Optional, Union
@@ -141,3 +142,12 @@ class Group(click.Group):
             module, attribute = self.lazy[name].split(":")
             self.add_command(getattr(importlib.import_module(module), attribute), name)
         return super().get_command(ctx, name)
+
+    def resolve_command(self, ctx: click.Context, args):
+        """As click's, and an unknown command name gets the closest known ones suggested."""
+        name = click.utils.make_str(args[0]) if args else ""
+        if args and not name.startswith("-") and self.get_command(ctx, name) is None:
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=3, cutoff=0.6)
+            if close:
+                ctx.fail(f"No such command {name!r}. Did you mean {' or '.join(repr(c) for c in close)}?")
+        return super().resolve_command(ctx, args)

@@ -172,3 +172,14 @@ def test_train_head_takes_the_agreement_reading(tmp_path):
 
     names = {p.name for p in train_head_cmd.params}
     assert "agreement_over" in names
+
+
+def test_a_mistyped_command_gets_the_closest_names_suggested():
+    from conilium.cli import main
+
+    r = CliRunner().invoke(main, ["head"])
+    assert r.exit_code == 2 and "No such command 'head'. Did you mean 'heads'?" in r.output
+    r = CliRunner().invoke(main, ["heads", "trian"])
+    assert r.exit_code == 2 and "Did you mean 'train'?" in r.output
+    r = CliRunner().invoke(main, ["xyz"])
+    assert r.exit_code == 2 and "Did you mean" not in r.output

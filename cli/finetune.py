@@ -147,11 +147,15 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
               help="Run directory written by train-head (or its conilium-eval tune-thresholds output, whose "
                    "decision offsets then apply): its head on the upstream, layers, truncation and normalisation "
                    "of the cache it was trained on. Instead of --model.")
-@click.argument("audio", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("audio", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--list", "list_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Text file with one audio path per line (blank lines and # comments skipped).")
+@click.option("--glob", "pattern", default="*", show_default=True,
+              help="For a folder among AUDIO: the audio files below it (recursively) whose names match this "
+                   "pattern, e.g. '*.wav'.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write FILE.csv or FILE.json (format from the suffix); default: CSV on standard output.")
+              help="Write FILE.csv, FILE.json or FILE.parquet (format from the suffix); default: CSV on standard "
+                   "output.")
 @click.option("--batch-size", type=POSITIVE_INT, default=8, show_default=True)
 @click.option("--max-seconds", type=NON_NEGATIVE, default=None,
               help="Truncate files to this many seconds (default: as in training, the model's or the run's "
@@ -162,14 +166,16 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @quiet_option("No progress bar.")
 @version_option
-def predict_cmd(model_dir, run_dir, audio, list_file, out, batch_size, max_seconds, rescale_loud, device, quiet):
+def predict_cmd(model_dir, run_dir, audio, list_file, pattern, out, batch_size, max_seconds, rescale_loud, device,
+                quiet):
     """Predict the emotion of audio files with a finetune-best model or a train-head run.
 
     \b
     --model MODEL_DIR: the fine-tuned model. --run RUN: a head trained on a feature cache,
     applied to the upstream the cache was extracted with (a random-init upstream is read
     from the cache's upstream/ folder, so the cache must be where train-head found it).
-    Any file soundfile reads works (WAV, FLAC, OGG, ...; any sample rate; stereo is averaged).
+    Any file soundfile reads works (WAV, FLAC, OGG, ...; any sample rate; stereo is averaged);
+    a folder stands for the audio files below it that match --glob.
     Output columns: FileName, one probability per class (A S H U F D C N), Prediction
     (argmax after the decision offsets tuned on the development set: the model's, or the
     run's when RUN is a conilium-eval tune-thresholds output; none otherwise), then for a
@@ -186,10 +192,12 @@ def predict_cmd(model_dir, run_dir, audio, list_file, out, batch_size, max_secon
     Examples:
       predict --model models/wavlm-wbce-S a.wav b.flac --out predictions.csv
       predict --run runs/wbce-S-tuned a.wav b.flac --out predictions.csv
+      predict --model models/wavlm-wbce-S recordings/ --glob '*.flac' --out predictions.parquet
     """
     if (model_dir is None) == (run_dir is None):
         raise click.UsageError("give --model MODEL_DIR (finetune-best) or --run RUN (train-head), one of the two")
-    from conilium.finetune.predict import Predictor, output_format, read_list, results_csv, write_results  # torch
+    from conilium.finetune.predict import (Predictor, audio_files, output_format, read_list, results_csv,  # torch
+                                           write_results)
 
     if run_dir is None:
         refuse_dir(model_dir, "a finetune-best model directory", "pass a directory finetune-best wrote (train one "
@@ -200,8 +208,8 @@ def predict_cmd(model_dir, run_dir, audio, list_file, out, batch_size, max_secon
                    "tune-thresholds) wrote to --run; a finetune-best model directory goes to --model",
                    accept=("run",))
     _quiet_library_warnings(quiet)
-    files = [str(a) for a in audio]
     try:
+        files = [f for a in audio for f in (audio_files(a, pattern) if a.is_dir() else [str(a)])]
         if list_file is not None:
             files += read_list(list_file)
         if not files:

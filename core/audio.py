@@ -79,6 +79,24 @@ def read_audio(path, *, sample_rate: int = SAMPLE_RATE, max_seconds: Optional[fl
         raise
     except Exception as e:  # libsndfile errors come as RuntimeError / LibsndfileError
         raise AudioError(path, f"unreadable audio ({e})", clip) from None
+    return condition_audio(x, sr, source=path, sample_rate=sample_rate, max_seconds=max_seconds, clip=clip,
+                           rescale_loud=rescale_loud)
+
+
+def condition_audio(x, sr: int, *, source, sample_rate: int = SAMPLE_RATE, max_seconds: Optional[float] = None,
+                    clip: Optional[str] = None, rescale_loud: bool = False) -> np.ndarray:
+    """Samples ``x`` at ``sr`` — (N,) or (N, channels), decoded from ``source`` or given in memory —
+    as :func:`read_audio` returns a file's: truncated, mono, checked, at ``sample_rate``."""
+    path = source
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise AudioError(path, f"a waveform must be (samples,) or (samples, channels), not shape {x.shape}", clip)
+    if not (isinstance(sr, (int, np.integer)) and sr > 0):
+        raise AudioError(path, f"sample rate must be a positive whole number, not {sr!r}", clip)
+    if max_seconds is not None and max_seconds > 0:
+        x = x[: int(round(max_seconds * sr))]
     if x.size == 0:
         raise AudioError(path, "empty audio (no samples)", clip)
     x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
@@ -251,6 +269,11 @@ class SignalPath:
     def read(self, path, *, clip: Optional[str] = None) -> np.ndarray:
         """The decoded, truncated 16 kHz waveform (before noise and normalisation)."""
         return read_audio(path, max_seconds=self.max_seconds, clip=clip, rescale_loud=self.rescale_loud)
+
+    def take(self, x, sr: int, *, source, clip: Optional[str] = None) -> np.ndarray:
+        """A waveform given in memory, as :meth:`read` gives a file's."""
+        return condition_audio(x, sr, source=source, max_seconds=self.max_seconds, clip=clip,
+                               rescale_loud=self.rescale_loud)
 
     def finish(self, x: np.ndarray, path, *, clip: Optional[str] = None) -> np.ndarray:
         """Normalise ``x`` (read from ``path``); an error naming the clip when it is not finite."""

@@ -33,8 +33,10 @@ class AudioClips(Dataset):
 
     def __init__(self, paths: Sequence[Path], names: Sequence[str], *, signal: SignalPath,
                  noise: Optional[NoiseMixer] = None, durations: Optional[Sequence[float]] = None,
-                 min_samples: int = 0):
+                 min_samples: int = 0, waves: Optional[Sequence[Optional[tuple]]] = None):
         self.paths = [Path(p) for p in paths]
+        #: (samples, sample rate) given in memory for an item, in place of reading its path
+        self.waves = list(waves) if waves is not None else [None] * len(self.paths)
         self.names = list(names)
         self.durations = None if durations is None else np.asarray(durations, dtype=np.float64)
         self.signal = signal
@@ -48,7 +50,8 @@ class AudioClips(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, None)
         path, name = self.paths[index], self.names[index]
         try:
-            x = self.signal.read(path, clip=name)
+            wave = self.waves[index]
+            x = self.signal.read(path, clip=name) if wave is None else self.signal.take(*wave, source=path, clip=name)
             if len(x) < self.min_samples:
                 raise AudioError(path, f"too short ({len(x)} samples at 16 kHz; the upstream outputs no frame "
                                        f"for it)", name)

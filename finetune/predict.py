@@ -36,7 +36,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, TextIO
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 import soundfile as sf
@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from conilium import CLASS_NAMES, SAMPLE_RATE
 from conilium.audio import SignalPath
 from conilium.errors import AudioError, ConfigError, ConiliumError
 from conilium.heads.audio import Loaded, load_run
@@ -54,7 +55,7 @@ from conilium.util import atomic_path
 from .data import AudioClips, collate_waves
 from .model import load_model_dir, offsets_array
 
-OUTPUT_FORMATS = ("csv", "json")
+OUTPUT_FORMATS = ("csv", "json", "parquet")
 
 
 def min_samples(model: nn.Module) -> int:
@@ -96,7 +97,10 @@ def predict_clips(model: nn.Module, dataset: AudioClips, indices: Sequence[int],
 
 @dataclass
 class FilePrediction:
-    """One file's result: class probabilities and predicted letter, or the reason it failed."""
+    """One input's result: class probabilities and predicted letter, or the reason it failed.
+
+    ``file`` is the path, or ``<waveform i>`` for the i-th input given in memory.
+    """
 
     file: str
     probabilities: Optional[np.ndarray] = None
@@ -104,10 +108,24 @@ class FilePrediction:
     error: Optional[str] = None
     #: arousal, valence, dominance (corpus scale) for a model that predicts them
     attributes: Optional[np.ndarray] = None
+    #: the class letters of ``probabilities``, in order
+    classes: Tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def label(self) -> Optional[str]:
+        """The predicted emotion's name (``Neutral`` for ``N``), None when nothing was predicted."""
+        return None if self.prediction is None else CLASS_NAMES.get(self.prediction, self.prediction)
+
+    @property
+    def scores(self) -> Dict[str, float]:
+        """Class letter → probability ({} when nothing was predicted)."""
+        if self.probabilities is None:
+            return {}
+        return {c: float(p) for c, p in zip(self.classes, self.probabilities)}
 
 
 # ----------------------------------------------------------------------------- what is predicted with
@@ -170,12 +188,26 @@ class Predictor:
             return 0.0
         return min(seconds, self.max_seconds) if self.max_seconds else seconds
 
-    def predict(self, files: Sequence, *, progress: bool = False) -> List[FilePrediction]:
-        """Results in the order of ``files``."""
-        files = [str(f) for f in files]
-        results: List[FilePrediction] = [FilePrediction(f) for f in files]
-        ds = AudioClips(files, [None] * len(files), signal=self.signal,
-                        durations=[self._seconds(f) for f in files], min_samples=self._min_samples)
+    def predict(self, inputs: Sequence, *, progress: bool = False) -> List[FilePrediction]:
+        """Results in the order of ``inputs``: audio file paths, or waveforms in memory — a numpy
+        array of 16 kHz samples, ``(samples,)`` or ``(samples, channels)``, or a pair
+        ``(samples, sample_rate)`` — which go through the same signal path as files."""
+        names, waves, seconds = [], [], []
+        for i, item in enumerate(inputs):
+            wave = _in_memory(item)
+            if wave is None:
+                names.append(str(item))
+                waves.append(None)
+                seconds.append(self._seconds(str(item)))
+            else:
+                names.append(f"<waveform {i}>")
+                waves.append(wave)
+                n = len(np.asarray(wave[0])) / wave[1] if wave[1] else 0.0
+                seconds.append(min(n, self.max_seconds) if self.max_seconds else n)
+        results: List[FilePrediction] = [FilePrediction(n, classes=tuple(self.classes)) for n in names]
+        ds = AudioClips(names, [None] * len(names), signal=self.signal, durations=seconds,
+                        min_samples=self._min_samples, waves=waves)
+        files = names
 
         def failed(i: int, error: AudioError) -> None:
             results[i].error = error.reason
@@ -193,6 +225,29 @@ class Predictor:
         return results
 
 
+def _in_memory(item) -> Optional[Tuple[np.ndarray, int]]:
+    """``(samples, sample rate)`` of an input given in memory; None for a path."""
+    if isinstance(item, (str, Path)):
+        return None
+    if isinstance(item, tuple) and len(item) == 2 and not isinstance(item[0], (str, Path)):
+        return np.asarray(item[0]), item[1]
+    if isinstance(item, (np.ndarray, list, torch.Tensor)):
+        return np.asarray(item), SAMPLE_RATE
+    raise ConfigError(f"predict: an input must be an audio file path, a waveform (numpy array of 16 kHz samples) "
+                      f"or a (waveform, sample_rate) pair, not {type(item).__name__}")
+
+
+def audio_files(folder, pattern: str = "*") -> List[str]:
+    """The audio files below ``folder`` (recursively) whose names match ``pattern`` (a glob,
+    ``*.wav`` say), sorted; audio means a suffix soundfile reads."""
+    folder = Path(folder)
+    suffixes = {f".{ext.lower()}" for ext in sf.available_formats()} | {".oga", ".opus"}
+    found = sorted(str(p) for p in folder.rglob(pattern) if p.is_file() and p.suffix.lower() in suffixes)
+    if not found:
+        raise ConfigError(f"{folder}: no audio file matching {pattern!r} in it or below it")
+    return found
+
+
 def read_list(path) -> List[str]:
     """Audio paths of a list file: one per line; blank lines and lines starting with # are skipped."""
     path = Path(path)
@@ -206,7 +261,7 @@ def read_list(path) -> List[str]:
 def output_format(path) -> str:
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in OUTPUT_FORMATS:
-        raise ConfigError(f"--out {path}: the file name must end in .csv or .json (it picks the format)")
+        raise ConfigError(f"--out {path}: the file name must end in .csv, .json or .parquet (it picks the format)")
     return suffix
 
 
@@ -242,11 +297,32 @@ def to_json(results: Iterable[FilePrediction], classes: Sequence[str], attribute
     return out
 
 
+def to_table(results: Sequence[FilePrediction], classes: Sequence[str], attributes: Sequence[str] = ()):
+    """The CSV's columns as an Arrow table: probabilities and attributes as float64 (null where
+    an input failed), FileName, Prediction and Error as strings."""
+    import pyarrow as pa
+
+    cols = {"FileName": pa.array([r.file for r in results], pa.string())}
+    for k, c in enumerate(classes):
+        cols[c] = pa.array([float(r.probabilities[k]) if r.ok else None for r in results], pa.float64())
+    if classes:
+        cols["Prediction"] = pa.array([r.prediction for r in results], pa.string())
+    for k, a in enumerate(attributes):
+        cols[a] = pa.array([float(r.attributes[k]) if r.ok else None for r in results], pa.float64())
+    cols["Error"] = pa.array([r.error for r in results], pa.string())
+    return pa.table(cols)
+
+
 def write_results(out, results: Sequence[FilePrediction], classes: Sequence[str],
                   attributes: Sequence[str] = ()) -> None:
-    """Write CSV or JSON by the suffix of ``out``, atomically."""
+    """Write CSV, JSON or Parquet by the suffix of ``out``, atomically."""
     fmt = output_format(out)
     with atomic_path(out, suffix=f".{fmt}.tmp") as tmp:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.write_table(to_table(results, classes, attributes), tmp)
+            return
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             if fmt == "csv":
                 write_csv(f, results, classes, attributes)

@@ -162,3 +162,47 @@ def test_model_or_run_and_directories_of_another_kind(runs, cache, tmp_path):
         Predictor(run=tuned)
     with pytest.raises(ConiliumError, match="no config.json"):
         Predictor(run=tmp_path)
+
+
+def test_waveforms_in_memory_are_predicted_as_their_files(runs, small_demo_corpus):
+    import soundfile as sf
+    import soxr
+
+    _, files = _dev(runs["weighted"], small_demo_corpus)
+    predictor = Predictor(run=runs["weighted"], batch_size=4)
+    x, sr = sf.read(str(files[0]), dtype="float32")
+    x44 = soxr.resample(x, sr, 44100).astype(np.float32)
+    res = predictor.predict([files[0], x, (x44, 44100), np.stack([x, x], axis=1), "missing.wav"])
+    assert [r.file for r in res[:4]] == [str(files[0]), "<waveform 1>", "<waveform 2>", "<waveform 3>"]
+    # the same signal path (batched with other inputs: float rounding apart)
+    np.testing.assert_allclose(res[1].probabilities, res[0].probabilities, atol=1e-6)
+    np.testing.assert_allclose(res[3].probabilities, res[0].probabilities, atol=1e-6)  # channels averaged
+    np.testing.assert_allclose(res[2].probabilities, res[0].probabilities, atol=2e-2)  # resampled
+    assert res[0].label == {"A": "Angry", "S": "Sad", "H": "Happy", "U": "Surprise", "F": "Fear", "D": "Disgust",
+                            "C": "Contempt", "N": "Neutral"}[res[0].prediction]
+    assert list(res[0].scores) == list(CLASSES) and res[0].scores[res[0].prediction] >= 0
+    assert not res[4].ok and "audio file not found" in res[4].error and res[4].scores == {}
+    with pytest.raises(ConfigError, match="an input must be an audio file path, a waveform"):
+        predictor.predict([{"samples": x}])
+
+
+def test_predict_a_folder_recursively_into_parquet(runs, small_demo_corpus, tmp_path):
+    import pyarrow.parquet as pq
+
+    run, files = _dev(runs["weighted"], small_demo_corpus)
+    folder = tmp_path / "recordings"
+    (folder / "day2").mkdir(parents=True)
+    shutil.copy(files[0], folder / "a.wav")
+    shutil.copy(files[1], folder / "day2" / "b.wav")
+    (folder / "notes.txt").write_text("not audio")
+    out = tmp_path / "pred.parquet"
+    r = CliRunner().invoke(predict_cmd, ["--run", str(runs["weighted"]), str(folder), "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    table = pq.read_table(out).to_pydict()
+    assert table["FileName"] == [str(folder / "a.wav"), str(folder / "day2" / "b.wav")]
+    assert table["Error"] == [None, None] and set(CLASSES) <= set(table)
+    np.testing.assert_allclose([table[c][0] for c in CLASSES], run.probs[0], atol=1e-2)
+    r = CliRunner().invoke(predict_cmd, ["--run", str(runs["weighted"]), str(folder), "--glob", "b*.wav", "-q"])
+    assert r.exit_code == 0 and r.output.count(".wav") == 1 and "b.wav" in r.output
+    r = CliRunner().invoke(predict_cmd, ["--run", str(runs["weighted"]), str(folder), "--glob", "*.flac", "-q"])
+    assert r.exit_code == 1 and "no audio file matching '*.flac'" in r.output

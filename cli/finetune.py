@@ -20,8 +20,8 @@ from conilium import CLASSES
 from conilium.errors import ConiliumError
 from conilium.finetune.config import RECORDED_KEYS, FinetuneConfig
 
-from .common import (CONTEXT, GROUP_QUIET, NON_NEGATIVE, POSITIVE_INT, Group, check_corpus_arg, fail, lock_wait,
-                     quiet_option, refuse_dir, version_option, wait_for_lock_option)
+from .common import (CONTEXT, GROUP_QUIET, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Group, check_corpus_arg, fail,
+                     lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)
 from .options import config_from_command, config_options
 
 
@@ -160,14 +160,17 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
 @click.option("--max-seconds", type=NON_NEGATIVE, default=None,
               help="Truncate files to this many seconds (default: as in training, the model's or the run's "
                    "cache's; 0: whole files).")
+@click.option("--max-whole-seconds", type=POSITIVE, default=120.0, show_default=True,
+              help="With --max-seconds 0: longer files get an error instead of exhausting the memory (the "
+                   "upstream's memory grows with the square of the length).")
 @click.option("--rescale-loud/--no-rescale-loud", default=None,
               help="Divide float audio stored at integer scale back to [-1, 1] instead of refusing such a file "
                    "(default: as the model or the run's cache was made, --rescale-loud).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @quiet_option("No progress bar.")
 @version_option
-def predict_cmd(model_dir, run_dir, audio, list_file, pattern, out, batch_size, max_seconds, rescale_loud, device,
-                quiet):
+def predict_cmd(model_dir, run_dir, audio, list_file, pattern, out, batch_size, max_seconds, max_whole_seconds,
+                rescale_loud, device, quiet):
     """Predict the emotion of audio files with a finetune-best model or a train-head run.
 
     \b
@@ -217,6 +220,7 @@ def predict_cmd(model_dir, run_dir, audio, list_file, pattern, out, batch_size, 
         if out is not None:
             output_format(out)
         predictor = Predictor(model_dir, run=run_dir, device=device, batch_size=batch_size, max_seconds=max_seconds,
+                              max_whole_seconds=max_whole_seconds,
                               rescale_loud=rescale_loud)
         results = predictor.predict(files, progress=not quiet)
         if out is not None:
@@ -233,6 +237,10 @@ def predict_cmd(model_dir, run_dir, audio, list_file, pattern, out, batch_size, 
     for r in failed:
         click.echo(f"predict: {r.file}: {r.error}", err=True)
     n_ok = len(results) - len(failed)
+    cut = [r for r in results if r.warning]
+    if cut:
+        click.echo(f"predict: {len(cut)} file(s) longer than {predictor.max_seconds:g} s: only their beginning was "
+                   f"used (Seconds and Warning columns; --max-seconds 0 reads whole files)", err=True)
     if out is not None:
         click.echo(f"{out}: {n_ok} file(s) predicted, {len(failed)} failed", err=True)
     if n_ok == 0:

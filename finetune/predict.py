@@ -110,6 +110,17 @@ class FilePrediction:
     attributes: Optional[np.ndarray] = None
     #: the class letters of ``probabilities``, in order
     classes: Tuple[str, ...] = ()
+    #: seconds of audio the input has, and the seconds of it that were used (truncation)
+    duration: Optional[float] = None
+    seconds: Optional[float] = None
+
+    @property
+    def warning(self) -> Optional[str]:
+        """What the user should know about a prediction: the input was cut short."""
+        if self.ok and self.duration is not None and self.seconds is not None and self.seconds < self.duration - 1e-3:
+            return (f"truncated: the first {self.seconds:g} s of {self.duration:.1f} s were used (--max-seconds "
+                    f"changes it)")
+        return None
 
     @property
     def ok(self) -> bool:
@@ -148,14 +159,16 @@ class Predictor:
     predicts files in length-sorted batches, one code path for both (:class:`Loaded`).
 
     ``max_seconds`` None truncates as in training (the model's, or the run's cache's); 0
-    reads whole files. ``rescale_loud`` None reads audio as in training (float audio at
+    reads whole files, up to ``max_whole_seconds`` (the upstream's attention memory grows
+    with the square of the length: a 150 s file took 3.4 GB on the CPU): a longer input
+    gets an error saying so instead of exhausting the memory. ``rescale_loud`` None reads audio as in training (float audio at
     integer scale refused, or rescaled when the model or cache was made with
     ``rescale_loud``); True or False decides here.
     """
 
     def __init__(self, model_dir=None, *, run=None, device: str = "auto", batch_size: int = 8,
                  max_seconds: Optional[float] = None, precision: str = "auto", num_workers: int = 0,
-                 rescale_loud: Optional[bool] = None):
+                 rescale_loud: Optional[bool] = None, max_whole_seconds: float = 120.0):
         if (model_dir is None) == (run is None):
             raise ConfigError("predict from a finetune-best model directory or from a train-head run: give one "
                               "of the two")
@@ -175,44 +188,52 @@ class Predictor:
         self.signal = SignalPath(max_seconds=float(ms) if ms else None, normalize=base.normalize, stats=base.stats,
                                  rescale_loud=base.rescale_loud if rescale_loud is None else bool(rescale_loud))
         self.max_seconds = self.signal.max_seconds
+        self.max_whole_seconds = float(max_whole_seconds)
         self.precision = loaded.precision
         self.num_workers = num_workers
         self._min_samples = min_samples(self.model)
 
-    def _seconds(self, path: str) -> float:
-        """Duration as read (truncated), from the header; 0 when unreadable (the read reports it)."""
+    @staticmethod
+    def _duration(path: str) -> float:
+        """Whole duration from the header; 0 when unreadable (the read reports it)."""
         try:
             info = sf.info(path)
-            seconds = info.frames / info.samplerate
+            return info.frames / info.samplerate
         except Exception:
             return 0.0
-        return min(seconds, self.max_seconds) if self.max_seconds else seconds
 
     def predict(self, inputs: Sequence, *, progress: bool = False) -> List[FilePrediction]:
         """Results in the order of ``inputs``: audio file paths, or waveforms in memory — a numpy
         array of 16 kHz samples, ``(samples,)`` or ``(samples, channels)``, or a pair
         ``(samples, sample_rate)`` — which go through the same signal path as files."""
-        names, waves, seconds = [], [], []
+        names, waves, durations = [], [], []
         for i, item in enumerate(inputs):
             wave = _in_memory(item)
+            names.append(str(item) if wave is None else f"<waveform {i}>")
+            waves.append(wave)
             if wave is None:
-                names.append(str(item))
-                waves.append(None)
-                seconds.append(self._seconds(str(item)))
+                durations.append(self._duration(str(item)))
+            else:  # a bad rate is refused when the waveform is read
+                rate = wave[1] if isinstance(wave[1], (int, np.integer)) and wave[1] > 0 else None
+                durations.append(len(wave[0]) / rate if rate else 0.0)
+        seconds = [min(d, self.max_seconds) if self.max_seconds else d for d in durations]
+        results = [FilePrediction(n, classes=tuple(self.classes), duration=d, seconds=s)
+                   for n, d, s in zip(names, durations, seconds)]
+        todo = []
+        for i, s in enumerate(seconds):
+            if self.max_seconds is None and s > self.max_whole_seconds:
+                results[i].error = (f"{s:.0f} s is too long to run whole (the upstream's memory grows with the "
+                                    f"square of the length); give --max-seconds to use its beginning, or cut it "
+                                    f"into segments first")
             else:
-                names.append(f"<waveform {i}>")
-                waves.append(wave)
-                n = len(np.asarray(wave[0])) / wave[1] if wave[1] else 0.0
-                seconds.append(min(n, self.max_seconds) if self.max_seconds else n)
-        results: List[FilePrediction] = [FilePrediction(n, classes=tuple(self.classes)) for n in names]
+                todo.append(i)
         ds = AudioClips(names, [None] * len(names), signal=self.signal, durations=seconds,
                         min_samples=self._min_samples, waves=waves)
-        files = names
 
         def failed(i: int, error: AudioError) -> None:
             results[i].error = error.reason
 
-        scores = predict_clips(self.model, ds, range(len(files)), self.loss, device=self.device,
+        scores = predict_clips(self.model, ds, todo, self.loss, device=self.device,
                                batch_size=self.batch_size, precision=self.precision, num_workers=self.num_workers,
                                progress=progress, on_error=failed)
         c = len(self.classes)
@@ -271,7 +292,8 @@ def write_csv(f: TextIO, results: Iterable[FilePrediction], classes: Sequence[st
     (``EmoAct, EmoVal, EmoDom``, for a model that predicts them), ``Error`` (empty when
     predicted). A model without classes has no class columns and no ``Prediction``."""
     w = csv.writer(f)
-    w.writerow(["FileName", *classes, *(["Prediction"] if classes else []), *attributes, "Error"])
+    w.writerow(["FileName", *classes, *(["Prediction"] if classes else []), *attributes, "Seconds", "Warning",
+                "Error"])
     for r in results:
         row = [r.file]
         if classes:
@@ -279,7 +301,8 @@ def write_csv(f: TextIO, results: Iterable[FilePrediction], classes: Sequence[st
             row.append(r.prediction or "")
         if attributes:
             row += [f"{v:.6f}" for v in r.attributes] if r.ok else [""] * len(attributes)
-        w.writerow([*row, r.error or ""])
+        seconds = "" if r.seconds is None or not r.ok else f"{r.seconds:.3f}"
+        w.writerow([*row, seconds, r.warning or "", r.error or ""])
 
 
 def to_json(results: Iterable[FilePrediction], classes: Sequence[str], attributes: Sequence[str] = ()) -> list:
@@ -292,6 +315,8 @@ def to_json(results: Iterable[FilePrediction], classes: Sequence[str], attribute
             item["prediction"] = r.prediction
         if attributes:
             item["attributes"] = None if not r.ok else {a: round(float(v), 6) for a, v in zip(attributes, r.attributes)}
+        item["seconds"] = None if r.seconds is None or not r.ok else round(float(r.seconds), 3)
+        item["warning"] = r.warning
         item["error"] = r.error
         out.append(item)
     return out
@@ -309,6 +334,9 @@ def to_table(results: Sequence[FilePrediction], classes: Sequence[str], attribut
         cols["Prediction"] = pa.array([r.prediction for r in results], pa.string())
     for k, a in enumerate(attributes):
         cols[a] = pa.array([float(r.attributes[k]) if r.ok else None for r in results], pa.float64())
+    cols["Seconds"] = pa.array([float(r.seconds) if r.ok and r.seconds is not None else None for r in results],
+                               pa.float64())
+    cols["Warning"] = pa.array([r.warning for r in results], pa.string())
     cols["Error"] = pa.array([r.error for r in results], pa.string())
     return pa.table(cols)
 

@@ -297,7 +297,7 @@ def test_predict_run_outputs_attributes(attribute_runs, demo_corpus, tmp_path):
     assert r.exit_code == 0, r.output
     with open(out, newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["FileName", *ATTRS, "Error"]
+    assert rows[0] == ["FileName", *ATTRS, "Seconds", "Warning", "Error"]
     assert len(rows) == 4 and all(1 <= float(v) <= 7 for row in rows[1:] for v in row[1:4])
     out_json = tmp_path / "joint.json"
     r = CliRunner().invoke(predict_cmd, ["--run", str(joint), str(files[0]), "--out", str(out_json), "--device",

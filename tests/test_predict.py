@@ -91,6 +91,25 @@ def test_library_predictions_match_a_direct_forward(model_dir, audio):
     np.testing.assert_allclose(res[0].probabilities, direct, atol=1e-5)
 
 
+def test_truncated_and_too_long_inputs_are_said(model_dir, audio, tmp_path):
+    """The model reads 3 s; a 2 s file is used whole, a 9 s one is cut and says so; read whole, an
+    input beyond --max-whole-seconds gets an error instead of exhausting the memory."""
+    x, sr = sf.read(str(audio / "mono16k.wav"), dtype="float32")
+    long = tmp_path / "long.wav"
+    sf.write(long, np.concatenate([x] * 5)[: 9 * sr], sr)
+    out = tmp_path / "pred.csv"
+    r = CliRunner().invoke(predict_cmd, ["--model", str(model_dir), str(audio / "mono16k.wav"), str(long), "--out",
+                                         str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    short_row, long_row = _rows(out.read_text())
+    assert float(short_row["Seconds"]) == pytest.approx(len(x) / sr, abs=1e-3) and short_row["Warning"] == ""
+    assert float(long_row["Seconds"]) == 3.0 and "the first 3 s of 9.0 s were used" in long_row["Warning"]
+    assert "1 file(s) longer than 3 s: only their beginning was used" in r.stderr
+    whole = Predictor(model_dir, max_seconds=0, max_whole_seconds=5).predict([audio / "mono16k.wav", long])
+    assert whole[0].ok and whole[0].warning is None and whole[0].seconds == pytest.approx(len(x) / sr, abs=1e-3)
+    assert not whole[1].ok and "9 s is too long to run whole" in whole[1].error
+
+
 def test_json_output_list_file_and_exit_status(model_dir, audio, tmp_path):
     lst = tmp_path / "files.txt"
     lst.write_text(f"# clips\n{audio / 'mono16k.wav'}\n\n{audio / 'broken.wav'}\n")
@@ -103,9 +122,9 @@ def test_json_output_list_file_and_exit_status(model_dir, audio, tmp_path):
     assert data[1]["probabilities"] is None and "unreadable" in data[1]["error"]
     # every file failed: exit status 1; CSV on standard output without --out
     r = CliRunner().invoke(predict_cmd, ["--model", str(model_dir), str(audio / "broken.wav"), "--quiet"])
-    assert r.exit_code == 1 and r.stdout.startswith("FileName,A,S,H,U,F,D,C,N,Prediction,Error")
+    assert r.exit_code == 1 and r.stdout.startswith("FileName,A,S,H,U,F,D,C,N,Prediction,Seconds,Warning,Error")
     r = CliRunner().invoke(predict_cmd, ["--model", str(model_dir), str(audio / "mono16k.wav"), "--out",
                                          str(tmp_path / "x.txt")])
-    assert r.exit_code == 2 and ".csv or .json" in r.output
+    assert r.exit_code == 2 and ".csv, .json or .parquet" in r.output
     r = CliRunner().invoke(predict_cmd, ["--model", str(tmp_path), str(audio / "mono16k.wav")])
     assert r.exit_code == 1 and "not a finetune-best model directory" in r.output

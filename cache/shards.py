@@ -77,11 +77,34 @@ def crc32(data) -> int:
 
 
 
+#: dtype → (unsigned integer of its width, mask of all bits but the sign, bits of +inf): a value is
+#: NaN or ±inf exactly when its exponent bits are all ones, i.e. its masked bits reach +inf's.
+_FLOAT_BITS = {np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
+               np.dtype(np.float32): (np.uint32, 0x7FFF_FFFF, 0x7F80_0000)}
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """True when no value of the float array ``a`` is NaN or ±inf; for float16 and float32
+    one integer pass over the bits (as cheap as the clip's CRC-32)."""
+    if not a.size:
+        return True
+    bits = _FLOAT_BITS.get(a.dtype)
+    if bits is None:
+        return bool(np.isfinite(a).all())
+    uint, magnitude, inf = bits
+    return int(np.bitwise_and(a.view(uint), magnitude).max()) < inf
+
+
+def check_finite(a: np.ndarray, clip: str, what: str) -> None:
+    """A :class:`CacheError` naming ``clip`` when ``a`` (its ``what``) holds NaN or ±inf."""
+    if not all_finite(a):
+        raise CacheError(f"clip {clip}: {what} hold NaN or infinite values; nothing of the shard is written")
+
+
 def to_float16(frames: np.ndarray, clip: str) -> np.ndarray:
     """Cast to float16, refusing values float16 cannot hold (no silent infinities)."""
     finfo = np.finfo(np.float16)
-    if not np.all(np.isfinite(frames)):
-        raise CacheError(f"clip {clip}: upstream output holds NaN or inf")
+    check_finite(frames, clip, "the upstream's hidden states")
     peak = float(np.abs(frames).max()) if frames.size else 0.0
     if peak > float(finfo.max):
         raise CacheError(f"clip {clip}: feature value {peak:.4g} exceeds float16's range "
@@ -144,7 +167,11 @@ class _Spool:
         if name in self._seen:
             raise CacheError(f"clip {name}: written twice into shard {self.path.name}")
         self._seen.add(name)
-        arr = to_float16(frames, name) if self.dtype == np.float16 else frames.astype(np.float32)
+        if self.dtype == np.float16:
+            arr = to_float16(frames, name)
+        else:
+            arr = frames.astype(np.float32)
+            check_finite(arr, name, "the upstream's hidden states (as float32)")
         t, nl, d = arr.shape
         if self.num_layers is None:
             self.num_layers, self.dim = nl, d
@@ -163,6 +190,7 @@ class _Spool:
             raise CacheError(f"clip {name}: pooled statistics given for some clips of the shard only")
         if pooled is not None:
             p = np.ascontiguousarray(pooled, dtype=np.float32)
+            check_finite(p, name, "the pooled statistics")
             if self.pooled_shape is None:
                 if p.ndim != 3 or p.shape[1] != 2:
                     raise CacheError(f"clip {name}: pooled statistics must be (layers, 2, dim), got {p.shape}")

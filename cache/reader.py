@@ -18,15 +18,13 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 from conilium.corpus import Clip
+from conilium.cachedir import VERIFY_MODES
 from conilium.dirs import CacheDir, Manifest
 from conilium.errors import CacheError
 
 from .shards import RUN_BYTES, ShardIndex, all_finite, crc32, read_shard_index
 
 CLIPS = CacheDir.CLIPS
-#: When a reader checks a clip (CRC-32, no NaN or infinite value): on its first read, at every
-#: read, or never.
-VERIFY_MODES = ("first", "always", "never")
 
 
 def load_manifest(path) -> Manifest:

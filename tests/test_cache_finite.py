@@ -87,10 +87,12 @@ def test_the_writer_never_stores_a_non_finite_frame(tmp_path, dtype, value):
 
 
 def test_all_finite_reads_the_bits():
+    every_half = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    assert [all_finite(every_half[k:k + 1]) for k in range(1 << 16)] == list(np.isfinite(every_half))
     for dtype in (np.float16, np.float32, np.float64):
         x = np.linspace(-60000, 60000, 1001).astype(dtype)
         assert all_finite(x) and all_finite(x[:0])
-        for v in (np.nan, np.inf, -np.inf):
+        for v in (np.nan, -np.nan, np.inf, -np.inf):
             y = x.copy()
             y[500] = v
             assert not all_finite(y)

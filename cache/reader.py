@@ -2,7 +2,8 @@
 
 Opening checks the manifest (:meth:`conilium.dirs.CacheDir.read_manifest`) and clips.json
 against it; each shard's index is read once (:func:`conilium.cache.shards.read_shard_index`)
-and its frames then with plain positional reads, each clip checked against its CRC-32.
+and its frames then with plain positional reads, each clip checked against its CRC-32 and
+for NaN or infinite values.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 from conilium.corpus import Clip
+from conilium.cachedir import VERIFY_MODES
 from conilium.dirs import CacheDir, Manifest
 from conilium.errors import CacheError
 
-from .shards import RUN_BYTES, ShardIndex, crc32, read_shard_index
+from .shards import RUN_BYTES, ShardIndex, all_finite, crc32, read_shard_index
 
 CLIPS = CacheDir.CLIPS
 
@@ -44,10 +46,12 @@ class FeatureCache:
     >>> x = cache.frames(cache.names[0])      # float32 (frames, layers, dim)
 
     Opening checks the manifest against its own checksum and clips.json against the
-    manifest's; frames and pooled statistics are checked against the clip's CRC-32 the
-    first time this reader reads them (``verify=True``, the default: a head trained for 40
-    epochs pays the checksum in its first epoch only), at every read (``"always"``), or
-    never (``False``, for measurements only). A shard's index is read
+    manifest's; frames and pooled statistics are checked against the clip's CRC-32, and
+    for NaN or infinite values (a faulty or foreign writer), the first time this reader
+    reads them (``verify=True`` or ``"first"``, the default: a head trained for 40 epochs
+    pays the checks in its first epoch only), at every read (``"always"``: also sees a
+    shard rewritten while it is read), or never (``False`` or ``"never"``, for measurements
+    only). A shard's index is read
     once; its frames are then read with plain positional reads of the file (no HDF5 on the
     way). At most ``max_open`` shard files stay open at once (one closed while another
     thread reads it is closed when that read ends); the reader can be shared by threads and
@@ -55,8 +59,9 @@ class FeatureCache:
     """
 
     def __init__(self, path, *, max_open: int = 16, verify: Union[bool, str] = True):
-        if verify not in (True, False, "once", "always"):
-            raise ValueError(f"verify must be True (once per clip), 'always' or False, not {verify!r}")
+        if verify not in VERIFY_MODES and verify not in (True, False, "once"):
+            raise ValueError(f"verify must be True or 'first' (once per clip), 'always', or False or 'never', "
+                             f"not {verify!r}")
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         self._shards = [self.path / s["file"] for s in self.manifest.shards]
@@ -84,7 +89,7 @@ class FeatureCache:
             raise CacheError(f"{self.path / CLIPS}: clips in shard(s) {bad[:5]}, the cache has {len(self._shards)}")
         self.names: List[str] = list(self.clips)
         self.max_open = max_open
-        self.verify = bool(verify)
+        self.verify = verify not in (False, "never")
         self._verify_always = verify == "always"
         self._index: Dict[int, ShardIndex] = {}
         self._reset_files()
@@ -254,9 +259,23 @@ class FeatureCache:
         return CacheError(f"{idx.path}: clip {name}: {what} fail their CRC-32 check (the shard is damaged); "
                           f"run verify-cache, then rerun extract-features with the same options to rewrite the shard")
 
+    def _non_finite(self, idx: ShardIndex, name: str, what: str) -> CacheError:
+        return CacheError(f"{idx.path}: clip {name}: {what} hold NaN or infinite values (written so, their CRC-32 "
+                          f"agrees); cache {self.path} cannot be trained or scored on: rebuild it with "
+                          f"extract-features --overwrite")
+
+    def _check(self, idx: ShardIndex, i: int, k: int, frames: np.ndarray) -> None:
+        """Clip ``i``'s frames of stored layer ``k`` against its CRC-32, and for NaN or ±inf."""
+        what = f"frames of layer {self.layers[k]}"
+        if crc32(frames) != int(idx.crc[i, k]):
+            raise self._damaged(idx, idx.names[i], what)
+        if not all_finite(frames):
+            raise self._non_finite(idx, idx.names[i], what)
+        idx.verified[i, k] = True
+
     def _read_run(self, shard: int, idx: ShardIndex, first: int, last: int, positions: Sequence[int]) -> np.ndarray:
         """Frames of the shard's clips ``first..last`` (neighbours), ``(len(positions), frames, dim)``,
-        one read per layer, each clip checked against its CRC-32."""
+        one read per layer, each clip checked (:meth:`_check`)."""
         a = int(idx.offsets[first])
         b = int(idx.offsets[last] + idx.num_frames[last])
         buf = np.empty((len(positions), b - a, idx.dim), idx.dtype)
@@ -268,9 +287,7 @@ class FeatureCache:
                         if idx.verified[i, k] and not self._verify_always:
                             continue
                         s = int(idx.offsets[i]) - a
-                        if crc32(buf[j, s : s + int(idx.num_frames[i])]) != int(idx.crc[i, k]):
-                            raise self._damaged(idx, idx.names[i], f"frames of layer {self.layers[k]}")
-                        idx.verified[i, k] = True
+                        self._check(idx, i, k, buf[j, s : s + int(idx.num_frames[i])])
         return buf
 
     @staticmethod
@@ -306,6 +323,8 @@ class FeatureCache:
         if self.verify and (self._verify_always or not idx.pooled_verified[i]):
             if crc32(out) != int(idx.pooled_crc[i]):
                 raise self._damaged(idx, name, "pooled statistics")
+            if not all_finite(out):
+                raise self._non_finite(idx, name, "pooled statistics")
             idx.pooled_verified[i] = True
         return out
 

@@ -77,11 +77,36 @@ def crc32(data) -> int:
 
 
 
+#: dtype → (signed and unsigned integers of its width, +inf's bits, -inf's bits). A value is NaN
+#: or ±inf exactly when its exponent bits are all ones: read as a signed integer, a positive
+#: one then lies at or above +inf's bits (negative floats read negative); read as an unsigned
+#: integer, a negative one lies at or above -inf's bits.
+_FLOAT_BITS = {np.dtype(np.float16): (np.int16, np.uint16, 0x7C00, 0xFC00),
+               np.dtype(np.float32): (np.int32, np.uint32, 0x7F80_0000, 0xFF80_0000)}
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """True when no value of the float array ``a`` is NaN or ±inf; for float16 and float32
+    two integer maxima over the bits, no temporary array (about the cost of the CRC-32)."""
+    if not a.size:
+        return True
+    bits = _FLOAT_BITS.get(a.dtype)
+    if bits is None:
+        return bool(np.isfinite(a).all())
+    signed, unsigned, pos_inf, neg_inf = bits
+    return int(a.view(signed).max()) < pos_inf and int(a.view(unsigned).max()) < neg_inf
+
+
+def check_finite(a: np.ndarray, clip: str, what: str) -> None:
+    """A :class:`CacheError` naming ``clip`` when ``a`` (its ``what``) holds NaN or ±inf."""
+    if not all_finite(a):
+        raise CacheError(f"clip {clip}: {what} hold NaN or infinite values; nothing of the shard is written")
+
+
 def to_float16(frames: np.ndarray, clip: str) -> np.ndarray:
     """Cast to float16, refusing values float16 cannot hold (no silent infinities)."""
     finfo = np.finfo(np.float16)
-    if not np.all(np.isfinite(frames)):
-        raise CacheError(f"clip {clip}: upstream output holds NaN or inf")
+    check_finite(frames, clip, "the upstream's hidden states")
     peak = float(np.abs(frames).max()) if frames.size else 0.0
     if peak > float(finfo.max):
         raise CacheError(f"clip {clip}: feature value {peak:.4g} exceeds float16's range "
@@ -144,7 +169,11 @@ class _Spool:
         if name in self._seen:
             raise CacheError(f"clip {name}: written twice into shard {self.path.name}")
         self._seen.add(name)
-        arr = to_float16(frames, name) if self.dtype == np.float16 else frames.astype(np.float32)
+        if self.dtype == np.float16:
+            arr = to_float16(frames, name)
+        else:
+            arr = frames.astype(np.float32)
+            check_finite(arr, name, "the upstream's hidden states (as float32)")
         t, nl, d = arr.shape
         if self.num_layers is None:
             self.num_layers, self.dim = nl, d
@@ -163,6 +192,7 @@ class _Spool:
             raise CacheError(f"clip {name}: pooled statistics given for some clips of the shard only")
         if pooled is not None:
             p = np.ascontiguousarray(pooled, dtype=np.float32)
+            check_finite(p, name, "the pooled statistics")
             if self.pooled_shape is None:
                 if p.ndim != 3 or p.shape[1] != 2:
                     raise CacheError(f"clip {name}: pooled statistics must be (layers, 2, dim), got {p.shape}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from conilium.corpus import ALLOW_SYMLINKS_HELP
 from conilium.demo import MIN_CLIPS
 from conilium.errors import ConiliumError
 
@@ -71,9 +72,10 @@ def make_demo_corpus_cmd(out, clips, seed, noise_out, noise_files, overwrite, qu
               help="Directory for the report (created if missing; its files are replaced).")
 @click.option("--skip-bad", is_flag=True,
               help="Leave out clips whose audio is missing or unreadable (listed in the report) instead of stopping.")
+@click.option("--allow-symlinks", is_flag=True, help=ALLOW_SYMLINKS_HELP)
 @quiet_option("Print nothing but errors.")
 @version_option
-def describe_corpus_cmd(corpus, out, skip_bad, quiet):
+def describe_corpus_cmd(corpus, out, skip_bad, allow_symlinks, quiet):
     """Summarise a corpus: labels, annotators, agreement, durations, and two figures.
 
     \b
@@ -96,7 +98,7 @@ def describe_corpus_cmd(corpus, out, skip_bad, quiet):
 
     check_corpus_arg(corpus)
     try:
-        summary = describe_corpus(corpus, out, skip_bad=skip_bad)
+        summary = describe_corpus(corpus, out, skip_bad=skip_bad, allow_symlinks=allow_symlinks)
     except ConiliumError as e:
         fail(e)
     if quiet:

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from conilium.corpus import ALLOW_SYMLINKS_HELP
 from conilium.errors import ConiliumError
 from conilium.extract.registry import UPSTREAMS, WHISPER_INPUTS
 
@@ -62,6 +63,7 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--skip-bad", is_flag=True,
               help="Leave out unreadable, empty or NaN clips and list them in the manifest, instead of stopping.")
+@click.option("--allow-symlinks", is_flag=True, help=ALLOW_SYMLINKS_HELP)
 @click.option("--augment-noise", type=click.Path(file_okay=False, exists=True, path_type=str), default=None,
               help="Folder of noise recordings (e.g. MUSAN): add noisy copies of Train clips to the cache.")
 @click.option("--augment-fraction", type=Number(0, 1, open_min=True), default=0.8, show_default=True,
@@ -80,7 +82,7 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
 def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max_seconds, normalize, whisper_input,
                          random_init,
                          seed, revision, splits, batch_seconds, device, compute_dtype, shard_size, workers, threads,
-                         skip_bad, augment_noise, augment_fraction, snr_db, copies, rescale_loud, overwrite,
+                         skip_bad, allow_symlinks, augment_noise, augment_fraction, snr_db, copies, rescale_loud, overwrite,
                          no_space_check, wait_for_lock, quiet):
     """Run an upstream over a corpus once and store its hidden states in an HDF5 feature cache.
 
@@ -116,7 +118,7 @@ def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max
 
             torch.set_num_threads(threads)
         path = extract_features(config, corpus, out, batch_seconds=batch_seconds, device=device, workers=workers,
-                                skip_bad=skip_bad, overwrite=overwrite, check_space=not no_space_check,
+                                skip_bad=skip_bad, allow_symlinks=allow_symlinks, overwrite=overwrite, check_space=not no_space_check,
                                 verbose=not quiet, wait_for_lock=lock_wait(wait_for_lock))
     except ConiliumError as e:
         fail(e)

@@ -13,6 +13,11 @@ from .errors import CacheError
 from .util import _default as _json_default
 from .util import read_json, write_json
 
+#: When a reader checks a clip's frames (their CRC-32, no NaN or infinite value): on the
+#: reader's first read of the clip, at every read, or never
+#: (:class:`conilium.cache.FeatureCache`'s ``verify``, train-head's ``--verify``).
+VERIFY_MODES = ("first", "always", "never")
+
 
 def file_sha256(path, block: int = 1 << 22) -> str:
     h = hashlib.sha256()

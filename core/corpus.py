@@ -13,6 +13,10 @@ A corpus root holds ``Audios/`` (16 kHz WAV files) and ``Labels/`` with
 consensus label, every :class:`Annotation`, its duration read from the audio header,
 speaker, gender and split. Every malformed line is a :class:`~conilium.errors.CorpusError`
 naming the file and the line.
+
+A ``FileName`` names a file inside ``Audios/``: an absolute path or a ``..`` component is
+refused, and so is a name that leads outside ``Audios/`` through a symbolic link, unless
+the caller allows symlinked audio (``allow_symlinks``, ``--allow-symlinks``).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import os
 from collections import Counter
 from contextlib import closing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import soundfile as sf
@@ -38,6 +43,9 @@ SPLITS = ("Train", "Development", "Test1", "Test2", "Test3")
 #: Splits whose clips must carry a consensus label.
 LABELLED_SPLITS = ("Train", "Development")
 GENDERS = ("Male", "Female", "Unknown")
+#: What ``--allow-symlinks`` does, for every command that reads a corpus.
+ALLOW_SYMLINKS_HELP = ("Read audio through symbolic links in Audios/ that point outside it (refused by "
+                       "default: every FileName must resolve inside Audios/).")
 
 # Emotion words (lower case) of the eight target classes. Aliases cover spellings seen
 # across releases and the single letters some older files use.
@@ -211,6 +219,36 @@ def corpus_fingerprint(root, names: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def check_file_name(name: str, path: Path, line: int) -> None:
+    """A label file's FileName must be a relative path below ``Audios/``: no absolute
+    path, drive or ``..`` component (an error naming the file, the line and the name)."""
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.drive or windows.root:
+        raise CorpusError(f"{path}:{line}: FileName {name!r} is an absolute path; clip names must "
+                          f"name files inside Audios/")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise CorpusError(f"{path}:{line}: FileName {name!r} leads out of Audios/ ('..'); clip names "
+                          f"must name files inside Audios/")
+
+
+class _AudioBounds:
+    """Whether clip names stay inside ``Audios/`` once symbolic links are followed."""
+
+    def __init__(self, root: Path):
+        self.adir = audio_dir(root)
+        self.real = os.path.realpath(self.adir)
+
+    def check(self, name: str, path: Path, line: int) -> None:
+        p = self.adir / name
+        if len(PurePosixPath(name).parts) == 1 and not os.path.islink(p):
+            return  # a plain file (or none) directly in Audios/: nothing to follow
+        target = os.path.realpath(p)
+        if os.path.commonpath([self.real, target]) != self.real:
+            raise CorpusError(f"{path}:{line}: FileName {name!r} is a symbolic link to {target}, outside "
+                              f"{self.adir}; pass --allow-symlinks (allow_symlinks=True) to read "
+                              f"symlinked audio")
+
+
 def _parse_float(value: str, path: Path, line: int, column: str) -> Optional[float]:
     value = value.strip()
     if value == "":
@@ -299,9 +337,14 @@ def _check_width(row: List[str], header: List[str], path: Path, line: int) -> No
                           f"quote any field that contains commas (e.g. \"Sad,Concerned\")")
 
 
-def read_consensus(path) -> List[dict]:
-    """Rows of labels_consensus.csv as dicts, validated; errors name file and line."""
+def read_consensus(path, *, audios_in=None) -> List[dict]:
+    """Rows of labels_consensus.csv as dicts, validated; errors name file and line.
+
+    With ``audios_in`` (a corpus root), every FileName must also stay inside its
+    ``Audios/`` once symbolic links are followed.
+    """
     path = Path(path)
+    bounds = None if audios_in is None else _AudioBounds(Path(audios_in))
     header, records = _open_csv(path)
     with closing(records):
         missing = [c for c in CONSENSUS_COLUMNS if c not in header]
@@ -318,6 +361,9 @@ def read_consensus(path) -> List[dict]:
             name = get["FileName"]
             if not name:
                 raise CorpusError(f"{path}:{lineno}: empty FileName")
+            check_file_name(name, path, lineno)
+            if bounds is not None:
+                bounds.check(name, path, lineno)
             if name in seen:
                 raise CorpusError(f"{path}:{lineno}: duplicate FileName {name} (first on line {seen[name]})")
             seen[name] = lineno
@@ -426,6 +472,7 @@ def read_detailed(path) -> Tuple[Dict[str, List[Annotation]], str]:
             name = row[i_name].strip()
             if not name:
                 raise CorpusError(f"{path}:{lineno}: empty FileName")
+            check_file_name(name, path, lineno)
             if layout == "emodetail":
                 ann = parse_emodetail(row[i_detail], path, lineno)
             else:
@@ -442,8 +489,12 @@ def read_detailed(path) -> Tuple[Dict[str, List[Annotation]], str]:
 
 
 def load_corpus(root, *, read_durations: bool = True, skip_bad: bool = False,
-                splits: Optional[Sequence[str]] = None) -> Corpus:
+                splits: Optional[Sequence[str]] = None, allow_symlinks: bool = False) -> Corpus:
     """Read a corpus root in the MSP-Podcast release layout.
+
+    Every FileName must name a file inside ``Audios/`` (no absolute path, no ``..``); a
+    symbolic link in ``Audios/`` whose target lies outside it is refused too, unless
+    ``allow_symlinks``. Either is an error naming the label file and the line.
 
     ``read_durations`` reads every clip's duration from its audio header (no decoding);
     a clip (of any split) whose audio is missing or unreadable is an error naming the clip,
@@ -453,7 +504,7 @@ def load_corpus(root, *, read_durations: bool = True, skip_bad: bool = False,
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"{root}: corpus directory not found")
-    rows = read_consensus(root / "Labels" / CONSENSUS_FILE)
+    rows = read_consensus(root / "Labels" / CONSENSUS_FILE, audios_in=None if allow_symlinks else root)
     detailed_path = root / "Labels" / DETAILED_FILE
     if detailed_path.exists():
         annotations, layout = read_detailed(detailed_path)

@@ -40,19 +40,21 @@ UNLABELLED = "unlabelled"
 _READING_TEXT = {"all": "all annotators' labels, Other included", "targets": "target-class labels only"}
 
 
-def describe_corpus(corpus: Union[Corpus, str, Path], out_dir, *, skip_bad: bool = False) -> dict:
+def describe_corpus(corpus: Union[Corpus, str, Path], out_dir, *, skip_bad: bool = False,
+                    allow_symlinks: bool = False) -> dict:
     """Write the summary files and figures of ``corpus`` into ``out_dir``; return the summary.
 
     ``corpus`` is a corpus root or a loaded :class:`Corpus`; a root is read with
     durations, and ``skip_bad`` leaves out (and lists) clips whose audio is missing or
-    unreadable instead of failing. ``out_dir`` is checked for being writable before the
+    unreadable instead of failing; ``allow_symlinks`` reads audio through symbolic links in
+    ``Audios/`` that point outside it. ``out_dir`` is checked for being writable before the
     corpus is read; a failure to write (full disk, read-only) is an
     :class:`~conilium.errors.OutputError` naming the file, and leaves none of the four files.
     """
     out_dir = Path(out_dir)
     check_writable(out_dir, what="describe-corpus output directory")  # before reading the corpus
     if not isinstance(corpus, Corpus):
-        corpus = load_corpus(corpus, skip_bad=skip_bad)
+        corpus = load_corpus(corpus, skip_bad=skip_bad, allow_symlinks=allow_symlinks)
     summary = summarize(corpus)
     try:
         write_json(out_dir / "summary.json", summary)

@@ -57,8 +57,8 @@ DEFAULT_BATCH_SECONDS = {"cpu": 0.0, "cuda": 300.0}
 
 
 def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optional[float] = None,
-                     device: str = "auto", workers: int = 2, skip_bad: bool = False, overwrite: bool = False,
-                     check_space: bool = True, verbose: bool = True, stats: Optional[ExtractStats] = None,
+                     device: str = "auto", workers: int = 2, skip_bad: bool = False, allow_symlinks: bool = False,
+                     overwrite: bool = False, check_space: bool = True, verbose: bool = True, stats: Optional[ExtractStats] = None,
                      wait_for_lock: Union[bool, float] = False) -> Path:
     """Extract the hidden states ``config`` asks for over ``corpus`` (a root directory or a
     loaded :class:`~conilium.corpus.Corpus`) into the cache directory ``out``; returns ``out``.
@@ -69,7 +69,8 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
     ``batch_seconds`` bounds a batch's padded audio (0: one clip at a time, the default on
     CPU; 300 on CUDA),
     ``device`` is auto/cpu/cuda, ``workers`` decoding threads; ``skip_bad`` leaves
-    unreadable clips out (listed in the manifest) instead of stopping. A cache already
+    unreadable clips out (listed in the manifest) instead of stopping; ``allow_symlinks`` reads
+    audio through symbolic links in ``Audios/`` that point outside it. A cache already
     complete with the same settings is returned untouched; one built with other settings
     is a :class:`CacheError` naming them (``overwrite=True`` rebuilds it); ``check_space``
     refuses to start when the projected size exceeds the free disk space. ``stats``, when
@@ -107,7 +108,8 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
         dist.on_main(claim_out)
         with CacheWriter(out) as cache:
             _extract(config, corpus, cache, dist, dev, t_start, stats, batch_seconds=batch_seconds, workers=workers,
-                     skip_bad=skip_bad, overwrite=overwrite, check_space=check_space, verbose=verbose)
+                     skip_bad=skip_bad, allow_symlinks=allow_symlinks, overwrite=overwrite,
+                     check_space=check_space, verbose=verbose)
         clean = True
         return out
     finally:
@@ -122,10 +124,11 @@ def _say(verbose: bool, msg: str) -> None:
 
 
 def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev, t_start: float,
-             stats: ExtractStats, *, batch_seconds, workers, skip_bad, overwrite, check_space, verbose) -> None:
+             stats: ExtractStats, *, batch_seconds, workers, skip_bad, allow_symlinks, overwrite, check_space,
+             verbose) -> None:
     out = cache.out
     verbose_here = verbose and dist.rank == 0
-    corpus = _select_clips(corpus, config, skip_bad)
+    corpus = _select_clips(corpus, config, skip_bad, allow_symlinks)
     noise_files = list_noise_files(config.augmentation.noise_dir) if config.augmentation else []
 
     # -- the cache directory and the upstream (rank 0 prepares, the others follow) ------------
@@ -195,10 +198,11 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
                    f"{stats.shards_kept} shard(s) kept; {stats.wall_seconds:.1f} s")
 
 
-def _select_clips(corpus, config: ExtractConfig, skip_bad: bool) -> Corpus:
+def _select_clips(corpus, config: ExtractConfig, skip_bad: bool, allow_symlinks: bool) -> Corpus:
     """The corpus (a root directory or a loaded :class:`Corpus`) restricted to ``config.splits``."""
     if not isinstance(corpus, Corpus):
-        corpus = load_corpus(corpus, read_durations=True, skip_bad=skip_bad, splits=config.splits)
+        corpus = load_corpus(corpus, read_durations=True, skip_bad=skip_bad, splits=config.splits,
+                             allow_symlinks=allow_symlinks)
     elif config.splits:
         corpus = Corpus(root=corpus.root, clips={n: c for n, c in corpus.clips.items() if c.split in config.splits},
                         skipped=list(corpus.skipped))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from conilium.audio import NORMALIZE_MODES
+from conilium.corpus import ALLOW_SYMLINKS_HELP
 from conilium.errors import ConfigError, TrainingError
 from conilium.extract.registry import UPSTREAMS, WHISPER_INPUTS
 from conilium.training.config import SEED_MAX, RunConfig, option, runtime_fields
@@ -138,6 +139,7 @@ class FinetuneConfig(RunConfig):
                                   runtime=True)
     keep_checkpoints: bool = option(False, "Keep checkpoints/ (last and best epoch) after training, to continue "
                                     "later with --resume.", runtime=True)
+    allow_symlinks: bool = option(False, ALLOW_SYMLINKS_HELP, runtime=True)
 
     what = "fine-tuning"
 

@@ -238,6 +238,10 @@ class Predictor:
                                progress=progress, on_error=failed)
         c = len(self.classes)
         for i, p in scores.items():
+            if not np.isfinite(p).all():
+                results[i].error = ("the model's output is NaN or infinite (non-finite hidden states of the "
+                                    "upstream or weights of the model); no prediction")
+                continue
             if c:
                 results[i].probabilities = p[:c]
                 results[i].prediction = self.classes[int(np.argmax(p[:c] + self.offsets))]

@@ -115,7 +115,8 @@ class Prepared:
 def prepare(config: FinetuneConfig) -> Prepared:
     """Read the corpus and check every choice against it (clear errors before any training)."""
     check_config(config)
-    corpus = load_corpus(config.corpus, read_durations=True, skip_bad=config.skip_bad)
+    corpus = load_corpus(config.corpus, read_durations=True, skip_bad=config.skip_bad,
+                         allow_symlinks=config.allow_symlinks)
     train_clips = corpus.split(config.train_split)
     if not train_clips:
         raise ConfigError(f"corpus {config.corpus} has no clip in split {config.train_split!r} "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Union
 
+from conilium.cachedir import VERIFY_MODES
 from conilium.errors import ConfigError
 from conilium.targets import base_kind
 from conilium.training.config import RunConfig, option
@@ -85,6 +86,10 @@ class TrainConfig(RunConfig):
                           "--preload-budget-gb, else stream them from the shards (bounded memory).",
                           choices=("auto", "yes", "no"), runtime=True)
     preload_budget_gb: float = option(2.0, "Memory budget of --preload auto, in GiB.", minimum=0, runtime=True)
+    verify: str = option("first", "When a clip's frames are checked against their CRC-32 and for NaN or infinite "
+                         "values: first (the run's first read of the clip; later epochs reuse the check), always "
+                         "(every read: also catches a shard rewritten during the run), never (no check).",
+                         choices=VERIFY_MODES, runtime=True)
 
     what = "training"
 

@@ -57,7 +57,7 @@ def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> Pre
     check_config(config)
     if cache is None:
         check_cache_dir(config.cache)  # a run, model or corpus directory: say what it is, not "incomplete cache"
-        cache = FeatureCache(config.cache)
+        cache = FeatureCache(config.cache, verify=config.verify)
     selection = select_input(cache, config.layers, config.pooled_stats)
     if base_kind(config.labels) != "hard" and not cache.has_annotations:
         raise ConfigError(f"--labels {config.labels} needs the annotators' labels, but cache {cache.path} holds "
@@ -142,7 +142,7 @@ def use_preload(config: TrainConfig, nbytes: int) -> bool:
 def pass_key(config: TrainConfig, data: PreparedData) -> tuple:
     """What the heads of one data pass share: the cache, the input read from it, the training
     clips in their order (sampler, seed, batch size), the Development split and the runtime
-    options (device, preloading, loader workers, threads). Runs with equal keys read the same
+    options (device, preloading, loader workers, threads, checks). Runs with equal keys read the same
     batches; the loss, targets, pooling, sizes, learning rate, epochs and patience may differ.
     The task may differ too when the clips are the same: an attributes run trains on every
     clip with attribute values (X and O included) and is scored on the Development clips with
@@ -150,7 +150,7 @@ def pass_key(config: TrainConfig, data: PreparedData) -> tuple:
     return (str(Path(config.cache).resolve()), data.selection, tuple(data.train_names), tuple(data.dev_names),
             config.sampler,
             config.seed, config.batch_size, config.train_split, config.dev_split, config.device, config.preload,
-            config.preload_budget_gb, config.num_workers, config.threads)
+            config.preload_budget_gb, config.num_workers, config.threads, config.verify)
 
 
 def plan_passes(configs: Sequence[TrainConfig]) -> List[List[int]]:
@@ -166,7 +166,7 @@ def plan_passes(configs: Sequence[TrainConfig]) -> List[List[int]]:
             where = str(Path(config.cache).resolve())
             if where not in caches:
                 check_cache_dir(config.cache)
-                caches[where] = FeatureCache(config.cache)
+                caches[where] = FeatureCache(config.cache, verify=config.verify)
             key = pass_key(config, prepare(config, cache=caches[where]))
         except Exception:  # noqa: BLE001 - it fails again, with its message, when trained
             key = ("alone", i)

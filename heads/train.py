@@ -194,7 +194,7 @@ def train_heads(runs: Sequence[Tuple[TrainConfig, Union[str, Path]]], *, overwri
     with contextlib.ExitStack() as stack:
         try:
             check_cache_dir(first.cache)
-            cache = stack.enter_context(FeatureCache(first.cache))
+            cache = stack.enter_context(FeatureCache(first.cache, verify=first.verify))
         except ConiliumError as e:
             return [e] * len(runs)
         members, keys = [], set()

@@ -23,6 +23,8 @@ from .steps import StudyConfig, run_study
 @click.option("--finetune-batch-size", type=int, default=None)
 @click.option("--n-jobs", default=2, show_default=True, help="Heads trained at the same time.")
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable clips (listed) instead of stopping.")
+@click.option("--allow-symlinks", is_flag=True,
+              help="Read audio through symbolic links in Audios/ that point outside it (refused by default).")
 @click.option("--skip-finetune", is_flag=True, help="Leave out the end-to-end fine-tuning and prediction.")
 @click.option("--paper-only", is_flag=True,
               help="Only the paper's experiments: leave out the rows beyond it (Whisper upstream, "

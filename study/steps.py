@@ -61,6 +61,7 @@ class StudyConfig:
     finetune_batch_size: Optional[int] = None
     n_jobs: int = 2
     skip_bad: bool = False
+    allow_symlinks: bool = False  # audio through symbolic links in Audios/ that point outside it
     skip_finetune: bool = False
     noise: Optional[str] = None  # noise recordings (e.g. MUSAN) for section 3.2; the demo makes its own
     upstreams: Dict[str, str] = field(default_factory=dict)
@@ -158,8 +159,7 @@ class Study:
             argv += ["--quiet"]
         if c.batch_seconds:
             argv += ["--batch-seconds", c.batch_seconds]
-        if c.skip_bad:
-            argv += ["--skip-bad"]
+        argv += self._corpus_flags()
         self.run(name, argv)
 
     @staticmethod
@@ -229,7 +229,7 @@ class Study:
                      skip_if=self.corpus / "Labels" / "labels_consensus.csv")
         self.run("describe the corpus (Figures 1 and 3)",
                  ["describe-corpus", "--corpus", self.corpus, "--out", self.out / "corpus",
-                  *(["--skip-bad"] if c.skip_bad else [])],
+                  *self._corpus_flags()],
                  skip_if=self.out / "corpus" / "summary.json")
 
     def feature_caches(self) -> Optional[Path]:
@@ -304,6 +304,8 @@ class Study:
             argv += ["--epochs", c.finetune_epochs]
         if c.finetune_batch_size:
             argv += ["--batch-size", c.finetune_batch_size]
+        if c.allow_symlinks:
+            argv += ["--allow-symlinks"]
         self.run("fine-tune the best configuration end to end (finetune-best)", argv,
                  skip_if=ModelDir(model).marker_path)
         if not c.paper_only:  # the same recipe with LoRA adapters instead of the whole transformer
@@ -334,10 +336,14 @@ class Study:
         return report
 
     # ------------------------------------------------------------------ helpers
+    def _corpus_flags(self) -> List[str]:
+        """Options of the steps that read the corpus's audio (extract-features, describe-corpus)."""
+        return (["--skip-bad"] if self.c.skip_bad else []) + (["--allow-symlinks"] if self.c.allow_symlinks else [])
+
     def _labelled_splits(self) -> Dict[str, bool]:
         from conilium.corpus import load_corpus
 
-        corpus = load_corpus(self.corpus, read_durations=False)
+        corpus = load_corpus(self.corpus, read_durations=False, allow_symlinks=self.c.allow_symlinks)
         out: Dict[str, bool] = {}
         for clip in corpus:
             out[clip.split] = out.get(clip.split, False) or clip.emo_class is not None
@@ -352,7 +358,8 @@ class Study:
     def _split_files(self, split: str) -> List[str]:
         from conilium.corpus import load_corpus
 
-        corpus = load_corpus(self.corpus, read_durations=False, splits=[split])
+        corpus = load_corpus(self.corpus, read_durations=False, splits=[split],
+                             allow_symlinks=self.c.allow_symlinks)
         return [str(corpus.audio_path(c.name)) for c in corpus]
 
     def _report_spec(self, t1: Path, tuned: Path, ens: Dict[str, Path], ed: Path, model: Path,

@@ -206,3 +206,21 @@ def test_predict_a_folder_recursively_into_parquet(runs, small_demo_corpus, tmp_
     assert r.exit_code == 0 and r.output.count(".wav") == 1 and "b.wav" in r.output
     r = CliRunner().invoke(predict_cmd, ["--run", str(runs["weighted"]), str(folder), "--glob", "*.flac", "-q"])
     assert r.exit_code == 1 and "no audio file matching '*.flac'" in r.output
+
+
+def test_predict_run_refuses_non_finite_output(runs, small_demo_corpus, tmp_path):
+    """A head whose weights hold NaN (trained on non-finite features) predicts nothing: each
+    file is an error, and the command fails."""
+    run = tmp_path / "nan-run"
+    shutil.copytree(runs["layer2"], run)
+    ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=False)
+    first = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][first] = torch.full_like(ckpt["state_dict"][first], float("nan"))
+    torch.save(ckpt, run / "model.pt")
+    _, files = _dev(runs["layer2"], small_demo_corpus)
+    out = tmp_path / "pred.csv"
+    r = CliRunner().invoke(predict_cmd, ["--run", str(run), *map(str, files[:2]), "--out", str(out), "--quiet"])
+    assert r.exit_code == 1
+    assert f"predict: {files[0]}: the model's output is NaN or infinite" in r.output
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(rows) == 2 and all(r[c] == "" and r["Prediction"] == "" for r in rows for c in CLASSES)

@@ -11,12 +11,12 @@ import click
 from conilium.errors import ConiliumError
 from conilium.heads.config import BACKENDS, TrainConfig, presets
 
-from .common import (CONTEXT, GROUP_QUIET, POSITIVE_INT, Group, fail, lock_wait, quiet_option, refuse_dir,
-                     version_option, wait_for_lock_option)
+from .common import (CONTEXT, GROUP_QUIET, POSITIVE_INT, Command, Group, fail, lock_wait, quiet_option,
+                     refuse_dir, version_option, wait_for_lock_option)
 from .options import config_from_command, config_options, parse_sets
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--cache", "cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Feature cache directory written by extract-features (required, unless --config names one).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -72,7 +72,7 @@ def summary_line(m: dict, out) -> str:
     return line + f"; run written to {out}"
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--spec", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Grid spec JSON: {'common': {...}, 'runs': [{'name': ..., ...}], 'product': {...}}.")
 @click.option("--preset", type=click.Choice(presets() or ["table2"]),

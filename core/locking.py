@@ -392,11 +392,11 @@ def exit_status(exc: BaseException) -> int:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread (once:
-    a repeated signal does not interrupt the clean-up it started); the previous handlers are
-    restored after. A signal ignored before (``nohup``) stays ignored. Nothing changes outside
-    the main thread, where Python cannot install handlers."""
+def stop_on_signals(signals=STOP_SIGNALS, *, before: Optional[Callable[[int], None]] = None) -> Iterator[None]:
+    """Within the block, ``signals`` (SIGTERM and SIGHUP) raise :class:`Stopped` in the main thread
+    (once: a repeated signal does not interrupt the clean-up it started), after ``before(signum)``
+    when given; the previous handlers are restored after. A signal ignored before (``nohup``)
+    stays ignored. Nothing changes outside the main thread, where Python cannot install handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -406,10 +406,12 @@ def stop_on_signals() -> Iterator[None]:
         nonlocal raised
         if not raised:
             raised = True
+            if before is not None:
+                before(signum)
             raise Stopped(signum)
 
     previous = {}
-    for s in STOP_SIGNALS:
+    for s in signals:
         if signal.getsignal(s) is not signal.SIG_IGN:
             previous[s] = signal.signal(s, handler)
     try:

@@ -1,6 +1,7 @@
 """Commands stopped by a signal: SIGTERM and SIGINT release the lock, leave no temporary file and
 end with one line; a rerun then completes. Real processes, real signals."""
 
+import json
 import os
 import signal
 import subprocess
@@ -13,8 +14,9 @@ import pytest
 from conilium.cache import FeatureCache
 from conilium.demo import make_demo_corpus
 from conilium.extract import ExtractConfig, extract_features
+from conilium.heads.grid import expand_spec, run_grid
 from conilium.heads.train import TrainConfig, train_head
-from conilium.locking import LOCK_FILE
+from conilium.locking import LOCK_FILE, read_holder
 from conilium.testing import write_synthetic_cache
 
 TRAIN_HEAD = "import sys; from conilium.cli.heads import train_head_cmd; sys.argv[0] = 'train-head'; train_head_cmd()"
@@ -60,7 +62,10 @@ def leftovers(root: Path):
 
 
 def assert_one_line(err: str, signum) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
+    # multiprocessing's resource tracker (a process of its own) may report the semaphores of joblib's
+    # stopped workers that it removes: not the command's output
+    lines = [line for line in err.splitlines() if line.strip() and "resource_tracker" not in line
+             and "warnings.warn(" not in line]
     assert len(lines) == 1, err
     assert lines[0].startswith(f"Error: stopped by {signal.Signals(signum).name}"), err
     assert "Traceback" not in err
@@ -111,3 +116,65 @@ def test_sigterm_stops_extraction_cleanly_and_a_rerun_resumes(corpus, tmp_path):
     assert not (out / "manifest.json").exists()
     extract_features(EXTRACT, corpus, out, batch_seconds=1.0, device="cpu", workers=1, verbose=False)
     assert len(FeatureCache(out).names) == 24 and leftovers(out) == []
+
+
+TRAIN_GRID = "import sys; from conilium.cli.heads import train_grid_cmd; sys.argv[0] = 'train-grid'; train_grid_cmd()"
+
+
+def start_grid(syn_cache, tmp_path):
+    """train-grid --n-jobs 2 (loky) of two runs that are two passes, training until stopped; and its workers' pids
+    (the holders of the two run directories' locks)."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"common": {"epochs": 100000, "hidden": 16, "device": "cpu"},
+                                "runs": [{"name": "a", "seed": 0}, {"name": "b", "seed": 1}]}))
+    grid = tmp_path / "grid"
+    proc = start(["-c", TRAIN_GRID, "--spec", str(spec), "--cache", str(syn_cache.path), "--out", str(grid),
+                  "--n-jobs", "2", "--threads-per-job", "1", "-q"])
+    locks = [grid / name / LOCK_FILE for name in ("a", "b")]
+    wait_for(proc, lambda: all(read_holder(p) is not None for p in locks), "both runs took their locks")
+    workers = [read_holder(p).pid for p in locks]
+    assert proc.pid not in workers
+    return proc, grid, workers
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def rerun_grid(syn_cache, grid):
+    runs = expand_spec({"common": {"epochs": 2, "hidden": 16, "device": "cpu"},
+                        "runs": [{"name": "a", "seed": 0}, {"name": "b", "seed": 1}]}, cache=syn_cache.path)
+    rows = run_grid(runs, grid, n_jobs=2, threads_per_job=1, progress=False)
+    assert [r["status"] for r in rows] == ["trained", "trained"], rows
+    assert leftovers(grid) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_grid_workers_die_with_a_killed_grid_and_a_rerun_completes(syn_cache, tmp_path):
+    proc, grid, workers = start_grid(syn_cache, tmp_path)
+    rc, _, _ = stop(proc, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    deadline = time.time() + 15
+    while time.time() < deadline and any(alive(p) for p in workers):
+        time.sleep(0.1)
+    assert not any(alive(p) for p in workers), "grid workers outlived their grid"
+    assert leftovers(grid) == []  # they stopped cleanly: locks released
+    rerun_grid(syn_cache, grid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_stops_a_grid_and_its_workers_cleanly(syn_cache, tmp_path):
+    proc, grid, workers = start_grid(syn_cache, tmp_path)
+    rc, _, err = stop(proc, signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM
+    assert_one_line(err, signal.SIGTERM)
+    assert leftovers(grid) == []
+    deadline = time.time() + 15
+    while time.time() < deadline and any(alive(p) for p in workers):
+        time.sleep(0.1)
+    assert not any(alive(p) for p in workers)
+    rerun_grid(syn_cache, grid)

@@ -108,7 +108,8 @@ def train_grid_cmd(spec, preset, cache, out, sets, n_jobs, backend, address, thr
           --backend dask --address tcp://scheduler:8786 --n-jobs 8
 
     Runs whose directory is already complete (same configuration) are not trained again,
-    so an interrupted grid resumes. The command fails when any run failed; the table
+    so an interrupted grid resumes (a run whose metrics.json or config.json is damaged is
+    trained again). The command fails when any run failed; the table
     then names the error.
     """
     from conilium.dirs import check_cache_dir

@@ -15,7 +15,8 @@ its values (``wbce-P``); an optional ``paper`` entry of a run holds the publishe
 shown beside ours. ``cache`` may be given in ``common`` or on the command line (which
 wins). Each run is trained into ``OUT/<name>``; a run whose directory is already
 complete with the same configuration is not trained again, so an interrupted grid
-resumes where it stopped. ``OUT/results.csv`` and ``OUT/results.md`` list every run.
+resumes where it stopped (a run whose ``metrics.json`` or ``config.json`` is damaged is
+trained again). ``OUT/results.csv`` and ``OUT/results.md`` list every run.
 
 Ready specs for the paper live in the repository's ``heads/specs/`` folder (read from
 the source tree, not installed as package data): ``table2.json`` (losses × targets),
@@ -65,7 +66,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from conilium.dirs import GridDir
+from conilium.dirs import GridDir, RunDir
 from conilium.errors import ConfigError, ConiliumError
 from conilium.locking import LOCK_FILE, STOP_SIGNALS, read_holder, stop_on_signals
 from conilium.util import atomic_path, read_json_object
@@ -358,6 +359,24 @@ def _run_ray(address: Optional[str], jobs: int, passes, threads: int) -> Iterato
             ray.shutdown()
 
 
+def _run_state(run: RunDir, config: TrainConfig) -> Tuple[str, Optional[dict]]:
+    """``("done", metrics)`` for a run directory complete with ``config``; ``("other", None)`` for
+    one complete with another configuration; ``("todo", None)`` otherwise: nothing there, an
+    unfinished run, or a run whose ``metrics.json`` or ``config.json`` is damaged (cut short,
+    not JSON), which is trained again."""
+    if not run.is_complete():
+        return "todo", None
+    metrics = run.metrics_or_none()
+    if metrics is None:
+        return "todo", None
+    if not run.has_config():
+        return "other", None
+    old = run.config_or_none()
+    if old is None:
+        return "todo", None
+    return ("done", metrics) if _same_cache(old, config.to_json()) else ("other", None)
+
+
 def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: int = 1, backend: str = "loky",
              address: Optional[str] = None, threads_per_job: Optional[int] = None, progress: bool = True) -> List[dict]:
     """Train every run not already complete into ``out_dir/<name>``; write and return the results table.
@@ -380,11 +399,11 @@ def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: 
     grid = GridDir(out_dir)
     for name, config, paper in runs:
         run = grid.run(name)
-        if run.is_complete():
-            old = run.config() if run.has_config() else {}
-            if _same_cache(old, config.to_json()):
-                rows[name] = _row(name, config, paper, "skipped (complete)", run.metrics())
-                continue
+        state, metrics = _run_state(run, config)
+        if state == "done":
+            rows[name] = _row(name, config, paper, "skipped (complete)", metrics)
+            continue
+        if state == "other":
             conflicts.append(name)
         todo.append((name, config, paper, str(run.path)))
     if conflicts:

@@ -178,3 +178,21 @@ def test_sigterm_stops_a_grid_and_its_workers_cleanly(syn_cache, tmp_path):
         time.sleep(0.1)
     assert not any(alive(p) for p in workers)
     rerun_grid(syn_cache, grid)
+
+
+def test_a_grid_rerun_trains_again_a_run_whose_metrics_or_config_is_damaged(syn_cache, tmp_path):
+    spec = {"common": {"epochs": 2, "hidden": 16, "device": "cpu"},
+            "runs": [{"name": "a", "seed": 0}, {"name": "b", "seed": 1}, {"name": "c", "seed": 2}]}
+    runs = expand_spec(spec, cache=syn_cache.path)
+    grid = tmp_path / "grid"
+    run_grid(runs, grid, n_jobs=1, backend="threading", progress=False)
+    kept = (grid / "c" / "metrics.json").read_bytes()
+    for name, damaged in (("a", "metrics.json"), ("b", "config.json")):
+        path = grid / name / damaged
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short
+    rows = run_grid(runs, grid, n_jobs=1, backend="threading", progress=False)
+    assert [r["status"] for r in rows] == ["trained", "trained", "skipped (complete)"], rows
+    for name in ("a", "b"):
+        for f in ("metrics.json", "config.json"):
+            json.loads((grid / name / f).read_text())  # whole again
+    assert (grid / "c" / "metrics.json").read_bytes() == kept

@@ -196,3 +196,23 @@ def test_a_grid_rerun_trains_again_a_run_whose_metrics_or_config_is_damaged(syn_
         for f in ("metrics.json", "config.json"):
             json.loads((grid / name / f).read_text())  # whole again
     assert (grid / "c" / "metrics.json").read_bytes() == kept
+
+
+def test_extract_features_names_an_unfinished_finetune_directory_given_as_upstream(corpus, tmp_path):
+    from click.testing import CliRunner
+
+    from conilium.cli.extract import extract_features_cmd
+
+    model = tmp_path / "models" / "best"
+    (model / "checkpoints").mkdir(parents=True)
+    (model / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
+    (model / "config.json").write_text(json.dumps({"kind": "finetune", "lr": 5e-5}))  # finetune-best's run config
+    out = tmp_path / "cache"
+    r = CliRunner().invoke(extract_features_cmd, ["--corpus", str(corpus), "--upstream", str(model), "--out", str(out),
+                                                  "-q"])
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.output, r.output
+    assert f"{model} is a finetune-best model directory whose training did not finish" in lines[0]
+    assert f"--resume --out {model}" in lines[0]
+    assert not out.exists()

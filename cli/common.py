@@ -1,5 +1,6 @@
 """What every command shares: the help options, ``--version``, ``-q/--quiet``, one-line
-errors, and groups that list their commands in data-flow order and import them lazily."""
+errors, a clean stop on SIGINT, SIGTERM and SIGHUP, and groups that list their commands in
+data-flow order and import them lazily."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import click
 
 import conilium
 from conilium.dirs import KINDS, describe_dir, dir_kind  # noqa: F401 (re-exported)
+from conilium.locking import exit_status, signal_name, stop_on_signals
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -125,10 +127,27 @@ def check_corpus_arg(path) -> None:
                accept=("corpus",))
 
 
+class Command(click.Command):
+    """A command that a signal stops cleanly: SIGTERM and SIGHUP take Ctrl-C's way out
+    (:func:`conilium.locking.stop_on_signals`: locks released, temporary files removed), and
+    either ends with one line naming the signal and the exit status 128 + its number."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            with stop_on_signals():
+                return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            click.echo(f"Error: stopped by {signal_name(e)}; its locks are released and no half-written file "
+                       f"is kept: run the same command again to carry on", err=True)
+            ctx.exit(exit_status(e))
+
+
 class Group(click.Group):
     """A group that lists its commands in the order they were added (the data flow), not
     alphabetically; ``lazy`` maps more command names to ``"module:attribute"``, imported
-    only when that command is run or listed."""
+    only when that command is run or listed. Its commands are :class:`Command` s."""
+
+    command_class = Command
 
     def __init__(self, *args, lazy: Optional[Mapping[str, str]] = None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -11,10 +11,11 @@ from conilium.corpus import ALLOW_SYMLINKS_HELP
 from conilium.demo import MIN_CLIPS
 from conilium.errors import ConiliumError
 
-from .common import CONTEXT, GROUP_QUIET, SEED, Group, check_corpus_arg, fail, quiet_option, version_option
+from .common import (CONTEXT, GROUP_QUIET, SEED, Command, Group, check_corpus_arg, fail, quiet_option,
+                     version_option)
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to create for the corpus (Audios/ and Labels/ go inside).")
 @click.option("--clips", type=click.IntRange(min=MIN_CLIPS), default=300, show_default=True,
@@ -65,7 +66,7 @@ def make_demo_corpus_cmd(out, clips, seed, noise_out, noise_files, overwrite, qu
             click.echo(f"  {noise_out}/ ({noise_files} noise recordings)")
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--corpus", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Corpus root in the MSP-Podcast layout (Audios/, Labels/).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),

@@ -16,14 +16,14 @@ from conilium.corpus import ALLOW_SYMLINKS_HELP
 from conilium.errors import ConiliumError
 from conilium.extract.registry import UPSTREAMS, WHISPER_INPUTS
 
-from .common import (CONTEXT, GROUP_QUIET, POSITIVE, POSITIVE_INT, SEED, Group, Number, check_corpus_arg, fail,
-                     lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)
+from .common import (CONTEXT, GROUP_QUIET, POSITIVE, POSITIVE_INT, SEED, Command, Group, Number, check_corpus_arg,
+                     fail, lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)
 
 _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face model id, a local model "
                   "directory, or a model directory written by finetune-best")
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--corpus", "corpus", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Corpus root in the MSP-Podcast layout (Audios/, Labels/).")
 @click.option("--upstream", required=True, help=_UPSTREAM_HELP)
@@ -126,7 +126,7 @@ def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max
         click.echo(str(path))
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.argument("cache_dir", type=click.Path(path_type=str))
 @click.option("--quick", is_flag=True, help="Check sizes and HDF5 contents only, not the SHA-256 checksums.")
 @quiet_option("No progress bar; print only problems.")
@@ -155,7 +155,7 @@ def verify_cache_cmd(cache_dir, quick, quiet):
                    f"{report.bytes / 1e6:.1f} MB{', checksums verified' if not quick else ''})")
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.argument("cache_dir", type=click.Path(path_type=str))
 @quiet_option("No progress bar.")
 @version_option

@@ -20,8 +20,8 @@ from conilium import CLASSES
 from conilium.errors import ConiliumError
 from conilium.finetune.config import RECORDED_KEYS, FinetuneConfig
 
-from .common import (CONTEXT, GROUP_QUIET, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Group, check_corpus_arg, fail,
-                     lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)
+from .common import (CONTEXT, GROUP_QUIET, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Command, Group, check_corpus_arg,
+                     fail, lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)
 from .options import config_from_command, config_options
 
 
@@ -34,7 +34,7 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
         hf_logging.disable_progress_bar()
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--corpus", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Corpus root in the MSP-Podcast layout (Audios/, Labels/); required, unless --config names one.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -140,7 +140,7 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
     return thresholds
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Model directory written by finetune-best.")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,

@@ -11,12 +11,12 @@ import click
 from conilium.errors import ConiliumError
 from conilium.heads.config import BACKENDS, TrainConfig, presets
 
-from .common import (CONTEXT, GROUP_QUIET, POSITIVE_INT, Group, fail, lock_wait, quiet_option, refuse_dir,
-                     version_option, wait_for_lock_option)
+from .common import (CONTEXT, GROUP_QUIET, POSITIVE_INT, Command, Group, fail, lock_wait, quiet_option,
+                     refuse_dir, version_option, wait_for_lock_option)
 from .options import config_from_command, config_options, parse_sets
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--cache", "cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Feature cache directory written by extract-features (required, unless --config names one).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -75,7 +75,7 @@ def summary_line(m: dict, out) -> str:
     return line + f"; run written to {out}"
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--spec", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Grid spec JSON: {'common': {...}, 'runs': [{'name': ..., ...}], 'product': {...}}.")
 @click.option("--preset", type=click.Choice(presets() or ["table2"]),
@@ -111,7 +111,8 @@ def train_grid_cmd(spec, preset, cache, out, sets, n_jobs, backend, address, thr
           --backend dask --address tcp://scheduler:8786 --n-jobs 8
 
     Runs whose directory is already complete (same configuration) are not trained again,
-    so an interrupted grid resumes. The command fails when any run failed; the table
+    so an interrupted grid resumes (a run whose metrics.json or config.json is damaged is
+    trained again). The command fails when any run failed; the table
     then names the error.
     """
     from conilium.dirs import check_cache_dir

@@ -25,7 +25,12 @@ cannot be checked from here; the error says which file to remove when that proce
 known to be gone.
 
 The same lock guards train-head run directories, finetune-best model directories and
-(later) extraction caches.
+extraction caches.
+
+A process stopped by a signal releases its locks: :func:`stop_on_signals` turns SIGTERM
+(and SIGHUP) into :class:`Stopped`, a ``KeyboardInterrupt``, so that a command stopped by
+``kill`` or a batch scheduler takes the same way out as one stopped by Ctrl-C — every
+``with`` block ends, locks are released and temporary files removed.
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ import errno
 import json
 import os
 import secrets
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 from .errors import LockError, OutputError
 from .util import output_errors
@@ -356,3 +363,59 @@ def lock_directory(directory, *, what: str = "directory", wait: Union[bool, floa
                    on_wait: Optional[Callable[[str], None]] = None) -> DirectoryLock:
     """A :class:`DirectoryLock` on ``directory`` (use it in a ``with`` statement)."""
     return DirectoryLock(directory, what=what, wait=wait, on_wait=on_wait)
+
+
+# ----------------------------------------------------------------------------- signals
+
+#: The signals :func:`stop_on_signals` turns into :class:`Stopped` (SIGINT is Python's own
+#: ``KeyboardInterrupt`` already).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Stopped(KeyboardInterrupt):
+    """A command stopped by a signal (``signum``); a ``KeyboardInterrupt``, so that it takes the
+    same way out as Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def signal_name(exc: BaseException) -> str:
+    """The signal that stopped a command: SIGTERM, SIGHUP, … for :class:`Stopped`, else SIGINT."""
+    return signal.Signals(exc.signum).name if isinstance(exc, Stopped) else "SIGINT"
+
+
+def exit_status(exc: BaseException) -> int:
+    """The shell's status of a process stopped by the signal behind ``exc``: 128 + its number."""
+    return 128 + (exc.signum if isinstance(exc, Stopped) else int(signal.SIGINT))
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=STOP_SIGNALS, *, before: Optional[Callable[[int], None]] = None) -> Iterator[None]:
+    """Within the block, ``signals`` (SIGTERM and SIGHUP) raise :class:`Stopped` in the main thread
+    (once: a repeated signal does not interrupt the clean-up it started), after ``before(signum)``
+    when given; the previous handlers are restored after. A signal ignored before (``nohup``)
+    stays ignored. Nothing changes outside the main thread, where Python cannot install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def handler(signum, frame):
+        nonlocal raised
+        if not raised:
+            raised = True
+            if before is not None:
+                before(signum)
+            raise Stopped(signum)
+
+    previous = {}
+    for s in signals:
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            previous[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)

@@ -26,6 +26,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from transformers import AutoConfig, AutoModel, HubertConfig, Wav2Vec2Config, WavLMConfig, WhisperConfig
 
+from conilium.dirs import ModelDir
 from conilium.errors import ConfigError, OutputError
 from conilium.util import output_error
 
@@ -106,6 +107,7 @@ def resolve_upstream(name: str, *, random_init: bool = False, seed: int = 0,
                            "weights_sha256": weights_hash(path)}
     p = Path(name)
     if p.is_dir():
+        _refuse_unfinished_model(p)
         adapter = model_dir_adapter(p) if (p / FINETUNED_MARKER).is_file() else None
         if (p / FINETUNED_MARKER).is_file():
             p = p / "upstream"
@@ -123,6 +125,17 @@ def resolve_upstream(name: str, *, random_init: bool = False, seed: int = 0,
         raise ConfigError(f"{name} is a demo architecture with no released weights: use --random-init")
     model_id = spec.model_id if spec else name
     return model_id, {"name": name, "source": "hub", "model_id": model_id}
+
+
+def _refuse_unfinished_model(p: Path) -> None:
+    """A :class:`ConfigError` when ``p`` is a finetune-best model directory whose training did
+    not finish (a checkpoint, no model description): it holds no model to extract with yet."""
+    model = ModelDir(p)
+    if model.is_unfinished():
+        raise ConfigError(f"{p} is a finetune-best model directory whose training did not finish "
+                          f"({model.LAST_CHECKPOINT}, no {model.MARKER}): there is no fine-tuned model in it yet; "
+                          f"finish it (rerun finetune-best with the same options and --resume --out {p}), then "
+                          f"pass it to --upstream")
 
 
 def model_dir_adapter(model_dir) -> Optional[Path]:

@@ -15,7 +15,8 @@ its values (``wbce-P``); an optional ``paper`` entry of a run holds the publishe
 shown beside ours. ``cache`` may be given in ``common`` or on the command line (which
 wins). Each run is trained into ``OUT/<name>``; a run whose directory is already
 complete with the same configuration is not trained again, so an interrupted grid
-resumes where it stopped. ``OUT/results.csv`` and ``OUT/results.md`` list every run.
+resumes where it stopped (a run whose ``metrics.json`` or ``config.json`` is damaged is
+trained again). ``OUT/results.csv`` and ``OUT/results.md`` list every run.
 
 Ready specs for the paper live in the repository's ``heads/specs/`` folder (read from
 the source tree, not installed as package data): ``table2.json`` (losses × targets),
@@ -40,14 +41,23 @@ ray) when those packages are installed (``pip install conilium[cluster]``; they 
 dependencies of conilium). A cluster's workers must see the cache and the output folder
 at the same paths (a shared file system); the grid sends them absolute paths, and every
 run's ``config.json`` records its cache as an absolute path.
+
+A local worker process dies with the grid: it watches its parent, and when the grid's
+process is gone (killed, even with SIGKILL) it stops its runs as Ctrl-C would (their locks
+released, their temporary files removed) and exits, so that a rerun finds the run
+directories free.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import os
 import re
+import signal
+import socket
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -56,8 +66,9 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from conilium.dirs import GridDir
+from conilium.dirs import GridDir, RunDir
 from conilium.errors import ConfigError, ConiliumError
+from conilium.locking import LOCK_FILE, STOP_SIGNALS, read_holder, stop_on_signals
 from conilium.util import atomic_path, read_json_object
 
 from .config import BACKENDS, SPEC_DIR, presets
@@ -161,17 +172,51 @@ def _row(name: str, config: TrainConfig, paper: Mapping, status: str, metrics: O
     }
 
 
-def _train_pass(group: Sequence[Tuple[str, TrainConfig, Mapping, str]], threads: Optional[int]) -> List[dict]:
+#: Seconds between a grid worker's looks at its parent process.
+PARENT_POLL_SECONDS = 0.25
+#: Seconds a worker whose grid is gone has to stop its runs cleanly before it exits anyway.
+ORPHAN_GRACE_SECONDS = 10.0
+_watching = threading.Event()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os.kill(os.getpid(), signal.SIGTERM)  # stop_on_signals: the runs release their locks, remove temporary files
+    time.sleep(ORPHAN_GRACE_SECONDS)
+    os._exit(1)
+
+
+def _die_with(parent: int) -> None:
+    """In a local worker process of the grid's process ``parent``: stop and exit when the grid is
+    gone (see the module docstring). Nothing in the grid's own process (threading backend) or
+    on a cluster worker, whose parent is not the grid."""
+    if os.getpid() == parent or os.getppid() != parent or _watching.is_set():
+        return
+    _watching.set()
+    threading.Thread(target=_watch_parent, args=(parent,), name="conilium-grid-parent", daemon=True).start()
+
+
+def _train_pass(group: Sequence[Tuple[str, TrainConfig, Mapping, str]], threads: Optional[int],
+                parent: Optional[int] = None) -> List[dict]:
     """One grid job (runs in a worker process): the runs of one data pass, trained together, or
-    their failures reported; never raises. ``seconds`` is the pass's, shared by its runs."""
+    their failures reported; never raises. ``seconds`` is the pass's, shared by its runs.
+    ``parent``: the grid's process id, whose end ends a local worker too."""
     import torch
 
+    if parent is not None:
+        _die_with(parent)
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
     try:
-        results = train_heads([(config, run_dir) for _, config, _, run_dir in group], overwrite=True,
-                              progress=False)
+        with stop_on_signals():
+            results = train_heads([(config, run_dir) for _, config, _, run_dir in group], overwrite=True,
+                                  progress=False)
+    except KeyboardInterrupt:
+        if parent is not None and os.getppid() != parent:
+            os._exit(1)  # the grid is gone and the runs are cleaned up: nobody is left to report to
+        raise
     except Exception as e:  # noqa: BLE001 - report it in the table and the log, keep the other passes going
         results = [e] * len(group)
     seconds = time.time() - t0
@@ -227,12 +272,43 @@ def _check_backend(backend: str) -> None:
             raise _missing(backend, module, install)
 
 
+def _stop_workers(run_dirs: Sequence[str], signum: int) -> None:
+    """Pass ``signum`` on to the worker processes (children of this process) that hold a lock in
+    ``run_dirs``, and give them :data:`ORPHAN_GRACE_SECONDS` to release it, before joblib kills
+    them: their runs then leave no lock and no temporary file behind."""
+    me, held = os.getpid(), []
+    for d in run_dirs:
+        holder = read_holder(Path(d) / LOCK_FILE)
+        if holder is not None and holder.pid != me and holder.host == socket.gethostname() \
+                and _parent_of(holder.pid) == me:
+            with contextlib.suppress(OSError):
+                os.kill(holder.pid, signal.SIGTERM)
+                held.append((Path(d) / LOCK_FILE, holder.token))
+    deadline = time.monotonic() + ORPHAN_GRACE_SECONDS
+    while held and time.monotonic() < deadline:
+        held = [(p, token) for p, token in held if getattr(read_holder(p), "token", None) == token]
+        time.sleep(0.05)
+
+
+def _parent_of(pid: int) -> Optional[int]:
+    """The parent process id of ``pid`` (Linux /proc), None when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _run_local(backend: str, jobs: int, passes, threads: int) -> Iterator[List[dict]]:
-    """loky (processes) or threading, through joblib; each pass's rows as it finishes."""
+    """loky (processes) or threading, through joblib; each pass's rows as it finishes. A signal
+    that stops the grid stops the workers' runs cleanly first (:func:`_stop_workers`)."""
     from joblib import Parallel, delayed, parallel_backend
 
-    with parallel_backend(backend, n_jobs=jobs):
-        yield from Parallel(return_as="generator_unordered")(delayed(_train_pass)(g, threads) for g in passes)
+    run_dirs = [run_dir for group in passes for _, _, _, run_dir in group]
+    with stop_on_signals(STOP_SIGNALS + (signal.SIGINT,), before=lambda signum: _stop_workers(run_dirs, signum)), \
+            parallel_backend(backend, n_jobs=jobs):
+        yield from Parallel(return_as="generator_unordered")(delayed(_train_pass)(g, threads, os.getpid())
+                                                             for g in passes)
 
 
 def _run_dask(address: Optional[str], jobs: int, passes, threads: int) -> Iterator[List[dict]]:
@@ -283,6 +359,24 @@ def _run_ray(address: Optional[str], jobs: int, passes, threads: int) -> Iterato
             ray.shutdown()
 
 
+def _run_state(run: RunDir, config: TrainConfig) -> Tuple[str, Optional[dict]]:
+    """``("done", metrics)`` for a run directory complete with ``config``; ``("other", None)`` for
+    one complete with another configuration; ``("todo", None)`` otherwise: nothing there, an
+    unfinished run, or a run whose ``metrics.json`` or ``config.json`` is damaged (cut short,
+    not JSON), which is trained again."""
+    if not run.is_complete():
+        return "todo", None
+    metrics = run.metrics_or_none()
+    if metrics is None:
+        return "todo", None
+    if not run.has_config():
+        return "other", None
+    old = run.config_or_none()
+    if old is None:
+        return "todo", None
+    return ("done", metrics) if _same_cache(old, config.to_json()) else ("other", None)
+
+
 def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: int = 1, backend: str = "loky",
              address: Optional[str] = None, threads_per_job: Optional[int] = None, progress: bool = True) -> List[dict]:
     """Train every run not already complete into ``out_dir/<name>``; write and return the results table.
@@ -305,11 +399,11 @@ def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: 
     grid = GridDir(out_dir)
     for name, config, paper in runs:
         run = grid.run(name)
-        if run.is_complete():
-            old = run.config() if run.has_config() else {}
-            if _same_cache(old, config.to_json()):
-                rows[name] = _row(name, config, paper, "skipped (complete)", run.metrics())
-                continue
+        state, metrics = _run_state(run, config)
+        if state == "done":
+            rows[name] = _row(name, config, paper, "skipped (complete)", metrics)
+            continue
+        if state == "other":
             conflicts.append(name)
         todo.append((name, config, paper, str(run.path)))
     if conflicts:

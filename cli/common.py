@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import math
+from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import click
@@ -122,7 +123,12 @@ def refuse_dir(path, expected: str, hint: str, *, accept: tuple = ()) -> None:
 
 
 def check_corpus_arg(path) -> None:
-    """A ``--corpus`` that is another kind of directory (a cache, a run, an empty one): say so."""
+    """A ``--corpus`` that is another kind of directory (a cache, a run, an empty one, the
+    corpus's own Audios/ folder): say so, and what to pass."""
+    p = Path(path)
+    if dir_kind(p) == "audio" and dir_kind(p.resolve().parent) == "corpus":
+        raise click.ClickException(f"{path} is the corpus's audio folder, not the corpus; pass its parent "
+                                   f"{p.resolve().parent} (the corpus root, with Audios/ and Labels/) to --corpus")
     refuse_dir(path, "a corpus", "pass the corpus root (Audios/, Labels/labels_consensus.csv) to --corpus",
                accept=("corpus",))
 

@@ -339,6 +339,7 @@ KINDS = {
     "grid": "a train-grid output directory (a folder of run directories)",
     "report": "a report folder",
     "empty": "an empty directory",
+    "audio": "a folder of audio files",
     "runs": "a folder of run directories",
     "caches": "a folder of feature caches",
 }
@@ -375,6 +376,21 @@ def _own_kind(p: Path) -> Optional[str]:
     return None
 
 
+#: suffixes of the audio files a corpus holds (those soundfile reads that corpora use)
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus")
+
+
+def _files_kind(p: Path) -> Optional[str]:
+    """A folder without sub-folders: empty, a folder of audio files, or none of the kinds."""
+    try:
+        names = [c.name for c in p.iterdir() if not c.name.startswith(".")]
+    except OSError:
+        return None
+    if not names:
+        return "empty"
+    return "audio" if any(n.lower().endswith(AUDIO_SUFFIXES) for n in names) else None
+
+
 def _children(p: Path) -> Optional[List[Path]]:
     try:
         return sorted(c for c in p.iterdir() if not c.name.startswith(".") and c.is_dir())
@@ -397,7 +413,7 @@ def dir_kind(path) -> Optional[str]:
     if children is None:
         return None
     if not children:
-        return "empty"
+        return _files_kind(p)
     if any(dir_kind(c) in RUN_KINDS for c in children):
         return "runs"
     if any(dir_kind(c) == "cache" for c in children):

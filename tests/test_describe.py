@@ -1,6 +1,7 @@
 """describe-corpus: summary files and figures, and the make-demo-corpus / describe-corpus CLI."""
 
 import json
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -164,3 +165,12 @@ def test_durations_figure_keeps_the_8s_label_clear_of_the_legend(described):
     assert legend.y1 < axes.y0  # below the axes: it hides no bar either
     assert axes.x0 <= label.x0 and label.x1 <= axes.x1 and label.y1 <= axes.y1 + 1  # inside, not clipped
     assert [t.get_text() for t in ax.get_legend().get_texts()][0].startswith("Train (n=")
+
+
+def test_the_corpus_audio_folder_given_as_corpus_names_the_root_to_pass(small_demo_corpus, tmp_path):
+    audios = Path(small_demo_corpus) / "Audios"
+    r = CliRunner().invoke(describe_corpus_cmd, ["--corpus", str(audios), "--out", str(tmp_path / "d")])
+    assert r.exit_code == 1
+    assert "is the corpus's audio folder, not the corpus; pass its parent" in r.output
+    assert str(Path(small_demo_corpus).resolve()) in r.output and "empty directory" not in r.output
+    assert not (tmp_path / "d").exists()

@@ -136,7 +136,8 @@ def verify_cache_cmd(cache_dir, quick, quiet):
 
     Verifies that the manifest is complete, that every shard exists with the recorded
     size and SHA-256 checksum and holds exactly the clips clips.json assigns to it, with
-    the recorded number of frames. Exits with status 1 and lists the problems otherwise.
+    the recorded number of frames, and (without --quick) that no stored value is NaN or
+    infinite. Exits with status 1 and lists the problems otherwise.
     """
     from conilium.extract.verify import verify_cache  # h5py: only when run
 

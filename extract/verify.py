@@ -6,13 +6,13 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
 from conilium.cache.reader import CLIPS, load_manifest
-from conilium.cache.shards import RUN_BYTES, ShardIndex, crc32, file_sha256, read_shard_index
+from conilium.cache.shards import RUN_BYTES, ShardIndex, all_finite, crc32, file_sha256, read_shard_index
 from conilium.errors import CacheError
 from conilium.util import read_json
 
@@ -32,7 +32,14 @@ class VerifyReport:
 def damaged_clips(index: ShardIndex) -> List[str]:
     """The clips of a shard whose frames or pooled statistics fail their CRC-32 check (each layer
     read in blocks of up to :data:`~conilium.cache.shards.RUN_BYTES`)."""
+    return scan_clips(index)[0]
+
+
+def scan_clips(index: ShardIndex) -> Tuple[List[str], List[str]]:
+    """One read of a shard's clips: those failing their CRC-32 check, and those holding NaN or
+    ±inf (a writer that stored them so: their checksums agree)."""
     bad: List[str] = []
+    non_finite: List[str] = []
     n = len(index.names)
     with open(index.path, "rb", buffering=0) as f:
         for k in range(index.num_layers):
@@ -46,11 +53,14 @@ def damaged_clips(index: ShardIndex) -> List[str]:
                 buf = np.empty((frames, index.dim), index.dtype)
                 f.seek(index.layer_offset(k, a) if frames else 0)
                 if f.readinto(buf) != buf.nbytes:
-                    return [f"{index.names[i]} (truncated)"]
+                    return [f"{index.names[i]} (truncated)"], non_finite
                 for m in range(i, j):
                     s = int(index.offsets[m]) - a
-                    if crc32(buf[s : s + int(index.num_frames[m])]) != int(index.crc[m, k]):
+                    clip = buf[s : s + int(index.num_frames[m])]
+                    if crc32(clip) != int(index.crc[m, k]):
                         bad.append(index.names[m])
+                    elif not all_finite(clip):
+                        non_finite.append(index.names[m])
                 i = j
         if index.pooled_shape is not None and n:
             per = index.pooled_bytes
@@ -59,11 +69,14 @@ def damaged_clips(index: ShardIndex) -> List[str]:
                 buf = f.read(per)
                 if len(buf) != per or crc32(buf) != int(index.pooled_crc[m]):
                     bad.append(f"{index.names[m]} (pooled)")
-    return list(dict.fromkeys(bad))
+                elif not all_finite(np.frombuffer(buf, dtype=np.float32)):
+                    non_finite.append(f"{index.names[m]} (pooled)")
+    return list(dict.fromkeys(bad)), list(dict.fromkeys(non_finite))
 
 
 def verify_cache(path, *, checksums: bool = True, verbose: bool = False) -> VerifyReport:
-    """Check ``path``'s manifest, clips.json and every shard (size, SHA-256, clips, frames).
+    """Check ``path``'s manifest, clips.json and every shard (size, SHA-256, clips, frames; with
+    ``checksums``, every stored value finite too).
 
     Raises :class:`CacheError` when the manifest itself is missing, incomplete, of another
     format or fails its own checksum (edited or damaged); returns a :class:`VerifyReport`
@@ -165,4 +178,10 @@ def _shard_problems(f: Path, size: int, entry: dict, expected: Dict[str, int], l
                             f"expected {want}")
     if layout.pooled and names and shard.pooled_shape is None:
         problems.append(f"{f}: no pooled statistics (for clips {', '.join(names[:3])} …)")
+    if checksums and not problems:
+        _, non_finite = scan_clips(shard)
+        if non_finite:
+            problems.append(f"{f}: clip(s) holding NaN or infinite values (written so: their checksums agree): "
+                            f"{', '.join(non_finite[:5])}{' …' if len(non_finite) > 5 else ''}; no head can train "
+                            f"on them: rebuild the cache with extract-features --overwrite")
     return problems

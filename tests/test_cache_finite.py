@@ -158,3 +158,17 @@ def test_train_head_command_says_it_in_one_line(copy, tmp_path):
     assert r.exit_code == 1
     line = r.output.strip().splitlines()[-1]
     assert line.startswith(f"Error: {shard}: clip {name}: frames of layer 3 hold NaN or infinite values")
+
+
+def test_verify_cache_names_the_clips_holding_non_finite_values(copy):
+    from conilium.cli.extract import verify_cache_cmd
+    from conilium.extract.verify import verify_cache
+
+    assert verify_cache(copy).problems == []
+    name = FeatureCache(copy).names[5]
+    shard = _poison(copy, name, 1, float("inf"))
+    problems = verify_cache(copy).problems
+    assert len(problems) == 1 and problems[0].startswith(f"{shard}: clip(s) holding NaN or infinite values")
+    assert name in problems[0] and "extract-features --overwrite" in problems[0]
+    r = CliRunner().invoke(verify_cache_cmd, [str(copy), "-q"])
+    assert r.exit_code == 1 and name in r.output

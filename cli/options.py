@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
@@ -115,10 +115,14 @@ def parse_sets(values: Iterable[str]) -> Dict[str, Any]:
     return out
 
 
-def config_values(cls, params: Mapping[str, Any], *, ignore_file_keys: Iterable[str] = ()) -> Dict[str, Any]:
-    """The field values a command line asks for: ``--config FILE``'s (minus ``ignore_file_keys``,
-    what a run records beside its config), then every option given on the command line, then
-    ``--set``. Options left at their defaults are not included: the dataclass has them."""
+def config_values(cls, params: Mapping[str, Any], *, given: Mapping[str, Any] = (),
+                  ignore_file_keys: Iterable[str] = ()) -> Dict[str, Any]:
+    """The field values a command line asks for, each source over the one before:
+    ``--config FILE``'s (minus ``ignore_file_keys``, what a run records beside its config),
+    every option given on the command line, ``given`` (the command's own options for fields
+    without a generated one; None: not given), then ``--set``. Options left at their
+    defaults are not included: the dataclass has them. An option's word for None
+    (``--sampler none``) reads as None."""
     ctx = click.get_current_context()
     values: Dict[str, Any] = {}
     if params.get(CONFIG_FILE) is not None:
@@ -129,28 +133,22 @@ def config_values(cls, params: Mapping[str, Any], *, ignore_file_keys: Iterable[
         if name not in names or ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT):
             continue
         values[name] = value
+    values.update({name: str(value) if isinstance(value, Path) else value
+                   for name, value in dict(given).items() if value is not None})
     values.update(parse_sets(params.get(SETS) or ()))
+    for f in fields(cls):
+        meta = option_meta(f) or {}
+        if meta.get("none") is not None and values.get(f.name) == meta["none"]:
+            values[f.name] = None
     return values
 
 
 def config_from_command(cls, params: Mapping[str, Any], *, given: Mapping[str, Any] = (),
                         required: Iterable[str] = (), ignore_file_keys: Iterable[str] = ()):
-    """The config of class ``cls`` a command line describes (see :func:`config_values`).
-
-    ``given``: field → value of the command's own options for fields without a generated
-    option (None: not given), taken over the file's and under ``--set``; ``required``:
-    fields that must have a value in the end (click's usage error naming the option
-    otherwise).
-    """
-    values = config_values(cls, params, ignore_file_keys=ignore_file_keys)
-    sets = parse_sets(params.get(SETS) or ())
-    for name, value in dict(given).items():
-        if value is not None and name not in sets:
-            values[name] = str(value) if isinstance(value, Path) else value
-    for f in fields(cls):
-        meta = option_meta(f) or {}
-        if meta.get("none") is not None and values.get(f.name) == meta["none"]:
-            values[f.name] = None
+    """The config of class ``cls`` a command line describes (:func:`config_values`);
+    ``required``: fields that must have a value in the end (click's usage error naming the
+    option otherwise)."""
+    values = config_values(cls, params, given=given, ignore_file_keys=ignore_file_keys)
     for name in required:
         if values.get(name) is None:
             raise click.UsageError(f"Missing option '{flag_name(name)}'.")
@@ -158,8 +156,3 @@ def config_from_command(cls, params: Mapping[str, Any], *, given: Mapping[str, A
         return cls.from_dict(values)
     except TypeError as e:  # a value of the wrong kind from --set or a file
         raise ConfigError(str(e)) from None
-
-
-def defaults_of(cls) -> Dict[str, Any]:
-    """Field → default (fields without one left out), for help texts."""
-    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}

@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from conilium import CLASS_NAMES, SAMPLE_RATE
-from conilium.audio import SignalPath
+from conilium.audio import SignalPath, audio_seconds
 from conilium.errors import AudioError, ConfigError, ConiliumError
 from conilium.heads.audio import Loaded, load_run
 from conilium.heads.predict import predict_batches
@@ -197,9 +197,8 @@ class Predictor:
     def _duration(path: str) -> float:
         """Whole duration from the header; 0 when unreadable (the read reports it)."""
         try:
-            info = sf.info(path)
-            return info.frames / info.samplerate
-        except Exception:
+            return audio_seconds(path)
+        except AudioError:
             return 0.0
 
     def predict(self, inputs: Sequence, *, progress: bool = False) -> List[FilePrediction]:

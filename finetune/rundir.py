@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # the run's parts, made by conilium.finetune.train
     from .train import Built, Prepared
 
 CHECKPOINT_DIR = ModelDir.CHECKPOINTS
-LAST = "last.pt"
+LAST = Path(ModelDir.LAST_CHECKPOINT).name
 BEST = "best.pt"
 TUNED_DIR = "tuned"
 
@@ -49,7 +49,8 @@ _DAMAGED = ("the last epoch's checkpoint is damaged (a full disk, a copy cut sho
 
 def checkpoint_paths(out: Path) -> Tuple[Path, Path]:
     """``out``'s last and best checkpoints."""
-    return out / CHECKPOINT_DIR / LAST, out / CHECKPOINT_DIR / BEST
+    model_dir = ModelDir(out)
+    return model_dir.last_checkpoint, model_dir.checkpoint_dir / BEST
 
 
 def output_bytes(model: nn.Module, *, resuming: bool) -> int:

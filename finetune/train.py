@@ -89,13 +89,9 @@ from .config import FinetuneConfig, FinetuneError, check_config
 from .data import AudioClips, collate_waves, epoch_batches, rank_micro_batches
 from .model import EndToEndModel, enable_checkpointing, upstream_overrides
 from .predict import min_samples, predict_clips
-from .rundir import (CHECKPOINT_DIR, LAST, TUNED_DIR, check_out_dir, checkpoint_paths,  # noqa: F401 (LAST, TUNED_DIR: the run's names)
+from .rundir import (CHECKPOINT_DIR, LAST, TUNED_DIR, checkpoint_paths,  # noqa: F401 (LAST, TUNED_DIR: the run's names)
                      claim_out_dir, output_bytes, write_model_dir)
 from .warmstart import build_model
-
-#: the training core's atomic checkpoint writer, under the name the tests and tools know
-_save = save_atomic
-_check_out_dir = check_out_dir
 
 
 # ----------------------------------------------------------------------------- prepare

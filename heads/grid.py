@@ -237,17 +237,6 @@ def _absolute(config: TrainConfig) -> TrainConfig:
     return replace(config, cache=os.path.abspath(config.cache))
 
 
-def _same_cache(old: Mapping, new: Mapping) -> bool:
-    """``same_run`` with the two caches compared as absolute paths (a grid written with a relative
-    ``--cache`` is recognised when rerun from the same folder)."""
-    def norm(d):
-        d = dict(d)
-        if isinstance(d.get("cache"), str):
-            d["cache"] = os.path.abspath(d["cache"])
-        return d
-    return same_run(norm(old), norm(new))
-
-
 def _missing(backend: str, module: str, install: str) -> ConfigError:
     return ConfigError(f"--backend {backend} needs {module} (pip install '{install}'); "
                        f"it is not a dependency of conilium")
@@ -374,7 +363,7 @@ def _run_state(run: RunDir, config: TrainConfig) -> Tuple[str, Optional[dict]]:
     old = run.config_or_none()
     if old is None:
         return "todo", None
-    return ("done", metrics) if _same_cache(old, config.to_json()) else ("other", None)
+    return ("done", metrics) if same_run(old, config.to_json()) else ("other", None)
 
 
 def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: int = 1, backend: str = "loky",

@@ -4,7 +4,6 @@ random stream, the Development split scored in one pass for every head."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -18,7 +17,7 @@ from conilium.runs import letters
 from conilium.targets import ATTRIBUTE_COLUMNS, to_unit
 from conilium.training.loop import Recipe, Selection, Trainee, make_optimizer
 from conilium.training.losses import ccc_loss, loss_fn
-from conilium.training.state import RandomStream
+from conilium.training.state import RandomStream, cpu_state
 
 from .batches import Batch, BatchReader, loader_batches
 from .config import TrainConfig
@@ -164,9 +163,6 @@ class HeadRecipe(Recipe):
     def loss_name(self, trainee: HeadTrainee) -> str:
         return trainee.config.loss
 
-    def lr(self, trainee: HeadTrainee) -> float:
-        return trainee.config.lr
-
     def evaluate(self, trainees: Sequence[HeadTrainee], epoch: int) -> List[dict]:
         probs = predict_heads([(t.model, t.config.loss) for t in trainees], self.dev_batches(), self.dev_size,
                          device=self.device)
@@ -174,4 +170,4 @@ class HeadRecipe(Recipe):
 
     def on_epoch_end(self, trainee: HeadTrainee, record: dict, improved: bool) -> None:
         if improved:
-            trainee.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in trainee.model.state_dict().items()})
+            trainee.best_state = cpu_state(trainee.model)

@@ -86,9 +86,17 @@ def same_run(a: Mapping, b: Mapping) -> bool:
     """True when two config mappings describe the same run (runtime fields aside).
 
     A field missing from one of them (a config.json written before the field existed)
-    reads as its default, as :meth:`TrainConfig.from_dict` reads it.
+    reads as its default, as :meth:`TrainConfig.from_dict` reads it. The caches are compared
+    as absolute paths: a run written with a relative ``cache`` is recognised from the folder
+    it was written from.
     """
-    return not differing_fields(TrainConfig, a, b)
+    def absolute(d: Mapping) -> dict:
+        d = dict(d)
+        if isinstance(d.get("cache"), str):
+            d["cache"] = os.path.abspath(d["cache"])
+        return d
+
+    return not differing_fields(TrainConfig, absolute(a), absolute(b))
 
 
 def finished_run(config: TrainConfig, out_dir) -> Optional[dict]:
@@ -100,14 +108,7 @@ def finished_run(config: TrainConfig, out_dir) -> Optional[dict]:
     old = run.config_or_none()
     if old is None:
         return None
-
-    def absolute(d: Mapping) -> dict:
-        d = dict(d)
-        if isinstance(d.get("cache"), str):
-            d["cache"] = os.path.abspath(d["cache"])
-        return d
-
-    return run.metrics_or_none() if same_run(absolute(old), absolute(config.to_json())) else None
+    return run.metrics_or_none() if same_run(old, config.to_json()) else None
 
 
 @contextlib.contextmanager

@@ -211,7 +211,7 @@ def test_finetune_best_rescale_loud_is_kept_in_the_model_and_predict_follows_it(
 
 
 def test_resume_accepts_a_checkpoint_written_before_rescale_loud(tmp_path):
-    from conilium.finetune.train import _check_out_dir
+    from conilium.finetune.rundir import check_out_dir
 
     out = tmp_path / "model"
     config = FinetuneConfig(corpus="corpus", out=str(out))
@@ -220,16 +220,16 @@ def test_resume_accepts_a_checkpoint_written_before_rescale_loud(tmp_path):
     (out / "checkpoints").mkdir(parents=True)
     torch.save({"config": saved, "model": {}, "optimizer": {}, "history": [], "best": {"f1_macro": 0.1, "epoch": 1},
                 "sampler": {"next_epoch": 2}}, out / "checkpoints" / "last.pt")
-    ckpt, clear = _check_out_dir(out, config, resume=True, overwrite=False)
+    ckpt, clear = check_out_dir(out, config, resume=True, overwrite=False)
     assert ckpt is not None and not clear
     with pytest.raises(Exception, match="rescale_loud was False, now True"):
-        _check_out_dir(out, FinetuneConfig(corpus="corpus", out=str(out), rescale_loud=True), resume=True,
+        check_out_dir(out, FinetuneConfig(corpus="corpus", out=str(out), rescale_loud=True), resume=True,
                        overwrite=False)
 
 
 def test_resume_from_a_damaged_last_checkpoint_names_it_and_the_way_out(tmp_path):
     from conilium.errors import TrainingError
-    from conilium.finetune.train import _check_out_dir
+    from conilium.finetune.rundir import check_out_dir
 
     out = tmp_path / "model"
     config = FinetuneConfig(corpus="corpus", out=str(out))
@@ -239,10 +239,10 @@ def test_resume_from_a_damaged_last_checkpoint_names_it_and_the_way_out(tmp_path
                 "best": {"f1_macro": 0.1, "epoch": 1}, "sampler": {"next_epoch": 2}}, last)
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # cut short, as by a full disk
     with pytest.raises(TrainingError, match=rf"{last}: cannot read the checkpoint .*start over with --overwrite"):
-        _check_out_dir(out, config, resume=True, overwrite=False)
+        check_out_dir(out, config, resume=True, overwrite=False)
     torch.save({"config": config.to_json()}, last)
     with pytest.raises(TrainingError, match=rf"{last}: not a training checkpoint \(no model, optimizer"):
-        _check_out_dir(out, config, resume=True, overwrite=False)
+        check_out_dir(out, config, resume=True, overwrite=False)
 
 
 # ----------------------------------------------------------------------------- finetune-best's threshold tuning

@@ -182,7 +182,7 @@ def test_model_directory_and_checkpoints_on_a_full_disk(full_disk, tmp_path):
     from conilium.extract.upstreams import load_upstream
     from conilium.finetune import EndToEndModel
     from conilium.finetune.model import MODEL_FILE, save_model_dir
-    from conilium.finetune.train import _save
+    from conilium.training.state import save_atomic
     from conilium.heads.model import EmotionHead, HeadConfig
 
     upstream, _ = load_upstream("demo-wavlm", random_init=True, random_root=tmp_path / "weights")
@@ -194,7 +194,7 @@ def test_model_directory_and_checkpoints_on_a_full_disk(full_disk, tmp_path):
                                     "offsets": {}, "loss": "wbce"})
     assert not (out / MODEL_FILE).exists() and _leftovers(out) == []
     with pytest.raises(OutputError, match=r"checkpoints/last\.pt: no space left on device"):
-        _save({"model": model.state_dict()}, out / "checkpoints" / "last.pt")
+        save_atomic({"model": model.state_dict()}, out / "checkpoints" / "last.pt")
     assert [p for p in _leftovers(out) if p != "checkpoints"] == []
 
 

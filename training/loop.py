@@ -204,7 +204,7 @@ def fit(recipe: Recipe, trainees: Sequence[Trainee], *, first_epoch: int = 1, pr
             total, seen = recipe.reduce_loss(t.total, t.seen)
             record, improved = t.end_epoch(epoch, total / max(seen, 1), dev, train_seconds, time.time() - t0)
             recipe.on_epoch_end(t, record, improved)
-        if len(trainees) == 1 and scored:
+        if len(trainees) == 1:
             t = trainees[0]
             sel = t.selection
             bar.set_postfix({"loss": f"{t.history[-1]['train_loss']:.4f}",

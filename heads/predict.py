@@ -10,7 +10,9 @@ one model.
 
 A model with attribute outputs (``model.attribute_outputs`` > 0, the last columns of its
 output, trained on the [0, 1] rescale) gets its class scores followed by its attribute
-values on the corpus scale (:func:`conilium.targets.from_unit`).
+values on the corpus scale (:func:`conilium.targets.from_unit`), bounded to that scale: the
+CCC loss trains on the raw outputs, which may leave [0, 1]; what a model reports never leaves
+the annotators' 1–7.
 """
 
 from __future__ import annotations
@@ -36,13 +38,14 @@ def attribute_outputs(model: torch.nn.Module) -> int:
 
 
 def scores_of(model: torch.nn.Module, logits: torch.Tensor, loss: str) -> torch.Tensor:
-    """Class scores as the loss sees them, then attribute values on the corpus scale."""
+    """Class scores as the loss sees them, then attribute values on the corpus scale (clamped
+    to it)."""
     a = attribute_outputs(model)
     if a == 0:
         return probabilities(logits, loss)
     classes = logits[:, : logits.shape[1] - a]
     parts = [probabilities(classes, loss)] if classes.shape[1] else []
-    return torch.cat(parts + [from_unit(logits[:, logits.shape[1] - a:])], dim=1)
+    return torch.cat(parts + [from_unit(logits[:, logits.shape[1] - a:].clamp(0.0, 1.0))], dim=1)
 
 
 def predict_many(models: Sequence[Tuple[torch.nn.Module, str]], batches: Iterable[Batch], *,

@@ -338,3 +338,21 @@ def test_grid_reuses_a_run_written_before_the_task_fields(demo_cache, tmp_path):
     config.write_text(json.dumps(old))  # as written before these fields existed
     rows = run_grid(expand_spec(spec, cache=str(demo_cache)), tmp_path / "grid", progress=False)
     assert rows[0]["status"] == "skipped (complete)"
+
+
+def test_attribute_predictions_stay_on_the_scale(attribute_runs):
+    """The CCC loss trains raw outputs that may leave [0, 1]; every reported value is on 1-7."""
+    from conilium.heads.predict import scores_of
+
+    class Joint(torch.nn.Module):
+        attribute_outputs = 3
+
+    # unit outputs below 0, inside and above 1 -> 1, the corpus value, 7 (class scores untouched)
+    logits = torch.tensor([[0.3, -0.2, -0.5, 0.5, 1.7]])
+    s = scores_of(Joint(), logits, "wbce")
+    assert torch.allclose(s[0, :2], torch.sigmoid(logits[0, :2]))
+    assert torch.allclose(s[0, 2:], torch.tensor([1.0, 4.0, 7.0]))
+    for run, _ in attribute_runs.values():
+        for split in ("Train", "Development", "Test3"):
+            p = read_predictions(run / "predictions" / f"{split}.csv")
+            assert ((p.attributes >= 1) & (p.attributes <= 7)).all()

@@ -199,8 +199,8 @@ def predict_cmd(model_dir, run_dir, audio, list_file, pattern, out, batch_size, 
     """
     if (model_dir is None) == (run_dir is None):
         raise click.UsageError("give --model MODEL_DIR (finetune-best) or --run RUN (train-head), one of the two")
-    from conilium.finetune.predict import (Predictor, audio_files, output_format, read_list, results_csv,  # torch
-                                           write_results)
+    from conilium.finetune.predict import (SHORT_SECONDS, Predictor, audio_files, output_format, read_list,  # torch
+                                           results_csv, write_results)
 
     if run_dir is None:
         refuse_dir(model_dir, "a finetune-best model directory", "pass a directory finetune-best wrote (train one "
@@ -237,10 +237,16 @@ def predict_cmd(model_dir, run_dir, audio, list_file, pattern, out, batch_size, 
     for r in failed:
         click.echo(f"predict: {r.file}: {r.error}", err=True)
     n_ok = len(results) - len(failed)
-    cut = [r for r in results if r.warning]
+    cut = [r for r in results if r.warning and "truncated" in r.warning]
     if cut:
         click.echo(f"predict: {len(cut)} file(s) longer than {predictor.max_seconds:g} s: only their beginning was "
                    f"used (Seconds and Warning columns; --max-seconds 0 reads whole files)", err=True)
+    for word, what in (("silent", "silent"), ("very short", f"shorter than {SHORT_SECONDS:g} s")):
+        said = [r.file for r in results if r.warning and word in r.warning]
+        if said:
+            more = f" and {len(said) - 3} more" if len(said) > 3 else ""
+            click.echo(f"predict: {len(said)} file(s) {what}, their predictions mean little (Warning column): "
+                       f"{', '.join(said[:3])}{more}", err=True)
     if out is not None:
         click.echo(f"{out}: {n_ok} file(s) predicted, {len(failed)} failed", err=True)
     if n_ok == 0:

@@ -26,9 +26,11 @@ class AudioClips(Dataset):
     """Clips through the signal path: decoded, truncated, (noise-augmented,) normalised.
 
     Items are keyed ``(index, epoch)`` so that augmentation is decided per epoch (no
-    noise without an epoch). A clip that cannot be read, or is shorter than
-    ``min_samples``, comes back as ``(index, None, AudioError)``; the caller decides
-    whether that stops it.
+    noise without an epoch). An item is ``(index, waveform, None, peak)``, ``peak`` being
+    the largest absolute sample as read (before noise and normalisation, so that silence
+    can be told from a quiet clip normalised up). A clip that cannot be read, or is
+    shorter than ``min_samples``, comes back as ``(index, None, AudioError, None)``; the
+    caller decides whether that stops it.
     """
 
     def __init__(self, paths: Sequence[Path], names: Sequence[str], *, signal: SignalPath,
@@ -55,22 +57,24 @@ class AudioClips(Dataset):
             if len(x) < self.min_samples:
                 raise AudioError(path, f"too short ({len(x)} samples at 16 kHz; the upstream outputs no frame "
                                        f"for it)", name)
+            peak = float(np.max(np.abs(x))) if len(x) else 0.0
             if self.noise is not None and epoch is not None:
                 x = self.noise(x, epoch=epoch, index=index, clip=name)
-            return index, self.signal.finish(x, path, clip=name), None
+            return index, self.signal.finish(x, path, clip=name), None, peak
         except AudioError as e:
-            return index, None, e
+            return index, None, e, None
 
 
-def collate_waves(items) -> Tuple[torch.Tensor, torch.Tensor, List[int], List[Tuple[int, AudioError]]]:
-    """Zero-pad waveforms to the longest: ``(waves (B, N), lengths (B,), indices, errors)``,
-    errors being ``(index, AudioError)`` of the items that could not be read."""
-    errors = [(i, e) for i, _, e in items if e is not None]
-    good = [(i, x) for i, x, e in items if e is None]
+def collate_waves(items) -> Tuple[torch.Tensor, torch.Tensor, List[int], List[Tuple[int, AudioError]], List[float]]:
+    """Zero-pad waveforms to the longest: ``(waves (B, N), lengths (B,), indices, errors,
+    peaks)``, errors being ``(index, AudioError)`` of the items that could not be read and
+    peaks the read items' largest absolute samples, in the order of ``indices``."""
+    errors = [(i, e) for i, _, e, _ in items if e is not None]
+    good = [(i, x, peak) for i, x, e, peak in items if e is None]
     if not good:
-        return torch.zeros(0, 1), torch.zeros(0, dtype=torch.long), [], errors
-    waves, lengths = pad_waves([x for _, x in good])
-    return waves, lengths, [i for i, _ in good], errors
+        return torch.zeros(0, 1), torch.zeros(0, dtype=torch.long), [], errors, []
+    waves, lengths = pad_waves([x for _, x, _ in good])
+    return waves, lengths, [i for i, _, _ in good], errors, [peak for _, _, peak in good]
 
 
 def epoch_batches(durations: Sequence[float], *, batch_size: int, seed: int, epoch: int,

@@ -73,26 +73,37 @@ def min_samples(model: nn.Module) -> int:
 def predict_clips(model: nn.Module, dataset: AudioClips, indices: Sequence[int], loss: str, *,
                   device: torch.device, batch_size: int, precision: str = "auto", num_workers: int = 0,
                   progress: bool = False, desc: str = "predicting",
-                  on_error: Optional[Callable[[int, AudioError], None]] = None) -> Dict[int, np.ndarray]:
+                  on_error: Optional[Callable[[int, AudioError], None]] = None,
+                  on_peak: Optional[Callable[[int, float], None]] = None) -> Dict[int, np.ndarray]:
     """Class scores (sigmoid or softmax, as the loss sees them) of dataset items ``indices``,
     in batches of clips of similar duration. A clip that cannot be read stops it, unless
-    ``on_error(index, error)`` takes it."""
+    ``on_error(index, error)`` takes it; ``on_peak(index, peak)`` receives each read clip's
+    largest absolute sample (before normalisation)."""
     dur = dataset.durations
     order = sorted(indices, key=lambda i: (0.0 if dur is None else float(dur[i]), i))
     batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_waves, num_workers=num_workers)
 
     def inputs():
-        for waves, lengths, idx, errors in loader:
+        for waves, lengths, idx, errors, peaks in loader:
             for i, error in errors:
                 if on_error is None:
                     raise ConiliumError(str(error))
                 on_error(i, error)
+            if on_peak is not None:
+                for i, peak in zip(idx, peaks):
+                    on_peak(i, peak)
             if idx:
                 yield (waves, lengths), idx
 
     return predict_batches(model, inputs(), loss, device=device, dtype=precision_dtype(precision, device),
                            progress=progress, desc=desc, total=len(batches))
+
+
+#: An input whose peak stays below this level (dBFS) is reported silent.
+SILENT_DBFS = -60.0
+#: An input with fewer seconds than this is reported too short to judge.
+SHORT_SECONDS = 1.0
 
 
 @dataclass
@@ -113,14 +124,26 @@ class FilePrediction:
     #: seconds of audio the input has, and the seconds of it that were used (truncation)
     duration: Optional[float] = None
     seconds: Optional[float] = None
+    #: the largest absolute sample of the audio used, before normalisation (full scale 1)
+    peak: Optional[float] = None
 
     @property
     def warning(self) -> Optional[str]:
-        """What the user should know about a prediction: the input was cut short."""
-        if self.ok and self.duration is not None and self.seconds is not None and self.seconds < self.duration - 1e-3:
-            return (f"truncated: the first {self.seconds:g} s of {self.duration:.1f} s were used (--max-seconds "
-                    f"changes it)")
-        return None
+        """What the user should know about a prediction, ``; ``-joined: the input was cut short,
+        is silent (peak below :data:`SILENT_DBFS`) or is too short to carry an emotion
+        (under :data:`SHORT_SECONDS`); None when there is nothing to say."""
+        if not self.ok:
+            return None
+        said = []
+        if self.duration is not None and self.seconds is not None and self.seconds < self.duration - 1e-3:
+            said.append(f"truncated: the first {self.seconds:g} s of {self.duration:.1f} s were used (--max-seconds "
+                        f"changes it)")
+        if self.peak is not None and self.peak < 10 ** (SILENT_DBFS / 20):
+            level = "digital silence" if self.peak == 0 else f"peak {20 * np.log10(self.peak):.0f} dBFS"
+            said.append(f"silent ({level}): the prediction says nothing about an emotion")
+        if self.seconds is not None and self.seconds < SHORT_SECONDS:
+            said.append(f"very short ({self.seconds:.2f} s of audio): the prediction is unreliable")
+        return "; ".join(said) or None
 
     @property
     def ok(self) -> bool:
@@ -232,9 +255,12 @@ class Predictor:
         def failed(i: int, error: AudioError) -> None:
             results[i].error = error.reason
 
+        def peak(i: int, value: float) -> None:
+            results[i].peak = value
+
         scores = predict_clips(self.model, ds, todo, self.loss, device=self.device,
                                batch_size=self.batch_size, precision=self.precision, num_workers=self.num_workers,
-                               progress=progress, on_error=failed)
+                               progress=progress, on_error=failed, on_peak=peak)
         c = len(self.classes)
         for i, p in scores.items():
             if not np.isfinite(p).all():

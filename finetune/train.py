@@ -313,7 +313,7 @@ class FinetuneRecipe(loop.Recipe):
         d, b, config = self.d, self.b, self.config
         losses = []
         for k in range(n_parts):
-            waves, lengths, idx, errors = next(it)
+            waves, lengths, idx, errors, _ = next(it)
             if errors:
                 raise ConiliumError(f"training stopped: {errors[0][1]}")
             y = b.targets[idx].to(self.device)

@@ -55,14 +55,16 @@ import csv
 import itertools
 import os
 import re
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import traceback
 from pathlib import Path
 from dataclasses import replace
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -198,10 +200,11 @@ def _die_with(parent: int) -> None:
 
 
 def _train_pass(group: Sequence[Tuple[str, TrainConfig, Mapping, str]], threads: Optional[int],
-                parent: Optional[int] = None) -> List[dict]:
+                parent: Optional[int] = None, progress_file: Optional[str] = None) -> List[dict]:
     """One grid job (runs in a worker process): the runs of one data pass, trained together, or
     their failures reported; never raises. ``seconds`` is the pass's, shared by its runs.
-    ``parent``: the grid's process id, whose end ends a local worker too."""
+    ``parent``: the grid's process id, whose end ends a local worker too. ``progress_file``:
+    where the pass's epochs done are written as they end (``EPOCH LAST``; see :class:`_PassProgress`)."""
     import torch
 
     if parent is not None:
@@ -212,7 +215,7 @@ def _train_pass(group: Sequence[Tuple[str, TrainConfig, Mapping, str]], threads:
     try:
         with stop_on_signals():
             results = train_heads([(config, run_dir) for _, config, _, run_dir in group], overwrite=True,
-                                  progress=False)
+                                  progress=False, on_epoch=_epoch_writer(progress_file))
     except KeyboardInterrupt:
         if parent is not None and os.getppid() != parent:
             os._exit(1)  # the grid is gone and the runs are cleaned up: nobody is left to report to
@@ -288,19 +291,97 @@ def _parent_of(pid: int) -> Optional[int]:
         return None
 
 
-def _run_local(backend: str, jobs: int, passes, threads: int) -> Iterator[List[dict]]:
+def _epoch_writer(path: Optional[str]) -> Optional[Callable[[int, int], None]]:
+    """``on_epoch`` for :func:`train_heads` that writes ``EPOCH LAST`` to ``path`` (replaced whole,
+    so a reader never sees half a line); None without a path."""
+    if not path:
+        return None
+
+    def write(epoch: int, last: int) -> None:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{epoch} {last}\n")
+            os.replace(tmp, path)
+        except OSError:  # progress is a courtesy: never the end of a pass
+            pass
+
+    return write
+
+
+class _PassProgress:
+    """The grid's bar in epochs: every pass's epochs done, read from the files its worker writes
+    (:func:`_epoch_writer`) by a thread twice a second, so that the bar moves within a pass
+    of minutes, not only when a pass ends. The files live in a temporary folder of this
+    machine: workers on other machines (``--address``) report only when their pass ends."""
+
+    def __init__(self, passes, *, enabled: bool, local: bool):
+        self.epochs = [max(c.epochs for _, c, _, _ in group) for group in passes]
+        self.names = [{name for name, _, _, _ in group} for group in passes]
+        self.folder = tempfile.mkdtemp(prefix="conilium-grid-") if enabled and local else None
+        self.files = [None if self.folder is None else os.path.join(self.folder, f"pass-{k}") for k in range(len(passes))]
+        self.finished = [False] * len(passes)
+        self.runs = sum(len(group) for group in passes)
+        self.runs_done = 0
+        self.bar = tqdm(total=sum(self.epochs), desc="grid", unit="epoch", disable=not enabled)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = None
+        if self.folder is not None:
+            self._thread = threading.Thread(target=self._watch, name="conilium-grid-progress", daemon=True)
+            self._thread.start()
+
+    def _done(self, k: int) -> int:
+        if self.finished[k]:
+            return self.epochs[k]
+        try:
+            with open(self.files[k]) as f:
+                return min(int(f.read().split()[0]), self.epochs[k])
+        except (OSError, ValueError, IndexError, TypeError):
+            return 0
+
+    def refresh(self) -> None:
+        with self._lock:
+            self.bar.n = sum(self._done(k) for k in range(len(self.epochs)))
+            self.bar.set_postfix_str(f"runs {self.runs_done}/{self.runs}", refresh=False)
+            self.bar.refresh()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            self.refresh()
+
+    def pass_done(self, names: Sequence[str]) -> None:
+        """The pass holding runs ``names`` has ended (early stopping may end it before its epochs)."""
+        for k, held in enumerate(self.names):
+            if names and names[0] in held:
+                self.finished[k] = True
+        self.runs_done += len(names)
+        self.refresh()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.bar.close()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _run_local(backend: str, jobs: int, passes, threads: int, files=None) -> Iterator[List[dict]]:
     """loky (processes) or threading, through joblib; each pass's rows as it finishes. A signal
-    that stops the grid stops the workers' runs cleanly first (:func:`_stop_workers`)."""
+    that stops the grid stops the workers' runs cleanly first (:func:`_stop_workers`).
+    ``files``: each pass's progress file (or None)."""
     from joblib import Parallel, delayed, parallel_backend
 
+    files = files or [None] * len(passes)
     run_dirs = [run_dir for group in passes for _, _, _, run_dir in group]
     with stop_on_signals(STOP_SIGNALS + (signal.SIGINT,), before=lambda signum: _stop_workers(run_dirs, signum)), \
             parallel_backend(backend, n_jobs=jobs):
-        yield from Parallel(return_as="generator_unordered")(delayed(_train_pass)(g, threads, os.getpid())
-                                                             for g in passes)
+        yield from Parallel(return_as="generator_unordered")(delayed(_train_pass)(g, threads, os.getpid(), f)
+                                                             for g, f in zip(passes, files))
 
 
-def _run_dask(address: Optional[str], jobs: int, passes, threads: int) -> Iterator[List[dict]]:
+def _run_dask(address: Optional[str], jobs: int, passes, threads: int, files=None) -> Iterator[List[dict]]:
     """On a dask.distributed scheduler at ``address``, or on a LocalCluster of ``jobs`` worker
     processes started (and closed) here; each pass one task (``pure=False``: never cached)."""
     try:
@@ -314,7 +395,8 @@ def _run_dask(address: Optional[str], jobs: int, passes, threads: int) -> Iterat
         cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
     try:
-        futures = [client.submit(_train_pass, g, threads, pure=False) for g in passes]
+        files = files or [None] * len(passes)
+        futures = [client.submit(_train_pass, g, threads, None, f, pure=False) for g, f in zip(passes, files)]
         for future in as_completed(futures):
             yield future.result()
     finally:
@@ -323,7 +405,7 @@ def _run_dask(address: Optional[str], jobs: int, passes, threads: int) -> Iterat
             cluster.close()
 
 
-def _run_ray(address: Optional[str], jobs: int, passes, threads: int) -> Iterator[List[dict]]:
+def _run_ray(address: Optional[str], jobs: int, passes, threads: int, files=None) -> Iterator[List[dict]]:
     """On the ray cluster at ``address`` (or a local ray started, and shut down, here), each pass
     one task asking for ``threads`` CPUs; at most ``jobs`` tasks in flight."""
     try:
@@ -336,11 +418,12 @@ def _run_ray(address: Optional[str], jobs: int, passes, threads: int) -> Iterato
                  include_dashboard=False, log_to_driver=False)
     try:
         task = ray.remote(num_cpus=threads, max_retries=0)(_train_pass)
-        waiting = list(passes)
+        waiting = list(zip(passes, files or [None] * len(passes)))
         running = []
         while waiting or running:
             while waiting and len(running) < jobs:
-                running.append(task.remote(waiting.pop(0), threads))
+                group, f = waiting.pop(0)
+                running.append(task.remote(group, threads, None, f))
             done, running = ray.wait(running, num_returns=1)
             yield ray.get(done[0])
     finally:
@@ -407,21 +490,24 @@ def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: 
         jobs = min(n_jobs, len(passes))
         if threads_per_job is None:
             threads_per_job = max(1, (os.cpu_count() or 1) // jobs)
-        if backend == "dask":
-            results = _run_dask(address, jobs, passes, threads_per_job)
-        elif backend == "ray":
-            results = _run_ray(address, jobs, passes, threads_per_job)
-        else:
-            results = _run_local(backend, jobs, passes, threads_per_job)
-        with tqdm(total=len(todo), desc="grid runs", unit="run", disable=not progress) as bar:
+        bar = _PassProgress(passes, enabled=progress, local=not address)
+        try:
+            if backend == "dask":
+                results = _run_dask(address, jobs, passes, threads_per_job, bar.files)
+            elif backend == "ray":
+                results = _run_ray(address, jobs, passes, threads_per_job, bar.files)
+            else:
+                results = _run_local(backend, jobs, passes, threads_per_job, bar.files)
             for group_rows in results:
                 for row in group_rows:
                     rows[row["name"]] = row
-                    bar.update()
                     if progress:
                         tqdm.write(f"{row['name']}: {row['status']}"
                                    + (f", dev macro-F1 {row['f1_macro']:.3f}" if row["f1_macro"] != "" else "")
                                    + (f" — {row['error'].splitlines()[0]}" if row["error"] else ""))
+                bar.pass_done([row["name"] for row in group_rows])
+        finally:
+            bar.close()
     ordered = [rows[name] for name, _, _ in runs]
     write_results(out_dir, ordered)
     return ordered

@@ -52,7 +52,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -178,9 +178,11 @@ def _train(config: TrainConfig, out_dir: Path, data: PreparedData, *, progress: 
 
 
 def train_heads(runs: Sequence[Tuple[TrainConfig, Union[str, Path]]], *, overwrite: bool = False,
-                progress: bool = True, wait_for_lock=False) -> List[Union[dict, BaseException]]:
+                progress: bool = True, wait_for_lock=False,
+                on_epoch: Optional[Callable[[int, int], None]] = None) -> List[Union[dict, BaseException]]:
     """Train ``runs`` (``(config, out_dir)`` pairs that share one data pass, see :func:`pass_key`)
-    in one pass; for each run, its metrics or the error that stopped it.
+    in one pass; for each run, its metrics or the error that stopped it. ``on_epoch(epoch,
+    last)`` is told of each finished epoch of the pass.
 
     Each run is checked, locked and written as :func:`train_head` does it, and gets the
     same files; a run that fails (its checks, a non-finite loss, writing its outputs) gives
@@ -217,7 +219,7 @@ def train_heads(runs: Sequence[Tuple[TrainConfig, Union[str, Path]]], *, overwri
         if members:
             with _threads(first.threads):
                 try:
-                    got = _fit_pass([m for _, m in members], progress=progress)
+                    got = _fit_pass([m for _, m in members], progress=progress, on_epoch=on_epoch)
                 except ConiliumError as e:
                     got = [e] * len(members)
             for (i, _), r in zip(members, got):
@@ -226,8 +228,8 @@ def train_heads(runs: Sequence[Tuple[TrainConfig, Union[str, Path]]], *, overwri
 
 
 
-def _fit_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *,
-                progress: bool) -> List[Union[dict, BaseException]]:
+def _fit_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *, progress: bool,
+              on_epoch: Optional[Callable[[int, int], None]] = None) -> List[Union[dict, BaseException]]:
     """Train the heads of one data pass; each head's metrics, or the error that stopped it."""
     config, _, data = members[0]
     device = resolve_device(config.device)
@@ -249,7 +251,8 @@ def _fit_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *,
                         len(dev_ds), [cache.clips[n].emo_class for n in data.dev_names],
                         np.stack([attribute_values(cache.clips[n]) for n in data.dev_names]), device)
     names = ", ".join(h.out_dir.name for h in heads)
-    fit(recipe, heads, progress=progress, desc="epochs" if len(heads) == 1 else f"epochs ({len(heads)} heads: {names})")
+    fit(recipe, heads, progress=progress, desc="epochs" if len(heads) == 1 else f"epochs ({len(heads)} heads: {names})",
+        on_epoch=on_epoch)
     done = [h for h in heads if h.error is None]
     for h in done:
         h.model.load_state_dict(h.best_state)

@@ -32,6 +32,8 @@ from .steps import StudyConfig, run_study
 @click.option("--noise", type=click.Path(exists=True, file_okay=False), default=None,
               help="Noise recordings (e.g. MUSAN's noise folder) for the augmentation run of section 3.2 "
                    "(real corpora; the demo writes its own).")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Every step without its progress bars (the step lines and timings stay): for logs.")
 def study_cmd(**kw):
     """The whole CONILIUM study in one command: corpus description, feature caches of four
     upstreams, the heads of the paper's Tables 1-3 and section 3.4 (on frozen features),

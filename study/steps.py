@@ -66,6 +66,7 @@ class StudyConfig:
     noise: Optional[str] = None  # noise recordings (e.g. MUSAN) for section 3.2; the demo makes its own
     upstreams: Dict[str, str] = field(default_factory=dict)
     paper_only: bool = False  # leave out the rows beyond the paper (Whisper upstream, ...)
+    quiet: bool = False  # every step without its progress bars
 
     @property
     def demo(self) -> bool:
@@ -124,8 +125,13 @@ class Study:
             # 217 training clips: a narrower, less dropped-out classifier learns more reliably
             # than the real corpus's hidden=1024, dropout=0.5 (WCE on demo-wavlm: dev macro-F1
             # 0.23-0.25 over seeds, against 0.17-0.25).
-            opts += ["--set", "hidden=256", "--set", "dropout=0.2", "--quiet"]
-        return opts
+            opts += ["--set", "hidden=256", "--set", "dropout=0.2"]
+        return opts + self.quiet()
+
+    def quiet(self) -> List[str]:
+        """``--quiet`` for a step's command when the study is quiet: steps show their progress
+        bars (epochs of every grid pass, clips extracted) unless ``./run_all.sh --quiet``."""
+        return ["--quiet"] if self.c.quiet else []
 
     def _device(self) -> str:
         return self.c.device
@@ -155,8 +161,7 @@ class Study:
                 "--layers", "last", "--device", c.device, "--seed", c.seed, *extra]
         if c.demo if random_init is None else random_init:
             argv += ["--random-init"]
-        if c.demo:
-            argv += ["--quiet"]
+        argv += self.quiet()
         if c.batch_seconds:
             argv += ["--batch-seconds", c.batch_seconds]
         argv += self._corpus_flags()
@@ -299,9 +304,10 @@ class Study:
                 "--device", c.device, "--seed", c.seed, "--init-head", best, "--resume"]
         if c.demo:
             argv += ["--random-init", "--random-init-seed", c.seed, "--epochs", c.finetune_epochs or 2,
-                     "--lr", "1e-4", "--max-train-clips", "160", "--quiet"]
+                     "--lr", "1e-4", "--max-train-clips", "160"]
         elif c.finetune_epochs:
             argv += ["--epochs", c.finetune_epochs]
+        argv += self.quiet()
         if c.finetune_batch_size:
             argv += ["--batch-size", c.finetune_batch_size]
         if c.allow_symlinks:
@@ -318,7 +324,7 @@ class Study:
         if test_split:
             files = self._split_files(test_split)[:8]
             self.run(f"predict {len(files)} {test_split} files with the fine-tuned model",
-                     ["predict", "--model", model, *files, "--out", self.out / "predictions_finetuned.csv", "--quiet"],
+                     ["predict", "--model", model, *files, "--out", self.out / "predictions_finetuned.csv", *self.quiet()],
                      skip_if=self.out / "predictions_finetuned.csv")
         return t2_finetuned
 

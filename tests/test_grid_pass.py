@@ -4,6 +4,7 @@ groups the paper's presets into the passes their clip lists and samplers allow."
 
 import filecmp
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,40 @@ def test_a_one_layer_weighted_mix_is_frozen_without_changing_the_run(tmp_path, m
     train_head(config, tmp_path / "trained", progress=False)
     assert_same_run(tmp_path / "frozen", tmp_path / "trained")
     assert load_head(tmp_path / "frozen")[1].state_dict["layer_mix.weights"].tolist() == [0.0]
+
+
+def test_a_grid_pass_reports_its_epochs_as_they_end(cache, tmp_path, capsys):
+    """train-grid's bar moves within a pass: each pass's worker writes its epochs done to a
+    progress file as they end, the grid's bar sums them (a pass that stops early counts whole
+    when it ends), and the files are gone afterwards."""
+    from conilium.heads.grid import _PassProgress, _train_pass
+
+    seen = []
+    runs = [(_config(cache, loss="wbce", labels="S", epochs=4), tmp_path / "a"),
+            (_config(cache, loss="bce", labels="S", epochs=6, patience=1, lr=1e-6), tmp_path / "b")]
+    train_heads(runs, progress=False, on_epoch=lambda epoch, last: seen.append((epoch, last)))
+    stopped = json.loads((tmp_path / "b" / "metrics.json").read_text())["history"][-1]["epoch"]
+    assert stopped < 6 and seen == [(e, 6) for e in range(1, max(4, stopped) + 1)]
+
+    group = [("c", _config(cache, epochs=3), {}, str(tmp_path / "c")),
+             ("d", _config(cache, epochs=3, loss="wce", labels="hard"), {}, str(tmp_path / "d"))]
+    late = [("e", _config(cache, epochs=5), {}, str(tmp_path / "e"))]
+    bar = _PassProgress([group, late], enabled=True, local=True)
+    try:
+        assert bar.bar.total == 8 and all(f is not None for f in bar.files)
+        rows = _train_pass(group, 1, None, bar.files[0])
+        assert [r["status"] for r in rows] == ["trained", "trained"]
+        with open(bar.files[0]) as f:
+            assert f.read() == "3 3\n"
+        bar.refresh()
+        assert bar.bar.n == 3  # the second pass has not started
+        with open(bar.files[1], "w") as f:
+            f.write("2 5\n")
+        bar.refresh()
+        assert bar.bar.n == 5
+        bar.pass_done(["e"])  # ended early: counted whole
+        assert bar.bar.n == 8 and bar.runs_done == 1
+    finally:
+        bar.close()
+    assert not Path(bar.folder).exists()
+    assert "grid" in capsys.readouterr().err

@@ -128,3 +128,32 @@ def test_json_output_list_file_and_exit_status(model_dir, audio, tmp_path):
     assert r.exit_code == 2 and ".csv, .json or .parquet" in r.output
     r = CliRunner().invoke(predict_cmd, ["--model", str(tmp_path), str(audio / "mono16k.wav")])
     assert r.exit_code == 1 and "not a finetune-best model directory" in r.output
+
+
+def test_silent_and_very_short_inputs_are_said(model_dir, audio, tmp_path):
+    """Digital silence, a near-silent recording (-70 dBFS noise) and a 0.4 s clip still get
+    scores, each with a warning in the Warning column and a line on stderr; a clip at speech
+    level, quiet or not, gets none (the level is measured before normalisation)."""
+    x, sr = sf.read(str(audio / "mono16k.wav"), dtype="float32")
+    rng = np.random.default_rng(0)
+    files = {"zeros.wav": np.zeros(2 * sr, np.float32),
+             "hiss.wav": (rng.standard_normal(2 * sr) * 10 ** (-75 / 20)).astype(np.float32),
+             "blip.wav": x[: int(0.4 * sr)],
+             "quiet.wav": x * (0.02 / np.abs(x).max())}
+    for name, wave in files.items():
+        sf.write(tmp_path / name, wave, sr, subtype="FLOAT")
+    out = tmp_path / "pred.csv"
+    r = CliRunner().invoke(predict_cmd, ["--model", str(model_dir), *(str(tmp_path / n) for n in files), "--out",
+                                         str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    rows = {Path(row["FileName"]).name: row for row in _rows(out.read_text())}
+    assert all(row["Prediction"] in CLASSES for row in rows.values())
+    assert "silent (digital silence)" in rows["zeros.wav"]["Warning"]
+    assert "silent (peak -6" in rows["hiss.wav"]["Warning"]
+    assert "very short (0.40 s" in rows["blip.wav"]["Warning"] and "silent" not in rows["blip.wav"]["Warning"]
+    assert rows["quiet.wav"]["Warning"] == ""
+    assert "2 file(s) silent" in r.stderr and "1 file(s) shorter than 1 s" in r.stderr
+    # in memory alike, with the result's peak
+    res = Predictor(model_dir).predict([np.zeros(sr, np.float32), files["quiet.wav"]])
+    assert res[0].peak == 0 and "silent" in res[0].warning
+    assert res[1].peak == pytest.approx(0.02, rel=1e-4) and res[1].warning is None

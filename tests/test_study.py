@@ -54,3 +54,19 @@ def test_frozen_then_finetuned_loop_and_weighted_ensemble_are_in_the_study(small
     assert spec["tables"]["table2_finetuned"] == {label: str(grid / d) for label, d in TABLE2_ROWS.items()}
     assert spec["tables"]["ensemble"]["Ensemble (weighted)"] == str(ens["Ensemble (weighted)"])
     assert "table2_finetuned" not in study._report_spec(t1, tmp_path / "tuned", ens, tmp_path / "ed", model)["tables"]
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_steps_show_their_progress_unless_the_study_is_quiet(small_demo_corpus, tmp_path, quiet):
+    """./run_all.sh shows each step's progress bars (extraction, grid passes, fine-tuning,
+    predict); ./run_all.sh --quiet passes --quiet to every one of them."""
+    study = Study(StudyConfig(out=str(tmp_path / "results"), quiet=quiet))
+    study.corpus = small_demo_corpus
+    steps = []
+    study.run = lambda name, argv, skip_if=None: steps.append([str(a) for a in argv])
+    study.extract("features", "demo-wavlm", tmp_path / "cache", [])
+    study.grid("grid", tmp_path / "grid", preset="table2")
+    study.end_to_end(tmp_path / "model", tmp_path / "best-run")
+    assert [argv[0] for argv in steps] == ["extract-features", "train-grid", "finetune-best", "finetune-best",
+                                           "predict"]
+    assert all(("--quiet" in argv) == quiet for argv in steps)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -180,8 +180,9 @@ def _train_epoch(recipe: Recipe, active: List[Trainee], epoch: int, *, epochs: i
 
 
 def fit(recipe: Recipe, trainees: Sequence[Trainee], *, first_epoch: int = 1, progress: bool = True,
-        desc: str = "epochs") -> None:
-    """Train ``trainees`` from ``first_epoch`` on, until their epochs or patience run out.
+        desc: str = "epochs", on_epoch: Optional[Callable[[int, int], None]] = None) -> None:
+    """Train ``trainees`` from ``first_epoch`` on, until their epochs or patience run out;
+    ``on_epoch(epoch, last)`` after each epoch (``last``: the most epochs any trainee may train).
 
     A trainee whose loss stops being finite gets its error (``trainee.error``) and the
     others go on; an exception of the recipe (a failing read, another process's error)
@@ -204,6 +205,8 @@ def fit(recipe: Recipe, trainees: Sequence[Trainee], *, first_epoch: int = 1, pr
             total, seen = recipe.reduce_loss(t.total, t.seen)
             record, improved = t.end_epoch(epoch, total / max(seen, 1), dev, train_seconds, time.time() - t0)
             recipe.on_epoch_end(t, record, improved)
+        if on_epoch is not None:
+            on_epoch(epoch, last)
         if len(trainees) == 1:
             t = trainees[0]
             sel = t.selection

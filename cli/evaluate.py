@@ -193,7 +193,7 @@ def metrics_cmd(run, splits, out, no_files, draws, seed, quiet):
               help="Paired bootstrap draws.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the bootstrap draws.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("compare.json"), show_default=True,
-              help="JSON file to write (a folder: FOLDER/compare.json).")
+              help="JSON file to write (a name ending in .json), or a folder to write compare.json into.")
 @quiet_option(_QUIET)
 @version_option
 def compare_cmd(run_a, run_b, splits, draws, seed, out, quiet):
@@ -217,7 +217,7 @@ def compare_cmd(run_a, run_b, splits, draws, seed, out, quiet):
     from conilium.util import write_json
 
     _check_runs([run_a, run_b])
-    target = out / "compare.json" if out.is_dir() else out
+    target = out if out.suffix.lower() == ".json" and not out.is_dir() else out / "compare.json"
     try:
         result = compare_runs(run_a, run_b, splits=splits or None, draws=draws, seed=seed, level=LEVEL)
         write_json(target, result)
@@ -227,10 +227,10 @@ def compare_cmd(run_a, run_b, splits, draws, seed, out, quiet):
     echo(f"A: {run_a}\nB: {run_b}\n{draws} paired draws, seed {seed}; 95 % percentile intervals")
     for split, entry in result["splits"].items():
         echo(f"{split}: {entry['clips']} clips")
-        echo(f"  {'score':<11} {'A':>7} {'B':>7} {'B - A':>8}  {'95 % interval':<20} {'p':>6}")
+        echo(f"  {'score':<11} {'clips':>6} {'A':>7} {'B':>7} {'B - A':>8}  {'95 % interval':<18}  {'p':>6}")
         for key, v in entry["scores"].items():
             name = {"f1_macro": "macro-F1", "f1_micro": "micro-F1"}.get(key, key.replace("ccc_", "CCC "))
-            echo(f"  {name:<11} {v['a']:7.4f} {v['b']:7.4f} {v['difference']:+8.4f}  "
+            echo(f"  {name:<11} {v['n']:6d} {v['a']:7.4f} {v['b']:7.4f} {v['difference']:+8.4f}  "
                  f"[{v['low']:+.4f}, {v['high']:+.4f}]  {v['p_value']:6.3f}")
     if result["skipped_splits"]:
         echo(f"left out (not labelled in both runs): {', '.join(result['skipped_splits'])}")

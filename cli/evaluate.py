@@ -197,9 +197,9 @@ def metrics_cmd(run, splits, out, no_files, draws, seed, quiet):
 @quiet_option(_QUIET)
 @version_option
 def compare_cmd(run_a, run_b, splits, draws, seed, out, quiet):
-    """Paired bootstrap of run B against run A over the same clips: macro-F1, micro-F1 (and each
-    attribute's CCC when both runs predict the attributes) of A and B, the difference B - A,
-    its 95 % interval and a two-sided p-value.
+    """Paired bootstrap of run B against run A over the same clips: macro-F1, micro-F1 and each
+    attribute's CCC (those that both runs predict) of A and B, the difference B - A, its 95 %
+    interval and a two-sided p-value.
 
     Both runs must have predicted the same clips of each split (the error says how many clips
     are in one run only, and names a few). Each draw resamples the clips once and scores both
@@ -232,6 +232,8 @@ def compare_cmd(run_a, run_b, splits, draws, seed, out, quiet):
             name = {"f1_macro": "macro-F1", "f1_micro": "micro-F1"}.get(key, key.replace("ccc_", "CCC "))
             echo(f"  {name:<11} {v['n']:6d} {v['a']:7.4f} {v['b']:7.4f} {v['difference']:+8.4f}  "
                  f"[{v['low']:+.4f}, {v['high']:+.4f}]  {v['p_value']:6.3f}")
+        for line in entry["left_out"]:
+            echo(f"  left out: {line}")
     if result["skipped_splits"]:
         echo(f"left out (not labelled in both runs): {', '.join(result['skipped_splits'])}")
     echo(f"written to {target}")

@@ -223,14 +223,39 @@ def _labelled(p: Predictions) -> bool:
     return has_references(p) or (p.attributes is not None and not np.isnan(p.attribute_refs).all())
 
 
+def _what(p: Predictions) -> str:
+    return " and ".join(x for x, has in (("class scores", bool(p.classes)), ("the attributes", p.attributes is not None))
+                        if has)
+
+
+def _common(a: Predictions, b: Predictions, run_a, run_b, split: str) -> Tuple[Predictions, Predictions, List[str]]:
+    """``a`` and ``b`` reduced to what both predict (class scores, attributes), and a line for
+    each kind of score only one of them has; a RunError when they have none in common."""
+    classes = bool(a.classes) and bool(b.classes)
+    attributes = a.attributes is not None and b.attributes is not None
+    if not classes and not attributes:
+        raise RunError(f"runs {run_a} and {run_b}, split {split}: no score in common (A predicts {_what(a)}, "
+                       f"B {_what(b)})")
+    left_out = []
+    if not classes and (a.classes or b.classes):
+        left_out.append(f"macro/micro-F1: only {'A' if a.classes else 'B'} predicts class scores")
+    if not attributes and (a.attributes is not None or b.attributes is not None):
+        left_out.append(f"CCC: only {'A' if a.attributes is not None else 'B'} predicts the attributes")
+
+    def reduce(p: Predictions) -> Predictions:
+        if classes:
+            return Predictions(p.names, p.probs, p.prediction, p.reference, p.classes,
+                               p.attributes if attributes else None, p.attribute_refs if attributes else None)
+        return Predictions(p.names, np.zeros((len(p), 0)), [""] * len(p), [None] * len(p), (),
+                           p.attributes, p.attribute_refs)
+
+    return reduce(a), reduce(b), left_out
+
+
 def _aligned_pair(run_a, run_b, a: Predictions, b: Predictions, split: str) -> Tuple[Predictions, Predictions]:
     """``b`` reordered like ``a`` (:func:`conilium.evaluate.ensemble.align`: the same clips, class
     columns and references, or a RunError naming how many clips differ and a few of them), its
-    attributes too; and the same attribute references."""
-    if (a.attributes is None) != (b.attributes is None):
-        with_attr = run_a if a.attributes is not None else run_b
-        raise RunError(f"runs {run_a} and {run_b}, split {split}: only {with_attr} predicts the attributes; "
-                       f"compare two runs of the same task")
+    attributes too, which must have the same references."""
     key_a, key_b = f"{run_a} (A)", f"{run_b} (B)"
     aligned = align({key_a: a, key_b: b}, split)
     a2, b2 = aligned[key_a], aligned[key_b]
@@ -248,7 +273,8 @@ def _aligned_pair(run_a, run_b, a: Predictions, b: Predictions, split: str) -> T
 
 def compare_runs(run_a, run_b, *, splits: Optional[Sequence[str]] = None, draws: int = DEFAULT_DRAWS,
                  seed: int = 0, level: float = LEVEL) -> Dict:
-    """The paired bootstrap of run B against run A on each split (:func:`paired`).
+    """The paired bootstrap of run B against run A on each split (:func:`paired`), over the
+    scores both predict (a split's ``left_out`` names those only one of them has).
 
     ``splits`` defaults to every split both runs have with a reference (a class, or an attribute
     value); a split named must be in both. The runs must hold the same clips of each split
@@ -263,10 +289,12 @@ def compare_runs(run_a, run_b, *, splits: Optional[Sequence[str]] = None, draws:
     result: Dict = {"a": str(run_a), "b": str(run_b), "draws": int(draws), "seed": int(seed), "level": level,
                     "interval": INTERVAL_METHOD, "p_value": P_VALUE_METHOD, "splits": {}}
     for split in wanted:
-        a, b = _aligned_pair(run_a, run_b, data_a[split], data_b[split], split)
+        a, b, left_out = _common(data_a[split], data_b[split], run_a, run_b, split)
+        a, b = _aligned_pair(run_a, run_b, a, b, split)
         if not _labelled(a):
             raise RunError(f"runs {run_a} and {run_b}: split {split} has no labelled clip to score")
-        result["splits"][split] = {"clips": len(a), "scores": paired(a, b, draws=draws, seed=seed, level=level)}
+        result["splits"][split] = {"clips": len(a), "scores": paired(a, b, draws=draws, seed=seed, level=level),
+                                   "left_out": left_out}
     result["skipped_splits"] = [] if splits else [s for s in {**data_a, **data_b} if s not in wanted]
     return result
 

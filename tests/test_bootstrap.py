@@ -219,3 +219,20 @@ def test_metrics_adds_intervals_and_changes_no_existing_value(pair, tmp_path):
     assert "[" not in plain.output.splitlines()[0] and "CCC" not in plain.output
     r = CliRunner().invoke(main, ["metrics", run, "--no-files", "--draws", "10"])
     assert r.exit_code == 2 and "at least 1000, or 0" in r.output
+
+
+def test_runs_of_different_tasks_are_compared_on_the_scores_both_have(pair, tmp_path):
+    a, b = _preds(pair[0]), _preds(pair[1])
+    categories = _run(tmp_path / "categories", b.names, b.reference, b.prediction)
+    write_json(tmp_path / "avd" / "config.json", {"task": "attributes"})
+    write_predictions(prediction_path(tmp_path / "avd", "Development"), a.names, np.zeros((len(a), 0)),
+                      [""] * len(a), [None] * len(a), (), attributes=a.attributes, attribute_refs=a.attribute_refs)
+    full = compare_runs(pair[0], pair[1], draws=1000)["splits"]["Development"]["scores"]
+    split = compare_runs(pair[0], categories, draws=1000)["splits"]["Development"]
+    assert split["scores"] == {k: full[k] for k in ("f1_macro", "f1_micro")}
+    assert split["left_out"] == ["CCC: only A predicts the attributes"]
+    split = compare_runs(tmp_path / "avd", pair[1], draws=1000)["splits"]["Development"]
+    assert split["scores"] == {k: v for k, v in full.items() if k.startswith("ccc_")}
+    assert split["left_out"] == ["macro/micro-F1: only B predicts class scores"]
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "avd"), str(categories), "--out", str(tmp_path)])
+    assert r.exit_code == 1 and "no score in common (A predicts the attributes, B class scores)" in r.output

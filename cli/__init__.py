@@ -53,8 +53,8 @@ def main(quiet):
       extract   features | verify              corpus -> feature cache (one upstream pass)
       heads     train | grid                   feature cache -> head runs
       finetune  train | predict                corpus -> model directory -> predictions on audio
-      eval      metrics | tune-thresholds | ensemble | easy-difficult | report | submission
-                                               run directories -> scores, tables, submissions
+      eval      metrics | compare | tune-thresholds | ensemble | easy-difficult | report | submission
+                                               run directories -> scores, comparisons, tables, submissions
 
     \b
     The tools' own names run the same commands, with the same options:

@@ -13,7 +13,7 @@ import click
 from conilium.dirs import RUN_KINDS as _RUN_KINDS
 from conilium.dirs import RunDir
 from conilium.errors import ConiliumError
-from conilium.evaluate.options import DEFAULT_ROUNDS, METHODS, OTHER_MODES
+from conilium.evaluate.options import DEFAULT_DRAWS, DEFAULT_ROUNDS, LEVEL, METHODS, MIN_DRAWS, OTHER_MODES
 
 from .common import (CONTEXT, GROUP_QUIET, POSITIVE_INT, SEED, Count, Group, check_corpus_arg,
                      describe_dir, dir_kind, fail, quiet_option, version_option)
@@ -73,6 +73,18 @@ def _weights(ctx, param, text):
     return w
 
 
+def _draws(ctx, param, n: int) -> int:
+    """``--draws``: 0 (``metrics`` only: no intervals) or at least :data:`MIN_DRAWS`."""
+    if 0 < n < MIN_DRAWS:
+        raise click.BadParameter(f"{n} draws are too few for a 95 % percentile interval: give at least "
+                                 f"{MIN_DRAWS}" + (", or 0 for none" if param.type.min == 0 else ""), ctx, param)
+    return n
+
+
+def _interval(v) -> str:
+    return f"[{v['low']:.4f}, {v['high']:.4f}]"
+
+
 def _clips(cache, corpus, runs, quiet=False):
     from conilium.evaluate.difficulty import default_cache, load_clips
 
@@ -93,7 +105,8 @@ def eval_group(quiet):
     """Evaluate run directories of train-head / finetune-best / predict (also installed as conilium-eval).
 
     \b
-    metrics RUN                          scores, confusion matrix (CSV, PNG)
+    metrics RUN                          scores, 95 % intervals, confusion matrix (CSV, PNG)
+    compare A B                          paired bootstrap of B - A: interval, p-value
     tune-thresholds RUN OUT              offsets for macro-F1 (paper 3.7)
     ensemble RUN1 RUN2 ... --out OUT     mean probability or vote (3.6)
     easy-difficult RUN1 RUN2 ... --out DIR      Easy/Difficult (section 4)
@@ -118,11 +131,20 @@ def _echo(quiet: bool):
               help="Write metrics.json, per_class.csv, confusion_percent.csv, confusion_counts.csv and "
                    "confusion.png per split into OUT/<Split>/ (default: RUN/evaluation/<Split>/).")
 @click.option("--no-files", is_flag=True, help="Only print the scores.")
+@click.option("--draws", type=Count(0), default=DEFAULT_DRAWS, show_default=True, callback=_draws,
+              help="Bootstrap draws of the 95 % intervals (at least 1000); 0: no intervals.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the bootstrap draws.")
 @quiet_option(_QUIET)
 @version_option
-def metrics_cmd(run, splits, out, no_files, quiet):
+def metrics_cmd(run, splits, out, no_files, draws, seed, quiet):
     """Macro/micro F1, per-class precision/recall/F1 and the confusion matrix (percent of each
-    reference class, the paper's Figure 4) of a run's splits."""
+    reference class, the paper's Figure 4) of a run's splits, with a 95 % bootstrap interval of
+    each score (and of each attribute's CCC, for a run that predicts the attributes).
+
+    Each interval (metrics.json: "bootstrap") is the 2.5th to 97.5th percentile of the score over
+    --draws resamplings, with replacement, of the clips it counts (macro/micro-F1: clips whose
+    reference is one of the eight classes; CCC: clips with a known reference of that attribute).
+    """
     from conilium.evaluate.report import split_metrics
     from conilium.runs import has_references, read_run
 
@@ -137,7 +159,22 @@ def metrics_cmd(run, splits, out, no_files, quiet):
         for split in splits:
             target = None if no_files else (out or run / "evaluation") / split
             s = split_metrics(run, split, target)
-            echo(f"{split}: {s['n']} clips  macro-F1 {s['f1_macro']:.4f}  micro-F1 {s['f1_micro']:.4f}")
+            boot = None
+            if draws:
+                from conilium.evaluate.bootstrap import split_intervals
+
+                boot = split_intervals(run, split, draws=draws, seed=seed, level=LEVEL)
+                if target is not None:
+                    RunDir(target).write_metrics({**RunDir(target).metrics(), "bootstrap": boot})
+            ci = boot["scores"] if boot else {}
+            macro = f"  {_interval(ci['f1_macro'])}" if "f1_macro" in ci else ""
+            micro = f"  {_interval(ci['f1_micro'])}" if "f1_micro" in ci else ""
+            echo(f"{split}: {s['n']} clips  macro-F1 {s['f1_macro']:.4f}{macro}  micro-F1 {s['f1_micro']:.4f}{micro}")
+            for key, v in ci.items():
+                if key.startswith("ccc_"):
+                    echo(f"  CCC {key[4:]} {v['value']:.4f}  {_interval(v)}  ({v['n']} clips)")
+            if boot:
+                echo(f"  [95 % bootstrap intervals: {draws} draws, seed {seed}]")
             echo("  class  precision  recall     F1  support")
             for c, v in s["per_class"].items():
                 echo(f"  {c:>5}  {v['precision']:9.3f}  {v['recall']:6.3f}  {v['f1']:5.3f}  {v['support']:7d}")
@@ -145,6 +182,61 @@ def metrics_cmd(run, splits, out, no_files, quiet):
                 echo(f"  written to {target}/")
     except ConiliumError as e:
         fail(e)
+
+
+@eval_group.command("compare", context_settings=CONTEXT)
+@click.argument("run_a", metavar="A", type=_RUN)
+@click.argument("run_b", metavar="B", type=_RUN)
+@click.option("--split", "splits", multiple=True,
+              help="Split to compare (repeatable). Default: every labelled split both runs have.")
+@click.option("--draws", type=Count(MIN_DRAWS), default=DEFAULT_DRAWS, show_default=True, callback=_draws,
+              help="Paired bootstrap draws.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the bootstrap draws.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("compare.json"), show_default=True,
+              help="JSON file to write (a name ending in .json), or a folder to write compare.json into.")
+@quiet_option(_QUIET)
+@version_option
+def compare_cmd(run_a, run_b, splits, draws, seed, out, quiet):
+    """Paired bootstrap of run B against run A over the same clips: macro-F1, micro-F1 and each
+    attribute's CCC (those that both runs predict) of A and B, the difference B - A, its 95 %
+    interval and a two-sided p-value.
+
+    Both runs must have predicted the same clips of each split (the error says how many clips
+    are in one run only, and names a few). Each draw resamples the clips once and scores both
+    runs on the same resampled clips (macro/micro-F1: clips whose reference is one of the eight
+    classes; CCC: clips with a known reference of that attribute). The interval is the 2.5th to
+    97.5th percentile of the draws' differences. The p-value is the two-sided percentile-bootstrap
+    one, p = min(1, 2 (1 + min(#{d <= 0}, #{d >= 0})) / (draws + 1)) over the draws' differences
+    d: below 0.05 when the 95 % interval leaves 0 out; at least 2 / (draws + 1).
+
+    \b
+    Example:
+      conilium-eval compare runs/bce-P runs/wbce-S --split Development --out results/compare.json
+    """
+    from conilium.evaluate.bootstrap import compare_runs
+    from conilium.util import write_json
+
+    _check_runs([run_a, run_b])
+    target = out if out.suffix.lower() == ".json" and not out.is_dir() else out / "compare.json"
+    try:
+        result = compare_runs(run_a, run_b, splits=splits or None, draws=draws, seed=seed, level=LEVEL)
+        write_json(target, result)
+    except ConiliumError as e:
+        fail(e)
+    echo = _echo(quiet)
+    echo(f"A: {run_a}\nB: {run_b}\n{draws} paired draws, seed {seed}; 95 % percentile intervals")
+    for split, entry in result["splits"].items():
+        echo(f"{split}: {entry['clips']} clips")
+        echo(f"  {'score':<11} {'clips':>6} {'A':>7} {'B':>7} {'B - A':>8}  {'95 % interval':<18}  {'p':>6}")
+        for key, v in entry["scores"].items():
+            name = {"f1_macro": "macro-F1", "f1_micro": "micro-F1"}.get(key, key.replace("ccc_", "CCC "))
+            echo(f"  {name:<11} {v['n']:6d} {v['a']:7.4f} {v['b']:7.4f} {v['difference']:+8.4f}  "
+                 f"[{v['low']:+.4f}, {v['high']:+.4f}]  {v['p_value']:6.3f}")
+        for line in entry["left_out"]:
+            echo(f"  left out: {line}")
+    if result["skipped_splits"]:
+        echo(f"left out (not labelled in both runs): {', '.join(result['skipped_splits'])}")
+    echo(f"written to {target}")
 
 
 @eval_group.command("tune-thresholds", context_settings=CONTEXT)

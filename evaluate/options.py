@@ -9,3 +9,8 @@ METHODS = ("mean", "vote")
 DEFAULT_ROUNDS = 3
 #: Primaries outside the eight classes (Other) in Krippendorff's alpha: a ninth category, or excluded.
 OTHER_MODES = ("category", "exclude")
+#: Bootstrap draws of ``metrics`` and ``compare`` unless told otherwise, and the fewest they accept.
+DEFAULT_DRAWS = 2000
+MIN_DRAWS = 1000
+#: Coverage of the bootstrap intervals.
+LEVEL = 0.95

@@ -88,6 +88,10 @@ def summary_line(m: dict, out) -> str:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a training option for every run, e.g. --set epochs=10 --set device=cpu (repeatable).")
 @click.option("--n-jobs", type=POSITIVE_INT, default=1, show_default=True, help="Runs trained at the same time.")
+@click.option("--seeds", default=None, metavar="S1,S2,...",
+              help="Train every configuration once per seed (runs <name>-seed<S>); results.md and seeds.csv "
+                   "add each configuration's mean and standard deviation over its seeds. Replaces the spec's "
+                   "'seeds'; not with --set seed=.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="loky", show_default=True,
               help="Where the runs train: loky (local processes), threading, dask or ray (a cluster, or a "
                    "local one; pip install conilium[cluster]). Cluster workers must see --cache and --out "
@@ -100,13 +104,14 @@ def summary_line(m: dict, out) -> str:
 @click.option("--dry-run", is_flag=True, help="List the runs and exit.")
 @quiet_option("No progress bar.")
 @version_option
-def train_grid_cmd(spec, preset, cache, out, sets, n_jobs, backend, address, threads_per_job, dry_run, quiet):
+def train_grid_cmd(spec, preset, cache, out, sets, n_jobs, seeds, backend, address, threads_per_job, dry_run, quiet):
     """Train many heads from one spec, in parallel, and write a results table.
 
     \b
     Examples:
       train-grid --preset table2 --cache cache/wavlm-large --out runs/table2 --n-jobs 4
       train-grid --spec my-grid.json --out runs/grid --set epochs=10
+      train-grid --preset table2 --cache cache/wavlm-large --out runs/table2-seeds --seeds 0,1,2
       train-grid --preset table2 --cache /shared/cache/wavlm-large --out /shared/runs/table2 \
           --backend dask --address tcp://scheduler:8786 --n-jobs 8
 
@@ -121,7 +126,7 @@ def train_grid_cmd(spec, preset, cache, out, sets, n_jobs, backend, address, thr
     try:
         if cache is not None:  # another kind of directory: one error now, not one per run of the grid
             check_cache_dir(cache)
-        runs = expand_spec(load_spec(spec, preset=preset), cache=cache, overrides=parse_sets(sets))
+        runs = expand_spec(load_spec(spec, preset=preset), cache=cache, overrides=parse_sets(sets), seeds=seeds)
         if dry_run:
             for name, config, _ in runs:
                 click.echo(f"{name}: {json.dumps(config.to_json())}")

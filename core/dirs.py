@@ -230,6 +230,8 @@ class GridDir:
     RESULTS = "results.csv"
     #: ``results.csv`` as a readable table
     RESULTS_TABLE = "results.md"
+    #: with ``--seeds``: each configuration's mean and standard deviation over its seeds
+    SEEDS = "seeds.csv"
 
     def __init__(self, path):
         self.path = Path(path)
@@ -245,6 +247,10 @@ class GridDir:
     @property
     def results_table_path(self) -> Path:
         return self.path / self.RESULTS_TABLE
+
+    @property
+    def seeds_path(self) -> Path:
+        return self.path / self.SEEDS
 
     def run(self, name: str) -> RunDir:
         return RunDir(self.path / name)

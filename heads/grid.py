@@ -58,6 +58,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import tempfile
 import threading
 import time
@@ -71,16 +72,17 @@ from tqdm import tqdm
 from conilium.dirs import GridDir, RunDir
 from conilium.errors import ConfigError, ConiliumError
 from conilium.locking import LOCK_FILE, STOP_SIGNALS, read_holder, stop_on_signals
+from conilium.training.config import SEED_MAX
 from conilium.util import atomic_path, read_json_object
 
 from .config import BACKENDS, SPEC_DIR, presets
 from .train import TrainConfig, check_config, plan_passes, same_run, train_heads
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
-_SPEC_KEYS = {"description", "common", "runs", "product"}
+_SPEC_KEYS = {"description", "common", "runs", "product", "seeds"}
 
 RESULT_COLUMNS = ("name", "status", "loss", "labels", "task", "sampler", "pooling", "layers", "pooled_stats",
-                  "train_clips", "f1_macro", "f1_micro", "ccc_mean", "best_epoch", "paper_f1_macro", "paper_f1_micro",
+                  "train_clips", "seed", "f1_macro", "f1_micro", "ccc_mean", "best_epoch", "paper_f1_macro", "paper_f1_micro",
                   "seconds", "error")
 
 
@@ -103,15 +105,47 @@ def _product_name(values: Mapping) -> str:
     return "-".join(parts)
 
 
-def expand_spec(spec: Mapping, *, cache=None, overrides: Optional[Mapping] = None) -> List[Tuple[str, TrainConfig, dict]]:
+def seed_names(seeds) -> List[int]:
+    """``--seeds`` / a spec's ``seeds``: distinct integer seeds, in order ("0,1,2" or a list)."""
+    items = [x.strip() for x in seeds.split(",")] if isinstance(seeds, str) else list(seeds)
+    out: List[int] = []
+    for x in items:
+        try:
+            v = int(x)
+            if isinstance(x, float) or isinstance(x, bool) or not 0 <= v <= SEED_MAX:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(f"seeds: {x!r} is not a seed (an integer from 0 to {SEED_MAX})") from None
+        if v in out:
+            raise ConfigError(f"seeds: {v} is given twice")
+        out.append(v)
+    if not out:
+        raise ConfigError("seeds: give at least one seed, e.g. 0,1,2")
+    return out
+
+
+#: A run of a configuration trained with several seeds: ``<name>-seed<seed>``.
+SEED_SUFFIX = re.compile(r"^(?P<name>.+)-seed(?P<seed>\d+)$")
+
+
+def expand_spec(spec: Mapping, *, cache=None, overrides: Optional[Mapping] = None,
+                seeds=None) -> List[Tuple[str, TrainConfig, dict]]:
     """The runs of a spec as ``(name, TrainConfig, paper scores)``, in order; every config is checked.
 
     ``cache`` replaces the spec's cache; ``overrides`` (e.g. ``{"epochs": 5}``) apply to
-    every run, after the spec's own settings.
+    every run, after the spec's own settings. ``seeds`` (or the spec's ``seeds``; the
+    argument wins) trains every configuration once per seed, as ``<name>-seed<seed>``
+    (:func:`write_results` then adds each configuration's mean and standard deviation).
     """
     unknown = sorted(set(spec) - _SPEC_KEYS)
     if unknown:
         raise ConfigError(f"spec: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(_SPEC_KEYS))}")
+    if seeds is None and spec.get("seeds") is not None:
+        seeds = spec["seeds"]
+    if seeds is not None:
+        seeds = seed_names(seeds)
+        if "seed" in (overrides or {}):
+            raise ConfigError("--seeds and --set seed=... both name the seed: give one of them")
     common = dict(spec.get("common") or {})
     entries: List[dict] = []
     for i, run in enumerate(spec.get("runs") or []):
@@ -145,17 +179,20 @@ def expand_spec(spec: Mapping, *, cache=None, overrides: Optional[Mapping] = Non
             settings["cache"] = str(cache)
         if "cache" not in settings:
             raise ConfigError("no cache: give --cache or 'cache' in the spec's 'common' settings")
-        try:
-            config = TrainConfig.from_dict(settings)
-        except TypeError as err:
-            raise ConfigError(f"spec: run {name}: {err}") from None
-        except ConfigError as err:
-            raise ConfigError(f"spec: run {name}: {err}") from None
-        try:
-            check_config(config)
-        except ConfigError as err:
-            raise ConfigError(f"spec: run {name}: {err}") from None
-        out.append((name, config, dict(paper)))
+        for seed in seeds if seeds is not None else [None]:
+            each = settings if seed is None else dict(settings, seed=seed)
+            run_name = name if seed is None else f"{name}-seed{seed}"
+            try:
+                config = TrainConfig.from_dict(each)
+            except TypeError as err:
+                raise ConfigError(f"spec: run {run_name}: {err}") from None
+            except ConfigError as err:
+                raise ConfigError(f"spec: run {run_name}: {err}") from None
+            try:
+                check_config(config)
+            except ConfigError as err:
+                raise ConfigError(f"spec: run {run_name}: {err}") from None
+            out.append((run_name, config, dict(paper)))
     return out
 
 
@@ -166,7 +203,7 @@ def _row(name: str, config: TrainConfig, paper: Mapping, status: str, metrics: O
         "name": name, "status": status, "loss": config.loss, "labels": config.labels, "task": config.task,
         "sampler": config.sampler or "", "pooling": "stats" if config.pooled_stats else config.pooling,
         "layers": config.layers, "pooled_stats": config.pooled_stats,
-        "train_clips": (m.get("training") or {}).get("clips", ""),
+        "train_clips": (m.get("training") or {}).get("clips", ""), "seed": config.seed,
         "f1_macro": m.get("f1_macro", ""), "f1_micro": m.get("f1_micro", ""), "ccc_mean": m.get("ccc_mean", ""),
         "best_epoch": m.get("best_epoch", ""),
         "paper_f1_macro": paper.get("f1_macro", ""), "paper_f1_micro": paper.get("f1_micro", ""),
@@ -546,5 +583,75 @@ def write_results(out_dir, rows: Sequence[Mapping]) -> None:
         cells.append(status.replace("|", "/"))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     text = "\n".join(lines) + "\n"
+    summary = seed_summary(rows)
+    if summary:
+        text += "\n" + _seed_table(summary, has_attributes, has_paper)
     with atomic_path(grid.results_table_path, suffix=".md.tmp") as tmp:
         tmp.write_text(text, encoding="utf-8")
+    if summary:
+        with atomic_path(grid.seeds_path, suffix=".csv.tmp") as tmp:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=SEED_COLUMNS)
+                w.writeheader()
+                for r in summary:
+                    w.writerow({k: r.get(k, "") for k in SEED_COLUMNS})
+    elif grid.seeds_path.exists():
+        grid.seeds_path.unlink()
+
+
+#: seeds.csv: a configuration trained with several seeds, its scores' mean and sample standard deviation.
+SEED_COLUMNS = ("name", "seeds", "trained", "f1_macro_mean", "f1_macro_sd", "f1_micro_mean", "f1_micro_sd",
+                "ccc_mean_mean", "ccc_mean_sd", "paper_f1_macro", "paper_f1_micro")
+
+
+def seed_summary(rows: Sequence[Mapping]) -> List[dict]:
+    """The configurations of ``rows`` run with two or more seeds (``<name>-seed<seed>``, the
+    seed the run's own): for each, the seeds, how many of its runs have scores, and each score's
+    mean and sample standard deviation (ddof 1) over them, in the rows' order."""
+    groups: Dict[str, List[Mapping]] = {}
+    for r in rows:
+        m = SEED_SUFFIX.match(str(r.get("name", "")))
+        if m and str(r.get("seed", "")) == m.group("seed"):
+            groups.setdefault(m.group("name"), []).append(r)
+    out = []
+    for name, members in groups.items():
+        if len(members) < 2:
+            continue
+        entry = {"name": name, "seeds": " ".join(str(r["seed"]) for r in members),
+                 "paper_f1_macro": members[0].get("paper_f1_macro", ""),
+                 "paper_f1_micro": members[0].get("paper_f1_micro", "")}
+        trained = 0
+        for key in ("f1_macro", "f1_micro", "ccc_mean"):
+            values = [float(r[key]) for r in members if r.get(key) not in ("", None)]
+            trained = max(trained, len(values))
+            entry[f"{key}_mean"] = round(statistics.fmean(values), 6) if values else ""
+            entry[f"{key}_sd"] = round(statistics.stdev(values), 6) if len(values) > 1 else ""
+        entry["trained"] = trained
+        out.append(entry)
+    return out
+
+
+def _seed_table(summary: Sequence[Mapping], has_attributes: bool, has_paper: bool) -> str:
+    def pm(entry, key):
+        mean, sd = entry[f"{key}_mean"], entry[f"{key}_sd"]
+        if mean == "":
+            return ""
+        return f"{mean:.3f} ± {sd:.3f}" if sd != "" else f"{mean:.3f}"
+
+    head = ["configuration", "seeds", "dev F1-macro", "dev F1-micro"]
+    if has_attributes:
+        head.append("dev CCC mean")
+    if has_paper:
+        head += ["paper F1-macro", "paper F1-micro"]
+    lines = ["Mean ± sample standard deviation over seeds:", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in summary:
+        cells = [e["name"], f"{e['trained']} of {len(e['seeds'].split())} ({e['seeds'].replace(' ', ', ')})",
+                 pm(e, "f1_macro"), pm(e, "f1_micro")]
+        if has_attributes:
+            cells.append(pm(e, "ccc_mean"))
+        if has_paper:
+            cells += [f"{e['paper_f1_macro']:.3f}" if isinstance(e["paper_f1_macro"], float) else str(e["paper_f1_macro"]),
+                      f"{e['paper_f1_micro']:.3f}" if isinstance(e["paper_f1_micro"], float) else str(e["paper_f1_micro"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -102,3 +102,51 @@ def test_grid_on_the_demo_cache_writes_the_results_table_and_resumes(demo_cache,
     # another configuration in the same folder is refused
     r = CliRunner().invoke(train_grid_cmd, args + ["--set", "epochs=3"])
     assert r.exit_code == 1 and "another configuration" in r.output
+
+
+def test_seeds_train_each_configuration_per_seed_and_report_mean_and_sd(tmp_path):
+    """train-grid --seeds 0,1,2: one run per configuration and seed (<name>-seed<S>, that seed in
+    its config), results.csv's seed column, and seeds.csv / results.md with each configuration's
+    mean and sample standard deviation over its seeds, equal to the rows' own scores."""
+    import statistics
+
+    from conilium.testing import write_synthetic_cache
+
+    cache = write_synthetic_cache(tmp_path / "cache", clips=80, dim=8, seed=1, signal=0.6)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"runs": [{"name": "wbce-S", "loss": "wbce", "labels": "S"},
+                                         {"name": "kld-P", "loss": "kld", "labels": "P"}]}))
+    args = ["--spec", str(spec), "--cache", str(cache.path), "--out", str(tmp_path / "grid"), "--seeds", "0,1,2",
+            "--set", "epochs=2", "--set", "hidden=16", "--set", "device=cpu", "--set", "threads=1", "-q"]
+    r = CliRunner().invoke(train_grid_cmd, args)
+    assert r.exit_code == 0, r.output
+    with open(tmp_path / "grid" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["name"], row["seed"]) for row in rows] == [
+        (f"{n}-seed{s}", str(s)) for n in ("wbce-S", "kld-P") for s in (0, 1, 2)]
+    for row in rows:
+        assert json.loads((tmp_path / "grid" / row["name"] / "config.json").read_text())["seed"] == int(row["seed"])
+    macro = {n: [float(row["f1_macro"]) for row in rows if row["name"].startswith(n + "-")] for n in ("wbce-S", "kld-P")}
+    assert len(set(macro["wbce-S"])) > 1  # the seeds differ
+    with open(tmp_path / "grid" / "seeds.csv", newline="") as f:
+        summary = {row["name"]: row for row in csv.DictReader(f)}
+    assert set(summary) == {"wbce-S", "kld-P"}
+    for n, values in macro.items():
+        assert summary[n]["seeds"] == "0 1 2" and summary[n]["trained"] == "3"
+        assert float(summary[n]["f1_macro_mean"]) == pytest.approx(statistics.fmean(values), abs=1e-6)
+        assert float(summary[n]["f1_macro_sd"]) == pytest.approx(statistics.stdev(values), abs=1e-6)
+    md = (tmp_path / "grid" / "results.md").read_text()
+    mean, sd = statistics.fmean(macro["wbce-S"]), statistics.stdev(macro["wbce-S"])
+    assert "Mean ± sample standard deviation over seeds" in md and f"| wbce-S | 3 of 3 (0, 1, 2) | {mean:.3f} ± {sd:.3f}" in md
+    # resumed: nothing retrained, the same table
+    r = CliRunner().invoke(train_grid_cmd, args)
+    assert r.exit_code == 0 and "skipped (complete)" in (tmp_path / "grid" / "results.csv").read_text()
+    # --seeds and --set seed= both name the seed; bad seed lists are named
+    for extra, message in ((["--set", "seed=4"], "give one of them"), ([], "is not a seed"), ([], "given twice")):
+        bad = list(args)
+        if message == "is not a seed":
+            bad[bad.index("0,1,2")] = "0,x"
+        if message == "given twice":
+            bad[bad.index("0,1,2")] = "1,1"
+        r = CliRunner().invoke(train_grid_cmd, bad + extra)
+        assert r.exit_code != 0 and message in r.output

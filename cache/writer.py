@@ -31,7 +31,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from conilium.errors import CacheError
+from conilium.errors import CacheError, OutputError
 from conilium.locking import LOCK_FILE
 from conilium.util import check_writable, read_json, write_json
 
@@ -119,9 +119,12 @@ def _ordered_settings(settings: Mapping) -> dict:
 class CacheWriter:
     """Writes the cache directory ``out`` (see the module's docstring for the steps)."""
 
-    def __init__(self, out):
+    def __init__(self, out, *, read_only: bool = False):
         self.out = Path(out)
         self.dir = CacheDir(out)
+        #: a complete cache that cannot be written (read-only file system, no permission): checked,
+        #: never written; beginning to write any file is an OutputError naming the directory
+        self.read_only = read_only
         self.settings: Optional[dict] = None
         self.key: Optional[str] = None
         #: sidecar records of the shards written through this writer, by shard index
@@ -145,16 +148,26 @@ class CacheWriter:
 
     def begin(self, *, overwrite: bool = False) -> "CacheWriter":
         """Claim ``out``: create it, or accept a (partial) cache there (emptied when
-        ``overwrite``), and remove the temporary files of a killed run. Anything else in a
-        non-empty directory is a CacheError. The directory's lock file
+        ``overwrite``), and remove the temporary files of a killed run. A directory holding
+        nothing but the temporary files of an extraction killed at its start
+        (:meth:`~conilium.cachedir.CacheDir.own_temporaries`) is such a cache. Anything else in a
+        non-empty directory is a CacheError, and nothing in it is removed. The directory's lock file
         (:data:`conilium.locking.LOCK_FILE`, held by whoever writes the cache) is no content:
         it neither makes the directory non-empty nor is removed. A directory that cannot be
         written is an :class:`~conilium.errors.OutputError` naming it."""
         out = self.out
         if out.exists() and not out.is_dir():
             raise CacheError(f"--out {out}: exists and is not a directory")
+        if self.read_only:
+            if overwrite:
+                self._start(out)  # an OutputError: rebuilding writes
+            return self  # nothing to clear, nor can it be
         content = [c for c in out.iterdir() if not c.name.startswith(LOCK_FILE)] if out.is_dir() else []
-        if content and not self.dir.is_begun() and not self.dir.upstream_dir.is_dir():
+        # an extraction killed at its start leaves its temporary files alone (a write check's probe,
+        # a half-written extraction.json): the directory is that cache, begun; anything else the user's
+        started = set(self.dir.own_temporaries())
+        if ([c for c in content if c not in started] and not self.dir.is_begun()
+                and not self.dir.upstream_dir.is_dir()):
             raise CacheError(f"--out {out}: directory is not empty and is not a feature cache; "
                              f"choose a new or empty directory")
         check_writable(out, what="cache directory")  # read-only, no permission, full: an OutputError naming it
@@ -171,6 +184,8 @@ class CacheWriter:
                     if child.name.startswith(LOCK_FILE):
                         continue
                     if child.name.startswith(".") and child.name.endswith(".tmp") and child.is_file():
+                        child.unlink()
+                    elif folder == out and child in started:  # a write check's probe
                         child.unlink()
                     elif ".tmp" in child.name and child.is_dir() and folder.name == UPSTREAM_DIR:
                         shutil.rmtree(child, ignore_errors=True)
@@ -189,6 +204,10 @@ class CacheWriter:
             self._finishing = False
 
     def _start(self, path: Path) -> Path:
+        if self.read_only:
+            raise OutputError(path, f"the feature cache {self.out} is read-only and needs writing: "
+                                    f"{self.finish_problem() or 'shards to write again'}",
+                              "rebuild it where it can be written (--out), or make it writable")
         self._started.append(path)
         return path
 
@@ -230,7 +249,7 @@ class CacheWriter:
                 on_disk = read_json(settings_path)
             except ValueError:  # pragma: no cover - refused above
                 on_disk = None
-        if on_disk != found:  # missing, or of an older format
+        if on_disk != found and not self.read_only:  # missing, or of an older format
             write_json(self._start(settings_path), found)
         self.use_settings(found)
         return found, not self.needs_finish()

@@ -84,7 +84,9 @@ def summary_line(m: dict, out) -> str:
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
               help="Feature cache for every run (replaces the spec's 'cache').")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of the grid: one run directory per run, results.csv, results.md.")
+              help="Folder of the grid: one run directory per run, results.csv, results.md. In results.csv, "
+                   "pass_seconds is the wall time of the data pass that trained a run (shared by the runs of "
+                   "pass number 'pass'), seconds the run's equal share of it.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a training option for every run, e.g. --set epochs=10 --set device=cpu (repeatable).")
 @click.option("--n-jobs", type=POSITIVE_INT, default=1, show_default=True, help="Runs trained at the same time.")

@@ -11,7 +11,7 @@ from typing import List, Mapping, Optional
 
 from .errors import CacheError
 from .util import _default as _json_default
-from .util import read_json, write_json
+from .util import WRITE_CHECK_PREFIX, read_json, write_json
 
 #: When a reader checks a clip's frames (their CRC-32, no NaN or infinite value): on the
 #: reader's first read of the clip, at every read, or never
@@ -202,6 +202,21 @@ class CacheDir:
 
     def has_manifest(self) -> bool:
         return self.manifest_path.is_file()
+
+    def own_temporaries(self) -> List[Path]:
+        """The temporary files extract-features leaves at the top of the directory when it is
+        killed before renaming them: a write check's probe, a half-written extraction.json,
+        clips.json or manifest.json (``.NAME.XXXX.tmp``). A directory holding nothing else
+        (but a lock file) is a cache whose extraction was killed at its start."""
+        try:
+            children = list(self.path.iterdir())
+        except OSError:
+            return []
+        names = (self.SETTINGS, self.CLIPS, self.MANIFEST)
+        return sorted(c for c in children
+                      if (c.name.startswith(WRITE_CHECK_PREFIX)
+                          or (c.name.endswith(".tmp") and any(c.name.startswith(f".{n}.") for n in names)))
+                      and c.is_file() and not c.is_symlink())
 
     def is_begun(self) -> bool:
         """True when extract-features has written anything here (a manifest or a trace of one)."""

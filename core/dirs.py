@@ -369,6 +369,8 @@ def _own_kind(p: Path) -> Optional[str]:
         return "cache"
     if any((p / t).exists() for t in CacheDir.TRACES):
         return "cache-unfinished"
+    if any(t.name.startswith(f".{CacheDir.SETTINGS}.") for t in cache.own_temporaries()):
+        return "cache-unfinished"  # killed while writing its first file
     run = RunDir(p)
     if run.has_config():
         kind = "finetune-run" if run.kind == "finetune" else "run"

@@ -22,7 +22,9 @@ under an exclusive ``flock`` on the directory, the lock file is read again and r
 only if it is still the very file found stale (same token), so that two processes
 taking over at the same time cannot remove a fresh lock. A lock held on another host
 cannot be checked from here; the error says which file to remove when that process is
-known to be gone.
+known to be gone. The holder then removes the lock's temporary files a process killed while
+writing its lock left (``.conilium.lock.*.tmp`` older than :data:`DAMAGED_STALE_SECONDS`: a
+live writer renames its own within microseconds).
 
 The same lock guards train-head run directories, finetune-best model directories and
 extraction caches.
@@ -219,6 +221,7 @@ class DirectoryLock:
                 raise
             if created:
                 self.holder = me
+                self._remove_dead_temporaries()
                 return self
             other = read_holder(self.path)
             if other is None:  # released meanwhile, or a lock file that names no holder
@@ -307,6 +310,14 @@ class DirectoryLock:
             finally:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
+
+    def _remove_dead_temporaries(self) -> None:
+        """Remove the temporary lock files that processes killed while writing their lock left here."""
+        with contextlib.suppress(OSError):
+            for tmp in self.directory.glob(f"{LOCK_FILE}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    if tmp.is_file() and time.time() - tmp.stat().st_mtime > DAMAGED_STALE_SECONDS:
+                        tmp.unlink()
 
     def _take_over(self, stale: Optional[LockHolder]) -> None:
         """Remove the lock file of a dead holder (None: a lock file naming no holder, older than

@@ -130,6 +130,11 @@ def output_errors(path, *, where=None) -> Iterator[None]:
         raise err from e
 
 
+#: The prefix of the probe file :func:`check_writable` writes and removes (one left behind is a
+#: process killed in between).
+WRITE_CHECK_PREFIX = ".conilium-write-check."
+
+
 def check_writable(directory, *, what: str = "output directory", need_bytes: Optional[int] = None) -> Path:
     """Create ``directory`` (and its parents) and make sure a file can be written in it.
 
@@ -142,7 +147,7 @@ def check_writable(directory, *, what: str = "output directory", need_bytes: Opt
         if directory.exists() and not directory.is_dir():
             raise OutputError(directory, f"the {what} is a file, not a directory", "choose another output path")
         directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".conilium-write-check.", dir=directory)
+        fd, probe = tempfile.mkstemp(prefix=WRITE_CHECK_PREFIX, dir=directory)
         try:
             try:
                 os.write(fd, b"conilium")

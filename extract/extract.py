@@ -17,12 +17,15 @@ extraction into the same directory stops with a message naming the first (or wai
 it, ``wait_for_lock``) instead of removing its temporary shard. The directory is checked
 for being writable before the corpus is read and the model loaded; a failure to write
 (read-only, no permission, full disk) is one :class:`~conilium.errors.OutputError`
-naming the path.
+naming the path. A complete cache that cannot be written (a shared read-only copy) is
+checked against the request and reported complete with nothing written, not even the
+lock file: no one can write it, so there is no writer to keep out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 import time
@@ -35,7 +38,7 @@ import conilium
 from conilium.audio import global_stats, list_noise_files
 from conilium.cache.writer import CacheWriter, UPSTREAM_DIR, human_bytes, projected_bytes
 from conilium.corpus import Corpus, load_corpus
-from conilium.errors import CacheError, ConfigError, CorpusError
+from conilium.errors import CacheError, ConfigError, CorpusError, OutputError
 from conilium.locking import DirectoryLock, lock_directory
 from conilium.runtime import compute_dtype as pick_compute_dtype
 from conilium.runtime import Dist, init_distributed
@@ -90,9 +93,12 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
     dist, dev = init_distributed(device, backend="gloo", timeout_hours=6)  # rank 0 alone computes the statistics first
     clean = False
     lock: Optional[DirectoryLock] = None
+    read_only = _complete_and_read_only(out, overwrite)
 
     def claim_out():  # rank 0 only: the ranks of one job share the directory
         nonlocal lock
+        if read_only:  # nobody can write it: no lock to take, nothing to check
+            return
         on_wait = (lambda m: _say(True, m)) if verbose else None
         lock = lock_directory(out, what="feature cache", wait=wait_for_lock, on_wait=on_wait).acquire()
         check_writable(out, what="feature cache")
@@ -106,7 +112,7 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
         config = resolve_for_family(config, upstream_family(config.upstream, random_init=config.random_init,
                                                             revision=config.revision) == "whisper")
         dist.on_main(claim_out)
-        with CacheWriter(out) as cache:
+        with CacheWriter(out, read_only=read_only) as cache:
             _extract(config, corpus, cache, dist, dev, t_start, stats, batch_seconds=batch_seconds, workers=workers,
                      skip_bad=skip_bad, allow_symlinks=allow_symlinks, overwrite=overwrite,
                      check_space=check_space, verbose=verbose)
@@ -116,6 +122,16 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
         if lock is not None:
             lock.release()
         dist.close(clean)
+
+
+def _complete_and_read_only(out: Path, overwrite: bool) -> bool:
+    """True when ``out`` holds a complete cache (an intact manifest and clips.json) that this process
+    cannot write (a read-only file system, no permission): extraction then checks it against the
+    request and writes nothing, not even its lock file, so that a shared read-only cache stays
+    usable. A read-only cache cannot be written by anyone, so there is no writer to lock out."""
+    if overwrite or not out.is_dir() or os.access(out, os.W_OK):
+        return False
+    return CacheWriter(out).finish_problem() is None
 
 
 def _say(verbose: bool, msg: str) -> None:
@@ -158,9 +174,15 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
     todo_clips = sum(dist.gather(len(todo_jobs)))
     if was_complete and todo_clips == 0:
         runner.close()
-        _say(verbose_here, f"{out}: cache already complete with these settings; nothing to do")
+        _say(verbose_here, f"{out}: cache already complete with these settings; nothing to do"
+             + (" (it is read-only: nothing was written)" if cache.read_only else ""))
         stats.wall_seconds = time.perf_counter() - t_start
         return
+    if cache.read_only:
+        runner.close()
+        raise OutputError(out, f"the feature cache is read-only, and {todo_clips} clip(s) of it are missing or "
+                               f"damaged (run verify-cache to see which)",
+                          "rebuild it where it can be written (--out), or make it writable")
     pooled_layers = runner.num_hidden_states if config.pooled_stats else 0
     total_bytes = projected_bytes(sum(runner.frames_for(j.samples) for j in jobs), len(jobs), len(runner.layers),
                                   settings["dim"], config.dtype, pooled_layers)

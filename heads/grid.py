@@ -16,7 +16,10 @@ shown beside ours. ``cache`` may be given in ``common`` or on the command line (
 wins). Each run is trained into ``OUT/<name>``; a run whose directory is already
 complete with the same configuration is not trained again, so an interrupted grid
 resumes where it stopped (a run whose ``metrics.json`` or ``config.json`` is damaged is
-trained again). ``OUT/results.csv`` and ``OUT/results.md`` list every run.
+trained again). ``OUT/results.csv`` and ``OUT/results.md`` list every run; in results.csv,
+``pass`` is the data pass that trained the run (its number in grid.json's ``passes``, from
+1), ``pass_seconds`` that pass's wall time, shared by the runs trained in it, and
+``seconds`` the run's equal share of it (empty for a run complete before the grid ran).
 
 Ready specs for the paper live in the repository's ``heads/specs/`` folder (read from
 the source tree, not installed as package data): ``table2.json`` (losses × targets),
@@ -82,8 +85,8 @@ _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _SPEC_KEYS = {"description", "common", "runs", "product", "seeds"}
 
 RESULT_COLUMNS = ("name", "status", "loss", "labels", "task", "sampler", "pooling", "layers", "pooled_stats",
-                  "train_clips", "seed", "f1_macro", "f1_micro", "ccc_mean", "best_epoch", "paper_f1_macro", "paper_f1_micro",
-                  "seconds", "error")
+                  "train_clips", "seed", "f1_macro", "f1_micro", "ccc_mean", "best_epoch", "paper_f1_macro",
+                  "paper_f1_micro", "seconds", "pass", "pass_seconds", "error")
 
 
 def load_spec(path=None, *, preset: Optional[str] = None) -> dict:
@@ -197,7 +200,9 @@ def expand_spec(spec: Mapping, *, cache=None, overrides: Optional[Mapping] = Non
 
 
 def _row(name: str, config: TrainConfig, paper: Mapping, status: str, metrics: Optional[Mapping] = None,
-         seconds: Optional[float] = None, error: str = "") -> dict:
+         seconds: Optional[float] = None, error: str = "", heads: int = 1) -> dict:
+    """A row of results.csv; ``seconds``: the wall time of the data pass that trained the run with
+    ``heads`` runs in all (``pass_seconds``), of which the run's ``seconds`` is its equal share."""
     m = metrics or {}
     return {
         "name": name, "status": status, "loss": config.loss, "labels": config.labels, "task": config.task,
@@ -207,7 +212,8 @@ def _row(name: str, config: TrainConfig, paper: Mapping, status: str, metrics: O
         "f1_macro": m.get("f1_macro", ""), "f1_micro": m.get("f1_micro", ""), "ccc_mean": m.get("ccc_mean", ""),
         "best_epoch": m.get("best_epoch", ""),
         "paper_f1_macro": paper.get("f1_macro", ""), "paper_f1_micro": paper.get("f1_micro", ""),
-        "seconds": "" if seconds is None else round(seconds, 1), "error": error,
+        "seconds": "" if seconds is None else round(seconds / heads, 1), "pass": "",
+        "pass_seconds": "" if seconds is None else round(seconds, 1), "error": error,
     }
 
 
@@ -239,7 +245,8 @@ def _die_with(parent: int) -> None:
 def _train_pass(group: Sequence[Tuple[str, TrainConfig, Mapping, str]], threads: Optional[int],
                 parent: Optional[int] = None, progress_file: Optional[str] = None) -> List[dict]:
     """One grid job (runs in a worker process): the runs of one data pass, trained together, or
-    their failures reported; never raises. ``seconds`` is the pass's, shared by its runs.
+    their failures reported; never raises. ``pass_seconds`` is the pass's wall time, shared by
+    its runs; each run's ``seconds`` is its equal share of it.
     ``parent``: the grid's process id, whose end ends a local worker too. ``progress_file``:
     where the pass's epochs done are written as they end (``EPOCH LAST``; see :class:`_PassProgress`)."""
     import torch
@@ -263,12 +270,13 @@ def _train_pass(group: Sequence[Tuple[str, TrainConfig, Mapping, str]], threads:
     rows = []
     for (name, config, paper, _), r in zip(group, results):
         if isinstance(r, dict):
-            rows.append(_row(name, config, paper, "trained", r, seconds))
+            rows.append(_row(name, config, paper, "trained", r, seconds, heads=len(group)))
         elif isinstance(r, ConiliumError):
-            rows.append(_row(name, config, paper, "failed", seconds=seconds, error=str(r)))
+            rows.append(_row(name, config, paper, "failed", seconds=seconds, error=str(r), heads=len(group)))
         else:
             trace = "".join(traceback.format_exception(type(r), r, r.__traceback__))
-            rows.append(_row(name, config, paper, "failed", seconds=seconds, error=f"{type(r).__name__}: {r}\n{trace}"))
+            rows.append(_row(name, config, paper, "failed", seconds=seconds, error=f"{type(r).__name__}: {r}\n{trace}",
+                             heads=len(group)))
     return rows
 
 
@@ -527,6 +535,7 @@ def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: 
         jobs = min(n_jobs, len(passes))
         if threads_per_job is None:
             threads_per_job = max(1, (os.cpu_count() or 1) // jobs)
+        pass_of = {name: i for i, group in enumerate(passes, 1) for name, _, _, _ in group}
         bar = _PassProgress(passes, enabled=progress, local=not address)
         try:
             if backend == "dask":
@@ -537,6 +546,7 @@ def run_grid(runs: Sequence[Tuple[str, TrainConfig, dict]], out_dir, *, n_jobs: 
                 results = _run_local(backend, jobs, passes, threads_per_job, bar.files)
             for group_rows in results:
                 for row in group_rows:
+                    row["pass"] = pass_of[row["name"]]  # its place in grid.json's passes, from 1
                     rows[row["name"]] = row
                     if progress:
                         tqdm.write(f"{row['name']}: {row['status']}"

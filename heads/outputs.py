@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -119,16 +120,24 @@ def remove_partial_outputs(out_dir: Path) -> None:
         RunDir(out_dir).config_path.unlink(missing_ok=True)
 
 
+def recorded_config(config: TrainConfig) -> dict:
+    """What a run records of ``config`` (config.json, the checkpoint's ``train_config``): its cache
+    as an absolute path, so that the run is read (predict --run, conilium-eval, --config, a rerun)
+    from any working directory."""
+    return dict(config.to_json(), cache=os.path.abspath(config.cache))
+
+
 def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, device: torch.device) -> dict:
     """config.json, model.pt, predictions/ and, last, metrics.json."""
     config, out_dir, data = head.config, head.out_dir, head.data
     cache, sel = data.cache, data.selection
     history = head.history
     run = RunDir(out_dir)
-    run.write_config(config.to_json())
+    recorded = recorded_config(config)
+    run.write_config(recorded)
     HeadCheckpoint(head_config=asdict(head.head_cfg), state_dict=head.best_state, loss=config.loss,
                    labels=config.labels, classes=list(CLASSES), input=sel.to_json(),
-                   cache_manifest=cache.manifest.summary(), train_config=config.to_json(),
+                   cache_manifest=cache.manifest.summary(), train_config=recorded,
                    best_epoch=head.best_epoch, task=config.task,
                    conilium_version=conilium.__version__).save(run.checkpoint_path)
     extra = {

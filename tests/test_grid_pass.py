@@ -188,3 +188,27 @@ def test_a_grid_pass_reports_its_epochs_as_they_end(cache, tmp_path, capsys):
         bar.close()
     assert not Path(bar.folder).exists()
     assert "grid" in capsys.readouterr().err
+
+
+def test_results_csv_shares_a_pass_time_among_its_heads(cache, tmp_path):
+    import csv
+
+    runs = [("wce-hard", _config(cache, loss="wce", labels="hard"), {}),
+            ("wbce-P", _config(cache, loss="wbce", labels="P"), {}),
+            ("kld-S", _config(cache, loss="kld", labels="S"), {}),
+            ("wce-balanced", _config(cache, loss="wce", labels="hard", sampler="balanced"), {})]
+    run_grid(runs, tmp_path / "grid", backend="threading", progress=False)
+    passes = json.loads((tmp_path / "grid" / "grid.json").read_text())["passes"]
+    assert passes == [["wce-hard", "wbce-P", "kld-S"], ["wce-balanced"]]
+    with open(tmp_path / "grid" / "results.csv", newline="") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    for number, names in enumerate(passes, 1):
+        shared = {rows[n]["pass_seconds"] for n in names}
+        assert len(shared) == 1 and float(shared.pop()) > 0
+        for n in names:
+            assert int(rows[n]["pass"]) == number
+            # each run's seconds: its share, so that the column adds up to the grid's training time
+            assert float(rows[n]["seconds"]) == pytest.approx(float(rows[n]["pass_seconds"]) / len(names), abs=0.06)
+    total = sum(float(r["seconds"]) for r in rows.values())
+    passes_total = sum(float(rows[names[0]]["pass_seconds"]) for names in passes)
+    assert total == pytest.approx(passes_total, abs=0.05 * len(rows))  # each share rounded to 0.1 s

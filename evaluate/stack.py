@@ -23,7 +23,8 @@ Honest score: the scoreable fit-split clips are cut into ``folds`` stratified fo
 (:func:`.thresholds.stratified_folds`, seeded by ``seed``); each fold is predicted by a
 meta-classifier fitted on the other folds only, and those out-of-fold predictions are what
 the fit split's ``predictions/<Split>.csv`` holds and what its scores in ``metrics.json``
-are. The in-sample score of the meta-classifier fitted on all scoreable clips is shown
+are (``metrics.json`` ``cross_fitting``: ``held_out`` lists each fold's rows of that file,
+from 0). The in-sample score of the meta-classifier fitted on all scoreable clips is shown
 beside it. That full model predicts every other split (and the fit split's unscoreable
 clips, which no fit saw).
 
@@ -258,7 +259,8 @@ def stack_runs(run_dirs: Sequence, out_dir, *, fit_split: str = "Development", f
     cross_fitting = {"folds": int(folds), "seed": int(seed), "split": fit_split, "n": int(len(fit["scoreable"])),
                      "f1_macro_out_of_fold": oof["f1_macro"], "f1_micro_out_of_fold": oof["f1_micro"],
                      "f1_macro_in_sample": in_sample["f1_macro"], "f1_micro_in_sample": in_sample["f1_micro"],
-                     "f1_macro_folds": fold_scores}
+                     "f1_macro_folds": fold_scores,
+                     "held_out": [[int(j) for j in held] for held in fit["folds"]]}
     options = {"meta": model.kind, "fit_split": fit_split, "folds": int(folds), "seed": int(seed),
                "weights_only": bool(weights_only), "balanced": bool(balanced), "soup": int(soup)}
     metrics: Dict = {"kind": "stack", **options, "splits": {}, "in_sample": {fit_split: in_sample},

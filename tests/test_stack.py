@@ -198,6 +198,7 @@ def test_stacked_trained_runs_are_read_by_the_other_commands(trained, tmp_path):
     assert f"in-sample {m['cross_fitting']['f1_macro_in_sample']:.4f}" in res.output
     assert sorted(p.name for p in (out / "predictions").iterdir()) == ["Development.csv", "Test3.csv", "Train.csv"]
     assert set(m["splits"]) == {"Development", "Train"}  # Test3 is unlabelled: predicted, not scored
+    assert "stack RUN1 RUN2 ... --out OUT" in runner.invoke(main, ["--help"]).output
     res = runner.invoke(main, ["metrics", str(out), "--split", "Development", "--draws", "0", "--no-files"])
     assert res.exit_code == 0 and f"macro-F1 {m['f1_macro']:.4f}" in res.output, res.output
     res = runner.invoke(main, ["tune-thresholds", str(out), str(tmp_path / "tuned"), "-k", "0"])

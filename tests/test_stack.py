@@ -213,6 +213,13 @@ def test_stacked_trained_runs_are_read_by_the_other_commands(trained, tmp_path):
     # predict --run says what it is: no single head to apply.
     with pytest.raises(ConfigError, match="a stacking of runs, with no single head"):
         find_head_run(out)
+    # The report places it in a table like any run, scored on its (out-of-fold) Development predictions.
+    write_json(tmp_path / "spec.json", {"title": "Stacked", "tables": {"ensemble": {"Stack": str(out)}}})
+    res = runner.invoke(main, ["report", str(tmp_path / "spec.json"), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    row = next(line for line in (tmp_path / "rep" / "report.md").read_text().splitlines()
+               if line.startswith("| Stack "))
+    assert f"{m['f1_macro']:.3f}" in row
     # The members' configs lead easy-difficult to their cache.
     res = runner.invoke(main, ["easy-difficult", str(out), str(runs[0]), "--out", str(tmp_path / "ed")])
     assert res.exit_code == 0, res.output

@@ -249,6 +249,8 @@ def test_errors_are_named_and_leave_nothing_behind(made, tmp_path):
     write_run_outputs(avd, {"Development": (p.names, np.zeros((len(p), 0)), p.reference, attrs, attrs)})
     with pytest.raises(RunError, match=r"avd: an attributes-only run"):
         stack_runs([made[0], avd], tmp_path / "e5")
+    with pytest.raises(RunError, match=r"run0/predictions/Test3.csv: no labelled clip to fit"):
+        stack_runs(made[:2], tmp_path / "e9", fit_split="Test3")
     with pytest.raises(ConfigError, match=r"give --folds \d+ or fewer"):
         stack_runs(made[:2], tmp_path / "e6", folds=200)
     res = CliRunner().invoke(main, ["stack", str(made[0]), str(fewer), "--out", str(tmp_path / "e7")])

@@ -53,7 +53,7 @@ def main(quiet):
       extract   features | verify              corpus -> feature cache (one upstream pass)
       heads     train | grid                   feature cache -> head runs
       finetune  train | predict                corpus -> model directory -> predictions on audio
-      eval      metrics | compare | tune-thresholds | ensemble | easy-difficult | report | submission
+      eval      metrics | compare | tune-thresholds | ensemble | stack | easy-difficult | report | submission
                                                run directories -> scores, comparisons, tables, submissions
 
     \b

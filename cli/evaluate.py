@@ -1,4 +1,4 @@
-"""``conilium eval`` (alias ``conilium-eval``): scores, threshold adjustment, ensembles,
+"""``conilium eval`` (alias ``conilium-eval``): scores, threshold adjustment, ensembles, stacking,
 Easy/Difficult analysis, reports, submissions — all read run directories (``config.json`` +
 ``predictions/<Split>.csv``), thin layers over :mod:`conilium.evaluate`."""
 
@@ -109,6 +109,7 @@ def eval_group(quiet):
     compare A B                          paired bootstrap of B - A: interval, p-value
     tune-thresholds RUN OUT              offsets for macro-F1 (paper 3.7)
     ensemble RUN1 RUN2 ... --out OUT     mean probability or vote (3.6)
+    stack RUN1 RUN2 ... --out OUT        learned meta-classifier, out-of-fold score
     easy-difficult RUN1 RUN2 ... --out DIR      Easy/Difficult (section 4)
     report SPEC.json --out DIR           our tables beside the paper's
     submission RUN --split Test3 --out submission.csv
@@ -310,6 +311,71 @@ def ensemble_cmd(runs, out, method, weights, splits, overwrite, quiet):
     if m["skipped_splits"]:
         echo(f"left out (not in every run): {', '.join(m['skipped_splits'])}")
     echo(f"ensemble written to {out}")
+
+
+def _soup(ctx, param, n: int) -> int:
+    if n == 1:
+        raise click.BadParameter("1 fit is no soup: give 0 for a single fit, or at least 2", ctx, param)
+    return n
+
+
+@eval_group.command("stack", context_settings=CONTEXT)
+@click.argument("runs", nargs=-1, required=True, type=_RUN)
+@click.option("--out", required=True, type=_RUN, help="Run directory to write.")
+@click.option("--fit-split", default="Development", show_default=True,
+              help="Split the meta-classifier is fitted on (its labelled clips).")
+@click.option("--folds", type=Count(2), default=5, show_default=True,
+              help="Stratified folds of the out-of-fold estimate on --fit-split.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the folds and the soup's resamples.")
+@click.option("--weights-only", is_flag=True,
+              help="Learn one non-negative weight per run (non-negative least squares of the one-hot reference "
+                   "on the runs' probabilities) instead of a logistic regression over all their columns.")
+@click.option("--balanced", is_flag=True, help="Weigh the fit's clips by inverse class frequency (for macro-F1).")
+@click.option("--soup", type=Count(0), default=0, show_default=True, callback=_soup,
+              help="Average the coefficients of N fits on stratified bootstrap resamples (0: one fit).")
+@click.option("--split", "splits", multiple=True,
+              help="Split to predict (repeatable). Default: every split all runs have.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@quiet_option(_QUIET)
+@version_option
+def stack_cmd(runs, out, fit_split, folds, seed, weights_only, balanced, soup, splits, overwrite, quiet):
+    """Stack two or more runs over the same clips: a meta-classifier (scikit-learn logistic
+    regression) on their concatenated class probabilities, fitted on --fit-split's labelled
+    clips and applied to every split, written as a new run directory.
+
+    The --fit-split predictions written (and scored) are out-of-fold: each clip is predicted
+    by a model fitted on the other folds only. The in-sample score of the model fitted on all
+    of --fit-split, the one applied to the other splits, is printed beside it.
+
+    \b
+    Example:
+      conilium-eval stack runs/a runs/b runs/c --out runs/stack --balanced --soup 10
+    """
+    from conilium.evaluate.stack import stack_runs  # scikit-learn: only when run
+
+    _check_runs(runs)
+    try:
+        m = stack_runs(runs, out, fit_split=fit_split, folds=folds, seed=seed, weights_only=weights_only,
+                       balanced=balanced, soup=soup, splits=splits or None, overwrite=overwrite)
+    except ConiliumError as e:
+        fail(e)
+    echo = _echo(quiet)
+    cv = m["cross_fitting"]
+    for split, s in m["splits"].items():
+        members = "  ".join(f"{Path(r).name} {v[split]['f1_macro']:.4f}" for r, v in m["members"].items())
+        honest = (f" out-of-fold ({cv['folds']} folds; in-sample {cv['f1_macro_in_sample']:.4f})"
+                  if split == fit_split else "")
+        echo(f"{split}: stacked macro-F1 {s['f1_macro']:.4f}{honest} micro-F1 {s['f1_micro']:.4f}  "
+             f"(members: {members})")
+    model = m["model"]
+    if model["type"] == "weights":
+        echo("run weights: " + "  ".join(f"{Path(r).name} {w:.3f}" for r, w in model["weights"].items()))
+    else:
+        echo(f"logistic regression over {len(model['features'])} columns, {len(model['classes'])} classes"
+             + (f", coefficients averaged over {soup} fits" if soup else ""))
+    if m["skipped_splits"]:
+        echo(f"left out (not in every run): {', '.join(m['skipped_splits'])}")
+    echo(f"stacked run written to {out}")
 
 
 @eval_group.command("easy-difficult", context_settings=CONTEXT)

@@ -134,6 +134,7 @@ def find_head_run(run_dir) -> Tuple[Path, Optional[Path]]:
             here = nxt
             continue
         what = {"ensemble": "an ensemble of runs, with no single head to apply (predict with its member runs)",
+                "stack": "a stacking of runs, with no single head to apply (predict with its member runs)",
                 "finetune": "a finetune-best run (predict with --model on its model directory)"}.get(
                     kind, f"not a finished train-head run (no {RunDir.CHECKPOINT})")
         raise ConfigError(f"{where}: {here} is {what}" if here != run_dir else f"{where}: {what}")

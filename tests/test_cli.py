@@ -58,7 +58,7 @@ def test_groups_follow_the_data_flow():
     names = {" ".join(words) for words, _ in every_command()}
     for words in ("corpus make-demo", "corpus describe", "extract features", "extract verify", "heads train",
                   "heads grid", "finetune train", "finetune predict", "eval tune-thresholds", "eval ensemble",
-                  "eval easy-difficult", "eval report", "eval submission", "eval metrics"):
+                  "eval easy-difficult", "eval report", "eval submission", "eval metrics", "eval stack"):
         assert words in names
     help_text = CliRunner().invoke(main, ["--help"]).output
     for alias in ALIASES:

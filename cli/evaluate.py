@@ -265,7 +265,7 @@ def easy_difficult_cmd(runs, out, split, cache, corpus, other, quiet):
 @eval_group.command("report", context_settings=CONTEXT)
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Report folder: report.md, report.json and figures/.")
+              help="Report folder: REPORT.md, report.json and figures/.")
 @click.option("--title", default=None, help="Title (default: the spec's 'title').")
 @quiet_option(_QUIET)
 @version_option

@@ -8,8 +8,8 @@ findings), its figures drawn by :mod:`.report_figures` and its Markdown written 
 confusion matrix (CSV and PNG). :func:`build_report` collects run directories into the
 paper's tables (Tables 1 to 4, the sampler results of section 3.4, the ensemble of
 section 3.6 and Table 2 on the fine-tuned upstream's features), with the seed paper's
-published numbers beside ours, and writes a Markdown report (``report.md``) with its
-figures copied next to it, plus ``report.json``.
+published numbers beside ours, and writes a Markdown report (``REPORT.md``) with its
+figures next to it, plus ``report.json``.
 
 What the report never lets the paper say for us:
 
@@ -58,6 +58,7 @@ X and O clips it trained on.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -75,8 +76,19 @@ from .report_markdown import markdown
 REPORT_FILE = ReportDir.MARKDOWN
 
 
+def _remove_legacy_markdown(report: ReportDir) -> None:
+    """An earlier version's ``report.md`` in the folder is out of date once ``REPORT.md`` is
+    written: removed (unless it is the same file, on a case-insensitive file system)."""
+    old, new = report.legacy_markdown_path, report.markdown_path
+    try:
+        if old.is_file() and not os.path.samefile(old, new):
+            old.unlink()
+    except OSError:
+        pass
+
+
 def build_report(spec, out_dir, *, title: Optional[str] = None) -> Path:
-    """Write ``out_dir/report.md`` (+ ``report.json`` and ``figures/``) from a report spec.
+    """Write ``out_dir/REPORT.md`` (+ ``report.json`` and ``figures/``) from a report spec.
 
     A row whose run directory or split is missing is an error naming the table and row
     (the report is only written when every row given can be scored).
@@ -100,6 +112,7 @@ def build_report(spec, out_dir, *, title: Optional[str] = None) -> Path:
     md = markdown(title, scored, out_dir, corpus_figs, easy, random_init, spec, findings, more)
     with atomic_path(report.markdown_path, suffix=".md.tmp") as tmp:
         tmp.write_text(md, encoding="utf-8")
+    _remove_legacy_markdown(report)
     write_json(report.data_path, {
         "title": title, "paper_setting": paper.PAPER_SETTING, "tables": scored, "random_init_runs": random_init,
         "findings": findings, "external": [vars(p) for p in paper.EXTERNAL], **more,

@@ -272,8 +272,8 @@ def easy_difficult_cmd(runs, out, split, cache, corpus, other, quiet):
 def report_cmd(spec, out, title, quiet):
     """Our tables beside the paper's (Tables 1-4, sections 3.4 and 3.6) from a JSON SPEC mapping
     each table's rows to run directories, and an "attributes" table of train-head --task
-    attributes/joint runs (Development CCC of arousal, valence, dominance); see `python -c "import conilium.evaluate.report as r;
-    print(r.__doc__)"` for the format. Example:
+    attributes/joint runs (Development CCC of arousal, valence, dominance), written to
+    OUT/REPORT.md with its figures. Every key of the SPEC: docs/REPORT_SPEC.md. Example:
 
     \b
     {"title": "...", "corpus_figures": "describe-out",

@@ -25,35 +25,16 @@ What the report never lets the paper say for us:
 * each of the seed's conclusions (:data:`paper.FINDINGS`) is given as the seed's, with
   whether our numbers agree, computed from them.
 
-A report spec is JSON::
-
-    {
-      "title": "CONILIUM on MSP-Podcast 1.11",
-      "corpus_figures": "figures/corpus",          # describe-corpus output (optional)
-      "tables": {
-        "table1":   {"WavLM-large": "runs/t1/wavlm", "Hubert-large": "runs/t1/hubert"},
-        "table2":   {"WBCE(S)": "runs/t2/wbce-S"},
-        "sampler":  {"BCE(P) + sampler": "runs/t34/bce-P-sampler"},
-        "table3":   {"KLD(S*)": "runs/t3/kld-Sstar"},
-        "ensemble": {"Ensemble": "runs/ens", "Ensemble (weighted)": "runs/ens-weighted"},
-        "table4":   {"dev": "runs/best-tuned", "test": {"run": "runs/best-tuned", "split": "Test1"}},
-        "table2_finetuned": {"WBCE(S)": "runs/t2-finetuned/wbce-S"},
-        "attributes": {"Attributes": "runs/avd", "WBCE(S) + attributes": "runs/wbce-S-avd"}
-      },
-      "easy_difficult": "analysis/easy-difficult"  # easy-difficult output (optional)
-    }
-
-A row is a run directory or ``{"run": DIR, "split": SPLIT}``; relative paths are taken
-from the spec file's folder. Rows are scored on the Development split unless told
-otherwise; Table 4's test rows on the first labelled split of the run other than Train
-and Development. Row labels are matched to the paper's rows (see
-:mod:`conilium.evaluate.paper`); the paper's rows missing from the spec show "—".
-
-``attributes`` (not a table of the paper, which predicts categories only) lists runs
-trained with ``train-head --task attributes`` or ``joint``: their Development CCC of
-arousal, valence and dominance, read from their metrics.json; the report says so when
-there is none. A row of any table trained with ``--train-on-xo`` is followed by how many
-X and O clips it trained on.
+The report spec (JSON: ``title``, ``notes``, ``corpus_figures``, ``tables``,
+``easy_difficult``) is documented, key by key with a minimal example, in
+``docs/REPORT_SPEC.md``. A row is a run directory or ``{"run": DIR, "split": SPLIT}``;
+relative paths are taken from the spec file's folder; rows are scored on the Development
+split unless told otherwise, Table 4's test rows on the first labelled split of the run
+other than Train and Development; row labels are matched to the paper's rows (see
+:mod:`conilium.evaluate.paper`) and the paper's rows missing from the spec show "—".
+``attributes`` (not a table of the paper) lists runs trained with ``train-head --task
+attributes`` or ``joint``: their CCC of arousal, valence and dominance. A row of any table
+trained with ``--train-on-xo`` is followed by how many X and O clips it trained on.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ from .report_data import (ATTRIBUTES_TABLE, DEV_SPLIT, END_TO_END, FINETUNED_FEA
                           all_findings, as_trained, attribute_table, check_finding, check_tables, corpus_figures_dir,
                           corpus_rows, easy_difficult_result, extras, load_spec, our_value, run_config, run_setting,
                           score_tables, split_metrics, threshold_scores, training_set_sizes, xo_rows)
-from .report_figures import copy_corpus_figures, plot_rows
+from .report_figures import copy_corpus_figures, plot_extras, plot_rows
 from .report_markdown import markdown
 
 REPORT_FILE = ReportDir.MARKDOWN
@@ -89,13 +89,14 @@ def build_report(spec, out_dir, *, title: Optional[str] = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus_figs = copy_corpus_figures(corpus_dir, report.figures)
     plot_rows(scored, out_dir, report.figures)
+    charts = plot_extras(scored, attribute_rows, out_dir, report.figures)
     title = title or spec.get("title") or "CONILIUM: our results beside the paper's"
-    md = markdown(title, scored, out_dir, corpus_figs, easy, random_init, spec, findings, more)
+    md = markdown(title, scored, out_dir, corpus_figs, easy, random_init, spec, findings, more, charts)
     with atomic_path(report.markdown_path, suffix=".md.tmp") as tmp:
         tmp.write_text(md, encoding="utf-8")
     _remove_legacy_markdown(report)
     write_json(report.data_path, {
         "title": title, "paper_setting": paper.PAPER_SETTING, "tables": scored, "random_init_runs": random_init,
-        "findings": findings, "external": [vars(p) for p in paper.EXTERNAL], **more,
+        "findings": findings, "external": [vars(p) for p in paper.EXTERNAL], **more, "charts": charts,
         "easy_difficult": easy and {k: v for k, v in easy.items() if k not in ("clip_groups", "correct_runs")}})
     return report.markdown_path

@@ -423,15 +423,15 @@ def easy_difficult_cmd(runs, out, split, cache, corpus, other, quiet):
 @eval_group.command("report", context_settings=CONTEXT)
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Report folder: report.md, report.json and figures/.")
+              help="Report folder: REPORT.md, report.json and figures/.")
 @click.option("--title", default=None, help="Title (default: the spec's 'title').")
 @quiet_option(_QUIET)
 @version_option
 def report_cmd(spec, out, title, quiet):
     """Our tables beside the paper's (Tables 1-4, sections 3.4 and 3.6) from a JSON SPEC mapping
     each table's rows to run directories, and an "attributes" table of train-head --task
-    attributes/joint runs (Development CCC of arousal, valence, dominance); see `python -c "import conilium.evaluate.report as r;
-    print(r.__doc__)"` for the format. Example:
+    attributes/joint runs (Development CCC of arousal, valence, dominance), written to
+    OUT/REPORT.md with its figures. Every key of the SPEC: docs/REPORT_SPEC.md. Example:
 
     \b
     {"title": "...", "corpus_figures": "describe-out",

@@ -11,7 +11,8 @@
                    ``conilium_model.json`` (written last), ``head.pt``, ``upstream/``,
                    ``adapter/``, and ``checkpoints/last.pt`` while it trains
 :class:`GridDir`   a train-grid output folder: ``grid.json``, ``results.csv``, one run per folder
-:class:`ReportDir` a report folder: ``report.md``, ``report.json``, ``figures/``
+:class:`ReportDir` a report folder: ``REPORT.md``, ``report.json``, ``figures/`` (a
+                   ``report.md`` of earlier versions still marks one)
 :class:`StudyDir`  the study's results folder (``run_all.sh``): ``study.json``,
                    ``report_spec.json``, ``REPORT.md``, ``runs/``, ``models/``, ``corpus/``
 =================  ==========================================================================
@@ -264,9 +265,13 @@ class GridDir:
 
 
 class ReportDir:
-    """A report folder (``conilium-eval report``)."""
+    """A report folder (``conilium-eval report``, and the study's results folder).
 
-    MARKDOWN = "report.md"
+    The Markdown is ``REPORT.md`` wherever a report is written; the ``report.md`` that
+    earlier versions of ``conilium-eval report`` wrote still marks a report folder."""
+
+    MARKDOWN = "REPORT.md"
+    LEGACY_MARKDOWN = "report.md"
     DATA = "report.json"
     FIGURES = "figures"
 
@@ -278,6 +283,10 @@ class ReportDir:
         return self.path / self.MARKDOWN
 
     @property
+    def legacy_markdown_path(self) -> Path:
+        return self.path / self.LEGACY_MARKDOWN
+
+    @property
     def data_path(self) -> Path:
         return self.path / self.DATA
 
@@ -286,16 +295,16 @@ class ReportDir:
         return self.path / self.FIGURES
 
     def is_report(self) -> bool:
-        return self.markdown_path.is_file() or self.data_path.is_file()
+        return any(p.is_file() for p in (self.markdown_path, self.legacy_markdown_path, self.data_path))
 
 
 class StudyDir(ReportDir):
     """The study's results folder (``run_all.sh``): its settings, runs, models, corpus
-    figures, report spec and, renamed from the report's ``report.md``, ``REPORT.md``."""
+    figures, report spec and the report itself (``REPORT.md``, as any report folder)."""
 
     SETTINGS = "study.json"
     SPEC = "report_spec.json"
-    REPORT = "REPORT.md"
+    REPORT = ReportDir.MARKDOWN
 
     @property
     def settings_path(self) -> Path:

@@ -257,6 +257,15 @@ TRAINING_SET_SIZES = {"P": 54651, "S": 53523, "P*": 30647, "S*": 25514}
 #: Section 4: the three upstreams' predictions "differ more than 30% of the time".
 UPSTREAM_DISAGREEMENT = 0.30
 
+#: The seed's per-class F1 of a row (row reference → class letter → F1), for the report's
+#: per-class chart. Empty: the seed publishes no per-class figure in its text; its Figure 4
+#: shows development-set confusion matrices (baseline, WBCE(P), WBCE(S), WBCE(S) with
+#: thresholds adjusted) as an image only, and section 3.7 says in words that the
+#: adjustment helps the less frequent classes.
+PER_CLASS_F1: Dict[str, Dict[str, float]] = {}
+PER_CLASS_SOURCE = ("the paper publishes no per-class F1: its Figure 4 gives the development-set confusion "
+                    "matrices as an image, without numbers in its text")
+
 #: Section 4 (Easy/Difficult analysis of three models on the development set).
 EASY_DIFFICULT = {
     "n": 15341,

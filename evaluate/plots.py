@@ -81,6 +81,11 @@ def confusion_figure(percent, labels: Sequence[str], *, title: Optional[str] = N
         ax.set_title(title, fontsize=9)
     if warning:
         fig.suptitle(warning, fontsize=8, color="#b00020", fontweight="bold")
+    legend = [f"{c} {CLASS_NAMES[c]}" for c in labels if c in CLASS_NAMES]
+    if legend:  # what the letters stand for, under the matrix, four to a line
+        lines = [" · ".join(legend[i:i + 4]) for i in range(0, len(legend), 4)]
+        ax.annotate("\n".join(lines), xy=(0.5, 0), xycoords="axes fraction", xytext=(0, -38),
+                    textcoords="offset points", ha="center", va="top", fontsize=7, color="#333333")
     fig.tight_layout()
     return fig
 
@@ -92,7 +97,8 @@ def plot_confusion(path, percent, labels: Sequence[str], *, title: Optional[str]
     Each cell shows its percentage (and, with ``counts``, the number of clips below it).
     Each reference row is labelled with its number of clips (``support``, else the row
     sums of ``counts``): on a row of 5 clips one clip moves a cell by 20 points, which the
-    reader has to see. ``warning`` (e.g. that the upstream has random weights) is printed
+    reader has to see. Under the matrix, a legend says what each class letter stands for
+    (A Angry, S Sad, …). ``warning`` (e.g. that the upstream has random weights) is printed
     in red above the matrix. The saved image is cropped to its contents, so no title is clipped.
     """
     import matplotlib.pyplot as plt

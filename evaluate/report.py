@@ -8,8 +8,8 @@ findings), its figures drawn by :mod:`.report_figures` and its Markdown written 
 confusion matrix (CSV and PNG). :func:`build_report` collects run directories into the
 paper's tables (Tables 1 to 4, the sampler results of section 3.4, the ensemble of
 section 3.6 and Table 2 on the fine-tuned upstream's features), with the seed paper's
-published numbers beside ours, and writes a Markdown report (``report.md``) with its
-figures copied next to it, plus ``report.json``.
+published numbers beside ours, and writes a Markdown report (``REPORT.md``) with its
+figures next to it, plus ``report.json``.
 
 What the report never lets the paper say for us:
 
@@ -25,39 +25,21 @@ What the report never lets the paper say for us:
 * each of the seed's conclusions (:data:`paper.FINDINGS`) is given as the seed's, with
   whether our numbers agree, computed from them.
 
-A report spec is JSON::
-
-    {
-      "title": "CONILIUM on MSP-Podcast 1.11",
-      "corpus_figures": "figures/corpus",          # describe-corpus output (optional)
-      "tables": {
-        "table1":   {"WavLM-large": "runs/t1/wavlm", "Hubert-large": "runs/t1/hubert"},
-        "table2":   {"WBCE(S)": "runs/t2/wbce-S"},
-        "sampler":  {"BCE(P) + sampler": "runs/t34/bce-P-sampler"},
-        "table3":   {"KLD(S*)": "runs/t3/kld-Sstar"},
-        "ensemble": {"Ensemble": "runs/ens", "Ensemble (weighted)": "runs/ens-weighted"},
-        "table4":   {"dev": "runs/best-tuned", "test": {"run": "runs/best-tuned", "split": "Test1"}},
-        "table2_finetuned": {"WBCE(S)": "runs/t2-finetuned/wbce-S"},
-        "attributes": {"Attributes": "runs/avd", "WBCE(S) + attributes": "runs/wbce-S-avd"}
-      },
-      "easy_difficult": "analysis/easy-difficult"  # easy-difficult output (optional)
-    }
-
-A row is a run directory or ``{"run": DIR, "split": SPLIT}``; relative paths are taken
-from the spec file's folder. Rows are scored on the Development split unless told
-otherwise; Table 4's test rows on the first labelled split of the run other than Train
-and Development. Row labels are matched to the paper's rows (see
-:mod:`conilium.evaluate.paper`); the paper's rows missing from the spec show "—".
-
-``attributes`` (not a table of the paper, which predicts categories only) lists runs
-trained with ``train-head --task attributes`` or ``joint``: their Development CCC of
-arousal, valence and dominance, read from their metrics.json; the report says so when
-there is none. A row of any table trained with ``--train-on-xo`` is followed by how many
-X and O clips it trained on.
+The report spec (JSON: ``title``, ``notes``, ``corpus_figures``, ``tables``,
+``easy_difficult``) is documented, key by key with a minimal example, in
+``docs/REPORT_SPEC.md``. A row is a run directory or ``{"run": DIR, "split": SPLIT}``;
+relative paths are taken from the spec file's folder; rows are scored on the Development
+split unless told otherwise, Table 4's test rows on the first labelled split of the run
+other than Train and Development; row labels are matched to the paper's rows (see
+:mod:`conilium.evaluate.paper`) and the paper's rows missing from the spec show "—".
+``attributes`` (not a table of the paper) lists runs trained with ``train-head --task
+attributes`` or ``joint``: their CCC of arousal, valence and dominance. A row of any table
+trained with ``--train-on-xo`` is followed by how many X and O clips it trained on.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -69,14 +51,25 @@ from .report_data import (ATTRIBUTES_TABLE, DEV_SPLIT, END_TO_END, FINETUNED_FEA
                           all_findings, as_trained, attribute_table, check_finding, check_tables, corpus_figures_dir,
                           corpus_rows, easy_difficult_result, extras, load_spec, our_value, run_config, run_setting,
                           score_tables, split_metrics, threshold_scores, training_set_sizes, xo_rows)
-from .report_figures import copy_corpus_figures, plot_rows
+from .report_figures import copy_corpus_figures, plot_extras, plot_rows
 from .report_markdown import markdown
 
 REPORT_FILE = ReportDir.MARKDOWN
 
 
+def _remove_legacy_markdown(report: ReportDir) -> None:
+    """An earlier version's ``report.md`` in the folder is out of date once ``REPORT.md`` is
+    written: removed (unless it is the same file, on a case-insensitive file system)."""
+    old, new = report.legacy_markdown_path, report.markdown_path
+    try:
+        if old.is_file() and not os.path.samefile(old, new):
+            old.unlink()
+    except OSError:
+        pass
+
+
 def build_report(spec, out_dir, *, title: Optional[str] = None) -> Path:
-    """Write ``out_dir/report.md`` (+ ``report.json`` and ``figures/``) from a report spec.
+    """Write ``out_dir/REPORT.md`` (+ ``report.json`` and ``figures/``) from a report spec.
 
     A row whose run directory or split is missing is an error naming the table and row
     (the report is only written when every row given can be scored).
@@ -96,12 +89,14 @@ def build_report(spec, out_dir, *, title: Optional[str] = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus_figs = copy_corpus_figures(corpus_dir, report.figures)
     plot_rows(scored, out_dir, report.figures)
+    charts = plot_extras(scored, attribute_rows, out_dir, report.figures)
     title = title or spec.get("title") or "CONILIUM: our results beside the paper's"
-    md = markdown(title, scored, out_dir, corpus_figs, easy, random_init, spec, findings, more)
+    md = markdown(title, scored, out_dir, corpus_figs, easy, random_init, spec, findings, more, charts)
     with atomic_path(report.markdown_path, suffix=".md.tmp") as tmp:
         tmp.write_text(md, encoding="utf-8")
+    _remove_legacy_markdown(report)
     write_json(report.data_path, {
         "title": title, "paper_setting": paper.PAPER_SETTING, "tables": scored, "random_init_runs": random_init,
-        "findings": findings, "external": [vars(p) for p in paper.EXTERNAL], **more,
+        "findings": findings, "external": [vars(p) for p in paper.EXTERNAL], **more, "charts": charts,
         "easy_difficult": easy and {k: v for k, v in easy.items() if k not in ("clip_groups", "correct_runs")}})
     return report.markdown_path

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from conilium import CLASS_NAMES, CLASSES
+
 from . import paper
 from .report_data import _fmt, our_value, run_config
 
@@ -24,9 +26,11 @@ CORPUS_CAPTIONS = {
 
 def markdown(title: str, scored: Dict[str, List[Dict]], out_dir: Path, corpus_figs: List[Path],
              easy: Optional[Dict], random_init: Dict[str, str], spec: Dict, findings: List[Dict],
-             extras: Dict) -> str:
-    """The whole report.md: the introduction, the corpus, each of the paper's tables with its
-    notes, the attribute runs and the Easy/Difficult analysis."""
+             extras: Dict, charts: Optional[Dict] = None) -> str:
+    """The whole REPORT.md: the introduction, the corpus, each of the paper's tables with its
+    notes and charts, the attribute runs, the learned layer weights and the Easy/Difficult
+    analysis. ``charts``: :func:`.report_figures.plot_extras`'s entries."""
+    charts = charts or {}
     lines = [f"# {title}", ""]
     lines += _intro_lines(scored, random_init, findings)
     lines.append("")
@@ -35,8 +39,10 @@ def markdown(title: str, scored: Dict[str, List[Dict]], out_dir: Path, corpus_fi
     lines += _corpus_lines(extras.get("corpus"), corpus_figs, out_dir)
     for key, table in paper.TABLES.items():
         if key in scored:
-            lines += _table_lines(key, table, scored, out_dir, findings, extras)
-    lines += _attribute_lines(extras.get("attributes") or [], out_dir)
+            lines += _table_lines(key, table, scored, out_dir, findings, extras, charts)
+    lines += _attribute_lines(extras.get("attributes") or [], out_dir, charts)
+    if "layer_weights" in charts:
+        lines += _layer_weight_lines(charts["layer_weights"])
     if easy is not None:
         from .difficulty import to_markdown
 
@@ -72,6 +78,8 @@ def _intro_lines(scored: Dict[str, List[Dict]], random_init: Dict[str, str], fin
         "**Comparability.** Numbers from the synthetic demo corpus (`make-demo-corpus`) or from demo-* / "
         "randomly initialised upstreams check that the pipeline runs end to end; they are **not comparable** "
         "with the paper's, which come from MSP-Podcast 1.11 with pretrained upstreams.",
+        "",
+        "**Class letters.** " + ", ".join(f"{c} = {CLASS_NAMES[c]}" for c in CLASSES) + ".",
     ]
     if random_init:
         n_runs = len({r["run"] for rows in scored.values() for r in rows if r.get("run")})
@@ -125,7 +133,7 @@ def _row_cells(r: Dict, tuned_table: bool, out_dir: Path) -> List[str]:
 
 
 def _table_lines(key: str, table, scored: Dict[str, List[Dict]], out_dir: Path, findings: List[Dict],
-                 extras: Dict) -> List[str]:
+                 extras: Dict, charts: Dict) -> List[str]:
     rows = scored[key]
     tuned_table = any(r.get("tuning") for r in rows)
     lines = [f"## {table.title}", "", table.caption, ""]
@@ -155,17 +163,53 @@ def _table_lines(key: str, table, scored: Dict[str, List[Dict]], out_dir: Path, 
     lines += _findings_lines([f for f in findings if f["table"] == key])
     if key == "table4":
         lines += _external_lines()
-    lines += _figure_lines([r for r in rows if r.get("figure")])
+    lines += _table_chart_lines(key, charts)
+    lines += _figure_lines([r for r in rows if r.get("figure")], key)
     lines.append("")
     return lines
 
 
-def _figure_lines(figs: List[Dict]) -> List[str]:
+def chart_lines(entry: Optional[Dict], alt: str) -> List[str]:
+    """A chart embedded with its caption below it, or its one-line note when it was not drawn."""
+    if not entry:
+        return []
+    if entry.get("figure"):
+        return [f"![{alt}]({entry['figure']})", "", f"*{entry['caption']}*", ""]
+    return [f"*{entry['note']}*", ""] if entry.get("note") else []
+
+
+def _table_chart_lines(key: str, charts: Dict) -> List[str]:
+    lines: List[str] = []
+    per_class = charts.get("per_class") or {}
+    if per_class.get("table", "table4") == key and per_class:
+        lines += chart_lines(per_class, "per-class F1 of our best system")
+    for entry in (charts.get("thresholds") or {}).get(key, []):
+        lines += chart_lines(entry, f"threshold tuning of {entry['label']}")
+    lines += chart_lines((charts.get("learning_curves") or {}).get(key), "learning curves")
+    return [""] + lines if lines else []
+
+
+def _layer_weight_lines(entry: Dict) -> List[str]:
+    lines = ["## Learned layer weights (not in the paper)", "",
+             "Heads trained on a cache of several upstream layers learn a softmax-weighted mix of them "
+             "(`train-head --set layers=weighted`, the default): which layers each upstream's heads rely on.", ""]
+    for f in entry.get("figures") or []:
+        lines += chart_lines(f, f"layer weights of {f['upstream']}")
+    if entry.get("note"):
+        lines += [f"*{entry['note']}*", ""]
+    for n in entry.get("unreadable") or []:
+        lines += [f"*Not read: {n}*", ""]
+    return lines
+
+
+def _figure_lines(figs: List[Dict], key: str = "") -> List[str]:
     if not figs:
         return []
+    named = (" Each title and file name gives the row's run and whether its thresholds were tuned."
+             if key == "table4" else "")
     lines = ["", "<details><summary>Confusion matrices (% of each reference class, as in the paper's "
              "Figure 4; each row's clip count beside its class — on a row of 5 clips one clip moves a "
-             "cell by 20 points)</summary>", ""]
+             f"cell by 20 points; the class letters are spelled out under each matrix).{named}</summary>", ""]
     for r in figs:
         lines += [f"**{r['label']}** ({r['split']})", "",
                   f"![{r['label']}]({Path(r['figure']).as_posix()})", ""]
@@ -274,7 +318,7 @@ def _xo_lines(rows: List[Dict]) -> List[str]:
             f"never scored: the scores above keep the eight consensus classes only."]
 
 
-def _attribute_lines(rows: List[Dict], out_dir: Path) -> List[str]:
+def _attribute_lines(rows: List[Dict], out_dir: Path, charts: Optional[Dict] = None) -> List[str]:
     lines = ["## Arousal, valence, dominance (not in the paper)", ""]
     if not rows:
         return lines + ["No attribute run in this report: the paper predicts categories only; `train-head --task "
@@ -293,7 +337,12 @@ def _attribute_lines(rows: List[Dict], out_dir: Path) -> List[str]:
                  r["split"], str(a.get("n", "—")), *(_fmt(a[c]["ccc"]) for c, _ in ATTRIBUTE_NAMES),
                  _fmt(a["ccc_mean"]), _fmt(r.get("f1_macro"))]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
+    lines.append("")
+    charts = charts or {}
+    for entry in charts.get("attributes") or []:
+        lines += chart_lines(entry, f"attributes of {entry['label']}")
+    lines += chart_lines((charts.get("learning_curves") or {}).get("attributes"), "learning curves of the attribute runs")
+    return lines
 
 
 def _disagreement_lines(d: Optional[Dict]) -> List[str]:

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from conilium.dirs import ModelDir, RunDir, StudyDir
 from conilium.errors import ConiliumError
-from conilium.util import write_json
+from conilium.util import atomic_path, write_json
 
 #: Table 1 rows (the paper's upstream names) → registry names, for real corpora and for the demo.
 REAL_UPSTREAMS = {"WavLM-large": "wavlm-large", "Wav2vec2-large": "wav2vec2-large-robust",
@@ -333,11 +333,11 @@ class Study:
         self.results.write_spec(report_spec)
         self.run("write the report", ["conilium-eval", "report", self.results.spec_path, "--out", self.out])
         report = self.results.report_path
-        os.replace(self.results.markdown_path, report)
-        with open(report, "a", encoding="utf-8") as f:
-            f.write("\n## How these results were made\n\nEvery step of `run_all.sh`, in order "
-                    "(reused steps were complete from an earlier run):\n\n```bash\n")
-            f.write("\n".join(self.log) + "\n```\n")
+        recipe = ("\n## How these results were made\n\nEvery step of `run_all.sh`, in order "
+                  "(reused steps were complete from an earlier run):\n\n```bash\n" + "\n".join(self.log) + "\n```\n")
+        text = report.read_text(encoding="utf-8")
+        with atomic_path(report, suffix=".md.tmp") as tmp:
+            tmp.write_text(text + recipe, encoding="utf-8")
         self.say(f"done: {report}")
         return report
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conilium.dirs import (CacheDir, GridDir, Manifest, ModelDir, RunDir, RunError, StudyDir, check_cache_dir,
+from conilium.dirs import (CacheDir, GridDir, Manifest, ModelDir, ReportDir, RunDir, RunError, StudyDir, check_cache_dir,
                            describe_dir, dir_kind, not_a_cache)
 from conilium.errors import CacheError, ConfigError
 
@@ -136,4 +136,15 @@ def test_the_study_folder_names_its_files(tmp_path):
     study.write_spec({"tables": {}})
     assert json.loads((tmp_path / "study.json").read_text()) == {"demo": True}
     assert study.spec_path.name == "report_spec.json" and study.report_path.name == "REPORT.md"
-    assert study.markdown_path.name == "report.md"
+    assert study.markdown_path == study.report_path  # one name for every report
+
+
+def test_a_report_folder_is_known_by_its_report_md_and_by_an_earlier_versions_report_md(tmp_path):
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir()
+    old.mkdir()
+    (new / "REPORT.md").write_text("# report\n")
+    (old / "report.md").write_text("# report\n")
+    assert ReportDir(new).markdown_path.name == "REPORT.md"
+    assert dir_kind(new) == "report" and dir_kind(old) == "report"
+    assert describe_dir(old) == "a report folder"

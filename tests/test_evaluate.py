@@ -334,9 +334,14 @@ def test_report_from_demo_runs(demo_runs, corpus, tmp_path):
                        "table4": {"dev": str(demo_runs[0]), "test": str(demo_runs[0])}},
             "easy_difficult": str(ed.parent)}
     write_json(tmp_path / "spec.json", spec)
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "report.md").write_text("# an earlier version's report\n")
     res = CliRunner().invoke(main, ["report", str(tmp_path / "spec.json"), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
-    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"report written to {tmp_path / 'rep' / 'REPORT.md'}" in res.output
+    # one name: REPORT.md, as run_all.sh writes it; the out-of-date report.md is gone
+    assert sorted(p.name for p in (tmp_path / "rep").glob("*.md")) == ["REPORT.md"]
+    md = (tmp_path / "rep" / "REPORT.md").read_text()
     ours = split_metrics(demo_runs[0], "Development")
     assert "# Demo report" in md
     assert f"| WavLM-large | `../{demo_runs[0].name}`" not in md  # run links are relative to the report

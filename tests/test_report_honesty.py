@@ -101,7 +101,7 @@ def study(tmp_path_factory):
                        "table2_finetuned": {"WCE": str(ft_head)}}}
     out = base / "report"
     build_report(spec, out)
-    return {"md": (out / "report.md").read_text(), "json": read_json(out / "report.json"), "tuned": tuned,
+    return {"md": (out / "REPORT.md").read_text(), "json": read_json(out / "report.json"), "tuned": tuned,
             "runs": t2, "ups": ups, "out": out, "base": base}
 
 
@@ -284,7 +284,7 @@ def test_corpus_section_puts_section_2_beside_ours(small_demo_corpus, tmp_path):
                       ["N"] * len(dev), refs)
     build_report({"corpus_figures": str(tmp_path / "corpus"), "tables": {"table1": {"WavLM-large": str(run)}}},
                  tmp_path / "rep")
-    md = (tmp_path / "rep" / "report.md").read_text()
+    md = (tmp_path / "rep" / "REPORT.md").read_text()
     header, rows = _table(md, "Corpus")
     by = {r[0]: dict(zip(header, r)) for r in rows}
     assert by["Train"]["Clips (paper)"] == "68,360 (Train)" and by["Train"]["(paper)"] == "5.8 ± 2.4"

@@ -125,6 +125,16 @@ class UpstreamEncoder(nn.Module):
         """Freeze the convolutional front end (the CNN feature encoder; Whisper's two convolutions)."""
         self.family.freeze_front_end()
 
+    def make_traceable(self) -> None:
+        """Compute the forward with tensor operations only, no lengths read back into Python, so that
+        a trace of it (ONNX export) holds for any batch size and length (:meth:`Wav2Vec2Family.traceable_cnn`).
+        The hidden states of every clip's valid frames are those of the usual forward, within float
+        rounding. Only the wav2vec 2.0 family can be traced so."""
+        if not isinstance(self.family, Wav2Vec2Family):
+            raise ConfigError(f"a {self.model.config.model_type} upstream cannot be traced for any input length; "
+                              f"supported: the wav2vec 2.0 family (WavLM, wav2vec 2.0, HuBERT)")
+        self.family.traceable = True
+
     # ---- lengths --------------------------------------------------------------------------
     def frames_for(self, num_samples: int) -> int:
         """Frames the upstream outputs for ``num_samples`` input samples (0 when too short)."""
@@ -155,6 +165,8 @@ class Wav2Vec2Family:
     """:class:`UpstreamEncoder`'s strategy for the wav2vec 2.0 family (WavLM, wav2vec 2.0, HuBERT)."""
 
     max_samples = None
+    #: the CNN runs through :meth:`traceable_cnn` (:meth:`UpstreamEncoder.make_traceable`)
+    traceable = False
 
     def __init__(self, model: nn.Module, *, fused_attention: bool = True):
         for part in ("feature_extractor", "feature_projection", "encoder"):
@@ -234,6 +246,25 @@ class Wav2Vec2Family:
                 feats = fe(waves[:, : int(lengths.max())])[:, :, :t_max]
         return feats.transpose(1, 2)
 
+    def traceable_cnn(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """CNN features (B, T, C) of the whole zero-padded batch in one call, T following the padded
+        length: every clip's valid frames equal :meth:`_cnn`'s, the frames after them are left as
+        computed (the transformer's attention mask drops them). A group-normalised encoder
+        normalises its first layer over each clip's valid frames only, which is what running the
+        clip alone does; the convolutions have no padding, so the later layers' valid frames only
+        see valid frames."""
+        fe = self.model.feature_extractor
+        x = waves[:, None]
+        for i, layer in enumerate(fe.conv_layers):
+            if i == 0 and self.group_norm_encoder:
+                x = layer.conv(x)
+                k, s = self.model.config.conv_kernel[0], self.model.config.conv_stride[0]
+                valid = torch.div(lengths - k, s, rounding_mode="floor") + 1
+                x = layer.activation(_masked_group_norm(layer.layer_norm, x, valid))
+            else:
+                x = layer(x)
+        return x.transpose(1, 2)
+
     def hidden_states(self, waves: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor,
                       layers: Tuple[int, ...]) -> torch.Tensor:
         up = self.model
@@ -242,7 +273,7 @@ class Wav2Vec2Family:
         with warnings.catch_warnings():
             # WavLM passes a boolean padding mask beside its float position bias
             warnings.filterwarnings("ignore", message=".*mismatched key_padding_mask.*")
-            feats = self._cnn(waves, lengths, frames)
+            feats = self.traceable_cnn(waves, lengths) if self.traceable else self._cnn(waves, lengths, frames)
             mask = valid_mask(frames, feats.shape[1])
             proj = up.feature_projection(feats)
             hidden = proj[0] if isinstance(proj, tuple) else proj
@@ -261,6 +292,22 @@ class Wav2Vec2Family:
             if i not in captured:
                 captured[i] = captured[i - 1]
         return torch.stack([captured[i] for i in layers], dim=2)
+
+
+def _masked_group_norm(norm: nn.GroupNorm, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``norm`` (a GroupNorm over time) of ``x`` (B, C, T) with each clip's statistics taken over its
+    first ``valid[b]`` frames only."""
+    b, c, t = x.shape
+    g = norm.num_groups
+    m = valid_mask(valid, t).to(x.dtype)[:, None, None, :]  # (B, 1, 1, T)
+    xg = x.reshape(b, g, c // g, t)
+    n = m.sum(dim=3, keepdim=True) * (c // g)
+    mean = (xg * m).sum(dim=(2, 3), keepdim=True) / n
+    var = (((xg - mean) ** 2) * m).sum(dim=(2, 3), keepdim=True) / n
+    y = ((xg - mean) / torch.sqrt(var + norm.eps)).reshape(b, c, t)
+    if norm.affine:
+        y = y * norm.weight[None, :, None] + norm.bias[None, :, None]
+    return y
 
 
 def freeze_front_end(upstream: nn.Module) -> None:

@@ -10,6 +10,7 @@ dealt out to the ranks and cut into ``grad_accum`` micro-batches.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -20,6 +21,8 @@ from torch.utils.data import Dataset
 from conilium.audio import NoiseMixer, SignalPath
 from conilium.errors import AudioError, ConfigError
 from conilium.extract.encoder import pad_waves
+
+from .results import read_clip
 
 
 class AudioClips(Dataset):
@@ -51,16 +54,12 @@ class AudioClips(Dataset):
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, None)
         path, name = self.paths[index], self.names[index]
+        noise = (None if self.noise is None or epoch is None else
+                 functools.partial(self.noise, epoch=epoch, index=index, clip=name))
         try:
-            wave = self.waves[index]
-            x = self.signal.read(path, clip=name) if wave is None else self.signal.take(*wave, source=path, clip=name)
-            if len(x) < self.min_samples:
-                raise AudioError(path, f"too short ({len(x)} samples at 16 kHz; the upstream outputs no frame "
-                                       f"for it)", name)
-            peak = float(np.max(np.abs(x))) if len(x) else 0.0
-            if self.noise is not None and epoch is not None:
-                x = self.noise(x, epoch=epoch, index=index, clip=name)
-            return index, self.signal.finish(x, path, clip=name), None, peak
+            x, peak = read_clip(self.signal, path, name, wave=self.waves[index], min_samples=self.min_samples,
+                                noise=noise)
+            return index, x, None, peak
         except AudioError as e:
             return index, None, e, None
 

@@ -52,7 +52,7 @@ def main(quiet):
       corpus    make-demo | describe           a demo corpus; counts, agreement, figures
       extract   features | verify              corpus -> feature cache (one upstream pass)
       heads     train | grid                   feature cache -> head runs
-      finetune  train | predict                corpus -> model directory -> predictions on audio
+      finetune  train | predict | export       corpus -> model directory -> predictions on audio, ONNX
       eval      metrics | compare | tune-thresholds | ensemble | stack | easy-difficult | report | submission
                                                run directories -> scores, comparisons, tables, submissions
 

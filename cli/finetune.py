@@ -10,6 +10,7 @@ Several processes: ``torchrun --nproc_per_node K -m conilium.cli.finetune ARGS``
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -147,6 +148,9 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
               help="Run directory written by train-head (or its conilium-eval tune-thresholds output, whose "
                    "decision offsets then apply): its head on the upstream, layers, truncation and normalisation "
                    "of the cache it was trained on. Instead of --model.")
+@click.option("--onnx", "onnx_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="An ONNX file written by 'conilium finetune export', run with onnxruntime (torch is not "
+                   "loaded). Instead of --model or --run.")
 @click.argument("audio", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--list", "list_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Text file with one audio path per line (blank lines and # comments skipped).")
@@ -169,14 +173,16 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @quiet_option("No progress bar.")
 @version_option
-def predict_cmd(model_dir, run_dir, audio, list_file, pattern, out, batch_size, max_seconds, max_whole_seconds,
-                rescale_loud, device, quiet):
+def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, batch_size, max_seconds,
+                max_whole_seconds, rescale_loud, device, quiet):
     """Predict the emotion of audio files with a finetune-best model or a train-head run.
 
     \b
     --model MODEL_DIR: the fine-tuned model. --run RUN: a head trained on a feature cache,
     applied to the upstream the cache was extracted with (a random-init upstream is read
     from the cache's upstream/ folder, so the cache must be where train-head found it).
+    --onnx FILE.onnx: either of them exported by 'conilium finetune export', run with
+    onnxruntime without torch (same columns; probabilities within 1e-4 of PyTorch's).
     Any file soundfile reads works (WAV, FLAC, OGG, ...; any sample rate; stereo is averaged);
     a folder stands for the audio files below it that match --glob.
     Output columns: FileName, one probability per class (A S H U F D C N), Prediction
@@ -189,28 +195,32 @@ def predict_cmd(model_dir, run_dir, audio, list_file, pattern, out, batch_size, 
 
     \b
     Exit status: 0 when at least one file was predicted, 1 when every file failed,
-    2 for usage errors (no file given, bad --out suffix, both or neither of --model and --run).
+    2 for usage errors (no file given, bad --out suffix, not exactly one of --model, --run, --onnx).
 
     \b
     Examples:
       predict --model models/wavlm-wbce-S a.wav b.flac --out predictions.csv
       predict --run runs/wbce-S-tuned a.wav b.flac --out predictions.csv
       predict --model models/wavlm-wbce-S recordings/ --glob '*.flac' --out predictions.parquet
+      predict --onnx models/wavlm-wbce-S.onnx a.wav b.flac --out predictions.csv
     """
-    if (model_dir is None) == (run_dir is None):
-        raise click.UsageError("give --model MODEL_DIR (finetune-best) or --run RUN (train-head), one of the two")
-    from conilium.finetune.predict import (SHORT_SECONDS, Predictor, audio_files, output_format, read_list,  # torch
-                                           results_csv, write_results)
+    if sum(x is not None for x in (model_dir, run_dir, onnx_file)) != 1:
+        raise click.UsageError("give --model MODEL_DIR (finetune-best) or --run RUN (train-head) or --onnx FILE "
+                               "(conilium finetune export), one of the three")
+    # the results and writers need no torch; the predictors load it (Predictor) or not (OnnxPredictor)
+    from conilium.finetune.results import (SHORT_SECONDS, audio_files, output_format, read_list, results_csv,
+                                           write_results)
 
-    if run_dir is None:
+    if model_dir is not None:
         refuse_dir(model_dir, "a finetune-best model directory", "pass a directory finetune-best wrote (train one "
                    "with finetune-best --corpus CORPUS --out MODEL_DIR), or a train-head run to --run",
                    accept=("model",))
-    else:
+    elif run_dir is not None:
         refuse_dir(run_dir, "a train-head run directory", "pass a directory train-head (or conilium-eval "
                    "tune-thresholds) wrote to --run; a finetune-best model directory goes to --model",
                    accept=("run",))
-    _quiet_library_warnings(quiet)
+    if onnx_file is None:  # transformers' warnings; predict --onnx loads neither transformers nor torch
+        _quiet_library_warnings(quiet)
     try:
         files = [f for a in audio for f in (audio_files(a, pattern) if a.is_dir() else [str(a)])]
         if list_file is not None:
@@ -219,9 +229,17 @@ def predict_cmd(model_dir, run_dir, audio, list_file, pattern, out, batch_size, 
             raise click.UsageError("no audio file given: pass files as arguments or --list FILE")
         if out is not None:
             output_format(out)
-        predictor = Predictor(model_dir, run=run_dir, device=device, batch_size=batch_size, max_seconds=max_seconds,
-                              max_whole_seconds=max_whole_seconds,
-                              rescale_loud=rescale_loud)
+        if onnx_file is not None:
+            from conilium.finetune.onnx_predict import OnnxPredictor
+
+            predictor = OnnxPredictor(onnx_file, device=device, batch_size=batch_size, max_seconds=max_seconds,
+                                      max_whole_seconds=max_whole_seconds, rescale_loud=rescale_loud)
+        else:
+            from conilium.finetune.predict import Predictor  # torch
+
+            predictor = Predictor(model_dir, run=run_dir, device=device, batch_size=batch_size,
+                                  max_seconds=max_seconds, max_whole_seconds=max_whole_seconds,
+                                  rescale_loud=rescale_loud)
         results = predictor.predict(files, progress=not quiet)
         if out is not None:
             write_results(out, results, predictor.classes, predictor.attributes)
@@ -253,6 +271,68 @@ def predict_cmd(model_dir, run_dir, audio, list_file, pattern, out, batch_size, 
         sys.exit(1)
 
 
+@click.command(cls=Command, context_settings=CONTEXT)
+@click.argument("model_dir", required=False, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="A train-head run (or its conilium-eval tune-thresholds output) instead of MODEL_DIR: its head "
+                   "on the upstream of the cache it was trained on, as predict --run runs it.")
+@click.option("--onnx", "onnx_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The ONNX file to write (FILE.onnx).")
+@click.option("--no-check", is_flag=True,
+              help="Skip the comparison of onnxruntime's outputs with PyTorch's (not recommended).")
+@quiet_option("No summary line.")
+@version_option
+def export_cmd(model_dir, run_dir, onnx_file, no_check, quiet):
+    """Export a finetune-best model, or a train-head run with its cache's upstream, as one ONNX graph.
+
+    \b
+    The graph takes waves (float32 [batch, samples], 16 kHz, each clip zero-padded to the
+    longest) and lengths (int64 [batch], samples), batch and length dynamic, and gives
+    probabilities ([batch, classes]) and, for a model that predicts them, attributes
+    ([batch, 3]: arousal, valence, dominance, 1-7). The classes, decision offsets and how to
+    read the audio (truncation, normalisation) are in the ONNX metadata ('conilium', JSON),
+    so 'predict --onnx FILE' gives what predict --model/--run gives, without torch.
+    Before the file is written, onnxruntime and PyTorch predict the same test batches
+    (clips of different lengths, padded in one batch); the export fails, writing nothing,
+    when a probability differs by more than 1e-4 (an attribute by more than 1e-3).
+    Upstreams of the wav2vec 2.0 family (WavLM, wav2vec 2.0, HuBERT) are exported; Whisper
+    is not. Needs onnx and onnxruntime: pip install 'conilium[onnx]'.
+
+    \b
+    Examples:
+      conilium finetune export models/wavlm-wbce-S --onnx models/wavlm-wbce-S.onnx
+      conilium finetune export --run runs/wbce-S-tuned --onnx wbce-S.onnx
+      predict --onnx models/wavlm-wbce-S.onnx a.wav b.flac --out predictions.csv
+    """
+    if (model_dir is None) == (run_dir is None):
+        raise click.UsageError("give MODEL_DIR (finetune-best) or --run RUN (train-head), one of the two")
+    if onnx_file.suffix.lower() != ".onnx":
+        raise click.UsageError(f"--onnx {onnx_file}: the file name must end in .onnx")
+    if run_dir is None:
+        refuse_dir(model_dir, "a finetune-best model directory", "pass a directory finetune-best wrote, or a "
+                   "train-head run to --run", accept=("model",))
+    else:
+        refuse_dir(run_dir, "a train-head run directory", "pass a directory train-head (or conilium-eval "
+                   "tune-thresholds) wrote to --run; a finetune-best model directory is MODEL_DIR",
+                   accept=("run",))
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(ConiliumError(f"conilium finetune export needs {' and '.join(missing)}: pip install 'conilium[onnx]'"))
+    _quiet_library_warnings(True)
+    from conilium.finetune.onnx import export_onnx  # torch, transformers, onnx
+
+    try:
+        meta = export_onnx(onnx_file, model_dir=model_dir, run=run_dir, check=not no_check)
+    except ConiliumError as e:
+        fail(e)
+    if not quiet:
+        check = meta.get("check")
+        said = ("not checked" if check is None else
+                f"onnxruntime within {check['max_abs_diff_probabilities']:.1e} of PyTorch's probabilities"
+                + (f", {check['max_abs_diff_attributes']:.1e} of its attributes" if meta["attributes"] else ""))
+        click.echo(f"{onnx_file}: {', '.join(meta['outputs'])} for {len(meta['classes'])} class(es), exported in "
+                   f"{meta['export_seconds']:.1f} s; {said}", err=True)
+
 
 @click.group("finetune", cls=Group, context_settings=CONTEXT,
              short_help="Corpus -> fine-tuned model (end to end) -> predictions on audio.")
@@ -263,12 +343,14 @@ def finetune_group(quiet):
 
     \b
       train     corpus -> model directory, thresholds tuned   (also installed as finetune-best)
-      predict   model directory or head run + audio files -> predictions   (also installed as predict)
+      predict   model directory, head run or ONNX file + audio files -> predictions   (also installed as predict)
+      export    model directory or head run -> one ONNX graph for predict --onnx (onnxruntime, no torch)
     """
 
 
 finetune_group.add_command(finetune_best_cmd, "train")
 finetune_group.add_command(predict_cmd, "predict")
+finetune_group.add_command(export_cmd, "export")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -143,7 +143,7 @@ def test_model_or_run_and_directories_of_another_kind(runs, cache, tmp_path):
     r = CliRunner().invoke(predict_cmd, [audio])
     assert r.exit_code == 2 and "--model MODEL_DIR (finetune-best) or --run RUN" in r.output
     r = CliRunner().invoke(predict_cmd, ["--model", str(runs["weighted"]), "--run", str(runs["weighted"]), audio])
-    assert r.exit_code == 2 and "one of the two" in r.output
+    assert r.exit_code == 2 and "one of the three" in r.output
     r = CliRunner().invoke(predict_cmd, ["--run", str(cache), audio])
     assert r.exit_code == 1 and "is a feature cache, not a train-head run directory" in r.output
     r = CliRunner().invoke(predict_cmd, ["--model", str(runs["weighted"]), audio])

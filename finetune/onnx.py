@@ -241,9 +241,14 @@ def export_onnx(out, *, model_dir=None, run=None, check: bool = True, opset: int
         with warnings.catch_warnings(), torch.no_grad():
             # the tracer warns about each Python-side check it freezes (a clip too short, layer lists)
             warnings.simplefilter("ignore")
-            torch.onnx.export(graph, example, str(tmp), input_names=["waves", "lengths"],
-                              output_names=graph.output_names, dynamic_axes=dynamic, opset_version=opset,
-                              dynamo=False, do_constant_folding=True)
+            try:
+                torch.onnx.export(graph, example, str(tmp), input_names=["waves", "lengths"],
+                                  output_names=graph.output_names, dynamic_axes=dynamic, opset_version=opset,
+                                  dynamo=False, do_constant_folding=True)
+            except (RuntimeError, TypeError, ValueError, torch.onnx.errors.OnnxExporterError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConiliumError(f"{out}: torch.onnx.export cannot export the {source['kind']} {source['path']} "
+                                    f"({first[:300]}); nothing written") from e
         proto = onnx.load(str(tmp))
         seconds = time.perf_counter() - t0
         if check:

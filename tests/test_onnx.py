@@ -38,7 +38,7 @@ from conilium.heads.train import TrainConfig, train_head  # noqa: E402
 PROB_TOL, ATTR_TOL = 1e-4, 1e-3
 OFFSETS = {"A": 0.0, "S": 0.05, "H": -0.02, "U": 0.0, "F": 0.3, "D": 0.0, "C": 0.0, "N": -0.1}
 RUN_KINDS = {"weighted": dict(layers="weighted"), "pooled": dict(pooled_stats=True, layers=1),
-             "joint": dict(layers="weighted", task="joint")}
+             "joint": dict(layers="weighted", task="joint"), "attributes": dict(layers=2, task="attributes")}
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,8 @@ def test_exported_run_predicts_real_files_as_pytorch(kind, runs, wavs, tmp_path)
     out = _export(tmp_path, run=runs[kind])
     onnx_p, torch_p = OnnxPredictor(out, batch_size=4), Predictor(run=runs[kind], batch_size=4)
     assert onnx_p.classes == torch_p.classes and onnx_p.attributes == torch_p.attributes
-    assert bool(onnx_p.attributes) == (kind == "joint")
+    assert bool(onnx_p.attributes) == (kind in ("joint", "attributes"))
+    assert bool(onnx_p.classes) == (kind != "attributes")
     _same_predictions(onnx_p.predict(wavs), torch_p.predict(wavs))
 
 
@@ -224,3 +225,16 @@ def test_export_usage_errors(models, runs, tmp_path):
     r = CliRunner().invoke(main, ["finetune", "export", str(runs["weighted"]), "--onnx", str(tmp_path / "m.onnx")])
     assert r.exit_code == 1 and "not a finetune-best model directory" in r.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_whisper_upstream_is_refused_by_name(tmp_path):
+    from conilium.extract.encoder import hidden_shape
+
+    upstream, identity = load_upstream("demo-whisper", random_init=True, random_root=tmp_path / "weights")
+    head = EmotionHead(HeadConfig(dim=hidden_shape(upstream)[1], layers=0, hidden=16, dropout=0.0))
+    model_dir = save_model_dir(tmp_path / "whisper", EndToEndModel(upstream, head), {
+        "max_seconds": 3.0, "normalize": {"mode": "none"}, "offsets": {}, "loss": "wbce", "labels": "S",
+        "upstream": identity})
+    with pytest.raises(ConfigError, match="Whisper encoder, which is not exported"):
+        export_onnx(tmp_path / "w.onnx", model_dir=model_dir)
+    assert not (tmp_path / "w.onnx").exists()

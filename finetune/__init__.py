@@ -4,7 +4,9 @@ The upstream's one forward (:class:`conilium.extract.encoder.UpstreamEncoder`) a
 pooling head (:mod:`conilium.heads.model`) trained together on the audio:
 :mod:`.config` (what defines a run), :mod:`.model` (the model and its directory),
 :mod:`.data` (audio batches and batch plans), :mod:`.warmstart` (starting points),
-:mod:`.train` (prepare → build → fit → export) and :mod:`.predict`; the commands are
+:mod:`.train` (prepare → build → fit → export), :mod:`.predict` (its results and writers, without
+torch, in :mod:`.results`), :mod:`.onnx` (ONNX export) and :mod:`.onnx_predict` (onnxruntime,
+without torch); the commands are
 :mod:`conilium.cli.finetune`.
 
 The names below load their module on first use, so that importing :mod:`.config`
@@ -20,6 +22,8 @@ _EXPORTS = {
     "load_model_dir": ".model",
     "save_model_dir": ".model",
     "Predictor": ".predict",
+    "OnnxPredictor": ".onnx_predict",
+    "export_onnx": ".onnx",
     "finetune": ".train",
 }
 

@@ -41,6 +41,7 @@ def benches(device: str):
             ("extract", [py, str(HERE / "bench_extract.py"), "--clips", "24", "--device", "cpu", "--json", out("extract")]),
             ("heads", [py, str(HERE / "bench_heads.py"), "--json", out("heads")]),
             ("finetune", [py, str(HERE / "bench_finetune.py"), "--steps", "3", "--warmup", "1", "--json", out("finetune")]),
+            ("onnx", [py, str(HERE / "bench_onnx.py"), "--json", out("onnx")]),
             cache,
         ]
     return [
@@ -169,7 +170,7 @@ def write_report(path=HERE / "RESULTS.md") -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--only", action="append", choices=["extract", "heads", "finetune", "cache"],
+    ap.add_argument("--only", action="append", choices=["extract", "heads", "finetune", "onnx", "cache"],
                     help="run only this benchmark (repeatable)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md from bench/results/*.json")
     args = ap.parse_args(argv)

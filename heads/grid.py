@@ -212,8 +212,8 @@ def _row(name: str, config: TrainConfig, paper: Mapping, status: str, metrics: O
         "f1_macro": m.get("f1_macro", ""), "f1_micro": m.get("f1_micro", ""), "ccc_mean": m.get("ccc_mean", ""),
         "best_epoch": m.get("best_epoch", ""),
         "paper_f1_macro": paper.get("f1_macro", ""), "paper_f1_micro": paper.get("f1_micro", ""),
-        "seconds": "" if seconds is None else round(seconds / heads, 1), "pass": "",
-        "pass_seconds": "" if seconds is None else round(seconds, 1), "error": error,
+        "seconds": "" if seconds is None else round(seconds / heads, 3), "pass": "",
+        "pass_seconds": "" if seconds is None else round(seconds, 3), "error": error,
     }
 
 

@@ -217,7 +217,7 @@ def test_stacked_trained_runs_are_read_by_the_other_commands(trained, tmp_path):
     write_json(tmp_path / "spec.json", {"title": "Stacked", "tables": {"ensemble": {"Stack": str(out)}}})
     res = runner.invoke(main, ["report", str(tmp_path / "spec.json"), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
-    row = next(line for line in (tmp_path / "rep" / "report.md").read_text().splitlines()
+    row = next(line for line in (tmp_path / "rep" / "REPORT.md").read_text().splitlines()
                if line.startswith("| Stack "))
     assert f"{m['f1_macro']:.3f}" in row
     # The members' configs lead easy-difficult to their cache.

@@ -117,7 +117,13 @@ class TrainConfig(RunConfig):
         if self.task == "attributes" and self.sampler is not None:
             raise ConfigError(f"--sampler {self.sampler} draws clips by consensus class; --task attributes trains "
                               f"on every clip with attribute values (X and O included): use no sampler")
+        if self.balanced_stage and self.task == "attributes":
+            raise ConfigError(f"--balanced-stage {self.balanced_stage} balances batches by consensus class; --task "
+                              f"attributes has no class output to train on them")
         if self.train_on_xo:
+            if self.balanced_stage:
+                raise ConfigError(f"--train-on-xo with --balanced-stage {self.balanced_stage}: the balanced batches "
+                                  f"are drawn by consensus class, and X and O clips have none")
             if self.task == "attributes":
                 raise ConfigError("--train-on-xo adds X and O clips to the category targets; --task attributes "
                                   "already trains on every clip with attribute values, X and O included")

@@ -17,6 +17,7 @@ from conilium.runs import letters
 from conilium.targets import ATTRIBUTE_COLUMNS, to_unit
 from conilium.training.loop import Recipe, Selection, Trainee, make_optimizer
 from conilium.training.losses import ccc_loss, loss_fn
+from conilium.training.mixup import mix, mix_mask, mixup_or_none
 from conilium.training.state import RandomStream, cpu_state
 
 from .batches import Batch, BatchReader, loader_batches
@@ -102,21 +103,34 @@ class HeadTrainee(Trainee):
             unit = np.where(known[:, None], to_unit(np.nan_to_num(data.train_attributes)), 0.0)
             self.attr_targets = torch.as_tensor(unit, dtype=torch.float32).to(device)
             self.attr_mask = torch.as_tensor(known, dtype=torch.float32).to(device)
+        self.mixup = mixup_or_none(config.mixup, [config.seed])
         self.best_state = None
         self.split_predictions: dict = {}
 
     def step(self, x: torch.Tensor, lengths: Optional[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-        """One AdamW step on the batch; the loss (not yet read back from the device)."""
+        """One AdamW step on the batch; the loss (not yet read back from the device).
+
+        With mixup, the pooled clip vectors are mixed before the classifier (manifold mixup),
+        the class targets, attribute values and the mask of known attribute values alike."""
         with self.rng:
-            logits = self.model(x, lengths)
+            targets = self.targets[idx] if self.task != "attributes" else None
+            attr = self.attr_targets[idx] if self.task != "categories" else None
+            mask = self.attr_mask[idx] if self.task == "joint" else None
+            if self.mixup is None:
+                logits = self.model(x, lengths)
+            else:
+                perm, lam = self.mixup.pairs(len(idx), x.device)
+                logits = self.model.classifier(mix(self.model.embed(x, lengths), perm, lam))
+                targets = None if targets is None else mix(targets, perm, lam)
+                attr = None if attr is None else mix(attr, perm, lam)
+                mask = None if mask is None else mix_mask(mask, perm)
             if self.task == "categories":
-                loss = self.fn(logits, self.targets[idx], self.weights)
+                loss = self.fn(logits, targets, self.weights)
             else:
                 c = self.num_classes
-                loss = ccc_loss(logits[:, c:], self.attr_targets[idx], None if self.task == "attributes"
-                                else self.attr_mask[idx])
+                loss = ccc_loss(logits[:, c:], attr, mask)
                 if self.task == "joint":
-                    loss = self.fn(logits[:, :c], self.targets[idx], self.weights) + self.config.attribute_weight * loss
+                    loss = self.fn(logits[:, :c], targets, self.weights) + self.config.attribute_weight * loss
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

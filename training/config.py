@@ -192,6 +192,13 @@ class RunConfig:
                                  "(targets).", choices=AGREEMENT_READINGS)
     hidden: int = option(1024, "Classifier hidden width.", minimum=1, integer=True)
     dropout: float = option(0.5, "Head dropout.", minimum=0, maximum=1, open_max=True)
+    mixup: float = option(0.0, "Mixup: mix each training clip with another of its batch, weight lambda ~ "
+                          "Beta(ALPHA, ALPHA) drawn per clip, targets mixed alike (heads: the pooled representation, "
+                          "manifold mixup; fine-tuning: the waveform); 0: off.", minimum=0, metavar="ALPHA")
+    balanced_stage: int = option(0, "After training, restore the best epoch and train the classifier's output "
+                                 "layer alone for this many more epochs on class-balanced batches, keeping the "
+                                 "better of the two stages by the selection metric; 0: off.", minimum=0,
+                                 integer=True, metavar="EPOCHS")
     train_split: str = option("Train", "Split the head trains on.")
     dev_split: str = option("Development", "Split that selects the best epoch (all its scoreable clips are "
                             "scored).")

@@ -1,0 +1,110 @@
+"""Mixup and the class-balanced second stage, for head runs and end-to-end fine-tuning."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conilium.errors import ConfigError
+from conilium.heads.train import TrainConfig, load_head, train_head
+from conilium.runs import read_predictions
+from conilium.testing import write_synthetic_cache
+from conilium.training.mixup import Mixup, mix, mix_mask, mix_waves, mixup_or_none
+
+
+@pytest.fixture(scope="module")
+def syn_cache(tmp_path_factory):
+    return write_synthetic_cache(tmp_path_factory.mktemp("syn") / "cache", clips=80, dim=8, seed=1, signal=0.4)
+
+
+def _train(cache, out, **kw):
+    kw.setdefault("epochs", 3)
+    kw.setdefault("hidden", 32)
+    return train_head(TrainConfig(cache=str(cache.path), device="cpu", **kw), out, progress=False)
+
+
+def _losses(m):
+    return [h["train_loss"] for h in m["history"]]
+
+
+# ----------------------------------------------------------------------------- the mixing itself
+
+def test_mixed_inputs_and_targets_are_convex_combinations_of_two_clips():
+    m = Mixup(0.4, [7])
+    perm, lam = m.pairs(6, "cpu")
+    assert sorted(perm.tolist()) == list(range(6)) and bool(((lam >= 0) & (lam <= 1)).all())
+    y = torch.softmax(torch.randn(6, 8), dim=1)
+    mixed = mix(y, perm, lam)
+    for i in range(6):
+        expect = lam[i] * y[i] + (1 - lam[i]) * y[perm[i]]
+        torch.testing.assert_close(mixed[i], expect)
+    # still a distribution: each mixed target sums to 1 and lies between its two clips' targets
+    torch.testing.assert_close(mixed.sum(dim=1), torch.ones(6))
+    lo, hi = torch.minimum(y, y[perm]), torch.maximum(y, y[perm])
+    assert bool(((mixed >= lo - 1e-7) & (mixed <= hi + 1e-7)).all())
+    # an attribute value is known for a mixed clip only where both of its clips have it
+    known = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    assert mix_mask(known, perm).tolist() == (known * known[perm]).tolist()
+    # waveforms: the mixed clip lasts as long as the longer of its two
+    waves, lengths = torch.zeros(6, 10), torch.tensor([3, 10, 5, 7, 2, 9])
+    for i, n in enumerate(lengths.tolist()):
+        waves[i, :n] = 1.0 + i
+    mw, ml = mix_waves(waves, lengths, perm, lam)
+    assert ml.tolist() == torch.maximum(lengths, lengths[perm]).tolist()
+    assert bool((mw[torch.arange(10)[None, :] >= ml[:, None]] == 0).all())  # padding stays silent
+
+
+def test_draws_are_repeatable_from_the_seed_and_alpha_zero_draws_nothing():
+    a, b, c = Mixup(0.2, [3, 1]), Mixup(0.2, [3, 1]), Mixup(0.2, [3, 2])
+    for _ in range(3):
+        pa, la = a.draw(16)
+        pb, lb = b.draw(16)
+        pc, lc = c.draw(16)
+        assert pa.tolist() == pb.tolist() and la.tolist() == lb.tolist()
+    assert la.tolist() != lc.tolist()
+    assert mixup_or_none(0.0, [3]) is None
+    # a small alpha puts lambda near 0 or 1 (little mixing), alpha 1 draws it uniformly
+    _, small = Mixup(0.05, [0]).draw(4000)
+    _, one = Mixup(1.0, [0]).draw(4000)
+    assert np.mean(np.minimum(small, 1 - small) < 0.05) > 0.7
+    assert abs(np.mean(one) - 0.5) < 0.02 and abs(np.var(one) - 1 / 12) < 0.01
+
+
+# ----------------------------------------------------------------------------- heads
+
+def test_head_mixup_zero_is_the_run_without_the_option(syn_cache, tmp_path):
+    plain = _train(syn_cache, tmp_path / "plain")
+    # a config.json written before the option existed reads as mixup 0 and is the same run
+    cfg = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert cfg["mixup"] == 0 and cfg["balanced_stage"] == 0
+    old = {k: v for k, v in cfg.items() if k not in ("mixup", "balanced_stage")}
+    again = train_head(TrainConfig.from_dict(dict(old, device="cpu")), tmp_path / "old", progress=False)
+    assert _losses(again) == _losses(plain) and again["f1_macro"] == plain["f1_macro"]
+    a = read_predictions(tmp_path / "plain" / "predictions" / "Development.csv").probs
+    b = read_predictions(tmp_path / "old" / "predictions" / "Development.csv").probs
+    assert np.array_equal(a, b)
+
+
+def _mixup_runs(cache, tmp_path, **kw):
+    plain = _train(cache, tmp_path / "plain", **kw)
+    m1 = _train(cache, tmp_path / "m1", mixup=0.4, **kw)
+    m2 = _train(cache, tmp_path / "m2", mixup=0.4, **kw)
+    assert _losses(m1) == _losses(m2)
+    assert np.array_equal(read_predictions(tmp_path / "m1" / "predictions" / "Development.csv").probs,
+                          read_predictions(tmp_path / "m2" / "predictions" / "Development.csv").probs)
+    assert _losses(m1) != _losses(plain)
+    assert all(np.isfinite(_losses(m1)))
+    return plain, m1
+
+
+def test_head_mixup_changes_training_and_is_repeatable(syn_cache, tmp_path):
+    _mixup_runs(syn_cache, tmp_path)
+
+
+def test_joint_head_mixup_mixes_the_attributes_too(demo_cache, tmp_path):
+    from conilium.cache.reader import FeatureCache
+
+    with FeatureCache(demo_cache) as cache:
+        _, m = _mixup_runs(cache, tmp_path, task="joint", pooled_stats=True, epochs=2)
+    assert np.isfinite(m["ccc_mean"]) and all(np.isfinite(h["dev_ccc_mean"]) for h in m["history"])

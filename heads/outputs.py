@@ -26,6 +26,7 @@ from conilium.errors import ConfigError
 from conilium.dirs import Manifest, RunDir
 from conilium.runs import write_run_outputs
 from conilium.targets import ATTRIBUTE_COLUMNS, class_counts
+from conilium.training.loop import stage_summary
 from conilium.training.losses import activation
 from conilium.util import atomic_path
 
@@ -160,6 +161,10 @@ def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, dev
             "input": sel.to_json(),
         },
     }
+    if config.balanced_stage:
+        extra["training"]["balanced_stage"] = stage_summary(head, config.balanced_stage)
+    if config.mixup:
+        extra["training"]["mixup"] = config.mixup
     if config.task != "categories":
         known = int((~np.isnan(data.train_attributes).any(axis=1)).sum())
         extra["training"].update(task=config.task, attribute_clips=known,

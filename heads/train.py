@@ -67,6 +67,7 @@ from conilium.runs import is_complete
 from conilium.runtime import resolve_device
 from conilium.targets import attribute_values
 from conilium.training.config import differing_fields
+from conilium.training import loop
 from conilium.training.loop import fit
 from conilium.training.samplers import balanced_sampler
 from conilium.util import check_writable, output_errors, seed_everything
@@ -253,6 +254,8 @@ def _fit_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *, prog
     names = ", ".join(h.out_dir.name for h in heads)
     fit(recipe, heads, progress=progress, desc="epochs" if len(heads) == 1 else f"epochs ({len(heads)} heads: {names})",
         on_epoch=on_epoch)
+    _balanced_stage(config, data, train_ds, device, preload, recipe, [h for h in heads if h.error is None],
+                    progress=progress)
     done = [h for h in heads if h.error is None]
     for h in done:
         h.model.load_state_dict(h.best_state)
@@ -263,17 +266,43 @@ def _fit_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *, prog
             for h in heads]
 
 
+def _balanced_stage(config: TrainConfig, data: PreparedData, train_ds: ClipDataset, device: torch.device,
+                    preload: bool, recipe: HeadRecipe, heads: Sequence[HeadTrainee], *, progress: bool) -> None:
+    """The class-balanced second stage of the ``heads`` that ask for one (``balanced_stage``): from
+    their best epoch, the classifier's output layer alone, on batches of the balanced sampler
+    (the loss's class weights off, as with ``--sampler balanced``), scored on the development
+    split each epoch; an epoch better than the best of the first stage replaces its weights.
+    The heads of a pass read the same balanced batches, drawn from the pass's seed."""
+    heads = [h for h in heads if h.config.balanced_stage]
+    if not heads:
+        return
+    for h in heads:
+        h.model.load_state_dict(h.best_state)
+        params = loop.freeze_all_but(h.model, h.model.classifier.out)
+        optimizer, name = loop.make_optimizer(params, lr=h.config.lr, weight_decay=h.config.weight_decay)
+        loop.begin_stage(h, optimizer, epochs=h.config.balanced_stage, optimizer_name=name)
+        h.weights = None
+    batches, steps = _train_batches(config, data, train_ds, device, preload, balanced_stage=True)
+    stage = HeadRecipe(batches, steps, recipe.dev_batches, recipe.dev_size, recipe.dev_refs, recipe.dev_attr_refs,
+                       device)
+    fit(stage, heads, progress=progress, desc="balanced stage")
+
+
 def _train_batches(config: TrainConfig, data: PreparedData, train_ds: ClipDataset, device: torch.device,
-                   preload: bool):
+                   preload: bool, *, balanced_stage: bool = False):
     """A callable giving an epoch's training batches (the same for every head), and their number.
 
     The clip order has its own generator, and so has the DataLoader (it draws worker seeds
     from it): neither touches the random streams of the heads' dropout. With or without
     worker processes, the same seed gives the same order, shared by every head.
+    ``balanced_stage``: the class-balanced batches of the second stage, from a generator of their own.
     """
     order_gen = torch.Generator().manual_seed(config.seed)
     loader_gen = torch.Generator().manual_seed(config.seed + 1)
-    if config.sampler == "balanced":
+    if balanced_stage:
+        order_gen = torch.Generator().manual_seed(_stage_seed(config.seed))
+        sampler = balanced_sampler(data.train_labels, generator=order_gen)
+    elif config.sampler == "balanced":
         sampler = balanced_sampler(data.train_labels, generator=order_gen)
     else:
         sampler = RandomSampler(train_ds, generator=order_gen)
@@ -285,6 +314,11 @@ def _train_batches(config: TrainConfig, data: PreparedData, train_ds: ClipDatase
     loader = DataLoader(train_ds, batch_sampler=order, collate_fn=collate, num_workers=workers,
                         persistent_workers=True, generator=loader_gen, pin_memory=device.type == "cuda")
     return (lambda: loader_batches(loader, device)), len(order)
+
+
+def _stage_seed(seed: int) -> int:
+    """The seed of the second stage's batch order, apart from the first stage's."""
+    return int(np.random.SeedSequence([seed, 2, 0x737467]).generate_state(1)[0])
 
 
 def _predict_splits(config: TrainConfig, data: PreparedData, done: Sequence[HeadTrainee], device: torch.device, *,

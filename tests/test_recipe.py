@@ -108,3 +108,57 @@ def test_joint_head_mixup_mixes_the_attributes_too(demo_cache, tmp_path):
     with FeatureCache(demo_cache) as cache:
         _, m = _mixup_runs(cache, tmp_path, task="joint", pooled_stats=True, epochs=2)
     assert np.isfinite(m["ccc_mean"]) and all(np.isfinite(h["dev_ccc_mean"]) for h in m["history"])
+
+
+# ----------------------------------------------------------------------------- the balanced second stage
+
+def _state(run):
+    model, ckpt = load_head(run)
+    return {k: v.clone() for k, v in model.state_dict().items()}, ckpt
+
+
+def _two_stages(cache, tmp_path, **kw):
+    first = _train(cache, tmp_path / "first", epochs=2, **kw)
+    both = _train(cache, tmp_path / "both", epochs=2, balanced_stage=4, **kw)
+    h = both["history"]
+    # the first stage is the run without the option, epoch for epoch
+    assert h[:2] == [dict(r, train_seconds=h[i]["train_seconds"], seconds=h[i]["seconds"])
+                     for i, r in enumerate(first["history"])]
+    assert [r["epoch"] for r in h] == [1, 2, 3, 4, 5, 6] and [r.get("stage", 1) for r in h] == [1, 1, 2, 2, 2, 2]
+    stage = both["training"]["balanced_stage"]
+    best1 = max(r["dev_f1_macro"] for r in h[:2])
+    best2 = max(r["dev_f1_macro"] for r in h[2:])
+    assert stage["stage1_best"] == best1 and stage["stage2_best"] == best2 and stage["epochs_run"] == 4
+    # never worse than the first stage: the kept epoch is the best of both, the first stage's on a tie
+    assert both["f1_macro"] == pytest.approx(max(best1, best2), abs=1e-4) and both["f1_macro"] >= best1 - 1e-4
+    assert stage["best_stage"] == (2 if best2 > best1 else 1) and both["best_epoch"] == stage["best_epoch"]
+    a, _ = _state(tmp_path / "first")
+    b, ckpt = _state(tmp_path / "both")
+    assert ckpt.best_epoch == both["best_epoch"]
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    if stage["best_stage"] == 1:
+        assert changed == set()
+    else:
+        assert changed == {"classifier.out.0.weight", "classifier.out.0.bias"}
+    return stage["best_stage"]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(mixup=0.3)])
+def test_balanced_stage_keeps_the_better_stage_and_trains_only_the_output_layer(syn_cache, tmp_path, kw):
+    _two_stages(syn_cache, tmp_path, **kw)
+
+
+def test_balanced_stage_wins_when_it_helps(syn_cache, tmp_path):
+    """A run where the second stage is better: its weights are kept (the output layer alone moved)."""
+    assert _two_stages(syn_cache, tmp_path, loss="wce", labels="hard") == 2
+
+
+def test_balanced_stage_refuses_what_it_cannot_balance():
+    with pytest.raises(ConfigError, match="--task attributes"):
+        TrainConfig(cache="c", task="attributes", balanced_stage=2).check()
+    with pytest.raises(ConfigError, match="--train-on-xo with --balanced-stage"):
+        TrainConfig(cache="c", train_on_xo=True, balanced_stage=2).check()
+    with pytest.raises(ConfigError, match="--balanced-stage must be"):
+        TrainConfig(cache="c", balanced_stage=-1).check()
+    with pytest.raises(ConfigError, match="--mixup must be"):
+        TrainConfig(cache="c", mixup=-0.5).check()

@@ -96,6 +96,9 @@ class Trainee:
         self.history: List[dict] = list(history or [])
         self.error: Optional[BaseException] = None
         self.total, self.seen = 0.0, 0
+        # a later stage (:func:`begin_stage`): its epochs are numbered on from the last one recorded,
+        # and their records say the stage
+        self.stage, self.epoch_offset = 1, 0
 
     def trains(self, epoch: int) -> bool:
         return self.error is None and not self.selection.exhausted and epoch <= self.epochs
@@ -107,11 +110,51 @@ class Trainee:
     def end_epoch(self, epoch: int, train_loss: float, dev: dict, train_seconds: float,
                   seconds: float) -> Tuple[dict, bool]:
         """Record the epoch in the history; (the record, whether it is the best so far)."""
-        record = {"epoch": epoch, "train_loss": train_loss, **dev, "train_seconds": round(train_seconds, 3),
-                  "seconds": round(seconds, 3)}
+        record = {"epoch": epoch + self.epoch_offset, "train_loss": train_loss, **dev,
+                  "train_seconds": round(train_seconds, 3), "seconds": round(seconds, 3)}
+        if self.stage > 1:
+            record["stage"] = self.stage
         self.history.append(record)
         self.total, self.seen = 0.0, 0
         return record, self.selection.update(record)
+
+
+def freeze_all_but(model: torch.nn.Module, keep: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """Stop the gradients of every parameter of ``model`` outside ``keep`` (a submodule); the
+    parameters of ``keep``, which go on training."""
+    kept = list(keep.parameters())
+    ids = {id(p) for p in kept}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    return kept
+
+
+def begin_stage(trainee: Trainee, optimizer: torch.optim.Optimizer, *, epochs: int, stage: int = 2,
+                optimizer_name: str = "") -> None:
+    """Make ``trainee`` ready for another :func:`fit` (a further stage of training): ``epochs`` more
+    epochs, numbered on from the last one of its history and recorded with ``"stage": stage``,
+    with ``optimizer``. The best epoch so far stays the one to beat (an epoch of this stage is
+    kept only when strictly better); patience counts afresh."""
+    trainee.epoch_offset = trainee.history[-1]["epoch"] if trainee.history else 0
+    trainee.stage = stage
+    trainee.optimizer = optimizer
+    if optimizer_name:
+        trainee.optimizer_name = optimizer_name
+    trainee.epochs = epochs
+    trainee.selection.since_best = 0
+
+
+def stage_summary(trainee: Trainee, epochs: int) -> dict:
+    """What metrics.json records of a class-balanced second stage of ``epochs`` epochs: its epochs
+    run, the best of each stage by the selection metric, and which stage the kept weights are from."""
+    metric = trainee.selection.metric
+    first = [r for r in trainee.history if r.get("stage", 1) == 1]
+    second = [r for r in trainee.history if r.get("stage", 1) == 2]
+    best1 = max((r[metric] for r in first), default=None)
+    best2 = max((r[metric] for r in second), default=None)
+    won = 2 if any(r["epoch"] == trainee.best_epoch for r in second) else 1
+    return {"epochs": epochs, "epochs_run": len(second), "metric": metric, "stage1_best": best1,
+            "stage2_best": best2, "best_stage": won, "best_epoch": trainee.best_epoch}
 
 
 class Recipe:

@@ -27,6 +27,7 @@ from conilium.runs import write_run_outputs
 from conilium.runtime import Dist
 from conilium.targets import class_counts
 from conilium.training.config import differing_fields
+from conilium.training.loop import stage_summary
 from conilium.training.state import Checkpoint
 from conilium.util import check_writable
 
@@ -39,6 +40,8 @@ if TYPE_CHECKING:  # the run's parts, made by conilium.finetune.train
 CHECKPOINT_DIR = ModelDir.CHECKPOINTS
 LAST = Path(ModelDir.LAST_CHECKPOINT).name
 BEST = "best.pt"
+#: the best epoch of the class-balanced second stage (``--balanced-stage``), when it beats best.pt
+BEST_STAGE2 = "best-stage2.pt"
 TUNED_DIR = "tuned"
 
 
@@ -178,6 +181,10 @@ def _write_outputs(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, de
     if b.lora:
         training["lora"] = dict(b.lora, trainable_parameters=sum(p.numel() for p in model.parameters()
                                                                   if p.requires_grad))
+    if config.mixup:
+        training["mixup"] = config.mixup
+    if config.balanced_stage:
+        training["balanced_stage"] = stage_summary(history, "dev_f1_macro", best["epoch"], config.balanced_stage)
     metrics = write_run_outputs(out, split_predictions, history, best["epoch"], dev_split=config.dev_split,
                                 extra={"training": training, "kind": "finetune"})
     save_model_dir(out, model, {

@@ -79,6 +79,7 @@ from conilium.runtime import Dist, autocast, init_distributed
 from conilium.targets import class_weights, training_set
 from conilium.training import loop
 from conilium.training.losses import loss_fn, uses_weights
+from conilium.training.mixup import mix, mix_waves, mixup_or_none
 from conilium.training.samplers import balanced_weights
 from conilium.training.state import Checkpoint, cpu_state, rng_state, save_atomic, seed_epoch, set_rng_state
 from conilium.util import check_writable, output_errors
@@ -89,7 +90,7 @@ from .config import FinetuneConfig, FinetuneError, check_config
 from .data import AudioClips, collate_waves, epoch_batches, rank_micro_batches
 from .model import EndToEndModel, enable_checkpointing, upstream_overrides
 from .predict import min_samples, predict_clips
-from .rundir import (CHECKPOINT_DIR, LAST, TUNED_DIR, checkpoint_paths,  # noqa: F401 (LAST, TUNED_DIR: the run's names)
+from .rundir import (BEST_STAGE2, CHECKPOINT_DIR, LAST, TUNED_DIR, checkpoint_paths,  # noqa: F401 (LAST, TUNED_DIR: the run's names)
                      claim_out_dir, output_bytes, write_model_dir)
 from .warmstart import build_model
 
@@ -206,6 +207,7 @@ class Built:
     draw: Optional[np.ndarray]  # class-balanced sampler's draw weights
     eval_sets: Dict[str, Tuple[AudioClips, List[Clip]]]  # dev first
     lora: Optional[dict] = None  # the LoRA adapters' description (:func:`~conilium.extract.lora.add_adapters`)
+    stage_draw: Optional[np.ndarray] = None  # the balanced second stage's draw weights (--balanced-stage)
     optimizer_name: Optional[str] = None  # set by :func:`fit`
 
 
@@ -276,8 +278,9 @@ def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device,
         eval_sets[split] = (ds, clips)
     draw = balanced_weights([c.emo_class for c in prep.train]) if config.sampler == "balanced" else None
     weights = None if prep.weights is None else torch.as_tensor(prep.weights, device=device)
+    stage_draw = balanced_weights([c.emo_class for c in prep.train]) if config.balanced_stage else None
     return Built(model, identity, start.info, signal, train, durations, torch.as_tensor(prep.train_targets), weights,
-                 draw, eval_sets, lora)
+                 draw, eval_sets, lora, stage_draw=stage_draw)
 
 
 # ----------------------------------------------------------------------------- fit
@@ -288,20 +291,30 @@ class FinetuneRecipe(loop.Recipe):
     Development split scored by every rank in shares, checkpoints after every epoch."""
 
     def __init__(self, config: FinetuneConfig, b: "Built", d: Dist, device: torch.device, train_model: nn.Module,
-                 *, progress: bool, on_epoch_end: Optional[Callable[[dict], None]] = None):
+                 *, progress: bool, on_epoch_end: Optional[Callable[[dict], None]] = None, stage: int = 1,
+                 epoch_offset: int = 0):
         self.config, self.b, self.d, self.device, self.train_model = config, b, d, device, train_model
         self.progress, self.callback = progress, on_epoch_end
         self.fn = loss_fn(config.loss)
         self.dtype = precision_dtype(config.precision, device)
+        self.mixup = None
+        # the balanced second stage: the balanced sampler's draws, no class weights, its epochs numbered on
+        self.stage, self.epoch_offset = stage, epoch_offset
+        self.draw = b.stage_draw if stage == 2 else b.draw
+        self.weights = None if stage == 2 else b.weights
 
     def epoch_batches(self, epoch: int):
         config, b, d = self.config, self.b, self.d
+        epoch += self.epoch_offset
         seed_epoch(config.seed, epoch, d.rank)
         batches = epoch_batches(b.durations, batch_size=config.batch_size, seed=config.seed, epoch=epoch,
-                                bucket_batches=config.bucket_batches, draw_weights=b.draw,
+                                bucket_batches=config.bucket_batches, draw_weights=self.draw,
                                 min_batch=d.world * config.grad_accum)
         plan = [rank_micro_batches(g, b.durations, rank=d.rank, world=d.world, grad_accum=config.grad_accum)
                 for g in batches]
+        # the epoch's mixup pairs: from (seed, epoch, rank) alone, as every other draw, so that a resume
+        # goes on as an uninterrupted run
+        self.mixup = mixup_or_none(config.mixup, [config.seed, epoch, d.rank])
         flat = [[(i, epoch) for i in mb] for parts in plan for mb in parts]
         loader = DataLoader(b.train, batch_sampler=flat, collate_fn=collate_waves,
                             num_workers=config.num_workers, generator=torch.Generator().manual_seed(epoch))
@@ -317,11 +330,16 @@ class FinetuneRecipe(loop.Recipe):
             if errors:
                 raise ConiliumError(f"training stopped: {errors[0][1]}")
             y = b.targets[idx].to(self.device)
+            waves, lengths = waves.to(self.device, non_blocking=True), lengths.to(self.device)
+            if self.mixup is not None:  # pairs within the micro-batch, on the waveforms
+                perm, lam = self.mixup.pairs(len(idx), self.device)
+                waves, lengths = mix_waves(waves, lengths, perm, lam)
+                y = mix(y, perm, lam)
             last = k == n_parts - 1 or not d.on
             with contextlib.nullcontext() if last else self.train_model.no_sync():
                 with autocast(self.device, self.dtype):
-                    logits = self.train_model(waves.to(self.device, non_blocking=True), lengths.to(self.device))
-                loss = self.fn(logits.float(), y, b.weights)
+                    logits = self.train_model(waves, lengths)
+                loss = self.fn(logits.float(), y, self.weights)
                 # every rank stops together (a rank alone in backward would wait for the others forever)
                 bad = d.all_sum([0.0 if torch.isfinite(loss) else 1.0])[0] if d.on else float(
                     not torch.isfinite(loss))
@@ -354,6 +372,14 @@ class FinetuneRecipe(loop.Recipe):
         epoch, sel = record["epoch"], trainee.selection
         best = {"f1_macro": sel.best_value, "epoch": sel.best_epoch}
         last_path, best_path = checkpoint_paths(Path(config.out))
+        if self.stage == 2:
+            # the second stage keeps its best beside best.pt and leaves last.pt at the end of the first
+            # stage: a resume redoes the second stage from the first stage's best, as it ran
+            if improved:
+                d.on_main(lambda: save_atomic({"model": cpu_state(model), "epoch": epoch},
+                                              best_path.parent / BEST_STAGE2))
+            self._report(record, best)
+            return
         rng_all = d.gather(rng_state())
 
         def save_checkpoints():
@@ -367,10 +393,14 @@ class FinetuneRecipe(loop.Recipe):
                        ).save(last_path)
 
         d.on_main(save_checkpoints)  # in place of a barrier: a failure to save stops every rank
+        self._report(record, best)
+
+    def _report(self, record: dict, best: dict) -> None:
         if self.progress:
-            tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}, {config.dev_split} macro-F1 "
-                       f"{record['dev_f1_macro']:.4f} (best {best['f1_macro']:.4f} at epoch {best['epoch']}), "
-                       f"{record['seconds']:.1f} s")
+            stage = " (balanced stage)" if self.stage == 2 else ""
+            tqdm.write(f"epoch {record['epoch']}{stage}: train loss {record['train_loss']:.4f}, "
+                       f"{self.config.dev_split} macro-F1 {record['dev_f1_macro']:.4f} (best {best['f1_macro']:.4f} "
+                       f"at epoch {best['epoch']}), {record['seconds']:.1f} s")
         if self.callback is not None:
             self.callback(dict(record))
 
@@ -417,7 +447,36 @@ def fit(config: FinetuneConfig, b: Built, d: Dist, device: torch.device, ckpt: O
     if not checkpoint_paths(out)[1].is_file():
         raise FinetuneError(f"{out}: no best checkpoint ({checkpoint_paths(out)[1]}) — no epoch was completed")
     b.optimizer_name = optimizer_name
-    return trainee.history, {"f1_macro": selection.best_value, "epoch": selection.best_epoch}, time.time() - t_start
+    best = {"f1_macro": selection.best_value, "epoch": selection.best_epoch}
+    if config.balanced_stage:
+        best = _balanced_stage(config, b, d, device, trainee, progress=progress, on_epoch_end=on_epoch_end)
+    return trainee.history, best, time.time() - t_start
+
+
+def _balanced_stage(config: FinetuneConfig, b: Built, d: Dist, device: torch.device, trainee: loop.Trainee, *,
+                    progress: bool, on_epoch_end: Optional[Callable[[dict], None]]) -> dict:
+    """The class-balanced second stage: from the first stage's best epoch (best.pt), the head's
+    output layer alone, ``balanced_stage`` epochs of the balanced sampler's batches (no class
+    weights, as with ``--sampler balanced``), scored on the development split each epoch; its
+    best epoch (``best-stage2.pt``) is kept when better than the first stage's. It keeps no
+    checkpoint to resume from: a resume after the first stage redoes it, with the same draws."""
+    model = b.model
+    _, best_path = checkpoint_paths(Path(config.out))
+    d.on_main(lambda: (best_path.parent / BEST_STAGE2).unlink(missing_ok=True))  # an earlier session's
+    model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+    params = loop.freeze_all_but(model, model.head.classifier.out)
+    optimizer, name = loop.make_optimizer(params, lr=config.lr, weight_decay=config.weight_decay)
+    loop.begin_stage(trainee, optimizer, epochs=config.balanced_stage, optimizer_name=name)
+    train_model: nn.Module = model
+    if d.on:  # wrapped anew: the frozen parameters no longer take part in the gradient's reduction
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    recipe = FinetuneRecipe(config, b, d, device, train_model, progress=progress, on_epoch_end=on_epoch_end,
+                            stage=2, epoch_offset=trainee.epoch_offset)
+    loop.fit(recipe, [trainee], progress=progress, desc="balanced stage")
+    sel = trainee.selection
+    stage = 2 if any(r.get("stage") == 2 and r["epoch"] == sel.best_epoch for r in trainee.history) else 1
+    return {"f1_macro": sel.best_value, "epoch": sel.best_epoch, "stage": stage}
 
 
 # ----------------------------------------------------------------------------- export
@@ -428,6 +487,8 @@ def export(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, device: to
     out = Path(config.out)
     model = b.model
     _, best_path = checkpoint_paths(out)
+    if best.get("stage", 1) == 2:
+        best_path = best_path.parent / BEST_STAGE2
     model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
     split_predictions = {}
     for split, (ds, clips) in b.eval_sets.items():

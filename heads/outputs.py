@@ -162,7 +162,8 @@ def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, dev
         },
     }
     if config.balanced_stage:
-        extra["training"]["balanced_stage"] = stage_summary(head, config.balanced_stage)
+        extra["training"]["balanced_stage"] = stage_summary(history, head.selection.metric, head.best_epoch,
+                                                           config.balanced_stage)
     if config.mixup:
         extra["training"]["mixup"] = config.mixup
     if config.task != "categories":

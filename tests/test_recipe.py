@@ -1,6 +1,7 @@
 """Mixup and the class-balanced second stage, for head runs and end-to-end fine-tuning."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +163,57 @@ def test_balanced_stage_refuses_what_it_cannot_balance():
         TrainConfig(cache="c", balanced_stage=-1).check()
     with pytest.raises(ConfigError, match="--mixup must be"):
         TrainConfig(cache="c", mixup=-0.5).check()
+
+
+# ----------------------------------------------------------------------------- end-to-end fine-tuning
+
+FT = dict(upstream="demo-wavlm", random_init=True, max_seconds=1.5, batch_size=8, epochs=1, lr=1e-3,
+          max_train_clips=16, hidden=64, dropout=0.0, upstream_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0,
+          num_workers=0, loss="wce", labels="hard", seed=1)
+
+
+def test_fine_tuning_with_mixup_and_a_balanced_stage(small_demo_corpus, tmp_path, two_torch_threads):
+    # seed 1: a run whose second stage beats the first on the tiny corpus (so that its weights are kept)
+    from dataclasses import replace
+
+    from conilium.finetune import FinetuneConfig, finetune, load_model_dir
+    from conilium.finetune.rundir import BEST, BEST_STAGE2, CHECKPOINT_DIR
+
+    plain_cfg = FinetuneConfig(corpus=str(small_demo_corpus), out=str(tmp_path / "plain"), **FT)
+    cfg = replace(plain_cfg, out=str(tmp_path / "both"), mixup=0.4, balanced_stage=2, keep_checkpoints=True)
+    plain = finetune(plain_cfg, progress=False)
+    both = finetune(cfg, progress=False)
+    h = both["history"]
+    assert [(r["epoch"], r.get("stage", 1)) for r in h] == [(1, 1), (2, 2), (3, 2)]
+    assert h[0]["train_loss"] != plain["history"][0]["train_loss"]  # the waveforms were mixed
+    stage = both["training"]["balanced_stage"]
+    assert stage["stage1_best"] == h[0]["dev_f1_macro"] and both["training"]["mixup"] == 0.4
+    assert both["f1_macro"] >= h[0]["dev_f1_macro"] and both["f1_macro"] == pytest.approx(
+        max(r["dev_f1_macro"] for r in h), abs=1e-6)
+    assert stage["best_stage"] == 2 and both["best_epoch"] in (2, 3)
+    # the second stage moved the head's output layer alone, and the model directory holds its best epoch
+    ckpt = Path(cfg.out) / CHECKPOINT_DIR
+    first = torch.load(ckpt / BEST, weights_only=True)["model"]
+    second = torch.load(ckpt / BEST_STAGE2, weights_only=True)["model"]
+    assert {k for k in first if not torch.equal(first[k], second[k])} == {"head.classifier.out.0.weight",
+                                                                          "head.classifier.out.0.bias"}
+    saved = load_model_dir(cfg.out)[0].state_dict()
+    for k in ("head.classifier.out.0.weight", "head.classifier.out.0.bias"):
+        torch.testing.assert_close(saved[k], second[k])
+
+    # interrupted inside the second stage, a resume redoes it from the first stage's best: the same run
+    resumed = replace(cfg, out=str(tmp_path / "resumed"))
+
+    def stop(record):
+        if record.get("stage") == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(resumed, progress=False, on_epoch_end=stop)
+    again = finetune(resumed, resume=True, progress=False)
+    strip = lambda hist: [{k: v for k, v in r.items() if "seconds" not in k} for r in hist]  # noqa: E731
+    assert strip(again["history"]) == strip(h)
+    assert again["training"]["balanced_stage"] == stage
+    a = read_predictions(Path(cfg.out) / "predictions" / "Development.csv").probs
+    b = read_predictions(Path(resumed.out) / "predictions" / "Development.csv").probs
+    np.testing.assert_allclose(a, b, atol=1e-6)

@@ -144,17 +144,16 @@ def begin_stage(trainee: Trainee, optimizer: torch.optim.Optimizer, *, epochs: i
     trainee.selection.since_best = 0
 
 
-def stage_summary(trainee: Trainee, epochs: int) -> dict:
+def stage_summary(history: Sequence[dict], metric: str, best_epoch: int, epochs: int) -> dict:
     """What metrics.json records of a class-balanced second stage of ``epochs`` epochs: its epochs
-    run, the best of each stage by the selection metric, and which stage the kept weights are from."""
-    metric = trainee.selection.metric
-    first = [r for r in trainee.history if r.get("stage", 1) == 1]
-    second = [r for r in trainee.history if r.get("stage", 1) == 2]
+    run, the best ``metric`` of each stage, and which stage the kept epoch (``best_epoch``) is of."""
+    first = [r for r in history if r.get("stage", 1) == 1]
+    second = [r for r in history if r.get("stage", 1) == 2]
     best1 = max((r[metric] for r in first), default=None)
     best2 = max((r[metric] for r in second), default=None)
-    won = 2 if any(r["epoch"] == trainee.best_epoch for r in second) else 1
+    won = 2 if any(r["epoch"] == best_epoch for r in second) else 1
     return {"epochs": epochs, "epochs_run": len(second), "metric": metric, "stage1_best": best1,
-            "stage2_best": best2, "best_stage": won, "best_epoch": trainee.best_epoch}
+            "stage2_best": best2, "best_stage": won, "best_epoch": best_epoch}
 
 
 class Recipe:

@@ -217,3 +217,21 @@ def test_fine_tuning_with_mixup_and_a_balanced_stage(small_demo_corpus, tmp_path
     a = read_predictions(Path(cfg.out) / "predictions" / "Development.csv").probs
     b = read_predictions(Path(resumed.out) / "predictions" / "Development.csv").probs
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_heads_of_one_pass_with_and_without_the_options_equal_their_own_runs(syn_cache, tmp_path):
+    """train-grid trains a pass's heads together: each writes what its own train-head run writes."""
+    from test_grid_pass import assert_same_run  # the tests' folder is on the path (pytest's prepend mode)
+
+    from conilium.heads.train import plan_passes, train_heads
+
+    configs = {"plain": dict(), "mixup": dict(mixup=0.3), "stage": dict(balanced_stage=2, epochs=3),
+               "both": dict(mixup=0.3, balanced_stage=3, loss="wce", labels="hard", patience=1)}
+    configs = {k: TrainConfig(cache=str(syn_cache.path), device="cpu", hidden=16, **dict(dict(epochs=2), **kw))
+               for k, kw in configs.items()}
+    assert len(plan_passes(list(configs.values()))) == 1
+    results = train_heads([(c, tmp_path / "pass" / k) for k, c in configs.items()], progress=False)
+    assert all(isinstance(r, dict) for r in results), results
+    for name, config in configs.items():
+        train_head(config, tmp_path / "solo" / name, progress=False)
+        assert_same_run(tmp_path / "pass" / name, tmp_path / "solo" / name)

@@ -56,16 +56,17 @@ def checkpoint_paths(out: Path) -> Tuple[Path, Path]:
     return model_dir.last_checkpoint, model_dir.checkpoint_dir / BEST
 
 
-def output_bytes(model: nn.Module, *, resuming: bool) -> int:
+def output_bytes(model: nn.Module, *, resuming: bool, balanced_stage: bool = False) -> int:
     """About the most bytes the checkpoints and the model directory take on disk at once:
     best.pt and last.pt (the weights, and the optimizer's two moments of the trained ones)
     with a new last.pt being written beside them, then the model directory. A resumed run
     already has its checkpoints."""
     every = sum(p.numel() for p in model.parameters()) * 4
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+    stage = every if balanced_stage else 0  # best-stage2.pt
     if resuming:
-        return 2 * every + 2 * trained + (1 << 20)
-    return 3 * every + 4 * trained + (1 << 20)
+        return 2 * every + 2 * trained + stage + (1 << 20)
+    return 3 * every + 4 * trained + stage + (1 << 20)
 
 
 def check_out_dir(out: Path, config: FinetuneConfig, resume: bool, overwrite: bool) -> Tuple[Optional[Checkpoint], bool]:

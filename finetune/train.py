@@ -181,7 +181,8 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
         progress = progress and d.main
         built = build(config, prep, d, device, ckpt, progress=progress)
         d.on_main(lambda: check_writable(config.out, what="finetune-best model directory",
-                                          need_bytes=output_bytes(built.model, resuming=ckpt is not None)))
+                                          need_bytes=output_bytes(built.model, resuming=ckpt is not None,
+                                                                 balanced_stage=bool(config.balanced_stage))))
         history, best, seconds = fit(config, built, d, device, ckpt, progress=progress, on_epoch_end=on_epoch_end)
         return export(config, prep, built, d, device, history, best, seconds, progress=progress)
     finally:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
+                             precision_recall_fscore_support)
 
 from . import CLASSES
 
@@ -101,3 +102,19 @@ def score_attributes(references: np.ndarray, predictions: np.ndarray,
     out["ccc_mean"] = float(np.mean(known))
     out["n"] = int((~np.isnan(refs).all(axis=1)).sum())
     return out
+
+
+def score_binary(references: Sequence[float], logits: Sequence[float], classes: Sequence[str]) -> Dict:
+    """An auxiliary two-class task (e.g. gender) over the clips whose reference is known
+    (``references`` 0/1, NaN unknown; ``logits`` > 0 predicts ``classes[1]``): ``n``, ``accuracy``
+    and ``uar`` (unweighted average recall: the mean of the two classes' recalls); None scores
+    for no known clip."""
+    refs = np.asarray(references, dtype=np.float64)
+    known = ~np.isnan(refs)
+    if not known.any():
+        return {"n": 0, "accuracy": None, "uar": None, "classes": list(classes)}
+    y = refs[known].astype(int)
+    p = (np.asarray(logits, dtype=np.float64)[known] > 0).astype(int)
+    counts = {c: int((y == i).sum()) for i, c in enumerate(classes)}
+    return {"n": int(known.sum()), "accuracy": float(accuracy_score(y, p)),
+            "uar": float(balanced_accuracy_score(y, p)), "classes": list(classes), "counts": counts}

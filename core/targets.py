@@ -285,6 +285,17 @@ def attribute_set(clips: Iterable[Clip]) -> Tuple[List[Clip], np.ndarray, Dict[s
     return kept, values, counts
 
 
+#: The auxiliary gender task's two classes: target 1 for the second, 0 for the first; any other
+#: gender ("Unknown") has no target and counts in no loss.
+GENDER_CLASSES = ("Male", "Female")
+
+
+def gender_targets(clips: Iterable[Clip]) -> np.ndarray:
+    """Each clip's gender target: 1.0 Female, 0.0 Male, NaN where it is not known."""
+    return np.array([float(GENDER_CLASSES.index(c.gender)) if c.gender in GENDER_CLASSES else np.nan
+                     for c in clips], dtype=np.float32)
+
+
 def class_counts(labels: Iterable[Optional[str]]) -> np.ndarray:
     n = np.zeros(len(CLASSES), dtype=np.int64)
     for c in labels:

@@ -163,6 +163,9 @@ class FinetuneConfig(RunConfig):
         lo, hi = self.snr_db
         if lo > hi:
             raise ConfigError(f"--snr-db: low {lo} above high {hi}")
+        if self.aux and (self.init_head or self.baseline_ckpt):
+            raise ConfigError(f"--aux {self.aux} adds an output to a new head; --init-head and --baseline-ckpt start "
+                              f"from a head without it: leave out one or the other")
         if self.init_head and self.baseline_ckpt:
             raise ConfigError("--init-head and --baseline-ckpt are two different starting points: give one")
         if self.random_init and self.upstream not in UPSTREAMS:

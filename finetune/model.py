@@ -89,9 +89,10 @@ class EndToEndModel(nn.Module):
         """(B, T, len(layers), D) hidden states and the valid frame count of each clip."""
         return self.encoder.hidden_states(waves, lengths, self.layers)
 
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor, aux: bool = False):
+        """Logits; with ``aux``, ``(logits, gender logit)`` (a head with an auxiliary output)."""
         x, frames = self.hidden_states(waves, lengths)
-        return self.head(x, frames)
+        return self.head(x, frames, aux=aux)
 
 
 def enable_checkpointing(upstream) -> None:
@@ -103,8 +104,9 @@ def enable_checkpointing(upstream) -> None:
 
 
 def default_head_config(upstream, config: FinetuneConfig) -> HeadConfig:
+    extra = {"gender": 1} if config.aux == "gender" else {}  # a head without --aux stays as it was
     return HeadConfig(dim=hidden_shape(upstream)[1], num_layers=1, layers=0, pooling=config.pooling,
-                      hidden=config.hidden, dropout=config.dropout)
+                      hidden=config.hidden, dropout=config.dropout, **extra)
 
 
 def upstream_overrides(config: FinetuneConfig) -> Dict[str, float]:

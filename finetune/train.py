@@ -76,10 +76,10 @@ from conilium.extract.upstreams import check_upstream, load_upstream
 from conilium.metrics import score
 from conilium.dirs import ModelDir
 from conilium.runtime import Dist, autocast, init_distributed
-from conilium.targets import class_weights, training_set
+from conilium.targets import class_weights, gender_targets, training_set
 from conilium.training import loop
-from conilium.training.losses import loss_fn, uses_weights
-from conilium.training.mixup import mix, mix_waves, mixup_or_none
+from conilium.training.losses import loss_fn, masked_bce, uses_weights
+from conilium.training.mixup import mix, mix_mask, mix_waves, mixup_or_none
 from conilium.training.samplers import balanced_weights
 from conilium.training.state import Checkpoint, cpu_state, rng_state, save_atomic, seed_epoch, set_rng_state
 from conilium.util import check_writable, output_errors
@@ -131,6 +131,9 @@ def prepare(config: FinetuneConfig) -> Prepared:
     if not any(c.scoreable for c in dev):
         raise ConfigError(f"corpus {config.corpus} has no scoreable clip in split {config.dev_split!r} to select "
                           f"the best epoch (splits: {', '.join(corpus.splits)})")
+    if config.aux == "gender" and np.isnan(gender_targets(clips)).all():
+        raise ConfigError(f"--aux gender: no training clip of split {config.train_split} in corpus {config.corpus} "
+                          f"has a known gender (Gender Male or Female in labels_consensus.csv)")
     labels = [c.emo_class for c in clips]
     weights = class_weights(labels) if (uses_weights(config.loss) and config.sampler is None) else None
     splits = {config.dev_split: dev}
@@ -209,6 +212,8 @@ class Built:
     eval_sets: Dict[str, Tuple[AudioClips, List[Clip]]]  # dev first
     lora: Optional[dict] = None  # the LoRA adapters' description (:func:`~conilium.extract.lora.add_adapters`)
     stage_draw: Optional[np.ndarray] = None  # the balanced second stage's draw weights (--balanced-stage)
+    gender: Optional[torch.Tensor] = None  # --aux gender: training targets (1 Female, 0 Male, 0 where unknown)
+    gender_mask: Optional[torch.Tensor] = None  # 1 where the gender is known
     optimizer_name: Optional[str] = None  # set by :func:`fit`
 
 
@@ -280,8 +285,13 @@ def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device,
     draw = balanced_weights([c.emo_class for c in prep.train]) if config.sampler == "balanced" else None
     weights = None if prep.weights is None else torch.as_tensor(prep.weights, device=device)
     stage_draw = balanced_weights([c.emo_class for c in prep.train]) if config.balanced_stage else None
+    gender = gender_mask = None
+    if config.aux == "gender":
+        g = gender_targets(prep.train)
+        gender = torch.as_tensor(np.nan_to_num(g, nan=0.0))
+        gender_mask = torch.as_tensor((~np.isnan(g)).astype(np.float32))
     return Built(model, identity, start.info, signal, train, durations, torch.as_tensor(prep.train_targets), weights,
-                 draw, eval_sets, lora, stage_draw=stage_draw)
+                 draw, eval_sets, lora, stage_draw=stage_draw, gender=gender, gender_mask=gender_mask)
 
 
 # ----------------------------------------------------------------------------- fit
@@ -331,16 +341,24 @@ class FinetuneRecipe(loop.Recipe):
             if errors:
                 raise ConiliumError(f"training stopped: {errors[0][1]}")
             y = b.targets[idx].to(self.device)
+            aux = b.gender is not None
+            if aux:
+                g, known = b.gender[idx].to(self.device), b.gender_mask[idx].to(self.device)
             waves, lengths = waves.to(self.device, non_blocking=True), lengths.to(self.device)
             if self.mixup is not None:  # pairs within the micro-batch, on the waveforms
                 perm, lam = self.mixup.pairs(len(idx), self.device)
                 waves, lengths = mix_waves(waves, lengths, perm, lam)
                 y = mix(y, perm, lam)
+                if aux:
+                    g, known = mix(g, perm, lam), mix_mask(known, perm)
             last = k == n_parts - 1 or not d.on
             with contextlib.nullcontext() if last else self.train_model.no_sync():
                 with autocast(self.device, self.dtype):
-                    logits = self.train_model(waves, lengths)
+                    out = self.train_model(waves, lengths, aux=True) if aux else self.train_model(waves, lengths)
+                logits, g_logit = out if aux else (out, None)
                 loss = self.fn(logits.float(), y, self.weights)
+                if aux:
+                    loss = loss + config.aux_weight * masked_bce(g_logit, g, known)
                 # every rank stops together (a rank alone in backward would wait for the others forever)
                 bad = d.all_sum([0.0 if torch.isfinite(loss) else 1.0])[0] if d.on else float(
                     not torch.isfinite(loss))

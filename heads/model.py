@@ -99,7 +99,7 @@ class Classifier(nn.Module):
     """dropout → Linear → LayerNorm → ReLU → dropout → Linear (challenge-baseline names)."""
 
     def __init__(self, in_dim: int, hidden: int = 1024, num_classes: int = len(CLASSES), dropout: float = 0.5,
-                 attributes: int = 0):
+                 attributes: int = 0, gender: int = 0):
         super().__init__()
         self.inp_drop = nn.Dropout(dropout)
         self.fc = nn.ModuleList([nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden),
@@ -108,16 +108,26 @@ class Classifier(nn.Module):
         # created after the class output, so that a head with attributes draws the same
         # initial class weights as one without
         self.attributes = nn.Linear(hidden, attributes) if attributes else None
+        # the auxiliary gender logit, created last: the other outputs draw the same initial weights
+        self.gender = nn.Linear(hidden, 1) if gender else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aux: bool = False):
+        """The outputs (class logits, then attribute values); with ``aux``, also the auxiliary
+        gender logit (B,): ``(outputs, gender)``."""
         h = self.inp_drop(x)
         for block in self.fc:
             h = block(h)
         if self.attributes is None:
-            return self.out(h)
-        if self.out is None:
-            return self.attributes(h)
-        return torch.cat([self.out(h), self.attributes(h)], dim=1)
+            y = self.out(h)
+        elif self.out is None:
+            y = self.attributes(h)
+        else:
+            y = torch.cat([self.out(h), self.attributes(h)], dim=1)
+        if not aux:
+            return y
+        if self.gender is None:
+            raise ValueError("this head has no auxiliary gender output")
+        return y, self.gender(h).squeeze(1)
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,7 @@ class HeadConfig:
     dropout: float = 0.5
     num_classes: int = len(CLASSES)
     attributes: int = 0  # attribute outputs (3: arousal, valence, dominance) after the class logits
+    gender: int = 0  # 1: an auxiliary gender logit beside the outputs (training only; forward(aux=True))
 
 
 class EmotionHead(nn.Module):
@@ -158,7 +169,8 @@ class EmotionHead(nn.Module):
         if config.num_classes < 0 or config.attributes < 0 or config.num_classes + config.attributes == 0:
             raise ValueError(f"a head needs class or attribute outputs, not num_classes={config.num_classes}, "
                              f"attributes={config.attributes}")
-        self.classifier = Classifier(in_dim, config.hidden, config.num_classes, config.dropout, config.attributes)
+        self.classifier = Classifier(in_dim, config.hidden, config.num_classes, config.dropout, config.attributes,
+                                     config.gender)
 
     @property
     def attribute_outputs(self) -> int:
@@ -177,5 +189,6 @@ class EmotionHead(nn.Module):
         x = self.layer_mix(x, axis=2)
         return self.pooling(x, valid_mask(lengths, x.shape[1]))
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor = None) -> torch.Tensor:
-        return self.classifier(self.embed(x, lengths))
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor = None, aux: bool = False):
+        """Class logits then attribute values; with ``aux``, ``(those, gender logit)``."""
+        return self.classifier(self.embed(x, lengths), aux=aux)

@@ -161,6 +161,8 @@ def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, dev
             "input": sel.to_json(),
         },
     }
+    if head.aux_scores is not None:
+        extra["aux"] = head.aux_scores
     if config.balanced_stage:
         extra["training"]["balanced_stage"] = stage_summary(history, head.selection.metric, head.best_epoch,
                                                            config.balanced_stage)

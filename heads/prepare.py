@@ -17,7 +17,8 @@ from conilium.cache.reader import FeatureCache
 from conilium.dirs import check_cache_dir
 from conilium.errors import ConfigError
 from conilium.runtime import resolve_device
-from conilium.targets import ATTRIBUTES, attribute_set, attribute_values, base_kind, class_weights, training_set
+from conilium.targets import (ATTRIBUTES, attribute_set, attribute_values, base_kind, class_weights, gender_targets,
+                              training_set)
 from conilium.training.losses import uses_weights
 
 from .config import TrainConfig
@@ -46,6 +47,8 @@ class PreparedData:
     #: (N, 3) attribute values of the training clips on the corpus scale, NaN where unknown
     #: (None for ``task="categories"``)
     train_attributes: Optional[np.ndarray] = None
+    #: (N,) gender targets of the training clips (1 Female, 0 Male, NaN unknown; None without ``--aux gender``)
+    train_gender: Optional[np.ndarray] = None
 
 
 def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> PreparedData:
@@ -101,13 +104,23 @@ def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> Pre
         if config.task == "joint" and np.isnan(attributes).any(axis=1).all():
             raise ConfigError(f"--task joint: no training clip of split {config.train_split} in cache {cache.path} "
                               f"has arousal, valence and dominance values")
-    return PreparedData(cache, selection, train_names, targets, labels, dev_names, counts, weights, attributes)
+    gender = None
+    if config.aux == "gender":
+        gender = gender_targets(clips)
+        if np.isnan(gender).all():
+            raise ConfigError(f"--aux gender: no training clip of split {config.train_split} in cache {cache.path} "
+                              f"has a known gender (Gender Male or Female in labels_consensus.csv; a cache "
+                              f"extracted before genders were recorded reads every clip as Unknown)")
+    return PreparedData(cache, selection, train_names, targets, labels, dev_names, counts, weights, attributes,
+                        gender)
 
 
 def head_config_for(config: TrainConfig, selection: InputSelection) -> HeadConfig:
     extra = {}
     if config.task != "categories":  # a categories head's config stays as it always was
         extra = {"attributes": len(ATTRIBUTES), "num_classes": 0 if config.task == "attributes" else len(CLASSES)}
+    if config.aux == "gender":
+        extra["gender"] = 1
     return HeadConfig(dim=selection.dim, num_layers=selection.num_layers,
                       layers="weighted" if selection.positions is None else 0,
                       pooling="stats" if selection.kind == "pooled" else config.pooling,

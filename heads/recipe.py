@@ -16,7 +16,7 @@ from conilium.metrics import score, score_attributes
 from conilium.runs import letters
 from conilium.targets import ATTRIBUTE_COLUMNS, to_unit
 from conilium.training.loop import Recipe, Selection, Trainee, make_optimizer
-from conilium.training.losses import ccc_loss, loss_fn
+from conilium.training.losses import ccc_loss, loss_fn, masked_bce
 from conilium.training.mixup import mix, mix_mask, mixup_or_none
 from conilium.training.state import RandomStream, cpu_state
 
@@ -104,6 +104,12 @@ class HeadTrainee(Trainee):
             self.attr_targets = torch.as_tensor(unit, dtype=torch.float32).to(device)
             self.attr_mask = torch.as_tensor(known, dtype=torch.float32).to(device)
         self.mixup = mixup_or_none(config.mixup, [config.seed])
+        self.gender = self.gender_mask = None  # --aux gender: targets and where they are known
+        if data.train_gender is not None:
+            known = ~np.isnan(data.train_gender)
+            self.gender = torch.as_tensor(np.where(known, data.train_gender, 0.0), dtype=torch.float32).to(device)
+            self.gender_mask = torch.as_tensor(known, dtype=torch.float32).to(device)
+        self.aux_scores: Optional[dict] = None
         self.best_state = None
         self.split_predictions: dict = {}
 
@@ -116,14 +122,21 @@ class HeadTrainee(Trainee):
             targets = self.targets[idx] if self.task != "attributes" else None
             attr = self.attr_targets[idx] if self.task != "categories" else None
             mask = self.attr_mask[idx] if self.task == "joint" else None
+            aux = self.gender is not None
+            gender = self.gender[idx] if aux else None
+            known = self.gender_mask[idx] if aux else None
             if self.mixup is None:
-                logits = self.model(x, lengths)
+                out = self.model(x, lengths, aux=True) if aux else self.model(x, lengths)
             else:
                 perm, lam = self.mixup.pairs(len(idx), x.device)
-                logits = self.model.classifier(mix(self.model.embed(x, lengths), perm, lam))
+                pooled = mix(self.model.embed(x, lengths), perm, lam)
+                out = self.model.classifier(pooled, aux=True) if aux else self.model.classifier(pooled)
                 targets = None if targets is None else mix(targets, perm, lam)
                 attr = None if attr is None else mix(attr, perm, lam)
                 mask = None if mask is None else mix_mask(mask, perm)
+                if aux:
+                    gender, known = mix(gender, perm, lam), mix_mask(known, perm)
+            logits, gender_logit = out if aux else (out, None)
             if self.task == "categories":
                 loss = self.fn(logits, targets, self.weights)
             else:
@@ -131,6 +144,8 @@ class HeadTrainee(Trainee):
                 loss = ccc_loss(logits[:, c:], attr, mask)
                 if self.task == "joint":
                     loss = self.fn(logits[:, :c], targets, self.weights) + self.config.attribute_weight * loss
+            if aux:
+                loss = loss + self.config.aux_weight * masked_bce(gender_logit, gender, known)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

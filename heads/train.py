@@ -65,7 +65,8 @@ from conilium.dirs import RunDir, check_cache_dir
 from conilium.locking import lock_directory
 from conilium.runs import is_complete
 from conilium.runtime import resolve_device
-from conilium.targets import attribute_values
+from conilium.metrics import score_binary
+from conilium.targets import GENDER_CLASSES, attribute_values, gender_targets
 from conilium.training.config import differing_fields
 from conilium.training import loop
 from conilium.training.loop import fit
@@ -260,6 +261,7 @@ def _fit_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *, prog
     for h in done:
         h.model.load_state_dict(h.best_state)
     train_seconds = time.time() - t_start
+    _score_gender(config, data, [h for h in done if h.gender is not None], device)
     _predict_splits(config, data, done, device, progress=progress)
     return [h.error if h.error is not None else
             _write_run(h, train_seconds=train_seconds, preload=preload, nbytes=nbytes, device=device)
@@ -314,6 +316,31 @@ def _train_batches(config: TrainConfig, data: PreparedData, train_ds: ClipDatase
     loader = DataLoader(train_ds, batch_sampler=order, collate_fn=collate, num_workers=workers,
                         persistent_workers=True, generator=loader_gen, pin_memory=device.type == "cuda")
     return (lambda: loader_batches(loader, device)), len(order)
+
+
+def _score_gender(config: TrainConfig, data: PreparedData, heads: Sequence[HeadTrainee], device: torch.device) -> None:
+    """``--aux gender``: each head's best epoch scored on the gender of the development split's
+    clips whose gender is known (accuracy and unweighted average recall)."""
+    if not heads:
+        return
+    cache, sel = data.cache, data.selection
+    names = [n for n in cache.split(config.dev_split, augmented=False) if cache.clips[n].gender in GENDER_CLASSES]
+    refs = gender_targets([cache.clips[n] for n in names])
+    logits = {id(h): np.zeros(len(names), dtype=np.float64) for h in heads}
+    if names:
+        check_clips(cache, names, sel)
+        ds = ClipDataset(cache, names, sel, None)
+        read = read_batches(ds, length_batches(cache, names, config.batch_size, sel), device,
+                            num_workers=config.num_workers)
+        for h in heads:
+            h.model.eval()
+        with torch.no_grad():
+            for x, lengths, idx in read():
+                for h in heads:
+                    logits[id(h)][np.asarray(idx)] = h.model(x, lengths, aux=True)[1].float().cpu().numpy()
+    for h in heads:
+        h.aux_scores = {"gender": dict(score_binary(refs, logits[id(h)], GENDER_CLASSES), split=config.dev_split,
+                                       weight=h.config.aux_weight)}
 
 
 def _stage_seed(seed: int) -> int:

@@ -44,6 +44,8 @@ LOSS_PROPERTIES = {
 
 #: Sampler names (``None``, written ``none`` on the command line: the clips shuffled once per epoch).
 SAMPLERS = ("balanced",)
+#: Auxiliary tasks of ``--aux`` (``None``, written ``none``: no auxiliary task).
+AUX_TASKS = ("gender",)
 #: Random seeds: what numpy and scikit-learn accept everywhere.
 SEED_MAX = 2 ** 32 - 1
 #: Frame poolings of a head (:data:`conilium.heads.model.POOLINGS` holds the modules).
@@ -199,6 +201,11 @@ class RunConfig:
                                  "layer alone for this many more epochs on class-balanced batches, keeping the "
                                  "better of the two stages by the selection metric; 0: off.", minimum=0,
                                  integer=True, metavar="EPOCHS")
+    aux: Optional[str] = option(None, "Auxiliary task learnt beside the classes: gender (one more output of the "
+                                "head, binary cross-entropy over the clips whose gender is known; clips of unknown "
+                                "gender do not count); arousal/valence/dominance: train-head --task joint.",
+                                choices=(None,) + AUX_TASKS, none="none")
+    aux_weight: float = option(1.0, "--aux: weight of the auxiliary loss added to the main loss.", minimum=0)
     train_split: str = option("Train", "Split the head trains on.")
     dev_split: str = option("Development", "Split that selects the best epoch (all its scoreable clips are "
                             "scored).")

@@ -83,6 +83,17 @@ def ccc_loss(predictions: torch.Tensor, targets: torch.Tensor, mask: Optional[to
     return (1 - ccc).mean()
 
 
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of one logit per clip, averaged over the clips whose ``mask`` is 1 (an
+    auxiliary label known: a clip without it does not count); 0, with zero gradients, for a
+    batch where no clip has it. ``targets`` may be soft (mixed); unknown ones may be NaN."""
+    z = logits.float().reshape(-1)
+    m = mask.to(dtype=z.dtype, device=z.device).reshape(-1)
+    t = torch.where(m > 0, targets.to(dtype=z.dtype, device=z.device).reshape(-1), torch.zeros_like(z))
+    per = F.binary_cross_entropy_with_logits(z, t, reduction="none")
+    return (per * m).sum() / m.sum().clamp(min=1.0)
+
+
 #: loss name → (function, output activation, uses class weights, target kinds it accepts); the
 #: properties come from :data:`conilium.training.config.LOSS_PROPERTIES` (importable without torch).
 _FUNCTIONS = {"wce": wce, "bce": bce, "wbce": bce, "kld": kld, "focal": focal}

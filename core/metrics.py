@@ -104,9 +104,11 @@ def score_attributes(references: np.ndarray, predictions: np.ndarray,
     return out
 
 
-def score_binary(references: Sequence[float], logits: Sequence[float], classes: Sequence[str]) -> Dict:
+def score_binary(references: Sequence[float], scores: Sequence[float], classes: Sequence[str], *,
+                 threshold: float = 0.0) -> Dict:
     """An auxiliary two-class task (e.g. gender) over the clips whose reference is known
-    (``references`` 0/1, NaN unknown; ``logits`` > 0 predicts ``classes[1]``): ``n``, ``accuracy``
+    (``references`` 0/1, NaN unknown; a score above ``threshold`` — a logit above 0, a
+    probability above 0.5 — predicts ``classes[1]``): ``n``, ``accuracy``
     and ``uar`` (unweighted average recall: the mean of the two classes' recalls); None scores
     for no known clip."""
     refs = np.asarray(references, dtype=np.float64)
@@ -114,7 +116,7 @@ def score_binary(references: Sequence[float], logits: Sequence[float], classes: 
     if not known.any():
         return {"n": 0, "accuracy": None, "uar": None, "classes": list(classes)}
     y = refs[known].astype(int)
-    p = (np.asarray(logits, dtype=np.float64)[known] > 0).astype(int)
+    p = (np.asarray(scores, dtype=np.float64)[known] > threshold).astype(int)
     counts = {c: int((y == i).sum()) for i, c in enumerate(classes)}
     return {"n": int(known.sum()), "accuracy": float(accuracy_score(y, p)),
             "uar": float(balanced_accuracy_score(y, p)), "classes": list(classes), "counts": counts}

@@ -186,8 +186,11 @@ def _write_outputs(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, de
         training["mixup"] = config.mixup
     if config.balanced_stage:
         training["balanced_stage"] = stage_summary(history, "dev_f1_macro", best["epoch"], config.balanced_stage)
+    extra = {"training": training, "kind": "finetune"}
+    if b.aux_scores is not None:
+        extra["aux"] = b.aux_scores
     metrics = write_run_outputs(out, split_predictions, history, best["epoch"], dev_split=config.dev_split,
-                                extra={"training": training, "kind": "finetune"})
+                                extra=extra)
     save_model_dir(out, model, {
         "max_seconds": b.signal.max_seconds,
         "normalize": {"mode": b.signal.normalize, "stats": b.signal.stats},

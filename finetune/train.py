@@ -73,10 +73,11 @@ from conilium.locking import DirectoryLock
 from conilium.extract.encoder import freeze_front_end
 from conilium.extract.lora import add_adapters, check_lora_modules, parse_lora_layers
 from conilium.extract.upstreams import check_upstream, load_upstream
-from conilium.metrics import score
+from conilium.heads.model import GenderOutput
+from conilium.metrics import score, score_binary
 from conilium.dirs import ModelDir
 from conilium.runtime import Dist, autocast, init_distributed
-from conilium.targets import class_weights, gender_targets, training_set
+from conilium.targets import GENDER_CLASSES, class_weights, gender_targets, training_set
 from conilium.training import loop
 from conilium.training.losses import loss_fn, masked_bce, uses_weights
 from conilium.training.mixup import mix, mix_mask, mix_waves, mixup_or_none
@@ -215,6 +216,7 @@ class Built:
     gender: Optional[torch.Tensor] = None  # --aux gender: training targets (1 Female, 0 Male, 0 where unknown)
     gender_mask: Optional[torch.Tensor] = None  # 1 where the gender is known
     optimizer_name: Optional[str] = None  # set by :func:`fit`
+    aux_scores: Optional[dict] = None  # set by :func:`export` (``--aux``: the auxiliary task's scores)
 
 
 def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device, ckpt: Optional[Checkpoint], *,
@@ -513,10 +515,28 @@ def export(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, device: to
     for split, (ds, clips) in b.eval_sets.items():
         _, probs = _evaluate_split(model, ds, clips, config, d, device, progress, f"predicting {split}")
         split_predictions[split] = ([c.name for c in clips], probs, [c.emo_class for c in clips])
+    if b.gender is not None:
+        b.aux_scores = {"gender": _gender_scores(model, *b.eval_sets[config.dev_split], config, d, device)}
     # rank 0 writes; the other ranks wait for it, and fail with it
     metrics = d.on_main(lambda: write_model_dir(config, prep, b, d, device, history, best, train_seconds,
                                                  split_predictions, out, model))
     return metrics if d.main else {}
+
+
+def _gender_scores(model: EndToEndModel, ds: AudioClips, clips: Sequence[Clip], config: FinetuneConfig, d: Dist,
+                   device: torch.device) -> dict:
+    """``--aux gender``: the gender output scored on the clips of ``clips`` whose gender is known
+    (each rank predicts a share)."""
+    known = [i for i, c in enumerate(clips) if c.gender in GENDER_CLASSES]
+    part = predict_clips(GenderOutput(model), ds, known[d.rank :: d.world], "bce", device=device,
+                         batch_size=config.eval_batch_size, precision=config.precision,
+                         num_workers=config.num_workers)
+    merged: Dict[int, np.ndarray] = {}
+    for piece in d.gather(part):
+        merged.update(piece)
+    probs = [float(merged[i][0]) for i in known]
+    scores = score_binary(gender_targets([clips[i] for i in known]), probs, GENDER_CLASSES, threshold=0.5)
+    return dict(scores, split=config.dev_split, weight=config.aux_weight)
 
 
 def _train_audio_stats(prep: Prepared, config: FinetuneConfig, max_seconds: float, progress: bool) -> dict:

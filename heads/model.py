@@ -192,3 +192,15 @@ class EmotionHead(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor = None, aux: bool = False):
         """Class logits then attribute values; with ``aux``, ``(those, gender logit)``."""
         return self.classifier(self.embed(x, lengths), aux=aux)
+
+
+class GenderOutput(nn.Module):
+    """A model with an auxiliary gender output (an :class:`EmotionHead` or an end-to-end model),
+    seen as a model whose one output column is that logit (to predict it as any output)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs) -> torch.Tensor:
+        return self.model(*inputs, aux=True)[1].unsqueeze(1)

@@ -170,3 +170,10 @@ def test_fine_tuning_with_aux_gender(small_demo_corpus, tmp_path, two_torch_thre
     assert logits.shape == (2, 8) and g.shape == (2,) and torch.isfinite(g).all()
     dev = read_predictions(Path(config.out) / "predictions" / "Development.csv")
     assert dev.probs.shape == (15, 8)
+    # the gender output scored on the Development clips of known gender, as the saved model predicts it
+    from conilium.corpus import load_corpus
+
+    clips = [c for c in load_corpus(small_demo_corpus).split("Development") if c.gender in ("Male", "Female")]
+    g = m["aux"]["gender"]
+    assert g["n"] == len(clips) > 0 and 0 <= g["uar"] <= 1 and g["weight"] == 0.5
+    assert json.loads((Path(config.out) / "metrics.json").read_text())["aux"] == m["aux"]

@@ -7,6 +7,7 @@ what the report never lets the paper say for us: :mod:`conilium.evaluate.report`
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -313,6 +314,35 @@ def _row_entry(table: str, label: str, value, base: Path) -> Tuple[Path, Optiona
                       f"{{\"run\": DIR, \"split\": SPLIT}}, got {value!r}")
 
 
+def _seed_entries(table: str, label: str, value, base: Path) -> List[Path]:
+    """A row's ``seeds``: the runs of its configuration, one per seed (none when not given)."""
+    seeds = value.get("seeds") if isinstance(value, dict) else None
+    if seeds is None:
+        return []
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, str) for x in seeds):
+        raise ConfigError(f"report spec, table {table}, row {label!r}: 'seeds' must be a non-empty list of run "
+                          f"directories (one per seed), got {seeds!r}")
+    return [_resolve(x, base) for x in seeds]
+
+
+def _over_seeds(table: str, label: str, runs: List[Path], split: str) -> Dict:
+    """Each seed's run scored on ``split`` (as the row is): their macro- and micro-F1, with the
+    mean and sample standard deviation (ddof 1, as train-grid's seeds.csv) over the seeds."""
+    values: Dict[str, List[float]] = {"f1_macro": [], "f1_micro": []}
+    for run in runs:
+        try:
+            s = split_metrics(run, split)
+        except RunError as e:
+            raise RunError(f"report spec, table {table}, row {label!r}, seeds: {e}") from None
+        for k in values:
+            values[k].append(float(s[k]))
+    out: Dict = {"runs": [str(r) for r in runs],
+                 "seeds": [(run_config(r) or {}).get("seed") for r in runs]}
+    for k, v in values.items():
+        out[k] = {"values": v, "mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else None}
+    return out
+
+
 def _test_split(run_dir: Path) -> Optional[str]:
     """The first labelled split of a run other than Train and Development."""
     for s in RunDir(run_dir).splits():
@@ -573,11 +603,23 @@ def attribute_table(rows_spec: Dict, base: Path, boot: Optional[Bootstrap] = Non
             raise RunError(f"{where}: {run_dir} has no attribute scores on split {split} "
                            f"(scored: {', '.join(m['attributes']) or 'none'})")
         cfg = run_config(run_dir) or {}
-        rows.append({"label": label, "run": str(run_dir), "split": split, "task": cfg.get("task"),
-                     "setting": run_setting(run_dir), "scores": a,
-                     "intervals": boot.intervals(run_dir, split, classes=False),
-                     "f1_macro": (m.get("splits") or {}).get(split, {}).get("f1_macro"),
-                     "train_clips": (m.get("training") or {}).get("attribute_clips")})
+        row = {"label": label, "run": str(run_dir), "split": split, "task": cfg.get("task"),
+               "setting": run_setting(run_dir), "scores": a,
+               "intervals": boot.intervals(run_dir, split, classes=False),
+               "f1_macro": (m.get("splits") or {}).get(split, {}).get("f1_macro"),
+               "train_clips": (m.get("training") or {}).get("attribute_clips")}
+        seed_runs = _seed_entries(ATTRIBUTES_TABLE, label, value, base)
+        if seed_runs:
+            values = []
+            for r in seed_runs:
+                got = ((RunDir(r).metrics_or_none() or {}).get("attributes") or {}).get(split) or {}
+                if got.get("ccc_mean") is None:
+                    raise RunError(f"{where}, seeds: {r} has no attribute scores on split {split}")
+                values.append(float(got["ccc_mean"]))
+            row["seeds"] = {"runs": [str(r) for r in seed_runs],
+                            "ccc_mean": {"values": values, "mean": statistics.fmean(values),
+                                         "sd": statistics.stdev(values) if len(values) > 1 else None}}
+        rows.append(row)
     return rows
 
 
@@ -629,6 +671,7 @@ def check_tables(spec: Mapping) -> Dict:
 
 def _score_row(key: str, label: str, value, base: Path, boot: Bootstrap) -> Dict:
     run_dir, split = _row_entry(key, label, value, base)
+    seed_runs = _seed_entries(key, label, value, base)
     prow = paper.match_row(key, label)
     is_test = key == "table4" and ((prow is not None and prow.label == "Test")
                                    or label.strip().lower() in TEST_ROWS)
@@ -651,6 +694,8 @@ def _score_row(key: str, label: str, value, base: Path, boot: Bootstrap) -> Dict
                                             "confusion_percent", "confusion_labels")}
         entry["score"]["intervals"] = boot.intervals(run_dir, split, attributes=False)
         entry["tuning"] = threshold_scores(run_dir, split)
+        if seed_runs:
+            entry["seeds"] = _over_seeds(key, label, seed_runs, split)
     return entry
 
 

@@ -142,6 +142,16 @@ def _corpus_lines(corpus: Optional[List[Dict]], corpus_figs: List[Path], out_dir
     return lines
 
 
+def _seed_cells(r: Dict) -> List[str]:
+    """Macro- and micro-F1 of a row over its seeds: ``mean ± sd (n seeds)``."""
+    sd = r.get("seeds")
+    if not sd:
+        return ["—", "—"]
+    n = len(sd["runs"])
+    return [f"{sd[k]['mean']:.3f}" + ("" if sd[k]["sd"] is None else f" ± {sd[k]['sd']:.3f}")
+            + f" ({n} seed{'s' if n > 1 else ''})" for k in ("f1_macro", "f1_micro")]
+
+
 def _row_cells(r: Dict, tuned_table: bool, out_dir: Path) -> List[str]:
     s = r.get("score")
     run = f"`{_rel(r['run'], out_dir)}`" if r["run"] else "—"
@@ -169,6 +179,7 @@ def _table_lines(key: str, table, scored: Dict[str, List[Dict]], out_dir: Path, 
                  extras: Dict, charts: Dict) -> List[str]:
     rows = scored[key]
     tuned_table = any(r.get("tuning") for r in rows)
+    seeded = any(r.get("seeds") for r in rows)
     lines = [f"## {table.title}", "", table.caption, ""]
     head = ["Row", "Setting (ours)", "Run", "Split", "Clips"]
     if tuned_table:
@@ -176,9 +187,17 @@ def _table_lines(key: str, table, scored: Dict[str, List[Dict]], out_dir: Path, 
     else:
         head += ["Macro-F1 (ours)"]
     head += ["Macro-F1 (paper, end to end)", "Micro-F1 (ours)", "Micro-F1 (paper, end to end)"]
+    if seeded:
+        head += ["Macro-F1 over seeds, mean ± sd (ours)", "Micro-F1 over seeds, mean ± sd (ours)"]
     lines += ["| " + " | ".join(head) + " |",
               "|" + "|".join("---" if i < 4 else "---:" for i in range(len(head))) + "|"]
-    lines += ["| " + " | ".join(_row_cells(r, tuned_table, out_dir)) + " |" for r in rows]
+    lines += ["| " + " | ".join(_row_cells(r, tuned_table, out_dir) + (_seed_cells(r) if seeded else [])) + " |"
+              for r in rows]
+    if seeded:
+        lines += ["", "Rows trained with several seeds: their scores, intervals, figures and findings are the "
+                  "first seed's run (the *Run* column); the last columns give the mean ± sample standard deviation "
+                  "of each seed's run on the same split — how much training alone moves the score, beside the "
+                  "interval's resampling of the clips."]
     if tuned_table:
         lines += ["", "Tuned rows: *untuned* is the same model's argmax; *tuned* applies the decision thresholds "
                   "fitted on the development set — on the development set itself that is an **in-sample** "
@@ -362,20 +381,26 @@ def _attribute_lines(rows: List[Dict], out_dir: Path, charts: Optional[Dict] = N
     if not rows:
         return lines + ["No attribute run in this report: the paper predicts categories only; `train-head --task "
                         "attributes` (or `joint`) trains a head on them.", ""]
+    seeded = any(r.get("seeds") for r in rows)
     lines += ["Concordance correlation coefficient (CCC) of each attribute on the 1–7 scale, computed from each "
               "run's predictions over the clips with attribute values (consensus, else the annotators' mean). "
               "*attributes*: CCC loss only, on every training clip with attribute values (X and O included), "
               "best epoch by mean CCC; *joint*: the categories loss plus the weighted CCC loss, best epoch by "
               "macro-F1. The paper reports no attribute numbers.", "",
               "| Row | Task | Setting (ours) | Run | Split | Clips | "
-              + " | ".join(f"CCC {n} ({c})" for c, n in ATTRIBUTE_NAMES) + " | CCC mean | Macro-F1 (ours) |",
-              "|---|---|---|---|---|---:|" + "---:|" * (len(ATTRIBUTE_NAMES) + 2)]
+              + " | ".join(f"CCC {n} ({c})" for c, n in ATTRIBUTE_NAMES) + " | CCC mean | Macro-F1 (ours) |"
+              + (" CCC mean over seeds, mean ± sd |" if seeded else ""),
+              "|---|---|---|---|---|---:|" + "---:|" * (len(ATTRIBUTE_NAMES) + 2 + seeded)]
     for r in rows:
         a, iv = r["scores"], r.get("intervals") or {}
         cells = [r["label"], r.get("task") or "—", _setting_cell(r.get("setting")), f"`{_rel(r['run'], out_dir)}`",
                  r["split"], str(a.get("n", "—")),
                  *(_fmt(a[c]["ccc"]) + _interval(iv.get(f"ccc_{c}")) for c, _ in ATTRIBUTE_NAMES),
                  _fmt(a["ccc_mean"]), _fmt(r.get("f1_macro"))]
+        if seeded:
+            sd = (r.get("seeds") or {}).get("ccc_mean")
+            cells.append("—" if not sd else f"{sd['mean']:.3f}" + ("" if sd["sd"] is None else f" ± {sd['sd']:.3f}")
+                         + f" ({len(sd['values'])} seeds)")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     charts = charts or {}

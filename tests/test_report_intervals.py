@@ -24,11 +24,14 @@ def _refs():
     return [CLASSES[i % len(CLASSES)] for i in range(N)]
 
 
+def _predicted(right):
+    return [r if i in right else CLASSES[(CLASSES.index(r) + 1) % len(CLASSES)] for i, r in enumerate(_refs())]
+
+
 def _run(path, right, *, seed=0, attributes=False):
     """A WBCE run whose Development prediction is the reference on the clips ``right`` and a
     wrong class (the next one) elsewhere."""
-    refs = _refs()
-    pred = [r if i in right else CLASSES[(CLASSES.index(r) + 1) % len(CLASSES)] for i, r in enumerate(refs)]
+    refs, pred = _refs(), _predicted(right)
     probs = np.full((N, len(CLASSES)), 0.02)
     probs[np.arange(N), [CLASSES.index(p) for p in pred]] = 1 - 0.02 * (len(CLASSES) - 1)
     extra = {}
@@ -155,3 +158,41 @@ def test_findings_across_splits_are_judged_on_the_numbers_and_say_so(tmp_path):
     f = next(f for f in read_json(tmp_path / "rep" / "report.json")["findings"] if "test score is below" in f["text"])
     assert "interval" not in f and "different splits" in f["unpaired"]
     assert f["verdict"] == "agrees"  # 0.5 of the clips right on Development, one class on Test1
+
+
+def test_rows_trained_with_several_seeds_show_their_mean_and_sd(tmp_path):
+    from statistics import fmean, stdev
+
+    from sklearn.metrics import f1_score
+
+    half = set(range(0, N, 2))
+    runs, right = {}, {}
+    for name, extra in (("wbce-P", 0), ("wbce-S", 10)):
+        right[name] = [half | set(range(1, 2 * (extra + 3 * s) + 1, 2)) for s in range(3)]
+        runs[name] = [_run(tmp_path / "runs" / f"{name}-seed{s}", r) for s, r in enumerate(right[name])]
+    spec = {"tables": {"table2": {label: {"run": str(rs[0]), "seeds": [str(r) for r in rs]}
+                                  for label, rs in (("WBCE(P)", runs["wbce-P"]), ("WBCE(S)", runs["wbce-S"]))}}}
+    build_report(spec, tmp_path / "rep")
+    js = read_json(tmp_path / "rep" / "report.json")
+    md = (tmp_path / "rep" / "REPORT.md").read_text(encoding="utf-8")
+    t2 = md.split("## Table 2: loss functions", 1)[1].split("\n## ", 1)[0]
+    header = next(ln for ln in t2.splitlines() if ln.startswith("| Row |"))
+    assert "Macro-F1 over seeds, mean ± sd (ours)" in header and "Micro-F1 over seeds, mean ± sd (ours)" in header
+    for label, name in (("WBCE(P)", "wbce-P"), ("WBCE(S)", "wbce-S")):
+        row = next(r for r in js["tables"]["table2"] if r["label"] == label)
+        assert row["run"] == str(runs[name][0])  # the row's own scores are the first seed's
+        by_hand = [f1_score(_refs(), _predicted(r), labels=list(CLASSES), average="macro", zero_division=0)
+                   for r in right[name]]
+        got = row["seeds"]["f1_macro"]
+        assert got["values"] == pytest.approx(by_hand) and len(set(by_hand)) == 3  # the seeds' runs differ
+        assert got["mean"] == pytest.approx(fmean(by_hand)) and got["sd"] == pytest.approx(stdev(by_hand))
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {label} |"))
+        assert line.endswith(f"| {fmean(by_hand):.3f} ± {stdev(by_hand):.3f} (3 seeds) | "
+                             f"{row['seeds']['f1_micro']['mean']:.3f} ± {row['seeds']['f1_micro']['sd']:.3f} (3 seeds) |")
+    bad = {"tables": {"table2": {"WBCE(P)": {"run": str(runs["wbce-P"][0]), "seeds": str(runs["wbce-P"][1])}}}}
+    with pytest.raises(ConfigError, match="'seeds' must be a non-empty list"):
+        build_report(bad, tmp_path / "bad")
+    missing = {"tables": {"table2": {"WBCE(P)": {"run": str(runs["wbce-P"][0]), "seeds": [str(tmp_path / "nope")]}}}}
+    with pytest.raises(Exception, match="row 'WBCE\\(P\\)', seeds: .*nope"):
+        build_report(missing, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

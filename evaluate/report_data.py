@@ -290,16 +290,43 @@ class Bootstrap:
                             p.attribute_refs)
         return bootstrap.intervals(p, draws=self.draws, seed=self.seed, level=self.level)
 
-    def paired(self, row_a: Dict, row_b: Dict) -> Dict[str, Dict]:
+    def kfold_predictions(self, row: Dict) -> Predictions:
+        """A threshold-tuned row's K-fold predictions: each clip of its tuning split decided by
+        the offsets fitted without its fold (``cross_validation.folds`` of its metrics.json,
+        applied to its probabilities), checked against the K-fold estimate it recorded; a
+        RunError when they cannot be rebuilt."""
+        from .thresholds import apply_offsets
+
+        p = self.predictions(row["run"], row["split"])
+        cv = (_metrics(row["run"]).get("cross_validation") or {})
+        folds = cv.get("folds") or []
+        if not folds or tuple(cv.get("classes") or p.classes) != tuple(p.classes):
+            raise RunError("no K-fold folds recorded in its metrics.json")
+        pred = list(p.prediction)
+        for fold in folds:
+            held = [int(i) for i in fold["held_out"]]
+            if held and not 0 <= min(held) <= max(held) < len(p):
+                raise RunError("its K-fold folds do not index its predictions")
+            for i, letter in zip(held, apply_offsets(p.probs[held], fold["offsets"], p.classes)):
+                pred[i] = letter
+        kfold = Predictions(p.names, p.probs, pred, p.reference, p.classes)
+        # the probabilities are read back at the CSV's precision: the decisions must give the
+        # estimate the run recorded, else a near tie was decided otherwise
+        if abs(score(p.reference, pred)["f1_macro"] - float(cv.get("f1_macro_pooled", np.nan))) > 1e-9:
+            raise RunError("its K-fold predictions could not be rebuilt to the recorded estimate")
+        return kfold
+
+    def paired(self, row_a: Dict, row_b: Dict, *, kfold_a: bool = False) -> Dict[str, Dict]:
         """The paired bootstrap of row A − row B on their class scores (both rows scored on the same
-        split of the same clips); a RunError when they cannot be paired."""
+        split of the same clips; ``kfold_a``: row A's K-fold predictions, :meth:`kfold_predictions`);
+        a RunError when they cannot be paired."""
         if row_a["split"] != row_b["split"]:
             raise RunError(f"scored on different splits ({row_a['split']}, {row_b['split']})")
 
         def classes_only(p: Predictions) -> Predictions:
             return Predictions(p.names, p.probs, p.prediction, p.reference, p.classes)
 
-        a = classes_only(self.predictions(row_a["run"], row_a["split"]))
+        a = classes_only(self.kfold_predictions(row_a) if kfold_a else self.predictions(row_a["run"], row_a["split"]))
         b = classes_only(self.predictions(row_b["run"], row_b["split"]))
         b, a = bootstrap._aligned_pair(row_b["run"], row_a["run"], b, a, row_a["split"])
         return bootstrap.paired(b, a, draws=self.draws, seed=self.seed, level=self.level)
@@ -403,18 +430,21 @@ def _difference(boot: Optional["Bootstrap"], f: paper.Finding, ra: Optional[Dict
     "n", ...}``), or ``(None, why)`` when the finding cannot be tested on paired clips."""
     if boot is None:
         return None, "no interval computed"
-    if f.metric == "macro_kfold":
-        return None, "the K-fold estimate has no per-clip predictions to resample"
     if not (ra and rb and ra.get("run") and rb.get("run")):
         return None, "no predictions"
     key = "f1_micro" if f.metric == "micro" else "f1_macro"
+    kfold = f.metric == "macro_kfold" and bool((ra.get("tuning") or {}).get("kfold") is not None)
+    if f.metric == "macro_kfold" and (rb.get("tuning") or {}).get("kfold") is not None:
+        return None, "not paired: both rows are K-fold estimates"
     try:
-        got = boot.paired(ra, rb).get(key)
+        got = boot.paired(ra, rb, kfold_a=kfold).get(key)
     except RunError as e:
         return None, f"not paired: {e}"
     if got is None:
         return None, "no paired score"
-    return dict(got, metric=key, draws=boot.draws, seed=boot.seed, level=boot.level), ""
+    # paired() scores B − A of its arguments (row B, row A): ``a`` and ``b`` named after the finding's rows
+    return dict(got, a=got["b"], b=got["a"], metric=key, kfold=kfold, draws=boot.draws, seed=boot.seed,
+                level=boot.level), ""
 
 
 def _resolved(d: Dict) -> bool:
@@ -432,8 +462,10 @@ def check_finding(f: paper.Finding, scored: Dict[str, List[Dict]], boot: Optiona
     its interval contains 0, else *agrees* or *disagrees* by its sign; "X is the best" is
     *agrees* when X is above each other row with an interval above 0, *disagrees* when a row
     is above X with an interval leaving 0 out, else *not resolved* (``intervals``: X − each
-    row). A finding that cannot be paired (rows on different splits, the K-fold estimate)
-    keeps the judgement on the numbers alone, with ``unpaired`` saying why.
+    row). The K-fold finding pairs the tuned row's K-fold predictions
+    (:meth:`Bootstrap.kfold_predictions`) with the untuned row. A finding that cannot be paired
+    (rows on different splits) keeps the judgement on the numbers alone, with ``unpaired``
+    saying why.
     """
     metric_name = {"macro": "macro-F1", "micro": "micro-F1", "macro_kfold": "macro-F1"}[f.metric]
     out = {"table": f.table, "where": f.where, "text": f.text, "metric": f.metric, "rows": list(f.rows)}
@@ -694,6 +726,13 @@ def _score_row(key: str, label: str, value, base: Path, boot: Bootstrap) -> Dict
                                             "confusion_percent", "confusion_labels")}
         entry["score"]["intervals"] = boot.intervals(run_dir, split, attributes=False)
         entry["tuning"] = threshold_scores(run_dir, split)
+        if entry["tuning"] and entry["tuning"].get("kfold") is not None:
+            try:  # the K-fold estimate's interval, from the rebuilt K-fold decisions
+                kf = boot.kfold_predictions(entry)
+                entry["tuning"]["kfold_interval"] = bootstrap.intervals(
+                    kf, draws=boot.draws, seed=boot.seed, level=boot.level).get("f1_macro")
+            except RunError:
+                entry["tuning"]["kfold_interval"] = None
         if seed_runs:
             entry["seeds"] = _over_seeds(key, label, seed_runs, split)
     return entry

@@ -115,9 +115,10 @@ _NOT_RESOLVED_TEXT = (
     "is shown after the difference. When that interval contains 0 the finding is **not resolved**: our clips "
     "cannot tell which row is higher, whatever the sign of the observed difference; otherwise it agrees or "
     "disagrees by the interval's sign. \"X is the best\" agrees when X is above every other row with an "
-    "interval above 0, disagrees when some row is above X with an interval leaving 0 out. A finding whose "
-    "rows cannot be paired (different splits, the K-fold estimate) is judged on the numbers alone and says "
-    "so; `conilium-eval compare A B` gives the same paired interval and its p-value for any two runs.")
+    "interval above 0, disagrees when some row is above X with an interval leaving 0 out. The K-fold "
+    "finding pairs each clip's K-fold decision (thresholds fitted without its fold) with the untuned row. A "
+    "finding whose rows cannot be paired (different splits) is judged on the numbers alone and says so; "
+    "`conilium-eval compare A B` gives the same paired interval and its p-value for any two runs.")
 
 
 def _corpus_lines(corpus: Optional[List[Dict]], corpus_figs: List[Path], out_dir: Path) -> List[str]:
@@ -297,7 +298,7 @@ def _tuned_cells(r: Dict) -> List[str]:
     where = "in-sample" if t["in_sample"] else f"thresholds from {t['tune_split']}"
     kfold = "—"
     if t.get("kfold") is not None:
-        kfold = f"{t['kfold']:.3f} ({t['kfold_k']}-fold)"
+        kfold = f"{t['kfold']:.3f}{_interval(t.get('kfold_interval'))} ({t['kfold_k']}-fold)"
     elif not t["in_sample"]:
         kfold = "n/a (held-out split)"
     return [_fmt(t.get("untuned")), f"{_with_interval(s, 'f1_macro')} ({where})", kfold]

@@ -13,12 +13,12 @@ import pytest
 
 from conilium import CLASSES
 from conilium.evaluate import paper
-from conilium.evaluate.bootstrap import compare_runs, split_intervals
+from conilium.evaluate.bootstrap import compare_runs, intervals, paired, split_intervals
 from conilium.evaluate.ensemble import ensemble_runs, prediction_disagreement
 from conilium.evaluate.plots import confusion_figure, figure_title
 from conilium.evaluate.report import build_report, check_finding, split_metrics
 from conilium.evaluate.thresholds import tune_run
-from conilium.runs import prediction_path, write_predictions
+from conilium.runs import Predictions, prediction_path, read_predictions, write_predictions
 from conilium.util import read_json, write_json
 
 GRID = tuple(np.round(np.linspace(-0.3, 0.3, 13), 3))
@@ -152,14 +152,29 @@ def test_tuned_rows_show_untuned_in_sample_and_kfold(study):
     iv = split_intervals(study["tuned"], "Development")["scores"]["f1_macro"]  # the landed bootstrap, defaults
     assert dev["Macro-F1 tuned (ours)"] == (f"{m['splits']['Development']['f1_macro']:.3f} "
                                             f"[{iv['low']:.3f}, {iv['high']:.3f}] (in-sample)")
-    assert dev["Macro-F1 tuned, K-fold estimate (ours)"] == f"{m['cross_validation']['f1_macro_pooled']:.3f} (3-fold)"
+    # the K-fold decisions by hand: each held-out fold decided by the offsets fitted without it
+    cv = m["cross_validation"]
+    p = read_predictions(prediction_path(study["tuned"], "Development"))
+    kfold_pred = list(p.prediction)
+    for fold in cv["folds"]:
+        for i in fold["held_out"]:
+            kfold_pred[i] = CLASSES[int(np.argmax(p.probs[i] + np.array(fold["offsets"])))]
+    kfold_run = Predictions(p.names, p.probs, kfold_pred, p.reference, p.classes)
+    kiv = intervals(kfold_run)["f1_macro"]
+    assert kiv["value"] == pytest.approx(cv["f1_macro_pooled"])
+    assert dev["Macro-F1 tuned, K-fold estimate (ours)"] == (f"{cv['f1_macro_pooled']:.3f} "
+                                                             f"[{kiv['low']:.3f}, {kiv['high']:.3f}] (3-fold)")
     base = dict(zip(header, next(r for r in rows if r[0] == "Baseline (Development)")))
     assert base["Macro-F1 tuned (ours)"] == "not tuned"
     # the threshold finding is checked twice: in-sample and with the K-fold estimate
     f = [x for x in study["json"]["findings"] if x["table"] == "table4" and "raises macro-F1" in x["text"]]
     assert [x["metric"] for x in f] == ["macro", "macro_kfold"]
-    kfold, untuned = m["cross_validation"]["f1_macro_pooled"], m["untuned"]["Development"]["f1_macro"]
-    assert f[1]["verdict"] == ("agrees" if kfold > untuned + 5e-4 else "disagrees" if kfold < untuned - 5e-4 else "tie")
+    # the K-fold one pairs those K-fold decisions with the untuned WBCE(S) run, clip by clip
+    d = paired(read_predictions(prediction_path(study["runs"]["wbce-S"], "Development")), kfold_run)["f1_macro"]
+    got = f[1]["interval"]
+    assert got["kfold"] and (got["low"], got["high"], got["a"]) == (d["low"], d["high"], d["b"])
+    assert got["difference"] == pytest.approx(cv["f1_macro_pooled"] - m["untuned"]["Development"]["f1_macro"])
+    assert f[1]["verdict"] == ("agrees" if d["low"] > 0 else "disagrees" if d["high"] < 0 else "not resolved")
 
 
 def test_paper_columns_hold_only_the_seed_papers_numbers(study):

@@ -431,7 +431,11 @@ def report_cmd(spec, out, title, quiet):
     """Our tables beside the paper's (Tables 1-4, sections 3.4 and 3.6) from a JSON SPEC mapping
     each table's rows to run directories, and an "attributes" table of train-head --task
     attributes/joint runs (Development CCC of arousal, valence, dominance), written to
-    OUT/REPORT.md with its figures. Every key of the SPEC: docs/REPORT_SPEC.md. Example:
+    OUT/REPORT.md with its figures. Every score comes with its 95 % bootstrap interval, and
+    each of the paper's findings that compares two of our rows is "not resolved" when the
+    paired bootstrap interval of their difference contains 0 (SPEC keys "bootstrap_draws",
+    default 2000, and "bootstrap_seed", default 0). Every key of the SPEC:
+    docs/REPORT_SPEC.md. Example:
 
     \b
     {"title": "...", "corpus_figures": "describe-out",

@@ -22,8 +22,11 @@ What the report never lets the paper say for us:
   never saw the clips they score;
 * the "paper" columns hold the seed's numbers only; the challenge baseline and winner
   are listed with their own papers (:data:`paper.EXTERNAL`);
-* each of the seed's conclusions (:data:`paper.FINDINGS`) is given as the seed's, with
-  whether our numbers agree, computed from them.
+* every score carries its 95 % bootstrap interval over the clips it scores (``score.intervals``
+  in report.json), and each of the seed's conclusions (:data:`paper.FINDINGS`) is given as
+  the seed's, with whether our numbers agree: a comparison of two of our rows on the same
+  clips is *not resolved* when the paired bootstrap interval of their difference contains
+  0 (the spec's ``bootstrap_draws`` and ``bootstrap_seed`` say how it is drawn).
 
 The report spec (JSON: ``title``, ``notes``, ``corpus_figures``, ``tables``,
 ``easy_difficult``) is documented, key by key with a minimal example, in
@@ -47,8 +50,8 @@ from conilium.dirs import ReportDir
 from conilium.util import atomic_path, write_json
 
 from . import paper
-from .report_data import (ATTRIBUTES_TABLE, DEV_SPLIT, END_TO_END, FINETUNED_FEATURES, FROZEN, TIE,  # noqa: F401
-                          all_findings, as_trained, attribute_table, check_finding, check_tables, corpus_figures_dir,
+from .report_data import (ATTRIBUTES_TABLE, DEV_SPLIT, END_TO_END, FINETUNED_FEATURES, FROZEN, NOT_RESOLVED,  # noqa: F401
+                          TIE, Bootstrap, all_findings, as_trained, attribute_table, check_finding, check_tables, corpus_figures_dir,
                           corpus_rows, easy_difficult_result, extras, load_spec, our_value, run_config, run_setting,
                           score_tables, split_metrics, threshold_scores, training_set_sizes, xo_rows)
 from .report_figures import copy_corpus_figures, plot_extras, plot_rows
@@ -78,12 +81,13 @@ def build_report(spec, out_dir, *, title: Optional[str] = None) -> Path:
     report = ReportDir(out_dir)
     out_dir = report.path
     tables_spec = check_tables(spec)
+    boot = Bootstrap.from_spec(spec)
     # Score every row first: nothing is written when a row is broken.
-    scored, random_init = score_tables(tables_spec, base)
-    attribute_rows = attribute_table(tables_spec.get(ATTRIBUTES_TABLE) or {}, base)
+    scored, random_init = score_tables(tables_spec, base, boot)
+    attribute_rows = attribute_table(tables_spec.get(ATTRIBUTES_TABLE) or {}, base, boot)
     easy = easy_difficult_result(spec, base)
     corpus_dir = corpus_figures_dir(spec, base)
-    findings = [check_finding(f, scored) for f in all_findings() if f.table in scored]
+    findings = [check_finding(f, scored, boot) for f in all_findings() if f.table in scored]
     more = extras(scored, attribute_rows, corpus_dir)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,12 +95,13 @@ def build_report(spec, out_dir, *, title: Optional[str] = None) -> Path:
     plot_rows(scored, out_dir, report.figures)
     charts = plot_extras(scored, attribute_rows, out_dir, report.figures)
     title = title or spec.get("title") or "CONILIUM: our results beside the paper's"
-    md = markdown(title, scored, out_dir, corpus_figs, easy, random_init, spec, findings, more, charts)
+    md = markdown(title, scored, out_dir, corpus_figs, easy, random_init, spec, findings, more, charts,
+                  boot.describe())
     with atomic_path(report.markdown_path, suffix=".md.tmp") as tmp:
         tmp.write_text(md, encoding="utf-8")
     _remove_legacy_markdown(report)
     write_json(report.data_path, {
-        "title": title, "paper_setting": paper.PAPER_SETTING, "tables": scored, "random_init_runs": random_init,
+        "title": title, "paper_setting": paper.PAPER_SETTING, "bootstrap": boot.describe(), "tables": scored, "random_init_runs": random_init,
         "findings": findings, "external": [vars(p) for p in paper.EXTERNAL], **more, "charts": charts,
         "easy_difficult": easy and {k: v for k, v in easy.items() if k not in ("clip_groups", "correct_runs")}})
     return report.markdown_path

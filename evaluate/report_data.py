@@ -7,17 +7,21 @@ what the report never lets the paper say for us: :mod:`conilium.evaluate.report`
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
 
 from conilium import CLASSES
 from conilium.dirs import CacheDir, Manifest, ModelDir, RunDir, read_json_or_none
 from conilium.errors import ConfigError
 from conilium.metrics import score
-from conilium.runs import RunError, has_references, prediction_path, read_predictions
+from conilium.runs import Predictions, RunError, has_references, prediction_path, read_predictions
 from conilium.util import read_json_object
 
-from . import paper
+from . import bootstrap, paper
+from .options import DEFAULT_DRAWS, LEVEL, MIN_DRAWS
 from .plots import figure_title, write_split_metrics
 
 TEST_ROWS = ("test", "baseline (test)", "baseline_test", "baseline test")
@@ -26,6 +30,10 @@ DEV_SPLIT = "Development"
 ATTRIBUTES_TABLE = "attributes"
 #: Differences below this are ties: the report shows three decimals.
 TIE = 0.0005
+#: The report spec's bootstrap keys: draws of every interval (at least MIN_DRAWS) and their seed.
+DRAWS_KEY, SEED_KEY = "bootstrap_draws", "bootstrap_seed"
+#: A finding's verdict when the paired bootstrap interval of its difference contains 0.
+NOT_RESOLVED = "not resolved"
 #: Settings of a row (see :func:`run_setting`).
 FROZEN, FINETUNED_FEATURES, END_TO_END = "frozen cache", "fine-tuned features", "end to end"
 
@@ -235,6 +243,95 @@ def load_spec(spec) -> Tuple[Dict, Path]:
     return read_json_object(path, "report spec (a JSON object with 'tables')"), path.parent
 
 
+class Bootstrap:
+    """How the report's intervals are drawn (the spec's ``bootstrap_draws`` and
+    ``bootstrap_seed``), with each run's predictions read once for them.
+
+    A row's interval is :func:`conilium.evaluate.bootstrap.intervals` of its predictions, a
+    finding's :func:`conilium.evaluate.bootstrap.paired` of its two rows' predictions: the
+    numbers ``conilium-eval metrics --draws`` and ``conilium-eval compare`` give with the same
+    draws and seed.
+    """
+
+    def __init__(self, draws: int = DEFAULT_DRAWS, seed: int = 0, level: float = LEVEL):
+        self.draws, self.seed, self.level = draws, seed, level
+        self._preds: Dict[Tuple[str, str], Predictions] = {}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping) -> "Bootstrap":
+        """The spec's bootstrap keys, checked (draws: an integer, at least MIN_DRAWS; seed: an
+        integer from 0)."""
+        draws, seed = spec.get(DRAWS_KEY, DEFAULT_DRAWS), spec.get(SEED_KEY, 0)
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < MIN_DRAWS:
+            raise ConfigError(f"report spec: {DRAWS_KEY} must be an integer of at least {MIN_DRAWS}, got {draws!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+            raise ConfigError(f"report spec: {SEED_KEY} must be an integer from 0 to {2 ** 32 - 1}, got {seed!r}")
+        return cls(draws, seed)
+
+    def describe(self) -> Dict:
+        """What report.json says of the intervals."""
+        return {"draws": self.draws, "seed": self.seed, "level": self.level, "interval": bootstrap.INTERVAL_METHOD,
+                "p_value": bootstrap.P_VALUE_METHOD}
+
+    def predictions(self, run_dir, split: str) -> Predictions:
+        key = (str(run_dir), split)
+        if key not in self._preds:
+            self._preds[key] = read_predictions(prediction_path(run_dir, split))
+        return self._preds[key]
+
+    def intervals(self, run_dir, split: str, *, classes: bool = True, attributes: bool = True) -> Dict[str, Dict]:
+        """Each score of a run's split with its interval (:func:`bootstrap.intervals`): its F1
+        scores with ``classes``, its CCCs with ``attributes``."""
+        p = self.predictions(run_dir, split)
+        if not attributes:
+            p = Predictions(p.names, p.probs, p.prediction, p.reference, p.classes)
+        if not classes:
+            p = Predictions(p.names, np.zeros((len(p), 0)), [""] * len(p), [None] * len(p), (), p.attributes,
+                            p.attribute_refs)
+        return bootstrap.intervals(p, draws=self.draws, seed=self.seed, level=self.level)
+
+    def kfold_predictions(self, row: Dict) -> Predictions:
+        """A threshold-tuned row's K-fold predictions: each clip of its tuning split decided by
+        the offsets fitted without its fold (``cross_validation.folds`` of its metrics.json,
+        applied to its probabilities), checked against the K-fold estimate it recorded; a
+        RunError when they cannot be rebuilt."""
+        from .thresholds import apply_offsets
+
+        p = self.predictions(row["run"], row["split"])
+        cv = (_metrics(row["run"]).get("cross_validation") or {})
+        folds = cv.get("folds") or []
+        if not folds or tuple(cv.get("classes") or p.classes) != tuple(p.classes):
+            raise RunError("no K-fold folds recorded in its metrics.json")
+        pred = list(p.prediction)
+        for fold in folds:
+            held = [int(i) for i in fold["held_out"]]
+            if held and not 0 <= min(held) <= max(held) < len(p):
+                raise RunError("its K-fold folds do not index its predictions")
+            for i, letter in zip(held, apply_offsets(p.probs[held], fold["offsets"], p.classes)):
+                pred[i] = letter
+        kfold = Predictions(p.names, p.probs, pred, p.reference, p.classes)
+        # the probabilities are read back at the CSV's precision: the decisions must give the
+        # estimate the run recorded, else a near tie was decided otherwise
+        if abs(score(p.reference, pred)["f1_macro"] - float(cv.get("f1_macro_pooled", np.nan))) > 1e-9:
+            raise RunError("its K-fold predictions could not be rebuilt to the recorded estimate")
+        return kfold
+
+    def paired(self, row_a: Dict, row_b: Dict, *, kfold_a: bool = False) -> Dict[str, Dict]:
+        """The paired bootstrap of row A − row B on their class scores (both rows scored on the same
+        split of the same clips; ``kfold_a``: row A's K-fold predictions, :meth:`kfold_predictions`);
+        a RunError when they cannot be paired."""
+        if row_a["split"] != row_b["split"]:
+            raise RunError(f"scored on different splits ({row_a['split']}, {row_b['split']})")
+
+        def classes_only(p: Predictions) -> Predictions:
+            return Predictions(p.names, p.probs, p.prediction, p.reference, p.classes)
+
+        a = classes_only(self.kfold_predictions(row_a) if kfold_a else self.predictions(row_a["run"], row_a["split"]))
+        b = classes_only(self.predictions(row_b["run"], row_b["split"]))
+        b, a = bootstrap._aligned_pair(row_b["run"], row_a["run"], b, a, row_a["split"])
+        return bootstrap.paired(b, a, draws=self.draws, seed=self.seed, level=self.level)
+
+
 def _row_entry(table: str, label: str, value, base: Path) -> Tuple[Path, Optional[str]]:
     if isinstance(value, str):
         return _resolve(value, base), None
@@ -242,6 +339,35 @@ def _row_entry(table: str, label: str, value, base: Path) -> Tuple[Path, Optiona
         return _resolve(value["run"], base), value.get("split")
     raise ConfigError(f"report spec, table {table}, row {label!r}: expected a run directory or "
                       f"{{\"run\": DIR, \"split\": SPLIT}}, got {value!r}")
+
+
+def _seed_entries(table: str, label: str, value, base: Path) -> List[Path]:
+    """A row's ``seeds``: the runs of its configuration, one per seed (none when not given)."""
+    seeds = value.get("seeds") if isinstance(value, dict) else None
+    if seeds is None:
+        return []
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, str) for x in seeds):
+        raise ConfigError(f"report spec, table {table}, row {label!r}: 'seeds' must be a non-empty list of run "
+                          f"directories (one per seed), got {seeds!r}")
+    return [_resolve(x, base) for x in seeds]
+
+
+def _over_seeds(table: str, label: str, runs: List[Path], split: str) -> Dict:
+    """Each seed's run scored on ``split`` (as the row is): their macro- and micro-F1, with the
+    mean and sample standard deviation (ddof 1, as train-grid's seeds.csv) over the seeds."""
+    values: Dict[str, List[float]] = {"f1_macro": [], "f1_micro": []}
+    for run in runs:
+        try:
+            s = split_metrics(run, split)
+        except RunError as e:
+            raise RunError(f"report spec, table {table}, row {label!r}, seeds: {e}") from None
+        for k in values:
+            values[k].append(float(s[k]))
+    out: Dict = {"runs": [str(r) for r in runs],
+                 "seeds": [(run_config(r) or {}).get("seed") for r in runs]}
+    for k, v in values.items():
+        out[k] = {"values": v, "mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else None}
+    return out
 
 
 def _test_split(run_dir: Path) -> Optional[str]:
@@ -295,9 +421,52 @@ def all_findings() -> List[paper.Finding]:
     return out
 
 
-def check_finding(f: paper.Finding, scored: Dict[str, List[Dict]]) -> Dict:
+def _signed(x: float) -> str:
+    return f"{x:+.3f}".replace("-", "−")
+
+
+def _difference(boot: Optional["Bootstrap"], f: paper.Finding, ra: Optional[Dict], rb: Optional[Dict]):
+    """The paired bootstrap of row A − row B for a finding (``{"difference", "low", "high", "p_value",
+    "n", ...}``), or ``(None, why)`` when the finding cannot be tested on paired clips."""
+    if boot is None:
+        return None, "no interval computed"
+    if not (ra and rb and ra.get("run") and rb.get("run")):
+        return None, "no predictions"
+    key = "f1_micro" if f.metric == "micro" else "f1_macro"
+    kfold = f.metric == "macro_kfold" and bool((ra.get("tuning") or {}).get("kfold") is not None)
+    if f.metric == "macro_kfold" and (rb.get("tuning") or {}).get("kfold") is not None:
+        return None, "not paired: both rows are K-fold estimates"
+    try:
+        got = boot.paired(ra, rb, kfold_a=kfold).get(key)
+    except RunError as e:
+        return None, f"not paired: {e}"
+    if got is None:
+        return None, "no paired score"
+    # paired() scores B − A of its arguments (row B, row A): ``a`` and ``b`` named after the finding's rows
+    return dict(got, a=got["b"], b=got["a"], metric=key, kfold=kfold, draws=boot.draws, seed=boot.seed,
+                level=boot.level), ""
+
+
+def _resolved(d: Dict) -> bool:
+    """The paired interval of a difference leaves 0 out."""
+    return d["low"] > 0 or d["high"] < 0
+
+
+def check_finding(f: paper.Finding, scored: Dict[str, List[Dict]], boot: Optional["Bootstrap"] = None) -> Dict:
     """The seed's finding ``f`` against our numbers: a JSON-ready dict with ``verdict``
-    ``"agrees"``, ``"disagrees"``, ``"tie"`` or ``"not run"``, and both sides' numbers."""
+    ``"agrees"``, ``"disagrees"``, ``"tie"``, ``"not resolved"`` or ``"not run"``, and both
+    sides' numbers.
+
+    With ``boot``, a finding that compares two of our rows scored on the same clips is
+    judged on the paired bootstrap of their difference (``interval``): *not resolved* when
+    its interval contains 0, else *agrees* or *disagrees* by its sign; "X is the best" is
+    *agrees* when X is above each other row with an interval above 0, *disagrees* when a row
+    is above X with an interval leaving 0 out, else *not resolved* (``intervals``: X − each
+    row). The K-fold finding pairs the tuned row's K-fold predictions
+    (:meth:`Bootstrap.kfold_predictions`) with the untuned row. A finding that cannot be paired
+    (rows on different splits) keeps the judgement on the numbers alone, with ``unpaired``
+    saying why.
+    """
     metric_name = {"macro": "macro-F1", "micro": "micro-F1", "macro_kfold": "macro-F1"}[f.metric]
     out = {"table": f.table, "where": f.where, "text": f.text, "metric": f.metric, "rows": list(f.rows)}
 
@@ -318,6 +487,22 @@ def check_finding(f: paper.Finding, scored: Dict[str, List[Dict]]) -> Dict:
         out["ours"] = (f"{' = '.join(winners)} best ({top:.3f}; {paper_best}: {mine[paper_best]:.3f})"
                        + (f", {len(mine)} of {len(ov)} rows run" if len(mine) < len(ov) else ""))
         out["verdict"] = ("agrees" if winners == [paper_best] else "tie" if paper_best in winners else "disagrees")
+        others = [r for r in f.rows[1:] if ov[label(r)] is not None]
+        diffs, why = [], ""
+        for r in others:
+            d, why = _difference(boot, f, _row(scored, f.rows[0]), _row(scored, r))
+            if d is None:
+                break
+            diffs.append(dict(d, row=label(r)))
+        if len(diffs) < len(others):
+            if boot is not None:
+                out["unpaired"] = why
+            return out
+        out["intervals"] = diffs
+        out["ours"] += "; " + ", ".join(f"{paper_best} − {d['row']} {_signed(d['difference'])} "
+                                        f"[{_signed(d['low'])}, {_signed(d['high'])}]" for d in diffs)
+        out["verdict"] = ("agrees" if all(d["low"] > 0 for d in diffs)
+                          else "disagrees" if any(d["high"] < 0 for d in diffs) else NOT_RESOLVED)
         return out
 
     a, b = f.rows
@@ -335,6 +520,15 @@ def check_finding(f: paper.Finding, scored: Dict[str, List[Dict]]) -> Dict:
     kfold = " (K-fold)" if f.metric == "macro_kfold" and _row(scored, a) and _row(scored, a).get("tuning") else ""
     out["ours"] = f"{label(a)}{kfold} {oa:.3f} vs {label(b)} {ob:.3f} ({oa - ob:+.3f})"
     out["verdict"] = "tie" if abs(oa - ob) < TIE else "agrees" if oa > ob else "disagrees"
+    d, why = _difference(boot, f, _row(scored, a), _row(scored, b))
+    if d is None:
+        if boot is not None:
+            out["unpaired"] = why
+        return out
+    out["interval"] = d
+    out["ours"] = (f"{label(a)}{kfold} {oa:.3f} vs {label(b)} {ob:.3f} "
+                   f"({_signed(d['difference'])} [{_signed(d['low'])}, {_signed(d['high'])}])")
+    out["verdict"] = NOT_RESOLVED if not _resolved(d) else "agrees" if d["low"] > 0 else "disagrees"
     return out
 
 
@@ -415,10 +609,12 @@ def corpus_rows(corpus_dir: Optional[Path]) -> Optional[List[Dict]]:
     return rows
 
 
-def attribute_table(rows_spec: Dict, base: Path) -> List[Dict]:
+def attribute_table(rows_spec: Dict, base: Path, boot: Optional[Bootstrap] = None) -> List[Dict]:
     """The attribute runs of a report spec: each row's Development (or given split) CCC per
-    attribute and its parts, from the run's metrics.json; an error naming the row when the
-    run predicts no attributes."""
+    attribute and its parts, from the run's metrics.json, with each score's bootstrap interval
+    from its predictions (``intervals``); an error naming the row when the run predicts no
+    attributes."""
+    boot = boot or Bootstrap()
     if not isinstance(rows_spec, dict):
         raise ConfigError(f"report spec, table {ATTRIBUTES_TABLE}: expected {{row label: run directory}}")
     rows = []
@@ -439,10 +635,23 @@ def attribute_table(rows_spec: Dict, base: Path) -> List[Dict]:
             raise RunError(f"{where}: {run_dir} has no attribute scores on split {split} "
                            f"(scored: {', '.join(m['attributes']) or 'none'})")
         cfg = run_config(run_dir) or {}
-        rows.append({"label": label, "run": str(run_dir), "split": split, "task": cfg.get("task"),
-                     "setting": run_setting(run_dir), "scores": a,
-                     "f1_macro": (m.get("splits") or {}).get(split, {}).get("f1_macro"),
-                     "train_clips": (m.get("training") or {}).get("attribute_clips")})
+        row = {"label": label, "run": str(run_dir), "split": split, "task": cfg.get("task"),
+               "setting": run_setting(run_dir), "scores": a,
+               "intervals": boot.intervals(run_dir, split, classes=False),
+               "f1_macro": (m.get("splits") or {}).get(split, {}).get("f1_macro"),
+               "train_clips": (m.get("training") or {}).get("attribute_clips")}
+        seed_runs = _seed_entries(ATTRIBUTES_TABLE, label, value, base)
+        if seed_runs:
+            values = []
+            for r in seed_runs:
+                got = ((RunDir(r).metrics_or_none() or {}).get("attributes") or {}).get(split) or {}
+                if got.get("ccc_mean") is None:
+                    raise RunError(f"{where}, seeds: {r} has no attribute scores on split {split}")
+                values.append(float(got["ccc_mean"]))
+            row["seeds"] = {"runs": [str(r) for r in seed_runs],
+                            "ccc_mean": {"values": values, "mean": statistics.fmean(values),
+                                         "sd": statistics.stdev(values) if len(values) > 1 else None}}
+        rows.append(row)
     return rows
 
 
@@ -492,8 +701,9 @@ def check_tables(spec: Mapping) -> Dict:
     return tables_spec
 
 
-def _score_row(key: str, label: str, value, base: Path) -> Dict:
+def _score_row(key: str, label: str, value, base: Path, boot: Bootstrap) -> Dict:
     run_dir, split = _row_entry(key, label, value, base)
+    seed_runs = _seed_entries(key, label, value, base)
     prow = paper.match_row(key, label)
     is_test = key == "table4" and ((prow is not None and prow.label == "Test")
                                    or label.strip().lower() in TEST_ROWS)
@@ -514,7 +724,17 @@ def _score_row(key: str, label: str, value, base: Path) -> Dict:
             raise RunError(f"report spec, table {key}, row {label!r}: {e}") from None
         entry["score"] = {k: s[k] for k in ("n", "f1_macro", "f1_micro", "per_class", "confusion",
                                             "confusion_percent", "confusion_labels")}
+        entry["score"]["intervals"] = boot.intervals(run_dir, split, attributes=False)
         entry["tuning"] = threshold_scores(run_dir, split)
+        if entry["tuning"] and entry["tuning"].get("kfold") is not None:
+            try:  # the K-fold estimate's interval, from the rebuilt K-fold decisions
+                kf = boot.kfold_predictions(entry)
+                entry["tuning"]["kfold_interval"] = bootstrap.intervals(
+                    kf, draws=boot.draws, seed=boot.seed, level=boot.level).get("f1_macro")
+            except RunError:
+                entry["tuning"]["kfold_interval"] = None
+        if seed_runs:
+            entry["seeds"] = _over_seeds(key, label, seed_runs, split)
     return entry
 
 
@@ -533,9 +753,12 @@ def _in_paper_order(table: paper.PaperTable, rows: List[Dict]) -> List[Dict]:
     return ordered
 
 
-def score_tables(tables_spec: Mapping, base: Path) -> Tuple[Dict[str, List[Dict]], Dict[str, str]]:
-    """Every row of the paper's tables scored (table → rows in the paper's order), and the runs
+def score_tables(tables_spec: Mapping, base: Path,
+                 boot: Optional[Bootstrap] = None) -> Tuple[Dict[str, List[Dict]], Dict[str, str]]:
+    """Every row of the paper's tables scored (table → rows in the paper's order), each score
+    with its bootstrap interval (``score.intervals``, drawn as ``boot`` says), and the runs
     whose upstream had random weights (run → upstream). A broken row is an error naming it."""
+    boot = boot or Bootstrap()
     scored: Dict[str, List[Dict]] = {}
     random_init: Dict[str, str] = {}
     for key, table in paper.TABLES.items():
@@ -544,7 +767,7 @@ def score_tables(tables_spec: Mapping, base: Path) -> Tuple[Dict[str, List[Dict]
             raise ConfigError(f"report spec, table {key}: expected {{row label: run directory}}")
         if key == "table2_finetuned" and not rows_spec:
             continue  # an optional table: only shown when run
-        rows = [_score_row(key, label, value, base) for label, value in rows_spec.items()]
+        rows = [_score_row(key, label, value, base, boot) for label, value in rows_spec.items()]
         for r in rows:
             if r["setting"].get("random_init"):
                 random_init[r["run"]] = r["setting"]["random_init"]

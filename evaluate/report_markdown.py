@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 from conilium import CLASS_NAMES, CLASSES
 
 from . import paper
-from .report_data import _fmt, our_value, run_config
+from .report_data import NOT_RESOLVED, _fmt, our_value, run_config
 
 ATTRIBUTE_NAMES = (("EmoAct", "arousal"), ("EmoVal", "valence"), ("EmoDom", "dominance"))
 READING_TEXT = {"all": "share of all annotators' labels, Other included (the paper's wording)",
@@ -26,13 +26,14 @@ CORPUS_CAPTIONS = {
 
 def markdown(title: str, scored: Dict[str, List[Dict]], out_dir: Path, corpus_figs: List[Path],
              easy: Optional[Dict], random_init: Dict[str, str], spec: Dict, findings: List[Dict],
-             extras: Dict, charts: Optional[Dict] = None) -> str:
+             extras: Dict, charts: Optional[Dict] = None, boot: Optional[Dict] = None) -> str:
     """The whole REPORT.md: the introduction, the corpus, each of the paper's tables with its
     notes and charts, the attribute runs, the learned layer weights and the Easy/Difficult
-    analysis. ``charts``: :func:`.report_figures.plot_extras`'s entries."""
+    analysis. ``charts``: :func:`.report_figures.plot_extras`'s entries; ``boot``: how the
+    intervals were drawn (:meth:`.report_data.Bootstrap.describe`)."""
     charts = charts or {}
     lines = [f"# {title}", ""]
-    lines += _intro_lines(scored, random_init, findings)
+    lines += _intro_lines(scored, random_init, findings, boot)
     lines.append("")
     if spec.get("notes"):
         lines += [str(spec["notes"]), ""]
@@ -50,7 +51,8 @@ def markdown(title: str, scored: Dict[str, List[Dict]], out_dir: Path, corpus_fi
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _intro_lines(scored: Dict[str, List[Dict]], random_init: Dict[str, str], findings: List[Dict]) -> List[str]:
+def _intro_lines(scored: Dict[str, List[Dict]], random_init: Dict[str, str], findings: List[Dict],
+                 boot: Optional[Dict] = None) -> List[str]:
     test_rows = [r for r in scored.get("table4", []) if r["label"] == "Test" and r["run"]]
     kinds = sorted({r["setting"]["kind"] for rows in scored.values() for r in rows if r.get("setting")})
     lines = [
@@ -88,12 +90,35 @@ def _intro_lines(scored: Dict[str, List[Dict]], random_init: Dict[str, str], fin
                   f"fine-tune) an upstream with **randomly initialised** weights ({', '.join(ups)}): they are "
                   f"marked ⚠ in the Setting column and in red on their figures "
                   f"(the list is in report.json, `random_init_runs`)."]
+    if boot:
+        lines += ["", f"**Intervals.** A score shown as `0.312 [0.270, 0.351]` is followed by its "
+                  f"{100 * boot['level']:.0f} % bootstrap interval: the row's scored clips resampled with replacement "
+                  f"{boot['draws']:,} times (seed {boot['seed']}), the score recomputed on each resample, and the "
+                  f"{100 * (1 - boot['level']) / 2:g}th and {100 - 100 * (1 - boot['level']) / 2:g}th percentiles of "
+                  "those scores. On a few hundred clips one clip moves a rare class's F1 by several points, and "
+                  "the interval says by how much the score could move with other clips."]
     if findings:
         n = {v: sum(f["verdict"] == v for f in findings) for v in _VERDICT}
         lines += ["", f"**The paper's findings on our numbers.** Of {len(findings)} conclusions of the paper checked "
-                  f"here: {n['agrees']} agree, {n['disagrees']} disagree, {n['tie']} tie, {n['not run']} not run "
-                  "(each table lists its own)."]
+                  f"here: {n['agrees']} agree, {n['disagrees']} disagree, {n[NOT_RESOLVED]} not resolved, "
+                  f"{n['tie']} tie, {n['not run']} not run (each table lists its own)."]
+        if boot:
+            lines += ["", _NOT_RESOLVED_TEXT.format(draws=boot["draws"], seed=boot["seed"],
+                                                    level=100 * boot["level"])]
     return lines
+
+
+_NOT_RESOLVED_TEXT = (
+    "**Not resolved.** A finding that compares two of our rows scored on the same clips is judged on the "
+    "paired bootstrap of their difference ({draws:,} draws, seed {seed}): each draw resamples the clips once "
+    "and scores both rows on the same resample, and the {level:.0f} % percentile interval of the differences "
+    "is shown after the difference. When that interval contains 0 the finding is **not resolved**: our clips "
+    "cannot tell which row is higher, whatever the sign of the observed difference; otherwise it agrees or "
+    "disagrees by the interval's sign. \"X is the best\" agrees when X is above every other row with an "
+    "interval above 0, disagrees when some row is above X with an interval leaving 0 out. The K-fold "
+    "finding pairs each clip's K-fold decision (thresholds fitted without its fold) with the untuned row. A "
+    "finding whose rows cannot be paired (different splits) is judged on the numbers alone and says so; "
+    "`conilium-eval compare A B` gives the same paired interval and its p-value for any two runs.")
 
 
 def _corpus_lines(corpus: Optional[List[Dict]], corpus_figs: List[Path], out_dir: Path) -> List[str]:
@@ -118,24 +143,44 @@ def _corpus_lines(corpus: Optional[List[Dict]], corpus_figs: List[Path], out_dir
     return lines
 
 
+def _seed_cells(r: Dict) -> List[str]:
+    """Macro- and micro-F1 of a row over its seeds: ``mean ± sd (n seeds)``."""
+    sd = r.get("seeds")
+    if not sd:
+        return ["—", "—"]
+    n = len(sd["runs"])
+    return [f"{sd[k]['mean']:.3f}" + ("" if sd[k]["sd"] is None else f" ± {sd[k]['sd']:.3f}")
+            + f" ({n} seed{'s' if n > 1 else ''})" for k in ("f1_macro", "f1_micro")]
+
+
 def _row_cells(r: Dict, tuned_table: bool, out_dir: Path) -> List[str]:
     s = r.get("score")
     run = f"`{_rel(r['run'], out_dir)}`" if r["run"] else "—"
     label = r["label"] + ("" if r["in_paper"] else " *(not in paper)*")
     note = r.get("note")
-    macro = _tuned_cells(r) if tuned_table else [_fmt(s["f1_macro"]) if s else "—"]
+    macro = _tuned_cells(r) if tuned_table else [_with_interval(s, "f1_macro") if s else "—"]
     pm = _fmt(r["paper_macro"])
     if r["paper_macro"] is None and r.get("paper_note"):
         pm = f"— ({r['paper_note']})"
     return [label, _setting_cell(r.get("setting")), run, r["split"] or (f"— ({note})" if note else "—"),
             str(s["n"]) if s else "—", *macro, pm,
-            _fmt(s["f1_micro"]) if s else "—", _fmt(r["paper_micro"])]
+            _with_interval(s, "f1_micro") if s else "—", _fmt(r["paper_micro"])]
+
+
+def _interval(iv: Optional[Dict]) -> str:
+    return "" if not iv else f" [{iv['low']:.3f}, {iv['high']:.3f}]"
+
+
+def _with_interval(score: Dict, key: str) -> str:
+    """A score and its bootstrap interval: ``0.312 [0.270, 0.351]``."""
+    return _fmt(score[key]) + _interval((score.get("intervals") or {}).get(key))
 
 
 def _table_lines(key: str, table, scored: Dict[str, List[Dict]], out_dir: Path, findings: List[Dict],
                  extras: Dict, charts: Dict) -> List[str]:
     rows = scored[key]
     tuned_table = any(r.get("tuning") for r in rows)
+    seeded = any(r.get("seeds") for r in rows)
     lines = [f"## {table.title}", "", table.caption, ""]
     head = ["Row", "Setting (ours)", "Run", "Split", "Clips"]
     if tuned_table:
@@ -143,9 +188,17 @@ def _table_lines(key: str, table, scored: Dict[str, List[Dict]], out_dir: Path, 
     else:
         head += ["Macro-F1 (ours)"]
     head += ["Macro-F1 (paper, end to end)", "Micro-F1 (ours)", "Micro-F1 (paper, end to end)"]
+    if seeded:
+        head += ["Macro-F1 over seeds, mean ± sd (ours)", "Micro-F1 over seeds, mean ± sd (ours)"]
     lines += ["| " + " | ".join(head) + " |",
               "|" + "|".join("---" if i < 4 else "---:" for i in range(len(head))) + "|"]
-    lines += ["| " + " | ".join(_row_cells(r, tuned_table, out_dir)) + " |" for r in rows]
+    lines += ["| " + " | ".join(_row_cells(r, tuned_table, out_dir) + (_seed_cells(r) if seeded else [])) + " |"
+              for r in rows]
+    if seeded:
+        lines += ["", "Rows trained with several seeds: their scores, intervals, figures and findings are the "
+                  "first seed's run (the *Run* column); the last columns give the mean ± sample standard deviation "
+                  "of each seed's run on the same split — how much training alone moves the score, beside the "
+                  "interval's resampling of the clips."]
     if tuned_table:
         lines += ["", "Tuned rows: *untuned* is the same model's argmax; *tuned* applies the decision thresholds "
                   "fitted on the development set — on the development set itself that is an **in-sample** "
@@ -241,26 +294,32 @@ def _tuned_cells(r: Dict) -> List[str]:
     if not s:
         return ["—", "—", "—"]
     if not t:
-        return [_fmt(s["f1_macro"]), "not tuned", "not tuned"]
+        return [_with_interval(s, "f1_macro"), "not tuned", "not tuned"]
     where = "in-sample" if t["in_sample"] else f"thresholds from {t['tune_split']}"
     kfold = "—"
     if t.get("kfold") is not None:
-        kfold = f"{t['kfold']:.3f} ({t['kfold_k']}-fold)"
+        kfold = f"{t['kfold']:.3f}{_interval(t.get('kfold_interval'))} ({t['kfold_k']}-fold)"
     elif not t["in_sample"]:
         kfold = "n/a (held-out split)"
-    return [_fmt(t.get("untuned")), f"{_fmt(s['f1_macro'])} ({where})", kfold]
+    return [_fmt(t.get("untuned")), f"{_with_interval(s, 'f1_macro')} ({where})", kfold]
 
 
-_VERDICT = {"agrees": "agrees", "disagrees": "**disagrees**", "tie": "tie", "not run": "not run here"}
+_VERDICT = {"agrees": "agrees", "disagrees": "**disagrees**", NOT_RESOLVED: "*not resolved*", "tie": "tie",
+            "not run": "not run here"}
 
 
 def _findings_lines(findings: List[Dict]) -> List[str]:
     if not findings:
         return []
-    lines = ["", "The paper's findings, and whether ours agree (computed from the numbers above):", "",
+    lines = ["", "The paper's findings, and whether ours agree (computed from the numbers above; a difference "
+             "between two of our rows is followed by the 95 % paired bootstrap interval, and *not resolved* "
+             "means that interval contains 0):", "",
              "| Paper's finding | Paper | Here | Here vs paper |", "|---|---|---|---|"]
     for f in findings:
-        lines.append(f"| {f['text']} ({f['where']}) | {f['paper']} | {f['ours']} | {_VERDICT[f['verdict']]} |")
+        verdict = _VERDICT[f["verdict"]]
+        if f.get("unpaired"):
+            verdict += f" (on the numbers alone: {f['unpaired']})"
+        lines.append(f"| {f['text']} ({f['where']}) | {f['paper']} | {f['ours']} | {verdict} |")
     return lines
 
 
@@ -323,19 +382,26 @@ def _attribute_lines(rows: List[Dict], out_dir: Path, charts: Optional[Dict] = N
     if not rows:
         return lines + ["No attribute run in this report: the paper predicts categories only; `train-head --task "
                         "attributes` (or `joint`) trains a head on them.", ""]
+    seeded = any(r.get("seeds") for r in rows)
     lines += ["Concordance correlation coefficient (CCC) of each attribute on the 1–7 scale, computed from each "
               "run's predictions over the clips with attribute values (consensus, else the annotators' mean). "
               "*attributes*: CCC loss only, on every training clip with attribute values (X and O included), "
               "best epoch by mean CCC; *joint*: the categories loss plus the weighted CCC loss, best epoch by "
               "macro-F1. The paper reports no attribute numbers.", "",
               "| Row | Task | Setting (ours) | Run | Split | Clips | "
-              + " | ".join(f"CCC {n} ({c})" for c, n in ATTRIBUTE_NAMES) + " | CCC mean | Macro-F1 (ours) |",
-              "|---|---|---|---|---|---:|" + "---:|" * (len(ATTRIBUTE_NAMES) + 2)]
+              + " | ".join(f"CCC {n} ({c})" for c, n in ATTRIBUTE_NAMES) + " | CCC mean | Macro-F1 (ours) |"
+              + (" CCC mean over seeds, mean ± sd |" if seeded else ""),
+              "|---|---|---|---|---|---:|" + "---:|" * (len(ATTRIBUTE_NAMES) + 2 + seeded)]
     for r in rows:
-        a = r["scores"]
+        a, iv = r["scores"], r.get("intervals") or {}
         cells = [r["label"], r.get("task") or "—", _setting_cell(r.get("setting")), f"`{_rel(r['run'], out_dir)}`",
-                 r["split"], str(a.get("n", "—")), *(_fmt(a[c]["ccc"]) for c, _ in ATTRIBUTE_NAMES),
+                 r["split"], str(a.get("n", "—")),
+                 *(_fmt(a[c]["ccc"]) + _interval(iv.get(f"ccc_{c}")) for c, _ in ATTRIBUTE_NAMES),
                  _fmt(a["ccc_mean"]), _fmt(r.get("f1_macro"))]
+        if seeded:
+            sd = (r.get("seeds") or {}).get("ccc_mean")
+            cells.append("—" if not sd else f"{sd['mean']:.3f}" + ("" if sd["sd"] is None else f" ± {sd['sd']:.3f}")
+                         + f" ({len(sd['values'])} seeds)")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     charts = charts or {}

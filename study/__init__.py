@@ -14,7 +14,9 @@ Tables 1-3, the sampler runs and the ensembles are heads on frozen cached featur
 the paper's end-to-end fine-tuning); ``finetune-best`` then trains the best configuration
 end to end, its upstream's features are extracted once more (``extract-features
 --upstream MODEL_DIR``) and Table 2's heads are trained on them (frozen-then-fine-tuned).
-The report states each row's setting.
+The report states each row's setting. With ``--seeds`` every head grid trains each
+configuration once per seed (``train-grid --seeds``), the report rows list every seed's run
+(mean ± sd beside the first seed's scores) and the later steps use the first seed's runs.
 
 Beyond the paper (left out with ``--paper-only``): a Whisper encoder upstream
 (whisper-large-v3; demo-whisper on the demo corpus) in Table 1's style, WCE on hard labels

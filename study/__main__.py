@@ -7,6 +7,17 @@ from conilium.errors import ConiliumError
 from .steps import StudyConfig, run_study
 
 
+def _seeds(value):
+    if value is None:
+        return ()
+    from conilium.heads.grid import seed_names
+
+    try:
+        return tuple(seed_names(value))
+    except ConiliumError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--corpus", type=click.Path(exists=True, file_okay=False), default=None,
               help="MSP-Podcast corpus root (Audios/, Labels/). Default: generate the demo corpus "
@@ -15,6 +26,10 @@ from .steps import StudyConfig, run_study
 @click.option("--cache-dir", default=None, help="Where feature caches go (default: <out>/cache).")
 @click.option("--demo-clips", default=400, show_default=True, help="Clips of the demo corpus.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--seeds", default=None, metavar="S1,S2,...", callback=lambda ctx, param, value: _seeds(value),
+              help="Train every head configuration once per seed (train-grid --seeds); the report shows each "
+                   "row's mean ± sd over its seeds, the later steps (thresholds, ensembles, fine-tuning) use "
+                   "the first seed's runs. Default: one seed, --seed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--batch-seconds", type=float, default=None, help="extract-features: audio seconds per batch.")
 @click.option("--batch-size", type=int, default=None, help="train-head batch size.")
@@ -46,6 +61,7 @@ def study_cmd(**kw):
     Examples:
       ./run_all.sh                                   # demo corpus, about 7 minutes on 2 idle cores
       ./run_all.sh --corpus /data/MSP-PODCAST-1.11 --device cuda --cache-dir /scratch/cache
+      ./run_all.sh --seeds 0,1,2                     # every head thrice: mean ± sd per row
 
     Rerunning resumes: complete caches and runs are reused.
     """

@@ -53,6 +53,9 @@ class StudyConfig:
     cache_dir: Optional[str] = None  # default: <out>/cache
     demo_clips: int = 400
     seed: int = 0
+    #: The head grids' seeds (train-grid --seeds): every head configuration trained once per seed,
+    #: the report showing each row's mean ± sd over them; empty: one seed, ``seed``.
+    seeds: Tuple[int, ...] = ()
     device: str = "auto"
     batch_seconds: Optional[float] = None  # extraction batch bound
     batch_size: Optional[int] = None  # head batch size
@@ -115,7 +118,9 @@ class Study:
         return self.cache_dir / self.upstreams[label]
 
     def head_options(self) -> List[str]:
-        opts = ["--n-jobs", str(self.c.n_jobs), "--set", f"seed={self.c.seed}", "--set", f"device={self._device()}"]
+        seeds = (["--seeds", ",".join(map(str, self.c.seeds))] if self.c.seeds
+                 else ["--set", f"seed={self.c.seed}"])
+        opts = ["--n-jobs", str(self.c.n_jobs), *seeds, "--set", f"device={self._device()}"]
         epochs = self.c.epochs if self.c.epochs is not None else (20 if self.c.demo else None)
         if epochs is not None:
             opts += ["--set", f"epochs={epochs}"]
@@ -171,6 +176,27 @@ class Study:
     def dev_f1(run_dir: Path) -> float:
         return float(RunDir(run_dir).metrics()["f1_macro"])
 
+    def head(self, grid: Path, name: str) -> Path:
+        """The run of a head configuration that the later steps use (thresholds, ensembles,
+        fine-tuning's warm start): ``grid/name``, or with ``--seeds`` the first seed's run."""
+        return grid / (f"{name}-seed{self.c.seeds[0]}" if self.c.seeds else name)
+
+    def seed_runs(self, grid: Path, name: str) -> List[Path]:
+        """Every seed's run of a head configuration (one without ``--seeds``)."""
+        return [grid / f"{name}-seed{s}" for s in self.c.seeds] if self.c.seeds else [grid / name]
+
+    def mean_dev_f1(self, grid: Path, name: str) -> float:
+        """A configuration's development macro-F1, averaged over its seeds."""
+        runs = self.seed_runs(grid, name)
+        return sum(self.dev_f1(r) for r in runs) / len(runs)
+
+    def row(self, grid: Path, name: str):
+        """A head configuration's report-spec row: its run, with ``--seeds`` also every seed's
+        (``{"run": first seed, "seeds": [...]}``; the report shows their mean ± sd)."""
+        if not self.c.seeds:
+            return str(grid / name)
+        return {"run": str(self.head(grid, name)), "seeds": [str(r) for r in self.seed_runs(grid, name)]}
+
     def ensembles(self, members: Sequence[Path]) -> Dict[str, Path]:
         """Section 3.6: the members' mean probabilities, unweighted and weighted by each
         member's development macro-F1 (the paper reports both without saying its weights)."""
@@ -210,7 +236,7 @@ class Study:
         t1 = self.table1(noisy)
         self.frozen_heads(self.cache("WavLM-large"))
 
-        best = self.runs / "table2" / "wbce-S"
+        best = self.head(self.runs / "table2", "wbce-S")
         tuned = self.runs / "best-tuned"
         self.run("adjust decision thresholds of WBCE(S) (section 3.7)",
                  ["conilium-eval", "tune-thresholds", best, tuned], skip_if=RunDir(tuned).metrics_path)
@@ -283,9 +309,9 @@ class Study:
     def best_upstreams(self, t1: Path) -> Tuple[Dict[str, Path], Path]:
         """The three best upstreams by Table 1: their WBCE(P) runs' ensembles and the Easy/Difficult
         analysis; returns the ensembles and the analysis folder."""
-        ranked = sorted(self.upstreams, key=lambda lab: -self.dev_f1(t1 / f"{self.upstreams[lab]}-wce-hard"))
+        ranked = sorted(self.upstreams, key=lambda lab: -self.mean_dev_f1(t1, f"{self.upstreams[lab]}-wce-hard"))
         top3 = ranked[:3]
-        members = [t1 / f"{self.upstreams[lab]}-wbce-P" for lab in top3]
+        members = [self.head(t1, f"{self.upstreams[lab]}-wbce-P") for lab in top3]
         self.say(f"three best upstreams by Table 1: {', '.join(top3)}")
         ens = self.ensembles(members)
         ed = self.out / "easy_difficult"
@@ -371,28 +397,30 @@ class Study:
     def _report_spec(self, t1: Path, tuned: Path, ens: Dict[str, Path], ed: Path, model: Path,
                      t2_finetuned: Optional[Path] = None) -> dict:
         tables = {
-            "table1": {label: str(t1 / f"{name}-wce-hard") for label, name in self.upstreams.items()},
-            "table2": {**{label: str(self.runs / "table2" / d) for label, d in TABLE2_ROWS.items()},
-                       **({} if self.c.paper_only else {XO_ROW[0]: str(self.runs / "extra" / XO_ROW[1])})},
+            "table1": {label: self.row(t1, f"{name}-wce-hard") for label, name in self.upstreams.items()},
+            "table2": {**{label: self.row(self.runs / "table2", d) for label, d in TABLE2_ROWS.items()},
+                       **({} if self.c.paper_only else {XO_ROW[0]: self.row(self.runs / "extra", XO_ROW[1])})},
             # the sampler section compares with the Table 2 runs without a sampler
-            "sampler": {"WBCE(P)": str(self.runs / "table2" / "wbce-P"), "KLD(S)": str(self.runs / "table2" / "kld-S"),
-                        **{label: str(self.runs / "sampler" / d) for label, d in SAMPLER_ROWS.items()}},
-            "table3": {label: str(self.runs / "table3" / d) for label, d in TABLE3_ROWS.items()},
+            "sampler": {"WBCE(P)": self.row(self.runs / "table2", "wbce-P"),
+                        "KLD(S)": self.row(self.runs / "table2", "kld-S"),
+                        **{label: self.row(self.runs / "sampler", d) for label, d in SAMPLER_ROWS.items()}},
+            "table3": {label: self.row(self.runs / "table3", d) for label, d in TABLE3_ROWS.items()},
             "ensemble": {label: str(path) for label, path in ens.items()},
             # the paper's "baseline system" (WavLM + attentive pooling + WCE on hard labels, the
             # challenge baseline's configuration) is Table 1's WavLM row, here as a head on
             # frozen features; the report says so in its Setting column
-            "attributes": {} if self.c.paper_only else {label: str(self.runs / "extra" / d)
+            "attributes": {} if self.c.paper_only else {label: self.row(self.runs / "extra", d)
                                                         for label, d in ATTRIBUTE_ROWS.items()},
-            "table4": {"dev": str(tuned), "Baseline (Development)": str(t1 / f"{self.upstreams['WavLM-large']}-wce-hard")},
+            "table4": {"dev": str(tuned),
+                       "Baseline (Development)": self.row(t1, f"{self.upstreams['WavLM-large']}-wce-hard")},
         }
         if t2_finetuned is not None:
-            tables["table2_finetuned"] = {label: str(t2_finetuned / d) for label, d in TABLE2_ROWS.items()}
-        noisy_run = t1 / f"{self.upstreams['Wav2vec2-base']}-noise-wce-hard"
-        if RunDir(noisy_run).is_complete():
-            tables["table1"]["Wav2vec2-base + noise"] = str(noisy_run)
+            tables["table2_finetuned"] = {label: self.row(t2_finetuned, d) for label, d in TABLE2_ROWS.items()}
+        noisy = f"{self.upstreams['Wav2vec2-base']}-noise-wce-hard"
+        if RunDir(self.head(t1, noisy)).is_complete():
+            tables["table1"]["Wav2vec2-base + noise"] = self.row(t1, noisy)
         for label, name in self.beyond.items():  # not among the paper's upstreams: no paper number, no finding
-            tables["table1"][f"{label} (beyond the paper)"] = str(t1 / f"{name}-wce-hard")
+            tables["table1"][f"{label} (beyond the paper)"] = self.row(t1, f"{name}-wce-hard")
         if RunDir(model / "tuned").is_complete():
             tables["table4"]["finetune-best, end to end, thresholds adjusted (Development)"] = str(model / "tuned")
         lora = self.lora_model()

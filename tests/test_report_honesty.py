@@ -13,11 +13,12 @@ import pytest
 
 from conilium import CLASSES
 from conilium.evaluate import paper
+from conilium.evaluate.bootstrap import compare_runs, intervals, paired, split_intervals
 from conilium.evaluate.ensemble import ensemble_runs, prediction_disagreement
 from conilium.evaluate.plots import confusion_figure, figure_title
 from conilium.evaluate.report import build_report, check_finding, split_metrics
 from conilium.evaluate.thresholds import tune_run
-from conilium.runs import prediction_path, write_predictions
+from conilium.runs import Predictions, prediction_path, read_predictions, write_predictions
 from conilium.util import read_json, write_json
 
 GRID = tuple(np.round(np.linspace(-0.3, 0.3, 13), 3))
@@ -148,15 +149,32 @@ def test_tuned_rows_show_untuned_in_sample_and_kfold(study):
     header, rows = _table(study["md"], "Table 4: best system")
     dev = dict(zip(header, next(r for r in rows if r[0] == "Development")))
     assert dev["Macro-F1 untuned (ours)"] == f"{m['untuned']['Development']['f1_macro']:.3f}"
-    assert dev["Macro-F1 tuned (ours)"] == f"{m['splits']['Development']['f1_macro']:.3f} (in-sample)"
-    assert dev["Macro-F1 tuned, K-fold estimate (ours)"] == f"{m['cross_validation']['f1_macro_pooled']:.3f} (3-fold)"
+    iv = split_intervals(study["tuned"], "Development")["scores"]["f1_macro"]  # the landed bootstrap, defaults
+    assert dev["Macro-F1 tuned (ours)"] == (f"{m['splits']['Development']['f1_macro']:.3f} "
+                                            f"[{iv['low']:.3f}, {iv['high']:.3f}] (in-sample)")
+    # the K-fold decisions by hand: each held-out fold decided by the offsets fitted without it
+    cv = m["cross_validation"]
+    p = read_predictions(prediction_path(study["tuned"], "Development"))
+    kfold_pred = list(p.prediction)
+    for fold in cv["folds"]:
+        for i in fold["held_out"]:
+            kfold_pred[i] = CLASSES[int(np.argmax(p.probs[i] + np.array(fold["offsets"])))]
+    kfold_run = Predictions(p.names, p.probs, kfold_pred, p.reference, p.classes)
+    kiv = intervals(kfold_run)["f1_macro"]
+    assert kiv["value"] == pytest.approx(cv["f1_macro_pooled"])
+    assert dev["Macro-F1 tuned, K-fold estimate (ours)"] == (f"{cv['f1_macro_pooled']:.3f} "
+                                                             f"[{kiv['low']:.3f}, {kiv['high']:.3f}] (3-fold)")
     base = dict(zip(header, next(r for r in rows if r[0] == "Baseline (Development)")))
     assert base["Macro-F1 tuned (ours)"] == "not tuned"
     # the threshold finding is checked twice: in-sample and with the K-fold estimate
     f = [x for x in study["json"]["findings"] if x["table"] == "table4" and "raises macro-F1" in x["text"]]
     assert [x["metric"] for x in f] == ["macro", "macro_kfold"]
-    kfold, untuned = m["cross_validation"]["f1_macro_pooled"], m["untuned"]["Development"]["f1_macro"]
-    assert f[1]["verdict"] == ("agrees" if kfold > untuned + 5e-4 else "disagrees" if kfold < untuned - 5e-4 else "tie")
+    # the K-fold one pairs those K-fold decisions with the untuned WBCE(S) run, clip by clip
+    d = paired(read_predictions(prediction_path(study["runs"]["wbce-S"], "Development")), kfold_run)["f1_macro"]
+    got = f[1]["interval"]
+    assert got["kfold"] and (got["low"], got["high"], got["a"]) == (d["low"], d["high"], d["b"])
+    assert got["difference"] == pytest.approx(cv["f1_macro_pooled"] - m["untuned"]["Development"]["f1_macro"])
+    assert f[1]["verdict"] == ("agrees" if d["low"] > 0 else "disagrees" if d["high"] < 0 else "not resolved")
 
 
 def test_paper_columns_hold_only_the_seed_papers_numbers(study):
@@ -188,18 +206,39 @@ def test_paper_columns_hold_only_the_seed_papers_numbers(study):
     assert "6% and 9% absolute improvement" in md
 
 
+def _judged(d):
+    """A finding's verdict from the paired interval of its difference (row A − row B)."""
+    return "agrees" if d["low"] > 0 else "disagrees" if d["high"] < 0 else "not resolved"
+
+
 def test_findings_are_the_papers_and_agreement_is_computed(study):
     by_text = {f["text"]: f for f in study["json"]["findings"]}
     best = by_text["WBCE(S) is the best loss and target"]
-    assert best["verdict"] == "disagrees" and best["ours"].startswith("WCE best")  # WCE was made the best here
+    assert best["ours"].startswith("WCE best")  # WCE was made the best here
     assert best["paper"].startswith("WBCE(S) best (0.350")
-    ours = {k: split_metrics(v)["f1_macro"] for k, v in study["runs"].items()}
+    runs = study["runs"]
+    # WBCE(S) − each other row, as `conilium-eval compare` gives it (B − A)
+    diffs = {d["row"]: d for d in best["intervals"]}
+    for row, name in (("WCE", "wce-hard"), ("WBCE(P)", "wbce-P"), ("KLD(P)", "kld-P"), ("KLD(S)", "kld-S")):
+        c = compare_runs(runs[name], runs["wbce-S"])["splits"]["Development"]["scores"]["f1_macro"]
+        assert (diffs[row]["low"], diffs[row]["high"], diffs[row]["difference"]) == (c["low"], c["high"],
+                                                                                  c["difference"])
+    assert diffs["WCE"]["high"] < 0  # WCE (0.7 of the clips right) above WBCE(S) (0.4), beyond the noise
+    assert best["verdict"] == "disagrees"
+    ours = {k: split_metrics(v)["f1_macro"] for k, v in runs.items()}
+    verdicts = set()
     for text, a, b in (("S targets beat P targets (WBCE)", "wbce-S", "wbce-P"),
                        ("soft P targets beat hard labels (WBCE)", "wbce-P", "wce-hard"),
-                       ("S targets beat P targets (KLD)", "kld-S", "kld-P")):
-        want = "agrees" if ours[a] > ours[b] + 5e-4 else "disagrees" if ours[a] < ours[b] - 5e-4 else "tie"
-        assert by_text[text]["verdict"] == want
-        assert f"{ours[a]:.3f}" in by_text[text]["ours"]
+                       ("S targets beat P targets (KLD)", "kld-S", "kld-P"),
+                       ("class weights matter: WBCE beats KLD (S)", "wbce-S", "kld-S")):
+        f = by_text[text]
+        c = compare_runs(runs[b], runs[a])["splits"]["Development"]["scores"]["f1_macro"]
+        assert f["interval"]["difference"] == pytest.approx(ours[a] - ours[b])
+        assert (f["interval"]["low"], f["interval"]["high"]) == (c["low"], c["high"])
+        assert f["verdict"] == _judged(c)
+        verdicts.add(f["verdict"])
+        assert f"{ours[a]:.3f}" in f["ours"] and f"[{c['low']:+.3f}".replace("-", "−") in f["ours"]
+    assert verdicts == {"disagrees", "not resolved"}  # a real difference, and one the clips cannot resolve
     # sampler rows were not run: said so, not guessed
     sampler = [f for f in study["json"]["findings"] if f["table"] == "sampler"]
     assert sampler and all(f["verdict"] == "not run" and f["ours"] == "—" for f in sampler)

@@ -24,9 +24,9 @@ def _json_block(text: str, after: str) -> dict:
 
 
 def _run(path: Path, seed: int) -> None:
-    """A run directory with Development predictions (right on about half of the clips)."""
+    """A run directory with Development predictions of the same clips (right on about half of them)."""
+    refs = list(np.random.default_rng(0).choice(list(CLASSES), size=40))
     rng = np.random.default_rng(seed)
-    refs = list(rng.choice(list(CLASSES), size=40))
     probs = rng.dirichlet(np.ones(len(CLASSES)), size=len(refs))
     probs[np.arange(20), [CLASSES.index(r) for r in refs[:20]]] += 2
     probs /= probs.sum(1, keepdims=True)
@@ -63,3 +63,22 @@ def test_the_doc_names_every_table_and_every_paper_row():
     assert set(fuller["tables"]) <= {*paper.TABLES, ATTRIBUTES_TABLE}
     for key in ("title", "notes", "corpus_figures", "tables", "easy_difficult"):
         assert f"| `{key}` |" in text, key
+
+
+def test_the_documented_bootstrap_keys_set_the_reports_draws_and_seed(tmp_path):
+    text = DOC.read_text(encoding="utf-8")
+    spec = _json_block(text, "<!-- bootstrap-example -->")
+    for key in ("bootstrap_draws", "bootstrap_seed"):
+        assert f"| `{key}` |" in text and key in spec, key
+    for i, run in enumerate(v for rows in spec["tables"].values() for v in rows.values()):
+        _run(tmp_path / run, i)
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "spec.json"), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    js = json.loads((tmp_path / "rep" / "report.json").read_text(encoding="utf-8"))
+    assert (js["bootstrap"]["draws"], js["bootstrap"]["seed"]) == (spec["bootstrap_draws"], spec["bootstrap_seed"])
+    paired = [f["interval"] for f in js["findings"] if f.get("interval")]
+    assert paired and all((d["draws"], d["seed"]) == (spec["bootstrap_draws"], spec["bootstrap_seed"])
+                          for d in paired)
+    md = (tmp_path / "rep" / "REPORT.md").read_text(encoding="utf-8")
+    assert f"{spec['bootstrap_draws']:,} times (seed {spec['bootstrap_seed']})" in md

@@ -12,8 +12,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from conilium import CLASSES
 from conilium.cache.reader import FeatureCache
+from conilium.classes import MSP_PODCAST, ClassSet
 from conilium.dirs import check_cache_dir
 from conilium.errors import ConfigError
 from conilium.runtime import resolve_device
@@ -46,6 +46,8 @@ class PreparedData:
     #: (N, 3) attribute values of the training clips on the corpus scale, NaN where unknown
     #: (None for ``task="categories"``)
     train_attributes: Optional[np.ndarray] = None
+    #: the cache's class set: the columns of the targets and of every score
+    classes: ClassSet = MSP_PODCAST
 
 
 def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> PreparedData:
@@ -75,7 +77,7 @@ def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> Pre
         targets = np.zeros((len(clips), 0), dtype=np.float32)
     else:
         clips, targets, counts = training_set(train_clips, config.labels, thresholds=config.thresholds,
-                                              include_xo=config.train_on_xo)
+                                              include_xo=config.train_on_xo, classes=cache.classes)
         if not clips:
             raise ConfigError(f"no training clip left for --labels {config.labels} in split {config.train_split} "
                               f"(dropped: {counts})")
@@ -93,7 +95,7 @@ def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> Pre
     train_names = [c.name for c in clips]
     check_clips(cache, train_names + dev_names, selection)
     labels = [c.emo_class for c in clips]
-    weights = (class_weights(labels) if (config.task != "attributes" and uses_weights(config.loss)
+    weights = (class_weights(labels, cache.classes) if (config.task != "attributes" and uses_weights(config.loss)
                                          and config.sampler is None) else None)
     attributes = None
     if config.task != "categories":
@@ -101,13 +103,16 @@ def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> Pre
         if config.task == "joint" and np.isnan(attributes).any(axis=1).all():
             raise ConfigError(f"--task joint: no training clip of split {config.train_split} in cache {cache.path} "
                               f"has arousal, valence and dominance values")
-    return PreparedData(cache, selection, train_names, targets, labels, dev_names, counts, weights, attributes)
+    return PreparedData(cache, selection, train_names, targets, labels, dev_names, counts, weights, attributes,
+                        cache.classes)
 
 
-def head_config_for(config: TrainConfig, selection: InputSelection) -> HeadConfig:
+def head_config_for(config: TrainConfig, selection: InputSelection, classes: ClassSet = MSP_PODCAST) -> HeadConfig:
     extra = {}
+    if not classes.is_default:
+        extra = {"num_classes": len(classes)}
     if config.task != "categories":  # a categories head's config stays as it always was
-        extra = {"attributes": len(ATTRIBUTES), "num_classes": 0 if config.task == "attributes" else len(CLASSES)}
+        extra = {"attributes": len(ATTRIBUTES), "num_classes": 0 if config.task == "attributes" else len(classes)}
     return HeadConfig(dim=selection.dim, num_layers=selection.num_layers,
                       layers="weighted" if selection.positions is None else 0,
                       pooling="stats" if selection.kind == "pooled" else config.pooling,

@@ -107,3 +107,28 @@ def test_balanced_sampler_and_bce_on_the_class_set(cache, tmp_path):
                            device="cpu"), out, progress=False)
     preds = read_predictions(prediction_path(out, "Train"))
     assert preds.classes == CODES and preds.probs.shape == (16, 4)
+
+
+def test_finetune_on_the_manifest_and_a_head_of_another_class_set_is_refused(corpus, run, tmp_path, small_demo_corpus):
+    from conilium.errors import ConfigError
+    from conilium.finetune import FinetuneConfig, finetune, load_model_dir
+
+    base = dict(upstream="demo-wavlm", random_init=True, max_seconds=1.0, batch_size=8, epochs=1, lr=1e-3,
+                hidden=16, num_workers=0)
+    out = tmp_path / "model"
+    finetune(FinetuneConfig(corpus=str(corpus), out=str(out), **base), progress=False)
+    info = json.loads((out / "conilium_model.json").read_text())
+    assert info["classes"] == list(CODES) and list(info["offsets"]) == list(CODES)
+    assert load_model_dir(out)[0].head.config.num_classes == 4
+    assert read_predictions(prediction_path(out, "Development")).classes == CODES
+    pred = tmp_path / "pred.csv"
+    r = CliRunner().invoke(predict_cmd, ["--model", str(out), str(corpus / "wav/spk0/clip24.wav"), "--out", str(pred),
+                                         "--quiet"])
+    assert r.exit_code == 0, r.output
+    header = pred.read_text().splitlines()[0].split(",")
+    assert [h for h in header if h in CODES] == list(CODES)
+    # a train-head run on this corpus's cache cannot start fine-tuning on MSP-Podcast's eight classes
+    with pytest.raises(ConfigError, match=r"the head predicts the classes ang,hap,sad,neu, the corpus has the "
+                                          r"class set A,S,H,U,F,D,C,N"):
+        finetune(FinetuneConfig(corpus=str(small_demo_corpus), out=str(tmp_path / "m2"), init_head=str(run), **base),
+                 progress=False)

@@ -198,3 +198,14 @@ def test_symlink_out_of_the_root_is_refused(tmp_path):
     with pytest.raises(CorpusError, match=r"corpus\.jsonl:2: FileName 'link\.wav' is a symbolic link"):
         load_corpus(root)
     assert len(load_corpus(root, allow_symlinks=True)) == 2
+
+
+def test_describe_corpus_speaks_in_the_class_set(tmp_path):
+    from conilium.describe import describe_corpus
+
+    s = describe_corpus(write_manifest(tmp_path / "c"), tmp_path / "out")
+    assert list(s["consensus"]["all"]) == ["ang", "hap", "sad", "neu", "O", "X", "unlabelled"]
+    assert s["consensus"]["all"]["ang"] == 1 and s["consensus"]["all"]["X"] == 1
+    assert s["cooccurrence"]["rows"] == ["ang", "hap", "sad", "neu"] and s["cooccurrence"]["names"][0] == "Angry"
+    assert s["cooccurrence"]["matrix"][0] == [0.5, 0.0, 0.25, 0.25]
+    assert (tmp_path / "out" / "cooccurrence.png").stat().st_size > 0

@@ -68,7 +68,7 @@ def make_demo_corpus_cmd(out, clips, seed, noise_out, noise_files, overwrite, qu
 
 @click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--corpus", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Corpus root in the MSP-Podcast layout (Audios/, Labels/).")
+              help="Corpus root: the MSP-Podcast layout (Audios/, Labels/) or a corpus.csv/corpus.jsonl manifest.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the report (created if missing; its files are replaced).")
 @click.option("--skip-bad", is_flag=True,

@@ -36,7 +36,7 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
 
 @click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--corpus", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Corpus root in the MSP-Podcast layout (Audios/, Labels/); required, unless --config names one.")
+              help="Corpus root: the MSP-Podcast layout (Audios/, Labels/) or a corpus.csv/corpus.jsonl manifest; required, unless --config names one.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Model directory to write (upstream/, head.pt, conilium_model.json; also a run directory: "
                    "config.json, metrics.json, predictions/<Split>.csv, tuned/).")

@@ -132,3 +132,38 @@ def test_finetune_on_the_manifest_and_a_head_of_another_class_set_is_refused(cor
                                           r"class set A,S,H,U,F,D,C,N"):
         finetune(FinetuneConfig(corpus=str(small_demo_corpus), out=str(tmp_path / "m2"), init_head=str(run), **base),
                  progress=False)
+
+
+def test_a_cache_of_another_class_set_is_a_clear_error(corpus, cache, tmp_path):
+    import shutil
+
+    from conilium.errors import CacheError
+    from conilium.extract import ExtractConfig, extract_features
+
+    other = tmp_path / "corpus"
+    shutil.copytree(corpus, other)
+    cl = json.loads((other / "classes.json").read_text())
+    cl["classes"] = cl["classes"][::-1]  # the same classes in another column order
+    (other / "classes.json").write_text(json.dumps(cl))
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    config = ExtractConfig("demo-wavlm", random_init=True, seed=0, layers="all", max_seconds=1.0)
+    with pytest.raises(CacheError, match=r"(?s)other settings than requested.*classes: cache has .*'ang'.*requested"):
+        extract_features(config, other, copy, device="cpu", verbose=False)
+
+
+def test_easy_difficult_refuses_clip_metadata_of_another_class_set(run, tmp_path, small_demo_corpus):
+    import shutil
+
+    from conilium.runs import RunError
+    from conilium.evaluate.difficulty import easy_difficult, load_clips
+
+    twin = tmp_path / "twin"
+    shutil.copytree(run, twin)
+    clips = load_clips(corpus=small_demo_corpus)
+    with pytest.raises(RunError, match=r"scores the classes ang,hap,sad,neu but the clip metadata .* has the class "
+                                       r"set A,S,H,U,F,D,C,N"):
+        easy_difficult([run, twin], {n: clips[next(iter(clips))] for n in
+                                     read_predictions(prediction_path(run, "Development")).names})
+    result = easy_difficult([run, twin], load_clips(cache=json.loads((run / "config.json").read_text())["cache"]))
+    assert result["groups"]["all"]["clips"] == 8 and set(result["groups"]["all"]["classes"]) <= set(CODES)

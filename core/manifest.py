@@ -94,6 +94,9 @@ def _csv_records(path: Path) -> Iterator[Tuple[int, dict]]:
         missing = [c for c in REQUIRED if c not in header]
         if missing:
             raise CorpusError(f"{path}:1: missing column(s) {', '.join(missing)}; columns: {', '.join(FIELDS)}")
+        unknown = [c for c in header if c not in FIELDS]
+        if unknown:
+            raise CorpusError(f"{path}:1: unknown column(s) {', '.join(unknown)}; columns: {', '.join(FIELDS)}")
         for lineno, row in records:
             if not row or all(not x.strip() for x in row):
                 continue

@@ -185,6 +185,17 @@ def test_missing_audio_and_malformed_lines(tmp_path):
     (root / "corpus.jsonl").write_text("")
     with pytest.raises(CorpusError, match="both corpus.csv and corpus.jsonl"):
         load_corpus(root)
+    (root / "corpus.jsonl").unlink()
+    (root / "corpus.csv").write_text("audio,split,emotion\na.wav,Train,ang\n")
+    with pytest.raises(CorpusError, match=r"corpus\.csv:1: unknown column\(s\) emotion"):
+        load_corpus(root)
+    (root / "corpus.csv").write_text("audio,label\na.wav,ang\n")
+    with pytest.raises(CorpusError, match=r"corpus\.csv:1: missing column\(s\) split"):
+        load_corpus(root)
+    (root / "corpus.jsonl").write_text('{"audio": "s1/a.wav", "split": "train", "mood": "x"}\n')
+    (root / "corpus.csv").unlink()
+    with pytest.raises(CorpusError, match=r"corpus\.jsonl:1: unknown field\(s\) mood"):
+        load_corpus(root)
 
 
 def test_symlink_out_of_the_root_is_refused(tmp_path):

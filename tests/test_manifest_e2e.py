@@ -167,3 +167,31 @@ def test_easy_difficult_refuses_clip_metadata_of_another_class_set(run, tmp_path
                                      read_predictions(prediction_path(run, "Development")).names})
     result = easy_difficult([run, twin], load_clips(cache=json.loads((run / "config.json").read_text())["cache"]))
     assert result["groups"]["all"]["clips"] == 8 and set(result["groups"]["all"]["classes"]) <= set(CODES)
+
+
+def test_thresholds_ensemble_and_intervals_follow_the_class_set(run, cache, corpus, tmp_path):
+    from conilium.evaluate.bootstrap import intervals
+    from conilium.evaluate.ensemble import ensemble_runs
+    from conilium.evaluate.thresholds import tune_run
+    from conilium.metrics import score
+
+    tuned = tmp_path / "tuned"
+    tune_run(run, tuned, k=0)
+    meta = json.loads((tuned / "thresholds.json").read_text())
+    assert list(meta["offsets"]) == list(CODES)
+    files = [corpus / "wav" / "spk1" / "clip25.wav"]
+    out = tmp_path / "pred.csv"
+    r = CliRunner().invoke(predict_cmd, ["--run", str(tuned), *map(str, files), "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    other = tmp_path / "other"
+    train_head(TrainConfig(cache=str(cache), loss="bce", labels="P", epochs=1, hidden=8, device="cpu"), other,
+               progress=False)
+    m = ensemble_runs([run, other], tmp_path / "ens")
+    ens = read_predictions(prediction_path(tmp_path / "ens", "Development"))
+    assert ens.classes == CODES and set(ens.prediction) <= set(CODES)
+    assert m["splits"]["Development"]["f1_macro"] == pytest.approx(
+        score(ens.reference, ens.prediction, CODES)["f1_macro"])
+    dev = read_predictions(prediction_path(run, "Development"))
+    ci = intervals(dev, draws=200)["f1_macro"]  # draws scored over the 4 classes, as the observed value
+    assert ci["value"] == pytest.approx(score(dev.reference, dev.prediction, CODES)["f1_macro"])
+    assert ci["low"] <= ci["value"] <= ci["high"] and ci["n"] == 8

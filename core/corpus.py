@@ -167,7 +167,7 @@ class Corpus:
     clips: Dict[str, Clip]
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (clip, reason) left out with skip_bad
     orphan_annotations: int = 0  # detailed rows whose FileName is not in the consensus file
-    detailed_layout: Optional[str] = None  # "emodetail", "columns" or None when no detailed file
+    detailed_layout: Optional[str] = None  # "emodetail", "columns", "manifest <file>" or None when no detailed file
     classes: ClassSet = MSP_PODCAST
     #: Where clip names are resolved: ``Audios/`` (MSP-Podcast layout) or the root (manifest)
     audio_root: Optional[Path] = None

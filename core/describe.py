@@ -241,7 +241,7 @@ def render_markdown(summary: dict) -> str:
             f"Over annotated clips: mean largest share of the P and S targets, share of clips that "
             f"pass the P* ({th_p}) and S* ({th_s}) thresholds (agreement share read over "
             f"{_READING_TEXT[DEFAULT_READING]}, see conilium.targets), and Krippendorff's alpha "
-            f"(nominal) of the primary labels (eight classes and Other).", ""]
+            f"(nominal) of the primary labels ({_classes_text(summary)} and Other).", ""]
     rows = []
     for g in groups:
         a = summary["agreement"][g]
@@ -270,8 +270,17 @@ def render_markdown(summary: dict) -> str:
             f"is truncated to its first {LONG_CLIP_SECONDS:g} s before the upstream sees it.*", "",
             "![Mean S target per consensus class](cooccurrence.png)", "",
             "*For the clips of each consensus class (rows, with their clip counts), the mean S target over the "
-            "eight classes: which other emotions annotators perceive alongside (cf. the paper's Figure 3).*", ""]
+            f"{_classes_text(summary)}: which other emotions annotators perceive alongside (cf. the paper's "
+            f"Figure 3).*", ""]
     return "\n".join(out)
+
+
+def _classes_text(summary: dict) -> str:
+    """How the summary names its classes: "eight classes" for MSP-Podcast's, else their codes."""
+    own = summary.get("classes")
+    if not own:
+        return "eight classes"
+    return f"{len(own['classes'])} classes ({', '.join(c['code'] for c in own['classes'])})"
 
 
 # ----------------------------------------------------------------------------- figures

@@ -276,7 +276,7 @@ def load_manifest(root, *, read_durations: bool = True, skip_bad: bool = False,
         raise CorpusError(f"{path}: no clips listed")
     label_files = (path,) + (((root / CLASSES_FILE),) if (root / CLASSES_FILE).is_file() else ())
     return Corpus(root=root, clips=clips, skipped=skipped, classes=classes, audio_root=root,
-                  label_files=label_files)
+                  label_files=label_files, detailed_layout=f"manifest {path.name}")
 
 
 def manifest_fingerprint(corpus: Corpus) -> str:

@@ -220,3 +220,6 @@ def test_describe_corpus_speaks_in_the_class_set(tmp_path):
     assert s["cooccurrence"]["rows"] == ["ang", "hap", "sad", "neu"] and s["cooccurrence"]["names"][0] == "Angry"
     assert s["cooccurrence"]["matrix"][0] == [0.5, 0.0, 0.25, 0.25]
     assert (tmp_path / "out" / "cooccurrence.png").stat().st_size > 0
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| Split | ang | hap | sad | neu | O | X | unlabelled | total |" in md
+    assert "4 classes (ang, hap, sad, neu) and Other" in md and "layout: manifest corpus.jsonl" in md

@@ -132,6 +132,12 @@ def test_finetune_on_the_manifest_and_a_head_of_another_class_set_is_refused(cor
                                           r"class set A,S,H,U,F,D,C,N"):
         finetune(FinetuneConfig(corpus=str(small_demo_corpus), out=str(tmp_path / "m2"), init_head=str(run), **base),
                  progress=False)
+    base_dir = tmp_path / "baseline"
+    base_dir.mkdir()
+    with pytest.raises(ConfigError, match=r"the challenge baseline predicts MSP-Podcast's eight classes, the corpus "
+                                          r"has its own class set \(ang = Angry"):
+        finetune(FinetuneConfig(corpus=str(corpus), out=str(tmp_path / "m3"), baseline_ckpt=str(base_dir), **base),
+                 progress=False)
 
 
 def test_a_cache_of_another_class_set_is_a_clear_error(corpus, cache, tmp_path):

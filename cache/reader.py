@@ -17,10 +17,11 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
+from conilium.classes import ClassSet, class_set_of
 from conilium.corpus import Clip
 from conilium.cachedir import VERIFY_MODES
 from conilium.dirs import CacheDir, Manifest
-from conilium.errors import CacheError
+from conilium.errors import CacheError, CorpusError
 
 from .shards import RUN_BYTES, ShardIndex, all_finite, crc32, read_shard_index
 
@@ -70,6 +71,12 @@ class FeatureCache:
             raise CacheError(f"{self.path}: shard file(s) missing: {', '.join(missing[:5])}"
                              f"{' …' if len(missing) > 5 else ''}; run verify-cache, then extract-features to repair")
         records = read_clips(self.path, self.manifest)
+        try:
+            #: the class set of the corpus the cache was extracted from
+            self.classes: ClassSet = class_set_of(self.manifest.get("classes"))
+        except CorpusError as e:
+            raise CacheError(f"{self.path}: manifest.json: classes: {e}") from None
+        own = None if self.classes.is_default else self.classes
         self.clips: Dict[str, Clip] = OrderedDict()
         self._where: Dict[str, Tuple[int, int]] = {}
         self._source: Dict[str, str] = {}
@@ -77,7 +84,7 @@ class FeatureCache:
         try:
             for r in records:
                 name, shard = r["name"], int(r["shard"])
-                self.clips[name] = Clip.from_json(r)
+                self.clips[name] = Clip.from_json(r, own)
                 self._where[name] = (shard, int(r["num_frames"]))
                 self._members.setdefault(shard, []).append(name)
                 if r.get("source"):

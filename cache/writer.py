@@ -50,6 +50,9 @@ UPSTREAM_DIR = CacheDir.UPSTREAM
 SETTINGS_FIELDS = ("upstream", "layers", "layers_spec", "num_hidden_states", "dim", "dtype", "compute_dtype",
                    "frame_rate", "max_seconds", "normalize", "pooled_stats", "corpus_root", "corpus_fingerprint",
                    "splits", "augmentation", "shard_size", "code_version", "config", "normalize_stats")
+#: Settings recorded only when they apply: ``classes``, the corpus's class set
+#: (:meth:`conilium.classes.ClassSet.to_json`) when it is not MSP-Podcast's eight.
+SETTINGS_OPTIONAL = ("classes",)
 #: Kept in extraction.json only (bookkeeping of the run that wrote the settings), not in the manifest.
 SETTINGS_ONLY = ("skipped_in_stats",)
 #: What :meth:`CacheWriter.finish` adds to the settings to make the manifest (its own checksum last).
@@ -57,7 +60,7 @@ MANIFEST_FIELDS = ("num_clips", "skipped", "clips_sha256", "shards", "complete",
 #: Settings that must agree between a cache on disk and a request for it.
 COMPARED = ("upstream", "layers", "num_hidden_states", "dim", "dtype", "compute_dtype", "max_seconds",
             "normalize", "pooled_stats", "corpus_fingerprint", "splits", "augmentation", "shard_size",
-            "frame_rate", "code_version")
+            "frame_rate", "code_version", "classes")
 
 
 def _describe(value) -> str:
@@ -109,10 +112,10 @@ def _ordered_settings(settings: Mapping) -> dict:
     if settings.get("format", FORMAT_VERSION) != FORMAT_VERSION:
         raise ValueError(f"cache settings: format {settings['format']!r}, this writer writes {FORMAT_VERSION}")
     missing = [k for k in SETTINGS_FIELDS if k not in given]
-    unknown = [k for k in given if k not in SETTINGS_FIELDS + SETTINGS_ONLY]
+    unknown = [k for k in given if k not in SETTINGS_FIELDS + SETTINGS_OPTIONAL + SETTINGS_ONLY]
     if missing or unknown:
         raise ValueError(f"cache settings: missing {missing}, unknown {unknown}")
-    order = SETTINGS_FIELDS + SETTINGS_ONLY
+    order = SETTINGS_FIELDS + SETTINGS_OPTIONAL + SETTINGS_ONLY
     return {"format": FORMAT_VERSION, **{k: given[k] for k in order if k in given}}
 
 

@@ -129,7 +129,8 @@ def check_corpus_arg(path) -> None:
     if dir_kind(p) == "audio" and dir_kind(p.resolve().parent) == "corpus":
         raise click.ClickException(f"{path} is the corpus's audio folder, not the corpus; pass its parent "
                                    f"{p.resolve().parent} (the corpus root, with Audios/ and Labels/) to --corpus")
-    refuse_dir(path, "a corpus", "pass the corpus root (Audios/, Labels/labels_consensus.csv) to --corpus",
+    refuse_dir(path, "a corpus", "pass the corpus root (Audios/, Labels/labels_consensus.csv, or a corpus.csv "
+                                 "manifest) to --corpus",
                accept=("corpus",))
 
 

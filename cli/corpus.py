@@ -1,5 +1,5 @@
-"""``conilium corpus``: ``make-demo`` (alias ``make-demo-corpus``) and ``describe`` (alias
-``describe-corpus``)."""
+"""``conilium corpus``: ``make-demo`` (alias ``make-demo-corpus``), ``describe`` (alias
+``describe-corpus``) and ``convert`` (a manifest from IEMOCAP's or CREMA-D's layout)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def make_demo_corpus_cmd(out, clips, seed, noise_out, noise_files, overwrite, qu
 
 @click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--corpus", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Corpus root in the MSP-Podcast layout (Audios/, Labels/).")
+              help="Corpus root: the MSP-Podcast layout (Audios/, Labels/) or a corpus.csv/corpus.jsonl manifest.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the report (created if missing; its files are replaced).")
 @click.option("--skip-bad", is_flag=True,
@@ -114,6 +114,41 @@ def describe_corpus_cmd(corpus, out, skip_bad, allow_symlinks, quiet):
     click.echo(f"Wrote {', '.join(str(out / name) for name in OUTPUT_FILES)}")
 
 
+@click.command(cls=Command, context_settings=CONTEXT)
+@click.option("--from", "source", required=True, type=click.Choice(["iemocap", "crema-d"]),
+              help="The source corpus's layout.")
+@click.argument("src", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Corpus root to write corpus.jsonl and classes.json into (default: SRC); its audio files are "
+                   "hard-linked (or copied) from SRC under the same paths.")
+@quiet_option("No messages.")
+@version_option
+def convert_corpus_cmd(source, src, out, quiet):
+    """Write a corpus manifest (corpus.jsonl + classes.json) from a public corpus's own layout.
+
+    \b
+      iemocap   SRC holds Session1..Session5 (dialog/EmoEvaluation/*.txt, sentences/wav/);
+                classes ang, hap (+ excited), sad, neu; Session 4 Development, 5 Test1
+      crema-d   SRC holds AudioWAV/ and finishedResponses.csv (voice-only ratings) or
+                processedResults/tabulatedVotes.csv; classes A D F H N S; actors by id:
+                …0 Test1, …1 Development
+    \b
+    Every annotator's label is kept; the manifest is then read as any corpus. Example:
+      conilium corpus convert --from iemocap /data/IEMOCAP_full_release --out /data/iemocap
+      extract-features --corpus /data/iemocap --upstream wavlm-large --out cache/iemocap-wavlm
+    """
+    from conilium.convert import convert_corpus
+
+    try:
+        summary = convert_corpus(source, src, out)
+    except ConiliumError as e:
+        fail(e)
+    if not quiet:
+        per_split = ", ".join(f"{s} {sum(c.values())}" for s, c in summary["splits"].items())
+        click.echo(f"{summary['manifest']}: {summary['clips']} clips ({per_split}); classes "
+                   f"{' '.join(summary['classes'])}")
+
+
 @click.group("corpus", cls=Group, context_settings=CONTEXT,
              short_help="A demo corpus; a corpus's counts, agreement and figures.")
 @quiet_option(GROUP_QUIET)
@@ -124,8 +159,10 @@ def corpus_group(quiet):
     \b
       make-demo   write a demo corpus          (also installed as make-demo-corpus)
       describe    counts, agreement, figures   (also installed as describe-corpus)
+      convert     a manifest from IEMOCAP's or CREMA-D's layout
     """
 
 
 corpus_group.add_command(make_demo_corpus_cmd, "make-demo")
 corpus_group.add_command(describe_corpus_cmd, "describe")
+corpus_group.add_command(convert_corpus_cmd, "convert")

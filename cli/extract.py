@@ -25,7 +25,7 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
 
 @click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--corpus", "corpus", required=True, type=click.Path(file_okay=False, path_type=str),
-              help="Corpus root in the MSP-Podcast layout (Audios/, Labels/).")
+              help="Corpus root: the MSP-Podcast layout (Audios/, Labels/) or a corpus.csv/corpus.jsonl manifest.")
 @click.option("--upstream", required=True, help=_UPSTREAM_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=str),
               help="The cache directory to write (created; resumed when it holds a partial cache).")

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import click
 
-from conilium import CLASSES
 from conilium.errors import ConiliumError
 from conilium.finetune.config import RECORDED_KEYS, FinetuneConfig
 
@@ -37,7 +36,7 @@ def _quiet_library_warnings(quiet: bool = False) -> None:
 
 @click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--corpus", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Corpus root in the MSP-Podcast layout (Audios/, Labels/); required, unless --config names one.")
+              help="Corpus root: the MSP-Podcast layout (Audios/, Labels/) or a corpus.csv/corpus.jsonl manifest; required, unless --config names one.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Model directory to write (upstream/, head.pt, conilium_model.json; also a run directory: "
                    "config.json, metrics.json, predictions/<Split>.csv, tuned/).")
@@ -123,9 +122,10 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
     from conilium.runs import prediction_path, read_predictions
 
     out = Path(config.out)
-    refs = read_predictions(prediction_path(out, config.dev_split)).reference
+    dev = read_predictions(prediction_path(out, config.dev_split))
+    refs, classes = dev.reference, dev.classes
     # stratified folds: no more than the clips of the most frequent class (scikit-learn's bound)
-    k = min(5, max([sum(1 for r in refs if r == c) for c in CLASSES]))
+    k = min(5, max([sum(1 for r in refs if r == c) for c in classes]))
     tuned = tune_run(out, out / TUNED_DIR, tune_split=config.dev_split, k=k if k >= 2 else 0, seed=config.seed,
                      overwrite=True)
     cv = tuned.get("cross_validation")

@@ -27,13 +27,14 @@ import math
 import os
 from collections import Counter
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import soundfile as sf
 
 from . import CLASSES, NON_TARGET_CONSENSUS
+from .classes import MSP_PODCAST, ClassSet
 from .errors import CorpusError
 
 CONSENSUS_FILE = "labels_consensus.csv"
@@ -47,24 +48,9 @@ GENDERS = ("Male", "Female", "Unknown")
 ALLOW_SYMLINKS_HELP = ("Read audio through symbolic links in Audios/ that point outside it (refused by "
                        "default: every FileName must resolve inside Audios/).")
 
-# Emotion words (lower case) of the eight target classes. Aliases cover spellings seen
-# across releases and the single letters some older files use.
-_WORD_TO_CLASS = {
-    "angry": "A", "anger": "A", "a": "A",
-    "sad": "S", "sadness": "S", "s": "S",
-    "happy": "H", "happiness": "H", "h": "H",
-    "surprise": "U", "surprised": "U", "u": "U",
-    "fear": "F", "fearful": "F", "f": "F",
-    "disgust": "D", "disgusted": "D", "d": "D",
-    "contempt": "C", "contemptuous": "C", "c": "C",
-    "neutral": "N", "n": "N",
-}
-
-
 def word_to_class(word: str) -> Optional[str]:
     """Class letter of an emotion word, or None for Other, ``Other-…`` and non-target words."""
-    key = word.strip().lower()
-    return _WORD_TO_CLASS.get(key)
+    return MSP_PODCAST.word_to_code(word)
 
 
 @dataclass(frozen=True)
@@ -82,16 +68,22 @@ class Annotation:
     act: Optional[float] = None
     val: Optional[float] = None
     dom: Optional[float] = None
+    #: The class set its words map to (None: MSP-Podcast's eight).
+    classes: Optional[ClassSet] = field(default=None, compare=False, repr=False)
+
+    @property
+    def class_set(self) -> ClassSet:
+        return self.classes or MSP_PODCAST
 
     @property
     def primary_class(self) -> Optional[str]:
-        return word_to_class(self.primary)
+        return self.class_set.word_to_code(self.primary)
 
     @property
     def secondary_classes(self) -> Tuple[str, ...]:
         out = []
         for w in self.secondary:
-            c = word_to_class(w)
+            c = self.class_set.word_to_code(w)
             if c is not None and c not in out:
                 out.append(c)
         return tuple(out)
@@ -110,16 +102,16 @@ class Annotation:
 
     def ignored_words(self) -> List[str]:
         """Words of this annotation that map to no target class (Other, non-target words)."""
-        return [w for w in (self.primary,) + tuple(self.secondary) if word_to_class(w) is None]
+        return [w for w in (self.primary,) + tuple(self.secondary) if self.class_set.word_to_code(w) is None]
 
     def to_json(self) -> dict:
         return {"worker": self.worker, "primary": self.primary, "secondary": list(self.secondary),
                 "act": self.act, "val": self.val, "dom": self.dom}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Annotation":
+    def from_json(cls, d: dict, classes: Optional[ClassSet] = None) -> "Annotation":
         return cls(worker=d["worker"], primary=d["primary"], secondary=tuple(d.get("secondary", ())),
-                   act=d.get("act"), val=d.get("val"), dom=d.get("dom"))
+                   act=d.get("act"), val=d.get("val"), dom=d.get("dom"), classes=classes)
 
 
 @dataclass(frozen=True)
@@ -136,24 +128,35 @@ class Clip:
     val: Optional[float] = None
     dom: Optional[float] = None
     annotations: Tuple[Annotation, ...] = ()
+    transcript: Optional[str] = None
+    #: The corpus's class set (None: MSP-Podcast's eight).
+    classes: Optional[ClassSet] = field(default=None, compare=False, repr=False)
+
+    @property
+    def class_set(self) -> ClassSet:
+        return self.classes or MSP_PODCAST
 
     @property
     def scoreable(self) -> bool:
-        """True when the consensus label is one of the eight target classes."""
-        return self.emo_class in CLASSES
+        """True when the consensus label is one of the corpus's target classes."""
+        return self.emo_class in self.class_set.codes
 
     def to_json(self) -> dict:
-        return {"name": self.name, "split": self.split, "emo_class": self.emo_class,
-                "speaker": self.speaker, "gender": self.gender, "duration": self.duration,
-                "act": self.act, "val": self.val, "dom": self.dom,
-                "annotations": [a.to_json() for a in self.annotations]}
+        d = {"name": self.name, "split": self.split, "emo_class": self.emo_class,
+             "speaker": self.speaker, "gender": self.gender, "duration": self.duration,
+             "act": self.act, "val": self.val, "dom": self.dom,
+             "annotations": [a.to_json() for a in self.annotations]}
+        if self.transcript is not None:
+            d["transcript"] = self.transcript
+        return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "Clip":
+    def from_json(cls, d: dict, classes: Optional[ClassSet] = None) -> "Clip":
         return cls(name=d["name"], split=d["split"], emo_class=d.get("emo_class"),
                    speaker=d.get("speaker"), gender=d.get("gender", "Unknown"),
                    duration=d.get("duration"), act=d.get("act"), val=d.get("val"), dom=d.get("dom"),
-                   annotations=tuple(Annotation.from_json(a) for a in d.get("annotations", ())))
+                   annotations=tuple(Annotation.from_json(a, classes) for a in d.get("annotations", ())),
+                   transcript=d.get("transcript"), classes=classes)
 
 
 @dataclass
@@ -164,7 +167,12 @@ class Corpus:
     clips: Dict[str, Clip]
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (clip, reason) left out with skip_bad
     orphan_annotations: int = 0  # detailed rows whose FileName is not in the consensus file
-    detailed_layout: Optional[str] = None  # "emodetail", "columns" or None when no detailed file
+    detailed_layout: Optional[str] = None  # "emodetail", "columns", "manifest <file>" or None when no detailed file
+    classes: ClassSet = MSP_PODCAST
+    #: Where clip names are resolved: ``Audios/`` (MSP-Podcast layout) or the root (manifest)
+    audio_root: Optional[Path] = None
+    #: The label files the fingerprint hashes (None: the MSP-Podcast label files)
+    label_files: Optional[Tuple[Path, ...]] = None
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -186,11 +194,23 @@ class Corpus:
     def split(self, name: str) -> List[Clip]:
         return [c for c in self.clips.values() if c.split == name]
 
+    @property
+    def audio_dir(self) -> Path:
+        return self.audio_root if self.audio_root is not None else audio_dir(self.root)
+
     def audio_path(self, name: str) -> Path:
-        return audio_dir(self.root) / name
+        return self.audio_dir / name
+
+    def restrict(self, clips: Dict[str, Clip]) -> "Corpus":
+        """The same corpus with only ``clips``."""
+        return replace(self, clips=clips, skipped=list(self.skipped))
 
     def fingerprint(self) -> str:
         """Hash of both label files' bytes and of every listed audio file's name and size."""
+        if self.label_files is not None:
+            from .manifest import manifest_fingerprint
+
+            return manifest_fingerprint(self)
         return corpus_fingerprint(self.root, self.clips.keys())
 
 
@@ -219,23 +239,23 @@ def corpus_fingerprint(root, names: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def check_file_name(name: str, path: Path, line: int) -> None:
-    """A label file's FileName must be a relative path below ``Audios/``: no absolute
-    path, drive or ``..`` component (an error naming the file, the line and the name)."""
+def check_file_name(name: str, path: Path, line: int, *, column: str = "FileName", inside: str = "Audios/") -> None:
+    """A label file's FileName must be a relative path below ``Audios/`` (``inside``): no
+    absolute path, drive or ``..`` component (an error naming the file, the line and the name)."""
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
     if posix.is_absolute() or windows.drive or windows.root:
-        raise CorpusError(f"{path}:{line}: FileName {name!r} is an absolute path; clip names must "
-                          f"name files inside Audios/")
+        raise CorpusError(f"{path}:{line}: {column} {name!r} is an absolute path; clip names must "
+                          f"name files inside {inside}")
     if ".." in posix.parts or ".." in windows.parts:
-        raise CorpusError(f"{path}:{line}: FileName {name!r} leads out of Audios/ ('..'); clip names "
-                          f"must name files inside Audios/")
+        raise CorpusError(f"{path}:{line}: {column} {name!r} leads out of {inside} ('..'); clip names "
+                          f"must name files inside {inside}")
 
 
 class _AudioBounds:
-    """Whether clip names stay inside ``Audios/`` once symbolic links are followed."""
+    """Whether clip names stay inside ``Audios/`` (or ``adir``) once symbolic links are followed."""
 
-    def __init__(self, root: Path):
-        self.adir = audio_dir(root)
+    def __init__(self, root: Path, adir: Optional[Path] = None):
+        self.adir = audio_dir(root) if adir is None else Path(adir)
         self.real = os.path.realpath(self.adir)
 
     def check(self, name: str, path: Path, line: int) -> None:
@@ -490,7 +510,8 @@ def read_detailed(path) -> Tuple[Dict[str, List[Annotation]], str]:
 
 def load_corpus(root, *, read_durations: bool = True, skip_bad: bool = False,
                 splits: Optional[Sequence[str]] = None, allow_symlinks: bool = False) -> Corpus:
-    """Read a corpus root in the MSP-Podcast release layout.
+    """Read a corpus root in the MSP-Podcast release layout, or in the manifest layout
+    when the root holds ``corpus.csv`` or ``corpus.jsonl`` (:mod:`conilium.manifest`).
 
     Every FileName must name a file inside ``Audios/`` (no absolute path, no ``..``); a
     symbolic link in ``Audios/`` whose target lies outside it is refused too, unless
@@ -504,6 +525,11 @@ def load_corpus(root, *, read_durations: bool = True, skip_bad: bool = False,
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"{root}: corpus directory not found")
+    from .manifest import find_manifest, load_manifest
+
+    if find_manifest(root) is not None:
+        return load_manifest(root, read_durations=read_durations, skip_bad=skip_bad, splits=splits,
+                             allow_symlinks=allow_symlinks)
     rows = read_consensus(root / "Labels" / CONSENSUS_FILE, audios_in=None if allow_symlinks else root)
     detailed_path = root / "Labels" / DETAILED_FILE
     if detailed_path.exists():

@@ -26,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from . import CLASS_NAMES, CLASSES, NON_TARGET_CONSENSUS
+from .classes import MSP_PODCAST, ClassSet
 from .corpus import SPLITS, Clip, Corpus, ignored_word_counts, load_corpus
 from .targets import DEFAULT_READING, DEFAULT_THRESHOLDS, agreement, passes_agreement, secondary_target
 from .util import atomic_path, check_writable, write_json
@@ -35,7 +36,7 @@ OUTPUT_FILES = ("summary.json", "summary.md", "durations.png", "cooccurrence.png
 LONG_CLIP_SECONDS = 8.0
 #: Categories of the primary labels for Krippendorff's alpha: the eight classes and
 #: "Other" (Other, ``Other-…`` and non-target words).
-ALPHA_CATEGORIES = CLASSES + ("Other",)
+ALPHA_CATEGORIES = CLASSES + ("Other",)  # MSP-Podcast's; primary_alpha takes a class set
 UNLABELLED = "unlabelled"
 _READING_TEXT = {"all": "all annotators' labels, Other included", "targets": "target-class labels only"}
 
@@ -79,6 +80,8 @@ def summarize(corpus: Corpus) -> dict:
     splits = [s for s in SPLITS if s in corpus.splits]
     by_split = {s: corpus.split(s) for s in splits}
     groups = dict(by_split, all=list(corpus))
+    classes = corpus.classes
+    extra = {} if classes.is_default else {"classes": classes.to_json()}
     return {
         "corpus": str(corpus.root),
         "clips": len(corpus),
@@ -86,19 +89,20 @@ def summarize(corpus: Corpus) -> dict:
         "skipped": [{"clip": name, "reason": reason} for name, reason in corpus.skipped],
         "orphan_annotations": corpus.orphan_annotations,
         "detailed_layout": corpus.detailed_layout,
-        "consensus": {s: consensus_counts(c) for s, c in groups.items()},
+        "consensus": {s: consensus_counts(c, classes) for s, c in groups.items()},
         "annotators_per_clip": {s: annotator_counts(c) for s, c in groups.items()},
-        "agreement": {s: agreement_stats(c) for s, c in groups.items()},
+        "agreement": {s: agreement_stats(c, classes) for s, c in groups.items()},
         "ignored_words": dict(ignored_word_counts(corpus).most_common()),
         "durations": {s: duration_stats(c) for s, c in groups.items()},
-        "cooccurrence": cooccurrence(corpus),
+        "cooccurrence": cooccurrence(corpus, classes),
+        **extra,
     }
 
 
-def consensus_counts(clips: Sequence[Clip]) -> Dict[str, int]:
-    """Clips per consensus letter (A..N, O, X), plus ``unlabelled`` where there is none."""
+def consensus_counts(clips: Sequence[Clip], classes: ClassSet = MSP_PODCAST) -> Dict[str, int]:
+    """Clips per consensus letter (A..N or the corpus's codes, O, X), plus ``unlabelled`` where there is none."""
     counts = Counter(c.emo_class if c.emo_class is not None else UNLABELLED for c in clips)
-    keys = CLASSES + NON_TARGET_CONSENSUS + (UNLABELLED,)
+    keys = tuple(classes.codes) + NON_TARGET_CONSENSUS + (UNLABELLED,)
     return {k: counts.get(k, 0) for k in keys}
 
 
@@ -114,7 +118,7 @@ def annotator_counts(clips: Sequence[Clip]) -> dict:
             "histogram": {str(v): int(k) for v, k in zip(values, counts)}}
 
 
-def agreement_stats(clips: Sequence[Clip]) -> dict:
+def agreement_stats(clips: Sequence[Clip], classes: ClassSet = MSP_PODCAST) -> dict:
     """Mean top P / S share, P* / S* pass rates and Krippendorff's alpha over annotated clips."""
     annotated = [c for c in clips if c.annotations]
     top_p = [a for a in (agreement(c, "P", "targets") for c in annotated) if a is not None]
@@ -126,22 +130,23 @@ def agreement_stats(clips: Sequence[Clip]) -> dict:
         "mean_top_s": round(float(np.mean(top_s)), 4) if top_s else None,
         "p_star_share": round(sum(passes_agreement(c, "P*") for c in annotated) / n, 4) if n else None,
         "s_star_share": round(sum(passes_agreement(c, "S*") for c in annotated) / n, 4) if n else None,
-        "krippendorff_alpha": primary_alpha(annotated),
+        "krippendorff_alpha": primary_alpha(annotated, classes),
     }
 
 
-def primary_alpha(clips: Sequence[Clip]) -> Optional[float]:
+def primary_alpha(clips: Sequence[Clip], classes: ClassSet = MSP_PODCAST) -> Optional[float]:
     """Krippendorff's alpha (nominal) of the primary labels; None when it is undefined.
 
     Each clip is a unit and each annotator's primary a value among the eight classes and
     Other; clips with a single annotation carry no pair and are left out.
     """
-    col = {c: i for i, c in enumerate(ALPHA_CATEGORIES)}
+    categories = tuple(classes.codes) + ("Other",)
+    col = {c: i for i, c in enumerate(categories)}
     rows = []
     for clip in clips:
         if len(clip.annotations) < 2:
             continue
-        row = np.zeros(len(ALPHA_CATEGORIES), dtype=np.int64)
+        row = np.zeros(len(categories), dtype=np.int64)
         for a in clip.annotations:
             row[col[a.primary_class or "Other"]] += 1
         rows.append(row)
@@ -166,13 +171,14 @@ def duration_stats(clips: Sequence[Clip]) -> dict:
             "longer_than_8s": round(float(np.mean(d > LONG_CLIP_SECONDS)), 4)}
 
 
-def cooccurrence(clips) -> dict:
+def cooccurrence(clips, classes: ClassSet = MSP_PODCAST) -> dict:
     """Mean S target (columns) of the clips of each consensus class (rows).
 
     A row is None where no clip with that consensus has a target-class annotation.
     """
-    sums = {c: np.zeros(len(CLASSES)) for c in CLASSES}
-    counts = dict.fromkeys(CLASSES, 0)
+    codes = tuple(classes.codes)
+    sums = {c: np.zeros(len(codes)) for c in codes}
+    counts = dict.fromkeys(codes, 0)
     for clip in clips:
         if not clip.scoreable:
             continue
@@ -180,9 +186,11 @@ def cooccurrence(clips) -> dict:
         if s is not None:
             sums[clip.emo_class] += s
             counts[clip.emo_class] += 1
-    matrix = [[round(float(v), 4) for v in sums[c] / counts[c]] if counts[c] else None for c in CLASSES]
-    return {"rows": list(CLASSES), "columns": list(CLASSES), "clips": [counts[c] for c in CLASSES],
-            "matrix": matrix}
+    matrix = [[round(float(v), 4) for v in sums[c] / counts[c]] if counts[c] else None for c in codes]
+    out = {"rows": list(codes), "columns": list(codes), "clips": [counts[c] for c in codes], "matrix": matrix}
+    if not classes.is_default:
+        out["names"] = list(classes.names)
+    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -233,7 +241,7 @@ def render_markdown(summary: dict) -> str:
             f"Over annotated clips: mean largest share of the P and S targets, share of clips that "
             f"pass the P* ({th_p}) and S* ({th_s}) thresholds (agreement share read over "
             f"{_READING_TEXT[DEFAULT_READING]}, see conilium.targets), and Krippendorff's alpha "
-            f"(nominal) of the primary labels (eight classes and Other).", ""]
+            f"(nominal) of the primary labels ({_classes_text(summary)} and Other).", ""]
     rows = []
     for g in groups:
         a = summary["agreement"][g]
@@ -262,8 +270,17 @@ def render_markdown(summary: dict) -> str:
             f"is truncated to its first {LONG_CLIP_SECONDS:g} s before the upstream sees it.*", "",
             "![Mean S target per consensus class](cooccurrence.png)", "",
             "*For the clips of each consensus class (rows, with their clip counts), the mean S target over the "
-            "eight classes: which other emotions annotators perceive alongside (cf. the paper's Figure 3).*", ""]
+            f"{_classes_text(summary)}: which other emotions annotators perceive alongside (cf. the paper's "
+            f"Figure 3).*", ""]
     return "\n".join(out)
+
+
+def _classes_text(summary: dict) -> str:
+    """How the summary names its classes: "eight classes" for MSP-Podcast's, else their codes."""
+    own = summary.get("classes")
+    if not own:
+        return "eight classes"
+    return f"{len(own['classes'])} classes ({', '.join(c['code'] for c in own['classes'])})"
 
 
 # ----------------------------------------------------------------------------- figures
@@ -310,7 +327,9 @@ def plot_durations(clips) -> Figure:
 
 def plot_cooccurrence(cooc: dict) -> Figure:
     """8×8 heatmap: rows are consensus classes, columns their clips' mean S target (Figure 3)."""
-    matrix = np.array([row if row is not None else [np.nan] * len(CLASSES) for row in cooc["matrix"]])
+    codes = cooc["rows"]
+    names = cooc.get("names") or [CLASS_NAMES.get(c, c) for c in codes]
+    matrix = np.array([row if row is not None else [np.nan] * len(codes) for row in cooc["matrix"]])
     fig = Figure(figsize=(7.0, 6.2), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap="Blues", vmin=0.0, vmax=1.0)
@@ -319,8 +338,8 @@ def plot_cooccurrence(cooc: dict) -> Figure:
             v = matrix[i, j]
             text, colour = ("–", "0.5") if np.isnan(v) else (f"{v:.2f}", "white" if v > 0.55 else "black")
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color=colour)
-    ax.set_xticks(range(len(CLASSES)), [CLASS_NAMES[c] for c in CLASSES], rotation=45, ha="right")
-    ax.set_yticks(range(len(CLASSES)), [f"{CLASS_NAMES[c]} (n={n})" for c, n in zip(CLASSES, cooc["clips"])])
+    ax.set_xticks(range(len(codes)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(codes)), [f"{name} (n={n})" for name, n in zip(names, cooc["clips"])])
     ax.set_xlabel("mean S target (share of perceived labels)")
     ax.set_ylabel("consensus class")
     ax.set_title("Perceived emotions of the clips of each consensus class")

@@ -363,7 +363,8 @@ RUN_KINDS = ("run", "finetune-run", "model")
 
 
 def _is_corpus(p: Path) -> bool:
-    return (p / "Labels").is_dir() or (p / "Audios").is_dir()
+    return ((p / "Labels").is_dir() or (p / "Audios").is_dir() or (p / "corpus.csv").is_file()
+            or (p / "corpus.jsonl").is_file())
 
 
 def _own_kind(p: Path) -> Optional[str]:

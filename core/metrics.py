@@ -15,24 +15,26 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_
 from . import CLASSES
 
 
-def scoreable(references: Sequence) -> np.ndarray:
-    """Boolean mask of references that are target classes."""
-    return np.array([r in CLASSES for r in references], dtype=bool)
+def scoreable(references: Sequence, classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """Boolean mask of references that are target classes (of ``classes``)."""
+    classes = tuple(classes)
+    return np.array([r in classes for r in references], dtype=bool)
 
 
-def score(references: Sequence[str], predictions: Sequence[str]) -> Dict:
+def score(references: Sequence[str], predictions: Sequence[str], classes: Sequence[str] = CLASSES) -> Dict:
     """Macro/micro F1, per-class precision/recall/F1/support and the confusion matrix.
 
     The confusion matrix is given in counts (rows: reference, columns: prediction, both
-    in :data:`CLASSES` order) and in percent of each reference class (the paper's Fig. 4).
+    in ``classes`` order, MSP-Podcast's eight by default) and in percent of each reference
+    class (the paper's Fig. 4).
     """
     refs = np.asarray(references, dtype=object)
     preds = np.asarray(predictions, dtype=object)
-    keep = scoreable(refs)
+    labels = list(classes)
+    keep = scoreable(refs, labels)
     refs, preds = refs[keep].astype(str), preds[keep].astype(str)
-    labels = list(CLASSES)
     if len(refs) == 0:
-        raise ValueError("no scoreable clip (no reference among the eight classes)")
+        raise ValueError(f"no scoreable clip (no reference among the classes {', '.join(labels)})")
     p, r, f, s = precision_recall_fscore_support(refs, preds, labels=labels, zero_division=0)
     cm = confusion_matrix(refs, preds, labels=labels)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -49,11 +51,11 @@ def score(references: Sequence[str], predictions: Sequence[str]) -> Dict:
     }
 
 
-def macro_f1(references: Sequence[str], predictions: Sequence[str]) -> float:
+def macro_f1(references: Sequence[str], predictions: Sequence[str], classes: Sequence[str] = CLASSES) -> float:
     refs = np.asarray(references, dtype=object)
-    keep = scoreable(refs)
+    keep = scoreable(refs, classes)
     return float(f1_score(refs[keep].astype(str), np.asarray(predictions, dtype=object)[keep].astype(str),
-                          labels=list(CLASSES), average="macro", zero_division=0))
+                          labels=list(classes), average="macro", zero_division=0))
 
 
 # --------------------------------------------------------------------------- attributes

@@ -173,14 +173,15 @@ def load_run_config(run_dir) -> Dict:
 
 # --------------------------------------------------------------------------- writing a run
 
-def letters(probs: np.ndarray) -> List[str]:
-    """Predicted class letters: argmax of the scores."""
-    return [CLASSES[i] for i in np.asarray(probs).argmax(axis=1)]
+def letters(probs: np.ndarray, classes: Sequence[str] = CLASSES) -> List[str]:
+    """Predicted class letters (of ``classes``, in column order): argmax of the scores."""
+    return [classes[i] for i in np.asarray(probs).argmax(axis=1)]
 
 
 def write_run_outputs(out_dir, split_predictions: Mapping[str, Tuple[Sequence[str], np.ndarray, Sequence[Optional[str]]]],
                       history: Optional[List[dict]] = None, best_epoch: Optional[int] = None, *,
-                      dev_split: str = "Development", extra: Optional[Mapping] = None) -> dict:
+                      dev_split: str = "Development", extra: Optional[Mapping] = None,
+                      classes: Sequence[str] = CLASSES) -> dict:
     """Write ``predictions/<Split>.csv`` for each split and then ``metrics.json``; return the metrics.
 
     ``split_predictions`` maps a split name to ``(names, probs (N, 8), references)``,
@@ -193,8 +194,10 @@ def write_run_outputs(out_dir, split_predictions: Mapping[str, Tuple[Sequence[st
     ``history``, ``splits`` (split → scores), for attribute runs ``attributes`` (split →
     :func:`~conilium.metrics.score_attributes`, every split with a known attribute
     reference) and ``ccc_mean`` (the ``dev_split``'s), and the ``extra`` items. It is
-    written last, so a run directory with a metrics.json is complete.
+    written last, so a run directory with a metrics.json is complete. ``classes``: the
+    class codes of the probability columns (MSP-Podcast's eight by default).
     """
+    classes = tuple(classes)
     out_dir = Path(out_dir)
     splits: Dict[str, dict] = {}
     attr_splits: Dict[str, dict] = {}
@@ -203,13 +206,13 @@ def write_run_outputs(out_dir, split_predictions: Mapping[str, Tuple[Sequence[st
         names, probs, refs = entry[:3]
         attributes, attr_refs = (entry[3], entry[4]) if len(entry) > 3 else (None, None)
         probs = np.asarray(probs, dtype=np.float64)
-        n_cls = 0 if (attributes is not None and probs.size == 0) else len(CLASSES)
+        n_cls = 0 if (attributes is not None and probs.size == 0) else len(classes)
         probs = probs.reshape(len(names), n_cls)
-        pred = letters(probs) if (len(names) and n_cls) else [""] * len(names)
+        pred = letters(probs, classes) if (len(names) and n_cls) else [""] * len(names)
         write_predictions(prediction_path(out_dir, split), list(names), probs, pred, list(refs),
-                          CLASSES if n_cls else (), attributes=attributes, attribute_refs=attr_refs)
-        if n_cls and any(r in CLASSES for r in refs):
-            splits[split] = score(list(refs), pred)
+                          classes if n_cls else (), attributes=attributes, attribute_refs=attr_refs)
+        if n_cls and any(r in classes for r in refs):
+            splits[split] = score(list(refs), pred, classes)
         if attributes is not None:
             with_attributes = True
             attr_refs = np.asarray(attr_refs, dtype=np.float64).reshape(len(names), len(ATTRIBUTE_COLUMNS))

@@ -42,6 +42,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import CLASSES, NON_TARGET_CONSENSUS
+from .classes import MSP_PODCAST, ClassSet
 from .corpus import Annotation, Clip
 from .errors import ConfigError
 
@@ -55,32 +56,44 @@ READING_KEY = "over"
 _INDEX = {c: i for i, c in enumerate(CLASSES)}
 
 
-def hard_target(emo_class: Optional[str]) -> Optional[np.ndarray]:
-    """One-hot vector of a consensus letter, None for O, X or unknown."""
-    if emo_class not in _INDEX:
+def _index(classes: Optional[ClassSet]) -> Dict[str, int]:
+    return _INDEX if classes is None or classes.codes == CLASSES else {c: i for i, c in enumerate(classes.codes)}
+
+
+def _of(annotations: Sequence[Annotation], classes: Optional[ClassSet]) -> ClassSet:
+    return classes or (annotations[0].class_set if annotations else MSP_PODCAST)
+
+
+def hard_target(emo_class: Optional[str], classes: Optional[ClassSet] = None) -> Optional[np.ndarray]:
+    """One-hot vector of a consensus letter (of ``classes``, MSP-Podcast's eight by default),
+    None for O, X or unknown."""
+    index = _index(classes)
+    if emo_class not in index:
         return None
-    y = np.zeros(len(CLASSES), dtype=np.float32)
-    y[_INDEX[emo_class]] = 1.0
+    y = np.zeros(len(index), dtype=np.float32)
+    y[index[emo_class]] = 1.0
     return y
 
 
-def primary_target(annotations: Sequence[Annotation]) -> Optional[np.ndarray]:
+def primary_target(annotations: Sequence[Annotation], classes: Optional[ClassSet] = None) -> Optional[np.ndarray]:
     """P: share of annotators whose primary is each class (Other primaries ignored)."""
-    counts = np.zeros(len(CLASSES), dtype=np.float64)
+    index = _index(_of(annotations, classes))
+    counts = np.zeros(len(index), dtype=np.float64)
     for a in annotations:
         c = a.primary_class
         if c is not None:
-            counts[_INDEX[c]] += 1
+            counts[index[c]] += 1
     total = counts.sum()
     return (counts / total).astype(np.float32) if total > 0 else None
 
 
-def secondary_target(annotations: Sequence[Annotation]) -> Optional[np.ndarray]:
+def secondary_target(annotations: Sequence[Annotation], classes: Optional[ClassSet] = None) -> Optional[np.ndarray]:
     """S: share of all perceived labels (primary ∪ secondaries per annotator) of each class."""
-    counts = np.zeros(len(CLASSES), dtype=np.float64)
+    index = _index(_of(annotations, classes))
+    counts = np.zeros(len(index), dtype=np.float64)
     for a in annotations:
         for c in a.perceived_classes:
-            counts[_INDEX[c]] += 1
+            counts[index[c]] += 1
     total = counts.sum()
     return (counts / total).astype(np.float32) if total > 0 else None
 
@@ -96,10 +109,10 @@ def clip_target(clip: Clip, kind: str) -> Optional[np.ndarray]:
     """The target vector of one clip for ``kind`` (``P*``/``S*`` give the P/S vector)."""
     b = base_kind(kind)
     if b == "hard":
-        return hard_target(clip.emo_class)
+        return hard_target(clip.emo_class, clip.class_set)
     if b == "P":
-        return primary_target(clip.annotations)
-    return secondary_target(clip.annotations)
+        return primary_target(clip.annotations, clip.class_set)
+    return secondary_target(clip.annotations, clip.class_set)
 
 
 def check_reading(reading: str) -> str:
@@ -114,18 +127,19 @@ def _label_counts(annotations: Sequence[Annotation], b: str) -> Tuple[np.ndarray
     """Counts of each target class and the count of every label, Other and non-target
     words included: primaries (``b == "P"``) or each annotator's perceived set, primary ∪
     secondaries, with all of an annotator's non-target words counted once as Other (``"S"``)."""
-    counts = np.zeros(len(CLASSES), dtype=np.float64)
+    index = _index(_of(annotations, None))
+    counts = np.zeros(len(index), dtype=np.float64)
     total = 0
     for a in annotations:
         if b == "P":
             c = a.primary_class
             total += 1
             if c is not None:
-                counts[_INDEX[c]] += 1
+                counts[index[c]] += 1
             continue
         perceived = a.perceived_classes
         for c in perceived:
-            counts[_INDEX[c]] += 1
+            counts[index[c]] += 1
         total += len(perceived) + (1 if a.ignored_words() else 0)
     return counts, total
 
@@ -167,8 +181,8 @@ def passes_agreement(clip: Clip, kind: str, thresholds: Optional[Dict] = None,
 
 
 def training_set(clips: Iterable[Clip], kind: str, *, thresholds: Optional[Dict] = None, fallback_to_hard: bool = True,
-                 reading: Optional[str] = None,
-                 include_xo: bool = False) -> Tuple[List[Clip], np.ndarray, Dict[str, int]]:
+                 reading: Optional[str] = None, include_xo: bool = False,
+                 classes: Optional[ClassSet] = None) -> Tuple[List[Clip], np.ndarray, Dict[str, int]]:
     """Training clips and their target matrix for ``kind``.
 
     Clips whose consensus is O, X or unknown are left out (the paper's rule). For soft
@@ -214,7 +228,7 @@ def training_set(clips: Iterable[Clip], kind: str, *, thresholds: Optional[Dict]
         y = clip_target(clip, kind)
         if y is None:
             if b != "hard" and fallback_to_hard and kind not in ("P*", "S*"):
-                y = hard_target(clip.emo_class)
+                y = hard_target(clip.emo_class, clip.class_set)
                 counts["fallback_to_hard"] += 1
             else:
                 counts["no_annotations"] += 1
@@ -224,7 +238,8 @@ def training_set(clips: Iterable[Clip], kind: str, *, thresholds: Optional[Dict]
             continue
         kept.append(clip)
         ys.append(y)
-    targets = np.stack(ys).astype(np.float32) if ys else np.zeros((0, len(CLASSES)), np.float32)
+    width = len(classes) if classes is not None else (len(kept[0].class_set) if kept else len(CLASSES))
+    targets = np.stack(ys).astype(np.float32) if ys else np.zeros((0, width), np.float32)
     return kept, targets, counts
 
 
@@ -296,18 +311,19 @@ def gender_targets(clips: Iterable[Clip]) -> np.ndarray:
                      for c in clips], dtype=np.float32)
 
 
-def class_counts(labels: Iterable[Optional[str]]) -> np.ndarray:
-    n = np.zeros(len(CLASSES), dtype=np.int64)
+def class_counts(labels: Iterable[Optional[str]], classes: Optional[ClassSet] = None) -> np.ndarray:
+    index = _index(classes)
+    n = np.zeros(len(index), dtype=np.int64)
     for c in labels:
-        if c in _INDEX:
-            n[_INDEX[c]] += 1
+        if c in index:
+            n[index[c]] += 1
     return n
 
 
-def class_weights(labels: Iterable[Optional[str]]) -> np.ndarray:
+def class_weights(labels: Iterable[Optional[str]], classes: Optional[ClassSet] = None) -> np.ndarray:
     """w_c = N / (C · n_c) from consensus letters (classes never seen count as seen once)."""
-    n = class_counts(labels)
+    n = class_counts(labels, classes)
     total = n.sum()
     if total == 0:
         raise ConfigError("no training clip with a target-class consensus label: cannot compute class weights")
-    return (total / (len(CLASSES) * np.maximum(n, 1))).astype(np.float32)
+    return (total / (len(n) * np.maximum(n, 1))).astype(np.float32)

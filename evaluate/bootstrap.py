@@ -91,11 +91,12 @@ def paired_p_value(differences: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------- scores of the draws
 
-def class_codes(letters: Sequence) -> np.ndarray:
-    """Each letter's index in :data:`CLASSES`; ``len(CLASSES)`` for anything else (a prediction
-    outside the classes counts as a miss of its reference class, as in scikit-learn)."""
-    pos = {c: i for i, c in enumerate(CLASSES)}
-    return np.array([pos.get(x, len(CLASSES)) for x in letters], dtype=np.int64)
+def class_codes(letters: Sequence, classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """Each letter's index in ``classes`` (:data:`CLASSES` by default); ``len(classes)`` for
+    anything else (a prediction outside the classes counts as a miss of its reference class,
+    as in scikit-learn)."""
+    pos = {c: i for i, c in enumerate(classes)}
+    return np.array([pos.get(x, len(classes)) for x in letters], dtype=np.int64)
 
 
 def _per_draw_counts(codes: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
@@ -105,12 +106,12 @@ def _per_draw_counts(codes: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
     return np.bincount(flat.ravel(), minlength=draws * (k + 1)).reshape(draws, k + 1)[:, :k]
 
 
-def f1_draws(references: np.ndarray, predictions: np.ndarray, idx: np.ndarray) -> Dict[str, np.ndarray]:
+def f1_draws(references: np.ndarray, predictions: np.ndarray, idx: np.ndarray,
+             k: int = len(CLASSES)) -> Dict[str, np.ndarray]:
     """Macro- and micro-F1 of each draw (rows of ``idx``) from class codes (:func:`class_codes`;
     every reference a class). Per class ``F1 = 2 TP / (2 TP + FP + FN)``, 0 when the class is
-    neither referenced nor predicted; macro: their mean over the eight classes; micro: the
+    neither referenced nor predicted; macro: their mean over the ``k`` classes; micro: the
     same over the summed counts."""
-    k = len(CLASSES)
     hits = np.where(references == predictions, references, k)
     tp = _per_draw_counts(hits, idx, k)
     denom = _per_draw_counts(references, idx, k) + _per_draw_counts(predictions, idx, k)
@@ -135,11 +136,12 @@ def _class_part(runs: Sequence[Predictions]) -> Optional[Tuple[np.ndarray, List[
     """Reference codes of the scoreable clips and each run's prediction codes on them."""
     if not runs[0].classes:
         return None
-    refs = class_codes(runs[0].reference)
-    keep = refs < len(CLASSES)
+    classes = tuple(runs[0].classes)
+    refs = class_codes(runs[0].reference, classes)
+    keep = refs < len(classes)
     if not keep.any():
         return None
-    return refs[keep], [class_codes(p.prediction)[keep] for p in runs]
+    return refs[keep], [class_codes(p.prediction, classes)[keep] for p in runs]
 
 
 def _attribute_parts(runs: Sequence[Predictions]) -> Dict[str, Tuple[np.ndarray, List[np.ndarray]]]:
@@ -160,7 +162,7 @@ def observed_scores(preds: Predictions) -> Dict[str, float]:
     clip has a class reference, ``ccc_<attribute>`` for each attribute with a known reference."""
     out: Dict[str, float] = {}
     if preds.classes and has_references(preds):
-        s = score(preds.reference, preds.prediction)
+        s = score(preds.reference, preds.prediction, preds.classes)
         out["f1_macro"], out["f1_micro"] = s["f1_macro"], s["f1_micro"]
     if preds.attributes is not None and not np.isnan(preds.attribute_refs).all():
         a = score_attributes(preds.attribute_refs, preds.attributes, ATTRIBUTE_COLUMNS)
@@ -179,7 +181,8 @@ def score_draws(runs: Sequence[Predictions], draws: int, seed: int) -> Dict[str,
     part = _class_part(runs)
     if part is not None:
         refs, preds = part
-        blocks = [[f1_draws(refs, p, idx) for p in preds] for idx in index_blocks(len(refs), draws, seed)]
+        k = len(runs[0].classes)
+        blocks = [[f1_draws(refs, p, idx, k) for p in preds] for idx in index_blocks(len(refs), draws, seed)]
         for key in ("f1_macro", "f1_micro"):
             out[key] = (len(refs), np.concatenate([[b[key] for b in run] for run in blocks], axis=1))
     for name, (ref, preds) in _attribute_parts(runs).items():

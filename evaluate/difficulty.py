@@ -96,7 +96,8 @@ def primary_value_counts(clips: Sequence[Clip], *, other: str = "category") -> T
     """
     if other not in OTHER_MODES:
         raise ConfigError(f"other must be one of {', '.join(OTHER_MODES)}, got {other!r}")
-    cats = list(CLASSES) + ([OTHER] if other == "category" else [])
+    codes = clips[0].class_set.codes if len(clips) else CLASSES
+    cats = list(codes) + ([OTHER] if other == "category" else [])
     pos = {c: i for i, c in enumerate(cats)}
     counts = np.zeros((len(clips), len(cats)), dtype=np.int64)
     for u, clip in enumerate(clips):
@@ -152,11 +153,16 @@ def easy_difficult(run_dirs: Sequence, clips: Mapping[str, Clip], *, split: str 
         raise RunError("the Easy/Difficult analysis needs at least two runs")
     if other not in OTHER_MODES:
         raise ConfigError(f"other must be one of {', '.join(OTHER_MODES)}, got {other!r}")
-    ref, correct = _correct_runs(run_dirs, split)
+    ref, correct, classes = _correct_runs(run_dirs, split)
     missing = [n for n in ref if n not in clips]
     if missing:
         raise RunError(f"{len(missing)} clip(s) of split {split} are not in the clip metadata "
                        f"(wrong cache or corpus?), e.g. {missing[:3]}")
+    theirs = clips[next(iter(ref))].class_set.codes
+    if tuple(theirs) != tuple(classes):
+        raise RunError(f"run {run_dirs[0]} scores the classes {','.join(classes)} but the clip metadata (cache or "
+                       f"corpus) has the class set {','.join(theirs)}: give the cache or corpus the runs were "
+                       f"trained on")
     k = len(run_dirs)
     group_of = {n: ("easy" if c == k else "difficult" if c == 0 else "mixed") for n, c in correct.items()}
     return {
@@ -164,25 +170,31 @@ def easy_difficult(run_dirs: Sequence, clips: Mapping[str, Clip], *, split: str 
         "runs": [str(r) for r in run_dirs],
         "other": other,
         "n": len(ref),
-        "groups": _groups(ref, clips, group_of, other),
+        "groups": _groups(ref, clips, group_of, other, classes),
         "speakers": _speakers(ref, clips, group_of),
         "clip_groups": {n: group_of[n] for n in ref},
         "correct_runs": {n: correct[n] for n in ref},
     }
 
 
-def _correct_runs(run_dirs: Sequence[Path], split: str) -> Tuple[Dict[str, str], Dict[str, int]]:
-    """The scoreable clips of ``split`` with their reference (the first run's order) and how many
-    runs predict each correctly; the runs must agree on the clips and their references."""
+def _correct_runs(run_dirs: Sequence[Path], split: str) -> Tuple[Dict[str, str], Dict[str, int], Tuple[str, ...]]:
+    """The scoreable clips of ``split`` with their reference (the first run's order), how many
+    runs predict each correctly and the runs' classes; the runs must agree on the clips and
+    their references."""
     preds = {str(r): read_run(r, [split])[split] for r in run_dirs}
     first_run = str(run_dirs[0])
     first = preds[first_run]
-    ref = OrderedDict((n, r) for n, r in zip(first.names, first.reference) if r in CLASSES)
+    classes = tuple(first.classes)
+    ref = OrderedDict((n, r) for n, r in zip(first.names, first.reference) if r in classes)
     if not ref:
-        raise RunError(f"{first_run}: split {split} has no labelled clip (no reference among the eight classes)")
+        raise RunError(f"{first_run}: split {split} has no labelled clip (no reference among the classes "
+                       f"{','.join(classes)})")
     correct = {n: 0 for n in ref}
     for run, p in preds.items():
-        mine = {n: (r, y) for n, r, y in zip(p.names, p.reference, p.prediction) if r in CLASSES}
+        if tuple(p.classes) != classes:
+            raise RunError(f"runs {first_run} and {run}: different class columns ({','.join(classes)} vs "
+                           f"{','.join(p.classes)})")
+        mine = {n: (r, y) for n, r, y in zip(p.names, p.reference, p.prediction) if r in classes}
         if set(mine) != set(ref):
             a, b = sorted(set(ref) - set(mine)), sorted(set(mine) - set(ref))
             raise RunError(f"runs {first_run} and {run}, split {split}: different labelled clips "
@@ -192,10 +204,11 @@ def _correct_runs(run_dirs: Sequence[Path], split: str) -> Tuple[Dict[str, str],
                 raise RunError(f"runs {first_run} and {run}, split {split}: clip {n} has reference {ref[n]} "
                                f"in one and {r} in the other")
             correct[n] += int(y == r)
-    return ref, correct
+    return ref, correct, classes
 
 
-def _groups(ref: Mapping[str, str], clips: Mapping[str, Clip], group_of: Mapping[str, str], other: str) -> Dict:
+def _groups(ref: Mapping[str, str], clips: Mapping[str, Clip], group_of: Mapping[str, str], other: str,
+            classes: Sequence[str] = CLASSES) -> Dict:
     """Size, duration, agreement, genders and classes of each group and of all clips together."""
     members = {g: [clips[n] for n in ref if group_of[n] == g] for g in GROUPS}
     all_clips = [clips[n] for n in ref]
@@ -210,7 +223,7 @@ def _groups(ref: Mapping[str, str], clips: Mapping[str, Clip], group_of: Mapping
             "annotations_per_clip": float(np.mean([len(c.annotations) for c in cl])) if cl else None,
             "gender": _genders(cl),
             "classes": {c: int(v) for c, v in sorted(Counter(ref[x.name] for x in cl).items(),
-                                                     key=lambda kv: CLASSES.index(kv[0]))},
+                                                     key=lambda kv: list(classes).index(kv[0]))},
         }
     return groups
 

@@ -144,9 +144,9 @@ def ensemble_runs(run_dirs: Sequence, out_dir, *, method: str = "mean",
             write_predictions(prediction_path(tmp, split), ens.names, ens.probs, ens.prediction, ens.reference,
                               ens.classes)
             if has_references(ens):
-                metrics["splits"][split] = score(ens.reference, ens.prediction)
+                metrics["splits"][split] = score(ens.reference, ens.prediction, ens.classes)
                 for r, p in aligned.items():
-                    s = score(p.reference, p.prediction)
+                    s = score(p.reference, p.prediction, p.classes)
                     metrics["members"][r][split] = {"f1_macro": s["f1_macro"], "f1_micro": s["f1_micro"]}
         member_configs = [RunDir(r).config() for r in run_dirs]
         config = {"kind": "ensemble", "method": method, "weights": w.tolist(),
@@ -169,15 +169,13 @@ def prediction_disagreement(run_dirs: Sequence, split: str = "Development") -> D
     same class) and ``pairwise`` (``"a | b"`` → share of clips where the two differ, runs
     named by their directory names).
     """
-    from conilium import CLASSES
-
     run_dirs = [Path(r) for r in run_dirs]
     if len(run_dirs) < 2:
         raise RunError("prediction disagreement needs at least two runs")
     data = {str(r): read_run(r, [split])[split] for r in run_dirs}
     aligned = align(data, split)
     first = next(iter(aligned.values()))
-    keep = np.array([r in CLASSES for r in first.reference], dtype=bool)
+    keep = np.array([r in tuple(first.classes) for r in first.reference], dtype=bool)
     if not keep.any():
         raise RunError(f"{run_dirs[0]}: split {split} has no scoreable clip")
     preds = np.array([np.asarray(p.prediction, dtype=object)[keep] for p in aligned.values()])

@@ -93,7 +93,7 @@ def split_metrics(run_dir, split: str = DEV_SPLIT, out_dir=None, *, title: Optio
     if not has_references(preds):
         raise RunError(f"{prediction_path(run_dir, split)}: split {split} has no labelled clip to score "
                        f"(an unlabelled split can only be exported with `conilium-eval submission`)")
-    result = score(preds.reference, preds.prediction)
+    result = score(preds.reference, preds.prediction, preds.classes)
     result["run"] = str(run_dir)
     result["split"] = split
     if out_dir is not None:

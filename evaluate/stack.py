@@ -252,9 +252,9 @@ def stack_runs(run_dirs: Sequence, out_dir, *, fit_split: str = "Development", f
     model: MetaModel = fit["model"]
     members = [str(r.resolve()) for r in run_dirs]
     coefficients = model.describe(classes, _feature_names(run_dirs, classes), members)
-    oof = score(first.reference, _letters(fit["probs"], classes))
-    in_sample = score(first.reference, _letters(fit["in_sample"], classes))
-    fold_scores = [score([first.reference[j] for j in held], _letters(fit["probs"][held], classes))["f1_macro"]
+    oof = score(first.reference, _letters(fit["probs"], classes), classes)
+    in_sample = score(first.reference, _letters(fit["in_sample"], classes), classes)
+    fold_scores = [score([first.reference[j] for j in held], _letters(fit["probs"][held], classes), classes)["f1_macro"]
                    for held in fit["folds"]]
     cross_fitting = {"folds": int(folds), "seed": int(seed), "split": fit_split, "n": int(len(fit["scoreable"])),
                      "f1_macro_out_of_fold": oof["f1_macro"], "f1_micro_out_of_fold": oof["f1_micro"],
@@ -276,9 +276,9 @@ def stack_runs(run_dirs: Sequence, out_dir, *, fit_split: str = "Development", f
             write_predictions(prediction_path(tmp, split), stacked.names, stacked.probs, stacked.prediction,
                               stacked.reference, classes)
             if has_references(stacked):
-                metrics["splits"][split] = score(stacked.reference, stacked.prediction)
+                metrics["splits"][split] = score(stacked.reference, stacked.prediction, classes)
                 for r, p in rows.items():
-                    s = score(p.reference, p.prediction)
+                    s = score(p.reference, p.prediction, p.classes)
                     metrics["members"][r][split] = {"f1_macro": s["f1_macro"], "f1_micro": s["f1_micro"]}
         config = {"kind": "stack", **options, "members": members, "splits": wanted, "model": coefficients,
                   "f1_macro_out_of_fold": oof["f1_macro"], "f1_macro_in_sample": in_sample["f1_macro"],

@@ -252,8 +252,8 @@ def tune_run(run_dir, out_dir, *, tune_split: str = "Development", k: int = 5, s
             tuned = apply_offsets(p.probs, offsets, classes)
             write_predictions(prediction_path(tmp, split), p.names, p.probs, tuned, p.reference, classes)
             if has_references(p):
-                metrics["untuned"][split] = score(p.reference, p.prediction)
-                metrics["splits"][split] = score(p.reference, tuned)
+                metrics["untuned"][split] = score(p.reference, p.prediction, p.classes)
+                metrics["splits"][split] = score(p.reference, tuned, classes)
         before = metrics["untuned"][tune_split]["f1_macro"]
         after = metrics["splits"][tune_split]["f1_macro"]
         config = {

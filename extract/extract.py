@@ -226,8 +226,7 @@ def _select_clips(corpus, config: ExtractConfig, skip_bad: bool, allow_symlinks:
         corpus = load_corpus(corpus, read_durations=True, skip_bad=skip_bad, splits=config.splits,
                              allow_symlinks=allow_symlinks)
     elif config.splits:
-        corpus = Corpus(root=corpus.root, clips={n: c for n, c in corpus.clips.items() if c.split in config.splits},
-                        skipped=list(corpus.skipped))
+        corpus = corpus.restrict({n: c for n, c in corpus.clips.items() if c.split in config.splits})
     if len(corpus) == 0:
         raise CorpusError(f"{corpus.root}: no clips to extract"
                           + (f" in split(s) {', '.join(config.splits)}" if config.splits else ""))
@@ -266,6 +265,7 @@ def _settings(config: ExtractConfig, identity: dict, runner: UpstreamRunner, cor
               noise_files: List) -> dict:
     """What a cache made with ``config`` from ``runner``'s upstream records (extraction.json)."""
     aug = config.augmentation
+    classes = {} if corpus.classes.is_default else {"classes": corpus.classes.to_json()}
     return {
         "upstream": identity,
         "layers": runner.layers,
@@ -288,6 +288,7 @@ def _settings(config: ExtractConfig, identity: dict, runner: UpstreamRunner, cor
         "shard_size": config.shard_size,
         "code_version": conilium.__version__,
         "config": config.to_json(),
+        **classes,
     }
 
 

@@ -66,7 +66,7 @@ class FinetuneConfig(RunConfig):
     with a new ``baseline_ckpt`` to resolve it again.)
     """
 
-    corpus: str = option(help="Corpus root in the MSP-Podcast layout (Audios/, Labels/).", cli=False)
+    corpus: str = option(help="Corpus root: the MSP-Podcast layout (Audios/, Labels/) or a corpus.csv/corpus.jsonl manifest.", cli=False)
     out: str = option(help="Model directory to write.", cli=False)
     upstream: str = option("wavlm-large", "Registry name (wavlm-large, wav2vec2-large-robust, wav2vec2-base, "
                            "hubert-large, demo-*), a Hugging Face model id or a local model directory.")

@@ -103,10 +103,10 @@ def enable_checkpointing(upstream) -> None:
         upstream.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def default_head_config(upstream, config: FinetuneConfig) -> HeadConfig:
+def default_head_config(upstream, config: FinetuneConfig, num_classes: int = len(CLASSES)) -> HeadConfig:
     extra = {"gender": 1} if config.aux == "gender" else {}  # a head without --aux stays as it was
     return HeadConfig(dim=hidden_shape(upstream)[1], num_layers=1, layers=0, pooling=config.pooling,
-                      hidden=config.hidden, dropout=config.dropout, **extra)
+                      hidden=config.hidden, dropout=config.dropout, num_classes=num_classes, **extra)
 
 
 def upstream_overrides(config: FinetuneConfig) -> Dict[str, float]:
@@ -132,8 +132,8 @@ def save_model_dir(out, model: EndToEndModel, info: Mapping) -> Path:
     """Write ``upstream/`` (save_pretrained), ``head.pt`` and, last, ``conilium_model.json``.
 
     ``info`` holds at least ``max_seconds``, ``normalize`` ({"mode", "stats"}), ``loss``
-    and ``offsets`` (class → decision offset); the classes, sample rate, head config and
-    hidden-state layers are added here. Each part is written under a temporary name and
+    and ``offsets`` (class → decision offset), optionally ``classes`` (the class codes, MSP-Podcast's
+    eight by default); the sample rate, head config and hidden-state layers are added here. Each part is written under a temporary name and
     renamed, ``conilium_model.json`` last, so a directory with that file is complete. A
     failure to write (full disk, read-only) is an :class:`~conilium.errors.OutputError`
     naming the file, with no temporary copy left.
@@ -174,7 +174,7 @@ def save_model_dir(out, model: EndToEndModel, info: Mapping) -> Path:
     meta.update({
         "format": LORA_MODEL_FORMAT if lora else MODEL_FORMAT,
         "conilium_version": conilium.__version__,
-        "classes": list(CLASSES),
+        "classes": list(info.get("classes") or CLASSES),
         "sample_rate": SAMPLE_RATE,
         "head_config": asdict(model.head.config),
         "layers": list(model.layers),

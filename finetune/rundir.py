@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from conilium import CLASSES
 from conilium import errors as _errors
 from conilium.errors import ConfigError
 from conilium.locking import DirectoryLock, lock_directory
@@ -165,11 +164,12 @@ def write_model_dir(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, d
 def _write_outputs(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, device: torch.device,
                    history: List[dict], best: dict, train_seconds: float, split_predictions: dict, out: Path,
                    model: EndToEndModel) -> dict:
+    classes = prep.corpus.classes
     training = {
         "clips": len(prep.train),
-        "class_counts": dict(zip(CLASSES, class_counts([c.emo_class for c in prep.train]).tolist())),
+        "class_counts": dict(zip(classes.codes, class_counts([c.emo_class for c in prep.train], classes).tolist())),
         "dropped": prep.train_counts,
-        "class_weights": None if prep.weights is None else dict(zip(CLASSES, prep.weights.tolist())),
+        "class_weights": None if prep.weights is None else dict(zip(classes.codes, prep.weights.tolist())),
         "sampler": config.sampler,
         "epochs_run": len(history),
         "seconds_this_session": round(train_seconds, 3),
@@ -189,13 +189,16 @@ def _write_outputs(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, de
     extra = {"training": training, "kind": "finetune"}
     if b.aux_scores is not None:
         extra["aux"] = b.aux_scores
+    if not classes.is_default:
+        extra["classes"] = classes.to_json()
     metrics = write_run_outputs(out, split_predictions, history, best["epoch"], dev_split=config.dev_split,
-                                extra=extra)
+                                extra=extra, classes=classes.codes)
     save_model_dir(out, model, {
         "max_seconds": b.signal.max_seconds,
         "normalize": {"mode": b.signal.normalize, "stats": b.signal.stats},
         "rescale_loud": b.signal.rescale_loud,
-        "offsets": {c: 0.0 for c in CLASSES},
+        "offsets": {c: 0.0 for c in classes.codes},
+        **({} if classes.is_default else {"classes": list(classes.codes)}),
         "thresholds": None,
         "loss": config.loss,
         "labels": config.labels,

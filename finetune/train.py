@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 from conilium import CLASSES
 from conilium.audio import NoiseMixer, SignalPath, global_stats
-from conilium.corpus import Clip, Corpus, audio_dir, load_corpus
+from conilium.corpus import Clip, Corpus, load_corpus
 from conilium.errors import ConfigError, ConiliumError
 from conilium.locking import DirectoryLock
 from conilium.extract.encoder import freeze_front_end
@@ -122,7 +122,8 @@ def prepare(config: FinetuneConfig) -> Prepared:
     if config.labels not in ("hard",) and not any(c.annotations for c in train_clips):
         raise ConfigError(f"--labels {config.labels} needs the annotators' labels, but corpus {config.corpus} "
                           f"has none (no Labels/labels_detailed.csv); use --labels hard")
-    clips, targets, counts = training_set(train_clips, config.labels, thresholds=config.thresholds)
+    clips, targets, counts = training_set(train_clips, config.labels, thresholds=config.thresholds,
+                                          classes=corpus.classes)
     if config.max_train_clips is not None:
         clips, targets = clips[: config.max_train_clips], targets[: config.max_train_clips]
     if not clips:
@@ -136,13 +137,12 @@ def prepare(config: FinetuneConfig) -> Prepared:
         raise ConfigError(f"--aux gender: no training clip of split {config.train_split} in corpus {config.corpus} "
                           f"has a known gender (Gender Male or Female in labels_consensus.csv)")
     labels = [c.emo_class for c in clips]
-    weights = class_weights(labels) if (uses_weights(config.loss) and config.sampler is None) else None
+    weights = class_weights(labels, corpus.classes) if (uses_weights(config.loss) and config.sampler is None) else None
     splits = {config.dev_split: dev}
     for s in corpus.splits:
         if s not in (config.train_split, config.dev_split):
             splits[s] = corpus.split(s)
-    return Prepared(Path(config.corpus), clips, targets, counts, weights, splits,
-                    audio_dir(config.corpus), corpus)
+    return Prepared(Path(config.corpus), clips, targets, counts, weights, splits, corpus.audio_dir, corpus)
 
 
 # ----------------------------------------------------------------------------- run
@@ -244,7 +244,7 @@ def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device,
     if getattr(upstream, "masked_spec_embed", None) is not None and not spec_augment:
         upstream.masked_spec_embed.requires_grad_(False)  # SpecAugment off: the mask vector is unused
     torch.manual_seed(config.seed)
-    start = build_model(config, upstream, identity)
+    start = build_model(config, upstream, identity, prep.corpus.classes)
     if progress and start.note:
         tqdm.write(start.note)
     model = start.model
@@ -284,9 +284,11 @@ def build(config: FinetuneConfig, prep: Prepared, d: Dist, device: torch.device,
         ds = AudioClips([prep.audio_dir / c.name for c in clips], [c.name for c in clips], signal=signal,
                         durations=[c.duration or 0.0 for c in clips], min_samples=shortest)
         eval_sets[split] = (ds, clips)
-    draw = balanced_weights([c.emo_class for c in prep.train]) if config.sampler == "balanced" else None
+    draw = (balanced_weights([c.emo_class for c in prep.train], prep.corpus.classes.codes)
+            if config.sampler == "balanced" else None)
     weights = None if prep.weights is None else torch.as_tensor(prep.weights, device=device)
-    stage_draw = balanced_weights([c.emo_class for c in prep.train]) if config.balanced_stage else None
+    stage_draw = (balanced_weights([c.emo_class for c in prep.train], prep.corpus.classes.codes)
+                  if config.balanced_stage else None)
     gender = gender_mask = None
     if config.aux == "gender":
         g = gender_targets(prep.train)
@@ -565,7 +567,8 @@ def _evaluate_split(model: EndToEndModel, ds: AudioClips, clips: Sequence[Clip],
     merged: Dict[int, np.ndarray] = {}
     for piece in d.gather(part):
         merged.update(piece)
-    probs = np.stack([merged[i] for i in range(len(clips))]) if clips else np.zeros((0, len(CLASSES)))
+    codes = clips[0].class_set.codes if clips else CLASSES
+    probs = np.stack([merged[i] for i in range(len(clips))]) if clips else np.zeros((0, len(codes)))
     refs = [c.emo_class for c in clips]
-    scores = score(refs, [CLASSES[i] for i in probs.argmax(axis=1)]) if any(r in CLASSES for r in refs) else {}
+    scores = score(refs, [codes[i] for i in probs.argmax(axis=1)], codes) if any(r in codes for r in refs) else {}
     return scores, probs

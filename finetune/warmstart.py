@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Mapping, Optional, Tuple
 
 from conilium.audio import NORMALIZE_MODES
+from conilium.classes import MSP_PODCAST, ClassSet
 from conilium.errors import ConfigError
 from conilium.extract.encoder import hidden_shape
 from conilium.heads.model import EmotionHead
@@ -35,14 +36,15 @@ class Start:
     note: Optional[str] = None  # a remark for the user (e.g. a head trained with another loss)
 
 
-def build_model(config: FinetuneConfig, upstream, identity: Mapping) -> Start:
-    """The end-to-end model of ``config``'s starting point (``init_head``, ``baseline_ckpt`` or a new head)."""
+def build_model(config: FinetuneConfig, upstream, identity: Mapping, classes: ClassSet = MSP_PODCAST) -> Start:
+    """The end-to-end model of ``config``'s starting point (``init_head``, ``baseline_ckpt`` or a new head)
+    for the corpus's ``classes``; a head of another class set is a ConfigError."""
     norm_mode, norm_stats, max_seconds = config.normalize, None, config.max_seconds
     whisper_input = getattr(config, "whisper_input", None) or "30s"
     info = {"kind": "random-init upstream" if config.random_init else "pretrained upstream"}
     note = None
     if config.init_head:
-        head, layers, settings = head_from_run(config.init_head, upstream, identity)
+        head, layers, settings = head_from_run(config.init_head, upstream, identity, classes)
         info = {"kind": "train-head run", "path": str(Path(config.init_head).resolve()),
                 "head_loss": settings.get("loss"), "head_labels": settings.get("labels")}
         if settings.get("loss") not in (None, config.loss):
@@ -56,23 +58,30 @@ def build_model(config: FinetuneConfig, upstream, identity: Mapping) -> Start:
         if settings.get("whisper_input"):  # the head saw features of this input length
             whisper_input = settings["whisper_input"]
     elif config.baseline_ckpt:
+        if not classes.is_default:
+            raise ConfigError(f"--baseline-ckpt {config.baseline_ckpt}: the challenge baseline predicts MSP-Podcast's "
+                              f"eight classes, the corpus has its own class set ({classes.describe()})")
         head, layers, base_info = load_baseline(config.baseline_ckpt, upstream)
         info = {"kind": "challenge baseline", **base_info}
         if base_info.get("normalize_stats") is not None and config.normalize == "global":
             norm_stats = base_info["normalize_stats"]
     else:
-        head = EmotionHead(default_head_config(upstream, config))
+        head = EmotionHead(default_head_config(upstream, config, len(classes)))
         layers = None
     return Start(EndToEndModel(upstream, head, layers, whisper_input=whisper_input), norm_mode, norm_stats,
                  max_seconds, info, note)
 
 
-def head_from_run(run_dir, upstream, identity: Mapping) -> Tuple[EmotionHead, List[int], dict]:
-    """The head of a train-head run, checked against the upstream; its hidden-state layers and
-    the cache's settings (normalisation, truncation) to train with."""
+def head_from_run(run_dir, upstream, identity: Mapping,
+                  classes: ClassSet = MSP_PODCAST) -> Tuple[EmotionHead, List[int], dict]:
+    """The head of a train-head run, checked against the upstream and the corpus's ``classes``;
+    its hidden-state layers and the cache's settings (normalisation, truncation) to train with."""
     head, ckpt = load_head(run_dir)
     manifest = ckpt.cache_manifest
     where = f"--init-head {run_dir}"
+    if head.config.num_classes and tuple(ckpt.classes) != tuple(classes.codes):
+        raise ConfigError(f"{where}: the head predicts the classes {','.join(ckpt.classes)}, the corpus has the "
+                          f"class set {','.join(classes.codes)}: start from a head trained on a cache of this corpus")
     if head.config.attributes or head.config.num_classes == 0:
         raise ConfigError(f"{where}: the head was trained with train-head --task {ckpt.task} "
                           f"(it predicts arousal, valence, dominance); finetune-best trains the eight classes only: "

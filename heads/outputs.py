@@ -137,16 +137,16 @@ def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, dev
     recorded = recorded_config(config)
     run.write_config(recorded)
     HeadCheckpoint(head_config=asdict(head.head_cfg), state_dict=head.best_state, loss=config.loss,
-                   labels=config.labels, classes=list(CLASSES), input=sel.to_json(),
+                   labels=config.labels, classes=list(data.classes.codes), input=sel.to_json(),
                    cache_manifest=cache.manifest.summary(), train_config=recorded,
                    best_epoch=head.best_epoch, task=config.task,
                    conilium_version=conilium.__version__).save(run.checkpoint_path)
     extra = {
         "training": {
             "clips": len(data.train_names),
-            "class_counts": dict(zip(CLASSES, class_counts(data.train_labels).tolist())),
+            "class_counts": dict(zip(data.classes.codes, class_counts(data.train_labels, data.classes).tolist())),
             "dropped": data.counts,
-            "class_weights": None if data.weights is None else dict(zip(CLASSES, data.weights.tolist())),
+            "class_weights": None if data.weights is None else dict(zip(data.classes.codes, data.weights.tolist())),
             "sampler": config.sampler,
             "epochs_run": len(history),
             # timings are the data pass's, shared by every head trained in it
@@ -174,8 +174,10 @@ def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, dev
                                  attribute_weight=config.attribute_weight if config.task == "joint" else None)
     if config.train_on_xo:
         extra["training"]["xo"] = xo_summary(data.counts)
+    if not data.classes.is_default:
+        extra["classes"] = data.classes.to_json()
     return write_run_outputs(out_dir, head.split_predictions, history, head.best_epoch, dev_split=config.dev_split,
-                             extra=extra)
+                             extra=extra, classes=data.classes.codes)
 
 
 def xo_summary(counts: Mapping[str, int]) -> dict:

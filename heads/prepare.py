@@ -12,8 +12,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from conilium import CLASSES
 from conilium.cache.reader import FeatureCache
+from conilium.classes import MSP_PODCAST, ClassSet
 from conilium.dirs import check_cache_dir
 from conilium.errors import ConfigError
 from conilium.runtime import resolve_device
@@ -49,6 +49,8 @@ class PreparedData:
     train_attributes: Optional[np.ndarray] = None
     #: (N,) gender targets of the training clips (1 Female, 0 Male, NaN unknown; None without ``--aux gender``)
     train_gender: Optional[np.ndarray] = None
+    #: the cache's class set: the columns of the targets and of every score
+    classes: ClassSet = MSP_PODCAST
 
 
 def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> PreparedData:
@@ -78,7 +80,7 @@ def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> Pre
         targets = np.zeros((len(clips), 0), dtype=np.float32)
     else:
         clips, targets, counts = training_set(train_clips, config.labels, thresholds=config.thresholds,
-                                              include_xo=config.train_on_xo)
+                                              include_xo=config.train_on_xo, classes=cache.classes)
         if not clips:
             raise ConfigError(f"no training clip left for --labels {config.labels} in split {config.train_split} "
                               f"(dropped: {counts})")
@@ -96,7 +98,7 @@ def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> Pre
     train_names = [c.name for c in clips]
     check_clips(cache, train_names + dev_names, selection)
     labels = [c.emo_class for c in clips]
-    weights = (class_weights(labels) if (config.task != "attributes" and uses_weights(config.loss)
+    weights = (class_weights(labels, cache.classes) if (config.task != "attributes" and uses_weights(config.loss)
                                          and config.sampler is None) else None)
     attributes = None
     if config.task != "categories":
@@ -112,13 +114,15 @@ def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> Pre
                               f"has a known gender (Gender Male or Female in labels_consensus.csv; a cache "
                               f"extracted before genders were recorded reads every clip as Unknown)")
     return PreparedData(cache, selection, train_names, targets, labels, dev_names, counts, weights, attributes,
-                        gender)
+                        gender, cache.classes)
 
 
-def head_config_for(config: TrainConfig, selection: InputSelection) -> HeadConfig:
+def head_config_for(config: TrainConfig, selection: InputSelection, classes: ClassSet = MSP_PODCAST) -> HeadConfig:
     extra = {}
+    if not classes.is_default:
+        extra = {"num_classes": len(classes)}
     if config.task != "categories":  # a categories head's config stays as it always was
-        extra = {"attributes": len(ATTRIBUTES), "num_classes": 0 if config.task == "attributes" else len(CLASSES)}
+        extra = {"attributes": len(ATTRIBUTES), "num_classes": 0 if config.task == "attributes" else len(classes)}
     if config.aux == "gender":
         extra["gender"] = 1
     return HeadConfig(dim=selection.dim, num_layers=selection.num_layers,

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from conilium import CLASSES
 from conilium.metrics import score, score_attributes
 from conilium.runs import letters
 from conilium.targets import ATTRIBUTE_COLUMNS, to_unit
@@ -48,7 +47,7 @@ def predict_heads(models: Sequence[Tuple[torch.nn.Module, str]], batches: Iterat
     scores, then attribute values on the corpus scale for a head with attributes."""
     scores = predict_many(models, (((x, lengths), idx) for x, lengths, idx in batches), device=device,
                           progress=progress, desc=desc, total=total)
-    return [stack_scores(s, n, getattr(m, "output_width", len(CLASSES))) for s, (m, _) in zip(scores, models)]
+    return [stack_scores(s, n, m.output_width) for s, (m, _) in zip(scores, models)]
 
 
 def predict_probs(model: EmotionHead, dataset: ClipDataset, loss: str, *, batch_size: int,
@@ -82,7 +81,7 @@ class HeadTrainee(Trainee):
 
     def __init__(self, config: TrainConfig, out_dir: Path, data: PreparedData, device: torch.device):
         self.config, self.out_dir, self.data = config, Path(out_dir), data
-        self.head_cfg = head_config_for(config, data.selection)
+        self.head_cfg = head_config_for(config, data.selection, data.classes)
         torch.manual_seed(config.seed)
         model = EmotionHead(self.head_cfg).to(device)
         self.rng = RandomStream(device)  # right after the init, as a run alone goes on
@@ -156,7 +155,8 @@ class HeadTrainee(Trainee):
         out = {}
         c = self.num_classes
         if c:
-            dev = score(refs, letters(scores[:, :c]))
+            codes = self.data.classes.codes
+            dev = score(refs, letters(scores[:, :c], codes), codes)
             out.update(dev_f1_macro=dev["f1_macro"], dev_f1_micro=dev["f1_micro"])
         if self.task != "categories":
             a = score_attributes(attr_refs, scores[:, c:], ATTRIBUTE_COLUMNS)

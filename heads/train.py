@@ -130,7 +130,7 @@ def _claim(config: TrainConfig, out_dir: Path, *, overwrite: bool, progress: boo
         data = prepare(config, cache=cache)
         # room for the checkpoint and the predictions, before any feature is read
         predicted = sum(len(data.cache.split(s, augmented=False)) for s in data.cache.splits)
-        need = output_bytes(EmotionHead(head_config_for(config, data.selection)), predicted)
+        need = output_bytes(EmotionHead(head_config_for(config, data.selection, data.classes)), predicted)
         check_writable(out_dir, what="train-head run directory", need_bytes=need)
         yield data
 
@@ -303,9 +303,9 @@ def _train_batches(config: TrainConfig, data: PreparedData, train_ds: ClipDatase
     loader_gen = torch.Generator().manual_seed(config.seed + 1)
     if balanced_stage:
         order_gen = torch.Generator().manual_seed(_stage_seed(config.seed))
-        sampler = balanced_sampler(data.train_labels, generator=order_gen)
+        sampler = balanced_sampler(data.train_labels, generator=order_gen, classes=data.classes.codes)
     elif config.sampler == "balanced":
-        sampler = balanced_sampler(data.train_labels, generator=order_gen)
+        sampler = balanced_sampler(data.train_labels, generator=order_gen, classes=data.classes.codes)
     else:
         sampler = RandomSampler(train_ds, generator=order_gen)
     workers = 0 if preload else config.num_workers

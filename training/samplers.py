@@ -18,10 +18,12 @@ from conilium import CLASSES
 from conilium.errors import ConfigError
 
 
-def balanced_weights(labels: Sequence[str]) -> np.ndarray:
-    """Per-clip draw weight 1 / f(class of the clip), f the class's count among ``labels``."""
+def balanced_weights(labels: Sequence[str], classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """Per-clip draw weight 1 / f(class of the clip), f the class's count among ``labels``
+    (``classes``: the target classes, MSP-Podcast's eight by default)."""
     labels = list(labels)
-    bad = sorted({c for c in labels if c not in CLASSES}, key=str)
+    classes = tuple(classes)
+    bad = sorted({c for c in labels if c not in classes}, key=str)
     if bad:
         raise ConfigError(f"balanced sampler: consensus label(s) {bad} are not target classes")
     values, counts = np.unique(np.asarray(labels, dtype=object).astype(str), return_counts=True)
@@ -30,8 +32,9 @@ def balanced_weights(labels: Sequence[str]) -> np.ndarray:
 
 
 def balanced_sampler(labels: Sequence[str], *, num_samples: Optional[int] = None,
-                     generator: Optional[torch.Generator] = None) -> WeightedRandomSampler:
+                     generator: Optional[torch.Generator] = None,
+                     classes: Sequence[str] = CLASSES) -> WeightedRandomSampler:
     """A sampler drawing ``num_samples`` (default: as many as clips) indices, classes balanced."""
-    w = balanced_weights(labels)
+    w = balanced_weights(labels, classes)
     return WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), num_samples or len(w),
                                  replacement=True, generator=generator)

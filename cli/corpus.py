@@ -89,7 +89,8 @@ def describe_corpus_cmd(corpus, out, skip_bad, allow_symlinks, quiet):
     The summary gives clips per split and consensus class (O: Other won, X: no
     agreement), annotators per clip, agreement per split (mean top share of the P and S
     targets, share of clips passing P* >= 0.6 and S* >= 0.5, Krippendorff's alpha of the
-    primary labels), the words that map to no target class, and clip durations.
+    primary labels), the words that map to no target class, clip durations, and how many
+    clips have a transcript (Transcripts/<clip stem>.txt, UTF-8; the first missing ones named).
 
     \b
     Example:
@@ -111,6 +112,10 @@ def describe_corpus_cmd(corpus, out, skip_bad, allow_symlinks, quiet):
     for split, counts in summary["consensus"].items():
         if split != "all":
             click.echo(f"  {split}: " + " ".join(f"{k}={v}" for k, v in counts.items() if v))
+    t = summary["transcripts"]
+    if t["folder"]:
+        click.echo(f"  transcripts: {t['with_transcript']} of {t['clips']} clips"
+                   + (f" ({t['missing']} missing, listed in summary.md)" if t["missing"] else ""))
     click.echo(f"Wrote {', '.join(str(out / name) for name in OUTPUT_FILES)}")
 
 

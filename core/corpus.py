@@ -193,6 +193,14 @@ class Corpus:
         """Hash of both label files' bytes and of every listed audio file's name and size."""
         return corpus_fingerprint(self.root, self.clips.keys())
 
+    def transcripts(self):
+        """The clips' transcripts (``Transcripts/<clip stem>.txt``): a
+        :class:`~conilium.transcripts.Transcripts` listing the clips without one; a bad file is
+        a CorpusError naming it (:mod:`conilium.transcripts`)."""
+        from .transcripts import load_transcripts
+
+        return load_transcripts(self.root, self.clips.keys())
+
 
 def audio_dir(root) -> Path:
     return Path(root) / "Audios"

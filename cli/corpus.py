@@ -50,6 +50,7 @@ def make_demo_corpus_cmd(out, clips, seed, noise_out, noise_files, overwrite, qu
       OUT/Audios/MSP-PODCAST_XXXX_YYYY.wav
       OUT/Labels/labels_consensus.csv   one row per clip (EmoClass, EmoAct/Val/Dom, SpkrID, Gender, Split_Set)
       OUT/Labels/labels_detailed.csv    one row per annotation (FileName, EmoDetail)
+      OUT/Transcripts/MSP-PODCAST_XXXX_YYYY.txt   synthetic words, some of them cues of the emotion
     """
     from conilium.demo import make_demo_corpus
 
@@ -62,6 +63,7 @@ def make_demo_corpus_cmd(out, clips, seed, noise_out, noise_files, overwrite, qu
         click.echo(f"Wrote a demo corpus of {clips} clips (seed {seed}) to {out}")
         click.echo(f"  {out / 'Audios'}/ ({clips} WAV files)")
         click.echo(f"  {out / 'Labels'}/labels_consensus.csv, labels_detailed.csv")
+        click.echo(f"  {out / 'Transcripts'}/ ({clips} synthetic transcripts)")
         if noise_out is not None:
             click.echo(f"  {noise_out}/ ({noise_files} noise recordings)")
 

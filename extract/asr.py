@@ -149,7 +149,10 @@ def transcribe_corpus(corpus, asr: str, *, revision: Optional[str] = None, num_b
     task = "transcribe"
     with lock_directory(tdir, what="transcripts directory"):
         info = read_transcription_info(root)
-        model, processor, identity = load_asr(asr, revision=revision, device=device)
+        from .extract import _hf_bars
+
+        with _hf_bars(verbose):
+            model, processor, identity = load_asr(asr, revision=revision, device=device)
         positions = int(model.config.max_target_positions)
         if max_new_tokens is None:
             max_new_tokens = positions // 2
@@ -233,9 +236,22 @@ def _generate(model, processor, waves: List[np.ndarray], dev, *, num_beams: int,
     kwargs = dict(num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens)
     if language is not None:
         kwargs.update(language=language, task=task)
-    ids = model.generate(feats.input_features.to(dev, model.dtype), attention_mask=feats.attention_mask.to(dev),
-                         **kwargs)
+    with _generation_notices_off():  # transformers' notes on its own defaults (max_length beside max_new_tokens)
+        ids = model.generate(feats.input_features.to(dev, model.dtype),
+                             attention_mask=feats.attention_mask.to(dev), **kwargs)
     return [t.strip() for t in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+@contextlib.contextmanager
+def _generation_notices_off():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _write(root: Path, name: str, text: str, no_text: List[str]) -> None:

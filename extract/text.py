@@ -318,9 +318,12 @@ def extract_text_features(config: ExtractConfig, corpus, out, *, device: str = "
         with CacheWriter(out) as cache:
             with output_errors(out):
                 cache.begin(overwrite=overwrite)
-            model, tokenizer, identity, tok_identity = load_text_upstream(
-                config.upstream, random_init=config.random_init, seed=config.seed, random_root=cache.upstream_dir,
-                revision=config.revision)
+            from .extract import _hf_bars
+
+            with _hf_bars(verbose):
+                model, tokenizer, identity, tok_identity = load_text_upstream(
+                    config.upstream, random_init=config.random_init, seed=config.seed,
+                    random_root=cache.upstream_dir, revision=config.revision)
             max_tokens = token_limit(model, tokenizer)
             runner = TextRunner(model, tokenizer, device=dev, compute_dtype=cdtype,
                                 layers=parse_layers(config.layers, int(model.config.num_hidden_layers) + 1),

@@ -164,6 +164,29 @@ def tokenizer_identity(tokenizer, name: str) -> dict:
     return {"name": name, "class": type(tokenizer).__name__, "sha256": h.hexdigest()}
 
 
+def check_text_upstream(name: str, *, random_init: bool = False, revision: Optional[str] = None) -> None:
+    """Fail in seconds, before anything is written, when the text upstream ``name`` cannot be
+    loaded here (a name that takes no --random-init, no such directory, a hub model neither
+    reachable nor cached: the error says how to get it)."""
+    from .upstreams import hub_access
+
+    spec = TEXT_UPSTREAMS.get(name)
+    if random_init:
+        if spec is None or spec.model_id is not None:
+            demos = [n for n, s in TEXT_UPSTREAMS.items() if s.model_id is None]
+            raise ConfigError(f"--random-init of a text upstream: only {', '.join(demos)} (a released encoder's "
+                              f"tokenizer comes with its weights); got {name!r}")
+        return
+    if Path(name).is_dir():
+        return
+    if spec is None:
+        raise ConfigError(f"{name!r} is not a text upstream: use {', '.join(TEXT_UPSTREAMS)} or a local model "
+                          f"directory")
+    if spec.model_id is None:
+        raise ConfigError(f"{name} is a demo architecture with no released weights: use --random-init")
+    hub_access(name, spec.model_id, revision)
+
+
 def load_text_upstream(name: str, *, random_init: bool = False, seed: int = 0, random_root=None,
                        revision: Optional[str] = None):
     """``(model, tokenizer, identity, tokenizer identity)`` of a text upstream, via ``from_pretrained``."""
@@ -295,6 +318,7 @@ def extract_text_features(config: ExtractConfig, corpus, out, *, device: str = "
 
     t0 = time.perf_counter()
     config = check_text_config(config)
+    check_text_upstream(config.upstream, random_init=config.random_init, revision=config.revision)
     out = Path(out)
     dev = resolve_device(device)
     cdtype = pick_compute_dtype(config.compute_dtype, dev)

@@ -155,3 +155,11 @@ def test_cli_extracts_a_text_cache(corpus_root, tmp_path):
     assert r.exit_code == 0, r.output
     cache = FeatureCache(out)
     assert cache.manifest["layers"] == [3] and cache.manifest["dtype"] == "float16"
+
+
+def test_a_transcript_beyond_the_token_limit_is_cut_and_named(corpus_root, tmp_path, capsys):
+    names = list(load_corpus(corpus_root).clips)
+    transcript_path(corpus_root, names[7]).write_text(" ".join(["wonderful"] * 300), encoding="utf-8")
+    cache = FeatureCache(extract_features(CONFIG, corpus_root, tmp_path / "c", device="cpu", verbose=True))
+    assert cache.num_frames(names[7]) == cache.manifest["text"]["max_tokens"] == 128
+    assert f"1 transcript(s) longer than 128 tokens were cut there: {names[7]}" in capsys.readouterr().err

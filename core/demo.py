@@ -252,7 +252,7 @@ def _write_transcripts(folder: Path, plans: List[_ClipPlan], seed: int) -> None:
 
 
 # Words of the synthetic transcripts: filler, and cue words of each class.
-_FILLER = ("so", "I", "you", "we", "they", "it", "that", "the", "a", "and", "but", "was", "is", "just", "like",
+FILLER_WORDS = ("so", "I", "you", "we", "they", "it", "that", "the", "a", "and", "but", "was", "is", "just", "like",
            "know", "think", "mean", "really", "then", "there", "what", "when", "about", "people", "time", "going",
            "said", "thing", "right", "yeah", "well", "kind", "of", "to", "in", "on", "with", "my", "show",
            "episode", "week", "today", "story", "guys", "something", "back", "little", "actually", "pretty")
@@ -286,7 +286,7 @@ def synthetic_transcript(rng: np.random.Generator, plan: _ClipPlan) -> str:
                 cls = CLASSES[int(rng.choice(_K, p=_PRIOR))]
             words.append(str(rng.choice(CUE_WORDS[cls])))
         else:
-            words.append(str(rng.choice(_FILLER)))
+            words.append(str(rng.choice(FILLER_WORDS)))
     return " ".join(words)
 
 

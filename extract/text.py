@@ -78,9 +78,9 @@ def is_text_upstream(name: str) -> bool:
 
 def demo_vocabulary() -> List[str]:
     """The words of the demo corpus's synthetic transcripts and common punctuation, sorted."""
-    from conilium.demo import CUE_WORDS, _FILLER
+    from conilium.demo import CUE_WORDS, FILLER_WORDS
 
-    return sorted({w.lower() for w in _FILLER} | {w for words in CUE_WORDS.values() for w in words}
+    return sorted({w.lower() for w in FILLER_WORDS} | {w for words in CUE_WORDS.values() for w in words}
                   | set(".,!?;:'\"-"))
 
 

@@ -25,6 +25,7 @@ rank 0 settled and write their own shards.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -50,9 +51,12 @@ UPSTREAM_DIR = CacheDir.UPSTREAM
 SETTINGS_FIELDS = ("upstream", "layers", "layers_spec", "num_hidden_states", "dim", "dtype", "compute_dtype",
                    "frame_rate", "max_seconds", "normalize", "pooled_stats", "corpus_root", "corpus_fingerprint",
                    "splits", "augmentation", "shard_size", "code_version", "config", "normalize_stats")
-#: Settings recorded only when they apply: ``classes``, the corpus's class set
-#: (:meth:`conilium.classes.ClassSet.to_json`) when it is not MSP-Podcast's eight.
-SETTINGS_OPTIONAL = ("classes",)
+#: Settings only some caches record, after the others, compared (and part of a shard's settings
+#: key) only where one of the two sides has them, so that other caches are as before:
+#: ``"classes"``, the corpus's class set (:meth:`conilium.classes.ClassSet.to_json`) when it is not
+#: MSP-Podcast's eight; ``"text"``, a text upstream's transcripts fingerprint and tokenizer
+#: (:mod:`conilium.extract.text`).
+SETTINGS_OPTIONAL = ("classes", "text")
 #: Kept in extraction.json only (bookkeeping of the run that wrote the settings), not in the manifest.
 SETTINGS_ONLY = ("skipped_in_stats",)
 #: What :meth:`CacheWriter.finish` adds to the settings to make the manifest (its own checksum last).
@@ -75,6 +79,14 @@ def compare_settings(existing: Mapping, requested: Mapping) -> List[str]:
         a, b = existing.get(k), requested.get(k)
         if a != b:
             diffs.append(f"{k}: cache has {_describe(a)}, requested {_describe(b)}")
+    a, b = existing.get("text") or {}, requested.get("text") or {}
+    if a.get("transcripts_fingerprint") != b.get("transcripts_fingerprint"):
+        diffs.append(f"transcripts: the cache was built from other transcripts (fingerprint "
+                     f"{str(a.get('transcripts_fingerprint'))[:12]}…, now {str(b.get('transcripts_fingerprint'))[:12]}…): "
+                     f"Transcripts/ changed since")
+    for k in sorted(set(a) | set(b)):
+        if k != "transcripts_fingerprint" and a.get(k) != b.get(k):
+            diffs.append(f"text {k}: cache has {_describe(a.get(k))}, requested {_describe(b.get(k))}")
     return diffs
 
 
@@ -85,6 +97,9 @@ def settings_key(settings: Mapping) -> str:
     for k in COMPARED:
         h.update(f"{k}={settings.get(k)!r}\n".encode())
     h.update(f"norm_stats={settings.get('normalize_stats')!r}\n".encode())
+    for k in SETTINGS_OPTIONAL:
+        if settings.get(k) is not None:
+            h.update(f"{k}={json.dumps(settings[k], sort_keys=True)}\n".encode())
     return h.hexdigest()
 
 
@@ -115,6 +130,7 @@ def _ordered_settings(settings: Mapping) -> dict:
     unknown = [k for k in given if k not in SETTINGS_FIELDS + SETTINGS_OPTIONAL + SETTINGS_ONLY]
     if missing or unknown:
         raise ValueError(f"cache settings: missing {missing}, unknown {unknown}")
+    given = {k: v for k, v in given.items() if not (k in SETTINGS_OPTIONAL and v is None)}
     order = SETTINGS_FIELDS + SETTINGS_OPTIONAL + SETTINGS_ONLY
     return {"format": FORMAT_VERSION, **{k: given[k] for k in order if k in given}}
 

@@ -11,7 +11,7 @@ from conilium.corpus import ALLOW_SYMLINKS_HELP
 from conilium.demo import MIN_CLIPS
 from conilium.errors import ConiliumError
 
-from .common import (CONTEXT, GROUP_QUIET, SEED, Command, Group, check_corpus_arg, fail, quiet_option,
+from .common import (CONTEXT, GROUP_QUIET, SEED, Command, Count, Group, check_corpus_arg, fail, quiet_option,
                      version_option)
 
 
@@ -50,6 +50,7 @@ def make_demo_corpus_cmd(out, clips, seed, noise_out, noise_files, overwrite, qu
       OUT/Audios/MSP-PODCAST_XXXX_YYYY.wav
       OUT/Labels/labels_consensus.csv   one row per clip (EmoClass, EmoAct/Val/Dom, SpkrID, Gender, Split_Set)
       OUT/Labels/labels_detailed.csv    one row per annotation (FileName, EmoDetail)
+      OUT/Transcripts/MSP-PODCAST_XXXX_YYYY.txt   synthetic words, some of them cues of the emotion
     """
     from conilium.demo import make_demo_corpus
 
@@ -62,6 +63,7 @@ def make_demo_corpus_cmd(out, clips, seed, noise_out, noise_files, overwrite, qu
         click.echo(f"Wrote a demo corpus of {clips} clips (seed {seed}) to {out}")
         click.echo(f"  {out / 'Audios'}/ ({clips} WAV files)")
         click.echo(f"  {out / 'Labels'}/labels_consensus.csv, labels_detailed.csv")
+        click.echo(f"  {out / 'Transcripts'}/ ({clips} synthetic transcripts)")
         if noise_out is not None:
             click.echo(f"  {noise_out}/ ({noise_files} noise recordings)")
 
@@ -89,7 +91,8 @@ def describe_corpus_cmd(corpus, out, skip_bad, allow_symlinks, quiet):
     The summary gives clips per split and consensus class (O: Other won, X: no
     agreement), annotators per clip, agreement per split (mean top share of the P and S
     targets, share of clips passing P* >= 0.6 and S* >= 0.5, Krippendorff's alpha of the
-    primary labels), the words that map to no target class, and clip durations.
+    primary labels), the words that map to no target class, clip durations, and how many
+    clips have a transcript (Transcripts/<clip stem>.txt, UTF-8; the first missing ones named).
 
     \b
     Example:
@@ -111,6 +114,10 @@ def describe_corpus_cmd(corpus, out, skip_bad, allow_symlinks, quiet):
     for split, counts in summary["consensus"].items():
         if split != "all":
             click.echo(f"  {split}: " + " ".join(f"{k}={v}" for k, v in counts.items() if v))
+    t = summary["transcripts"]
+    if t["folder"]:
+        click.echo(f"  transcripts: {t['with_transcript']} of {t['clips']} clips"
+                   + (f" ({t['missing']} missing, listed in summary.md)" if t["missing"] else ""))
     click.echo(f"Wrote {', '.join(str(out / name) for name in OUTPUT_FILES)}")
 
 
@@ -149,8 +156,62 @@ def convert_corpus_cmd(source, src, out, quiet):
                    f"{' '.join(summary['classes'])}")
 
 
+@click.command(cls=Command, context_settings=CONTEXT)
+@click.option("--corpus", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Corpus root in the MSP-Podcast layout; transcripts go to its Transcripts/.")
+@click.option("--asr", required=True, metavar="MODEL",
+              help="Whisper model: a registry name (whisper-large-v3, whisper-large-v3-turbo, whisper-small, …), "
+                   "a Hugging Face id or a local model directory (WhisperForConditionalGeneration + processor).")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --asr.")
+@click.option("--beams", type=Count(1), default=1, show_default=True,
+              help="Beam width: 1 is greedy decoding; never sampled.")
+@click.option("--batch-size", type=Count(1), default=8, show_default=True,
+              help="Pieces of audio (at most 30 s each) decoded at once.")
+@click.option("--max-new-tokens", type=Count(1), default=None,
+              help="Most tokens written per 30 s piece [default: half the decoder's positions, 224 for Whisper].")
+@click.option("--language", default=None,
+              help="Language code given to the model (e.g. en); by default the model detects it.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when available, else CPU.")
+@click.option("--overwrite", is_flag=True,
+              help="Transcribe every clip again, replacing Transcripts/ files (else a rerun skips the clips done).")
+@click.option("--skip-bad", is_flag=True,
+              help="Leave clips whose audio is missing or unreadable untranscribed (listed) instead of stopping.")
+@click.option("--allow-symlinks", is_flag=True, help=ALLOW_SYMLINKS_HELP)
+@quiet_option("No progress bar or messages.")
+@version_option
+def transcribe_cmd(corpus, asr, revision, beams, batch_size, max_new_tokens, language, device, overwrite, skip_bad,
+                   allow_symlinks, quiet):
+    """Write a transcript of every clip with a Whisper model: Transcripts/<clip stem>.txt.
+
+    transformers' WhisperForConditionalGeneration and WhisperProcessor (from_pretrained),
+    greedy or beam-search decoding on batches. A clip longer than 30 s (Whisper's window)
+    is cut into the fewest equal pieces of at most 30 s, transcribed piece by piece and
+    joined with a space (a word across a cut may be split).
+
+    Resumable: every transcript is written atomically, one file per clip, and a rerun skips
+    the clips done. Transcripts/transcription.json records the model (id or path, revision,
+    hub commit or weights' SHA-256), the settings and the clips in which it heard no words
+    (they get no file and count as missing); a rerun with other settings is refused unless
+    --overwrite.
+
+    \b
+    Example:
+      conilium corpus transcribe --corpus MSP-PODCAST-1.11 --asr whisper-large-v3 --language en --device cuda
+    """
+    from conilium.extract.asr import transcribe_corpus
+
+    check_corpus_arg(corpus)
+    try:
+        transcribe_corpus(corpus, asr, revision=revision, num_beams=beams, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, language=language, device=device, overwrite=overwrite,
+                          skip_bad=skip_bad, allow_symlinks=allow_symlinks, verbose=not quiet)
+    except ConiliumError as e:
+        fail(e)
+
+
 @click.group("corpus", cls=Group, context_settings=CONTEXT,
-             short_help="A demo corpus; a corpus's counts, agreement and figures.")
+             short_help="A demo corpus; a corpus's counts, agreement and figures; transcripts.")
 @quiet_option(GROUP_QUIET)
 @version_option
 def corpus_group(quiet):
@@ -160,9 +221,11 @@ def corpus_group(quiet):
       make-demo   write a demo corpus          (also installed as make-demo-corpus)
       describe    counts, agreement, figures   (also installed as describe-corpus)
       convert     a manifest from IEMOCAP's or CREMA-D's layout
+      transcribe  transcripts by a Whisper model (Transcripts/<clip stem>.txt)
     """
 
 
 corpus_group.add_command(make_demo_corpus_cmd, "make-demo")
 corpus_group.add_command(describe_corpus_cmd, "describe")
 corpus_group.add_command(convert_corpus_cmd, "convert")
+corpus_group.add_command(transcribe_cmd, "transcribe")

@@ -14,13 +14,15 @@ import click
 
 from conilium.corpus import ALLOW_SYMLINKS_HELP
 from conilium.errors import ConiliumError
-from conilium.extract.registry import UPSTREAMS, WHISPER_INPUTS
+from conilium.extract.registry import TEXT_UPSTREAMS, UPSTREAMS, WHISPER_INPUTS
 
 from .common import (CONTEXT, GROUP_QUIET, POSITIVE, POSITIVE_INT, SEED, Command, Group, Number, check_corpus_arg,
                      fail, lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)
 
 _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face model id, a local model "
-                  "directory, or a model directory written by finetune-best")
+                  "directory, or a model directory written by finetune-best; or a text encoder run over the "
+                  "transcripts, one frame per token (" + ", ".join(TEXT_UPSTREAMS) + ", or a local directory "
+                  "holding one with its tokenizer)")
 
 
 @click.command(cls=Command, context_settings=CONTEXT)
@@ -98,6 +100,14 @@ def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max
     training heads needs only the cache directory. An interrupted run resumes where it
     stopped when rerun with the same options; under `torchrun --nproc_per_node K` the
     ranks share the shards. Check a cache with `verify-cache CACHE_DIR`.
+
+    A text upstream (roberta-base, roberta-large, modernbert-large, deberta-v3-large, a local
+    text encoder with its tokenizer, or demo-text with --random-init) runs over the clips'
+    transcripts (Transcripts/<clip stem>.txt) instead: one frame per token, no frame rate;
+    the manifest records the transcripts' fingerprint and the tokenizer, and a cache made
+    from other transcripts is refused. The audio options (--max-seconds, --normalize,
+    --augment-noise, --batch-seconds) do not apply; --skip-bad leaves out clips without a
+    transcript.
     """
     from conilium.audio import parse_snr
     from conilium.extract import ExtractConfig, NoiseAugmentation, extract_features  # torch etc.: only when run

@@ -119,6 +119,12 @@ class Manifest(dict):
         return bool(self.extraction.get("rescale_loud", False))
 
     @property
+    def text(self) -> Optional[dict]:
+        """A text upstream's cache: the transcripts' fingerprint, the tokenizer, the token limit;
+        None for an audio upstream's (frames are then audio frames at ``frame_rate``)."""
+        return as_dict(self.get("text")) or None
+
+    @property
     def shards(self) -> List[dict]:
         return list(self.get("shards") or [])
 

@@ -213,6 +213,15 @@ class Corpus:
             return manifest_fingerprint(self)
         return corpus_fingerprint(self.root, self.clips.keys())
 
+    def transcripts(self):
+        """The clips' transcripts (a corpus manifest's ``transcript`` field, else
+        ``Transcripts/<clip stem>.txt``): a :class:`~conilium.transcripts.Transcripts` listing
+        the clips without one; a bad file is a CorpusError naming it (:mod:`conilium.transcripts`)."""
+        from .transcripts import load_transcripts
+
+        given = {n: c.transcript for n, c in self.clips.items() if c.transcript is not None}
+        return load_transcripts(self.root, self.clips.keys(), given)
+
 
 def audio_dir(root) -> Path:
     return Path(root) / "Audios"

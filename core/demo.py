@@ -21,6 +21,17 @@ How it is simulated:
   (sometimes non-target words) and A/V/D scores; the consensus label is the majority of
   primaries, O when Other wins and X on a tie, as in the real corpus.
 
+* every clip also gets a synthetic transcript, ``Transcripts/<clip stem>.txt`` (the
+  MSP-Podcast layout): podcast-like filler words, about two per second of audio, among
+  which some emotion cue words ("furious", "wonderful", "scared", …) carry part of the
+  emotion. A cue word's class is the class of one of the clip's simulated annotators'
+  primary labels, drawn at random, or, as often as not, a class drawn from the prior
+  regardless of the clip; so the words say something about the annotators' labels that the
+  audio does not, and much less than they do. They are synthetic: they stand in for
+  transcripts to exercise the text pipeline, and say nothing about what the words of
+  MSP-Podcast carry. They come from their own random stream: the audio and labels are the
+  same with or without them.
+
 The output is a pure function of ``seed`` and ``clips``: the same arguments give
 byte-identical files. ``noise_dir`` adds a few noise recordings (white, pink, brown,
 babble, hum) for noise augmentation, in the manner of MUSAN.
@@ -42,9 +53,10 @@ import soundfile as sf
 from tqdm import tqdm
 
 from . import CLASS_NAMES, CLASSES, SAMPLE_RATE
-from .corpus import CONSENSUS_COLUMNS, CONSENSUS_FILE, DETAILED_FILE
+from .corpus import CONSENSUS_COLUMNS, CONSENSUS_FILE, DETAILED_FILE, word_to_class
 from .errors import ConfigError, CorpusError
 from .synthesis import CONTROL_HOP, Voice, clip_prosody, coloured_noise, speech_signal, upsample
+from .transcripts import TRANSCRIPTS_DIR, transcript_path
 
 _SR = SAMPLE_RATE
 MIN_CLIPS = 10
@@ -154,6 +166,7 @@ def make_demo_corpus(out, *, clips: int = 300, seed: int = 0, noise_dir=None, no
     plans = _plan_corpus(clips, seed)
     with _staging(out) as tmp:
         _write_labels(tmp / "Labels", plans)
+        _write_transcripts(tmp / TRANSCRIPTS_DIR, plans, seed)
         audios = tmp / "Audios"
         audios.mkdir()
         for i, plan in enumerate(tqdm(plans, desc="synthesising clips", unit="clip", disable=not verbose)):
@@ -229,6 +242,52 @@ def _write_labels(labels: Path, plans: List[_ClipPlan]) -> None:
         for p in plans:
             if p.split != "Test3":
                 f.writelines(f'{p.name},"{row}"\n' for row in p.rows)
+
+
+def _write_transcripts(folder: Path, plans: List[_ClipPlan], seed: int) -> None:
+    folder.mkdir()
+    for i, p in enumerate(plans):
+        text = synthetic_transcript(np.random.default_rng([seed, 3, i]), p)
+        transcript_path(folder.parent, p.name).write_text(text + "\n", encoding="utf-8")
+
+
+# Words of the synthetic transcripts: filler, and cue words of each class.
+FILLER_WORDS = ("so", "I", "you", "we", "they", "it", "that", "the", "a", "and", "but", "was", "is", "just", "like",
+           "know", "think", "mean", "really", "then", "there", "what", "when", "about", "people", "time", "going",
+           "said", "thing", "right", "yeah", "well", "kind", "of", "to", "in", "on", "with", "my", "show",
+           "episode", "week", "today", "story", "guys", "something", "back", "little", "actually", "pretty")
+CUE_WORDS = {
+    "A": ("furious", "ridiculous", "hate", "unacceptable", "mad", "outrageous"),
+    "S": ("miss", "lost", "unfortunately", "sorry", "lonely", "heartbroken"),
+    "H": ("great", "love", "awesome", "wonderful", "glad", "fun"),
+    "U": ("wow", "unbelievable", "suddenly", "unexpected", "whoa", "shocked"),
+    "F": ("scared", "worried", "afraid", "danger", "nervous", "terrified"),
+    "D": ("gross", "disgusting", "sick", "nasty", "awful", "yuck"),
+    "C": ("whatever", "obviously", "pathetic", "clueless", "supposedly", "amateurs"),
+    "N": ("okay", "basically", "schedule", "meeting", "report", "usually"),
+}
+#: Share of a synthetic transcript's words that are cue words, and the share of those whose
+#: class follows the annotators (the rest: a class drawn from the prior).
+CUE_SHARE, CUE_FOLLOWS_ANNOTATORS = 0.2, 0.5
+WORDS_PER_SECOND = 2.0
+
+
+def synthetic_transcript(rng: np.random.Generator, plan: _ClipPlan) -> str:
+    """A clip's synthetic transcript (see the module's docstring): filler words and cue words
+    whose class is that of a random annotator's primary label, or drawn from the prior."""
+    primaries = [c for c in (word_to_class(r.split(";")[1]) for r in plan.rows) if c is not None]
+    n = int(np.clip(round(plan.duration * WORDS_PER_SECOND), 3, 30))
+    words = []
+    for _ in range(n):
+        if rng.random() < CUE_SHARE:
+            if primaries and rng.random() < CUE_FOLLOWS_ANNOTATORS:
+                cls = primaries[int(rng.integers(len(primaries)))]
+            else:
+                cls = CLASSES[int(rng.choice(_K, p=_PRIOR))]
+            words.append(str(rng.choice(CUE_WORDS[cls])))
+        else:
+            words.append(str(rng.choice(FILLER_WORDS)))
+    return " ".join(words)
 
 
 # ----------------------------------------------------------------------------- corpus design

@@ -6,7 +6,8 @@
 * ``summary.json`` / ``summary.md``: clips per split, consensus labels per split
   (including O and X), annotators per clip, agreement (mean top share of the P and S
   targets, share of clips passing the P* and S* thresholds, Krippendorff's alpha on
-  the primary labels), the words that map to no target class, and clip durations;
+  the primary labels), the words that map to no target class, clip durations, and
+  how many clips have a transcript (``Transcripts/``, :mod:`conilium.transcripts`);
 * ``durations.png``: the duration distribution per split with the 8 s mark (the
   paper's Figure 1);
 * ``cooccurrence.png``: for the clips of each consensus class, the mean S target over
@@ -95,6 +96,7 @@ def summarize(corpus: Corpus) -> dict:
         "ignored_words": dict(ignored_word_counts(corpus).most_common()),
         "durations": {s: duration_stats(c) for s, c in groups.items()},
         "cooccurrence": cooccurrence(corpus, classes),
+        "transcripts": corpus.transcripts().coverage(),
         **extra,
     }
 
@@ -265,6 +267,9 @@ def render_markdown(summary: dict) -> str:
     words = summary["ignored_words"]
     out += _table(["word", "count"], [[w, str(n)] for w, n in words.items()]) if words else ["None.", ""]
 
+    out += ["## Transcripts", ""]
+    out += _transcript_lines(summary.get("transcripts"))
+
     out += ["## Figures", "", "![Clip durations per split](durations.png)", "",
             f"*Clip durations per split, with the {LONG_CLIP_SECONDS:g} s mark (the paper's Figure 1): every clip "
             f"is truncated to its first {LONG_CLIP_SECONDS:g} s before the upstream sees it.*", "",
@@ -284,6 +289,20 @@ def _classes_text(summary: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- figures
+
+
+def _transcript_lines(t: Optional[dict]) -> List[str]:
+    """The coverage of ``Transcripts/<clip stem>.txt`` (conilium.transcripts)."""
+    if not t or not t["folder"]:
+        return ["No Transcripts/ folder: no clip has a transcript (conilium corpus transcribe makes them).", ""]
+    out = [f"{t['with_transcript']} of {t['clips']} clips have a transcript"
+           + (f" (made by the ASR model {t['asr']})" if t.get("asr") else "") + "."]
+    if t["missing"]:
+        more = t["missing"] - len(t["missing_first"])
+        out.append(f"{t['missing']} have none: " + ", ".join(t["missing_first"])
+                   + (f", … and {more} more" if more > 0 else "")
+                   + (f" ({t['no_text']} of them: the ASR heard no words)" if t.get("no_text") else "") + ".")
+    return out + [""]
 
 
 def _save(fig: Figure, path: Path) -> None:

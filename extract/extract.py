@@ -68,6 +68,9 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
 
     >>> extract_features(ExtractConfig("demo-wavlm", random_init=True, layers="all"), "demo", "cache/demo")
 
+    A text upstream (``roberta-large``, ``demo-text``, … :mod:`.text`) runs over the corpus's
+    transcripts instead, one frame per token (:func:`.text.extract_text_features`).
+
     The keyword arguments change how fast the cache is made, never its content:
     ``batch_seconds`` bounds a batch's padded audio (0: one clip at a time, the default on
     CPU; 300 on CUDA),
@@ -87,6 +90,14 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
                         f"extract_features(ExtractConfig(upstream, ...), corpus, out, <runtime options>)")
     if batch_seconds is not None and not batch_seconds >= 0:
         raise ConfigError(f"--batch-seconds must be 0 (one clip at a time) or positive, got {batch_seconds}")
+    from .text import is_text_upstream
+
+    if is_text_upstream(config.upstream):  # a text encoder over the transcripts (frames = tokens)
+        from .text import extract_text_features
+
+        return extract_text_features(config, corpus, out, device=device, skip_bad=skip_bad,
+                                     allow_symlinks=allow_symlinks, overwrite=overwrite, verbose=verbose,
+                                     wait_for_lock=wait_for_lock)
     t_start = time.perf_counter()
     stats = stats if stats is not None else ExtractStats()
     out = Path(out)

@@ -1,6 +1,7 @@
 """The upstream registry: each registry name's Hugging Face model id, architecture family
 and configuration, as plain data (families: wavlm, wav2vec2, hubert, whisper; for Whisper
-the upstream is the model's encoder, see :mod:`.whisper`).
+the upstream is the model's encoder, see :mod:`.whisper`), and the text upstreams
+(:data:`TEXT_UPSTREAMS`, :mod:`.text`).
 
 This module imports neither torch nor transformers, so that ``extract-features --help``
 lists the names and :mod:`conilium.finetune.config` checks them without loading a
@@ -83,6 +84,24 @@ UPSTREAMS: Dict[str, UpstreamSpec] = {
     "demo-whisper": UpstreamSpec(None, "whisper", _DEMO_WHISPER,
                                  "small Whisper-encoder-style architecture for the demo and tests"),
 }
+
+#: Text upstreams (:mod:`.text`): transformers text encoders run over a corpus's transcripts;
+#: their frames are tokens. ``demo-text`` is a small RoBERTa-style encoder with seeded random
+#: weights and a word-level tokenizer built from the demo corpus's vocabulary.
+TEXT_UPSTREAMS: Dict[str, UpstreamSpec] = {
+    "roberta-base": UpstreamSpec("FacebookAI/roberta-base", "roberta", {}, "RoBERTa base (12 layers, 768 wide)"),
+    "roberta-large": UpstreamSpec("FacebookAI/roberta-large", "roberta", {}, "RoBERTa large (24 layers, 1024 wide)"),
+    "modernbert-large": UpstreamSpec("answerdotai/ModernBERT-large", "modernbert", {},
+                                     "ModernBERT large (28 layers, 1024 wide)"),
+    "deberta-v3-large": UpstreamSpec("microsoft/deberta-v3-large", "deberta-v2", {},
+                                     "DeBERTa-v3 large (24 layers, 1024 wide; needs sentencepiece)"),
+    "demo-text": UpstreamSpec(None, "roberta", dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                                    intermediate_size=128, max_position_embeddings=130),
+                              "small RoBERTa-style text encoder for the demo and tests"),
+}
+#: transformers model types run as text upstreams when given as a local model directory.
+TEXT_MODEL_TYPES = ("roberta", "xlm-roberta", "bert", "modernbert", "deberta", "deberta-v2", "electra", "distilbert",
+                    "albert", "camembert", "mpnet")
 
 #: A Whisper encoder's input length (``whisper_input``): its own 30 s input, or the input cut to
 #: the clip (:mod:`.whisper`); here, without torch, for configuration checks and ``--help``.

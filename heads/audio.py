@@ -171,6 +171,9 @@ def load_run_upstream(head_run: Path, ckpt: HeadCheckpoint, where: str) -> Tuple
 
     UPSTREAM_DIR = CacheDir.UPSTREAM
     ident = ckpt.cache_manifest.upstream
+    if ckpt.cache_manifest.text:
+        raise ConfigError(f"{where}: the head was trained on a text upstream's cache ({ident.get('name')}: features "
+                          f"of the clips' transcripts, one frame per token); it cannot predict from audio")
     source = ident.get("source")
     if source == "hub":
         name = ident.get("model_id") or ident.get("name")

@@ -28,7 +28,7 @@ def _files(root):
 
 
 def test_layout_reads_back(demo_corpus, corpus):
-    assert sorted(p.name for p in demo_corpus.iterdir()) == ["Audios", "Labels"]
+    assert sorted(p.name for p in demo_corpus.iterdir()) == ["Audios", "Labels", "Transcripts"]
     assert len(corpus) == 300
     assert {s: len(corpus.split(s)) for s in corpus.splits} == {"Train": 180, "Development": 75, "Test3": 45}
     assert corpus.detailed_layout == "emodetail"
@@ -166,7 +166,7 @@ def test_refuses_non_empty_output_and_overwrites_on_request(tmp_path):
         make_demo_corpus(out, clips=12)
     assert (out / "keep.txt").read_text() == "mine"
     make_demo_corpus(out, clips=12, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["Audios", "Labels"]
+    assert sorted(p.name for p in out.iterdir()) == ["Audios", "Labels", "Transcripts"]
     assert len(load_corpus(out)) == 12
     assert [p.name for p in tmp_path.iterdir()] == ["corpus"]  # no temporary directories left
 
@@ -197,3 +197,19 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
 def test_rejects_too_few_clips(tmp_path):
     with pytest.raises(ConfigError, match="at least"):
         make_demo_corpus(tmp_path / "corpus", clips=demo.MIN_CLIPS - 1)
+
+
+def test_synthetic_transcripts_carry_part_of_the_emotion(demo_corpus, corpus):
+    from conilium.demo import CUE_WORDS
+
+    texts = corpus.transcripts().require_all().texts  # every clip has one, UTF-8, not empty
+    assert list(texts) == list(corpus.clips)
+    cue_class = {w: c for c, words in CUE_WORDS.items() for w in words}
+    scored = [c for c in corpus if c.scoreable]
+    hits = 0
+    for clip in scored:
+        counts = Counter(cue_class[w] for w in texts[clip.name].split() if w in cue_class)
+        hits += bool(counts) and counts.most_common(1)[0][0] == clip.emo_class
+    majority = Counter(c.emo_class for c in scored).most_common(1)[0][1] / len(scored)
+    # the cue words beat always guessing the commonest class, and are far from saying it all
+    assert majority + 0.05 < hits / len(scored) < 0.8

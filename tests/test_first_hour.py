@@ -36,6 +36,16 @@ def test_extract_features_offline_fails_fast_and_writes_nothing(offline, small_d
     assert time.perf_counter() - t < 20 and not out.exists()
 
 
+def test_text_upstream_offline_fails_fast_and_writes_nothing(offline, small_demo_corpus, tmp_path):
+    from conilium.cli.extract import extract_features_cmd
+
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(extract_features_cmd, ["--corpus", str(small_demo_corpus), "--upstream",
+                                                       "roberta-large", "--out", str(out), "--device", "cpu", "-q"])
+    assert result.exit_code == 1 and "download FacebookAI/roberta-large" in result.output
+    assert not out.exists()
+
+
 def test_finetune_best_offline_fails_fast_and_writes_nothing(offline, small_demo_corpus, tmp_path):
     from conilium.cli.finetune import finetune_best_cmd
 

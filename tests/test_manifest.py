@@ -223,3 +223,18 @@ def test_describe_corpus_speaks_in_the_class_set(tmp_path):
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| Split | ang | hap | sad | neu | O | X | unlabelled | total |" in md
     assert "4 classes (ang, hap, sad, neu) and Other" in md and "layout: manifest corpus.jsonl" in md
+
+
+def test_manifest_transcripts_come_before_transcript_files(tmp_path):
+    """A manifest's transcript field is the clip's text; clips without one fall back to
+    Transcripts/<clip stem>.txt, and those with neither are listed as missing."""
+    from conilium.transcripts import transcript_path
+
+    root = write_manifest(tmp_path / "c", fmt="csv")
+    c = load_corpus(root)
+    transcript_path(root, "s1/a.wav").parent.mkdir(parents=True, exist_ok=True)
+    transcript_path(root, "s1/a.wav").write_text("a file the manifest overrides\n", encoding="utf-8")
+    transcript_path(root, "s1/b.wav").write_text("  why   me\n", encoding="utf-8")
+    t = c.transcripts()
+    assert t.texts == {"s1/a.wav": "leave me alone", "s1/b.wav": "why me"}
+    assert sorted(t.missing) == ["s2/c.wav", "s2/d.wav"]

@@ -170,11 +170,25 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
 @click.option("--rescale-loud/--no-rescale-loud", default=None,
               help="Divide float audio stored at integer scale back to [-1, 1] instead of refusing such a file "
                    "(default: as the model or the run's cache was made, --rescale-loud).")
+@click.option("--segment", "segment", default=None, metavar="vad|fixed:SECONDS[:HOP]",
+              help="Cut each recording into segments and predict each: 'vad' speech segments found by Silero VAD "
+                   "(the silero-vad package), 'fixed:8' windows of 8 s, 'fixed:8:4' every 4 s. One row per "
+                   "segment, with Start and End (seconds); long files are read block by block.")
+@click.option("--min-segment", type=POSITIVE, default=1.0, show_default=True,
+              help="With --segment: shorter speech segments (or a last partial window) are dropped.")
+@click.option("--max-segment", type=POSITIVE, default=None,
+              help="With --segment vad: longer speech is cut, at a pause where there is one, into pieces of at "
+                   "most this many seconds [default: the model's --max-seconds, else 30].")
+@click.option("--pad", type=NON_NEGATIVE, default=0.1, show_default=True,
+              help="With --segment vad: seconds of context kept on each side of a speech segment.")
+@click.option("--vad-threshold", type=float, default=0.5, show_default=True,
+              help="With --segment vad: Silero's speech probability above which a 32 ms window is speech.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @quiet_option("No progress bar.")
 @version_option
 def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, batch_size, max_seconds,
-                max_whole_seconds, rescale_loud, device, quiet):
+                max_whole_seconds, rescale_loud, segment, min_segment, max_segment, pad, vad_threshold, device,
+                quiet):
     """Predict the emotion of audio files with a finetune-best model or a train-head run.
 
     \b
@@ -194,6 +208,11 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, b
     (Error column), and the others are still predicted.
 
     \b
+    With --segment, each row is a segment of a recording (FileName, Start, End, then the
+    columns above); a recording in which the VAD finds no speech gets no row and is named on
+    standard error.
+
+    \b
     Exit status: 0 when at least one file was predicted, 1 when every file failed,
     2 for usage errors (no file given, bad --out suffix, not exactly one of --model, --run, --onnx).
 
@@ -203,6 +222,7 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, b
       predict --run runs/wbce-S-tuned a.wav b.flac --out predictions.csv
       predict --model models/wavlm-wbce-S recordings/ --glob '*.flac' --out predictions.parquet
       predict --onnx models/wavlm-wbce-S.onnx a.wav b.flac --out predictions.csv
+      predict --model models/wavlm-wbce-S podcast.flac --segment vad --out segments.csv
     """
     if sum(x is not None for x in (model_dir, run_dir, onnx_file)) != 1:
         raise click.UsageError("give --model MODEL_DIR (finetune-best) or --run RUN (train-head) or --onnx FILE "
@@ -240,11 +260,21 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, b
             predictor = Predictor(model_dir, run=run_dir, device=device, batch_size=batch_size,
                                   max_seconds=max_seconds, max_whole_seconds=max_whole_seconds,
                                   rescale_loud=rescale_loud)
-        results = predictor.predict(files, progress=not quiet)
-        if out is not None:
-            write_results(out, results, predictor.classes, predictor.attributes)
+        no_speech = []
+        if segment is None:
+            results = predictor.predict(files, progress=not quiet)
         else:
-            click.echo(results_csv(results, predictor.classes, predictor.attributes), nl=False)
+            from conilium.finetune.segments import parse_segment, predict_segments
+
+            spec = parse_segment(segment, min_segment=min_segment, pad=pad, threshold=vad_threshold,
+                                 max_segment=max_segment or predictor.max_seconds or 30.0)
+            segmented = predict_segments(predictor, files, spec, progress=not quiet)
+            results, no_speech = segmented.results, segmented.no_speech
+        if out is not None:
+            write_results(out, results, predictor.classes, predictor.attributes, segments=segment is not None)
+        else:
+            click.echo(results_csv(results, predictor.classes, predictor.attributes, segments=segment is not None),
+                       nl=False)
     except click.UsageError:
         raise
     except ConiliumError as e:
@@ -253,21 +283,30 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, b
         fail(e)
     failed = [r for r in results if not r.ok]
     for r in failed:
-        click.echo(f"predict: {r.file}: {r.error}", err=True)
+        at = "" if r.start is None else f" [{r.start:.3f}-{r.end:.3f} s]"
+        click.echo(f"predict: {r.file}{at}: {r.error}", err=True)
+    for f in no_speech:
+        click.echo(f"predict: {f}: no speech found ({spec.describe()}); no rows written for it", err=True)
     n_ok = len(results) - len(failed)
+    unit = "file(s)" if segment is None else "segment(s)"
     cut = [r for r in results if r.warning and "truncated" in r.warning]
     if cut:
-        click.echo(f"predict: {len(cut)} file(s) longer than {predictor.max_seconds:g} s: only their beginning was "
+        click.echo(f"predict: {len(cut)} {unit} longer than {predictor.max_seconds:g} s: only their beginning was "
                    f"used (Seconds and Warning columns; --max-seconds 0 reads whole files)", err=True)
     for word, what in (("silent", "silent"), ("very short", f"shorter than {SHORT_SECONDS:g} s")):
-        said = [r.file for r in results if r.warning and word in r.warning]
+        said = [r.file if r.start is None else f"{r.file} [{r.start:.3f}-{r.end:.3f} s]"
+                for r in results if r.warning and word in r.warning]
         if said:
             more = f" and {len(said) - 3} more" if len(said) > 3 else ""
-            click.echo(f"predict: {len(said)} file(s) {what}, their predictions mean little (Warning column): "
+            click.echo(f"predict: {len(said)} {unit} {what}, their predictions mean little (Warning column): "
                        f"{', '.join(said[:3])}{more}", err=True)
     if out is not None:
-        click.echo(f"{out}: {n_ok} file(s) predicted, {len(failed)} failed", err=True)
-    if n_ok == 0:
+        if segment is None:
+            click.echo(f"{out}: {n_ok} file(s) predicted, {len(failed)} failed", err=True)
+        else:
+            click.echo(f"{out}: {n_ok} segment(s) of {segmented.files - len(no_speech)} recording(s) predicted, "
+                       f"{len(failed)} failed, {len(no_speech)} without speech", err=True)
+    if n_ok == 0 and (failed or segment is None):
         sys.exit(1)
 
 
@@ -303,6 +342,7 @@ def export_cmd(model_dir, run_dir, onnx_file, no_check, quiet):
       conilium finetune export models/wavlm-wbce-S --onnx models/wavlm-wbce-S.onnx
       conilium finetune export --run runs/wbce-S-tuned --onnx wbce-S.onnx
       predict --onnx models/wavlm-wbce-S.onnx a.wav b.flac --out predictions.csv
+      predict --model models/wavlm-wbce-S podcast.flac --segment vad --out segments.csv
     """
     if (model_dir is None) == (run_dir is None):
         raise click.UsageError("give MODEL_DIR (finetune-best) or --run RUN (train-head), one of the two")

@@ -21,7 +21,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import soundfile as sf
@@ -81,6 +81,70 @@ def read_audio(path, *, sample_rate: int = SAMPLE_RATE, max_seconds: Optional[fl
         raise AudioError(path, f"unreadable audio ({e})", clip) from None
     return condition_audio(x, sr, source=path, sample_rate=sample_rate, max_seconds=max_seconds, clip=clip,
                            rescale_loud=rescale_loud)
+
+
+def stream_audio(path, *, block_seconds: float = 60.0, sample_rate: int = SAMPLE_RATE, clip: Optional[str] = None,
+                 rescale_loud: bool = False):
+    """Decode ``path`` block by block into float32 mono pieces at ``sample_rate``, for recordings
+    too long to hold whole: memory is bounded by ``block_seconds`` of audio, not by the file.
+    Resampling runs as one soxr stream across the blocks, so the pieces joined equal (to float
+    rounding) what :func:`read_audio` returns for the whole file. The checks are
+    :func:`read_audio`'s; with ``rescale_loud`` a block beyond ±:data:`MAX_PEAK` is divided by
+    the integer full scale of the loudest block seen so far."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(path, "audio file not found", clip)
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as e:
+        raise AudioError(path, f"unreadable audio ({e})", clip) from None
+    with f:
+        sr = f.samplerate
+        if f.frames == 0:
+            raise AudioError(path, "empty audio (no samples)", clip)
+        stream = None if sr == sample_rate else soxr.ResampleStream(sr, sample_rate, 1, dtype="float32", quality="HQ")
+        scale = 1.0
+        size = max(1, int(round(block_seconds * sr)))
+        while True:
+            try:
+                x = f.read(frames=size, dtype="float32", always_2d=True)
+            except Exception as e:
+                raise AudioError(path, f"unreadable audio at {f.tell() / sr:.1f} s ({e})", clip) from None
+            last = len(x) < size
+            x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
+            if not np.all(np.isfinite(x)):
+                raise AudioError(path, "audio holds NaN or infinite samples", clip)
+            peak = float(np.abs(x).max()) if len(x) else 0.0
+            if peak > MAX_PEAK:
+                if not rescale_loud:
+                    raise AudioError(path, f"samples reach {peak:.6g}, far outside the [-1, 1] range of float "
+                                           f"audio; pass --rescale-loud to divide such files by "
+                                           f"{loud_scale(peak):.0f}", clip)
+                scale = max(scale, loud_scale(peak))
+            if scale != 1.0:
+                x = (x / np.float32(scale)).astype(np.float32)
+            if stream is not None:
+                x = stream.resample_chunk(x, last=last)
+            if len(x):
+                yield np.ascontiguousarray(x, dtype=np.float32)
+            if last:
+                return
+
+
+def read_span(path, start: float, end: float, *, clip: Optional[str] = None) -> Tuple[np.ndarray, int]:
+    """Samples ``start``..``end`` seconds of ``path`` as stored — ``(samples, channels)`` at the
+    file's rate, and the rate — read by seeking, without decoding the rest of the file."""
+    path = Path(path)
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr = f.samplerate
+            a = max(0, int(round(start * sr)))
+            b = min(f.frames, int(round(end * sr)))
+            f.seek(a)
+            x = f.read(frames=max(0, b - a), dtype="float32", always_2d=True)
+    except Exception as e:
+        raise AudioError(path, f"unreadable audio between {start:.3f} and {end:.3f} s ({e})", clip) from None
+    return x, sr
 
 
 def condition_audio(x, sr: int, *, source, sample_rate: int = SAMPLE_RATE, max_seconds: Optional[float] = None,
@@ -162,10 +226,12 @@ def list_noise_files(noise_dir) -> List[Path]:
 
 def audio_seconds(path) -> float:
     """Duration of an audio file from its header (no decoding)."""
+    if not Path(path).is_file():
+        raise AudioError(path, "audio file not found")
     try:
         info = sf.info(str(path))
     except Exception as e:
-        raise AudioError(path, f"unreadable noise file ({e})") from None
+        raise AudioError(path, f"unreadable audio file ({e})") from None
     return info.frames / info.samplerate
 
 

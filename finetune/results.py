@@ -54,6 +54,9 @@ class FilePrediction:
     seconds: Optional[float] = None
     #: the largest absolute sample of the audio used, before normalisation (full scale 1)
     peak: Optional[float] = None
+    #: for a segment of a recording (``predict --segment``): its start and end in the file, seconds
+    start: Optional[float] = None
+    end: Optional[float] = None
 
     @property
     def warning(self) -> Optional[str]:
@@ -231,16 +234,21 @@ def output_format(path) -> str:
     return suffix
 
 
+def _bound(v: Optional[float]) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
 def write_csv(f: TextIO, results: Iterable[FilePrediction], classes: Sequence[str],
-              attributes: Sequence[str] = ()) -> None:
+              attributes: Sequence[str] = (), *, segments: bool = False) -> None:
     """``FileName``, one probability column per class, ``Prediction``, the attribute columns
     (``EmoAct, EmoVal, EmoDom``, for a model that predicts them), ``Error`` (empty when
-    predicted). A model without classes has no class columns and no ``Prediction``."""
+    predicted). A model without classes has no class columns and no ``Prediction``.
+    ``segments``: ``Start`` and ``End`` (seconds, 3 decimals) after ``FileName``, one row a segment."""
     w = csv.writer(f)
-    w.writerow(["FileName", *classes, *(["Prediction"] if classes else []), *attributes, "Seconds", "Warning",
-                "Error"])
+    w.writerow(["FileName", *(["Start", "End"] if segments else []), *classes,
+                *(["Prediction"] if classes else []), *attributes, "Seconds", "Warning", "Error"])
     for r in results:
-        row = [r.file]
+        row = [r.file, *([_bound(r.start), _bound(r.end)] if segments else [])]
         if classes:
             row += [f"{v:.6f}" for v in r.probabilities] if r.ok else [""] * len(classes)
             row.append(r.prediction or "")
@@ -250,10 +258,14 @@ def write_csv(f: TextIO, results: Iterable[FilePrediction], classes: Sequence[st
         w.writerow([*row, seconds, r.warning or "", r.error or ""])
 
 
-def to_json(results: Iterable[FilePrediction], classes: Sequence[str], attributes: Sequence[str] = ()) -> list:
+def to_json(results: Iterable[FilePrediction], classes: Sequence[str], attributes: Sequence[str] = (), *,
+            segments: bool = False) -> list:
     out = []
     for r in results:
         item = {"file": r.file}
+        if segments:
+            item["start"] = None if r.start is None else round(float(r.start), 3)
+            item["end"] = None if r.end is None else round(float(r.end), 3)
         if classes:
             item["probabilities"] = (None if not r.ok else
                                      {c: round(float(v), 6) for c, v in zip(classes, r.probabilities)})
@@ -267,12 +279,16 @@ def to_json(results: Iterable[FilePrediction], classes: Sequence[str], attribute
     return out
 
 
-def to_table(results: Sequence[FilePrediction], classes: Sequence[str], attributes: Sequence[str] = ()):
+def to_table(results: Sequence[FilePrediction], classes: Sequence[str], attributes: Sequence[str] = (), *,
+             segments: bool = False):
     """The CSV's columns as an Arrow table: probabilities and attributes as float64 (null where
     an input failed), FileName, Prediction and Error as strings."""
     import pyarrow as pa
 
     cols = {"FileName": pa.array([r.file for r in results], pa.string())}
+    if segments:
+        cols["Start"] = pa.array([None if r.start is None else round(float(r.start), 3) for r in results], pa.float64())
+        cols["End"] = pa.array([None if r.end is None else round(float(r.end), 3) for r in results], pa.float64())
     for k, c in enumerate(classes):
         cols[c] = pa.array([float(r.probabilities[k]) if r.ok else None for r in results], pa.float64())
     if classes:
@@ -287,25 +303,27 @@ def to_table(results: Sequence[FilePrediction], classes: Sequence[str], attribut
 
 
 def write_results(out, results: Sequence[FilePrediction], classes: Sequence[str],
-                  attributes: Sequence[str] = ()) -> None:
-    """Write CSV, JSON or Parquet by the suffix of ``out``, atomically."""
+                  attributes: Sequence[str] = (), *, segments: bool = False) -> None:
+    """Write CSV, JSON or Parquet by the suffix of ``out``, atomically (``segments``: with the
+    segments' ``Start`` and ``End``)."""
     fmt = output_format(out)
     with atomic_path(out, suffix=f".{fmt}.tmp") as tmp:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            pq.write_table(to_table(results, classes, attributes), tmp)
+            pq.write_table(to_table(results, classes, attributes, segments=segments), tmp)
             return
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             if fmt == "csv":
-                write_csv(f, results, classes, attributes)
+                write_csv(f, results, classes, attributes, segments=segments)
             else:
-                json.dump(to_json(results, classes, attributes), f, indent=2)
+                json.dump(to_json(results, classes, attributes, segments=segments), f, indent=2)
                 f.write("\n")
 
 
-def results_csv(results: Sequence[FilePrediction], classes: Sequence[str], attributes: Sequence[str] = ()) -> str:
+def results_csv(results: Sequence[FilePrediction], classes: Sequence[str], attributes: Sequence[str] = (), *,
+                segments: bool = False) -> str:
     buf = io.StringIO()
-    write_csv(buf, results, classes, attributes)
+    write_csv(buf, results, classes, attributes, segments=segments)
     return buf.getvalue()
 

@@ -20,8 +20,8 @@ import click
 from conilium.errors import ConiliumError
 from conilium.finetune.config import RECORDED_KEYS, FinetuneConfig
 
-from .common import (CONTEXT, GROUP_QUIET, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Command, Group, check_corpus_arg,
-                     fail, lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)
+from .common import (CONTEXT, GROUP_QUIET, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Command, Group, Number,
+                     check_corpus_arg, fail, lock_wait, quiet_option, refuse_dir, version_option, wait_for_lock_option)
 from .options import config_from_command, config_options
 
 
@@ -181,7 +181,7 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
                    "most this many seconds [default: the model's --max-seconds, else 30].")
 @click.option("--pad", type=NON_NEGATIVE, default=0.1, show_default=True,
               help="With --segment vad: seconds of context kept on each side of a speech segment.")
-@click.option("--vad-threshold", type=float, default=0.5, show_default=True,
+@click.option("--vad-threshold", type=Number(0, 1, open_min=True, open_max=True), default=0.5, show_default=True,
               help="With --segment vad: Silero's speech probability above which a 32 ms window is speech.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @quiet_option("No progress bar.")

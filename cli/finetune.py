@@ -174,6 +174,8 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
               help="With --backend ray: the cluster's address (host:6379, or auto); default: a local ray.")
 @click.option("--n-jobs", type=POSITIVE_INT, default=1, show_default=True,
               help="With --backend ray: the number of actors.")
+@click.option("--gpus-per-job", type=NON_NEGATIVE, default=0.0, show_default=True,
+              help="With --backend ray: the GPUs each actor asks ray for (1: one GPU each; 0: CPU).")
 @click.option("--batch-size", type=POSITIVE_INT, default=8, show_default=True)
 @click.option("--max-seconds", type=NON_NEGATIVE, default=None,
               help="Truncate files to this many seconds (default: as in training, the model's or the run's "
@@ -188,7 +190,7 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
 @quiet_option("No progress bar.")
 @version_option
 def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, inputs, shard_files, backend, address,
-                n_jobs, batch_size, max_seconds, max_whole_seconds, rescale_loud, device, quiet):
+                n_jobs, gpus_per_job, batch_size, max_seconds, max_whole_seconds, rescale_loud, device, quiet):
     """Predict the emotion of audio files with a finetune-best model or a train-head run.
 
     \b
@@ -237,11 +239,11 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
                    accept=("run",))
     if onnx_file is None:  # transformers' warnings; predict --onnx loads neither transformers nor torch
         _quiet_library_warnings(quiet)
-    if inputs is not None or backend != "local":
+    if inputs is not None or (backend, address, shard_files, n_jobs, gpus_per_job) != ("local", None, 1000, 1, 0):
         from .scale import predict_job  # the job: chunks, shards, index, torchrun, ray
 
         predict_job(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, inputs, shard_files, backend,
-                    address, n_jobs, batch_size, max_seconds, max_whole_seconds, rescale_loud, device, quiet)
+                    address, n_jobs, gpus_per_job, batch_size, max_seconds, max_whole_seconds, rescale_loud, device, quiet)
         return
     if out is not None and out.is_dir():
         raise click.UsageError(f"--out {out}: a folder; give a file (FILE.csv, FILE.json or FILE.parquet), or "

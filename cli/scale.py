@@ -13,18 +13,20 @@ from .common import fail
 
 
 def predict_job(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, inputs, shard_files, backend, address,
-                n_jobs, batch_size, max_seconds, max_whole_seconds, rescale_loud, device, quiet) -> None:
+                n_jobs, gpus_per_job, batch_size, max_seconds, max_whole_seconds, rescale_loud, device, quiet) -> None:
     """Run ``predict --inputs``; exit status 1 when this process's chunks hold no predicted file."""
     from conilium.finetune.scale import PredictorSpec, process_rank, run_job, run_job_ray
 
     if inputs is None:
-        raise click.UsageError("--backend ray predicts a job: give --inputs LIST_OR_FOLDER and --out DIR")
+        raise click.UsageError("--shard-files, --backend, --address, --n-jobs and --gpus-per-job are for a job: give "
+                               "--inputs LIST_OR_FOLDER and --out DIR")
     if audio or list_file is not None:
         raise click.UsageError("--inputs takes the place of AUDIO and --list: give the files in one of the two ways")
     if out is None:
         raise click.UsageError("--inputs needs --out DIR: the job folder (shards, index, job.json)")
-    if address is not None and backend != "ray":
-        raise click.UsageError("--address is for --backend ray")
+    if backend != "ray" and (address is not None or n_jobs != 1 or gpus_per_job):
+        raise click.UsageError("--address, --n-jobs and --gpus-per-job are for --backend ray (under torchrun, "
+                               "--nproc_per_node says how many processes)")
     kind, path = (("model", model_dir) if model_dir is not None else ("run", run_dir) if run_dir is not None
                   else ("onnx", onnx_file))
     try:
@@ -33,7 +35,7 @@ def predict_job(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
         if backend == "ray":
             rank, world = 0, 1
             summary = run_job_ray(spec, inputs, out, pattern=pattern, shard_files=shard_files, address=address,
-                                  workers=n_jobs, progress=not quiet)
+                                  workers=n_jobs, gpus_per_worker=gpus_per_job, progress=not quiet)
         else:
             rank, world = process_rank()
             summary = run_job(spec, inputs, out, pattern=pattern, shard_files=shard_files, rank=rank, world=world,

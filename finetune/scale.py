@@ -76,16 +76,29 @@ class PredictorSpec:
             raise ConfigError(f"predict: the model kind must be one of {', '.join(SOURCE_KINDS)}, not {self.kind!r}")
         object.__setattr__(self, "path", os.path.abspath(self.path))
 
-    def build(self):
+    def build(self, local_rank: Optional[int] = None):
         """The predictor (:class:`~conilium.finetune.predict.Predictor`, torch, or
-        :class:`~conilium.finetune.onnx_predict.OnnxPredictor`, onnxruntime)."""
-        kw = dict(device=self.device, batch_size=self.batch_size, max_seconds=self.max_seconds,
+        :class:`~conilium.finetune.onnx_predict.OnnxPredictor`, onnxruntime). ``local_rank``
+        (one of several processes on a machine): ``auto`` or ``cuda`` without a number takes
+        that process's GPU, as torchrun's processes do."""
+        device = self.device
+        kw = dict(batch_size=self.batch_size, max_seconds=self.max_seconds,
                   max_whole_seconds=self.max_whole_seconds, rescale_loud=self.rescale_loud)
         if self.kind == "onnx":
-            from .onnx_predict import OnnxPredictor
+            from .onnx_predict import OnnxPredictor, providers_for
 
-            return OnnxPredictor(self.path, **kw)
+            if local_rank is not None and device in ("auto", "cuda") and "CUDAExecutionProvider" in \
+                    providers_for(device):
+                device = f"cuda:{local_rank}"
+            return OnnxPredictor(self.path, device=device, **kw)
         from .predict import Predictor
+
+        if local_rank is not None and device in ("auto", "cuda"):
+            import torch
+
+            if torch.cuda.is_available():
+                device = f"cuda:{local_rank % torch.cuda.device_count()}"
+        kw["device"] = device
 
         return Predictor(self.path, **kw) if self.kind == "model" else Predictor(run=self.path, **kw)
 
@@ -414,7 +427,7 @@ def run_job(spec: PredictorSpec, inputs, out, *, pattern: str = "*", shard_files
                 bar.update(rec, skipped=True)
             else:
                 if predictor is None:
-                    predictor = spec.build()
+                    predictor = spec.build(int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else None)
                 rec = predict_chunk(predictor, jd, k, files)
                 jd.record(rec)
                 summary.predicted_now += 1

@@ -180,3 +180,25 @@ def test_ray_actors_give_the_same_rows(one_process, model_dir, folder, tmp_path)
         assert got.column(c).to_pylist() == ref.column(c).to_pylist()
     np.testing.assert_allclose(np.array(got.column("A").to_pylist(), dtype=float),
                                np.array(ref.column("A").to_pylist(), dtype=float), atol=1e-6, equal_nan=True)
+
+
+def test_progress_bar_and_bad_usage(model_dir, folder, tmp_path):
+    listed = tmp_path / "list.txt"
+    listed.write_text("# two files\n" + "\n".join(audio_files(folder)[:2]) + "\n\n")
+    r = CliRunner().invoke(predict_cmd, ["--model", str(model_dir), "--inputs", str(listed), "--out",
+                                         str(tmp_path / "job"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "files/s" in r.stderr and "audio-h/s" in r.stderr
+    assert read_predictions(tmp_path / "job").num_rows == 2
+    model = ["--model", str(model_dir), "--device", "cpu", "--quiet"]
+    for args, said in (
+            ([str(folder / "a.wav"), "--shard-files", "5"], "are for a job"),
+            (["--inputs", str(folder), "--out", str(tmp_path / "j"), str(folder / "a.wav")], "takes the place of"),
+            (["--inputs", str(folder)], "needs --out DIR"),
+            (["--inputs", str(folder / "a.wav"), "--out", str(tmp_path / "j")], "an audio file, not a list"),
+            (["--inputs", str(folder), "--out", str(tmp_path / "j"), "--n-jobs", "2"], "for --backend ray"),
+            (["--inputs", str(tmp_path / "empty"), "--out", str(tmp_path / "j")], "no audio file in it")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        r = CliRunner().invoke(predict_cmd, model + args)
+        assert r.exit_code == 2 and said in r.output, (args, r.output)
+        assert not (tmp_path / "j").exists()

@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from conilium.errors import ConfigError
+from conilium.errors import ConfigError, ConiliumError
 from conilium.util import atomic_path, check_writable, output_errors
 
-from .results import audio_suffixes, to_table
+from .results import FilePrediction, audio_suffixes, to_table
 
 #: the format of job.json and of the index lines
 JOB_FORMAT = 1
@@ -287,8 +287,9 @@ def open_job(out, settings: Dict[str, Any]) -> JobDir:
         raise ConfigError(f"--out {jd.root}: a file, not a folder (predict --inputs writes a folder of shards)")
     old = jd.job()
     if old is None:
-        if jd.root.is_dir() and any(p.name not in (SHARD_DIR, INDEX_FILE)
+        if jd.root.is_dir() and any(p.name not in (SHARD_DIR, INDEX_FILE, JOB_FILE)
                                   and not p.name.startswith(f".{JOB_FILE}.") for p in jd.root.iterdir()):
+            # (job.json may appear meanwhile: another torchrun process writing the same one)
             raise ConfigError(f"--out {jd.root}: a folder with other files in it and no {JOB_FILE}; choose an empty "
                               f"or new folder")
         check_writable(jd.root / SHARD_DIR, what="output folder")
@@ -313,7 +314,10 @@ def predict_chunk(predictor, jd: JobDir, k: int, files: Sequence[str]) -> dict:
     """Predict chunk ``k`` (``files``), write its shard atomically and return its index line."""
     import pyarrow.parquet as pq
 
-    results = predictor.predict(list(files), progress=False)
+    try:
+        results = predictor.predict(list(files), progress=False)
+    except Exception:  # noqa: BLE001 - a failure no check of the inputs caught: find its file, keep the others
+        results = [_predict_one(predictor, f) for f in files]
     table = to_table(results, predictor.classes, predictor.attributes)
     jd.remove_temporaries(k)
     with atomic_path(jd.shard(k), suffix=".tmp") as tmp:
@@ -323,6 +327,16 @@ def predict_chunk(predictor, jd: JobDir, k: int, files: Sequence[str]) -> dict:
             "predicted": len(results) - len(failed), "failed": len(failed),
             "failed_files": [[r.file, r.error] for r in failed[:FAILED_NAMED]],
             "seconds": round(sum(float(r.seconds or 0.0) for r in results if r.ok), 3)}
+
+
+def _predict_one(predictor, file: str):
+    """One file alone; an exception becomes its row's error."""
+    try:
+        return predictor.predict([file], progress=False)[0]
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return FilePrediction(file, classes=tuple(predictor.classes),
+                              error=f"prediction failed ({type(e).__name__}: {first})")
 
 
 @dataclass
@@ -495,10 +509,16 @@ def run_job_ray(spec: PredictorSpec, inputs, out, *, pattern: str = "*", shard_f
                 while waiting and free:
                     w = free.pop()
                     k, files = waiting.pop(0)
-                    running[w.predict.remote(k, files)] = w
+                    running[w.predict.remote(k, files)] = (w, k)
                 ready, _ = ray.wait(list(running), num_returns=1)
-                free.append(running.pop(ready[0]))
-                rec = ray.get(ready[0])
+                w, k = running.pop(ready[0])
+                free.append(w)
+                try:
+                    rec = ray.get(ready[0])
+                except Exception as e:  # noqa: BLE001 - ray's wrapper of the worker's error, or a lost worker
+                    first = (str(e).strip().splitlines() or [""])[-1][:500]
+                    raise ConiliumError(f"--backend ray: {jd.shard(k).name} failed on a ray worker ({first}); "
+                                        f"the shards done are kept, run the same command again to go on") from None
                 jd.record(rec)
                 summary.predicted_now += 1
                 summary.add(rec)

@@ -202,3 +202,29 @@ def test_progress_bar_and_bad_usage(model_dir, folder, tmp_path):
         r = CliRunner().invoke(predict_cmd, model + args)
         assert r.exit_code == 2 and said in r.output, (args, r.output)
         assert not (tmp_path / "j").exists()
+
+
+def test_a_file_that_breaks_its_whole_batch_fails_alone(one_process, model_dir, folder, tmp_path):
+    """An exception no input check caught (a decoder crash, say) takes only its own file's row."""
+    from conilium.finetune.predict import Predictor
+    from conilium.finetune.scale import PredictorSpec, run_job
+
+    class CrashesOnC(Predictor):
+        def predict(self, inputs, *, progress=False):
+            if any(str(f).endswith("c.wav") for f in inputs):
+                raise RuntimeError("decoder crashed\nsecond line")
+            return super().predict(inputs, progress=progress)
+
+    spec = PredictorSpec("model", str(model_dir), device="cpu")
+    summary = run_job(spec, folder, tmp_path / "job", shard_files=2, rank=0, world=1,
+                      predictor=CrashesOnC(model_dir, device="cpu"))
+    assert summary.complete and summary.failed == 2 and summary.predicted == 6
+    got = read_predictions(tmp_path / "job").to_pylist()
+    ref = read_predictions(one_process[0]).to_pylist()
+    crashed = str(folder / "c.wav")
+    assert [r["FileName"] for r in got] == [r["FileName"] for r in ref]
+    for g, r in zip(got, ref):
+        if g["FileName"] == crashed:
+            assert g["Error"] == "prediction failed (RuntimeError: decoder crashed)" and g["A"] is None
+        else:
+            assert g == r

@@ -141,7 +141,8 @@ def walk_audio(folder, pattern: str = "*") -> Iterator[str]:
     def walk(d: str) -> Iterator[str]:
         try:
             with os.scandir(d) as it:
-                entries = [(e.name + ("/" if e.is_dir() else ""), e) for e in it]
+                # linked folders are not followed (as audio_files' rglob; a loop of links cannot trap the walk)
+                entries = [(e.name + ("/" if e.is_dir(follow_symlinks=False) else ""), e) for e in it]
         except OSError as e:
             raise ConfigError(f"--inputs: cannot read the folder {d} ({e.strerror or e})") from None
         for key, e in sorted(entries, key=lambda t: t[0]):
@@ -484,45 +485,49 @@ def run_job_ray(spec: PredictorSpec, inputs, out, *, pattern: str = "*", shard_f
     jd = open_job(out, settings)
     done = jd.done()
     summary = JobSummary()
-    todo = []
     bar = _Progress(settings["input_files"], progress, "predicting (ray)")
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  **({} if address else {"num_cpus": max(1, int(round(workers * cpus_per_worker)))}))
+    actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)(_ChunkWorker)
+    pool: List[Any] = []  # actors started as chunks need them: none for a finished job
+    free: List[Any] = []
+    running: Dict[Any, Tuple[Any, int]] = {}
+
+    def collect() -> None:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        w, k = running.pop(ready[0])
+        free.append(w)
+        try:
+            rec = ray.get(ready[0])
+        except Exception as e:  # noqa: BLE001 - ray's wrapper of the worker's error, or a lost worker
+            first = (str(e).strip().splitlines() or [""])[-1][:500]
+            raise ConiliumError(f"--backend ray: {jd.shard(k).name} failed on a ray worker ({first}); the shards "
+                                f"done are kept, run the same command again to go on") from None
+        jd.record(rec)
+        summary.predicted_now += 1
+        summary.add(rec)
+        bar.update(rec)
+
     try:
+        # chunks are handed out as actors free up: no more than one chunk per actor is held here
         for k, files in chunks(iter_inputs(inputs, pattern), shard_files):
             summary.shards += 1
             if k in done:
                 summary.skipped += 1
                 bar.update(done[k], skipped=True)
                 summary.add(done[k])
-            else:
-                todo.append((k, files))
-        if todo:
-            actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)(_ChunkWorker)
-            pool = [actor.remote(spec, str(jd.root)) for _ in range(min(workers, len(todo)))]
-            free = list(pool)
-            running: Dict[Any, Any] = {}
-            waiting = list(todo)
-            while waiting or running:
-                while waiting and free:
-                    w = free.pop()
-                    k, files = waiting.pop(0)
-                    running[w.predict.remote(k, files)] = (w, k)
-                ready, _ = ray.wait(list(running), num_returns=1)
-                w, k = running.pop(ready[0])
-                free.append(w)
-                try:
-                    rec = ray.get(ready[0])
-                except Exception as e:  # noqa: BLE001 - ray's wrapper of the worker's error, or a lost worker
-                    first = (str(e).strip().splitlines() or [""])[-1][:500]
-                    raise ConiliumError(f"--backend ray: {jd.shard(k).name} failed on a ray worker ({first}); "
-                                        f"the shards done are kept, run the same command again to go on") from None
-                jd.record(rec)
-                summary.predicted_now += 1
-                summary.add(rec)
-                bar.update(rec)
+                continue
+            if not free and len(pool) < workers:
+                pool.append(actor.remote(spec, str(jd.root)))
+                free.append(pool[-1])
+            if not free:
+                collect()
+            w = free.pop()
+            running[w.predict.remote(k, files)] = (w, k)
+        while running:
+            collect()
     finally:
         bar.close()
         if started:

@@ -185,6 +185,8 @@ def test_ray_actors_give_the_same_rows(one_process, model_dir, folder, tmp_path)
     assert r.exit_code == 0, r.output
     assert "4 predicted now" in r.stderr
     assert read_predictions(tmp_path / "job").equals(read_predictions(ref_out))
+    r = _job(model_dir, folder, tmp_path / "job")  # the same job, resumed here: nothing left
+    assert r.exit_code == 0 and "0 predicted now, 4 already done" in r.stderr, r.output
 
 
 def test_progress_bar_and_bad_usage(model_dir, folder, tmp_path):

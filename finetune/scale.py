@@ -429,8 +429,9 @@ def run_job(spec: PredictorSpec, inputs, out, *, pattern: str = "*", shard_files
     done = jd.done()
     summary = JobSummary()
     mine = [k for k in range(settings["shards"]) if k % world == rank]
-    bar = _Progress(sum(min(shard_files, settings["input_files"] - k * shard_files) for k in mine), progress,
-                    f"predicting (process {rank + 1}/{world})" if world > 1 else "predicting")
+    # one bar, the first process's (its share of the files): several would overwrite each other's line
+    bar = _Progress(sum(min(shard_files, settings["input_files"] - k * shard_files) for k in mine),
+                    progress and rank == 0, f"predicting (process 1/{world})" if world > 1 else "predicting")
     try:
         for k, files in chunks(iter_inputs(inputs, pattern), shard_files):
             if k % world != rank:
@@ -459,7 +460,10 @@ def run_job(spec: PredictorSpec, inputs, out, *, pattern: str = "*", shard_files
 class _ChunkWorker:
     """A ray actor: the predictor loaded once, then chunk after chunk."""
 
-    def __init__(self, spec: PredictorSpec, out: str):
+    def __init__(self, spec: PredictorSpec, out: str, cwd: str):
+        # relative input paths (a list file's) read as the driver reads them, the FileName column unchanged
+        with contextlib.suppress(OSError):
+            os.chdir(cwd)
         self.predictor = spec.build()
         self.jd = JobDir(out)
 
@@ -520,7 +524,7 @@ def run_job_ray(spec: PredictorSpec, inputs, out, *, pattern: str = "*", shard_f
                 summary.add(done[k])
                 continue
             if not free and len(pool) < workers:
-                pool.append(actor.remote(spec, str(jd.root)))
+                pool.append(actor.remote(spec, str(jd.root), os.getcwd()))
                 free.append(pool[-1])
             if not free:
                 collect()

@@ -171,21 +171,32 @@ def test_torchrun_with_two_processes_gives_the_same_rows(one_process, model_dir,
     assert sorted(i["shard"] for i in index) == [0, 1, 2, 3]
 
 
-def test_ray_actors_give_the_same_rows(one_process, model_dir, folder, tmp_path):
+def test_ray_actors_give_the_same_rows(one_process, model_dir, folder, tmp_path, monkeypatch):
+    """Two ray actors, started from another folder than the job's, on a list of relative paths."""
     ray = pytest.importorskip("ray", reason="ray is in the cluster extra")
     if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free < 200 * 2**20:
         pytest.skip("too little shared memory for ray's object store")
     ref_out, _ = one_process
+    files = audio_files(folder)
+    (tmp_path / "list.txt").write_text("\n".join(os.path.relpath(f, folder.parent) for f in files) + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
-        r = _job(model_dir, folder, tmp_path / "job", "--backend", "ray", "--n-jobs", "2")
+        monkeypatch.chdir(folder.parent)
+        r = _job(model_dir, tmp_path / "list.txt", tmp_path / "job", "--backend", "ray", "--n-jobs", "2")
     finally:
         ray.shutdown()
     assert r.exit_code == 0, r.output
     assert "4 predicted now" in r.stderr
-    assert read_predictions(tmp_path / "job").equals(read_predictions(ref_out))
-    r = _job(model_dir, folder, tmp_path / "job")  # the same job, resumed here: nothing left
+    got, ref = read_predictions(tmp_path / "job"), read_predictions(ref_out)
+    assert got.column("FileName").to_pylist() == [os.path.relpath(f, folder.parent) for f in files]
+    assert got.drop_columns(["FileName", "Error"]).equals(ref.drop_columns(["FileName", "Error"]))
+    assert [e and e.replace(str(folder.parent) + os.sep, "") for e in got.column("Error").to_pylist()] == \
+        [e and e.replace(str(folder.parent) + os.sep, "") for e in ref.column("Error").to_pylist()]
+    r = _job(model_dir, tmp_path / "list.txt", tmp_path / "job")  # the same job, resumed here: nothing left
     assert r.exit_code == 0 and "0 predicted now, 4 already done" in r.stderr, r.output
 
 

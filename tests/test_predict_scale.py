@@ -246,3 +246,26 @@ def test_a_file_that_breaks_its_whole_batch_fails_alone(one_process, model_dir, 
             assert g["Error"] == "prediction failed (RuntimeError: decoder crashed)" and g["A"] is None
         else:
             assert g == r
+
+
+def test_onnx_model_job(model_dir, folder, tmp_path):
+    """A job with an exported model (onnxruntime): the rows of predict --onnx on the same files."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is in the onnx extra")
+    from conilium.finetune.onnx import export_onnx
+
+    onnx = tmp_path / "model.onnx"
+    export_onnx(onnx, model_dir=model_dir)
+    r = CliRunner().invoke(predict_cmd, ["--onnx", str(onnx), "--inputs", str(folder), "--out", str(tmp_path / "job"),
+                                         "--device", "cpu", "--quiet", *SHARD])
+    assert r.exit_code == 0, r.output
+    job = json.loads((tmp_path / "job" / "job.json").read_text())["settings"]
+    assert job["model_kind"] == "onnx" and len(job["model_sha256"]) == 64
+    files = audio_files(folder)
+    r = CliRunner().invoke(predict_cmd, ["--onnx", str(onnx), *files, "--out", str(tmp_path / "whole.parquet"),
+                                         "--device", "cpu", "--quiet"])
+    assert r.exit_code == 0, r.output
+    got, ref = read_predictions(tmp_path / "job"), pq.read_table(tmp_path / "whole.parquet")
+    for c in ("FileName", "Prediction", "Error"):
+        assert got.column(c).to_pylist() == ref.column(c).to_pylist(), c
+    np.testing.assert_allclose(np.array(got.column("A").to_pylist(), dtype=float),
+                               np.array(ref.column("A").to_pylist(), dtype=float), atol=1e-5)

@@ -254,13 +254,27 @@ class JobDir:
 
     def record(self, rec: dict) -> None:
         """Append one index line with a single write (lines of several processes do not mix)."""
-        data = (json.dumps(rec, sort_keys=True) + "\n").encode("utf-8")
+        self.record_bytes((json.dumps(rec, sort_keys=True) + "\n").encode("utf-8"))
+
+    def record_bytes(self, data: bytes) -> None:
         with output_errors(self.index_file):
             fd = os.open(self.index_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             try:
                 os.write(fd, data)
             finally:
                 os.close(fd)
+
+    def end_cut_line(self) -> None:
+        """End a last index line cut short by a kill, so that the next line is not glued to it."""
+        with contextlib.suppress(FileNotFoundError), output_errors(self.index_file):
+            with open(self.index_file, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell() == 0:
+                    return
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) == b"\n":
+                    return
+            self.record_bytes(b"\n")
 
     def remove_temporaries(self, k: int) -> None:
         """Temporary files of shard ``k`` left by a process killed while writing it."""
@@ -306,6 +320,7 @@ def open_job(out, settings: Dict[str, Any]) -> JobDir:
         raise ConfigError(f"{jd.root}: a job started with other settings ({'; '.join(diff)}); resume it with "
                           f"the same model, inputs and options, or choose another --out")
     check_writable(jd.root / SHARD_DIR, what="output folder")
+    jd.end_cut_line()
     return jd
 
 

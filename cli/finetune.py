@@ -157,9 +157,25 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
 @click.option("--glob", "pattern", default="*", show_default=True,
               help="For a folder among AUDIO: the audio files below it (recursively) whose names match this "
                    "pattern, e.g. '*.wav'.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write FILE.csv, FILE.json or FILE.parquet (format from the suffix); default: CSV on standard "
-                   "output.")
+                   "output. With --inputs: the job folder (required).")
+@click.option("--inputs", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Many files as a resumable job: a list file (one path a line) or a folder (its audio files "
+                   "matching --glob, walked in sorted order), predicted in chunks into --out DIR/shards/"
+                   "part-NNNNNN.parquet with DIR/index.jsonl; a rerun skips the chunks done. Under torchrun each "
+                   "process takes every K-th chunk. Instead of AUDIO and --list.")
+@click.option("--shard-files", type=POSITIVE_INT, default=1000, show_default=True,
+              help="With --inputs: files per chunk (one Parquet shard each).")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="With --inputs: 'local' (this process, or torchrun's processes) or 'ray' (actors on a ray "
+                   "cluster, each loading the model once).")
+@click.option("--address", default=None,
+              help="With --backend ray: the cluster's address (host:6379, or auto); default: a local ray.")
+@click.option("--n-jobs", type=POSITIVE_INT, default=1, show_default=True,
+              help="With --backend ray: the number of actors.")
+@click.option("--gpus-per-job", type=NON_NEGATIVE, default=0.0, show_default=True,
+              help="With --backend ray: the GPUs each actor asks ray for (1: one GPU each; 0: CPU).")
 @click.option("--batch-size", type=POSITIVE_INT, default=8, show_default=True)
 @click.option("--max-seconds", type=NON_NEGATIVE, default=None,
               help="Truncate files to this many seconds (default: as in training, the model's or the run's "
@@ -186,9 +202,9 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @quiet_option("No progress bar.")
 @version_option
-def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, batch_size, max_seconds,
-                max_whole_seconds, rescale_loud, segment, min_segment, max_segment, pad, vad_threshold, device,
-                quiet):
+def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, inputs, shard_files, backend, address,
+                n_jobs, gpus_per_job, batch_size, max_seconds, max_whole_seconds, rescale_loud, segment, min_segment,
+                max_segment, pad, vad_threshold, device, quiet):
     """Predict the emotion of audio files with a finetune-best model or a train-head run.
 
     \b
@@ -223,6 +239,8 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, b
       predict --model models/wavlm-wbce-S recordings/ --glob '*.flac' --out predictions.parquet
       predict --onnx models/wavlm-wbce-S.onnx a.wav b.flac --out predictions.csv
       predict --model models/wavlm-wbce-S podcast.flac --segment vad --out segments.csv
+      predict --model models/wavlm-wbce-S --inputs files.txt --out job/     (resumable; Parquet shards)
+      torchrun --nproc_per_node 4 $(which predict) --model M --inputs recordings/ --out job/
     """
     if sum(x is not None for x in (model_dir, run_dir, onnx_file)) != 1:
         raise click.UsageError("give --model MODEL_DIR (finetune-best) or --run RUN (train-head) or --onnx FILE "
@@ -241,6 +259,18 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, b
                    accept=("run",))
     if onnx_file is None:  # transformers' warnings; predict --onnx loads neither transformers nor torch
         _quiet_library_warnings(quiet)
+    if inputs is not None or (backend, address, shard_files, n_jobs, gpus_per_job) != ("local", None, 1000, 1, 0):
+        if segment is not None:
+            raise click.UsageError("--segment cuts recordings one by one; it is not available with --inputs (a job "
+                                   "of many files): run predict --segment on the long recordings, --inputs on clips")
+        from .scale import predict_job  # the job: chunks, shards, index, torchrun, ray
+
+        predict_job(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, inputs, shard_files, backend,
+                    address, n_jobs, gpus_per_job, batch_size, max_seconds, max_whole_seconds, rescale_loud, device, quiet)
+        return
+    if out is not None and out.is_dir():
+        raise click.UsageError(f"--out {out}: a folder; give a file (FILE.csv, FILE.json or FILE.parquet), or "
+                               f"--inputs for a job folder")
     try:
         files = [f for a in audio for f in (audio_files(a, pattern) if a.is_dir() else [str(a)])]
         if list_file is not None:

@@ -77,8 +77,9 @@ def read_metadata(path) -> dict:
     return _metadata_of(_session(path), path)
 
 
-def providers_for(device: str) -> List[str]:
-    """onnxruntime's execution providers for ``--device`` (auto: CUDA when onnxruntime has it)."""
+def providers_for(device: str) -> list:
+    """onnxruntime's execution providers for ``--device`` (auto: CUDA when onnxruntime has it; cuda:N
+    that GPU)."""
     import onnxruntime as ort
 
     have = ort.get_available_providers()
@@ -87,6 +88,11 @@ def providers_for(device: str) -> List[str]:
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in have:
             raise ConfigError(f"--device {device}: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+        index = device.partition(":")[2]
+        if index:  # cuda:N
+            if not index.isdigit():
+                raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+            return [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "auto":
         return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in have else []) + ["CPUExecutionProvider"]

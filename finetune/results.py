@@ -206,11 +206,16 @@ def fill_predictions(results: Sequence[FilePrediction], scores: Dict[int, np.nda
             results[i].attributes = p[c:]
 
 
+def audio_suffixes() -> set:
+    """The file suffixes taken for audio (lower case, with the dot): those soundfile reads."""
+    return {f".{ext.lower()}" for ext in sf.available_formats()} | {".oga", ".opus"}
+
+
 def audio_files(folder, pattern: str = "*") -> List[str]:
     """The audio files below ``folder`` (recursively) whose names match ``pattern`` (a glob,
     ``*.wav`` say), sorted; audio means a suffix soundfile reads."""
     folder = Path(folder)
-    suffixes = {f".{ext.lower()}" for ext in sf.available_formats()} | {".oga", ".opus"}
+    suffixes = audio_suffixes()
     found = sorted(str(p) for p in folder.rglob(pattern) if p.is_file() and p.suffix.lower() in suffixes)
     if not found:
         raise ConfigError(f"{folder}: no audio file matching {pattern!r} in it or below it")

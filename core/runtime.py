@@ -86,10 +86,11 @@ class _OneThread(torch.autograd.Function):
 def on_one_thread(fn: Callable, *inputs):
     """``fn(*inputs)`` (tensors, None allowed) computed on one thread, forward and backward, on
     CPU with more than one thread: its results and gradients are then those of one thread,
-    whatever the thread count. On CUDA, or with one thread, simply ``fn(*inputs)``."""
+    whatever the thread count. On CUDA, with one thread or while tracing (an ONNX export),
+    simply ``fn(*inputs)``."""
     first = next(x for x in inputs if x is not None)
-    if first.device.type != "cpu" or torch.get_num_threads() == 1:
-        return fn(*inputs)
+    if first.device.type != "cpu" or torch.get_num_threads() == 1 or torch.jit.is_tracing():
+        return fn(*inputs)  # an export traces torch's own operations
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
         return _OneThread.apply(fn, *inputs)
     with one_thread():

@@ -42,6 +42,10 @@ def benches(device: str):
             ("heads", [py, str(HERE / "bench_heads.py"), "--json", out("heads")]),
             ("finetune", [py, str(HERE / "bench_finetune.py"), "--steps", "3", "--warmup", "1", "--json", out("finetune")]),
             ("onnx", [py, str(HERE / "bench_onnx.py"), "--json", out("onnx")]),
+            ("threads", [py, str(HERE / "bench_threads.py"), "--json", out("threads")]),
+            # the report of ./run_all.sh's results (run it first): its bootstrap intervals' cost
+            ("report", [py, str(HERE / "bench_report.py"), str(HERE.parent / "results" / "report_spec.json"),
+                        "--json", out("report")]),
             cache,
         ]
     return [
@@ -58,6 +62,9 @@ def run(device: str, only=None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name, argv in benches(device):
         if only and name not in only:
+            continue
+        if name == "report" and not Path(argv[2]).is_file():
+            print(f"== report: skipped, no {argv[2]} (run ./run_all.sh first)", flush=True)
             continue
         print(f"== {name} ({device}): {' '.join(argv)}", flush=True)
         t = time.time()
@@ -170,7 +177,7 @@ def write_report(path=HERE / "RESULTS.md") -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--only", action="append", choices=["extract", "heads", "finetune", "onnx", "cache"],
+    ap.add_argument("--only", action="append", choices=["extract", "heads", "finetune", "onnx", "threads", "report", "cache"],
                     help="run only this benchmark (repeatable)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md from bench/results/*.json")
     args = ap.parse_args(argv)

@@ -6,6 +6,10 @@ prediction):
 * :func:`resolve_device` — ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` with clear errors;
 * :func:`compute_dtype` and :func:`autocast` — float32 everywhere, bfloat16/float16
   autocast on CUDA only; float32 on CUDA means full float32 (no TF32);
+* :class:`ThreadInvariantLinear`, :class:`ThreadInvariantLayerNorm`,
+  :func:`thread_invariant_softmax` — the operations of a head whose CPU results would
+  otherwise depend on the number of threads, computed on one thread: a head trained on
+  1 or 2 threads gives the same numbers, bitwise (those of one thread);
 * :class:`Dist` / :func:`init_distributed` — the torchrun process group (gloo on CPU,
   NCCL on CUDA) or a single process, with the few collectives the stages use.
 """
@@ -34,6 +38,101 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 def valid_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """(batch, max_len) boolean mask, True on each clip's first ``lengths[i]`` frames."""
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+#: A linear layer's input of at most this many rows is multiplied on one thread (see
+#: :class:`ThreadInvariantLinear`); MKL's products of a few rows depend on the thread count.
+SMALL_ROWS = 64
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch's CPU operations on one thread meanwhile (this thread's setting, restored after)."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _OneThread(torch.autograd.Function):
+    """``fn(*inputs)`` and its gradients, each computed on one thread (the backward recomputes
+    ``fn`` and takes torch's own gradients of it: the single-thread gradients, bitwise)."""
+
+    @staticmethod
+    def forward(ctx, fn, *inputs):
+        ctx.fn = fn
+        ctx.save_for_backward(*inputs)
+        with one_thread():
+            return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        need = ctx.needs_input_grad[1:]
+        inputs = [None if x is None else x.detach().requires_grad_(n) for x, n in zip(ctx.saved_tensors, need)]
+        wanted = [i for i, (x, n) in enumerate(zip(inputs, need)) if n and x is not None]
+        out = [None] * len(inputs)
+        with torch.enable_grad(), one_thread():
+            grads = torch.autograd.grad(ctx.fn(*inputs), [inputs[i] for i in wanted], grad)
+        for i, g in zip(wanted, grads):
+            out[i] = g
+        return (None, *out)
+
+
+def on_one_thread(fn: Callable, *inputs):
+    """``fn(*inputs)`` (tensors, None allowed) computed on one thread, forward and backward, on
+    CPU with more than one thread: its results and gradients are then those of one thread,
+    whatever the thread count. On CUDA, with one thread or while tracing (an ONNX export),
+    simply ``fn(*inputs)``."""
+    first = next(x for x in inputs if x is not None)
+    if first.device.type != "cpu" or torch.get_num_threads() == 1 or torch.jit.is_tracing():
+        return fn(*inputs)  # an export traces torch's own operations
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+        return _OneThread.apply(fn, *inputs)
+    with one_thread():
+        return fn(*inputs)
+
+
+class ThreadInvariantLayerNorm(torch.nn.LayerNorm):
+    """:class:`torch.nn.LayerNorm` (the same parameters, state-dict names and outputs) whose
+    CPU results do not depend on the number of threads.
+
+    torch's CPU backward of a layer norm sums each row's share of the weight and bias
+    gradients into one buffer per thread, then adds the buffers: 1 and 2 threads add the
+    same numbers in another order, and after a few steps a run's weights differ in their
+    last bits, then its scores. Here it runs on one thread (:func:`on_one_thread`; a head's
+    layer norm is (batch, hidden), a few microseconds a step)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, eps = tuple(self.normalized_shape), self.eps
+        return on_one_thread(lambda t, w, b: torch.nn.functional.layer_norm(t, shape, w, b, eps),
+                             x, self.weight, self.bias)
+
+
+class ThreadInvariantLinear(torch.nn.Linear):
+    """:class:`torch.nn.Linear` whose CPU results do not depend on the number of threads.
+
+    MKL multiplies a matrix of a few rows (5–7, 9–11 of them on 2 threads) differently on 1
+    and on 2 threads: a head's classifier on a batch's last clips. An input of at most
+    :data:`SMALL_ROWS` rows is multiplied on one thread (:func:`on_one_thread`), a larger one
+    (a pooling's frames) as torch does it: its products are the same on 1 or more threads."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > SMALL_ROWS * x.shape[-1]:
+            return super().forward(x)
+        return on_one_thread(torch.nn.functional.linear, x, self.weight, self.bias)
+
+
+def thread_invariant_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`torch.softmax` whose CPU results do not depend on the number of threads: torch's
+    CPU backward of a softmax over the last dimension computes a row differently depending
+    on how the rows are shared among the threads (1e-11 apart on 1 and 2 threads); here on
+    one thread (:func:`on_one_thread`; a head's attention scores are (batch, frames))."""
+    return on_one_thread(lambda t: torch.softmax(t, dim), x)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -35,7 +35,10 @@ and batch size): ``table2`` is one pass of 5 heads (hard, P and S keep the same 
 sampler); ``sampler`` two, the 2 runs without the sampler and the 4 with it (its draws
 depend on the clips' consensus classes only, the same for P and S); ``table3`` four, as
 P* and S* keep different clips and the sampler changes the order. ``grid.json`` lists the
-passes.
+passes. A run's numbers do not depend on its pass, on the passes trained at the same time
+nor on the threads its job gets (``threads_per_job``, by default the cores shared among
+the jobs): see :class:`conilium.runtime.ThreadInvariantLinear` and
+:data:`conilium.training.state.GLOBAL_RNG_LOCK`.
 
 The passes are the parallel jobs: ``loky`` (local processes, through joblib, the default)
 or ``threading``; ``dask`` (a ``dask.distributed`` scheduler at ``address``, or a

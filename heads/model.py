@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from conilium import CLASSES
-from conilium.runtime import valid_mask
+from conilium.runtime import ThreadInvariantLayerNorm, ThreadInvariantLinear, thread_invariant_softmax, valid_mask
 
 
 class AttentiveStatsPooling(nn.Module):
@@ -39,7 +39,7 @@ class AttentiveStatsPooling(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.sap_linear = nn.Linear(dim, dim)
+        self.sap_linear = ThreadInvariantLinear(dim, dim)
         self.attention = nn.Parameter(torch.empty(dim, 1))
         nn.init.normal_(self.attention, mean=0.0, std=1.0)
         self.out_dim = 2 * dim
@@ -48,7 +48,7 @@ class AttentiveStatsPooling(nn.Module):
         h = torch.tanh(self.sap_linear(x))
         scores = (h @ self.attention).squeeze(-1)
         scores = scores.masked_fill(~mask, float("-inf"))
-        w = torch.softmax(scores, dim=1).unsqueeze(-1)
+        w = thread_invariant_softmax(scores, 1).unsqueeze(-1)
         mu = (x * w).sum(dim=1)
         second = (x * x * w).sum(dim=1)
         std = torch.sqrt((second - mu * mu).clamp(min=1e-5))
@@ -89,7 +89,7 @@ class LayerMix(nn.Module):
     def forward(self, x: torch.Tensor, axis: int = 2) -> torch.Tensor:
         if self.index is not None:
             return x.select(axis, self.index)
-        w = torch.softmax(self.weights, dim=0).to(x.dtype)
+        w = thread_invariant_softmax(self.weights, 0).to(x.dtype)
         shape = [1] * x.dim()
         shape[axis] = self.num_layers
         return (x * w.view(shape)).sum(dim=axis)
@@ -102,14 +102,14 @@ class Classifier(nn.Module):
                  attributes: int = 0, gender: int = 0):
         super().__init__()
         self.inp_drop = nn.Dropout(dropout)
-        self.fc = nn.ModuleList([nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden),
+        self.fc = nn.ModuleList([nn.Sequential(ThreadInvariantLinear(in_dim, hidden), ThreadInvariantLayerNorm(hidden),
                                                nn.ReLU(), nn.Dropout(dropout))])
-        self.out = nn.Sequential(nn.Linear(hidden, num_classes)) if num_classes else None
+        self.out = nn.Sequential(ThreadInvariantLinear(hidden, num_classes)) if num_classes else None
         # created after the class output, so that a head with attributes draws the same
         # initial class weights as one without
-        self.attributes = nn.Linear(hidden, attributes) if attributes else None
+        self.attributes = ThreadInvariantLinear(hidden, attributes) if attributes else None
         # the auxiliary gender logit, created last: the other outputs draw the same initial weights
-        self.gender = nn.Linear(hidden, 1) if gender else None
+        self.gender = ThreadInvariantLinear(hidden, 1) if gender else None
 
     def forward(self, x: torch.Tensor, aux: bool = False):
         """The outputs (class logits, then attribute values); with ``aux``, also the auxiliary

@@ -17,7 +17,7 @@ from conilium.targets import ATTRIBUTE_COLUMNS, to_unit
 from conilium.training.loop import Recipe, Selection, Trainee, make_optimizer
 from conilium.training.losses import ccc_loss, loss_fn, masked_bce
 from conilium.training.mixup import mix, mix_mask, mixup_or_none
-from conilium.training.state import RandomStream, cpu_state
+from conilium.training.state import GLOBAL_RNG_LOCK, RandomStream, cpu_state
 
 from .batches import Batch, BatchReader, loader_batches
 from .config import TrainConfig
@@ -82,9 +82,10 @@ class HeadTrainee(Trainee):
     def __init__(self, config: TrainConfig, out_dir: Path, data: PreparedData, device: torch.device):
         self.config, self.out_dir, self.data = config, Path(out_dir), data
         self.head_cfg = head_config_for(config, data.selection, data.classes)
-        torch.manual_seed(config.seed)
-        model = EmotionHead(self.head_cfg).to(device)
-        self.rng = RandomStream(device)  # right after the init, as a run alone goes on
+        with GLOBAL_RNG_LOCK:  # no other run's thread draws in between
+            torch.manual_seed(config.seed)
+            model = EmotionHead(self.head_cfg).to(device)
+            self.rng = RandomStream(device)  # right after the init, as a run alone goes on
         _freeze_constant_mix(model)
         optimizer, name = make_optimizer((p for p in model.parameters() if p.requires_grad), lr=config.lr,
                                          weight_decay=config.weight_decay)
@@ -145,9 +146,10 @@ class HeadTrainee(Trainee):
                     loss = self.fn(logits[:, :c], targets, self.weights) + self.config.attribute_weight * loss
             if aux:
                 loss = loss + self.config.aux_weight * masked_bce(gender_logit, gender, known)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+        # the backward pass and the update draw nothing: outside the random stream (and its lock)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
         return loss.detach()
 
     def dev_scores(self, scores: np.ndarray, refs: Sequence[Optional[str]], attr_refs: np.ndarray) -> dict:

@@ -71,6 +71,7 @@ from conilium.training.config import differing_fields
 from conilium.training import loop
 from conilium.training.loop import fit
 from conilium.training.samplers import balanced_sampler
+from conilium.training.state import GLOBAL_RNG_LOCK
 from conilium.util import check_writable, output_errors, seed_everything
 
 from .batches import BatchReader, loader_batches
@@ -130,7 +131,8 @@ def _claim(config: TrainConfig, out_dir: Path, *, overwrite: bool, progress: boo
         data = prepare(config, cache=cache)
         # room for the checkpoint and the predictions, before any feature is read
         predicted = sum(len(data.cache.split(s, augmented=False)) for s in data.cache.splits)
-        need = output_bytes(EmotionHead(head_config_for(config, data.selection, data.classes)), predicted)
+        with GLOBAL_RNG_LOCK:  # its initialisation draws from torch's global stream
+            need = output_bytes(EmotionHead(head_config_for(config, data.selection, data.classes)), predicted)
         check_writable(out_dir, what="train-head run directory", need_bytes=need)
         yield data
 
@@ -235,7 +237,8 @@ def _fit_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *, prog
     """Train the heads of one data pass; each head's metrics, or the error that stopped it."""
     config, _, data = members[0]
     device = resolve_device(config.device)
-    seed_everything(config.seed)
+    with GLOBAL_RNG_LOCK:
+        seed_everything(config.seed)
     t_start = time.time()
 
     cache, sel = data.cache, data.selection

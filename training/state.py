@@ -6,6 +6,8 @@
   checkpoint;
 * :class:`RandomStream`: a model's own copy of the global random stream, swapped in around
   its step, so that models trained side by side draw what each would draw alone;
+  :data:`GLOBAL_RNG_LOCK` keeps runs trained at the same time in threads of one process
+  (train-grid's threading backend) from drawing from that one stream in between;
 * :func:`save_atomic` / :func:`cpu_state`: checkpoints written whole or not at all;
 * :class:`Checkpoint`: the state a run continues from, read back with a clear error for a
   damaged file.
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
@@ -48,10 +51,17 @@ def set_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+#: Held by a thread that seeds or draws from torch's global random stream for a run (a head's
+#: initialisation, a step's dropout): another run's thread in the same process waits, and its
+#: draws never fall between them. Re-entrant.
+GLOBAL_RNG_LOCK = threading.RLock()
+
+
 class RandomStream:
     """A model's own copy of the global random stream (CPU, and the device's on CUDA), swapped
     in around its training step: dropout then draws what it would draw in the model's run alone.
-    Made right after the model's initialisation, as a run alone goes on."""
+    Made right after the model's initialisation, as a run alone goes on (both under
+    :data:`GLOBAL_RNG_LOCK`); holds the lock while it is swapped in."""
 
     def __init__(self, device: torch.device):
         self.device = device if device.type == "cuda" else None
@@ -59,14 +69,18 @@ class RandomStream:
         self.cuda = None if self.device is None else torch.cuda.get_rng_state(self.device)
 
     def __enter__(self):
+        GLOBAL_RNG_LOCK.acquire()
         torch.set_rng_state(self.cpu)
         if self.device is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
     def __exit__(self, *exc):
-        self.cpu = torch.get_rng_state()
-        if self.device is not None:
-            self.cuda = torch.cuda.get_rng_state(self.device)
+        try:
+            self.cpu = torch.get_rng_state()
+            if self.device is not None:
+                self.cuda = torch.cuda.get_rng_state(self.device)
+        finally:
+            GLOBAL_RNG_LOCK.release()
 
 
 def save_atomic(obj, path: Path) -> None:

@@ -204,3 +204,70 @@ class GenderOutput(nn.Module):
 
     def forward(self, *inputs) -> torch.Tensor:
         return self.model(*inputs, aux=True)[1].unsqueeze(1)
+
+
+class PoolingBranch(nn.Module):
+    """One modality of a :class:`FusionHead`: its layer mix and its pooling over its own frames
+    (an audio cache's frames, a text cache's tokens)."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        if config.pooling not in POOLINGS:
+            raise ValueError(f"a fusion branch pools frames ({', '.join(POOLINGS)}), not {config.pooling!r}")
+        self.layer_mix = LayerMix(config.num_layers, config.layers)
+        self.pooling = POOLINGS[config.pooling](config.dim)
+        self.out_dim = self.pooling.out_dim
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = self.layer_mix(x, axis=2)
+        return self.pooling(x, valid_mask(lengths, x.shape[1]))
+
+
+class FusionHead(nn.Module):
+    """One :class:`PoolingBranch` per feature cache, their pooled vectors concatenated into one
+    :class:`Classifier`.
+
+    ``configs``: each branch's :class:`HeadConfig`, the primary cache's first; the classifier's
+    sizes and outputs (``hidden``, ``dropout``, ``num_classes``, ``attributes``, ``gender``) are the
+    first one's. The input is a tuple of ``(frames, lengths)`` pairs, one per branch in order,
+    given as ``x`` (``lengths`` unused), so that a fusion head is called as an
+    :class:`EmotionHead` is: ``model(x)``, ``model(x, None, aux=True)``, ``model.embed(x)``.
+    """
+
+    def __init__(self, configs):
+        super().__init__()
+        configs = list(configs)
+        if len(configs) < 2:
+            raise ValueError(f"a fusion head needs two branches or more, not {len(configs)}")
+        self.config = configs[0]
+        self.branch_configs = configs
+        self.branches = nn.ModuleList([PoolingBranch(c) for c in configs])
+        c = self.config
+        if c.num_classes < 0 or c.attributes < 0 or c.num_classes + c.attributes == 0:
+            raise ValueError(f"a head needs class or attribute outputs, not num_classes={c.num_classes}, "
+                             f"attributes={c.attributes}")
+        self.classifier = Classifier(sum(b.out_dim for b in self.branches), c.hidden, c.num_classes, c.dropout,
+                                     c.attributes, c.gender)
+
+    @property
+    def attribute_outputs(self) -> int:
+        return self.config.attributes
+
+    @property
+    def output_width(self) -> int:
+        return self.config.num_classes + self.config.attributes
+
+    def embed(self, x, lengths=None) -> torch.Tensor:
+        """The branches' pooled vectors side by side; ``x``: one ``(frames, lengths)`` per branch."""
+        if len(x) != len(self.branches):
+            raise ValueError(f"a fusion head of {len(self.branches)} branches fed {len(x)} input(s)")
+        return torch.cat([b(xb, lb) for b, (xb, lb) in zip(self.branches, x)], dim=-1)
+
+    def forward(self, x, lengths=None, aux: bool = False):
+        return self.classifier(self.embed(x, lengths), aux=aux)
+
+
+def build_head(configs):
+    """The head of one :class:`HeadConfig` (an :class:`EmotionHead`) or of several (a :class:`FusionHead`)."""
+    configs = list(configs)
+    return EmotionHead(configs[0]) if len(configs) == 1 else FusionHead(configs)

@@ -259,7 +259,8 @@ def use_preload(config: TrainConfig, nbytes: int) -> bool:
 def pass_key(config: TrainConfig, data: PreparedData) -> tuple:
     """What the heads of one data pass share: the cache, the input read from it, the training
     clips in their order (sampler, seed, batch size), the Development split and the runtime
-    options (device, preloading, loader workers, threads, checks). Runs with equal keys read the same
+    options (device, preloading, loader workers, threads, checks), and a fusion run's further caches
+    with the input read from each. Runs with equal keys read the same
     batches; the loss, targets, pooling, sizes, learning rate, epochs and patience may differ.
     The task may differ too when the clips are the same: an attributes run trains on every
     clip with attribute values (X and O included) and is scored on the Development clips with

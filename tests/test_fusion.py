@@ -180,3 +180,31 @@ def test_evaluate_and_tune_thresholds_read_a_fusion_run(caches, tmp_path):
     r = CliRunner().invoke(eval_group, ["tune-thresholds", str(run), str(tmp_path / "tuned"), "-q"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "tuned" / "metrics.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def demo_text_cache(demo_corpus, tmp_path_factory):
+    """demo-text token states of the demo corpus's transcripts (every layer, float32)."""
+    from conilium.extract import ExtractConfig, extract_features
+
+    out = tmp_path_factory.mktemp("demo_text") / "demo-text"
+    return extract_features(ExtractConfig("demo-text", random_init=True, layers="all"), demo_corpus, out,
+                            device="cpu", verbose=False)
+
+
+def test_demo_audio_and_text_caches_fuse_and_predict_run_refuses_the_fusion_run(demo_cache, demo_text_cache,
+                                                                                demo_corpus, tmp_path):
+    from conilium.cli.finetune import predict_cmd
+
+    out = tmp_path / "fusion"
+    r = CliRunner().invoke(train_head_cmd, ["--cache", str(demo_cache), "--cache", str(demo_text_cache),
+                                            "--out", str(out), "--epochs", "2", "--hidden", "16", "--device", "cpu",
+                                            "-q"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [b["upstream"] for b in metrics["training"]["fusion"]] == ["demo-wavlm", "demo-text"]
+    assert metrics["n"] > 0 and 0.0 <= metrics["f1_macro"] <= 1.0
+    # predict --run runs a head on one upstream over audio: a fusion head needs each clip's text too
+    wav = sorted((demo_corpus / "Audios").iterdir())[0]
+    r = CliRunner().invoke(predict_cmd, ["--run", str(out), str(wav), "--out", str(tmp_path / "p.csv"), "-q"])
+    assert r.exit_code == 1 and "a fusion head" in r.output and not (tmp_path / "p.csv").exists(), r.output

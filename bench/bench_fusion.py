@@ -2,9 +2,9 @@
 
     python bench/bench_fusion.py --audio CACHE --text CACHE [--out DIR] [--epochs 40] [--seed 0] [--device cpu]
 
-Trains three train-head runs with the same options (WBCE on S targets, attentive pooling,
-weighted layers, train-head's defaults otherwise): on the audio cache, on the text cache, and a
-fusion head on both (the audio cache primary), and prints each run's Development macro-F1 and
+Trains four train-head runs with the same options (WBCE on S targets, attentive pooling,
+weighted layers, train-head's defaults otherwise): on the audio cache, on the text cache, a
+fusion head on both (the audio cache primary) and its cross-attention variant, and prints each run's Development macro-F1 and
 training time. On the demo corpus (random-weight upstreams, synthetic words) the figures show
 the pipeline working; they say nothing of what text adds on MSP-Podcast.
 """
@@ -33,7 +33,8 @@ def main() -> None:
     common = dict(loss="wbce", labels="S", epochs=args.epochs, seed=args.seed, device=args.device)
     runs = {"audio": TrainConfig(cache=args.audio, **common),
             "text": TrainConfig(cache=args.text, **common),
-            "fusion": TrainConfig(cache=args.audio, more_caches=(args.text,), **common)}
+            "fusion": TrainConfig(cache=args.audio, more_caches=(args.text,), **common),
+            "cross": TrainConfig(cache=args.audio, more_caches=(args.text,), fusion="cross-attention", **common)}
     print(f"{'run':8s} {'dev macro-F1':>12s} {'best epoch':>10s} {'seconds':>8s}")
     for name, config in runs.items():
         t = time.time()

@@ -27,6 +27,8 @@ BACKENDS = ("loky", "threading", "dask", "ray")
 #: What a head learns: the eight classes (default), the attributes (arousal, valence,
 #: dominance), or both.
 TASKS = ("categories", "attributes", "joint")
+#: How a fusion head combines its caches (``TrainConfig.fusion``).
+FUSIONS = ("concat", "cross-attention")
 #: Weight of the CCC loss in ``task="joint"``: categories loss + weight × (1 − mean CCC).
 DEFAULT_ATTRIBUTE_WEIGHT = 1.0
 
@@ -69,6 +71,10 @@ class TrainConfig(RunConfig):
                                           "repeated; the first is the primary); one pooling branch per cache, "
                                           "their pooled vectors concatenated into the classifier (fusion).",
                                           cli=False)
+    fusion: str = option("concat", "A fusion run (--cache given more than once): concat: each cache's pooled vector, "
+                         "concatenated into the classifier; cross-attention: besides, the last cache's frames (a "
+                         "text cache's tokens) attend to the first cache's (the audio frames) through one attention "
+                         "layer, and their pooled result joins the concatenation.", choices=FUSIONS)
     pooled_stats: bool = option(False, "Train on the cache's per-layer utterance mean+std instead of frames (fast "
                                 "layer probing; needs a cache extracted with --pooled-stats; --pooling is then "
                                 "unused).")
@@ -121,6 +127,8 @@ class TrainConfig(RunConfig):
         d = super().to_json()
         if not self.more_caches:  # a one-cache run's config.json stays as it always was
             del d["more_caches"]
+            if self.fusion == "concat":
+                del d["fusion"]
         else:
             d["more_caches"] = list(self.more_caches)
         return d
@@ -136,6 +144,9 @@ class TrainConfig(RunConfig):
 
         super().check()
         parse_layers(self.layers)
+        if self.fusion != "concat" and not self.more_caches:
+            raise ConfigError(f"--fusion {self.fusion} combines several caches; give --cache more than once "
+                              f"(an audio cache, then a text cache)")
         if self.more_caches:
             if self.pooled_stats:
                 raise ConfigError("--pooled-stats reads one cache's per-layer statistics; a fusion run (--cache "

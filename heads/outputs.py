@@ -63,6 +63,8 @@ class HeadCheckpoint:
     #: a fusion head's branches, one per cache, the primary's first: each its ``head_config``, the
     #: ``input`` read from its cache, its ``cache`` (absolute path) and ``cache_manifest`` (None: one cache)
     branches: Optional[List[dict]] = None
+    #: how a fusion head combines its branches (``TrainConfig.fusion``; written with ``branches``)
+    fusion: str = "concat"
 
     REQUIRED = ("head_config", "state_dict", "loss")
 
@@ -85,7 +87,7 @@ class HeadCheckpoint:
         if self.task != "categories":
             d.update(task=self.task, attributes=list(ATTRIBUTE_COLUMNS), attribute_scale="(v - 1) / 6")
         if self.branches is not None:
-            d["branches"] = self.branches
+            d.update(branches=self.branches, fusion=self.fusion)
         return d
 
     def save(self, path: Path) -> None:
@@ -108,7 +110,7 @@ class HeadCheckpoint:
                    cache_manifest=Manifest(d.get("cache_manifest") or {}), train_config=d.get("train_config") or {},
                    best_epoch=d.get("best_epoch"), task=d.get("task", "categories"),
                    format=d.get("format", CHECKPOINT_FORMAT), conilium_version=d.get("conilium_version", ""),
-                   branches=d.get("branches"))
+                   branches=d.get("branches"), fusion=d.get("fusion", "concat"))
 
 
 def clear_outputs(out_dir: Path) -> None:
@@ -154,7 +156,8 @@ def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, dev
                    labels=config.labels, classes=list(data.classes.codes), input=sel.to_json(),
                    cache_manifest=cache.manifest.summary(), train_config=recorded,
                    best_epoch=head.best_epoch, task=config.task,
-                   conilium_version=conilium.__version__, branches=branches).save(run.checkpoint_path)
+                   conilium_version=conilium.__version__, branches=branches,
+                   fusion=config.fusion).save(run.checkpoint_path)
     extra = {
         "training": {
             "clips": len(data.train_names),
@@ -176,9 +179,10 @@ def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, dev
         },
     }
     if data.more:
-        extra["training"]["fusion"] = [{"cache": os.path.abspath(b.path), "input": s.to_json(),
-                                        "upstream": (b.manifest.upstream or {}).get("name")}
-                                       for b, s in data.branches]
+        extra["training"]["fusion"] = {"combine": config.fusion,
+                                       "caches": [{"cache": os.path.abspath(b.path), "input": s.to_json(),
+                                                   "upstream": (b.manifest.upstream or {}).get("name")}
+                                                  for b, s in data.branches]}
     if head.aux_scores is not None:
         extra["aux"] = head.aux_scores
     if config.balanced_stage:
@@ -222,7 +226,7 @@ def load_head(run_dir, *, fusion: bool = False) -> Tuple[EmotionHead, HeadCheckp
                               f"({caches}); it needs each clip's features from every one of them (a text cache "
                               f"needs the clip's transcript), so it cannot run on one upstream over audio: "
                               f"predict --run, export and --init-head take single-cache runs")
-        model = build_head([HeadConfig(**b["head_config"]) for b in ckpt.branches])
+        model = build_head([HeadConfig(**b["head_config"]) for b in ckpt.branches], ckpt.fusion)
         model.load_state_dict(ckpt.state_dict)
         model.eval()
         return model, ckpt

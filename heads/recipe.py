@@ -88,7 +88,7 @@ class HeadTrainee(Trainee):
         self.head_cfgs = head_configs_for(config, data)
         self.head_cfg = self.head_cfgs[0]
         torch.manual_seed(config.seed)
-        model = build_head(self.head_cfgs).to(device)
+        model = build_head(self.head_cfgs, config.fusion).to(device)
         self.rng = RandomStream(device)  # right after the init, as a run alone goes on
         _freeze_constant_mix(model)
         optimizer, name = make_optimizer((p for p in model.parameters() if p.requires_grad), lr=config.lr,

@@ -133,7 +133,7 @@ def _claim(config: TrainConfig, out_dir: Path, *, overwrite: bool, progress: boo
         try:
             # room for the checkpoint and the predictions, before any feature is read
             predicted = sum(len(data.cache.split(s, augmented=False)) for s in data.cache.splits)
-            need = output_bytes(build_head(head_configs_for(config, data)), predicted)
+            need = output_bytes(build_head(head_configs_for(config, data), config.fusion), predicted)
             check_writable(out_dir, what="train-head run directory", need_bytes=need)
             yield data
         finally:

@@ -62,21 +62,24 @@ def assert_same_run(a, b):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_cli_trains_a_fusion_head_and_writes_a_run_read_back_as_written(caches, tmp_path):
+@pytest.mark.parametrize("fusion", ["concat", "cross-attention"])
+def test_cli_trains_a_fusion_head_and_writes_a_run_read_back_as_written(caches, tmp_path, fusion):
     out = tmp_path / "fusion"
     args = ["--cache", str(caches["audio"]), "--cache", str(caches["text"]), "--out", str(out), "--epochs", "3",
-            "--hidden", "16", "--device", "cpu", "-q"]
+            "--hidden", "16", "--device", "cpu", "--fusion", fusion, "-q"]
     r = CliRunner().invoke(train_head_cmd, args)
     assert r.exit_code == 0, r.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["f1_macro"] <= 1.0 and metrics["n"] > 0
-    assert [b["input"]["dim"] for b in metrics["training"]["fusion"]] == [8, 6]
+    assert metrics["training"]["fusion"]["combine"] == fusion
+    assert [b["input"]["dim"] for b in metrics["training"]["fusion"]["caches"]] == [8, 6]
     config = json.loads((out / "config.json").read_text())
     assert config["more_caches"] == [str(caches["text"].resolve())]
     assert TrainConfig.from_dict(config).more_caches == (str(caches["text"].resolve()),)
     # the checkpoint rebuilds the fusion head: each branch its own layer mix over its cache's layers
     model, ckpt = load_head(out, fusion=True)
-    assert isinstance(model, FusionHead) and len(ckpt.branches) == 2
+    assert isinstance(model, FusionHead) and len(ckpt.branches) == 2 and ckpt.fusion == fusion
+    assert (model.cross is not None) == (fusion == "cross-attention")
     assert [b.layer_mix.num_layers for b in model.branches] == [2, 3]
     assert [b["cache"] for b in ckpt.branches] == [str(caches["audio"].resolve()), str(caches["text"].resolve())]
     # its Development predictions are what the rebuilt head gives on the two caches' features
@@ -127,7 +130,8 @@ def test_missing_clips_are_named_with_their_count(caches, tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [(dict(pooled_stats=True), "--pooled-stats"),
-                                       (dict(more=("audio",)), "given more than once")])
+                                       (dict(more=("audio",)), "given more than once"),
+                                       (dict(more=(), fusion="cross-attention"), "give --cache more than once")])
 def test_what_a_fusion_run_cannot_do_is_refused(caches, tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match):
         train_head(_config(caches, **kw), tmp_path / "run", progress=False)
@@ -160,12 +164,13 @@ def test_fusion_runs_of_one_grid_pass_equal_their_solo_runs(caches, tmp_path):
             "runs": [{"name": "wbce-S"},
                      {"name": "kld-P-mixup", "loss": "kld", "labels": "P", "mixup": 0.4, "pooling": "mean"},
                      {"name": "wbce-S-gender-balanced", "aux": "gender", "balanced_stage": 2},
+                     {"name": "cross", "fusion": "cross-attention", "mixup": 0.4},
                      {"name": "audio-only", "more_caches": []}]}
     runs = expand_spec(spec)
     passes = plan_passes([c for _, c, _ in runs])
-    assert passes == [[0, 1, 2], [3]]  # fusion runs share a pass; the one-cache run reads other batches
+    assert passes == [[0, 1, 2, 3], [4]]  # fusion runs share a pass; the one-cache run reads other batches
     run_grid(runs, tmp_path / "grid", progress=False)
-    for name, config, _ in runs[:3]:
+    for name, config, _ in runs[:4]:
         train_head(config, tmp_path / "solo" / name, progress=False)
         assert_same_run(tmp_path / "grid" / name, tmp_path / "solo" / name)
     gender = json.loads((tmp_path / "grid" / "wbce-S-gender-balanced" / "metrics.json").read_text())
@@ -202,7 +207,7 @@ def test_demo_audio_and_text_caches_fuse_and_predict_run_refuses_the_fusion_run(
                                             "-q"])
     assert r.exit_code == 0, r.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [b["upstream"] for b in metrics["training"]["fusion"]] == ["demo-wavlm", "demo-text"]
+    assert [b["upstream"] for b in metrics["training"]["fusion"]["caches"]] == ["demo-wavlm", "demo-text"]
     assert metrics["n"] > 0 and 0.0 <= metrics["f1_macro"] <= 1.0
     # predict --run runs a head on one upstream over audio: a fusion head needs each clip's text too
     wav = sorted((demo_corpus / "Audios").iterdir())[0]

@@ -4,8 +4,8 @@
 
 Trains four train-head runs with the same options (WBCE on S targets, attentive pooling,
 weighted layers, train-head's defaults otherwise): on the audio cache, on the text cache, a
-fusion head on both (the audio cache primary) and its cross-attention variant, and prints each run's Development macro-F1 and
-training time. On the demo corpus (random-weight upstreams, synthetic words) the figures show
+fusion head on both (the audio cache primary) and its cross-attention variant, and prints
+each run's Development macro-F1 and training time. On the demo corpus (random-weight upstreams, synthetic words) the figures show
 the pipeline working; they say nothing of what text adds on MSP-Podcast.
 """
 

@@ -17,8 +17,12 @@ from .options import config_from_command, config_options, parse_sets
 
 
 @click.command(cls=Command, context_settings=CONTEXT)
-@click.option("--cache", "cache", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Feature cache directory written by extract-features (required, unless --config names one).")
+@click.option("--cache", "cache", type=click.Path(file_okay=False, path_type=Path), multiple=True,
+              help="Feature cache directory written by extract-features (required, unless --config names one). "
+                   "Repeated (an audio cache, then a text cache of the same clips): a fusion head, one pooling "
+                   "branch per cache (its own layer weights; --layers selects the first cache's), their pooled "
+                   "vectors concatenated into the classifier; the first cache is the primary (its splits and "
+                   "labels).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory to write (config.json, model.pt, metrics.json, predictions/<Split>.csv).")
 @config_options(TrainConfig)
@@ -35,6 +39,7 @@ def train_head_cmd(cache, out, overwrite, wait_for_lock, quiet, **options):
       train-head --cache cache/wavlm-large --task attributes --out runs/avd
       train-head --cache cache/wavlm-large --task joint --attribute-weight 0.5 --out runs/wbce-S-avd
       train-head --cache cache/wavlm-large --labels S --train-on-xo --out runs/wbce-S-xo
+      train-head --cache cache/wavlm-large --cache cache/roberta-large --out runs/wbce-S-fusion
       train-head --config runs/wbce-S/config.json --set seed=1 --out runs/wbce-S-seed1
 
     The best epoch is kept: by development macro-F1 (--task categories, joint) or by
@@ -47,7 +52,8 @@ def train_head_cmd(cache, out, overwrite, wait_for_lock, quiet, **options):
     refuse_dir(out, "a train-head run directory", "choose a new or empty directory for --out (runs/<name>, say)",
                accept=("run", "run-unfinished", "empty"))
     try:
-        config = config_from_command(TrainConfig, options, given={"cache": cache}, required=("cache",))
+        given = {"cache": cache[0], "more_caches": list(cache[1:])} if cache else {}
+        config = config_from_command(TrainConfig, options, given=given, required=("cache",))
         done = None if overwrite else finished_run(config, out)
         m = done if done is not None else train_head(config, out, overwrite=overwrite, progress=not quiet,
                                                      wait_for_lock=lock_wait(wait_for_lock))

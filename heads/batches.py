@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data import ClipDataset
+from .data import ClipDataset, FusionDataset
 
 #: A batch as the loops use it: float32 inputs on the device, valid frame counts on the
 #: device (None for pooled statistics), the clips' indices in the dataset.
@@ -106,3 +106,27 @@ def loader_batches(loader: Iterable, device: torch.device) -> Iterator[Batch]:
     for x, lengths, _, idx in loader:
         x = x.to(device, non_blocking=True).float()
         yield x, None if lengths is None else lengths.to(device, non_blocking=True), idx.tolist()
+
+
+class FusionReader:
+    """Reads index batches of a :class:`~conilium.heads.data.FusionDataset`: one
+    :class:`BatchReader` per cache, the batch's input a tuple of ``(frames, lengths)`` pairs (one
+    per cache, in order; the batch's lengths are then None), as a fusion head takes it."""
+
+    def __init__(self, dataset: FusionDataset, device: torch.device, *, max_batch: int):
+        self.readers = [BatchReader(p, device, max_batch=max_batch) for p in dataset.parts]
+
+    def read(self, idx: Sequence[int]) -> Batch:
+        return tuple(r.read(idx)[:2] for r in self.readers), None, list(idx)
+
+    def __call__(self, index_batches: Iterable[Sequence[int]]) -> Iterator[Batch]:
+        for idx in index_batches:
+            yield self.read(idx)
+
+
+def reader_for(dataset, device: torch.device, *, max_batch: int):
+    """The batch reader of ``dataset``: a :class:`BatchReader`, or a :class:`FusionReader` for a
+    fusion run's dataset."""
+    if isinstance(dataset, FusionDataset):
+        return FusionReader(dataset, device, max_batch=max_batch)
+    return BatchReader(dataset, device, max_batch=max_batch)

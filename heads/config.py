@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Union
+from typing import List, Tuple, Union
 
 from conilium.cachedir import VERIFY_MODES
 from conilium.errors import ConfigError
@@ -27,6 +27,8 @@ BACKENDS = ("loky", "threading", "dask", "ray")
 #: What a head learns: the eight classes (default), the attributes (arousal, valence,
 #: dominance), or both.
 TASKS = ("categories", "attributes", "joint")
+#: How a fusion head combines its caches (``TrainConfig.fusion``).
+FUSIONS = ("concat", "cross-attention")
 #: Weight of the CCC loss in ``task="joint"``: categories loss + weight × (1 − mean CCC).
 DEFAULT_ATTRIBUTE_WEIGHT = 1.0
 
@@ -65,6 +67,14 @@ class TrainConfig(RunConfig):
     cache: str = option(help="Feature cache directory written by extract-features.", cli=False)
     layers: Union[str, int] = option("weighted", "'weighted' (learnable softmax mix of the stored layers) or one "
                                      "upstream layer number (0 = CNN output, -1 = last stored layer).")
+    more_caches: Tuple[str, ...] = option((), "Further feature caches of the same clips (train-head: --cache "
+                                          "repeated; the first is the primary); one pooling branch per cache, "
+                                          "their pooled vectors concatenated into the classifier (fusion).",
+                                          cli=False)
+    fusion: str = option("concat", "A fusion run (--cache given more than once): concat: each cache's pooled vector, "
+                         "concatenated into the classifier; cross-attention: besides, the last cache's frames (a "
+                         "text cache's tokens) attend to the first cache's (the audio frames) through one attention "
+                         "layer, and their pooled result joins the concatenation.", choices=FUSIONS)
     pooled_stats: bool = option(False, "Train on the cache's per-layer utterance mean+std instead of frames (fast "
                                 "layer probing; needs a cache extracted with --pooled-stats; --pooling is then "
                                 "unused).")
@@ -104,9 +114,29 @@ class TrainConfig(RunConfig):
         from .data import parse_layers  # the data module imports torch: only when a config is read
 
         d["cache"] = str(d["cache"])
+        if "more_caches" in d:
+            more = d["more_caches"]
+            if isinstance(more, (str, bytes)) or not isinstance(more, (list, tuple)):
+                raise ConfigError(f"training option 'more_caches' must be a list of cache directories, not {more!r}")
+            d["more_caches"] = tuple(str(c) for c in more)
         if "layers" in d:
             d["layers"] = parse_layers(d["layers"])
         return d
+
+    def to_json(self) -> dict:
+        d = super().to_json()
+        if not self.more_caches:  # a one-cache run's config.json stays as it always was
+            del d["more_caches"]
+            if self.fusion == "concat":
+                del d["fusion"]
+        else:
+            d["more_caches"] = list(self.more_caches)
+        return d
+
+    @property
+    def caches(self) -> Tuple[str, ...]:
+        """Every cache the run reads, the primary first."""
+        return (str(self.cache),) + tuple(self.more_caches)
 
     def check(self) -> None:
         """Errors for option values that are wrong whatever the cache."""
@@ -114,6 +144,19 @@ class TrainConfig(RunConfig):
 
         super().check()
         parse_layers(self.layers)
+        if self.fusion != "concat" and not self.more_caches:
+            raise ConfigError(f"--fusion {self.fusion} combines several caches; give --cache more than once "
+                              f"(an audio cache, then a text cache)")
+        if self.more_caches:
+            if self.pooled_stats:
+                raise ConfigError("--pooled-stats reads one cache's per-layer statistics; a fusion run (--cache "
+                                  "given more than once) pools each cache's frames with its own branch: drop "
+                                  "--pooled-stats")
+            seen = [str(Path(c).resolve()) for c in self.caches]
+            twice = sorted({c for c in self.caches if seen.count(str(Path(c).resolve())) > 1})
+            if twice:
+                raise ConfigError(f"--cache {', '.join(twice)} given more than once; each cache of a fusion run "
+                                  f"is one branch")
         if self.task == "attributes" and self.sampler is not None:
             raise ConfigError(f"--sampler {self.sampler} draws clips by consensus class; --task attributes trains "
                               f"on every clip with attribute values (X and O included): use no sampler")

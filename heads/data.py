@@ -203,6 +203,27 @@ class ClipDataset(Dataset):
         return torch.from_numpy(x), y, i
 
 
+class FusionDataset(Dataset):
+    """The same clips in several caches (a fusion run's): item ``i`` is the tuple of each part's
+    features of clip ``i``. ``cache``, ``names`` and ``selection`` are the first (primary) part's."""
+
+    def __init__(self, parts: Sequence[ClipDataset]):
+        self.parts = list(parts)
+        if len({len(p) for p in self.parts}) != 1:
+            raise ValueError(f"fusion parts of different lengths: {[len(p) for p in self.parts]}")
+        self.cache, self.names, self.selection = self.parts[0].cache, self.parts[0].names, self.parts[0].selection
+
+    @property
+    def preloaded(self) -> bool:
+        return all(p.preloaded for p in self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def __getitem__(self, i: int):
+        return tuple(p[i][0] for p in self.parts), torch.empty(0), i
+
+
 def collate(batch) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Pad a list of ``(features, target, index)`` into ``(x, lengths, targets, indices)``.
 

@@ -285,7 +285,8 @@ def _train_pass(group: Sequence[Tuple[str, TrainConfig, Mapping, str]], threads:
 
 def _absolute(config: TrainConfig) -> TrainConfig:
     """``config`` with its cache as an absolute path (a cluster's workers do not share our working directory)."""
-    return replace(config, cache=os.path.abspath(config.cache))
+    return replace(config, cache=os.path.abspath(config.cache),
+                   more_caches=tuple(os.path.abspath(c) for c in config.more_caches))
 
 
 def _missing(backend: str, module: str, install: str) -> ConfigError:

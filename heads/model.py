@@ -33,6 +33,8 @@ from torch import nn
 from conilium import CLASSES
 from conilium.runtime import ThreadInvariantLayerNorm, ThreadInvariantLinear, thread_invariant_softmax, valid_mask
 
+from .config import FUSIONS
+
 
 class AttentiveStatsPooling(nn.Module):
     """Attentive statistics pooling over valid frames (challenge-baseline parameter names)."""
@@ -204,3 +206,106 @@ class GenderOutput(nn.Module):
 
     def forward(self, *inputs) -> torch.Tensor:
         return self.model(*inputs, aux=True)[1].unsqueeze(1)
+
+
+class PoolingBranch(nn.Module):
+    """One modality of a :class:`FusionHead`: its layer mix and its pooling over its own frames
+    (an audio cache's frames, a text cache's tokens)."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        if config.pooling not in POOLINGS:
+            raise ValueError(f"a fusion branch pools frames ({', '.join(POOLINGS)}), not {config.pooling!r}")
+        self.layer_mix = LayerMix(config.num_layers, config.layers)
+        self.pooling = POOLINGS[config.pooling](config.dim)
+        self.out_dim = self.pooling.out_dim
+
+    def mix(self, x: torch.Tensor, lengths: torch.Tensor):
+        """The branch's frames with their layers mixed, (B, T, D), and their valid mask."""
+        x = self.layer_mix(x, axis=2)
+        return x, valid_mask(lengths, x.shape[1])
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.pooling(*self.mix(x, lengths))
+
+
+class CrossAttention(nn.Module):
+    """Frames of one branch (queries: a text cache's tokens) attending to those of another (keys and
+    values: the audio frames), padding left out: one attention layer (one head), its output added to
+    the queries and layer-normalised."""
+
+    def __init__(self, query_dim: int, memory_dim: int):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(query_dim, 1, kdim=memory_dim, vdim=memory_dim, batch_first=True)
+        self.norm = ThreadInvariantLayerNorm(query_dim)
+
+    def forward(self, q: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        out, _ = self.attention(q, memory, memory, key_padding_mask=~memory_mask, need_weights=False)
+        return self.norm(q + out)
+
+
+class FusionHead(nn.Module):
+    """One :class:`PoolingBranch` per feature cache, their pooled vectors concatenated into one
+    :class:`Classifier`.
+
+    ``configs``: each branch's :class:`HeadConfig`, the primary cache's first; the classifier's
+    sizes and outputs (``hidden``, ``dropout``, ``num_classes``, ``attributes``, ``gender``) are the
+    first one's. ``fusion="cross-attention"`` adds a :class:`CrossAttention` of the last branch's
+    frames (a text cache's tokens) over the first branch's (audio), pooled over the last branch's
+    valid frames by a pooling of its own kind, its vector concatenated after the branches'.
+    The input is a tuple of ``(frames, lengths)`` pairs, one per branch in order, given as ``x``
+    (``lengths`` unused), so that a fusion head is called as an :class:`EmotionHead` is:
+    ``model(x)``, ``model(x, None, aux=True)``, ``model.embed(x)``.
+    """
+
+    def __init__(self, configs, fusion: str = "concat"):
+        super().__init__()
+        configs = list(configs)
+        if len(configs) < 2:
+            raise ValueError(f"a fusion head needs two branches or more, not {len(configs)}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; expected one of {', '.join(FUSIONS)}")
+        self.config = configs[0]
+        self.branch_configs = configs
+        self.fusion = fusion
+        self.branches = nn.ModuleList([PoolingBranch(c) for c in configs])
+        in_dim = sum(b.out_dim for b in self.branches)
+        self.cross = self.cross_pooling = None
+        if fusion == "cross-attention":
+            last = configs[-1]
+            self.cross = CrossAttention(last.dim, configs[0].dim)
+            self.cross_pooling = POOLINGS[last.pooling](last.dim)
+            in_dim += self.cross_pooling.out_dim
+        c = self.config
+        if c.num_classes < 0 or c.attributes < 0 or c.num_classes + c.attributes == 0:
+            raise ValueError(f"a head needs class or attribute outputs, not num_classes={c.num_classes}, "
+                             f"attributes={c.attributes}")
+        self.classifier = Classifier(in_dim, c.hidden, c.num_classes, c.dropout, c.attributes, c.gender)
+
+    @property
+    def attribute_outputs(self) -> int:
+        return self.config.attributes
+
+    @property
+    def output_width(self) -> int:
+        return self.config.num_classes + self.config.attributes
+
+    def embed(self, x, lengths=None) -> torch.Tensor:
+        """The branches' pooled vectors side by side; ``x``: one ``(frames, lengths)`` per branch."""
+        if len(x) != len(self.branches):
+            raise ValueError(f"a fusion head of {len(self.branches)} branches fed {len(x)} input(s)")
+        mixed = [b.mix(xb, lb) for b, (xb, lb) in zip(self.branches, x)]
+        pooled = [b.pooling(h, m) for b, (h, m) in zip(self.branches, mixed)]
+        if self.cross is not None:
+            (audio, audio_mask), (text, text_mask) = mixed[0], mixed[-1]
+            pooled.append(self.cross_pooling(self.cross(text, audio, audio_mask), text_mask))
+        return torch.cat(pooled, dim=-1)
+
+    def forward(self, x, lengths=None, aux: bool = False):
+        return self.classifier(self.embed(x, lengths), aux=aux)
+
+
+def build_head(configs, fusion: str = "concat"):
+    """The head of one :class:`HeadConfig` (an :class:`EmotionHead`) or of several (a :class:`FusionHead`)."""
+    configs = list(configs)
+    return EmotionHead(configs[0]) if len(configs) == 1 else FusionHead(configs, fusion)

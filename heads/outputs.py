@@ -31,7 +31,7 @@ from conilium.training.losses import activation
 from conilium.util import atomic_path
 
 from .config import TrainConfig
-from .model import EmotionHead, HeadConfig
+from .model import EmotionHead, HeadConfig, build_head
 
 CHECKPOINT = RunDir.CHECKPOINT
 CHECKPOINT_FORMAT = 1
@@ -60,6 +60,11 @@ class HeadCheckpoint:
     task: str = "categories"
     format: int = CHECKPOINT_FORMAT
     conilium_version: str = ""
+    #: a fusion head's branches, one per cache, the primary's first: each its ``head_config``, the
+    #: ``input`` read from its cache, its ``cache`` (absolute path) and ``cache_manifest`` (None: one cache)
+    branches: Optional[List[dict]] = None
+    #: how a fusion head combines its branches (``TrainConfig.fusion``; written with ``branches``)
+    fusion: str = "concat"
 
     REQUIRED = ("head_config", "state_dict", "loss")
 
@@ -81,6 +86,8 @@ class HeadCheckpoint:
              "best_epoch": self.best_epoch}
         if self.task != "categories":
             d.update(task=self.task, attributes=list(ATTRIBUTE_COLUMNS), attribute_scale="(v - 1) / 6")
+        if self.branches is not None:
+            d.update(branches=self.branches, fusion=self.fusion)
         return d
 
     def save(self, path: Path) -> None:
@@ -102,7 +109,8 @@ class HeadCheckpoint:
                    labels=d.get("labels", ""), classes=list(d.get("classes") or CLASSES), input=d.get("input") or {},
                    cache_manifest=Manifest(d.get("cache_manifest") or {}), train_config=d.get("train_config") or {},
                    best_epoch=d.get("best_epoch"), task=d.get("task", "categories"),
-                   format=d.get("format", CHECKPOINT_FORMAT), conilium_version=d.get("conilium_version", ""))
+                   format=d.get("format", CHECKPOINT_FORMAT), conilium_version=d.get("conilium_version", ""),
+                   branches=d.get("branches"), fusion=d.get("fusion", "concat"))
 
 
 def clear_outputs(out_dir: Path) -> None:
@@ -125,7 +133,10 @@ def recorded_config(config: TrainConfig) -> dict:
     """What a run records of ``config`` (config.json, the checkpoint's ``train_config``): its cache
     as an absolute path, so that the run is read (predict --run, conilium-eval, --config, a rerun)
     from any working directory."""
-    return dict(config.to_json(), cache=os.path.abspath(config.cache))
+    d = dict(config.to_json(), cache=os.path.abspath(config.cache))
+    if config.more_caches:
+        d["more_caches"] = [os.path.abspath(c) for c in config.more_caches]
+    return d
 
 
 def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, device: torch.device) -> dict:
@@ -136,11 +147,17 @@ def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, dev
     run = RunDir(out_dir)
     recorded = recorded_config(config)
     run.write_config(recorded)
+    branches = None
+    if data.more:
+        branches = [{"head_config": asdict(c), "input": s.to_json(), "cache": os.path.abspath(b.path),
+                     "cache_manifest": dict(b.manifest.summary())}
+                    for c, (b, s) in zip(head.head_cfgs, data.branches)]
     HeadCheckpoint(head_config=asdict(head.head_cfg), state_dict=head.best_state, loss=config.loss,
                    labels=config.labels, classes=list(data.classes.codes), input=sel.to_json(),
                    cache_manifest=cache.manifest.summary(), train_config=recorded,
                    best_epoch=head.best_epoch, task=config.task,
-                   conilium_version=conilium.__version__).save(run.checkpoint_path)
+                   conilium_version=conilium.__version__, branches=branches,
+                   fusion=config.fusion).save(run.checkpoint_path)
     extra = {
         "training": {
             "clips": len(data.train_names),
@@ -161,6 +178,11 @@ def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, dev
             "input": sel.to_json(),
         },
     }
+    if data.more:
+        extra["training"]["fusion"] = {"combine": config.fusion,
+                                       "caches": [{"cache": os.path.abspath(b.path), "input": s.to_json(),
+                                                   "upstream": (b.manifest.upstream or {}).get("name")}
+                                                  for b, s in data.branches]}
     if head.aux_scores is not None:
         extra["aux"] = head.aux_scores
     if config.balanced_stage:
@@ -187,12 +209,27 @@ def xo_summary(counts: Mapping[str, int]) -> dict:
             "left_out_no_target_label": int(counts.get("xo_no_target_label", 0))}
 
 
-def load_head(run_dir) -> Tuple[EmotionHead, HeadCheckpoint]:
-    """The best head of a run directory (in eval mode, on the CPU) and its checkpoint."""
+def load_head(run_dir, *, fusion: bool = False) -> Tuple[EmotionHead, HeadCheckpoint]:
+    """The best head of a run directory (in eval mode, on the CPU) and its checkpoint.
+
+    A fusion run's head (a :class:`~conilium.heads.model.FusionHead`, one branch per cache) is
+    read with ``fusion=True`` only: every other reader runs a head on one upstream's features
+    of new audio, and a ConfigError says why a fusion head is not such a head."""
     path = RunDir(run_dir).checkpoint_path
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no {CHECKPOINT} (not a train-head run directory, or it did not finish)")
     ckpt = HeadCheckpoint.load(path)
+    if ckpt.branches:
+        if not fusion:
+            caches = ", ".join(str(b.get("cache")) for b in ckpt.branches)
+            raise ConfigError(f"{run_dir}: a fusion head, trained on the features of {len(ckpt.branches)} caches "
+                              f"({caches}); it needs each clip's features from every one of them (a text cache "
+                              f"needs the clip's transcript), so it cannot run on one upstream over audio: "
+                              f"predict --run, export and --init-head take single-cache runs")
+        model = build_head([HeadConfig(**b["head_config"]) for b in ckpt.branches], ckpt.fusion)
+        model.load_state_dict(ckpt.state_dict)
+        model.eval()
+        return model, ckpt
     model = EmotionHead(HeadConfig(**ckpt.head_config))
     model.load_state_dict(ckpt.state_dict)
     model.eval()

@@ -48,6 +48,15 @@ def scores_of(model: torch.nn.Module, logits: torch.Tensor, loss: str) -> torch.
     return torch.cat(parts + [from_unit(logits[:, logits.shape[1] - a:].clamp(0.0, 1.0))], dim=1)
 
 
+def to_device(t, device: torch.device):
+    """A tensor, or a nest of tuples of tensors (a fusion head's input), on ``device``; None stays None."""
+    if t is None:
+        return None
+    if isinstance(t, (tuple, list)):
+        return tuple(to_device(u, device) for u in t)
+    return t.to(device, non_blocking=True)
+
+
 def predict_many(models: Sequence[Tuple[torch.nn.Module, str]], batches: Iterable[Batch], *,
                  device: torch.device, dtype: str = "float32", progress: bool = False, desc: str = "predicting",
                  total: Optional[int] = None,
@@ -66,7 +75,7 @@ def predict_many(models: Sequence[Tuple[torch.nn.Module, str]], batches: Iterabl
         with torch.no_grad():
             for inputs, idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False,
                                     total=total):
-                args = [None if t is None else t.to(device, non_blocking=True) for t in inputs]
+                args = [to_device(t, device) for t in inputs]
                 keys = [int(i) for i in idx]
                 for k, (model, loss) in enumerate(models):
                     with autocast(device, dtype):

@@ -5,9 +5,9 @@ their targets, the Development clips, class weights, the input read from the cac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from conilium.targets import (ATTRIBUTES, attribute_set, attribute_values, base_
 from conilium.training.losses import uses_weights
 
 from .config import TrainConfig
-from .data import GIB, InputSelection, check_clips, select_input
+from .data import GIB, ClipDataset, FusionDataset, InputSelection, check_clips, feature_bytes, select_input
 from .model import HeadConfig
 
 
@@ -51,6 +51,18 @@ class PreparedData:
     train_gender: Optional[np.ndarray] = None
     #: the cache's class set: the columns of the targets and of every score
     classes: ClassSet = MSP_PODCAST
+    #: a fusion run's further caches (``more_caches``, opened here) and the input read from each
+    more: List[Tuple[FeatureCache, InputSelection]] = field(default_factory=list)
+
+    @property
+    def branches(self) -> List[Tuple[FeatureCache, InputSelection]]:
+        """Every cache the run reads with its input, the primary first."""
+        return [(self.cache, self.selection)] + list(self.more)
+
+    def close_more(self) -> None:
+        """Close the further caches :func:`prepare` opened (the primary is the caller's)."""
+        for c, _ in self.more:
+            c.close()
 
 
 def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> PreparedData:
@@ -113,8 +125,95 @@ def prepare(config: TrainConfig, *, cache: Optional[FeatureCache] = None) -> Pre
             raise ConfigError(f"--aux gender: no training clip of split {config.train_split} in cache {cache.path} "
                               f"has a known gender (Gender Male or Female in labels_consensus.csv; a cache "
                               f"extracted before genders were recorded reads every clip as Unknown)")
+    more = _open_more(config, cache, train_names, dev_names)
     return PreparedData(cache, selection, train_names, targets, labels, dev_names, counts, weights, attributes,
-                        gender, cache.classes)
+                        gender, cache.classes, more)
+
+
+def predicted_names(cache: FeatureCache) -> List[str]:
+    """The clips a run predicts: every split's, noise-augmented copies left out."""
+    return [n for s in cache.splits for n in cache.split(s, augmented=False)]
+
+
+def branch_names(primary: FeatureCache, other: FeatureCache, names: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """The clips of ``other`` that stand for ``names`` of the primary cache (a noise-augmented copy
+    of the primary reads its source clip's features in ``other`` when ``other`` has no copy of its
+    own: a text cache has one transcript per clip), and the names ``other`` has no clip for."""
+    mapped, missing = [], []
+    for n in names:
+        if n in other.clips:
+            mapped.append(n)
+        elif primary.is_augmented(n) and primary.source(n) in other.clips:
+            mapped.append(primary.source(n))
+        else:
+            mapped.append(n)
+            missing.append(n)
+    return mapped, missing
+
+
+def _open_more(config: TrainConfig, cache: FeatureCache, train_names: Sequence[str],
+               dev_names: Sequence[str]) -> List[Tuple[FeatureCache, InputSelection]]:
+    """Open a fusion run's further caches and check that each holds every clip the run reads
+    (its Train and Development clips, and every clip it predicts); a clear error naming the
+    missing clips otherwise. Each cache's frames are mixed by their own layer weights."""
+    more: List[Tuple[FeatureCache, InputSelection]] = []
+    try:
+        for path in config.more_caches:
+            check_cache_dir(path)
+            other = FeatureCache(path, verify=config.verify)
+            more.append((other, None))
+            for what, names in (("Train/Development", list(train_names) + list(dev_names)),
+                                ("predicted", predicted_names(cache))):
+                _, missing = branch_names(cache, other, names)
+                if missing:
+                    shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+                    raise ConfigError(f"cache {other.path} lacks {len(missing)} {what} clip(s) of the primary cache "
+                                      f"{cache.path}: {shown}; every --cache of a fusion run must hold the same "
+                                      f"clips (extract it over the same corpus, e.g. with a transcript for every "
+                                      f"clip)")
+            selection = select_input(other, "weighted", False)
+            mapped, _ = branch_names(cache, other, list(train_names) + list(dev_names) + predicted_names(cache))
+            check_clips(other, mapped, selection)
+            more[-1] = (other, selection)
+    except BaseException:
+        for c, _ in more:
+            c.close()
+        raise
+    return more
+
+
+def head_configs_for(config: TrainConfig, data: "PreparedData") -> List[HeadConfig]:
+    """The head's config (one :class:`HeadConfig`), or a fusion head's: one per cache, the primary's
+    first (its classifier sizes and outputs are the head's)."""
+    first = head_config_for(config, data.selection, data.classes)
+    return [first] + [HeadConfig(dim=sel.dim, num_layers=sel.num_layers,
+                                 layers="weighted" if sel.positions is None else 0, pooling=config.pooling,
+                                 hidden=first.hidden, dropout=first.dropout, num_classes=first.num_classes,
+                                 attributes=first.attributes, gender=first.gender)
+                      for _, sel in data.more]
+
+
+def make_dataset(data: "PreparedData", names: Sequence[str], *, preload: bool = False, progress: bool = False,
+                 desc: str = "loading features"):
+    """The clips ``names`` of the run's cache (a :class:`ClipDataset`), or of each of a fusion run's
+    caches side by side (a :class:`FusionDataset`)."""
+    main = ClipDataset(data.cache, names, data.selection, None, preload=preload, progress=progress, desc=desc)
+    if not data.more:
+        return main
+    parts = [main]
+    for other, sel in data.more:
+        mapped, _ = branch_names(data.cache, other, names)
+        parts.append(ClipDataset(other, mapped, sel, None, preload=preload, progress=progress,
+                                 desc=f"{desc} ({other.path.name})"))
+    return FusionDataset(parts)
+
+
+def data_bytes(data: "PreparedData", names: Sequence[str]) -> int:
+    """Bytes the selected features of ``names`` take in memory, over every cache of the run."""
+    total = feature_bytes(data.cache, names, data.selection)
+    for other, sel in data.more:
+        total += feature_bytes(other, branch_names(data.cache, other, names)[0], sel)
+    return total
 
 
 def head_config_for(config: TrainConfig, selection: InputSelection, classes: ClassSet = MSP_PODCAST) -> HeadConfig:
@@ -132,13 +231,14 @@ def head_config_for(config: TrainConfig, selection: InputSelection, classes: Cla
 
 
 def check_out_dir(config: TrainConfig, out_dir) -> None:
-    """Refuse an output directory that is the cache directory or lies inside it."""
-    cache = Path(config.cache).resolve()
+    """Refuse an output directory that is a cache directory of the run or lies inside one."""
     out = Path(out_dir).resolve()
-    if out == cache or cache in out.parents:
-        where = "is the cache directory" if out == cache else f"lies inside the cache directory {config.cache}"
-        raise ConfigError(f"--out {out_dir} {where}; the run's files would be mixed with the cache's. "
-                          f"Choose an output directory outside the cache (e.g. runs/<name>)")
+    for given in config.caches:
+        cache = Path(given).resolve()
+        if out == cache or cache in out.parents:
+            where = "is the cache directory" if out == cache else f"lies inside the cache directory {given}"
+            raise ConfigError(f"--out {out_dir} {where}; the run's files would be mixed with the cache's. "
+                              f"Choose an output directory outside the cache (e.g. runs/<name>)")
 
 
 def output_bytes(model: torch.nn.Module, clips: int) -> int:
@@ -159,7 +259,8 @@ def use_preload(config: TrainConfig, nbytes: int) -> bool:
 def pass_key(config: TrainConfig, data: PreparedData) -> tuple:
     """What the heads of one data pass share: the cache, the input read from it, the training
     clips in their order (sampler, seed, batch size), the Development split and the runtime
-    options (device, preloading, loader workers, threads, checks). Runs with equal keys read the same
+    options (device, preloading, loader workers, threads, checks), and a fusion run's further caches
+    with the input read from each. Runs with equal keys read the same
     batches; the loss, targets, pooling, sizes, learning rate, epochs and patience may differ.
     The task may differ too when the clips are the same: an attributes run trains on every
     clip with attribute values (X and O included) and is scored on the Development clips with
@@ -167,7 +268,8 @@ def pass_key(config: TrainConfig, data: PreparedData) -> tuple:
     return (str(Path(config.cache).resolve()), data.selection, tuple(data.train_names), tuple(data.dev_names),
             config.sampler,
             config.seed, config.batch_size, config.train_split, config.dev_split, config.device, config.preload,
-            config.preload_budget_gb, config.num_workers, config.threads, config.verify)
+            config.preload_budget_gb, config.num_workers, config.threads, config.verify,
+            tuple((str(Path(c.path).resolve()), sel) for c, sel in data.more))
 
 
 def plan_passes(configs: Sequence[TrainConfig]) -> List[List[int]]:
@@ -184,7 +286,9 @@ def plan_passes(configs: Sequence[TrainConfig]) -> List[List[int]]:
             if where not in caches:
                 check_cache_dir(config.cache)
                 caches[where] = FeatureCache(config.cache, verify=config.verify)
-            key = pass_key(config, prepare(config, cache=caches[where]))
+            data = prepare(config, cache=caches[where])
+            data.close_more()
+            key = pass_key(config, data)
         except Exception:  # noqa: BLE001 - it fails again, with its message, when trained
             key = ("alone", i)
         groups.setdefault(key, []).append(i)

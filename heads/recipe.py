@@ -19,21 +19,22 @@ from conilium.training.losses import ccc_loss, loss_fn, masked_bce
 from conilium.training.mixup import mix, mix_mask, mixup_or_none
 from conilium.training.state import GLOBAL_RNG_LOCK, RandomStream, cpu_state
 
-from .batches import Batch, BatchReader, loader_batches
+from .batches import Batch, loader_batches, reader_for
 from .config import TrainConfig
-from .data import ClipDataset, collate, length_batches
-from .model import EmotionHead
+from .data import ClipDataset, FusionDataset, collate, length_batches
+from .model import EmotionHead, LayerMix, build_head
 from .predict import predict_many, stack_scores
-from .prepare import PreparedData, head_config_for
+from .prepare import PreparedData, head_configs_for
 
 
 def read_batches(dataset: ClipDataset, index_batches: Sequence[Sequence[int]], device: torch.device, *,
              num_workers: int = 0, persistent: bool = False) -> Callable[[], Iterator[Batch]]:
     """The batches ``index_batches`` of ``dataset``: padded into reused buffers in this process
     (:class:`~conilium.heads.batches.BatchReader`), or collated by DataLoader workers when
-    streaming with ``num_workers``. Call again for another pass over the same batches."""
-    if dataset.preloaded or num_workers == 0:
-        reader = BatchReader(dataset, device, max_batch=max(len(b) for b in index_batches))
+    streaming with ``num_workers``. Call again for another pass over the same batches. A fusion
+    run's batches are read in this process (:class:`~conilium.heads.batches.FusionReader`)."""
+    if dataset.preloaded or num_workers == 0 or isinstance(dataset, FusionDataset):
+        reader = reader_for(dataset, device, max_batch=max(len(b) for b in index_batches))
         return lambda: reader(index_batches)
     loader = DataLoader(dataset, batch_sampler=index_batches, collate_fn=collate, num_workers=num_workers,
                         persistent_workers=persistent, pin_memory=device.type == "cuda",
@@ -63,17 +64,19 @@ def predict_probs(model: EmotionHead, dataset: ClipDataset, loss: str, *, batch_
     return predict_heads([(model, loss)], read(), len(dataset), device=device, progress=progress, desc=desc,
                     total=len(batches))[0]
 
-def _freeze_constant_mix(model: EmotionHead) -> None:
-    """Freeze the layer weight of a ``"weighted"`` mix of one layer (a one-layer cache).
+def _freeze_constant_mix(model: torch.nn.Module) -> None:
+    """Freeze the layer weight of a ``"weighted"`` mix of one layer (a one-layer cache; each
+    branch of a fusion head on its own).
 
     A softmax over one weight is 1 whatever the weight, so its gradient is exactly 0 and
     AdamW leaves the weight at 0: frozen, the run is bitwise the same, and the backward
     pass no longer computes the gradient of the pooling's input (a frames × dim × dim
     matmul and the pooling's elementwise gradients, about a third of a step).
     """
-    mix = model.layer_mix.weights
-    if mix is not None and mix.numel() == 1:
-        mix.requires_grad_(False)
+    for module in model.modules():
+        mix = module.weights if isinstance(module, LayerMix) else None
+        if mix is not None and mix.numel() == 1:
+            mix.requires_grad_(False)
 
 
 class HeadTrainee(Trainee):
@@ -81,10 +84,12 @@ class HeadTrainee(Trainee):
 
     def __init__(self, config: TrainConfig, out_dir: Path, data: PreparedData, device: torch.device):
         self.config, self.out_dir, self.data = config, Path(out_dir), data
-        self.head_cfg = head_config_for(config, data.selection, data.classes)
+        #: the head's config; a fusion head's, one per cache (the primary's first, also ``head_cfg``)
+        self.head_cfgs = head_configs_for(config, data)
+        self.head_cfg = self.head_cfgs[0]
         with GLOBAL_RNG_LOCK:  # no other run's thread draws in between
             torch.manual_seed(config.seed)
-            model = EmotionHead(self.head_cfg).to(device)
+            model = build_head(self.head_cfgs, config.fusion).to(device)
             self.rng = RandomStream(device)  # right after the init, as a run alone goes on
         _freeze_constant_mix(model)
         optimizer, name = make_optimizer((p for p in model.parameters() if p.requires_grad), lr=config.lr,
@@ -128,7 +133,7 @@ class HeadTrainee(Trainee):
             if self.mixup is None:
                 out = self.model(x, lengths, aux=True) if aux else self.model(x, lengths)
             else:
-                perm, lam = self.mixup.pairs(len(idx), x.device)
+                perm, lam = self.mixup.pairs(len(idx), idx.device)  # x: a tuple for a fusion head
                 pooled = mix(self.model.embed(x, lengths), perm, lam)
                 out = self.model.classifier(pooled, aux=True) if aux else self.model.classifier(pooled)
                 targets = None if targets is None else mix(targets, perm, lam)

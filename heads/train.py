@@ -74,14 +74,14 @@ from conilium.training.samplers import balanced_sampler
 from conilium.training.state import GLOBAL_RNG_LOCK
 from conilium.util import check_writable, output_errors, seed_everything
 
-from .batches import BatchReader, loader_batches
+from .batches import loader_batches, reader_for
 from .config import TrainConfig
-from .data import ClipDataset, check_clips, collate, feature_bytes, length_batches
-from .model import EmotionHead
+from .data import ClipDataset, check_clips, collate, length_batches  # noqa: F401 (ClipDataset: re-exported)
+from .model import build_head
 from .outputs import (CHECKPOINT, clear_outputs, load_config, load_head, remove_partial_outputs,  # noqa: F401
                       write_outputs)
-from .prepare import (PreparedData, check_config, check_out_dir, head_config_for, output_bytes, pass_key,  # noqa: F401
-                      plan_passes, prepare, use_preload)
+from .prepare import (PreparedData, check_config, check_out_dir, data_bytes, head_config_for,  # noqa: F401
+                      head_configs_for, make_dataset, output_bytes, pass_key, plan_passes, prepare, use_preload)
 from .recipe import HeadRecipe, HeadTrainee, predict_heads, predict_probs, read_batches  # noqa: F401
 
 
@@ -97,6 +97,8 @@ def same_run(a: Mapping, b: Mapping) -> bool:
         d = dict(d)
         if isinstance(d.get("cache"), str):
             d["cache"] = os.path.abspath(d["cache"])
+        if isinstance(d.get("more_caches"), (list, tuple)):
+            d["more_caches"] = [os.path.abspath(str(c)) for c in d["more_caches"]]
         return d
 
     return not differing_fields(TrainConfig, absolute(a), absolute(b))
@@ -129,12 +131,15 @@ def _claim(config: TrainConfig, out_dir: Path, *, overwrite: bool, progress: boo
                               f"or overwrite it (--overwrite)")
         check_writable(out_dir, what="train-head run directory")
         data = prepare(config, cache=cache)
-        # room for the checkpoint and the predictions, before any feature is read
-        predicted = sum(len(data.cache.split(s, augmented=False)) for s in data.cache.splits)
-        with GLOBAL_RNG_LOCK:  # its initialisation draws from torch's global stream
-            need = output_bytes(EmotionHead(head_config_for(config, data.selection, data.classes)), predicted)
-        check_writable(out_dir, what="train-head run directory", need_bytes=need)
-        yield data
+        try:
+            # room for the checkpoint and the predictions, before any feature is read
+            predicted = sum(len(data.cache.split(s, augmented=False)) for s in data.cache.splits)
+            with GLOBAL_RNG_LOCK:  # its initialisation draws from torch's global stream
+                need = output_bytes(build_head(head_configs_for(config, data), config.fusion), predicted)
+            check_writable(out_dir, what="train-head run directory", need_bytes=need)
+            yield data
+        finally:
+            data.close_more()
 
 
 @contextlib.contextmanager
@@ -242,12 +247,12 @@ def _fit_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *, prog
     t_start = time.time()
 
     cache, sel = data.cache, data.selection
-    nbytes = feature_bytes(cache, data.train_names, sel) + feature_bytes(cache, data.dev_names, sel)
+    nbytes = data_bytes(data, data.train_names) + data_bytes(data, data.dev_names)
     preload = use_preload(config, nbytes)
-    train_ds = ClipDataset(cache, data.train_names, sel, None, preload=preload, progress=progress,
-                           desc="loading Train features")
-    dev_ds = ClipDataset(cache, data.dev_names, sel, None, preload=preload, progress=progress,
-                         desc=f"loading {config.dev_split} features")
+    train_ds = make_dataset(data, data.train_names, preload=preload, progress=progress,
+                            desc="loading Train features")
+    dev_ds = make_dataset(data, data.dev_names, preload=preload, progress=progress,
+                          desc=f"loading {config.dev_split} features")
     heads = [HeadTrainee(c, out_dir, d, device) for c, out_dir, d in members]
     train_batches, steps = _train_batches(config, data, train_ds, device, preload)
     dev_order = length_batches(cache, data.dev_names, config.batch_size, sel)
@@ -271,7 +276,7 @@ def _fit_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *, prog
             for h in heads]
 
 
-def _balanced_stage(config: TrainConfig, data: PreparedData, train_ds: ClipDataset, device: torch.device,
+def _balanced_stage(config: TrainConfig, data: PreparedData, train_ds, device: torch.device,
                     preload: bool, recipe: HeadRecipe, heads: Sequence[HeadTrainee], *, progress: bool) -> None:
     """The class-balanced second stage of the ``heads`` that ask for one (``balanced_stage``): from
     their best epoch, the classifier's output layer alone, on batches of the balanced sampler
@@ -293,7 +298,7 @@ def _balanced_stage(config: TrainConfig, data: PreparedData, train_ds: ClipDatas
     fit(stage, heads, progress=progress, desc="balanced stage")
 
 
-def _train_batches(config: TrainConfig, data: PreparedData, train_ds: ClipDataset, device: torch.device,
+def _train_batches(config: TrainConfig, data: PreparedData, train_ds, device: torch.device,
                    preload: bool, *, balanced_stage: bool = False):
     """A callable giving an epoch's training batches (the same for every head), and their number.
 
@@ -311,10 +316,10 @@ def _train_batches(config: TrainConfig, data: PreparedData, train_ds: ClipDatase
         sampler = balanced_sampler(data.train_labels, generator=order_gen, classes=data.classes.codes)
     else:
         sampler = RandomSampler(train_ds, generator=order_gen)
-    workers = 0 if preload else config.num_workers
+    workers = 0 if preload or data.more else config.num_workers  # a fusion run reads in this process
     order = BatchSampler(sampler, config.batch_size, drop_last=False)
     if workers == 0:
-        reader = BatchReader(train_ds, device, max_batch=config.batch_size)
+        reader = reader_for(train_ds, device, max_batch=config.batch_size)
         return (lambda: reader(order)), len(order)
     loader = DataLoader(train_ds, batch_sampler=order, collate_fn=collate, num_workers=workers,
                         persistent_workers=True, generator=loader_gen, pin_memory=device.type == "cuda")
@@ -332,7 +337,7 @@ def _score_gender(config: TrainConfig, data: PreparedData, heads: Sequence[HeadT
     logits = {id(h): np.zeros(len(names), dtype=np.float64) for h in heads}
     if names:
         check_clips(cache, names, sel)
-        ds = ClipDataset(cache, names, sel, None)
+        ds = make_dataset(data, names)
         read = read_batches(ds, length_batches(cache, names, config.batch_size, sel), device,
                             num_workers=config.num_workers)
         for h in heads:
@@ -362,7 +367,7 @@ def _predict_splits(config: TrainConfig, data: PreparedData, done: Sequence[Head
         if not split_names:
             continue
         check_clips(cache, split_names, sel)
-        ds = ClipDataset(cache, split_names, sel, None)
+        ds = make_dataset(data, split_names)
         batches = length_batches(cache, split_names, config.batch_size, sel)
         read = read_batches(ds, batches, device, num_workers=config.num_workers)
         probs = predict_heads([(h.model, h.config.loss) for h in done], read(), len(ds), device=device,

@@ -88,7 +88,7 @@ def build_report(spec, out_dir, *, title: Optional[str] = None) -> Path:
     easy = easy_difficult_result(spec, base)
     corpus_dir = corpus_figures_dir(spec, base)
     findings = [check_finding(f, scored, boot) for f in all_findings() if f.table in scored]
-    more = extras(scored, attribute_rows, corpus_dir)
+    more = extras(scored, attribute_rows, corpus_dir, boot)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus_figs = copy_corpus_figures(corpus_dir, report.figures)

@@ -186,6 +186,10 @@ def _head_setting(cfg: dict) -> Dict:
         if up.get("source") == "random-init":
             random = str(up.get("name"))
         origin = str(up.get("name") or Path(cfg["cache"]).name)
+    more = [str((CacheDir(c).manifest_or_none() or Manifest()).upstream.get("name") or Path(c).name)
+            for c in cfg.get("more_caches") or []]
+    if more:  # a fusion head over several caches
+        origin = f"{origin} + {' + '.join(more)}, {cfg.get('fusion') or 'concat'} fusion"
     bits = [origin, f"head lr {_lr(cfg.get('lr'))}", f"{cfg.get('epochs')} epochs"]
     if cfg.get("sampler"):
         bits.append(f"{cfg['sampler']} sampler")
@@ -799,8 +803,55 @@ def corpus_figures_dir(spec: Mapping, base: Path) -> Optional[Path]:
     return corpus_dir
 
 
-def extras(scored: Dict[str, List[Dict]], attribute_rows: List[Dict], corpus_dir: Optional[Path]) -> Dict:
+def _modality(run_dir) -> str:
+    """What a head run hears: ``"audio"``, ``"text"`` (a text upstream's cache) or ``"audio + text"``
+    (a fusion run over an audio and a text cache); ``""`` for other runs (ensembles, end to end)."""
+    cfg = run_config(run_dir) or {}
+    if cfg.get("kind") == "thresholds":
+        cfg = cfg.get("source_config") or {}
+    if not cfg.get("cache") or cfg.get("kind") in ("ensemble", "finetune"):
+        return ""
+    kinds = []
+    for cache in [cfg["cache"], *(cfg.get("more_caches") or [])]:
+        m = CacheDir(cache).manifest_or_none()
+        kind = "unknown" if m is None else ("text" if m.text else "audio")
+        if kind not in kinds:
+            kinds.append(kind)
+    return " + ".join(kinds)
+
+
+def modality_rows(scored: Dict[str, List[Dict]], boot: Optional[Bootstrap] = None) -> List[Dict]:
+    """Table 2's rows on the transcripts' text, alone or fused with the audio, each against the
+    audio-only WBCE(S) row on the same clips: the paired bootstrap of the difference in macro-F1
+    (``None`` with the reason when it cannot be paired). Empty when Table 2 has no such row."""
+    rows = [r for r in scored.get("table2", []) if r.get("run") and r.get("score")]
+    audio = next((r for r in rows if r["label"] == "WBCE(S)"), None)
+    out = []
+    for r in rows:
+        kind = _modality(r["run"])
+        if "text" not in kind:
+            continue
+        entry = {"label": r["label"], "run": r["run"], "modality": kind, "split": r["split"],
+                 "f1_macro": r["score"]["f1_macro"], "against": None, "difference": None, "why": ""}
+        if audio is None:
+            entry["why"] = "no audio-only WBCE(S) row"
+        elif boot is None:
+            entry["why"] = "no interval computed"
+        else:
+            entry["against"], entry["level"] = audio["label"], boot.level
+            try:
+                entry["difference"] = boot.paired(r, audio).get("f1_macro")
+            except RunError as e:
+                entry["why"] = f"not paired: {e}"
+        out.append(entry)
+    return out
+
+
+def extras(scored: Dict[str, List[Dict]], attribute_rows: List[Dict], corpus_dir: Optional[Path],
+           boot: Optional[Bootstrap] = None) -> Dict:
     """The numbers shown beside the paper's tables: training-set sizes, corpus rows, ensemble
-    disagreement, the attribute runs (:func:`attribute_table`), X/O runs."""
+    disagreement, the attribute runs (:func:`attribute_table`), X/O runs, the text and audio +
+    text rows against audio alone (:func:`modality_rows`)."""
     return {"training_sets": training_set_sizes(scored), "corpus": corpus_rows(corpus_dir),
-            "disagreement": _disagreement(scored), "attributes": attribute_rows, "xo": xo_rows(scored)}
+            "disagreement": _disagreement(scored), "attributes": attribute_rows, "xo": xo_rows(scored),
+            "modalities": modality_rows(scored, boot)}

@@ -38,6 +38,15 @@ EXTRA_SPEC = {
              {"name": "wbce-S-avd", "task": "joint", "loss": "wbce", "labels": "S"},
              {"name": "wbce-S-xo", "loss": "wbce", "labels": "S", "train_on_xo": True}],
 }
+#: The text upstream beyond the paper (real, demo registry names): its cache holds the transcripts'
+#: token states; Table 2's WBCE(S) is trained on it alone and fused with the audio cache.
+TEXT_UPSTREAM = ("roberta-large", "demo-text")
+#: Table 2 rows beyond the paper, on the text cache and on audio + text: label → (run name, spec).
+MODALITY_ROWS = {
+    "Text only, WBCE(S)": ("text-wbce-S", {}),
+    "Audio + text (concat), WBCE(S)": ("fusion-wbce-S", {"fusion": "concat"}),
+    "Audio + text (cross-attention), WBCE(S)": ("cross-wbce-S", {"fusion": "cross-attention"}),
+}
 TABLE3_ROWS = {"WBCE(P*)": "wbce-Pstar", "WBCE(S*)": "wbce-Sstar", "KLD(P*)": "kld-Pstar-balanced",
                "KLD(S*)": "kld-Sstar-balanced"}
 
@@ -235,6 +244,7 @@ class Study:
         noisy = self.feature_caches()
         t1 = self.table1(noisy)
         self.frozen_heads(self.cache("WavLM-large"))
+        modalities = self.text_heads(self.cache("WavLM-large"))
 
         best = self.head(self.runs / "table2", "wbce-S")
         tuned = self.runs / "best-tuned"
@@ -249,7 +259,7 @@ class Study:
             sub = self.out / f"submission_{test_split}.csv"
             self.run(f"challenge-style submission of the tuned WBCE(S) run on {test_split}",
                      ["conilium-eval", "submission", tuned, "--split", test_split, "--out", sub], skip_if=sub)
-        return self.report(self._report_spec(t1, tuned, ens, ed, model, t2_finetuned))
+        return self.report(self._report_spec(t1, tuned, ens, ed, model, t2_finetuned, modalities))
 
     def corpus_steps(self) -> None:
         """The demo corpus (when no corpus is given), then the corpus description."""
@@ -305,6 +315,34 @@ class Study:
         if not self.c.paper_only:
             self.grid("train heads: arousal/valence/dominance, alone and with WBCE(S); WBCE(S) on X and O clips too",
                       self.runs / "extra", spec=EXTRA_SPEC, cache=best_cache)
+
+    def text_heads(self, audio_cache: Path) -> Optional[Path]:
+        """Beyond the paper: the transcripts' text upstream (roberta-large; the demo: demo-text
+        with random weights) into its own cache, then WBCE(S) on the text alone and on audio +
+        text (a concat and a cross-attention fusion head); returns the grid's folder (None when
+        the rows are left out: ``--paper-only``, or a corpus without transcripts)."""
+        if self.c.paper_only:
+            return None
+        from conilium.transcripts import transcripts_dir
+
+        if not self.c.demo and not transcripts_dir(self.corpus).is_dir():
+            self.say(f"no transcripts in {transcripts_dir(self.corpus)}: the text and audio + text rows are left "
+                     f"out (conilium corpus transcribe makes them)")
+            return None
+        name = TEXT_UPSTREAM[1] if self.c.demo else TEXT_UPSTREAM[0]
+        text_cache = self.cache_dir / name
+        self.extract(f"extract features: the transcripts' text ({name}), beyond the paper", name, text_cache, [])
+        out = self.runs / "modalities"
+        spec = {"description": "beyond the paper: WBCE(S) on the transcripts' text alone and fused with the audio",
+                "common": {"loss": "wbce", "labels": "S"}, "runs": []}
+        for label, (run, extra) in MODALITY_ROWS.items():
+            if run.startswith("text-"):
+                spec["runs"].append({"name": run, "cache": str(text_cache)})
+            else:
+                spec["runs"].append({"name": run, "cache": str(audio_cache), "more_caches": [str(text_cache)],
+                                     **extra})
+        self.grid("train heads: WBCE(S) on the text, and on audio + text (beyond the paper)", out, spec=spec)
+        return out
 
     def best_upstreams(self, t1: Path) -> Tuple[Dict[str, Path], Path]:
         """The three best upstreams by Table 1: their WBCE(P) runs' ensembles and the Easy/Difficult
@@ -395,7 +433,7 @@ class Study:
         return [str(corpus.audio_path(c.name)) for c in corpus]
 
     def _report_spec(self, t1: Path, tuned: Path, ens: Dict[str, Path], ed: Path, model: Path,
-                     t2_finetuned: Optional[Path] = None) -> dict:
+                     t2_finetuned: Optional[Path] = None, modalities: Optional[Path] = None) -> dict:
         tables = {
             "table1": {label: self.row(t1, f"{name}-wce-hard") for label, name in self.upstreams.items()},
             "table2": {**{label: self.row(self.runs / "table2", d) for label, d in TABLE2_ROWS.items()},
@@ -414,6 +452,9 @@ class Study:
             "table4": {"dev": str(tuned),
                        "Baseline (Development)": self.row(t1, f"{self.upstreams['WavLM-large']}-wce-hard")},
         }
+        if modalities is not None:
+            tables["table2"].update({f"{label} (beyond the paper)": self.row(modalities, run)
+                                     for label, (run, _) in MODALITY_ROWS.items()})
         if t2_finetuned is not None:
             tables["table2_finetuned"] = {label: self.row(t2_finetuned, d) for label, d in TABLE2_ROWS.items()}
         noisy = f"{self.upstreams['Wav2vec2-base']}-noise-wce-hard"

@@ -199,12 +199,17 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
               help="With --segment vad: seconds of context kept on each side of a speech segment.")
 @click.option("--vad-threshold", type=Number(0, 1, open_min=True, open_max=True), default=0.5, show_default=True,
               help="With --segment vad: Silero's speech probability above which a 32 ms window is speech.")
+@click.option("--transcripts", "transcripts", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None,
+              help="With --run of a fusion run (audio + text caches): the folder holding each audio file's "
+                   "transcript as <audio file stem>.txt (UTF-8) [default: the corpus layout, Transcripts/ beside "
+                   "the Audios/ folder holding the file].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @quiet_option("No progress bar.")
 @version_option
 def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, inputs, shard_files, backend, address,
                 n_jobs, gpus_per_job, batch_size, max_seconds, max_whole_seconds, rescale_loud, segment, min_segment,
-                max_segment, pad, vad_threshold, device, quiet):
+                max_segment, pad, vad_threshold, transcripts, device, quiet):
     """Predict the emotion of audio files with a finetune-best model or a train-head run.
 
     \b
@@ -224,13 +229,21 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
     (Error column), and the others are still predicted.
 
     \b
+    A fusion run (train-head --cache AUDIO --cache TEXT) also reads each file's transcript,
+    tokenized and encoded by the text cache's own upstream: <stem>.txt in --transcripts
+    FOLDER, else Transcripts/ beside the Audios/ folder holding the file (the corpus
+    layout). A file without a transcript gets an error (Error column) and the others are
+    still predicted. --segment and --onnx do not take a fusion run.
+
+    \b
     With --segment, each row is a segment of a recording (FileName, Start, End, then the
     columns above); a recording in which the VAD finds no speech gets no row and is named on
     standard error.
 
     \b
     Exit status: 0 when at least one file was predicted, 1 when every file failed,
-    2 for usage errors (no file given, bad --out suffix, not exactly one of --model, --run, --onnx).
+    2 for usage errors (no file given, bad --out suffix, not exactly one of --model, --run, --onnx,
+    --transcripts without a fusion run, --segment with one).
 
     \b
     Examples:
@@ -238,6 +251,7 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
       predict --run runs/wbce-S-tuned a.wav b.flac --out predictions.csv
       predict --model models/wavlm-wbce-S recordings/ --glob '*.flac' --out predictions.parquet
       predict --onnx models/wavlm-wbce-S.onnx a.wav b.flac --out predictions.csv
+      predict --run runs/audio+text a.wav b.wav --transcripts texts/ --out predictions.csv
       predict --model models/wavlm-wbce-S podcast.flac --segment vad --out segments.csv
       predict --model models/wavlm-wbce-S --inputs files.txt --out job/     (resumable; Parquet shards)
       torchrun --nproc_per_node 4 $(which predict) --model M --inputs recordings/ --out job/
@@ -249,6 +263,9 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
     from conilium.finetune.results import (SHORT_SECONDS, audio_files, output_format, read_list, results_csv,
                                            write_results)
 
+    if transcripts is not None and run_dir is None:
+        raise click.UsageError("--transcripts: only a fusion run (--run of train-head --cache AUDIO --cache TEXT) "
+                               "reads transcripts; --model and --onnx predict from audio alone")
     if model_dir is not None:
         refuse_dir(model_dir, "a finetune-best model directory", "pass a directory finetune-best wrote (train one "
                    "with finetune-best --corpus CORPUS --out MODEL_DIR), or a train-head run to --run",
@@ -263,6 +280,10 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
         if segment is not None:
             raise click.UsageError("--segment cuts recordings one by one; it is not available with --inputs (a job "
                                    "of many files): run predict --segment on the long recordings, --inputs on clips")
+        if transcripts is not None:
+            raise click.UsageError("--transcripts is not available with --inputs (a job of many files); a fusion "
+                                   "run's job reads each file's transcript from the corpus layout (Transcripts/ "
+                                   "beside Audios/)")
         from .scale import predict_job  # the job: chunks, shards, index, torchrun, ray
 
         predict_job(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, inputs, shard_files, backend,
@@ -289,7 +310,11 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
 
             predictor = Predictor(model_dir, run=run_dir, device=device, batch_size=batch_size,
                                   max_seconds=max_seconds, max_whole_seconds=max_whole_seconds,
-                                  rescale_loud=rescale_loud)
+                                  rescale_loud=rescale_loud, transcripts=transcripts)
+            if segment is not None and predictor.needs_text:
+                from conilium.finetune.segments import SEGMENT_FUSION
+
+                raise click.UsageError(SEGMENT_FUSION)
         no_speech = []
         if segment is None:
             results = predictor.predict(files, progress=not quiet)
@@ -308,7 +333,7 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
     except click.UsageError:
         raise
     except ConiliumError as e:
-        if "--out" in str(e) or "--list" in str(e):
+        if "--out" in str(e) or "--list" in str(e) or str(e).startswith("--transcripts"):
             raise click.UsageError(str(e)) from None
         fail(e)
     failed = [r for r in results if not r.ok]
@@ -372,6 +397,7 @@ def export_cmd(model_dir, run_dir, onnx_file, no_check, quiet):
       conilium finetune export models/wavlm-wbce-S --onnx models/wavlm-wbce-S.onnx
       conilium finetune export --run runs/wbce-S-tuned --onnx wbce-S.onnx
       predict --onnx models/wavlm-wbce-S.onnx a.wav b.flac --out predictions.csv
+      predict --run runs/audio+text a.wav b.wav --transcripts texts/ --out predictions.csv
       predict --model models/wavlm-wbce-S podcast.flac --segment vad --out segments.csv
     """
     if (model_dir is None) == (run_dir is None):

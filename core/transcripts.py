@@ -50,6 +50,22 @@ def transcript_path(root, name: str) -> Path:
     return transcripts_dir(root).joinpath(*rel.parts)
 
 
+def audio_transcript_path(audio, folder=None) -> Path:
+    """Where the transcript of audio file ``audio`` is (``predict --run`` of a fusion run):
+    ``folder/<audio stem>.txt`` when ``folder`` is given; else the corpus layout,
+    ``Transcripts/`` beside the ``Audios/`` folder that holds the file (in the same subfolder),
+    or, when no folder above it is called ``Audios``, ``../Transcripts/<stem>.txt`` relative to
+    the file's folder."""
+    audio = Path(audio)
+    if folder is not None:
+        return Path(folder) / (audio.stem + TRANSCRIPT_SUFFIX)
+    for parent in audio.parents:
+        if parent.name == "Audios":
+            rel = audio.relative_to(parent).with_suffix(TRANSCRIPT_SUFFIX)
+            return transcripts_dir(parent.parent) / rel
+    return transcripts_dir(audio.parent.parent) / (audio.stem + TRANSCRIPT_SUFFIX)
+
+
 def read_transcript(path, clip: Optional[str] = None) -> str:
     """The text of one transcript file, stripped and with its whitespace made single spaces.
 

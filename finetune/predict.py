@@ -31,6 +31,7 @@ hidden-state layers, or every layer's mean and standard deviation over frames fo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -73,11 +74,13 @@ def predict_clips(model: nn.Module, dataset: AudioClips, indices: Sequence[int],
                   device: torch.device, batch_size: int, precision: str = "auto", num_workers: int = 0,
                   progress: bool = False, desc: str = "predicting",
                   on_error: Optional[Callable[[int, AudioError], None]] = None,
-                  on_peak: Optional[Callable[[int, float], None]] = None) -> Dict[int, np.ndarray]:
+                  on_peak: Optional[Callable[[int, float], None]] = None,
+                  extra: Optional[Callable[[List[int]], tuple]] = None) -> Dict[int, np.ndarray]:
     """Class scores (sigmoid or softmax, as the loss sees them) of dataset items ``indices``,
     in batches of clips of similar duration. A clip that cannot be read stops it, unless
     ``on_error(index, error)`` takes it; ``on_peak(index, peak)`` receives each read clip's
-    largest absolute sample (before normalisation)."""
+    largest absolute sample (before normalisation). ``extra(indices)``: more inputs of the
+    model for the batch's clips, after the waveforms and their lengths (a fusion run's tokens)."""
     dur = dataset.durations
     order = sorted(indices, key=lambda i: (0.0 if dur is None else float(dur[i]), i))
     batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
@@ -93,7 +96,7 @@ def predict_clips(model: nn.Module, dataset: AudioClips, indices: Sequence[int],
                 for i, peak in zip(idx, peaks):
                     on_peak(i, peak)
             if idx:
-                yield (waves, lengths), idx
+                yield ((waves, lengths) if extra is None else (waves, lengths, *extra(list(idx)))), idx
 
     return predict_batches(model, inputs(), loss, device=device, dtype=precision_dtype(precision, device),
                            progress=progress, desc=desc, total=len(batches))
@@ -128,13 +131,23 @@ class Predictor:
 
     def __init__(self, model_dir=None, *, run=None, device: str = "auto", batch_size: int = 8,
                  max_seconds: Optional[float] = None, precision: str = "auto", num_workers: int = 0,
-                 rescale_loud: Optional[bool] = None, max_whole_seconds: float = 120.0):
+                 rescale_loud: Optional[bool] = None, max_whole_seconds: float = 120.0, transcripts=None):
         if (model_dir is None) == (run is None):
             raise ConfigError("predict from a finetune-best model directory or from a train-head run: give one "
                               "of the two")
+        if transcripts is not None and run is None:
+            raise ConfigError("--transcripts: only a fusion run (train-head over an audio and a text cache) reads "
+                              "transcripts; a finetune-best model predicts from audio alone")
         self.device = resolve_device(device)
         loaded = (load_model_source(model_dir, device=self.device, precision=precision) if run is None
-                  else load_run(run, device=self.device, precision=precision))
+                  else load_run(run, device=self.device, precision=precision, fusion=True))
+        if transcripts is not None and not loaded.needs_text:
+            raise ConfigError(f"--transcripts: run {run} is not a fusion run (its head reads audio alone); only a "
+                              f"fusion run (train-head --cache AUDIO --cache TEXT) reads transcripts")
+        #: a fusion run's: each file's transcript is read from ``transcripts/<stem>.txt`` (None: the
+        #: corpus layout, ``Transcripts/`` beside the ``Audios/`` folder holding the file)
+        self.needs_text = loaded.needs_text
+        self.transcripts = None if transcripts is None else Path(transcripts)
         self.loaded = loaded
         self.model = loaded.model
         self.info = loaded.info
@@ -153,13 +166,39 @@ class Predictor:
         self.num_workers = num_workers
         self._min_samples = min_samples(self.model)
 
-    def predict(self, inputs: Sequence, *, progress: bool = False) -> List[FilePrediction]:
+    def predict(self, inputs: Sequence, *, texts: Optional[Sequence[Optional[str]]] = None,
+                progress: bool = False) -> List[FilePrediction]:
         """Results in the order of ``inputs``: audio file paths, or waveforms in memory — a numpy
         array of 16 kHz samples, ``(samples,)`` or ``(samples, channels)``, or a pair
-        ``(samples, sample_rate)`` — which go through the same signal path as files."""
+        ``(samples, sample_rate)`` — which go through the same signal path as files.
+
+        A fusion run also reads each input's transcript: ``texts[i]`` when given (not None), else
+        the file's transcript (:func:`~conilium.transcripts.audio_transcript_path`); an input
+        without one gets an error instead of a prediction."""
         plan = plan_inputs(inputs, self.classes, max_seconds=self.max_seconds,
                            max_whole_seconds=self.max_whole_seconds)
         names, waves, seconds, results, todo = plan.names, plan.waves, plan.seconds, plan.results, plan.todo
+        extra = None
+        if self.needs_text:
+            if texts is not None and len(texts) != len(names):
+                raise ConfigError(f"{len(texts)} text(s) for {len(names)} input(s): give one per input (None: its "
+                                  f"transcript file)")
+            ids = {}
+            for i in list(todo):
+                try:
+                    text = self._text(names[i], waves[i], None if texts is None else texts[i])
+                except ConiliumError as e:
+                    results[i].error = str(e)
+                    continue
+                ids[i] = self.model.token_ids(text)
+            todo = [i for i in todo if i in ids]
+
+            def tokens(idx: List[int]) -> tuple:
+                return self.model.tokenize([ids[i] for i in idx])
+
+            extra = tokens
+        elif texts is not None:
+            raise ConfigError("texts: only a fusion run reads transcripts")
         ds = AudioClips(names, [None] * len(names), signal=self.signal, durations=seconds,
                         min_samples=self._min_samples, waves=waves)
 
@@ -171,9 +210,27 @@ class Predictor:
 
         scores = predict_clips(self.model, ds, todo, self.loss, device=self.device,
                                batch_size=self.batch_size, precision=self.precision, num_workers=self.num_workers,
-                               progress=progress, on_error=failed, on_peak=peak)
+                               progress=progress, on_error=failed, on_peak=peak, extra=extra)
         fill_predictions(results, scores, self.classes, self.offsets, self.attributes)
         return results
+
+    def _text(self, name: str, wave, given: Optional[str]) -> str:
+        """The transcript of input ``name`` for a fusion run (a CorpusError saying why there is none)."""
+        from conilium.errors import CorpusError
+        from conilium.transcripts import audio_transcript_path, read_transcript
+
+        if given is not None and " ".join(str(given).split()):
+            return " ".join(str(given).split())
+        if wave is not None:
+            raise CorpusError(f"{name}: no transcript given for this waveform; a fusion run needs each input's "
+                              f"text (pass texts=)")
+        path = audio_transcript_path(name, self.transcripts)
+        if not path.is_file():
+            hint = ("" if self.transcripts is not None else
+                    "; give --transcripts FOLDER holding <audio file stem>.txt")
+            raise CorpusError(f"no transcript of {name}: {path} not found (a fusion run needs each file's "
+                              f"transcript){hint}")
+        return read_transcript(path, Path(name).name)
 
     def predict_segments(self, inputs: Sequence, segment: str = "vad", *, min_segment: float = 1.0,
                          max_segment: Optional[float] = None, pad: float = 0.1, threshold: float = 0.5,

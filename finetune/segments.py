@@ -33,6 +33,11 @@ from conilium.errors import AudioError, ConfigError
 
 from .results import FilePrediction
 
+#: Why ``--segment`` refuses a fusion run.
+SEGMENT_FUSION = ("--segment: a fusion run (train-head over an audio and a text cache) reads each file's transcript, "
+                  "and a segment of a recording has none of its own; predict whole clips with their transcripts, "
+                  "or use a run trained on audio alone")
+
 #: Segments predicted per call of the predictor (memory: this many segments' audio at once).
 SEGMENTS_PER_CALL = 64
 
@@ -140,7 +145,10 @@ def predict_segments(predictor, inputs: Sequence, spec: SegmentSpec, *, progress
 
     Rows come in the order of the inputs, then of time. A file that cannot be read or cut gets one
     row with its error; a file with no speech gets none and is listed in ``no_speech``. At most
-    ``per_call`` segments' audio is held at once."""
+    ``per_call`` segments' audio is held at once. A fusion run's predictor (which reads each
+    file's transcript) is refused: a segment has no transcript of its own."""
+    if getattr(predictor, "needs_text", False):
+        raise ConfigError(SEGMENT_FUSION)
     cut = cutter or _cutter(spec, rescale_loud=predictor.signal.rescale_loud)
     run = SegmentRun()
     pending: List[Tuple[FilePrediction, tuple]] = []

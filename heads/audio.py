@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,6 +49,8 @@ class Loaded:
     info: dict = field(default_factory=dict)
     #: attribute columns the model outputs after its class scores (empty: none)
     attributes: Tuple[str, ...] = ()
+    #: a fusion run's model (:class:`FusionRunModel`) also takes each clip's transcript
+    needs_text: bool = False
 
 
 class RunModel(nn.Module):
@@ -167,13 +169,20 @@ def load_run_upstream(head_run: Path, ckpt: HeadCheckpoint, where: str) -> Tuple
     """The upstream the run's cache was extracted with (its manifest's identity): from the hub at
     the recorded revision, the local directory, or the random weights kept in the cache's
     ``upstream/`` folder. Its weights hash must equal the recorded one, when one was recorded."""
-    from conilium.extract.upstreams import load_upstream, random_init_dir
-
-    UPSTREAM_DIR = CacheDir.UPSTREAM
     ident = ckpt.cache_manifest.upstream
     if ckpt.cache_manifest.text:
         raise ConfigError(f"{where}: the head was trained on a text upstream's cache ({ident.get('name')}: features "
                           f"of the clips' transcripts, one frame per token); it cannot predict from audio")
+    return load_cache_upstream(ckpt.cache_manifest, _run_cache(head_run, ckpt), where,
+                               RunDir(head_run).checkpoint_path)
+
+
+def load_cache_upstream(manifest, cache: Optional[str], where: str, checkpoint) -> Tuple[nn.Module, dict]:
+    """The audio upstream a cache (its ``manifest``, at path ``cache``) was extracted with: see
+    :func:`load_run_upstream`."""
+    from conilium.extract.upstreams import load_upstream
+
+    ident = manifest.upstream
     source = ident.get("source")
     if source == "hub":
         name = ident.get("model_id") or ident.get("name")
@@ -187,19 +196,11 @@ def load_run_upstream(head_run: Path, ckpt: HeadCheckpoint, where: str) -> Tuple
         model, got = load_upstream(str(path))
         place = str(path)
     elif source == "random-init":
-        cache = _run_cache(head_run, ckpt)
-        rel = ident.get("path") or (f"{UPSTREAM_DIR}/"
-                                    f"{random_init_dir(str(ident.get('name')), int(ident.get('seed', 0)), '.').name}")
-        folder = Path(cache or ".") / rel
-        if not cache or not (folder / "config.json").is_file():
-            raise ConfigError(f"{where}: the head was trained on features of a randomly initialised "
-                              f"{ident.get('name')} (seed {ident.get('seed')}), whose weights are kept in the "
-                              f"cache's {UPSTREAM_DIR}/ folder; {folder} is not there (the run names cache "
-                              f"{cache}: predict from where train-head ran, with the cache in place)")
+        folder = random_init_folder(ident, cache, where)
         model, got = load_upstream(str(folder))
         place = str(folder)
     else:
-        raise ConfigError(f"{where}: the cache manifest in {RunDir(head_run).checkpoint_path} names no upstream "
+        raise ConfigError(f"{where}: the cache manifest in {checkpoint} names no upstream "
                           f"({ident or 'nothing'}); cannot tell which upstream to run")
     want, have = ident.get("weights_sha256"), got.get("weights_sha256")
     if want and have and want != have:
@@ -209,17 +210,38 @@ def load_run_upstream(head_run: Path, ckpt: HeadCheckpoint, where: str) -> Tuple
     return model, dict(ident, loaded_from=place)
 
 
-def load_run(run_dir, *, device: torch.device, precision: str = "auto") -> Loaded:
+def random_init_folder(ident: dict, cache: Optional[str], where: str) -> Path:
+    """The cache's ``upstream/`` folder holding the random weights it was extracted with."""
+    from conilium.extract.upstreams import random_init_dir
+
+    UPSTREAM_DIR = CacheDir.UPSTREAM
+    rel = ident.get("path") or (f"{UPSTREAM_DIR}/"
+                                f"{random_init_dir(str(ident.get('name')), int(ident.get('seed', 0)), '.').name}")
+    folder = Path(cache or ".") / rel
+    if not cache or not (folder / "config.json").is_file():
+        raise ConfigError(f"{where}: the head was trained on features of a randomly initialised "
+                          f"{ident.get('name')} (seed {ident.get('seed')}), whose weights are kept in the "
+                          f"cache's {UPSTREAM_DIR}/ folder; {folder} is not there (the run names cache "
+                          f"{cache}: predict from where train-head ran, with the cache in place)")
+    return folder
+
+
+def load_run(run_dir, *, device: torch.device, precision: str = "auto", fusion: bool = False) -> Loaded:
     """A train-head run (or its ``tune-thresholds`` output): its head on the upstream, signal
     path and layers of the cache it was trained on, and its decision offsets when tuned.
 
     ``precision`` "auto" runs the upstream in the cache's compute dtype (float32 on CPU);
     "float32" or "bfloat16" choose it. The head always runs in float32, as train-head scored it.
+
+    A fusion run (``fusion=True`` only: other readers, e.g. the ONNX export, refuse it) gives a
+    :class:`FusionRunModel` (:func:`load_fusion_run`), which also takes each clip's tokens.
     """
     run_dir = Path(run_dir)
     where = f"--run {run_dir}"
     head_run, thresholds = find_head_run(run_dir)
-    head, ckpt = load_head(head_run)
+    head, ckpt = load_head(head_run, fusion=fusion)
+    if ckpt.branches:
+        return load_fusion_run(run_dir, head_run, thresholds, head, ckpt, device=device, precision=precision)
     manifest, inp, layers = ckpt.cache_manifest, ckpt.input, ckpt.upstream_layers
     if inp.get("kind") not in ("frames", "pooled") or not layers:
         raise ConfigError(f"{where}: {RunDir(head_run).checkpoint_path} does not say which upstream layers the head "
@@ -254,3 +276,212 @@ def load_run(run_dir, *, device: torch.device, precision: str = "auto") -> Loade
             "loss": ckpt.loss, "labels": ckpt.labels}
     # the head as train-head scored it: float32, whatever the upstream computed in
     return Loaded(model, signal, classes, offsets, ckpt.loss, "float32", info, attributes)
+
+
+# ----------------------------------------------------------------------------- fusion runs
+
+
+class TextBranch:
+    """A text cache's upstream as its extraction ran it (:class:`~conilium.extract.text.TextRunner`:
+    its tokenizer, token limit, layers and compute dtype): texts -> token ids -> token states."""
+
+    def __init__(self, runner, identity: dict):
+        self.runner = runner
+        self.identity = identity
+
+    def token_ids(self, text: str) -> List[int]:
+        return self.runner.token_ids(text)[0]
+
+
+class FusionRunModel(nn.Module):
+    """A fusion run's head (:class:`~conilium.heads.model.FusionHead`) on the upstreams of its
+    caches, each run as its extraction ran it: an audio cache's (:class:`UpstreamRunner`) on the
+    clip's waveform, a text cache's (:class:`TextBranch`) on the tokens of the clip's transcript.
+
+    ``forward(waves, lengths, *tokens)``: ``tokens`` holds, for each text branch in order, the
+    batch's zero-padded token ids (B, T) and their counts (B,) (:meth:`tokenize`); the head gets
+    one ``(frames, lengths)`` pair per branch, in the order of its caches, as in training.
+    """
+
+    def __init__(self, branches: Sequence, head: nn.Module, *, device: torch.device):
+        super().__init__()
+        self.kinds = ["text" if isinstance(b, TextBranch) else "audio" for b in branches]
+        self.audio = [b for b in branches if not isinstance(b, TextBranch)]
+        self.texts = [b for b in branches if isinstance(b, TextBranch)]
+        # submodules: moved, switched to eval; the first audio encoder answers frame counts
+        self.encoders = nn.ModuleList([r.encoder for r in self.audio])
+        self.text_models = nn.ModuleList([t.runner.model for t in self.texts])
+        self.encoder = self.audio[0].encoder
+        self.head = head.to(device)
+
+    @property
+    def attribute_outputs(self) -> int:
+        return int(getattr(self.head, "attribute_outputs", 0) or 0)
+
+    def token_ids(self, text: str) -> List[List[int]]:
+        """The token ids of ``text`` for each text branch (its tokenizer, cut at its token limit)."""
+        return [t.token_ids(text) for t in self.texts]
+
+    @staticmethod
+    def tokenize(ids: Sequence[List[List[int]]]) -> Tuple[torch.Tensor, ...]:
+        """A batch's :meth:`token_ids` (one list per clip) as ``forward``'s ``tokens``."""
+        out = []
+        for k in range(len(ids[0]) if ids else 0):
+            rows = [clip[k] for clip in ids]
+            n = torch.tensor([len(r) for r in rows], dtype=torch.long)
+            x = torch.zeros((len(rows), int(n.max())), dtype=torch.long)
+            for i, r in enumerate(rows):
+                x[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            out += [x, n]
+        return tuple(out)
+
+    @staticmethod
+    def _pad(frames: Sequence[np.ndarray], device: torch.device):
+        n = torch.tensor([len(f) for f in frames], dtype=torch.long)
+        x = torch.zeros((len(frames), int(n.max()), *frames[0].shape[1:]), dtype=torch.float32)
+        for i, f in enumerate(frames):
+            x[i, : len(f)] = torch.from_numpy(np.asarray(f, dtype=np.float32))
+        return x.to(device), n.to(device)
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor, *tokens: torch.Tensor) -> torch.Tensor:
+        device = waves.device
+        counts = [int(n) for n in lengths.tolist()]
+        clips = [waves[i, :n].detach().float().cpu().numpy() for i, n in enumerate(counts)]
+        audio = iter([self._pad([f for f, _ in r(clips)], device) for r in self.audio])
+        text = []
+        for k, t in enumerate(self.texts):
+            ids, n = tokens[2 * k], tokens[2 * k + 1]
+            rows = [ids[i, : int(c)].tolist() for i, c in enumerate(n.tolist())]
+            text.append(self._pad([f for f, _ in t.runner(rows)], device))
+        text = iter(text)
+        return self.head(tuple(next(text) if kind == "text" else next(audio) for kind in self.kinds))
+
+
+def load_text_branch(manifest, cache: Optional[str], where: str, checkpoint, *, layers: Sequence[int],
+                     device: torch.device, precision: str) -> TextBranch:
+    """The text upstream a text cache was extracted with (encoder and tokenizer, from the hub at the
+    recorded revision, the local directory or the cache's ``upstream/`` folder), checked against
+    the weights and tokenizer hashes the manifest records, run on the same layers, token limit and
+    compute dtype as extraction."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from conilium.extract.text import TextRunner, token_limit, tokenizer_identity
+    from conilium.extract.upstreams import hub_access, weights_hash
+
+    ident, text = manifest.upstream, manifest.text or {}
+    source, access, revision = ident.get("source"), {}, None
+    if source == "hub":
+        src = str(ident.get("model_id") or ident.get("name"))
+        revision = ident.get("revision")
+        access = hub_access(str(ident.get("name")), src, revision)
+        place = src + (f" at revision {revision}" if revision else "")
+    elif source == "local":
+        src = ident.get("path")
+        if not src or not Path(src).is_dir():
+            raise ConfigError(f"{where}: the text cache {cache} was extracted with the local text upstream {src}, "
+                              f"which is not there any more")
+        place = src
+    elif source == "random-init":
+        src = place = str(random_init_folder(ident, cache, where))
+    else:
+        raise ConfigError(f"{where}: the text cache manifest in {checkpoint} names no upstream "
+                          f"({ident or 'nothing'}); cannot tell which text encoder to run")
+    if source != "hub":
+        want, have = ident.get("weights_sha256"), weights_hash(src)
+        if want and want != have:
+            raise ConfigError(f"{where}: the text encoder weights at {place} (sha256 {have[:12]}…) are not those "
+                              f"the text cache {cache} was extracted with ({want[:12]}…)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, revision=revision, **access)
+        model = AutoModel.from_pretrained(src, revision=revision, **access)
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"{where}: could not load the text upstream {place} with its tokenizer: {e}") from None
+    want = (text.get("tokenizer") or {}).get("sha256")
+    have = tokenizer_identity(tokenizer, "")["sha256"]
+    if want and want != have:
+        raise ConfigError(f"{where}: the tokenizer at {place} (sha256 {have[:12]}…) is not the one the text cache "
+                          f"{cache} was extracted with ({want[:12]}…)")
+    max_tokens = int(text.get("max_tokens") or token_limit(model, tokenizer))
+    stored = manifest.compute_dtype
+    if precision == "auto":
+        compute = pick_compute_dtype(stored if stored in COMPUTE_DTYPES else "auto", device, strict=False)
+    else:
+        compute = precision_dtype(precision, device)
+    runner = TextRunner(model.eval(), tokenizer, device=device, compute_dtype=compute, layers=list(layers),
+                        pooled_stats=False, max_tokens=max_tokens)
+    n_states = manifest.num_hidden_states
+    if n_states is not None and n_states != runner.num_hidden_states:
+        raise ConfigError(f"{where}: the text cache's upstream has {n_states} hidden states, {place} has "
+                          f"{runner.num_hidden_states}")
+    if max(layers) >= runner.num_hidden_states:
+        raise ConfigError(f"{where}: the head reads hidden states {list(layers)} of {place}, which has "
+                          f"{runner.num_hidden_states}")
+    return TextBranch(runner, dict(ident, loaded_from=place, compute_dtype=compute, max_tokens=max_tokens))
+
+
+def load_fusion_run(run_dir: Path, head_run: Path, thresholds: Optional[Path], head: nn.Module,
+                    ckpt: HeadCheckpoint, *, device: torch.device, precision: str) -> Loaded:
+    """A fusion run (:func:`load_run`): its head on the upstream of each of its caches, in the
+    cache's order; the audio is read through the signal path of its audio cache(s)."""
+    from conilium.dirs import Manifest
+    from conilium.extract.encoder import UpstreamRunner
+    from conilium.targets import ATTRIBUTE_COLUMNS
+
+    where = f"--run {run_dir}"
+    checkpoint = RunDir(head_run).checkpoint_path
+    branches, idents, signal = [], [], None
+    for k, b in enumerate(ckpt.branches):
+        manifest = Manifest(b.get("cache_manifest") or (ckpt.cache_manifest if k == 0 else {}))
+        cache = b.get("cache") or (_run_cache(head_run, ckpt) if k == 0 else None)
+        inp = b.get("input") or {}
+        layers = [int(i) for i in inp.get("upstream_layers") or []]
+        if inp.get("kind") != "frames" or not layers:
+            raise ConfigError(f"{where}: {checkpoint} does not say which upstream layers branch {k} of the fusion "
+                              f"head read (cache {cache}); train the head again with this version of train-head")
+        if manifest.text:
+            branch = load_text_branch(manifest, cache, where, checkpoint, layers=layers, device=device,
+                                      precision=precision)
+            dim, ident = branch.runner.dim, branch.identity
+        else:
+            upstream, ident = load_cache_upstream(manifest, cache, where, checkpoint)
+            stored = manifest.compute_dtype
+            if precision == "auto":
+                compute = pick_compute_dtype(stored if stored in COMPUTE_DTYPES else "auto", device, strict=False)
+            else:
+                compute = precision_dtype(precision, device)
+            branch = UpstreamRunner(upstream, device=device, compute_dtype=compute, layers=layers,
+                                    whisper_input=manifest.whisper_input or "30s")
+            branch.encoder.check_layers(layers)
+            n_states = manifest.num_hidden_states
+            if n_states is not None and n_states != branch.num_hidden_states:
+                raise ConfigError(f"{where}: the cache {cache} has {n_states} hidden states, "
+                                  f"{ident.get('loaded_from')} has {branch.num_hidden_states}")
+            dim, ident = branch.dim, dict(ident, compute_dtype=compute)
+            mode = manifest.normalize
+            path = SignalPath(max_seconds=manifest.max_seconds, normalize=mode,
+                              stats=manifest.normalize_stats if mode == "global" else None,
+                              rescale_loud=manifest.rescale_loud)
+            if signal is None:
+                signal = path
+            elif (path.max_seconds, path.normalize, path.stats, path.rescale_loud) != \
+                    (signal.max_seconds, signal.normalize, signal.stats, signal.rescale_loud):
+                raise ConfigError(f"{where}: the audio caches of the fusion run read audio differently (truncation "
+                                  f"or normalisation); predict reads each file once, as its first audio cache did")
+        want = int((b.get("head_config") or {}).get("dim", dim))
+        if want != dim:
+            raise ConfigError(f"{where}: branch {k} of the head is {want} wide, the hidden size of "
+                              f"{ident.get('loaded_from')} is {dim}")
+        branches.append(branch)
+        idents.append(ident)
+    if signal is None:
+        raise ConfigError(f"{where}: none of the fusion run's caches is an audio upstream's; predict reads audio")
+    model = FusionRunModel(branches, head, device=device).to(device).eval()
+    classes = tuple(ckpt.classes) if head.config.num_classes else ()
+    attributes = tuple(ATTRIBUTE_COLUMNS) if model.attribute_outputs else ()
+    offsets = read_offsets(thresholds, classes) if thresholds else np.zeros(len(classes))
+    info = {"run": str(run_dir), "head_run": str(head_run), "offsets_from": None if thresholds is None
+            else str(thresholds), "upstream": idents[0], "fusion": ckpt.fusion,
+            "branches": [{"cache": b.get("cache"), "upstream": i, "input": b.get("input")}
+                         for b, i in zip(ckpt.branches, idents)],
+            "input": ckpt.input, "loss": ckpt.loss, "labels": ckpt.labels}
+    return Loaded(model, signal, classes, offsets, ckpt.loss, "float32", info, attributes, needs_text=True)

@@ -213,8 +213,9 @@ def load_head(run_dir, *, fusion: bool = False) -> Tuple[EmotionHead, HeadCheckp
     """The best head of a run directory (in eval mode, on the CPU) and its checkpoint.
 
     A fusion run's head (a :class:`~conilium.heads.model.FusionHead`, one branch per cache) is
-    read with ``fusion=True`` only: every other reader runs a head on one upstream's features
-    of new audio, and a ConfigError says why a fusion head is not such a head."""
+    read with ``fusion=True`` only (``predict --run``, which runs every cache's upstream, the
+    text ones on each file's transcript): the other readers run a head on one upstream's
+    features of new audio, and a ConfigError says why a fusion head is not such a head."""
     path = RunDir(run_dir).checkpoint_path
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no {CHECKPOINT} (not a train-head run directory, or it did not finish)")
@@ -225,7 +226,8 @@ def load_head(run_dir, *, fusion: bool = False) -> Tuple[EmotionHead, HeadCheckp
             raise ConfigError(f"{run_dir}: a fusion head, trained on the features of {len(ckpt.branches)} caches "
                               f"({caches}); it needs each clip's features from every one of them (a text cache "
                               f"needs the clip's transcript), so it cannot run on one upstream over audio: "
-                              f"predict --run, export and --init-head take single-cache runs")
+                              f"export and --init-head take single-cache runs (predict --run reads a fusion run "
+                              f"with each file's transcript)")
         model = build_head([HeadConfig(**b["head_config"]) for b in ckpt.branches], ckpt.fusion)
         model.load_state_dict(ckpt.state_dict)
         model.eval()

@@ -1,12 +1,16 @@
 """Fusion heads: train-head --cache AUDIO --cache TEXT, one pooling branch per cache, one classifier."""
 
+import csv
 import filecmp
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+
+from conilium import CLASSES
 
 from conilium.cli.evaluate import eval_group
 from conilium.cli.heads import train_head_cmd
@@ -197,8 +201,8 @@ def demo_text_cache(demo_corpus, tmp_path_factory):
                             device="cpu", verbose=False)
 
 
-def test_demo_audio_and_text_caches_fuse_and_predict_run_refuses_the_fusion_run(demo_cache, demo_text_cache,
-                                                                                demo_corpus, tmp_path):
+def test_demo_audio_and_text_caches_fuse_and_predict_run_reads_each_files_transcript(demo_cache, demo_text_cache,
+                                                                                     demo_corpus, tmp_path):
     from conilium.cli.finetune import predict_cmd
 
     out = tmp_path / "fusion"
@@ -209,7 +213,112 @@ def test_demo_audio_and_text_caches_fuse_and_predict_run_refuses_the_fusion_run(
     metrics = json.loads((out / "metrics.json").read_text())
     assert [b["upstream"] for b in metrics["training"]["fusion"]["caches"]] == ["demo-wavlm", "demo-text"]
     assert metrics["n"] > 0 and 0.0 <= metrics["f1_macro"] <= 1.0
-    # predict --run runs a head on one upstream over audio: a fusion head needs each clip's text too
-    wav = sorted((demo_corpus / "Audios").iterdir())[0]
-    r = CliRunner().invoke(predict_cmd, ["--run", str(out), str(wav), "--out", str(tmp_path / "p.csv"), "-q"])
-    assert r.exit_code == 1 and "a fusion head" in r.output and not (tmp_path / "p.csv").exists(), r.output
+    # predict --run reads each file's transcript from the corpus layout (Transcripts/ beside Audios/);
+    # a file without one gets an Error naming it and where it was looked for, the others are predicted
+    wavs = sorted((demo_corpus / "Audios").iterdir())[:3]
+    lonely = tmp_path / "elsewhere" / "recordings" / "lonely.wav"
+    lonely.parent.mkdir(parents=True)
+    lonely.write_bytes(wavs[0].read_bytes())
+    csv_out = tmp_path / "p.csv"
+    r = CliRunner().invoke(predict_cmd, ["--run", str(out), *map(str, wavs), str(lonely), "--out", str(csv_out),
+                                         "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(csv_out.read_text())))
+    assert [row["FileName"] for row in rows] == [str(w) for w in wavs] + [str(lonely)]
+    assert all(row["Prediction"] and not row["Error"] for row in rows[:3])
+    missing = tmp_path / "elsewhere" / "Transcripts" / "lonely.txt"
+    assert "no transcript of" in rows[3]["Error"] and str(missing) in rows[3]["Error"] and not rows[3]["Prediction"]
+    assert f"predict: {lonely}: no transcript" in r.stderr and "3 file(s) predicted, 1 failed" in r.stderr
+    # the same file with the copy's transcript given by --transcripts: the same prediction as the corpus clip
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "lonely.txt").write_bytes((demo_corpus / "Transcripts" / f"{wavs[0].stem}.txt").read_bytes())
+    r = CliRunner().invoke(predict_cmd, ["--run", str(out), str(lonely), "--transcripts", str(texts), "--device",
+                                         "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+    row = next(csv.DictReader(io.StringIO(r.stdout)))
+    np.testing.assert_allclose([float(row[c]) for c in CLASSES], [float(rows[0][c]) for c in CLASSES], atol=1e-6)
+    # a transcript that is not UTF-8 is reported as the corpus reader reports it; every file failed: exit 1
+    (texts / "lonely.txt").write_bytes("caf\xe9".encode("latin-1"))
+    r = CliRunner().invoke(predict_cmd, ["--run", str(out), str(lonely), "--transcripts", str(texts), "--device",
+                                         "cpu", "-q"])
+    assert r.exit_code == 1 and "not UTF-8 text" in r.stderr and "lonely.txt" in r.stderr, r.output
+
+
+@pytest.fixture(scope="module")
+def float32_fusion(small_demo_corpus, tmp_path_factory):
+    """A fusion run over float32 caches of the small demo corpus (demo-wavlm cut at 3 s, three
+    hidden states; demo-text, every hidden state), whose stored predictions predict --run must
+    reproduce: no float16 rounding of the frames between the two."""
+    from conilium.extract import ExtractConfig, extract_features
+
+    base = tmp_path_factory.mktemp("fusion32")
+    audio = extract_features(ExtractConfig("demo-wavlm", random_init=True, seed=0, layers="1,2,3", max_seconds=3.0,
+                                           dtype="float32"), small_demo_corpus, base / "audio", device="cpu",
+                             verbose=False)
+    text = extract_features(ExtractConfig("demo-text", random_init=True, layers="all", dtype="float32"),
+                            small_demo_corpus, base / "text", device="cpu", verbose=False)
+    runs = {}
+    for fusion in ("concat", "cross-attention"):
+        runs[fusion] = base / fusion
+        train_head(TrainConfig(cache=str(audio), more_caches=(str(text),), epochs=2, hidden=16, device="cpu",
+                               threads=1, fusion=fusion), runs[fusion], progress=False)
+    return runs
+
+
+@pytest.mark.parametrize("fusion", ["concat", "cross-attention"])
+def test_predict_run_of_a_fusion_run_gives_the_runs_own_predictions(float32_fusion, small_demo_corpus, tmp_path,
+                                                                     fusion):
+    from conilium.cli.finetune import predict_cmd
+    from conilium.finetune.predict import Predictor
+
+    run = float32_fusion[fusion]
+    written = read_predictions(prediction_path(run, "Development"))
+    files = [small_demo_corpus / "Audios" / n for n in written.names[:8]]
+    out = tmp_path / "p.csv"
+    # the files are cut at the caches' 3 s, as in extraction
+    r = CliRunner().invoke(predict_cmd, ["--run", str(run), *map(str, files), "--out", str(out), "--batch-size", "3",
+                                         "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [row["FileName"] for row in rows] == [str(f) for f in files]
+    np.testing.assert_allclose([[float(row[c]) for c in CLASSES] for row in rows], written.probs[:8], atol=1e-5)
+    assert [row["Prediction"] for row in rows] == list(written.prediction[:8])
+    # texts given in memory stand for the transcript files
+    texts = [(small_demo_corpus / "Transcripts" / f"{f.stem}.txt").read_text() for f in files[:2]]
+    res = Predictor(run=run, device="cpu").predict(files[:2], texts=texts)
+    np.testing.assert_allclose(np.stack([x.probabilities for x in res]), written.probs[:2], atol=1e-5)
+    # and the text counts: other words, other probabilities
+    other = Predictor(run=run, device="cpu").predict(files[:2], texts=["happy happy joy"] * 2)
+    assert np.abs(np.stack([x.probabilities for x in other]) - written.probs[:2]).max() > 1e-3
+
+
+def test_what_predict_refuses_around_transcripts_and_fusion_runs(float32_fusion, small_demo_corpus, tmp_path):
+    from conilium.cli.finetune import predict_cmd
+
+    run = float32_fusion["concat"]
+    wav = str(sorted((small_demo_corpus / "Audios").iterdir())[0])
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    # --transcripts needs a fusion run: not with --model, --onnx nor a run trained on audio alone
+    for source in (["--model", str(run)], ["--onnx", str(tmp_path / "m.onnx")]):
+        r = CliRunner().invoke(predict_cmd, [*source, wav, "--transcripts", str(texts)])
+        assert r.exit_code == 2 and "--transcripts" in r.output, r.output
+    audio_only = tmp_path / "audio-only"
+    config = json.loads((run / "config.json").read_text())
+    train_head(TrainConfig(cache=config["cache"], epochs=1, hidden=16, device="cpu", threads=1), audio_only,
+               progress=False)
+    r = CliRunner().invoke(predict_cmd, ["--run", str(audio_only), wav, "--transcripts", str(texts), "--device",
+                                         "cpu"])
+    assert r.exit_code == 2 and "--transcripts" in r.output and "not a fusion run" in r.output, r.output
+    # a segment has no transcript of its own
+    r = CliRunner().invoke(predict_cmd, ["--run", str(run), wav, "--segment", "fixed:1", "--device", "cpu"])
+    assert r.exit_code == 2 and "--segment" in r.output and "fusion run" in r.output, r.output
+    # the ONNX export stays refused: it runs one upstream over audio
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from conilium.finetune.onnx import export_onnx
+
+    with pytest.raises(ConfigError, match="a fusion head"):
+        export_onnx(tmp_path / "f.onnx", run=run)
+    assert not (tmp_path / "f.onnx").exists()

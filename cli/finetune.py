@@ -204,12 +204,16 @@ def tune_model_thresholds(config: FinetuneConfig) -> dict:
               help="With --run of a fusion run (audio + text caches): the folder holding each audio file's "
                    "transcript as <audio file stem>.txt (UTF-8) [default: the corpus layout, Transcripts/ beside "
                    "the Audios/ folder holding the file].")
+@click.option("--asr", "asr", default=None, metavar="MODEL",
+              help="With --run of a fusion run: each file's text heard by this Whisper model (whisper-large-v3, a "
+                   "hub id or a local model directory) over the whole file, decoded as 'conilium corpus "
+                   "transcribe' decodes (greedy, the language detected), instead of read from transcripts.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @quiet_option("No progress bar.")
 @version_option
 def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, inputs, shard_files, backend, address,
                 n_jobs, gpus_per_job, batch_size, max_seconds, max_whole_seconds, rescale_loud, segment, min_segment,
-                max_segment, pad, vad_threshold, transcripts, device, quiet):
+                max_segment, pad, vad_threshold, transcripts, asr, device, quiet):
     """Predict the emotion of audio files with a finetune-best model or a train-head run.
 
     \b
@@ -232,8 +236,9 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
     A fusion run (train-head --cache AUDIO --cache TEXT) also reads each file's transcript,
     tokenized and encoded by the text cache's own upstream: <stem>.txt in --transcripts
     FOLDER, else Transcripts/ beside the Audios/ folder holding the file (the corpus
-    layout). A file without a transcript gets an error (Error column) and the others are
-    still predicted. --segment and --onnx do not take a fusion run.
+    layout); with --asr MODEL, the words a Whisper model hears in the file instead. A file
+    without a transcript (or in which the model hears no words) gets an error (Error column)
+    and the others are still predicted. --segment and --onnx do not take a fusion run.
 
     \b
     With --segment, each row is a segment of a recording (FileName, Start, End, then the
@@ -243,7 +248,7 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
     \b
     Exit status: 0 when at least one file was predicted, 1 when every file failed,
     2 for usage errors (no file given, bad --out suffix, not exactly one of --model, --run, --onnx,
-    --transcripts without a fusion run, --segment with one).
+    --transcripts or --asr without a fusion run, both of them, --segment with a fusion run).
 
     \b
     Examples:
@@ -252,6 +257,7 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
       predict --model models/wavlm-wbce-S recordings/ --glob '*.flac' --out predictions.parquet
       predict --onnx models/wavlm-wbce-S.onnx a.wav b.flac --out predictions.csv
       predict --run runs/audio+text a.wav b.wav --transcripts texts/ --out predictions.csv
+      predict --run runs/audio+text a.wav b.wav --asr whisper-large-v3 --out predictions.csv
       predict --model models/wavlm-wbce-S podcast.flac --segment vad --out segments.csv
       predict --model models/wavlm-wbce-S --inputs files.txt --out job/     (resumable; Parquet shards)
       torchrun --nproc_per_node 4 $(which predict) --model M --inputs recordings/ --out job/
@@ -263,9 +269,10 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
     from conilium.finetune.results import (SHORT_SECONDS, audio_files, output_format, read_list, results_csv,
                                            write_results)
 
-    if transcripts is not None and run_dir is None:
-        raise click.UsageError("--transcripts: only a fusion run (--run of train-head --cache AUDIO --cache TEXT) "
-                               "reads transcripts; --model and --onnx predict from audio alone")
+    for given, option in ((transcripts, "--transcripts"), (asr, "--asr")):
+        if given is not None and run_dir is None:
+            raise click.UsageError(f"{option}: only a fusion run (--run of train-head --cache AUDIO --cache TEXT) "
+                                   f"reads transcripts; --model and --onnx predict from audio alone")
     if model_dir is not None:
         refuse_dir(model_dir, "a finetune-best model directory", "pass a directory finetune-best wrote (train one "
                    "with finetune-best --corpus CORPUS --out MODEL_DIR), or a train-head run to --run",
@@ -280,6 +287,9 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
         if segment is not None:
             raise click.UsageError("--segment cuts recordings one by one; it is not available with --inputs (a job "
                                    "of many files): run predict --segment on the long recordings, --inputs on clips")
+        if asr is not None:
+            raise click.UsageError("--asr is not available with --inputs (a job of many files): transcribe the "
+                                   "files first (conilium corpus transcribe) or predict them without --inputs")
         if transcripts is not None:
             raise click.UsageError("--transcripts is not available with --inputs (a job of many files); a fusion "
                                    "run's job reads each file's transcript from the corpus layout (Transcripts/ "
@@ -310,7 +320,7 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
 
             predictor = Predictor(model_dir, run=run_dir, device=device, batch_size=batch_size,
                                   max_seconds=max_seconds, max_whole_seconds=max_whole_seconds,
-                                  rescale_loud=rescale_loud, transcripts=transcripts)
+                                  rescale_loud=rescale_loud, transcripts=transcripts, asr=asr)
             if segment is not None and predictor.needs_text:
                 from conilium.finetune.segments import SEGMENT_FUSION
 
@@ -333,7 +343,7 @@ def predict_cmd(model_dir, run_dir, onnx_file, audio, list_file, pattern, out, i
     except click.UsageError:
         raise
     except ConiliumError as e:
-        if "--out" in str(e) or "--list" in str(e) or str(e).startswith("--transcripts"):
+        if "--out" in str(e) or "--list" in str(e) or str(e).startswith(("--transcripts", "--asr:")):
             raise click.UsageError(str(e)) from None
         fail(e)
     failed = [r for r in results if not r.ok]

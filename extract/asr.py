@@ -187,7 +187,7 @@ def transcribe_corpus(corpus, asr: str, *, revision: Optional[str] = None, num_b
                 for (name, _), text in zip(batch, texts):
                     pieces.setdefault(name, []).append(text)
                 for name, parts in pieces.items():
-                    _write(root, name, _SPACE.sub(" ", " ".join(parts)).strip(), no_text)
+                    _write(root, name, _join(parts), no_text)
                 save()
                 bar.update(len(pieces))
         finally:
@@ -198,6 +198,45 @@ def transcribe_corpus(corpus, asr: str, *, revision: Optional[str] = None, num_b
                    + (f"; no words heard in {len(no_text)}" if no_text else "")
                    + (f"; {len(skipped)} skipped (unreadable audio)" if skipped else ""), file=sys.stderr)
     return record
+
+
+class Transcriber:
+    """A Whisper model's transcripts of waveforms in memory, decoded as :func:`transcribe_corpus`
+    decodes a corpus's clips (the same model loading, long-clip cutting, decoding and joining;
+    the same default ``max_new_tokens``): ``transcribe(waves)`` gives one text per 16 kHz mono
+    waveform, ``""`` where the model heard no words. ``predict --asr`` uses it for the files of
+    a fusion run."""
+
+    def __init__(self, asr: str, *, revision: Optional[str] = None, num_beams: int = 1, batch_size: int = 8,
+                 max_new_tokens: Optional[int] = None, language: Optional[str] = None, device="cpu"):
+        if num_beams < 1 or batch_size < 1:
+            raise ConfigError("--asr: the beams and the batch size must be at least 1")
+        self.model, self.processor, self.identity = load_asr(asr, revision=revision, device=device)
+        positions = int(self.model.config.max_target_positions)
+        self.max_new_tokens = positions // 2 if max_new_tokens is None else int(max_new_tokens)
+        if self.max_new_tokens + 4 > positions:
+            raise ConfigError(f"max_new_tokens {self.max_new_tokens}: the model's decoder holds {positions} "
+                              f"positions, a few of them for its prompt; use at most {positions - 4}")
+        self.asr, self.num_beams, self.batch_size, self.language = asr, num_beams, batch_size, language
+        self.settings = _settings(self.identity, num_beams=num_beams, max_new_tokens=self.max_new_tokens,
+                                  language=language, task="transcribe")
+
+    def transcribe(self, waves: List[np.ndarray]) -> List[str]:
+        dev = next(self.model.parameters()).device
+        pieces = [(i, p) for i, w in enumerate(waves) for p in split_long(np.asarray(w, dtype=np.float32))]
+        parts: Dict[int, List[str]] = {i: [] for i in range(len(waves))}
+        for at in range(0, len(pieces), self.batch_size):
+            batch = pieces[at:at + self.batch_size]
+            texts = _generate(self.model, self.processor, [p for _, p in batch], dev, num_beams=self.num_beams,
+                              max_new_tokens=self.max_new_tokens, language=self.language, task="transcribe")
+            for (i, _), text in zip(batch, texts):
+                parts[i].append(text)
+        return [_join(parts[i]) for i in range(len(waves))]
+
+
+def _join(parts: List[str]) -> str:
+    """A clip's text from its pieces' texts (one piece for a clip of at most 30 s)."""
+    return _SPACE.sub(" ", " ".join(parts)).strip()
 
 
 def _transformers_version() -> str:

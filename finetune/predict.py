@@ -131,23 +131,37 @@ class Predictor:
 
     def __init__(self, model_dir=None, *, run=None, device: str = "auto", batch_size: int = 8,
                  max_seconds: Optional[float] = None, precision: str = "auto", num_workers: int = 0,
-                 rescale_loud: Optional[bool] = None, max_whole_seconds: float = 120.0, transcripts=None):
+                 rescale_loud: Optional[bool] = None, max_whole_seconds: float = 120.0, transcripts=None,
+                 asr=None):
         if (model_dir is None) == (run is None):
             raise ConfigError("predict from a finetune-best model directory or from a train-head run: give one "
                               "of the two")
-        if transcripts is not None and run is None:
-            raise ConfigError("--transcripts: only a fusion run (train-head over an audio and a text cache) reads "
-                              "transcripts; a finetune-best model predicts from audio alone")
+        if transcripts is not None and asr is not None:
+            raise ConfigError("--transcripts and --asr: give one of the two (a fusion run's text read from files, "
+                              "or heard by a Whisper model)")
+        for given, option in ((transcripts, "--transcripts"), (asr, "--asr")):
+            if given is not None and run is None:
+                raise ConfigError(f"{option}: only a fusion run (train-head over an audio and a text cache) reads "
+                                  f"transcripts; a finetune-best model predicts from audio alone")
         self.device = resolve_device(device)
         loaded = (load_model_source(model_dir, device=self.device, precision=precision) if run is None
                   else load_run(run, device=self.device, precision=precision, fusion=True))
-        if transcripts is not None and not loaded.needs_text:
-            raise ConfigError(f"--transcripts: run {run} is not a fusion run (its head reads audio alone); only a "
-                              f"fusion run (train-head --cache AUDIO --cache TEXT) reads transcripts")
+        for given, option in ((transcripts, "--transcripts"), (asr, "--asr")):
+            if given is not None and not loaded.needs_text:
+                raise ConfigError(f"{option}: run {run} is not a fusion run (its head reads audio alone); only a "
+                                  f"fusion run (train-head --cache AUDIO --cache TEXT) reads transcripts")
         #: a fusion run's: each file's transcript is read from ``transcripts/<stem>.txt`` (None: the
         #: corpus layout, ``Transcripts/`` beside the ``Audios/`` folder holding the file)
         self.needs_text = loaded.needs_text
         self.transcripts = None if transcripts is None else Path(transcripts)
+        #: ``--asr``: each file's text heard by this Whisper model (:class:`~conilium.extract.asr.Transcriber`,
+        #: decoded as ``conilium corpus transcribe`` decodes) instead of read from a transcript file
+        self.transcriber = None
+        if asr is not None:
+            from conilium.extract.asr import Transcriber
+
+            # a model name or path (default decoding), or a Transcriber set up by the caller
+            self.transcriber = asr if isinstance(asr, Transcriber) else Transcriber(str(asr), device=self.device)
         self.loaded = loaded
         self.model = loaded.model
         self.info = loaded.info
@@ -184,9 +198,12 @@ class Predictor:
                 raise ConfigError(f"{len(texts)} text(s) for {len(names)} input(s): give one per input (None: its "
                                   f"transcript file)")
             ids = {}
+            heard = self._heard(names, waves, texts, todo, results) if self.transcriber is not None else {}
+            todo = [i for i in todo if results[i].error is None]
             for i in list(todo):
                 try:
-                    text = self._text(names[i], waves[i], None if texts is None else texts[i])
+                    given = heard.get(i, None if texts is None else texts[i])
+                    text = self._text(names[i], waves[i], given)
                 except ConiliumError as e:
                     results[i].error = str(e)
                     continue
@@ -213,6 +230,30 @@ class Predictor:
                                progress=progress, on_error=failed, on_peak=peak, extra=extra)
         fill_predictions(results, scores, self.classes, self.offsets, self.attributes)
         return results
+
+    def _heard(self, names, waves, texts, todo: List[int], results) -> dict:
+        """``--asr``: the texts of the files among ``todo`` that were given none, heard by the
+        transcriber over the whole file (16 kHz mono); a file that cannot be read, or in which the
+        model hears no words, gets its error in ``results``."""
+        from conilium.audio import read_audio
+
+        wanted, heard = [], {}
+        for i in todo:
+            if waves[i] is not None or (texts is not None and texts[i] is not None and str(texts[i]).strip()):
+                continue  # a waveform in memory, or a text given: nothing to hear
+            try:
+                wanted.append((i, read_audio(names[i])))
+            except AudioError as e:
+                results[i].error = e.reason
+        for at in range(0, len(wanted), self.batch_size):
+            part = wanted[at:at + self.batch_size]
+            for (i, _), text in zip(part, self.transcriber.transcribe([w for _, w in part])):
+                if text:
+                    heard[i] = text
+                else:
+                    results[i].error = (f"--asr {self.transcriber.asr} heard no words in {names[i]}; a fusion run "
+                                        f"needs its text (give --transcripts)")
+        return heard
 
     def _text(self, name: str, wave, given: Optional[str]) -> str:
         """The transcript of input ``name`` for a fusion run (a CorpusError saying why there is none)."""

@@ -322,3 +322,71 @@ def test_what_predict_refuses_around_transcripts_and_fusion_runs(float32_fusion,
     with pytest.raises(ConfigError, match="a fusion head"):
         export_onnx(tmp_path / "f.onnx", run=run)
     assert not (tmp_path / "f.onnx").exists()
+
+
+def test_predict_asr_hears_each_files_text_as_corpus_transcribe_writes_it(float32_fusion, small_demo_corpus,
+                                                                          tmp_path):
+    """predict --asr MODEL: each file's text is what the Whisper model hears in it, decoded as
+    `conilium corpus transcribe` decodes: the same probabilities as predict reading the transcripts
+    that transcribe wrote with the same model; a file in which the model hears nothing is an error
+    naming it, the others are predicted."""
+    import shutil
+
+    from conilium.cli.finetune import predict_cmd
+    from conilium.extract.asr import transcribe_corpus
+    from conilium.testing.asr import write_tiny_whisper_asr
+    from conilium.transcripts import transcript_path, transcripts_dir
+
+    run = float32_fusion["concat"]
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_demo_corpus, corpus)
+    shutil.rmtree(transcripts_dir(corpus))
+    asr = write_tiny_whisper_asr(tmp_path / "asr", seed=0)
+    info = transcribe_corpus(corpus, str(asr), device="cpu", verbose=False)
+    names = [n for n in read_predictions(prediction_path(run, "Development")).names
+             if transcript_path(corpus, n).is_file()][:5]
+    files = [str(corpus / "Audios" / n) for n in names]
+    assert len(files) == 5 and not info["no_text"]
+
+    # the same audio in a folder with no transcript beside it: the text can only come from --asr
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    copies = [str(shutil.copy(f, bare)) for f in files]
+
+    def predict(paths, *args):
+        out = tmp_path / f"p{len(list(tmp_path.glob('p*.csv')))}.csv"
+        r = CliRunner().invoke(predict_cmd, ["--run", str(run), *paths, "--out", str(out), "--device", "cpu", "-q",
+                                             *args])
+        return r, list(csv.DictReader(io.StringIO(out.read_text()))) if out.exists() else []
+
+    r, heard = predict(copies, "--asr", str(asr), "--batch-size", "2")
+    assert r.exit_code == 0, r.output
+    r, read = predict(files)  # the transcripts corpus transcribe wrote beside Audios/
+    assert r.exit_code == 0, r.output
+    r, _ = predict(copies)  # without --asr the bare copies have no text
+    assert r.exit_code == 1 and "no transcript of" in r.output, r.output
+    assert [h["FileName"] for h in heard] == copies
+    assert [h["Prediction"] for h in heard] == [x["Prediction"] for x in read]
+    np.testing.assert_allclose([[float(h[c]) for c in CLASSES] for h in heard],
+                               [[float(x[c]) for c in CLASSES] for x in read], atol=1e-6)
+
+    # a model that hears nothing in some files (decoding set up by the caller: 4 new tokens at most)
+    from conilium.extract.asr import Transcriber
+    from conilium.finetune.predict import Predictor
+
+    silent = Transcriber(str(write_tiny_whisper_asr(tmp_path / "silent", seed=0, speak=False)), max_new_tokens=4)
+    every = [str(corpus / "Audios" / n) for n in read_predictions(prediction_path(run, "Development")).names]
+    texts = [None if i % 2 else "so happy about this" for i in range(len(every))]  # a text given: no ASR
+    res = Predictor(run=run, device="cpu", asr=silent).predict(every, texts=texts)
+    deaf = [x.file for x in res if x.error]
+    assert deaf and all(f"heard no words in {x.file}" in x.error for x in res if x.error)
+    assert set(deaf) <= {f for f, t in zip(every, texts) if t is None}
+    assert all(x.probabilities is not None for x, t in zip(res, texts) if t is not None)
+
+    # usage: --asr needs a fusion run, is not given with --transcripts, nor with a job
+    for args in (["--model", str(run), files[0], "--asr", str(asr)],
+                 ["--run", str(run), files[0], "--asr", str(asr), "--transcripts", str(tmp_path)],
+                 ["--run", str(run), "--inputs", str(corpus / "Audios"), "--out", str(tmp_path / "job"),
+                  "--asr", str(asr)]):
+        r = CliRunner().invoke(predict_cmd, args)
+        assert r.exit_code == 2 and "--asr" in r.output, (args, r.output)

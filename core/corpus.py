@@ -517,6 +517,20 @@ def read_detailed(path) -> Tuple[Dict[str, List[Annotation]], str]:
     return out, layout
 
 
+def clip_duration(p: Path, where: str) -> float:
+    """Seconds of the audio file ``p`` from its header; a CorpusError starting with ``where``
+    (the clip, or the manifest line) when it is missing, unreadable or empty."""
+    if not p.is_file():
+        raise CorpusError(f"{where}: audio file {p} not found")
+    try:
+        info = sf.info(str(p))
+    except Exception as e:  # soundfile raises RuntimeError/LibsndfileError
+        raise CorpusError(f"{where}: unreadable audio {p}: {e}") from None
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise CorpusError(f"{where}: empty audio file {p}")
+    return info.frames / info.samplerate
+
+
 def load_corpus(root, *, read_durations: bool = True, skip_bad: bool = False,
                 splits: Optional[Sequence[str]] = None, allow_symlinks: bool = False) -> Corpus:
     """Read a corpus root in the MSP-Podcast release layout, or in the manifest layout
@@ -555,17 +569,8 @@ def load_corpus(root, *, read_durations: bool = True, skip_bad: bool = False,
             continue
         duration = None
         if read_durations:
-            p = adir / r["name"]
             try:
-                if not p.is_file():
-                    raise CorpusError(f"clip {r['name']}: audio file {p} not found")
-                try:
-                    info = sf.info(str(p))
-                except Exception as e:  # soundfile raises RuntimeError/LibsndfileError
-                    raise CorpusError(f"clip {r['name']}: unreadable audio {p}: {e}") from None
-                if info.frames <= 0 or info.samplerate <= 0:
-                    raise CorpusError(f"clip {r['name']}: empty audio file {p}")
-                duration = info.frames / info.samplerate
+                duration = clip_duration(adir / r["name"], f"clip {r['name']}")
             except CorpusError as e:
                 if skip_bad:
                     skipped.append((r["name"], str(e)))

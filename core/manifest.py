@@ -39,11 +39,9 @@ from contextlib import closing
 from pathlib import Path, PurePosixPath
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-import soundfile as sf
-
 from .classes import CLASSES_FILE, MSP_PODCAST, ClassSet, load_class_set
 from .corpus import (GENDERS, LABELLED_SPLITS, SPLITS, Annotation, Clip, Corpus, _AudioBounds, _Lines,
-                     _check_width, _open_csv, check_file_name)
+                     _check_width, _open_csv, check_file_name, clip_duration)
 from .errors import CorpusError
 
 MANIFEST_FILES = ("corpus.csv", "corpus.jsonl")
@@ -255,17 +253,8 @@ def load_manifest(root, *, read_durations: bool = True, skip_bad: bool = False,
             continue
         duration = None
         if read_durations:
-            p = root / r["name"]
             try:
-                if not p.is_file():
-                    raise CorpusError(f"{path}:{line}: clip {r['name']}: audio file {p} not found")
-                try:
-                    info = sf.info(str(p))
-                except Exception as e:  # soundfile raises RuntimeError/LibsndfileError
-                    raise CorpusError(f"{path}:{line}: clip {r['name']}: unreadable audio {p}: {e}") from None
-                if info.frames <= 0 or info.samplerate <= 0:
-                    raise CorpusError(f"{path}:{line}: clip {r['name']}: empty audio file {p}")
-                duration = info.frames / info.samplerate
+                duration = clip_duration(root / r["name"], f"{path}:{line}: clip {r['name']}")
             except CorpusError as e:
                 if skip_bad:
                     skipped.append((r["name"], str(e)))

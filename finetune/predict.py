@@ -273,15 +273,9 @@ class Predictor:
                               f"transcript){hint}")
         return read_transcript(path, Path(name).name)
 
-    def predict_segments(self, inputs: Sequence, segment: str = "vad", *, min_segment: float = 1.0,
-                         max_segment: Optional[float] = None, pad: float = 0.1, threshold: float = 0.5,
-                         progress: bool = False):
-        """Each audio file of ``inputs`` cut into segments (``"vad"``: speech found by Silero VAD;
-        ``"fixed:SECONDS[:HOP]"``: windows) and each segment predicted: a
-        :class:`~conilium.finetune.segments.SegmentRun` whose ``results`` are one row per segment
-        (``start``, ``end`` in seconds) and ``no_speech`` the files without any."""
-        from .segments import parse_segment, predict_segments
+    def predict_segments(self, inputs: Sequence, segment: str = "vad", **options):
+        """Each audio file of ``inputs`` cut into segments and each segment predicted
+        (:func:`~conilium.finetune.segments.segment_and_predict`, its options)."""
+        from .segments import segment_and_predict
 
-        spec = parse_segment(segment, min_segment=min_segment, pad=pad, threshold=threshold,
-                             max_segment=max_segment or self.max_seconds or 30.0)
-        return predict_segments(self, inputs, spec, progress=progress)
+        return segment_and_predict(self, inputs, segment, **options)

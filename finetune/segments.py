@@ -196,3 +196,15 @@ def predict_segments(predictor, inputs: Sequence, spec: SegmentSpec, *, progress
             row.seconds = float(predictor.max_seconds)  # the predictor used only the beginning: the Warning says so
     return run
 
+
+def segment_and_predict(predictor, inputs: Sequence, segment: str = "vad", *, min_segment: float = 1.0,
+                        max_segment: Optional[float] = None, pad: float = 0.1, threshold: float = 0.5,
+                        progress: bool = False) -> SegmentRun:
+    """Each audio file of ``inputs`` cut into segments (``"vad"``: speech found by Silero VAD;
+    ``"fixed:SECONDS[:HOP]"``: windows) and each segment predicted by ``predictor``: a
+    :class:`SegmentRun` whose ``results`` are one row per segment (``start``, ``end`` in
+    seconds) and ``no_speech`` the files without any. ``max_segment`` defaults to the
+    predictor's ``max_seconds``, else 30 s."""
+    spec = parse_segment(segment, min_segment=min_segment, pad=pad, threshold=threshold,
+                         max_segment=max_segment or predictor.max_seconds or 30.0)
+    return predict_segments(predictor, inputs, spec, progress=progress)

@@ -426,9 +426,7 @@ def all_findings() -> List[paper.Finding]:
 
 
 def _signed(x: float) -> str:
-    """``+0.012``, ``−0.012`` (a minus sign), ``0.000`` for what rounds to zero (no ``−0.000``)."""
-    text = f"{x:+.3f}"
-    return "0.000" if float(text) == 0 else text.replace("-", "−")
+    return f"{x:+.3f}".replace("-", "−")
 
 
 def _difference(boot: Optional["Bootstrap"], f: paper.Finding, ra: Optional[Dict], rb: Optional[Dict]):

@@ -303,7 +303,7 @@ class PlainHeads:
         losses = []
         for model, opt, fn, t, w in self.parts:
             loss = fn(model(x, n), t[idx], w)
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad(set_to_none=True)  # (a CUDA graph: None before capture, its backward allocates them)
             loss.backward()
             opt.step()
             losses.append(loss.detach())
@@ -537,7 +537,7 @@ def finetuning(args, device: torch.device, work: Path) -> dict:
     return _row("audio s/s", ours_r, got, {
         "upstream": args.upstream, "batch_size": batch, "clip_seconds": args.ft_seconds,
         "steps_per_measurement": args.ft_steps, "warmup_steps": args.ft_warmup,
-        "precision": "autocast " + str(dtype).replace("torch.", "") if dtype is not None else "float32",
+        "precision": "float32" if dtype == "float32" else f"{dtype} autocast",
         "conilium_optimizer": opt_name, "conilium_trainable_parameters": int(trainable),
         "plain_trainable_parameters": int(sum(p.numel() for p in plain_params))})
 
@@ -550,21 +550,21 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cuda", "cpu", "auto"], default="auto")
     ap.add_argument("--small", action="store_true",
-                    help="tiny sizes (demo-wavlm, 24 clips, 96-dim caches, 2 repeats): a CPU smoke check")
+                    help="tiny sizes (demo-wavlm, 48 clips, 96-dim caches): a CPU smoke check")
     ap.add_argument("--compile", action="store_true", help="also the torch.compile variants of the plain loops")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"which rows (default: {','.join(ROWS)})")
-    ap.add_argument("--repeats", type=int, default=None, help="measurements per row (default 3; --small 2)")
+    ap.add_argument("--repeats", type=int, default=None, help="measurements per row (default 3)")
     ap.add_argument("--upstream", default=None, help="registry name, random init (default wavlm-large; --small demo-wavlm)")
     ap.add_argument("--layers", default="last", help="extraction: layers cached (last or all)")
-    ap.add_argument("--extract-clips", type=int, default=None, help="demo clips extracted (default 256; --small 24)")
+    ap.add_argument("--extract-clips", type=int, default=None, help="demo clips extracted (default 256; --small 48)")
     ap.add_argument("--batch-seconds", type=float, default=None, help="extraction's padded-audio bound (its default)")
-    ap.add_argument("--head-clips", type=int, default=None, help="synthetic cache clips (default 1000; --small 200)")
+    ap.add_argument("--head-clips", type=int, default=None, help="synthetic cache clips (default 1000; --small 600)")
     ap.add_argument("--dim", type=int, default=None, help="synthetic cache width (default 1024; --small 96)")
     ap.add_argument("--frames", type=int, nargs=2, default=None, help="frames a clip (default 150 400; --small 40 120)")
     ap.add_argument("--epochs", type=int, default=None, help="head epochs, the first untimed (default 4; --small 3)")
     ap.add_argument("--ft-batch", type=int, default=None, help="fine-tuning clips a step (default 16; --small 2)")
-    ap.add_argument("--ft-seconds", type=float, default=None, help="fine-tuning clip length (default 8; --small 2)")
-    ap.add_argument("--ft-steps", type=int, default=None, help="fine-tuning steps a measurement (default 5; --small 2)")
+    ap.add_argument("--ft-seconds", type=float, default=None, help="fine-tuning clip length (default 8; --small 4)")
+    ap.add_argument("--ft-steps", type=int, default=None, help="fine-tuning steps a measurement (default 5; --small 3)")
     ap.add_argument("--ft-warmup", type=int, default=2, help="untimed fine-tuning steps of each loop")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --small on CPU: 1)")
     ap.add_argument("--workdir", type=Path, default=None, help="where corpus, caches and weights go (temp)")
@@ -575,9 +575,9 @@ def main(argv=None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
     small = args.small
-    defaults = dict(repeats=(2, 3), upstream=("demo-wavlm", "wavlm-large"), extract_clips=(24, 256),
-                    head_clips=(200, 1000), dim=(96, 1024), frames=([40, 120], [150, 400]), epochs=(3, 4),
-                    ft_batch=(2, 16), ft_seconds=(2.0, 8.0), ft_steps=(2, 5))
+    defaults = dict(repeats=(3, 3), upstream=("demo-wavlm", "wavlm-large"), extract_clips=(48, 256),
+                    head_clips=(600, 1000), dim=(96, 1024), frames=([40, 120], [150, 400]), epochs=(3, 4),
+                    ft_batch=(2, 16), ft_seconds=(4.0, 8.0), ft_steps=(3, 5))
     for k, (s, full) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, s if small else full)
@@ -601,6 +601,7 @@ def main(argv=None) -> dict:
                        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "python": platform.python_version()},
            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "command": " ".join(["python", "bench/bench_gpu.py", *(sys.argv[1:] if argv is None else argv)]),
            "rows": {}}
     work = Path(tempfile.mkdtemp(prefix="bench_gpu_", dir=args.workdir))
     funcs = {"extraction": extraction, "head": one_head, "grid": grid, "finetune": finetuning}

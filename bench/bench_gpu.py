@@ -1,12 +1,14 @@
 """conilium against plain PyTorch loops on one device, in one process: extraction, train-head,
 train-grid and fine-tuning rates beside the plain-loop ceilings, with ratios.
 
-On a CUDA machine (one card; about 3 to 4 minutes, wavlm-large random weights, bf16):
+On a CUDA machine (one card; wavlm-large random weights, bf16, 1024-dim caches, batch 16; sized
+to stay under 5 minutes on an H100/H200, an estimate: it has not been run on one):
 
     OPENBLAS_NUM_THREADS=1 python bench/bench_gpu.py            # writes bench/results/gpu_cuda.json
     python bench/bench_gpu.py --compile                          # also the torch.compile variants
 
-The CPU smoke check (demo-wavlm, a few dozen clips, 96-dim caches; 1 to 3 minutes on 2 cores):
+The CPU smoke check (demo-wavlm, 48 clips, 96-dim caches, one torch thread; about 25 s on 2 cores,
+a minute with ``--compile``):
 
     OPENBLAS_NUM_THREADS=1 python bench/bench_gpu.py --device cpu --small --json bench/results/gpu_cpu-small.json
 
@@ -282,7 +284,7 @@ class PlainHeads:
     """Heads, losses, targets and fused AdamW optimisers of ``configs`` (one data pass), stepped
     eagerly in turn on each batch (one loss read-back per step for all), or captured in a CUDA graph."""
 
-    def __init__(self, configs, datas, device, compile_model: bool = False):
+    def __init__(self, configs, datas, device, compile_model: bool = False, capturable: bool = False):
         from conilium.heads.model import EmotionHead
         from conilium.heads.prepare import head_config_for
         from conilium.training.losses import loss_fn
@@ -293,7 +295,7 @@ class PlainHeads:
             torch.manual_seed(config.seed)
             model = EmotionHead(head_config_for(config, data.selection)).to(device).train()
             opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                    fused=True, capturable=device.type == "cuda")
+                                    fused=True, capturable=capturable)
             t, w = _targets(data, device)
             fwd = torch.compile(model, dynamic=True) if compile_model else model
             self.parts.append((fwd, opt, loss_fn(config.loss), t, w))
@@ -365,7 +367,7 @@ def _head_variants(args, device, configs, datas, cache, label: str):
         try:
             longest = max(int(x.shape[1]) for x, _, _ in batches)
             full, _ = _batches(cache, datas[0], configs[0].batch_size, device, pad_to=longest)
-            graphed = PlainHeads(configs, datas, device)
+            graphed = PlainHeads(configs, datas, device, capturable=True)
             graphed.capture(full)
             full_clips = len(full) * configs[0].batch_size
             variants["cuda_graph"] = lambda: _timed_epochs(graphed, full, full_clips, epochs, n, device)
@@ -564,7 +566,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=None, help="head epochs, the first untimed (default 4; --small 3)")
     ap.add_argument("--ft-batch", type=int, default=None, help="fine-tuning clips a step (default 16; --small 2)")
     ap.add_argument("--ft-seconds", type=float, default=None, help="fine-tuning clip length (default 8; --small 4)")
-    ap.add_argument("--ft-steps", type=int, default=None, help="fine-tuning steps a measurement (default 5; --small 3)")
+    ap.add_argument("--ft-steps", type=int, default=None, help="fine-tuning steps a measurement (default 10; --small 3)")
     ap.add_argument("--ft-warmup", type=int, default=2, help="untimed fine-tuning steps of each loop")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --small on CPU: 1)")
     ap.add_argument("--workdir", type=Path, default=None, help="where corpus, caches and weights go (temp)")
@@ -577,7 +579,7 @@ def main(argv=None) -> dict:
     small = args.small
     defaults = dict(repeats=(3, 3), upstream=("demo-wavlm", "wavlm-large"), extract_clips=(48, 256),
                     head_clips=(600, 1000), dim=(96, 1024), frames=([40, 120], [150, 400]), epochs=(3, 4),
-                    ft_batch=(2, 16), ft_seconds=(4.0, 8.0), ft_steps=(3, 5))
+                    ft_batch=(2, 16), ft_seconds=(4.0, 8.0), ft_steps=(3, 10))
     for k, (s, full) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, s if small else full)

@@ -13,9 +13,9 @@ a minute with ``--compile``):
     OPENBLAS_NUM_THREADS=1 python bench/bench_gpu.py --device cpu --small --json bench/results/gpu_cpu-small.json
 
 NOTE: this script was written on a machine without a GPU. Only its CPU paths (``--device cpu``)
-have been run; every CUDA-only part (CUDA graphs, pinned host buffers, bf16 weights, the
-``--compile`` variants) is untested and is guarded so that a failure of one variant is recorded
-in the JSON ("failed: …") and the other rows go on.
+have been run (``--compile`` too, on CPU); every CUDA-only part (CUDA graphs, pinned host
+buffers, bf16 weights and autocast, the compiled variants on CUDA) is untested and is guarded so
+that a failure of one variant is recorded in the JSON ("failed: …") and the other rows go on.
 
 Rows (each: conilium's rate and the plain loop's rate(s), min and median over ``--repeats``
 measurements in which conilium and the plain loops run in turn, their order alternating; the

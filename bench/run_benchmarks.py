@@ -54,6 +54,8 @@ def benches(device: str):
         ("heads", [py, str(HERE / "bench_heads.py"), "--device", "cuda", "--e2e-batch", "16", "--json", out("heads")]),
         ("finetune", [py, str(HERE / "bench_finetune.py"), "--device", "cuda", "--batch-size", "16", "--steps", "10",
                       "--warmup", "2", "--json", out("finetune")]),
+        # conilium beside plain PyTorch loops on the card (extraction, train-head, train-grid, fine-tuning)
+        ("gpu", [py, str(HERE / "bench_gpu.py"), "--device", "cuda", "--json", out("gpu")]),
         cache,
     ]
 
@@ -177,7 +179,7 @@ def write_report(path=HERE / "RESULTS.md") -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--only", action="append", choices=["extract", "heads", "finetune", "onnx", "threads", "report", "cache"],
+    ap.add_argument("--only", action="append", choices=["extract", "heads", "finetune", "onnx", "threads", "report", "cache", "gpu"],
                     help="run only this benchmark (repeatable)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md from bench/results/*.json")
     args = ap.parse_args(argv)

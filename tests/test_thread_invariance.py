@@ -109,3 +109,36 @@ def test_the_thread_invariant_layers_are_torchs_layers_on_one_thread():
         assert torch.equal(on_one_thread(torch.nn.functional.linear, x, ours[0].weight, None),
                            torch.nn.functional.linear(x, ours[0].weight))
     assert torch.get_num_threads() == before
+
+
+
+def _cross_attention_step(threads: int):
+    """A cross-attention fusion head's outputs and gradients after one backward pass on 16 clips,
+    with ``threads`` torch threads."""
+    from conilium.heads.model import FusionHead
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(1)
+        model = FusionHead([HeadConfig(dim=96, num_layers=2, hidden=64, dropout=0.0),
+                            HeadConfig(dim=64, num_layers=1, hidden=64, dropout=0.0)], "cross-attention")
+        g = torch.Generator().manual_seed(0)
+        audio = (torch.randn(16, 200, 2, 96, generator=g), torch.randint(50, 201, (16,), generator=g))
+        text = (torch.randn(16, 20, 1, 64, generator=g), torch.randint(2, 21, (16,), generator=g))
+        out = model((audio, text))
+        out.square().sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_cross_attention_fusion_heads_outputs_and_gradients_do_not_depend_on_the_threads():
+    """The cross-attention (torch's own attention layer between thread-invariant ones) gives a
+    fusion run the same numbers on 1 and 2 threads, as the heads' other layers do."""
+    out1, grads1 = _cross_attention_step(1)
+    out2, grads2 = _cross_attention_step(2)
+    assert torch.equal(out1, out2)
+    assert grads1.keys() == grads2.keys() and any(k.startswith("cross.attention.") for k in grads1)
+    for k in grads1:
+        assert torch.equal(grads1[k], grads2[k]), k

@@ -55,8 +55,9 @@ SETTINGS_FIELDS = ("upstream", "layers", "layers_spec", "num_hidden_states", "di
 #: key) only where one of the two sides has them, so that other caches are as before:
 #: ``"classes"``, the corpus's class set (:meth:`conilium.classes.ClassSet.to_json`) when it is not
 #: MSP-Podcast's eight; ``"text"``, a text upstream's transcripts fingerprint and tokenizer
-#: (:mod:`conilium.extract.text`).
-SETTINGS_OPTIONAL = ("classes", "text")
+#: (:mod:`conilium.extract.text`); ``"compile"``, true when the upstream ran through
+#: ``torch.compile`` (``extract-features --compile``).
+SETTINGS_OPTIONAL = ("classes", "text", "compile")
 #: Kept in extraction.json only (bookkeeping of the run that wrote the settings), not in the manifest.
 SETTINGS_ONLY = ("skipped_in_stats",)
 #: What :meth:`CacheWriter.finish` adds to the settings to make the manifest (its own checksum last).
@@ -79,6 +80,9 @@ def compare_settings(existing: Mapping, requested: Mapping) -> List[str]:
         a, b = existing.get(k), requested.get(k)
         if a != b:
             diffs.append(f"{k}: cache has {_describe(a)}, requested {_describe(b)}")
+    if bool(existing.get("compile")) != bool(requested.get("compile")):
+        diffs.append(f"compile: cache has {bool(existing.get('compile'))}, requested {bool(requested.get('compile'))} "
+                     f"(extract-features --compile: its frames differ from the eager forward's in the last bits)")
     a, b = existing.get("text") or {}, requested.get("text") or {}
     if a.get("transcripts_fingerprint") != b.get("transcripts_fingerprint"):
         diffs.append(f"transcripts: the cache was built from other transcripts (fingerprint "

@@ -60,6 +60,12 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
               help="auto: CUDA when available (one GPU per rank under torchrun), else CPU.")
 @click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: float32 on CPU, bfloat16 autocast on CUDA (float16 without bf16).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Run the audio upstream's forward through torch.compile (dynamic shapes; needs a C++ compiler "
+                   "on CPU), meant for GPUs: the first batch waits for the compilation (about 6 s for "
+                   "demo-wavlm on 2 CPU cores, where it gains nothing on the demo). Its frames differ from "
+                   "the eager forward's in the last bits: recorded in the manifest, and a cache begun with it "
+                   "is resumed or reused only with it.")
 @click.option("--shard-size", type=POSITIVE_INT, default=256, show_default=True, help="Clips per HDF5 shard.")
 @click.option("--workers", type=POSITIVE_INT, default=2, show_default=True, help="Audio decoding threads.")
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice).")
@@ -83,7 +89,8 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
 @version_option
 def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max_seconds, normalize, whisper_input,
                          random_init,
-                         seed, revision, splits, batch_seconds, device, compute_dtype, shard_size, workers, threads,
+                         seed, revision, splits, batch_seconds, device, compute_dtype, compile_, shard_size, workers,
+                         threads,
                          skip_bad, allow_symlinks, augment_noise, augment_fraction, snr_db, copies, rescale_loud, overwrite,
                          no_space_check, wait_for_lock, quiet):
     """Run an upstream over a corpus once and store its hidden states in an HDF5 feature cache.
@@ -122,7 +129,7 @@ def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max
             compute_dtype=compute_dtype, shard_size=shard_size,
             splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None,
             augmentation=NoiseAugmentation(augment_noise, augment_fraction, parse_snr(snr_db), copies)
-            if augment_noise else None, rescale_loud=rescale_loud, whisper_input=whisper_input)
+            if augment_noise else None, rescale_loud=rescale_loud, whisper_input=whisper_input, compile=compile_)
         if threads:
             import torch
 

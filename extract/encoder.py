@@ -399,8 +399,20 @@ class UpstreamRunner:
     """
 
     def __init__(self, model, *, device: torch.device, compute_dtype: str = "float32",
-                 layers: Optional[Sequence[int]] = None, pooled_stats: bool = False, whisper_input: str = "30s"):
+                 layers: Optional[Sequence[int]] = None, pooled_stats: bool = False, whisper_input: str = "30s",
+                 compile: bool = False):
         self.encoder = UpstreamEncoder(model.eval(), whisper_input=whisper_input).to(device)
+        #: ``compile``: the forward through ``torch.compile`` (dynamic shapes: clips of every
+        #: length share one compiled graph, after a first compilation of some seconds)
+        self._forward = self.encoder.hidden_states
+        self.compiled = bool(compile)
+        if self.compiled:
+            import logging
+
+            torch._logging.set_logs(dynamo=logging.ERROR)  # its notes on graph breaks, not errors
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._dynamo")
+            self._forward = torch.compile(self.encoder.hidden_states, dynamic=True)
+        self._compiled_ok = False
         self.device = device
         self.compute_dtype = compute_dtype
         self.num_hidden_states = self.encoder.num_hidden_states
@@ -410,6 +422,20 @@ class UpstreamRunner:
         self.forward_seconds = 0.0
         self.computed_frames = 0
         self.useful_frames = 0
+
+    def _call(self, x: torch.Tensor, lengths: torch.Tensor, wanted):
+        if not self.compiled or self._compiled_ok:
+            return self._forward(x, lengths, wanted)
+        try:  # the first call compiles: a failure there (no C++ compiler, an unsupported operation) is named
+            out = self._forward(x, lengths, wanted)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"--compile: torch.compile could not compile the upstream's forward "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); "
+                              f"extract without --compile") from None
+        self._compiled_ok = True
+        return out
 
     def frames_for(self, num_samples: int) -> int:
         return self.encoder.frames_for(num_samples)
@@ -436,7 +462,7 @@ class UpstreamRunner:
         x, lengths = pad_waves(waves)
         wanted = list(range(self.num_hidden_states)) if self.pooled_stats else self.layers
         with autocast(self.device, self.compute_dtype):
-            states, frames = self.encoder.hidden_states(x.to(self.device), lengths.to(self.device), wanted)
+            states, frames = self._call(x.to(self.device), lengths.to(self.device), wanted)
         states = states.float()  # (B, T, L, D)
         t_max = states.shape[1]
         counts = frames.tolist()

@@ -268,7 +268,8 @@ def _load_runner(config: ExtractConfig, cache: CacheWriter, dev, cdtype: str,
     num_hidden_states, _ = hidden_shape(model)
     runner = UpstreamRunner(model, device=dev, compute_dtype=cdtype,
                             layers=parse_layers(config.layers, num_hidden_states),
-                            pooled_stats=config.pooled_stats, whisper_input=config.whisper_input or "30s")
+                            pooled_stats=config.pooled_stats, whisper_input=config.whisper_input or "30s",
+                            compile=config.compile)
     return runner, identity
 
 
@@ -300,6 +301,7 @@ def _settings(config: ExtractConfig, identity: dict, runner: UpstreamRunner, cor
         "code_version": conilium.__version__,
         "config": config.to_json(),
         **classes,
+        **({"compile": True} if config.compile else {}),
     }
 
 

@@ -102,6 +102,8 @@ class ExtractConfig:
     augmentation: Optional[NoiseAugmentation] = None
     rescale_loud: bool = False
     whisper_input: Optional[str] = None
+    #: ``--compile``: the upstream's forward through ``torch.compile`` (recorded only when on)
+    compile: bool = False
 
     def __post_init__(self):
         layers = self.layers
@@ -116,7 +118,7 @@ class ExtractConfig:
         normalised = dict(upstream=str(self.upstream), layers=layers, pooled_stats=bool(self.pooled_stats),
                           random_init=bool(self.random_init), seed=int(self.seed), shard_size=int(self.shard_size),
                           splits=tuple(splits) if splits else None, augmentation=aug,
-                          rescale_loud=bool(self.rescale_loud))
+                          rescale_loud=bool(self.rescale_loud), compile=bool(self.compile))
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
         if self.dtype not in ("float16", "float32"):
@@ -142,7 +144,10 @@ class ExtractConfig:
         return cls(**d)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["compile"]:
+            del d["compile"]  # a cache extracted without it records what it always recorded
+        return d
 
 
 def resolve_for_family(config, whisper: bool):

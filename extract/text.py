@@ -300,6 +300,8 @@ def check_text_config(config: ExtractConfig) -> ExtractConfig:
         raise ConfigError(f"--augment-noise applies to audio upstreams; {config.upstream} is a text encoder")
     if config.whisper_input is not None:
         raise ConfigError(f"--whisper-input applies to Whisper encoders only; {config.upstream} is a text encoder")
+    if config.compile:
+        raise ConfigError(f"--compile applies to audio upstreams; {config.upstream} is a text encoder")
     if config.normalize not in ("auto", "none"):
         raise ConfigError(f"--normalize {config.normalize} applies to audio upstreams; {config.upstream} is a text "
                           f"encoder")

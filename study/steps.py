@@ -323,12 +323,15 @@ class Study:
         the rows are left out: ``--paper-only``, or a corpus without transcripts)."""
         if self.c.paper_only:
             return None
-        from conilium.transcripts import transcripts_dir
+        if not self.c.demo:
+            from conilium.corpus import load_corpus
 
-        if not self.c.demo and not transcripts_dir(self.corpus).is_dir():
-            self.say(f"no transcripts in {transcripts_dir(self.corpus)}: the text and audio + text rows are left "
-                     f"out (conilium corpus transcribe makes them)")
-            return None
+            corpus = load_corpus(self.corpus, read_durations=False, allow_symlinks=self.c.allow_symlinks)
+            transcripts = corpus.transcripts()
+            if transcripts.missing:  # a fusion head needs every clip's text: no rows rather than a failed study
+                self.say(f"{transcripts.missing_summary()}: the text and audio + text rows are left out "
+                         f"(conilium corpus transcribe --asr whisper-large-v3 makes the transcripts)")
+                return None
         name = TEXT_UPSTREAM[1] if self.c.demo else TEXT_UPSTREAM[0]
         text_cache = self.cache_dir / name
         self.extract(f"extract features: the transcripts' text ({name}), beyond the paper", name, text_cache, [])

@@ -56,16 +56,29 @@ def test_the_study_extracts_the_text_and_trains_text_and_fusion_heads(small_demo
     assert "WBCE(S)" in table2  # the audio row the text rows are compared with
 
 
-def test_the_text_rows_are_left_out_with_paper_only_or_without_transcripts(small_demo_corpus, tmp_path, capsys):
+def test_the_text_rows_are_left_out_with_paper_only_or_without_every_transcript(small_demo_corpus, tmp_path,
+                                                                                capsys):
+    import shutil
+
     plain = Study(StudyConfig(out=str(tmp_path / "a"), paper_only=True))
     steps = _recording(plain)
     assert plain.text_heads(tmp_path / "cache") is None and steps == []
-    corpus = tmp_path / "corpus"  # a real corpus's layout, without Transcripts/
-    corpus.mkdir()
+    # a real corpus (given by path): its transcripts decide
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_demo_corpus, corpus)
     real = Study(StudyConfig(corpus=str(corpus), out=str(tmp_path / "b"), skip_finetune=True))
     steps = _recording(real)
+    assert real.text_heads(tmp_path / "cache") == real.runs / "modalities"  # every clip has one
+    assert [argv[0] for argv in steps] == ["extract-features", "train-grid"]
+    assert steps[0][steps[0].index("--upstream") + 1] == "roberta-large" and "--random-init" not in steps[0]
+    one = sorted((corpus / "Transcripts").glob("*.txt"))[0]
+    one.unlink()  # one clip without its transcript: a fusion head could not read it
+    steps.clear()
     assert real.text_heads(tmp_path / "cache") is None and steps == []
-    assert "no transcripts in" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 of 60 clip(s) have no transcript" in out and one.stem in out and "left out" in out
+    shutil.rmtree(corpus / "Transcripts")
+    assert real.text_heads(tmp_path / "cache") is None and steps == []
 
 
 def test_the_report_says_what_the_text_adds_against_audio_alone(small_caches, tmp_path):

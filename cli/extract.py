@@ -58,8 +58,11 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
                    "time [default: 0 on CPU, where batching only adds padding; 300 on CUDA].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when available (one GPU per rank under torchrun), else CPU.")
-@click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="auto: float32 on CPU, bfloat16 autocast on CUDA (float16 without bf16).")
+@click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16", "bfloat16-weights"]),
+              default="auto", show_default=True,
+              help="auto: float32 on CPU, bfloat16 autocast on CUDA (float16 without bf16). bfloat16-weights: the "
+                   "upstream's weights and activations in bfloat16, no autocast (wav2vec 2.0 family; any device, "
+                   "meant for GPUs; frames within a few percent of float32's).")
 @click.option("--compile", "compile_", is_flag=True,
               help="Run the audio upstream's forward through torch.compile (dynamic shapes; needs a C++ compiler "
                    "on CPU), meant for GPUs: the first batch waits for the compilation (about 6 s for "

@@ -33,6 +33,11 @@ T = TypeVar("T")
 
 #: Compute dtypes a model may run in; "auto" picks per device.
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: Extraction's weights in bfloat16 (no autocast: the upstream's weights and activations are
+#: bfloat16 on any device; ``extract-features --compute-dtype bfloat16-weights``).
+BF16_WEIGHTS = "bfloat16-weights"
+#: What ``extract-features --compute-dtype`` takes.
+EXTRACT_COMPUTE_DTYPES = (*COMPUTE_DTYPES, BF16_WEIGHTS)
 
 
 def valid_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -158,6 +163,8 @@ def compute_dtype(name: str, device: torch.device, *, strict: bool = True) -> st
     ``auto``: float32 on CPU; bfloat16 on CUDA where supported, else float16. A reduced
     precision on CPU is an error with ``strict`` (extraction), float32 without it.
     """
+    if name == BF16_WEIGHTS:
+        return name  # any device (slow on a CPU without bfloat16 instructions)
     if name not in COMPUTE_DTYPES:
         raise ConfigError(f"unknown compute dtype {name!r}; expected {', '.join(COMPUTE_DTYPES)}")
     if name == "auto":
@@ -186,7 +193,7 @@ def _no_tf32():
 def autocast(device: torch.device, dtype: str = "float32"):
     """The context a forward pass runs in: nothing on CPU; on CUDA autocast to ``dtype``
     (bfloat16/float16) or full float32."""
-    if device.type != "cuda":
+    if device.type != "cuda" or dtype == BF16_WEIGHTS:
         return contextlib.nullcontext()
     if dtype in ("bfloat16", "float16"):
         return torch.autocast("cuda", dtype=getattr(torch, dtype))

@@ -46,7 +46,7 @@ from torch.nn import functional as F
 
 from conilium import SAMPLE_RATE
 from conilium.errors import ConfigError
-from conilium.runtime import autocast, valid_mask
+from conilium.runtime import BF16_WEIGHTS, autocast, valid_mask
 
 from .whisper import MAX_SAMPLES, WhisperFamily, check_input, is_whisper
 from .whisper import freeze_front_end as whisper_freeze
@@ -402,6 +402,14 @@ class UpstreamRunner:
                  layers: Optional[Sequence[int]] = None, pooled_stats: bool = False, whisper_input: str = "30s",
                  compile: bool = False):
         self.encoder = UpstreamEncoder(model.eval(), whisper_input=whisper_input).to(device)
+        #: ``bfloat16-weights``: the upstream's weights cast to bfloat16 and its input too (no autocast)
+        self.input_dtype = torch.float32
+        if compute_dtype == BF16_WEIGHTS:
+            if self.encoder.whisper_input is not None:
+                raise ConfigError("--compute-dtype bfloat16-weights: not for a Whisper encoder (its log-mel input "
+                                  "is computed in float32); use --compute-dtype bfloat16 (autocast)")
+            self.encoder.to(dtype=torch.bfloat16)
+            self.input_dtype = torch.bfloat16
         #: ``compile``: the forward through ``torch.compile`` (dynamic shapes: clips of every
         #: length share one compiled graph, after a first compilation of some seconds)
         self._forward = self.encoder.hidden_states
@@ -462,7 +470,7 @@ class UpstreamRunner:
         x, lengths = pad_waves(waves)
         wanted = list(range(self.num_hidden_states)) if self.pooled_stats else self.layers
         with autocast(self.device, self.compute_dtype):
-            states, frames = self._call(x.to(self.device), lengths.to(self.device), wanted)
+            states, frames = self._call(x.to(self.device, self.input_dtype), lengths.to(self.device), wanted)
         states = states.float()  # (B, T, L, D)
         t_max = states.shape[1]
         counts = frames.tolist()

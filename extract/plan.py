@@ -159,6 +159,9 @@ def resolve_for_family(config, whisper: bool):
     if config.normalize == "auto":
         changes["normalize"] = "none" if whisper else "global"
     if whisper:
+        if getattr(config, "compute_dtype", None) == "bfloat16-weights":
+            raise ConfigError(f"--compute-dtype bfloat16-weights: not for a Whisper encoder ({config.upstream}: its "
+                              f"log-mel input is computed in float32); use --compute-dtype bfloat16 (autocast)")
         changes["whisper_input"] = config.whisper_input or WHISPER_INPUTS[0]
         if config.max_seconds is None or config.max_seconds > WHISPER_MAX_SECONDS:
             raise ConfigError(f"{config.upstream}: a Whisper encoder takes at most {WHISPER_MAX_SECONDS:g} s of audio; "

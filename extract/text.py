@@ -302,6 +302,9 @@ def check_text_config(config: ExtractConfig) -> ExtractConfig:
         raise ConfigError(f"--whisper-input applies to Whisper encoders only; {config.upstream} is a text encoder")
     if config.compile:
         raise ConfigError(f"--compile applies to audio upstreams; {config.upstream} is a text encoder")
+    if config.compute_dtype == "bfloat16-weights":
+        raise ConfigError(f"--compute-dtype bfloat16-weights applies to wav2vec 2.0-family audio upstreams; "
+                          f"{config.upstream} is a text encoder (--compute-dtype bfloat16: autocast, on CUDA)")
     if config.normalize not in ("auto", "none"):
         raise ConfigError(f"--normalize {config.normalize} applies to audio upstreams; {config.upstream} is a text "
                           f"encoder")

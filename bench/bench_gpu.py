@@ -28,8 +28,9 @@ ratio is conilium / plain, of the medians, of the minima and per repeat):
    upstream's forward (``output_hidden_states``; WavLM's attention through the same fused
    ``scaled_dot_product_attention`` as conilium, so that the loops differ in the pipeline, not
    the kernel), bf16 autocast on CUDA (float32 on CPU), the cached layers copied to the host as
-   float16. CUDA also: bf16 weights (no autocast); with ``--compile``, the compiled model, and
-   conilium's own ``extract-features --compile`` (its compilation inside its loop time).
+   float16. CUDA also: bf16 weights (no autocast), and conilium's own ``--compute-dtype
+   bfloat16-weights``; with ``--compile``, the compiled model, and conilium's own
+   ``extract-features --compile`` (its compilation inside its loop time).
 2. one head, clips/s at batch 16: ``train_head`` (preloaded; its training steps' own
    ``train_seconds``, epochs after the first) on a synthetic cache, against the plain loop of
    bench/bench_loop.py (the same head, loss and fused AdamW on batches already padded on the
@@ -224,6 +225,18 @@ def extraction(args, device: torch.device, work: Path) -> dict:
             variants["bf16_weights"] = plain(m16, False)
         except Exception as e:  # noqa: BLE001
             variants["bf16_weights"] = f"failed: {type(e).__name__}: {e}"
+
+        def ours_bf16_weights() -> float:
+            # conilium's own extract-features --compute-dtype bfloat16-weights
+            out = work / "extract-cache-bf16w"
+            shutil.rmtree(out, ignore_errors=True)
+            st = ExtractStats()
+            extract_features(dataclasses.replace(config, compute_dtype="bfloat16-weights"), corpus_dir, out,
+                             device=device.type, batch_seconds=args.batch_seconds, workers=2, verbose=False,
+                             stats=st)
+            return st.audio_seconds / st.loop_seconds
+
+        variants["conilium --compute-dtype bfloat16-weights (not a plain loop)"] = ours_bf16_weights
     else:
         variants["bf16_weights"] = SKIPPED_CUDA
     if args.compile:

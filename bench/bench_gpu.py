@@ -156,14 +156,20 @@ def extraction(args, device: torch.device, work: Path) -> dict:
     config = ExtractConfig(args.upstream, random_init=True, seed=0, layers=args.layers)
     stats = {}
 
-    def ours() -> float:
-        out = work / "extract-cache"
-        shutil.rmtree(out, ignore_errors=True)  # (random weights rebuilt in the cache each time: not in the loop)
-        st = ExtractStats()
-        extract_features(config, corpus_dir, out, device=device.type, batch_seconds=args.batch_seconds,
-                         workers=2, verbose=False, stats=st)
-        stats.update(st.as_dict())
-        return st.audio_seconds / st.loop_seconds
+    def conilium(folder: str, record: bool = False, **changes):
+        """conilium's extract_features (with ``changes`` to the config), audio seconds per loop second."""
+        def run() -> float:
+            out = work / folder
+            shutil.rmtree(out, ignore_errors=True)  # (random weights rebuilt in the cache each time: not in the loop)
+            st = ExtractStats()
+            extract_features(dataclasses.replace(config, **changes), corpus_dir, out, device=device.type,
+                             batch_seconds=args.batch_seconds, workers=2, verbose=False, stats=st)
+            if record:
+                stats.update(st.as_dict())
+            return st.audio_seconds / st.loop_seconds
+        return run
+
+    ours = conilium("extract-cache", record=True)
 
     # the waveforms, in memory, as extraction reads them (8 s truncation)
     corpus = load_corpus(corpus_dir, read_durations=True)
@@ -225,18 +231,8 @@ def extraction(args, device: torch.device, work: Path) -> dict:
             variants["bf16_weights"] = plain(m16, False)
         except Exception as e:  # noqa: BLE001
             variants["bf16_weights"] = f"failed: {type(e).__name__}: {e}"
-
-        def ours_bf16_weights() -> float:
-            # conilium's own extract-features --compute-dtype bfloat16-weights
-            out = work / "extract-cache-bf16w"
-            shutil.rmtree(out, ignore_errors=True)
-            st = ExtractStats()
-            extract_features(dataclasses.replace(config, compute_dtype="bfloat16-weights"), corpus_dir, out,
-                             device=device.type, batch_seconds=args.batch_seconds, workers=2, verbose=False,
-                             stats=st)
-            return st.audio_seconds / st.loop_seconds
-
-        variants["conilium --compute-dtype bfloat16-weights (not a plain loop)"] = ours_bf16_weights
+        variants["conilium --compute-dtype bfloat16-weights (not a plain loop)"] = conilium(
+            "extract-cache-bf16w", compute_dtype="bfloat16-weights")
     else:
         variants["bf16_weights"] = SKIPPED_CUDA
     if args.compile:
@@ -245,17 +241,8 @@ def extraction(args, device: torch.device, work: Path) -> dict:
             variants["compiled"]()  # compile before the timed repeats
         except Exception as e:  # noqa: BLE001
             variants["compiled"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-
-        def ours_compiled() -> float:
-            # conilium's own extract-features --compile (each call compiles again: in its loop time)
-            out = work / "extract-cache-compiled"
-            shutil.rmtree(out, ignore_errors=True)
-            st = ExtractStats()
-            extract_features(dataclasses.replace(config, compile=True), corpus_dir, out, device=device.type,
-                             batch_seconds=args.batch_seconds, workers=2, verbose=False, stats=st)
-            return st.audio_seconds / st.loop_seconds
-
-        variants["conilium --compile (not a plain loop)"] = ours_compiled
+        # (each call compiles again: the compilation is in its loop time)
+        variants["conilium --compile (not a plain loop)"] = conilium("extract-cache-compiled", compile=True)
     else:
         variants["compiled"] = SKIPPED_COMPILE
     for name, fn in list(variants.items()):

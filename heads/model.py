@@ -147,6 +147,15 @@ class HeadConfig:
     gender: int = 0  # 1: an auxiliary gender logit beside the outputs (training only; forward(aux=True))
 
 
+def classifier_for(in_dim: int, config: HeadConfig) -> Classifier:
+    """The :class:`Classifier` of a head of ``config`` over pooled vectors of ``in_dim``; a
+    ValueError for a config without class or attribute outputs."""
+    if config.num_classes < 0 or config.attributes < 0 or config.num_classes + config.attributes == 0:
+        raise ValueError(f"a head needs class or attribute outputs, not num_classes={config.num_classes}, "
+                         f"attributes={config.attributes}")
+    return Classifier(in_dim, config.hidden, config.num_classes, config.dropout, config.attributes, config.gender)
+
+
 class EmotionHead(nn.Module):
     """Layer mix → pooling → classifier.
 
@@ -168,11 +177,7 @@ class EmotionHead(nn.Module):
                                  f"{', '.join(list(POOLINGS) + ['stats'])}")
             self.pooling = POOLINGS[config.pooling](config.dim)
             in_dim = self.pooling.out_dim
-        if config.num_classes < 0 or config.attributes < 0 or config.num_classes + config.attributes == 0:
-            raise ValueError(f"a head needs class or attribute outputs, not num_classes={config.num_classes}, "
-                             f"attributes={config.attributes}")
-        self.classifier = Classifier(in_dim, config.hidden, config.num_classes, config.dropout, config.attributes,
-                                     config.gender)
+        self.classifier = classifier_for(in_dim, config)
 
     @property
     def attribute_outputs(self) -> int:
@@ -276,19 +281,10 @@ class FusionHead(nn.Module):
             self.cross = CrossAttention(last.dim, configs[0].dim)
             self.cross_pooling = POOLINGS[last.pooling](last.dim)
             in_dim += self.cross_pooling.out_dim
-        c = self.config
-        if c.num_classes < 0 or c.attributes < 0 or c.num_classes + c.attributes == 0:
-            raise ValueError(f"a head needs class or attribute outputs, not num_classes={c.num_classes}, "
-                             f"attributes={c.attributes}")
-        self.classifier = Classifier(in_dim, c.hidden, c.num_classes, c.dropout, c.attributes, c.gender)
+        self.classifier = classifier_for(in_dim, self.config)
 
-    @property
-    def attribute_outputs(self) -> int:
-        return self.config.attributes
-
-    @property
-    def output_width(self) -> int:
-        return self.config.num_classes + self.config.attributes
+    attribute_outputs = EmotionHead.attribute_outputs
+    output_width = EmotionHead.output_width
 
     def embed(self, x, lengths=None) -> torch.Tensor:
         """The branches' pooled vectors side by side; ``x``: one ``(frames, lengths)`` per branch."""

@@ -165,6 +165,15 @@ def _run_cache(head_run: Path, ckpt: HeadCheckpoint) -> Optional[str]:
     return ckpt.cache or RunDir(head_run).cache
 
 
+def upstream_dtype(manifest, precision: str, device: torch.device) -> str:
+    """The dtype a cache's upstream runs in to predict: ``precision`` "auto", the cache's own
+    compute dtype (extraction's bfloat16 weights: autocast; float32 on CPU), else ``precision``."""
+    if precision != "auto":
+        return precision_dtype(precision, device)
+    stored = manifest.compute_dtype
+    return pick_compute_dtype(stored if stored in COMPUTE_DTYPES else "auto", device, strict=False)
+
+
 def load_run_upstream(head_run: Path, ckpt: HeadCheckpoint, where: str) -> Tuple[nn.Module, dict]:
     """The upstream the run's cache was extracted with (its manifest's identity): from the hub at
     the recorded revision, the local directory, or the random weights kept in the cache's
@@ -250,11 +259,7 @@ def load_run(run_dir, *, device: torch.device, precision: str = "auto", fusion: 
     if head.config.dim != hidden_shape(upstream)[1]:
         raise ConfigError(f"{where}: head width {head.config.dim} differs from the hidden size "
                           f"{hidden_shape(upstream)[1]} of upstream {ident.get('loaded_from')}")
-    stored = manifest.compute_dtype
-    if precision == "auto":
-        compute = pick_compute_dtype(stored if stored in COMPUTE_DTYPES else "auto", device, strict=False)
-    else:
-        compute = precision_dtype(precision, device)
+    compute = upstream_dtype(manifest, precision, device)
     model = RunModel(upstream, head, kind=inp["kind"], upstream_layers=layers, positions=inp.get("positions"),
                      device=device, compute_dtype=compute,
                      whisper_input=manifest.whisper_input or "30s").to(device).eval()
@@ -402,11 +407,7 @@ def load_text_branch(manifest, cache: Optional[str], where: str, checkpoint, *, 
         raise ConfigError(f"{where}: the tokenizer at {place} (sha256 {have[:12]}…) is not the one the text cache "
                           f"{cache} was extracted with ({want[:12]}…)")
     max_tokens = int(text.get("max_tokens") or token_limit(model, tokenizer))
-    stored = manifest.compute_dtype
-    if precision == "auto":
-        compute = pick_compute_dtype(stored if stored in COMPUTE_DTYPES else "auto", device, strict=False)
-    else:
-        compute = precision_dtype(precision, device)
+    compute = upstream_dtype(manifest, precision, device)
     runner = TextRunner(model.eval(), tokenizer, device=device, compute_dtype=compute, layers=list(layers),
                         pooled_stats=False, max_tokens=max_tokens)
     n_states = manifest.num_hidden_states
@@ -444,11 +445,7 @@ def load_fusion_run(run_dir: Path, head_run: Path, thresholds: Optional[Path], h
             dim, ident = branch.runner.dim, branch.identity
         else:
             upstream, ident = load_cache_upstream(manifest, cache, where, checkpoint)
-            stored = manifest.compute_dtype
-            if precision == "auto":
-                compute = pick_compute_dtype(stored if stored in COMPUTE_DTYPES else "auto", device, strict=False)
-            else:
-                compute = precision_dtype(precision, device)
+            compute = upstream_dtype(manifest, precision, device)
             branch = UpstreamRunner(upstream, device=device, compute_dtype=compute, layers=layers,
                                     whisper_input=manifest.whisper_input or "30s")
             branch.encoder.check_layers(layers)

@@ -1,7 +1,6 @@
 """Fusion heads: train-head --cache AUDIO --cache TEXT, one pooling branch per cache, one classifier."""
 
 import csv
-import filecmp
 import io
 import json
 
@@ -25,8 +24,7 @@ from conilium.heads.data import length_batches
 from conilium.runs import prediction_path, read_predictions
 from conilium.testing import write_synthetic_cache
 
-TIMING_HISTORY = ("seconds", "train_seconds")
-TIMING_TRAINING = ("seconds", "clips_per_second")
+from test_grid_pass import assert_same_run
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +45,6 @@ def _config(caches, more=("text",), **kw):
     kw.setdefault("batch_size", 8)
     return TrainConfig(cache=str(caches["audio"]), more_caches=tuple(str(caches[m]) for m in more), device="cpu",
                        threads=1, **kw)
-
-
-def _untimed(metrics):
-    m = dict(metrics)
-    m["history"] = [{k: v for k, v in h.items() if k not in TIMING_HISTORY} for h in m["history"]]
-    m["training"] = {k: v for k, v in m["training"].items() if k not in TIMING_TRAINING}
-    return m
-
-
-def assert_same_run(a, b):
-    preds = sorted(p.name for p in (a / "predictions").iterdir())
-    assert preds == sorted(p.name for p in (b / "predictions").iterdir()) and preds
-    for name in preds:
-        assert filecmp.cmp(a / "predictions" / name, b / "predictions" / name, shallow=False), name
-    assert _untimed(json.loads((a / "metrics.json").read_text())) == _untimed(json.loads((b / "metrics.json").read_text()))
-    sa, sb = load_head(a, fusion=True)[1].state_dict, load_head(b, fusion=True)[1].state_dict
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.mark.parametrize("fusion", ["concat", "cross-attention"])

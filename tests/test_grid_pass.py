@@ -40,14 +40,15 @@ def _untimed(metrics):
 
 
 def assert_same_run(a, b):
-    """Two run directories: bitwise equal predictions, equal metrics apart from timings, equal weights."""
+    """Two run directories: bitwise equal predictions, equal metrics apart from timings, equal configs,
+    equal weights (a fusion run's too)."""
     preds = sorted(p.name for p in (a / "predictions").iterdir())
     assert preds == sorted(p.name for p in (b / "predictions").iterdir()) and preds
     for name in preds:
         assert filecmp.cmp(a / "predictions" / name, b / "predictions" / name, shallow=False), name
     assert _untimed(json.loads((a / "metrics.json").read_text())) == _untimed(json.loads((b / "metrics.json").read_text()))
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
-    sa, sb = load_head(a)[1].state_dict, load_head(b)[1].state_dict
+    sa, sb = load_head(a, fusion=True)[1].state_dict, load_head(b, fusion=True)[1].state_dict
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 

@@ -83,21 +83,14 @@ def main(argv=None) -> dict:
     import torch
 
     from conilium.demo import make_demo_corpus
-    from conilium.extract.upstreams import load_upstream
-    from conilium.finetune.model import EndToEndModel, save_model_dir
-    from conilium.heads.model import EmotionHead, HeadConfig
+    from conilium.testing import write_demo_model_dir
 
     out = {"bench": "segments", "segment": args.segment, "threads": args.threads, "runs": [],
            "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = make_demo_corpus(tmp / "corpus", clips=40, seed=0)
-        upstream, identity = load_upstream("demo-wavlm", random_init=True, random_root=tmp / "weights")
-        torch.manual_seed(0)
-        model = EndToEndModel(upstream, EmotionHead(HeadConfig(dim=96, layers=0, hidden=32, dropout=0.0)))
-        model_dir = save_model_dir(tmp / "model", model, {
-            "max_seconds": 8.0, "normalize": {"mode": "utterance"}, "offsets": {}, "loss": "wbce", "labels": "S",
-            "upstream": identity})
+        model_dir = write_demo_model_dir(tmp, max_seconds=8.0, normalize={"mode": "utterance"})
         for minutes in args.minutes:
             path = tmp / f"rec{minutes:g}.flac"
             seconds = _recording(path, minutes, Path(corpus))

@@ -13,11 +13,9 @@ import torch
 from click.testing import CliRunner
 
 from conilium import CLASSES
-from conilium.extract.upstreams import load_upstream
-from conilium.finetune.model import EndToEndModel, save_model_dir
 from conilium.cli.finetune import predict_cmd
-from conilium.heads.model import EmotionHead, HeadConfig
 from conilium.finetune.predict import Predictor
+from conilium.testing import write_demo_model_dir
 
 OFFSETS = {"A": 0.0, "S": 0.05, "H": -0.02, "U": 0.0, "F": 0.3, "D": 0.0, "C": 0.0, "N": -0.1}
 
@@ -25,13 +23,8 @@ OFFSETS = {"A": 0.0, "S": 0.05, "H": -0.02, "U": 0.0, "F": 0.3, "D": 0.0, "C": 0
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """An (untrained) model directory written by the same code as finetune-best's."""
-    root = tmp_path_factory.mktemp("predict")
-    upstream, identity = load_upstream("demo-wavlm", random_init=True, random_root=root / "weights")
-    torch.manual_seed(0)
-    model = EndToEndModel(upstream, EmotionHead(HeadConfig(dim=96, layers=0, hidden=32, dropout=0.0)))
-    return save_model_dir(root / "model", model, {
-        "max_seconds": 3.0, "normalize": {"mode": "global", "stats": {"mean": 0.0, "std": 0.05}},
-        "offsets": OFFSETS, "loss": "wbce", "labels": "S", "upstream": identity})
+    return write_demo_model_dir(tmp_path_factory.mktemp("predict"), max_seconds=3.0,
+                                normalize={"mode": "global", "stats": {"mean": 0.0, "std": 0.05}}, offsets=OFFSETS)
 
 
 @pytest.fixture(scope="module")

@@ -15,24 +15,17 @@ import torch
 from click.testing import CliRunner
 
 from conilium.cli.finetune import predict_cmd
-from conilium.extract.upstreams import load_upstream
-from conilium.finetune.model import EndToEndModel, save_model_dir
 from conilium.finetune.results import audio_files
 from conilium.finetune.scale import JobDir, read_predictions, walk_audio
-from conilium.heads.model import EmotionHead, HeadConfig
+from conilium.testing import write_demo_model_dir
 
 SHARD = ["--shard-files", "2"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scale_model")
-    upstream, identity = load_upstream("demo-wavlm", random_init=True, random_root=root / "weights")
-    torch.manual_seed(0)
-    model = EndToEndModel(upstream, EmotionHead(HeadConfig(dim=96, layers=0, hidden=32, dropout=0.0)))
-    return save_model_dir(root / "model", model, {
-        "max_seconds": 1.0, "normalize": {"mode": "utterance"}, "offsets": {}, "loss": "wbce", "labels": "S",
-        "upstream": identity})
+    return write_demo_model_dir(tmp_path_factory.mktemp("scale_model"), max_seconds=1.0,
+                                normalize={"mode": "utterance"})
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,9 @@ from click.testing import CliRunner
 from conilium.audio import read_audio, stream_audio
 from conilium.cli.finetune import predict_cmd
 from conilium.errors import AudioError, ConfigError
-from conilium.extract.upstreams import load_upstream
-from conilium.finetune.model import EndToEndModel, save_model_dir
 from conilium.finetune.predict import Predictor
 from conilium.finetune.segments import fixed_segments, parse_segment
-from conilium.heads.model import EmotionHead, HeadConfig
+from conilium.testing import write_demo_model_dir
 
 pytest.importorskip("silero_vad")
 
@@ -27,13 +25,8 @@ GAP = 2.0  # seconds of silence before, between and after the clips
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("segments")
-    upstream, identity = load_upstream("demo-wavlm", random_init=True, random_root=root / "weights")
-    torch.manual_seed(0)
-    model = EndToEndModel(upstream, EmotionHead(HeadConfig(dim=96, layers=0, hidden=32, dropout=0.0)))
-    return save_model_dir(root / "model", model, {
-        "max_seconds": 8.0, "normalize": {"mode": "utterance"}, "offsets": {}, "loss": "wbce", "labels": "S",
-        "upstream": identity})
+    return write_demo_model_dir(tmp_path_factory.mktemp("segments"), max_seconds=8.0,
+                                normalize={"mode": "utterance"})
 
 
 @pytest.fixture(scope="module")

@@ -404,10 +404,7 @@ class UpstreamRunner:
         self.encoder = UpstreamEncoder(model.eval(), whisper_input=whisper_input).to(device)
         #: ``bfloat16-weights``: the upstream's weights cast to bfloat16 and its input too (no autocast)
         self.input_dtype = torch.float32
-        if compute_dtype == BF16_WEIGHTS:
-            if self.encoder.whisper_input is not None:
-                raise ConfigError("--compute-dtype bfloat16-weights: not for a Whisper encoder (its log-mel input "
-                                  "is computed in float32); use --compute-dtype bfloat16 (autocast)")
+        if compute_dtype == BF16_WEIGHTS:  # a Whisper encoder is refused before (plan.resolve_for_family)
             self.encoder.to(dtype=torch.bfloat16)
             self.input_dtype = torch.bfloat16
         #: ``compile``: the forward through ``torch.compile`` (dynamic shapes: clips of every

@@ -38,9 +38,10 @@ ratio is conilium / plain, of the medians, of the minima and per repeat):
    loss, backward, AdamW ``capturable``) captured in one CUDA graph, batches padded to the
    cache's longest clip (full batches only); with ``--compile``, the compiled head.
 3. Table 2 grid, clip·heads/s: ``train_heads`` with the five runs of ``--preset table2`` (one
-   data pass), against the five plain heads stepped in turn on the same batches, eager; CUDA
-   also: the five heads' steps captured in one CUDA graph. (Five heads as one
-   ``torch.func.stack_module_state`` + ``vmap`` module is not measured.)
+   data pass) as one stacked module (``--stack-heads on``, what ``auto`` does on CUDA), and
+   beside it one by one (``conilium_one_by_one``: ``--stack-heads off``), against the five
+   plain heads stepped in turn on the same batches, eager; CUDA also: the five heads' steps
+   captured in one CUDA graph.
 4. fine-tuning, audio seconds per second: conilium's step (``EndToEndModel``: upstream, CNN
    frozen, the attentive head of finetune-best; AdamW from ``training.loop.make_optimizer``;
    conilium's autocast; the loss's finite check as ``FinetuneRecipe.fit_batch`` does it),
@@ -65,6 +66,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 import warnings
 from pathlib import Path
 
@@ -458,16 +460,23 @@ def grid(args, device: torch.device, work: Path) -> dict:
         variants, clips = _head_variants(args, device, configs, datas, cache, "grid")
         calls, plains = _split(variants)
 
-        def ours() -> float:
-            res = train_heads([(c, work / "grid" / name) for name, c, _ in runs], overwrite=True, progress=False)
-            bad = [r for r in res if not isinstance(r, dict)]
-            if bad:
-                raise RuntimeError(f"train_heads failed: {bad[0]}")
-            return _conilium_rate(res[0], len(runs))
+        def conilium(stack: str):
+            def run() -> float:
+                res = train_heads([(replace(c, stack_heads=stack), work / "grid" / name) for name, c, _ in runs],
+                                  overwrite=True, progress=False)
+                bad = [r for r in res if not isinstance(r, dict)]
+                if bad:
+                    raise RuntimeError(f"train_heads failed: {bad[0]}")
+                if (res[0]["training"].get("stacking") or {}).get("heads", 1) != (len(runs) if stack == "on" else 1):
+                    raise RuntimeError(f"stack_heads={stack}: the heads were stacked otherwise: {res[0]['training']}")
+                return _conilium_rate(res[0], len(runs))
+            return run
 
-        ours_r, got = _alternate(args.repeats, ours, calls, "grid")
+        # conilium's grid as train-grid runs it: the five heads as one stacked module (--stack-heads
+        # auto: on CUDA); beside it, the heads one by one (--stack-heads off)
+        calls = dict(calls, conilium_one_by_one=conilium("off"))
+        ours_r, got = _alternate(args.repeats, conilium("on"), calls, "grid")
     got.update(plains)
-    got.setdefault("vmap_stacked", "not measured (torch.func.stack_module_state + vmap: not implemented)")
     return _row("clip·heads/s", ours_r, got, {"runs": [n for n, _, _ in runs], "passes": len(passes),
                                               "train_clips": clips, "epochs": args.epochs,
                                               "timed_epochs": args.epochs - 1, "hidden": 256})

@@ -23,7 +23,9 @@ grid):
 6. grid: ``train-grid --preset table2`` (5 heads, one data pass) against the five single
    ``train-head`` runs of the same configurations, wall time, on a ``--grid-clips``-clip
    cache of WavLM-large-shaped frames (≈300 × 1024 float16 a clip), and whether every
-   grid run equals its single run (predictions bitwise); then the paper's whole grid per
+   grid run equals its single run (predictions bitwise); the same grid with ``--stack-heads on``
+   (the five heads as one stacked module) and its largest score difference from the single
+   runs; then the paper's whole grid per
    upstream projected on one H100 from the H100 head rates in bench/results/heads_cuda.json.
 
 Everything is built under --workdir (a temporary folder by default, removed at the end).
@@ -40,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -294,18 +297,31 @@ def _time_single_runs(runs, work: Path, out: dict):
     return singles, cpu
 
 
-def _time_grid(runs, work: Path):
+def _time_grid(runs, work: Path, folder: str = "grid"):
     """The runs through train-grid (n_jobs=1: in this process): wall and process CPU seconds."""
     from conilium.heads.grid import run_grid
 
-    shutil.rmtree(work / "grid", ignore_errors=True)
+    shutil.rmtree(work / folder, ignore_errors=True)
     t0, c0 = time.perf_counter(), time.process_time()
-    rows = run_grid(runs, work / "grid", n_jobs=1, progress=False)
+    rows = run_grid(runs, work / folder, n_jobs=1, progress=False)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if any(row["status"] != "trained" for row in rows):
         raise RuntimeError(f"train-grid failed: {rows}")
-    log(f"  train-grid: {wall:.1f} s")
+    log(f"  train-grid ({folder}): {wall:.1f} s")
     return wall, cpu
+
+
+def _largest_difference(a: Path, b: Path) -> float:
+    """The largest absolute difference between the scores of two predictions CSVs of the same clips."""
+    import csv
+
+    def scores(path):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        cols = [k for k in rows[0] if k not in ("FileName", "Prediction", "Reference")]
+        return np.array([[float(r[k]) for k in cols] for r in rows])
+
+    return float(np.abs(scores(a) - scores(b)).max())
 
 
 def grid_vs_single(work: Path, *, clips: int, epochs: int, device: str = "cpu", repeats: int = 1) -> dict:
@@ -326,29 +342,43 @@ def grid_vs_single(work: Path, *, clips: int, epochs: int, device: str = "cpu", 
     runs = expand_spec(load_spec(preset="table2"), cache=cache, overrides={"epochs": epochs, "device": device})
     passes = [[runs[i][0] for i in group] for group in plan_passes([c for _, c, _ in runs])]
     out = {"clips": clips, "cache_mb": cache_mb(cache), "epochs": epochs, "runs": len(runs), "passes": passes}
+    stacked = [(name, replace(config, stack_heads="on"), paper) for name, config, paper in runs]
     ratios, cpu_ratios, singles_s, grids_s, same = [], [], [], [], True
+    stacked_s, stacked_ratios, stacked_vs_grid, largest = [], [], [], 0.0
     for r in range(repeats):
         if r % 2 == 0:  # alternate the order
             singles, cpu_single = _time_single_runs(runs, work, out)
             grid_s, cpu_grid = _time_grid(runs, work)
+            stack_s, _ = _time_grid(stacked, work, "grid-stacked")
         else:
+            stack_s, _ = _time_grid(stacked, work, "grid-stacked")
             grid_s, cpu_grid = _time_grid(runs, work)
             singles, cpu_single = _time_single_runs(runs, work, out)
         cpu_ratios.append(round(cpu_grid / cpu_single, 3))
         for name, _, _ in runs:
             a, b = work / "grid" / name / "predictions", work / "grid-single" / name / "predictions"
             same &= all(filecmp.cmp(f, b / f.name, shallow=False) for f in a.iterdir())
+            c = work / "grid-stacked" / name / "predictions"
+            largest = max([largest] + [_largest_difference(f, c / f.name) for f in b.iterdir()])
         total = sum(singles.values())
         ratios.append(round(grid_s / total, 3))
+        stacked_ratios.append(round(stack_s / total, 3))
+        stacked_vs_grid.append(round(stack_s / grid_s, 3))
         singles_s.append(singles)
         grids_s.append(round(grid_s, 2))
-        log(f"  repeat {r + 1}: train-grid {grid_s:.1f} s, five train-head runs {total:.1f} s, "
-            f"ratio {grid_s / total:.3f} (CPU time: {cpu_ratios[-1]})")
+        stacked_s.append(round(stack_s, 2))
+        log(f"  repeat {r + 1}: train-grid {grid_s:.1f} s, stacked {stack_s:.1f} s, five train-head runs "
+            f"{total:.1f} s, ratios {grid_s / total:.3f} and {stack_s / total:.3f} (CPU time: {cpu_ratios[-1]})")
     out.update({"single_seconds": singles_s, "single_total_seconds": [round(sum(x.values()), 2) for x in singles_s],
                 "grid_seconds": grids_s, "ratios": ratios, "ratio_min": min(ratios),
                 "ratio_median": float(np.median(ratios)),
                 # process CPU time of every thread: another view (threads waiting on a busy machine inflate it too)
-                "cpu_time_ratios": cpu_ratios, "predictions_bitwise_equal": same})
+                "cpu_time_ratios": cpu_ratios, "predictions_bitwise_equal": same,
+                # --stack-heads on: the five heads as one stacked module
+                "stacked_grid_seconds": stacked_s, "stacked_ratios": stacked_ratios,
+                "stacked_ratio_min": min(stacked_ratios), "stacked_ratio_median": float(np.median(stacked_ratios)),
+                "stacked_vs_grid": stacked_vs_grid,
+                "stacked_largest_score_difference": largest})
     return out
 
 

@@ -29,6 +29,8 @@ BACKENDS = ("loky", "threading", "dask", "ray")
 TASKS = ("categories", "attributes", "joint")
 #: How a fusion head combines its caches (``TrainConfig.fusion``).
 FUSIONS = ("concat", "cross-attention")
+#: ``TrainConfig.stack_heads``: the heads of a data pass as one stacked module (auto: on CUDA).
+STACK_MODES = ("auto", "on", "off")
 #: Weight of the CCC loss in ``task="joint"``: categories loss + weight × (1 − mean CCC).
 DEFAULT_ATTRIBUTE_WEIGHT = 1.0
 
@@ -96,6 +98,11 @@ class TrainConfig(RunConfig):
                           "--preload-budget-gb, else stream them from the shards (bounded memory).",
                           choices=("auto", "yes", "no"), runtime=True)
     preload_budget_gb: float = option(2.0, "Memory budget of --preload auto, in GiB.", minimum=0, runtime=True)
+    stack_heads: str = option("auto", "train-grid: compute the heads of a data pass as one stacked module (their "
+                              "weights stacked, one kernel per layer for all of them, one optimiser step) when they "
+                              "share an architecture, learning rate and weight decay and use neither --mixup nor "
+                              "--aux; auto: on CUDA. Each head's numbers then match its own train-head run within "
+                              "float32 rounding (not bitwise).", choices=STACK_MODES, runtime=True)
     verify: str = option("first", "When a clip's frames are checked against their CRC-32 and for NaN or infinite "
                          "values: first (the run's first read of the clip; later epochs reuse the check), always "
                          "(every read: also catches a shard rewritten during the run), never (no check).",

@@ -97,15 +97,38 @@ class LayerMix(nn.Module):
         return (x * w.view(shape)).sum(dim=axis)
 
 
+def dropout_mask(shape, p: float, *, device, dtype) -> torch.Tensor:
+    """A dropout mask: each value 0 with probability ``p``, else ``1 / (1 - p)``; drawn from
+    the global random stream as torch's CPU dropout draws it (``bernoulli_``, then the scale)."""
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1 - p).div_(1 - p)
+
+
+class MaskDropout(nn.Dropout):
+    """:class:`torch.nn.Dropout` whose mask is drawn the same way on every device.
+
+    On CPU torch draws a dropout mask with ``bernoulli_`` and multiplies; on CUDA a fused
+    kernel draws its own way. Here the mask is always :func:`dropout_mask`: a head's CPU
+    numbers are torch's, bitwise, and the heads of a grid pass computed as one stacked module
+    (:mod:`conilium.heads.stacked`) draw exactly the masks each draws alone, on any device."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = float(self.p)
+        if not self.training or p == 0.0 or x.numel() == 0:
+            return x
+        if p == 1.0:
+            return x * torch.zeros((), dtype=x.dtype, device=x.device)
+        return x * dropout_mask(x.shape, p, device=x.device, dtype=x.dtype)
+
+
 class Classifier(nn.Module):
     """dropout → Linear → LayerNorm → ReLU → dropout → Linear (challenge-baseline names)."""
 
     def __init__(self, in_dim: int, hidden: int = 1024, num_classes: int = len(CLASSES), dropout: float = 0.5,
                  attributes: int = 0, gender: int = 0):
         super().__init__()
-        self.inp_drop = nn.Dropout(dropout)
+        self.inp_drop = MaskDropout(dropout)
         self.fc = nn.ModuleList([nn.Sequential(ThreadInvariantLinear(in_dim, hidden), ThreadInvariantLayerNorm(hidden),
-                                               nn.ReLU(), nn.Dropout(dropout))])
+                                               nn.ReLU(), MaskDropout(dropout))])
         self.out = nn.Sequential(ThreadInvariantLinear(hidden, num_classes)) if num_classes else None
         # created after the class output, so that a head with attributes draws the same
         # initial class weights as one without

@@ -183,6 +183,8 @@ def write_outputs(head, *, train_seconds: float, preload: bool, nbytes: int, dev
                                        "caches": [{"cache": os.path.abspath(b.path), "input": s.to_json(),
                                                    "upstream": (b.manifest.upstream or {}).get("name")}
                                                   for b, s in data.branches]}
+    if getattr(head, "stacking", None) is not None:
+        extra["training"]["stacking"] = head.stacking
     if head.aux_scores is not None:
         extra["aux"] = head.aux_scores
     if config.balanced_stage:

@@ -25,6 +25,7 @@ from .data import ClipDataset, FusionDataset, collate, length_batches
 from .model import EmotionHead, LayerMix, build_head
 from .predict import predict_many, stack_scores
 from .prepare import PreparedData, head_configs_for
+from .stacked import StackedHeads, predict_stacked, unstackable, use_stack
 
 
 def read_batches(dataset: ClipDataset, index_batches: Sequence[Sequence[int]], device: torch.device, *,
@@ -115,8 +116,41 @@ class HeadTrainee(Trainee):
             self.gender = torch.as_tensor(np.where(known, data.train_gender, 0.0), dtype=torch.float32).to(device)
             self.gender_mask = torch.as_tensor(known, dtype=torch.float32).to(device)
         self.aux_scores: Optional[dict] = None
+        #: the :class:`~conilium.heads.stacked.StackedHeads` the head is trained in, and its place there
+        self.stack: Optional[StackedHeads] = None
+        self.slot = 0
+        #: what metrics.json records of the stacking: None (not asked for), or its heads (1: why not)
+        self.stacking: Optional[dict] = None
         self.best_state = None
         self.split_predictions: dict = {}
+
+    def _targets(self, idx: torch.Tensor):
+        """The batch's targets: class targets, attribute values, mask of known values, gender and
+        mask of known gender (each None where the head has no use for it)."""
+        targets = self.targets[idx] if self.task != "attributes" else None
+        attr = self.attr_targets[idx] if self.task != "categories" else None
+        mask = self.attr_mask[idx] if self.task == "joint" else None
+        aux = self.gender is not None
+        return (targets, attr, mask, self.gender[idx] if aux else None, self.gender_mask[idx] if aux else None)
+
+    def _loss(self, logits: torch.Tensor, gender_logit: Optional[torch.Tensor], targets, attr, mask, gender,
+              known) -> torch.Tensor:
+        """The head's loss of its outputs ``logits`` (and auxiliary gender logit) against the targets."""
+        if self.task == "categories":
+            loss = self.fn(logits, targets, self.weights)
+        else:
+            c = self.num_classes
+            loss = ccc_loss(logits[:, c:], attr, mask)
+            if self.task == "joint":
+                loss = self.fn(logits[:, :c], targets, self.weights) + self.config.attribute_weight * loss
+        if gender_logit is not None:
+            loss = loss + self.config.aux_weight * masked_bce(gender_logit, gender, known)
+        return loss
+
+    def loss_of(self, outputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The loss of this head's outputs on the batch of clips ``idx`` (no mixup, no auxiliary
+        task: a head of a :class:`~conilium.heads.stacked.StackedHeads`)."""
+        return self._loss(outputs, None, *self._targets(idx))
 
     def step(self, x: torch.Tensor, lengths: Optional[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
         """One AdamW step on the batch; the loss (not yet read back from the device).
@@ -124,12 +158,8 @@ class HeadTrainee(Trainee):
         With mixup, the pooled clip vectors are mixed before the classifier (manifold mixup),
         the class targets, attribute values and the mask of known attribute values alike."""
         with self.rng:
-            targets = self.targets[idx] if self.task != "attributes" else None
-            attr = self.attr_targets[idx] if self.task != "categories" else None
-            mask = self.attr_mask[idx] if self.task == "joint" else None
+            targets, attr, mask, gender, known = self._targets(idx)
             aux = self.gender is not None
-            gender = self.gender[idx] if aux else None
-            known = self.gender_mask[idx] if aux else None
             if self.mixup is None:
                 out = self.model(x, lengths, aux=True) if aux else self.model(x, lengths)
             else:
@@ -142,20 +172,16 @@ class HeadTrainee(Trainee):
                 if aux:
                     gender, known = mix(gender, perm, lam), mix_mask(known, perm)
             logits, gender_logit = out if aux else (out, None)
-            if self.task == "categories":
-                loss = self.fn(logits, targets, self.weights)
-            else:
-                c = self.num_classes
-                loss = ccc_loss(logits[:, c:], attr, mask)
-                if self.task == "joint":
-                    loss = self.fn(logits[:, :c], targets, self.weights) + self.config.attribute_weight * loss
-            if aux:
-                loss = loss + self.config.aux_weight * masked_bce(gender_logit, gender, known)
+            loss = self._loss(logits, gender_logit, targets, attr, mask, gender, known)
         # the backward pass and the update draw nothing: outside the random stream (and its lock)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+    def state(self) -> dict:
+        """The head's current weights, copied to the CPU (from the stack when it is in one)."""
+        return cpu_state(self.model) if self.stack is None else self.stack.head_state(self.slot)
 
     def dev_scores(self, scores: np.ndarray, refs: Sequence[Optional[str]], attr_refs: np.ndarray) -> dict:
         """This epoch's Development entries of the history, from the head's (n, C + A) scores."""
@@ -180,10 +206,13 @@ class HeadRecipe(Recipe):
 
     def __init__(self, train_batches: Callable[[], Iterator[Batch]], steps: int,
                  dev_batches: Callable[[], Iterator[Batch]], dev_size: int, dev_refs, dev_attr_refs,
-                 device: torch.device):
+                 device: torch.device, stack: Optional[StackedHeads] = None,
+                 stack_optimizer: Optional[torch.optim.Optimizer] = None):
         self.train_batches, self.steps = train_batches, steps
         self.dev_batches, self.dev_size = dev_batches, dev_size
         self.dev_refs, self.dev_attr_refs, self.device = dev_refs, dev_attr_refs, device
+        #: the pass's heads as one module (:func:`stack_trainees`) and its optimiser, or None
+        self.stack, self.stack_optimizer = stack, stack_optimizer
 
     def epoch_batches(self, epoch: int):
         def batches():
@@ -196,14 +225,51 @@ class HeadRecipe(Recipe):
         x, lengths, at, n = batch
         return [(trainee.step(x, lengths, at), n)]
 
+    def fit_step(self, trainees: Sequence[HeadTrainee], batch, *, epoch: int, step: int):
+        if self.stack is None:
+            return super().fit_step(trainees, batch, epoch=epoch, step=step)
+        x, lengths, at, n = batch
+        streams = [None] * self.stack.size
+        for t in trainees:
+            streams[t.slot] = t.rng
+        masks = self.stack.draw_masks(streams, n, self.device)
+        out = self.stack(x, lengths, masks)
+        losses = [t.loss_of(out[t.slot], at) for t in trainees]
+        self.stack_optimizer.zero_grad(set_to_none=True)
+        torch.stack(losses).sum().backward()  # each head's gradient is its own loss's
+        self.stack_optimizer.step()
+        return [[(loss.detach(), n)] for loss in losses]
+
     def loss_name(self, trainee: HeadTrainee) -> str:
         return trainee.config.loss
 
     def evaluate(self, trainees: Sequence[HeadTrainee], epoch: int) -> List[dict]:
-        probs = predict_heads([(t.model, t.config.loss) for t in trainees], self.dev_batches(), self.dev_size,
-                         device=self.device)
+        if self.stack is not None:
+            probs = predict_stacked(self.stack, [(t.slot, t.model, t.config.loss) for t in trainees],
+                                    self.dev_batches(), self.dev_size, device=self.device)
+        else:
+            probs = predict_heads([(t.model, t.config.loss) for t in trainees], self.dev_batches(), self.dev_size,
+                                  device=self.device)
         return [t.dev_scores(p, self.dev_refs, self.dev_attr_refs) for t, p in zip(trainees, probs)]
 
     def on_epoch_end(self, trainee: HeadTrainee, record: dict, improved: bool) -> None:
         if improved:
-            trainee.best_state = cpu_state(trainee.model)
+            trainee.best_state = trainee.state()
+
+
+def stack_trainees(trainees: Sequence[HeadTrainee], device: torch.device) -> Tuple[Optional[StackedHeads], Optional[str]]:
+    """The heads of a data pass as one :class:`~conilium.heads.stacked.StackedHeads` trained by one
+    optimiser, when their runs ask for it (``stack_heads``) and can be stacked: (the stack, None);
+    (None, why not) otherwise (why is None where stacking was not asked for)."""
+    config = trainees[0].config
+    if not use_stack(config.stack_heads, device):
+        return None, None
+    why = unstackable([t.config for t in trainees], [t.head_cfgs for t in trainees])
+    if why is not None:
+        return None, why
+    stack = StackedHeads([t.model for t in trainees]).to(device)
+    optimizer, name = make_optimizer((p for p in stack.parameters() if p.requires_grad), lr=config.lr,
+                                     weight_decay=config.weight_decay)
+    for k, t in enumerate(trainees):
+        t.stack, t.slot, t.optimizer, t.optimizer_name = stack, k, optimizer, name
+    return stack, None

@@ -82,7 +82,8 @@ from .outputs import (CHECKPOINT, clear_outputs, load_config, load_head, remove_
                       write_outputs)
 from .prepare import (PreparedData, check_config, check_out_dir, data_bytes, head_config_for,  # noqa: F401
                       head_configs_for, make_dataset, output_bytes, pass_key, plan_passes, prepare, use_preload)
-from .recipe import HeadRecipe, HeadTrainee, predict_heads, predict_probs, read_batches  # noqa: F401
+from .recipe import (HeadRecipe, HeadTrainee, predict_heads, predict_probs, read_batches,  # noqa: F401
+                     stack_trainees)
 
 
 def same_run(a: Mapping, b: Mapping) -> bool:
@@ -254,15 +255,23 @@ def _fit_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *, prog
     dev_ds = make_dataset(data, data.dev_names, preload=preload, progress=progress,
                           desc=f"loading {config.dev_split} features")
     heads = [HeadTrainee(c, out_dir, d, device) for c, out_dir, d in members]
+    stack, not_stacked = stack_trainees(heads, device)
+    for h in heads:
+        h.stacking = {"heads": stack.size} if stack is not None else (
+            None if not_stacked is None else {"heads": 1, "not_stacked": not_stacked})
     train_batches, steps = _train_batches(config, data, train_ds, device, preload)
     dev_order = length_batches(cache, data.dev_names, config.batch_size, sel)
     recipe = HeadRecipe(train_batches, steps,
                         read_batches(dev_ds, dev_order, device, num_workers=config.num_workers, persistent=True),
                         len(dev_ds), [cache.clips[n].emo_class for n in data.dev_names],
-                        np.stack([attribute_values(cache.clips[n]) for n in data.dev_names]), device)
+                        np.stack([attribute_values(cache.clips[n]) for n in data.dev_names]), device,
+                        stack, None if stack is None else heads[0].optimizer)
     names = ", ".join(h.out_dir.name for h in heads)
-    fit(recipe, heads, progress=progress, desc="epochs" if len(heads) == 1 else f"epochs ({len(heads)} heads: {names})",
+    what = "heads" if stack is None else "stacked heads"
+    fit(recipe, heads, progress=progress, desc="epochs" if len(heads) == 1 else f"epochs ({len(heads)} {what}: {names})",
         on_epoch=on_epoch)
+    for h in heads:  # from here on (best weights, a balanced stage, predictions) each head alone
+        h.stack = None
     _balanced_stage(config, data, train_ds, device, preload, recipe, [h for h in heads if h.error is None],
                     progress=progress)
     done = [h for h in heads if h.error is None]

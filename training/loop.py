@@ -9,7 +9,7 @@ optimiser and its bookkeeping) that read the same batches::
 
     for epoch in epochs:
         for batch in recipe.epoch_batches(epoch):          # read once for every trainee
-            losses = [recipe.fit_batch(t, batch) for t in active]
+            losses = recipe.fit_step(active, batch)             # each trainee's step (or all at once)
             stop a trainee whose loss is not finite         # one read-back per step
         dev = recipe.evaluate(scored, epoch)                # one pass for every trainee
         each trainee: history record, best epoch, patience, recipe.on_epoch_end(...)
@@ -171,6 +171,13 @@ class Recipe:
         still on the device) and its number of clips."""
         raise NotImplementedError
 
+    def fit_step(self, trainees: Sequence[Trainee], batch, *, epoch: int,
+                 step: int) -> List[List[Tuple[torch.Tensor, int]]]:
+        """One optimiser step of each of ``trainees`` on ``batch``: for each, what
+        :meth:`fit_batch` returns. By default each trainee's :meth:`fit_batch` in turn; a recipe
+        that computes its trainees together (stacked heads) overrides it."""
+        return [self.fit_batch(t, batch, epoch=epoch, step=step) for t in trainees]
+
     def loss_name(self, trainee: Trainee) -> str:
         raise NotImplementedError
 
@@ -206,7 +213,7 @@ def _train_epoch(recipe: Recipe, active: List[Trainee], epoch: int, *, epochs: i
     batches, n = recipe.epoch_batches(epoch)
     steps = tqdm(batches, total=n, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, disable=not progress)
     for step, batch in enumerate(steps, start=1):
-        parts = [recipe.fit_batch(t, batch, epoch=epoch, step=step) for t in active]
+        parts = recipe.fit_step(active, batch, epoch=epoch, step=step)
         # one read-back from the device per step for every trainee (finite check, running loss)
         values = torch.stack([loss.float() for p in parts for loss, _ in p]).tolist()
         at = 0

@@ -317,6 +317,7 @@ class FinetuneRecipe(loop.Recipe):
         self.stage, self.epoch_offset = stage, epoch_offset
         self.draw = b.stage_draw if stage == 2 else b.draw
         self.weights = None if stage == 2 else b.weights
+        self.part_hints: List[str] = []  # the last step's clips, by micro-batch (a non-finite loss names them)
 
     def epoch_batches(self, epoch: int):
         config, b, d = self.config, self.b, self.d
@@ -363,14 +364,16 @@ class FinetuneRecipe(loop.Recipe):
                 loss = self.fn(logits.float(), y, self.weights)
                 if aux:
                     loss = loss + config.aux_weight * masked_bce(g_logit, g, known)
-                # every rank stops together (a rank alone in backward would wait for the others forever)
-                bad = d.all_sum([0.0 if torch.isfinite(loss) else 1.0])[0] if d.on else float(
-                    not torch.isfinite(loss))
-                if bad:
+                names = ", ".join(b.train.names[i] for i in idx[:5])
+                # under torchrun every rank stops together (a rank alone in backward would wait for the
+                # others forever): a collective per micro-batch. One process reads nothing back here: the
+                # loop's one read-back of the step's losses stops the run (the step's update is then lost
+                # with it, as the run ends before any checkpoint of this epoch is written)
+                if d.on and d.all_sum([0.0 if torch.isfinite(loss) else 1.0])[0]:
                     error = loop.nonfinite_error(config.loss, None, epoch=epoch, step=step, lr=config.lr,
-                                                 hint=f"check the audio of clips "
-                                                      f"{', '.join(b.train.names[i] for i in idx[:5])}")
+                                                 hint=f"check the audio of clips {names}")
                     raise FinetuneError(str(error))
+                self.part_hints = (self.part_hints if k else []) + [f"check the audio of clips {names}"]
                 (loss * (len(idx) * d.world / n_global)).backward()
             losses.append((loss.detach(), len(idx)))
         trainee.optimizer.step()
@@ -379,6 +382,9 @@ class FinetuneRecipe(loop.Recipe):
 
     def loss_name(self, trainee) -> str:
         return self.config.loss
+
+    def hint_for(self, trainee, part: int) -> str:
+        return self.part_hints[part]
 
     def reduce_loss(self, total: float, seen: int):
         return tuple(self.d.all_sum([total, seen]))
@@ -467,6 +473,8 @@ def fit(config: FinetuneConfig, b: Built, d: Dist, device: torch.device, ckpt: O
     recipe = FinetuneRecipe(config, b, d, device, train_model, progress=progress, on_epoch_end=on_epoch_end)
     t_start = time.time()
     loop.fit(recipe, [trainee], first_epoch=first_epoch, progress=progress)
+    if trainee.error is not None:  # a loss that stopped being finite (one process: found by the loop)
+        raise FinetuneError(str(trainee.error))
     if not checkpoint_paths(out)[1].is_file():
         raise FinetuneError(f"{out}: no best checkpoint ({checkpoint_paths(out)[1]}) — no epoch was completed")
     b.optimizer_name = optimizer_name
@@ -497,6 +505,8 @@ def _balanced_stage(config: FinetuneConfig, b: Built, d: Dist, device: torch.dev
     recipe = FinetuneRecipe(config, b, d, device, train_model, progress=progress, on_epoch_end=on_epoch_end,
                             stage=2, epoch_offset=trainee.epoch_offset)
     loop.fit(recipe, [trainee], progress=progress, desc="balanced stage")
+    if trainee.error is not None:
+        raise FinetuneError(str(trainee.error))
     sel = trainee.selection
     stage = 2 if any(r.get("stage") == 2 and r["epoch"] == sel.best_epoch for r in trainee.history) else 1
     return {"f1_macro": sel.best_value, "epoch": sel.best_epoch, "stage": stage}

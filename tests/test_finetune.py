@@ -276,3 +276,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(weights_root):
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-4)
+
+
+def test_a_loss_that_stops_being_finite_stops_the_run_naming_its_clips(base_config, tmp_path):
+    """One process reads the loss back once per step (no check before the backward pass): a loss
+    that is not finite still stops the run at that step, naming the step's clips, and no model is
+    written."""
+    from conilium.finetune.config import FinetuneError
+
+    out = tmp_path / "nan"
+    with pytest.raises(FinetuneError, match=r"loss is (nan|inf) at epoch 1, step 2 \(lr 1e\+30\); lower --lr, "
+                                            r"or check the audio of clips \w"):
+        finetune(replace(base_config, out=str(out), lr=1e30), progress=False)
+    from conilium.finetune.rundir import checkpoint_paths
+
+    assert not (out / MODEL_FILE).exists() and not any(p.exists() for p in checkpoint_paths(out))

@@ -181,6 +181,11 @@ class Recipe:
     def loss_name(self, trainee: Trainee) -> str:
         raise NotImplementedError
 
+    def hint_for(self, trainee: Trainee, part: int) -> str:
+        """What the message of a non-finite loss of forward pass ``part`` of the last step advises
+        besides a lower learning rate (by default :attr:`nonfinite_hint`)."""
+        return self.nonfinite_hint
+
     def lr(self, trainee: Trainee) -> float:
         return trainee.optimizer.param_groups[0]["lr"]
 
@@ -198,10 +203,10 @@ class Recipe:
 
 def _count(trainee: Trainee, recipe: Recipe, values: Sequence[float], sizes: Sequence[int], *, epoch: int,
            step: int) -> None:
-    for value, n in zip(values, sizes):
+    for part, (value, n) in enumerate(zip(values, sizes)):
         if not math.isfinite(value):
             trainee.error = nonfinite_error(recipe.loss_name(trainee), value, epoch=epoch, step=step,
-                                            lr=recipe.lr(trainee), hint=recipe.nonfinite_hint)
+                                            lr=recipe.lr(trainee), hint=recipe.hint_for(trainee, part))
             return
         trainee.total += value * n
         trainee.seen += n

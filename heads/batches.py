@@ -14,7 +14,9 @@ pads each batch into a buffer sized once for the largest batch of the dataset:
   once its previous copy has finished (a CUDA event).
 
 The values are exactly those of ``collate`` followed by ``.to(device).float()``, so the
-scores do not depend on which of the two fed the model. The batch is valid until the next
+scores do not depend on which of the two fed the model. On a GPU, a preloaded dataset that fits
+is kept on the device instead and each batch gathered there (:class:`ResidentReader`: the same
+values, no per-step host work but the indices). The batch is valid until the next
 one is drawn. With DataLoader worker processes (streaming), the workers collate with
 :func:`~conilium.heads.data.collate` as before: a buffer cannot be shared with them.
 """
@@ -100,6 +102,70 @@ class BatchReader:
             yield self.read(idx)
 
 
+#: Clips joined on the host per copy to the device when a dataset is made resident.
+RESIDENT_CHUNK = 256
+
+
+class ResidentReader:
+    """Reads index batches of a preloaded :class:`~conilium.heads.data.ClipDataset` whose features
+    are kept on ``device``: every clip's frames end to end in one tensor of the stored dtype
+    (pooled statistics stacked), each batch gathered, padded and converted to float32 there. No
+    host padding and no host-to-device copy per step, only the batch's indices.
+
+    The values are exactly :class:`BatchReader`'s: float16 → float32 is exact on any device, and
+    the padding is +0.0 (``torch.where``, not a product)."""
+
+    def __init__(self, dataset: ClipDataset, device: torch.device):
+        self.device = device
+        items = [dataset[i][0] for i in range(len(dataset))]
+        self.frames = items[0].dim() == 3
+        if not self.frames:
+            self.data = torch.stack(items).to(device)
+            return
+        self.lengths_host = np.asarray([int(x.shape[0]) for x in items], dtype=np.int64)
+        total = int(self.lengths_host.sum())
+        self.data = torch.empty((total,) + tuple(items[0].shape[1:]), dtype=items[0].dtype, device=device)
+        at = 0
+        for k in range(0, len(items), RESIDENT_CHUNK):  # a few hundred clips a copy: bounded host memory
+            chunk = torch.cat(items[k: k + RESIDENT_CHUNK])
+            self.data[at: at + len(chunk)].copy_(chunk)
+            at += len(chunk)
+        starts = np.concatenate([[0], np.cumsum(self.lengths_host)[:-1]])
+        self.starts = torch.as_tensor(starts, dtype=torch.long).to(device)
+        self.lengths = torch.as_tensor(self.lengths_host).to(device)
+        self.last_row = int(self.lengths_host.sum()) - 1
+
+    def read(self, idx: Sequence[int]) -> Batch:
+        at = torch.as_tensor(list(idx), dtype=torch.long).to(self.device, non_blocking=True)
+        if not self.frames:
+            return self.data[at].float(), None, list(idx)
+        t_max = int(self.lengths_host[np.asarray(idx, dtype=np.int64)].max())  # known here: no read-back
+        pos = torch.arange(t_max, device=self.device)
+        lengths = self.lengths[at]
+        rows = (self.starts[at][:, None] + pos[None, :]).clamp(max=self.last_row)
+        valid = (pos[None, :] < lengths[:, None])[:, :, None, None]
+        return torch.where(valid, self.data[rows].float(), 0.0), lengths, list(idx)
+
+    def __call__(self, index_batches: Iterable[Sequence[int]]) -> Iterator[Batch]:
+        for idx in index_batches:
+            yield self.read(idx)
+
+
+#: Share of the device's free memory a preloaded dataset may take to be kept there (:func:`resident`).
+RESIDENT_SHARE = 0.5
+
+
+def resident(dataset, device: torch.device) -> bool:
+    """Whether a preloaded dataset's features are kept on ``device`` (:class:`ResidentReader`): on
+    CUDA, when they take at most :data:`RESIDENT_SHARE` of the device's free memory. On a CPU the
+    host's buffers are already where the model reads (:class:`BatchReader`)."""
+    if device.type != "cuda" or isinstance(dataset, FusionDataset) or not dataset.preloaded:
+        return False
+    need = sum(int(x.nbytes) for x in dataset._memory)
+    free, _ = torch.cuda.mem_get_info(device)
+    return need <= RESIDENT_SHARE * free
+
+
 def loader_batches(loader: Iterable, device: torch.device) -> Iterator[Batch]:
     """The batches of a DataLoader over a ClipDataset collated by ``collate`` (worker processes),
     in the same form as :class:`BatchReader` gives them."""
@@ -125,8 +191,11 @@ class FusionReader:
 
 
 def reader_for(dataset, device: torch.device, *, max_batch: int):
-    """The batch reader of ``dataset``: a :class:`BatchReader`, or a :class:`FusionReader` for a
-    fusion run's dataset."""
+    """The batch reader of ``dataset``: a :class:`FusionReader` for a fusion run's dataset, a
+    :class:`ResidentReader` for a preloaded one that stays on the GPU (:func:`resident`), else a
+    :class:`BatchReader`."""
     if isinstance(dataset, FusionDataset):
         return FusionReader(dataset, device, max_batch=max_batch)
+    if resident(dataset, device):
+        return ResidentReader(dataset, device)
     return BatchReader(dataset, device, max_batch=max_batch)

@@ -142,6 +142,38 @@ def test_buffered_batches_equal_collate(cache):
             assert (lengths is None and clengths is None) or torch.equal(lengths, clengths)
 
 
+def test_resident_batches_equal_buffered_ones(cache, monkeypatch):
+    """Features kept on the device (as on a GPU, here on the CPU) give the batches the host buffers
+    give, bitwise (+0.0 padding), in a few chunks of clips."""
+    from conilium.heads import batches
+
+    monkeypatch.setattr(batches, "RESIDENT_CHUNK", 5)
+    names = cache.split("Train")
+    for layers, pooled in (("weighted", False), (3, False), ("weighted", True)):
+        sel = select_input(cache, layers, pooled)
+        ds = ClipDataset(cache, names, sel, None, preload=True)
+        buffered, kept = BatchReader(ds, torch.device("cpu"), max_batch=7), batches.ResidentReader(ds, torch.device("cpu"))
+        order = np.random.default_rng(1).permutation(len(names)).tolist()
+        for idx in (order[:7], order[7:10], order[-7:]):
+            x, lengths, got = kept.read(idx)
+            bx, blengths, bidx = buffered.read(idx)
+            assert got == bidx and x.dtype == torch.float32
+            assert torch.equal(x, bx) and not torch.signbit(x).logical_and(x == 0).any()
+            assert (lengths is None and blengths is None) or torch.equal(lengths, blengths)
+
+
+def test_a_run_on_resident_features_equals_one_on_host_buffers(cache, tmp_path, monkeypatch):
+    from conilium.heads import batches
+
+    config = _config(cache, loss="wbce", labels="S", epochs=2, preload="yes")
+    train_head(config, tmp_path / "host", progress=False)
+    used = []
+    monkeypatch.setattr(batches, "resident", lambda ds, device: used.append(1) or ds.preloaded)
+    train_head(config, tmp_path / "kept", progress=False)
+    assert used
+    assert_same_run(tmp_path / "host", tmp_path / "kept")
+
+
 def test_a_one_layer_weighted_mix_is_frozen_without_changing_the_run(tmp_path, monkeypatch):
     from conilium.heads import recipe as head_recipe
 

@@ -98,11 +98,11 @@ class TrainConfig(RunConfig):
                           "--preload-budget-gb, else stream them from the shards (bounded memory).",
                           choices=("auto", "yes", "no"), runtime=True)
     preload_budget_gb: float = option(2.0, "Memory budget of --preload auto, in GiB.", minimum=0, runtime=True)
-    stack_heads: str = option("auto", "train-grid: compute the heads of a data pass as one stacked module (their "
+    stack_heads: str = option("auto", "train-grid --stack-heads: compute the heads of a data pass as one stacked module (their "
                               "weights stacked, one kernel per layer for all of them, one optimiser step) when they "
                               "share an architecture, learning rate and weight decay and use neither --mixup nor "
                               "--aux; auto: on CUDA. Each head's numbers then match its own train-head run within "
-                              "float32 rounding (not bitwise).", choices=STACK_MODES, runtime=True)
+                              "float32 rounding (not bitwise).", choices=STACK_MODES, runtime=True, cli=False)
     verify: str = option("first", "When a clip's frames are checked against their CRC-32 and for NaN or infinite "
                          "values: first (the run's first read of the clip; later epochs reuse the check), always "
                          "(every read: also catches a shard rewritten during the run), never (no check).",

@@ -179,3 +179,19 @@ def test_heads_that_cannot_be_stacked_train_one_by_one(cache, tmp_path):
         assert (tmp_path / "on" / name / "predictions" / "Development.csv").read_bytes() == \
             (tmp_path / "off" / name / "predictions" / "Development.csv").read_bytes()
         assert json.loads((tmp_path / "on" / name / "config.json").read_text())["stack_heads"] == "on"
+
+
+def test_train_grid_stack_heads_option(cache, tmp_path):
+    from click.testing import CliRunner
+
+    from conilium.cli.heads import train_grid_cmd
+
+    args = ["--preset", "table2", "--cache", str(cache.path), "--out", str(tmp_path / "grid"), "--set", "epochs=1",
+            "--set", "hidden=16", "--set", "threads=1", "-q"]
+    r = CliRunner().invoke(train_grid_cmd, args + ["--stack-heads", "on"])
+    assert r.exit_code == 0, r.output
+    for name, _, _ in TABLE2:
+        metrics = json.loads((tmp_path / "grid" / name / "metrics.json").read_text())
+        assert metrics["training"]["stacking"] == {"heads": 5}
+    r = CliRunner().invoke(train_grid_cmd, args + ["--stack-heads", "on", "--set", "stack_heads=off"])
+    assert r.exit_code != 0 and "both name it" in r.output

@@ -135,11 +135,17 @@ def test_unstackable_names_what_stands_against_it(cache):
 
 
 def test_a_stacked_pass_matches_each_heads_own_run(cache, tmp_path):
-    """Table 2's five heads as one stacked module, one with early stopping: each run's scores of
+    """Table 2's five heads (one with a balanced second stage) and a head that stops early, as one
+    stacked module: each run's scores of every split within 1e-5 of its own train-head run (scores
+    written to 6 decimals), the same macro-F1 and best epoch, training losses within 1e-5 relative;
+    on 2 threads the same, bitwise."""Table 2's five heads as one stacked module, one with early stopping, one with a balanced
+    second stage, beside a head with early stopping: each run's scores of
     every split within 1e-5 of its own train-head run (scores written to 6 decimals), the same
     macro-F1 and best epoch, training losses within 1e-5 relative; on 2 threads the same, bitwise."""
     configs = {name: _config(cache, loss=loss, labels=labels, stack_heads="on") for name, loss, labels in TABLE2}
     configs["bce-S-patience"] = _config(cache, loss="bce", labels="S", epochs=8, patience=1, stack_heads="on")
+    # a balanced second stage: from its stacked best epoch, alone
+    configs["wbce-S"] = replace(configs["wbce-S"], balanced_stage=2)
     results = train_heads([(c, tmp_path / "stacked" / n) for n, c in configs.items()], progress=False)
     assert all(isinstance(r, dict) for r in results), results
     for (name, config), stacked in zip(configs.items(), results):

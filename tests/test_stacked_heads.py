@@ -138,10 +138,7 @@ def test_a_stacked_pass_matches_each_heads_own_run(cache, tmp_path):
     """Table 2's five heads (one with a balanced second stage) and a head that stops early, as one
     stacked module: each run's scores of every split within 1e-5 of its own train-head run (scores
     written to 6 decimals), the same macro-F1 and best epoch, training losses within 1e-5 relative;
-    on 2 threads the same, bitwise."""Table 2's five heads as one stacked module, one with early stopping, one with a balanced
-    second stage, beside a head with early stopping: each run's scores of
-    every split within 1e-5 of its own train-head run (scores written to 6 decimals), the same
-    macro-F1 and best epoch, training losses within 1e-5 relative; on 2 threads the same, bitwise."""
+    on 2 threads the same, bitwise."""
     configs = {name: _config(cache, loss=loss, labels=labels, stack_heads="on") for name, loss, labels in TABLE2}
     configs["bce-S-patience"] = _config(cache, loss="bce", labels="S", epochs=8, patience=1, stack_heads="on")
     # a balanced second stage: from its stacked best epoch, alone

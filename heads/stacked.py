@@ -174,19 +174,23 @@ class StackedHeads(nn.Module):
         w, b, a = self.weight(SAP_W), self.weight(SAP_B), self.weight(ATTENTION)
         B, T = x.shape[0], x.shape[1]
         D = w.shape[2]
-        if shared:  # one product for every head: their projections side by side
-            h = F.linear(xs, w.reshape(H * D, D), b.reshape(H * D)).view(B, T, H, D).permute(2, 0, 1, 3)
-        else:
-            h = torch.baddbmm(b.unsqueeze(1), xs.reshape(H, B * T, D), w.transpose(1, 2)).view(H, B, T, D)
-        h = torch.tanh(h)
-        scores = torch.matmul(h, a.unsqueeze(1)).squeeze(-1)  # (H, B, T)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        weights = thread_invariant_softmax(scores, 2).unsqueeze(-1)
-        xe = xs.unsqueeze(0) if shared else xs
-        mu = (xe * weights).sum(dim=2)
-        second = (xe * xe * weights).sum(dim=2)
-        std = torch.sqrt((second - mu * mu).clamp(min=1e-5))
-        return torch.cat([mu, std], dim=-1)
+        if shared:
+            # one product for every head, their projections side by side: (B, T, H·D); each head's
+            # scores through one product with the attention vectors on a block diagonal: (B, H, T)
+            h = torch.tanh(F.linear(xs, w.reshape(H * D, D), b.reshape(H * D)))
+            scores = (h.reshape(B * T, H * D) @ torch.block_diag(*a.unbind(0))).view(B, T, H).transpose(1, 2)
+            weights = thread_invariant_softmax(scores.masked_fill(~mask[:, None, :], float("-inf")), 2)
+            # weighted sums over the frames as products: (B, H, T) @ (B, T, D), on one thread (few rows)
+            mu = on_one_thread(torch.bmm, weights, xs)
+            second = on_one_thread(torch.bmm, weights, xs * xs)
+            return torch.cat([mu, _std(mu, second)], dim=-1).transpose(0, 1)
+        h = torch.tanh(torch.baddbmm(b.unsqueeze(1), xs.reshape(H, B * T, D), w.transpose(1, 2)))
+        scores = torch.bmm(h, a).view(H, B, T).masked_fill(~mask, float("-inf"))
+        weights = thread_invariant_softmax(scores, 2).reshape(H * B, 1, T)
+        frames = xs.reshape(H * B, T, D)
+        mu = on_one_thread(torch.bmm, weights, frames).view(H, B, D)
+        second = on_one_thread(torch.bmm, weights, frames * frames).view(H, B, D)
+        return torch.cat([mu, _std(mu, second)], dim=-1)
 
     def classify(self, z: torch.Tensor, masks: Optional[Tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
         """The classifier of every head on its pooled vectors ``z`` (H, B, width): (H, B, outputs)."""
@@ -207,6 +211,11 @@ class StackedHeads(nn.Module):
     def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None,
                 masks: Optional[Tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
         return self.classify(self.embed(x, lengths), masks)
+
+
+def _std(mu: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The attentive pooling's standard deviation from the weighted mean and second moment."""
+    return torch.sqrt((second - mu * mu).clamp(min=1e-5))
 
 
 def predict_stacked(stack: StackedHeads, members: Sequence[Tuple[int, torch.nn.Module, str]], batches: Iterable,

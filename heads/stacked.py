@@ -9,9 +9,10 @@ computes all of them at once:
 
 * the layer mix: each head's own softmax-weighted sum of the stored layers (the arithmetic of
   :class:`~conilium.heads.model.LayerMix`), or the one selected layer, shared by every head;
-* the attentive pooling's projection: frames shared by every head (one layer) go through one
-  matrix product with the heads' projections side by side, per-head frames (a weighted mix)
-  through one batched product; the attention, softmax and statistics as each head computes them;
+* the attentive pooling: frames shared by every head (one layer) go through one matrix product
+  with the heads' projections side by side and one with their attention vectors on a block
+  diagonal, per-head frames (a weighted mix) through batched products; the weighted mean and
+  second moment over the frames as batched products (on one thread: a few rows each);
 * the classifier's linear layers as batched products, the layer norm over every head at once;
 * dropout: each head's masks drawn from its own random stream, in the order its
   :class:`~conilium.heads.model.MaskDropout` modules draw them alone.

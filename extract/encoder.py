@@ -385,10 +385,27 @@ def pad_waves(waves: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
     return x, lengths
 
 
+class PendingBatch:
+    """A batch :meth:`UpstreamRunner.submit` has started (its forward pass launched, its states on
+    their way to host memory; already there on CPU), for :meth:`UpstreamRunner.result` to resolve."""
+
+    __slots__ = ("waves", "kept", "pooled", "frames", "finite", "done", "seconds")
+
+    def __init__(self, waves: Sequence[np.ndarray], kept: torch.Tensor, pooled: Optional[torch.Tensor],
+                 frames: torch.Tensor, finite: Optional[torch.Tensor], done, seconds: float):
+        self.waves = waves
+        self.kept = kept  # (B, T, len(layers), D), in the runner's transfer dtype
+        self.pooled = pooled  # (B, all hidden states, 2, D) float32, or None
+        self.frames = frames  # (B,) valid frames of each clip
+        self.finite = finite  # 0-d bool, when the states were narrowed: every narrowed value is finite
+        self.done = done  # CUDA: recorded once the copies to host memory are done
+        self.seconds = seconds
+
+
 class UpstreamRunner:
     """Extraction's use of :class:`UpstreamEncoder`: lists of waveforms in, one result per clip.
 
-    ``__call__(waves)`` returns, per clip, ``(frames, pooled)``: a float32 array of shape
+    ``__call__(waves)`` returns, per clip, ``(frames, pooled)``: an array of shape
     (frames, len(layers), dim) holding the hidden states ``layers`` (indices into all
     ``num_hidden_states``), and, with ``pooled_stats``, a float32 array (all hidden states,
     2, dim) of the per-layer mean and standard deviation over the clip's frames (else
@@ -396,11 +413,23 @@ class UpstreamRunner:
     ``forward_seconds`` accumulates the time spent in the model (synchronised on
     CUDA); ``computed_frames`` / ``useful_frames`` count transformer frames including /
     excluding padding.
+
+    ``stored_dtype`` is the dtype the cache stores frames in ("float16" or "float32"). On
+    CUDA the states leave the device in it (``transfer_dtype``: half the bytes for float16),
+    converted there from the float32 states with the rounding NumPy's conversion on the host
+    would apply, so the values stored are the same; on CPU they stay float32 and the cache
+    writer converts them, off the forward's thread. ``frames`` is float32 unless
+    ``transfer_dtype`` is float16. The pooled statistics are float32 either way.
+
+    ``submit(waves)`` launches a batch and ``result(pending)`` returns its clips, so that a
+    caller can submit the next batch before taking a batch's results: on CUDA the states
+    are copied into pinned host memory on a side stream, overlapping the next forward
+    pass. ``__call__`` is the two at once.
     """
 
     def __init__(self, model, *, device: torch.device, compute_dtype: str = "float32",
                  layers: Optional[Sequence[int]] = None, pooled_stats: bool = False, whisper_input: str = "30s",
-                 compile: bool = False):
+                 compile: bool = False, stored_dtype: str = "float32"):
         self.encoder = UpstreamEncoder(model.eval(), whisper_input=whisper_input).to(device)
         #: ``bfloat16-weights``: the upstream's weights cast to bfloat16 and its input too (no autocast)
         self.input_dtype = torch.float32
@@ -418,12 +447,19 @@ class UpstreamRunner:
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._dynamo")
             self._forward = torch.compile(self.encoder.hidden_states, dynamic=True)
         self._compiled_ok = False
-        self.device = device
+        self.device = torch.device(device)
         self.compute_dtype = compute_dtype
         self.num_hidden_states = self.encoder.num_hidden_states
         self.dim = self.encoder.dim
         self.layers = list(range(self.num_hidden_states)) if layers is None else list(layers)
         self.pooled_stats = pooled_stats
+        if stored_dtype not in ("float16", "float32"):
+            raise ConfigError(f"stored dtype {stored_dtype!r}: float16 or float32")
+        self.stored_dtype = stored_dtype
+        #: the dtype the kept states leave the device in
+        self.transfer_dtype = (torch.float16 if stored_dtype == "float16" and self.device.type == "cuda"
+                               else torch.float32)
+        self._copy_stream = None
         self.forward_seconds = 0.0
         self.computed_frames = 0
         self.useful_frames = 0
@@ -459,28 +495,87 @@ class UpstreamRunner:
     def close(self) -> None:
         self.encoder.close()
 
-    @torch.inference_mode()
     def __call__(self, waves: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
-        if not waves:
-            return []
+        return self.result(self.submit(waves))
+
+    @torch.inference_mode()
+    def submit(self, waves: Sequence[np.ndarray]) -> Optional[PendingBatch]:
+        """Launch the forward pass of ``waves`` and the copy of its states to host memory
+        (None for no waves)."""
+        return self._submit(waves, self.transfer_dtype) if waves else None
+
+    def _submit(self, waves: Sequence[np.ndarray], transfer: torch.dtype) -> PendingBatch:
         t0 = time.perf_counter()
         x, lengths = pad_waves(waves)
         wanted = list(range(self.num_hidden_states)) if self.pooled_stats else self.layers
         with autocast(self.device, self.compute_dtype):
             states, frames = self._call(x.to(self.device, self.input_dtype), lengths.to(self.device), wanted)
         states = states.float()  # (B, T, L, D)
-        t_max = states.shape[1]
-        counts = frames.tolist()
         pooled = None
         if self.pooled_stats:
-            m = valid_mask(frames, t_max)[:, :, None, None].float()
+            m = valid_mask(frames, states.shape[1])[:, :, None, None].float()
             n = m.sum(dim=1)  # (B, 1, 1)
             mean = (states * m).sum(dim=1) / n
             var = (((states - mean[:, None]) ** 2) * m).sum(dim=1) / n
-            pooled = torch.stack([mean, var.sqrt()], dim=2).cpu().numpy()  # (B, L, 2, D)
+            pooled = torch.stack([mean, var.sqrt()], dim=2)  # (B, L, 2, D)
         kept = states if len(self.layers) == states.shape[2] else states[:, :, self.layers]
-        kept = kept.cpu().numpy()
-        self.forward_seconds += time.perf_counter() - t0
-        self.computed_frames += len(waves) * self.encoder.padded_frames(frames)
+        finite = None
+        if transfer != kept.dtype:
+            kept = kept.to(transfer)
+            finite = torch.isfinite(kept).all()
+        done = None
+        if self.device.type == "cuda":
+            kept, pooled, frames, finite, done = self._to_host(kept, pooled, frames, finite)
+        return PendingBatch(waves, kept, pooled, frames, finite, done, time.perf_counter() - t0)
+
+    def _to_host(self, *tensors: Optional[torch.Tensor]):
+        """Copies of ``tensors`` in pinned host memory, made on a side stream once the work queued
+        so far is done, and the event recorded after them: the copies overlap the next forward
+        pass. The device tensors are marked as used by that stream, so that their memory is not
+        handed to the next forward before the copies have read it."""
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        stream = self._copy_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        out = []
+        with torch.cuda.stream(stream):
+            for t in tensors:
+                if t is None:
+                    out.append(None)
+                    continue
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t.record_stream(stream)
+                out.append(host)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return (*out, done)
+
+    @torch.inference_mode()
+    def result(self, pending: Optional[PendingBatch]) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
+        """The clips of a submitted batch, once its states are in host memory.
+
+        Each clip's arrays are views of its batch's own host tensors (on CUDA pinned ones,
+        allocated per batch), which the arrays keep alive: the memory goes back to PyTorch
+        only once no clip's array is left, so no later batch is copied under a reader.
+        A batch whose narrowed states are not all finite (a value beyond float16's range)
+        is computed again and returned as float32, for the cache writer to report the clip
+        and the value as it does for states narrowed on the host."""
+        if pending is None:
+            return []
+        t0 = time.perf_counter()
+        if pending.done is not None:
+            pending.done.synchronize()
+        if pending.finite is not None and not bool(pending.finite):
+            self.forward_seconds += pending.seconds + time.perf_counter() - t0
+            pending = self._submit(pending.waves, torch.float32)
+            t0 = time.perf_counter()
+            if pending.done is not None:
+                pending.done.synchronize()
+        kept = pending.kept.numpy()
+        pooled = None if pending.pooled is None else pending.pooled.numpy()
+        counts = pending.frames.tolist()
+        self.forward_seconds += pending.seconds + time.perf_counter() - t0
+        self.computed_frames += len(counts) * self.encoder.padded_frames(pending.frames)
         self.useful_frames += sum(counts)
         return [(kept[i, :n], None if pooled is None else pooled[i]) for i, n in enumerate(counts)]

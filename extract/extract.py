@@ -269,7 +269,7 @@ def _load_runner(config: ExtractConfig, cache: CacheWriter, dev, cdtype: str,
     runner = UpstreamRunner(model, device=dev, compute_dtype=cdtype,
                             layers=parse_layers(config.layers, num_hidden_states),
                             pooled_stats=config.pooled_stats, whisper_input=config.whisper_input or "30s",
-                            compile=config.compile)
+                            compile=config.compile, stored_dtype=config.dtype)
     return runner, identity
 
 

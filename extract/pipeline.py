@@ -2,9 +2,13 @@
 
 For the shards a process has to make, :func:`run_shards` decodes the clips of the next
 batches in a thread pool (:class:`JobLoader`: the one signal path, plus a job's noise),
-runs the upstream on the current batch in the calling thread, and hands each clip's
-hidden states to a writer thread that streams them into the shard's HDF5 file through
-the :class:`~conilium.cache.writer.CacheWriter` — so that the upstream is the bottleneck.
+runs the upstream in the calling thread, and hands each clip's hidden states to a writer
+thread that streams them into the shard's HDF5 file through the
+:class:`~conilium.cache.writer.CacheWriter` — so that the upstream is the bottleneck.
+The results of a batch are taken one batch late: batch k+1 is submitted to the upstream
+(:meth:`~conilium.extract.encoder.UpstreamRunner.submit`) before batch k's states are
+collected and written, so that on CUDA their copy to host memory overlaps the next
+forward pass. The writer sees the same events in the same order as without the delay.
 A shard is complete when its sidecar is written; a failure drops the shard being written.
 """
 
@@ -88,6 +92,10 @@ class JobLoader:
             noise = Noise(self.noise_dir / job.noise["file"], job.noise["snr_db"], job.noise["offset"])
         return self.path(self.corpus.audio_path(job.source), clip=job.name, noise=noise)
 
+
+#: batch k+1 is submitted to the upstream before batch k's results are written (False: each
+#: batch is written as soon as it is submitted, the loop without the overlap)
+SUBMIT_AHEAD = True
 
 _END = object()  # ends a shard (and, between shards, the writer)
 _ABORT = object()  # drops the shard being written
@@ -187,42 +195,64 @@ def run_shards(shards: Dict[int, List[Job]], *, cache: CacheWriter, loader: JobL
 
     skipped: List = []
     in_shard = False
+    submitted = None  # the batch whose results are yet to be written
+
+    def collect(index, batch, first, last, waves, keep, handle):
+        """Write a submitted batch: its shard's begin marker, its skipped clips, its clips, its
+        shard's end marker; as the loop did before batches were submitted ahead."""
+        nonlocal skipped, in_shard
+        if first:
+            skipped = []
+            writer.put(("begin", index, skipped))
+            in_shard = True
+        for job, w in zip(batch, waves):
+            if isinstance(w, AudioError):
+                skipped.append([job.name, str(w)])
+        outputs = runner.result(handle)
+        for (job, w), (frames, pooled) in zip(keep, outputs):
+            writer.put((job.name, frames, pooled))
+            stats.audio_seconds += len(w) / SAMPLE_RATE
+        stats.clips += len(keep)
+        stats.skipped += len(batch) - len(keep)
+        if last:
+            writer.put(_END)
+            in_shard = False
+            stats.shards_written += 1
+        if progress is not None:
+            progress.update(len(batch))
+
     try:
         refill()
         while pending:
             index, batch, first, last, futures = pending.popleft()
-            waves = [f.result() for f in futures]
-            refill()
-            if first:
-                skipped = []
-                writer.put(("begin", index, skipped))
-                in_shard = True
-            keep = []
-            for job, w in zip(batch, waves):
-                if isinstance(w, AudioError):
-                    skipped.append([job.name, str(w)])
-                else:
-                    keep.append((job, w))
-            outputs = runner([w for _, w in keep]) if keep else []
-            for (job, w), (frames, pooled) in zip(keep, outputs):
-                writer.put((job.name, frames, pooled))
-                stats.audio_seconds += len(w) / SAMPLE_RATE
-            stats.clips += len(keep)
-            stats.skipped += len(batch) - len(keep)
-            if last:
-                writer.put(_END)
-                in_shard = False
-                stats.shards_written += 1
-            if progress is not None:
-                progress.update(len(batch))
+            try:
+                waves = [f.result() for f in futures]
+                refill()
+                keep = [(job, w) for job, w in zip(batch, waves) if not isinstance(w, AudioError)]
+                handle = runner.submit([w for _, w in keep]) if keep else None
+            except BaseException:
+                # the batch before was computed: it is written (ending its shard) as it would have
+                # been before this one ran; a failure there is raised, this one chained to it
+                if submitted is not None:
+                    collect(*submitted)
+                raise
+            if submitted is not None:
+                collect(*submitted)
+            submitted = (index, batch, first, last, waves, keep, handle)
+            if not SUBMIT_AHEAD:
+                collect(*submitted)
+                submitted = None
+        if submitted is not None:
+            collect(*submitted)
         writer.put(_END)
         writer.join()
         if writer.error is not None:
             raise writer.error
     except BaseException:
-        if in_shard and writer.is_alive() and writer.error is None:
+        if writer.is_alive() and writer.error is None:  # between shards too: it waits for the next one
             try:
-                writer.q.put(_ABORT, timeout=5)
+                if in_shard:
+                    writer.q.put(_ABORT, timeout=5)
                 writer.q.put(_END, timeout=5)
             except queue.Full:
                 pass

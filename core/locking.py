@@ -216,12 +216,13 @@ class DirectoryLock:
         while True:
             try:
                 created = self._create(me)
-            except BaseException:  # cannot write here (full disk, read-only, ...)
+                if created:
+                    self._remove_dead_temporaries()
+            except BaseException:  # cannot write here (full disk, read-only, ...), or a signal
+                self.release()  # a lock file already ours (a signal just after it was made) goes too
                 self._forget_dir()
                 raise
             if created:
-                self.holder = me
-                self._remove_dead_temporaries()
                 return self
             other = read_holder(self.path)
             if other is None:  # released meanwhile, or a lock file that names no holder
@@ -284,10 +285,14 @@ class DirectoryLock:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                # ours before it exists: a signal between the link and the return still finds the file
+                # to remove (release() removes only a lock file holding our token)
+                self.holder = me
                 try:
                     os.link(tmp, self.path)  # atomic, and fails when the lock exists (NFS too)
                     return True
                 except FileExistsError:
+                    self.holder = None
                     return False
                 except OSError as e:
                     if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
@@ -296,6 +301,7 @@ class DirectoryLock:
                 try:
                     fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 except FileExistsError:
+                    self.holder = None
                     return False
                 try:
                     os.write(fd, data)

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 
-from conilium.errors import LockError
+from conilium.errors import LockError, OutputError
 from conilium.heads.train import TrainConfig, train_head
 from conilium.locking import LOCK_FILE, DirectoryLock, LockHolder, is_stale, lock_directory, read_holder, this_process
 from conilium.testing import write_synthetic_cache
@@ -223,3 +223,49 @@ def test_a_damaged_lock_file_is_reported_then_taken_over_when_old(tmp_path):
     os.utime(run / LOCK_FILE, (old, old))
     with lock_directory(run) as lock:
         assert read_holder(run / LOCK_FILE).token == lock.holder.token
+
+
+@pytest.mark.parametrize("where", ["after the link", "removing dead temporaries"])
+def test_a_signal_while_the_lock_is_being_taken_leaves_no_lock_file(tmp_path, monkeypatch, where):
+    """A stop (SIGTERM's Stopped, Ctrl-C) that lands after the lock file exists but before acquire()
+    returns (so no ``with`` block will release it) still removes the lock file and the directory."""
+    import conilium.locking as locking
+
+    run = tmp_path / "run"
+    if where == "after the link":
+        real_link = os.link
+
+        def link_then_stop(src, dst, *a, **k):
+            real_link(src, dst, *a, **k)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(locking.os, "link", link_then_stop)
+    else:
+        def stop(self):
+            assert (run / LOCK_FILE).exists()
+            raise KeyboardInterrupt
+        monkeypatch.setattr(DirectoryLock, "_remove_dead_temporaries", stop)
+    with pytest.raises(KeyboardInterrupt):
+        with lock_directory(run):
+            pytest.fail("the block must not run")
+    assert not run.exists()  # neither the lock file nor its temporary, nor the directory made for it
+    monkeypatch.undo()
+    with lock_directory(run) as lock:  # and the next writer gets in
+        assert read_holder(run / LOCK_FILE).token == lock.holder.token
+
+
+def test_a_failed_link_does_not_remove_another_holders_lock(tmp_path, monkeypatch, holder_of):
+    """An error while trying a held lock leaves the holder's lock file alone."""
+    import errno
+
+    import conilium.locking as locking
+
+    run = tmp_path / "run"
+    holder_of(run)
+    token = read_holder(run / LOCK_FILE).token
+
+    def broken_link(src, dst, *a, **k):
+        raise OSError(errno.EIO, "I/O error")
+    monkeypatch.setattr(locking.os, "link", broken_link)
+    with pytest.raises(OutputError, match="input/output error"):
+        lock_directory(run).acquire()
+    assert read_holder(run / LOCK_FILE).token == token

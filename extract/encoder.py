@@ -498,6 +498,12 @@ class UpstreamRunner:
     def __call__(self, waves: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
         return self.result(self.submit(waves))
 
+    @property
+    def asynchronous(self) -> bool:
+        """Whether :meth:`submit` returns while the forward still runs (a CUDA device), so that
+        submitting the next batch before collecting this one keeps the device busy."""
+        return self.device.type == "cuda"
+
     @torch.inference_mode()
     def submit(self, waves: Sequence[np.ndarray]) -> Optional[PendingBatch]:
         """Launch the forward pass of ``waves`` and the copy of its states to host memory

@@ -94,8 +94,11 @@ class JobLoader:
 
 
 #: batch k+1 is submitted to the upstream before batch k's results are written (False: each
-#: batch is written as soon as it is submitted, the loop without the overlap)
-SUBMIT_AHEAD = True
+#: batch is written as soon as it is submitted, the loop without the overlap). None: on a CUDA
+#: device only, where the forward runs asynchronously and the overlap pays; on the CPU the
+#: forward is done when submit() returns, and holding one batch back only costs memory
+#: (measured ~8 % slower there, bench/bench_extract.py)
+SUBMIT_AHEAD: Optional[bool] = None
 
 _END = object()  # ends a shard (and, between shards, the writer)
 _ABORT = object()  # drops the shard being written
@@ -195,6 +198,7 @@ def run_shards(shards: Dict[int, List[Job]], *, cache: CacheWriter, loader: JobL
 
     skipped: List = []
     in_shard = False
+    overlap = SUBMIT_AHEAD if SUBMIT_AHEAD is not None else runner.asynchronous
     submitted = None  # the batch whose results are yet to be written
 
     def collect(index, batch, first, last, waves, keep, handle):
@@ -239,7 +243,7 @@ def run_shards(shards: Dict[int, List[Job]], *, cache: CacheWriter, loader: JobL
             if submitted is not None:
                 collect(*submitted)
             submitted = (index, batch, first, last, waves, keep, handle)
-            if not SUBMIT_AHEAD:
+            if not overlap:
                 collect(*submitted)
                 submitted = None
         if submitted is not None:

@@ -30,6 +30,15 @@ def _config(**kw):
 pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def submit_ahead():
+    """The overlap runs on CUDA only by default; here, on the CPU, it is switched on."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pipeline, "SUBMIT_AHEAD", True)
+    yield
+    mp.undo()
+
+
 def _files(root: Path):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -313,3 +322,32 @@ def test_submit_and_result_one_batch_apart_equal_the_call(corpus, weights_dir):
             np.testing.assert_array_equal(p, pw)
     assert (runner.useful_frames, runner.computed_frames) == (2 * counts[0], 2 * counts[1])
     runner.close()
+
+
+@pytest.mark.parametrize("setting,device,ahead", [(None, "cpu", False), (None, "cuda:0", True), (True, "cpu", True),
+                                                  (False, "cuda", False)])
+def test_batches_are_submitted_ahead_on_cuda_only_by_default(setting, device, ahead, corpus, tmp_path, monkeypatch):
+    """On the CPU the forward is over when submit() returns, so by default each batch is written
+    before the next is submitted; on CUDA the next is submitted first. Same cache either way."""
+    events = []
+    submit, result = UpstreamRunner.submit, UpstreamRunner.result
+
+    def spy_submit(self, waves):
+        events.append("submit")
+        return submit(self, waves)
+
+    def spy_result(self, handle):
+        if handle is not None:  # None: a batch whose clips were all left out, never submitted
+            events.append("result")
+        return result(self, handle)
+
+    monkeypatch.setattr(UpstreamRunner, "submit", spy_submit)
+    monkeypatch.setattr(UpstreamRunner, "result", spy_result)
+    monkeypatch.setattr(pipeline, "SUBMIT_AHEAD", setting)
+    # the device the overlap is decided by (the forward itself stays on the CPU)
+    monkeypatch.setattr(UpstreamRunner, "asynchronous", property(lambda self: device.startswith("cuda")))
+    _extract(_config(), corpus, tmp_path / "cache")
+    assert events.count("submit") > 3
+    second = events.index("submit", 1)
+    assert events[:second] == (["submit"] if ahead else ["submit", "result"])
+    assert len(FeatureCache(tmp_path / "cache")) == 21

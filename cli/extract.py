@@ -69,6 +69,10 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
                    "demo-wavlm on 2 CPU cores, where it gains nothing on the demo). Its frames differ from "
                    "the eager forward's in the last bits: recorded in the manifest, and a cache begun with it "
                    "is resumed or reused only with it.")
+@click.option("--length-buckets", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Pad each batch up to one of a few lengths (8 per doubling: at most 1/8 more audio, never "
+                   "beyond the longest clip) so that a GPU sees few distinct shapes, each new one costing it new "
+                   "kernel plans. auto: on CUDA only. The frames are the same within float rounding.")
 @click.option("--shard-size", type=POSITIVE_INT, default=256, show_default=True, help="Clips per HDF5 shard.")
 @click.option("--workers", type=POSITIVE_INT, default=2, show_default=True, help="Audio decoding threads.")
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice).")
@@ -92,8 +96,8 @@ _UPSTREAM_HELP = ("registry name (" + ", ".join(UPSTREAMS) + "), a Hugging Face 
 @version_option
 def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max_seconds, normalize, whisper_input,
                          random_init,
-                         seed, revision, splits, batch_seconds, device, compute_dtype, compile_, shard_size, workers,
-                         threads,
+                         seed, revision, splits, batch_seconds, device, compute_dtype, compile_, length_buckets, shard_size,
+                         workers, threads,
                          skip_bad, allow_symlinks, augment_noise, augment_fraction, snr_db, copies, rescale_loud, overwrite,
                          no_space_check, wait_for_lock, quiet):
     """Run an upstream over a corpus once and store its hidden states in an HDF5 feature cache.
@@ -139,7 +143,8 @@ def extract_features_cmd(corpus, upstream, out, layers, dtype, pooled_stats, max
             torch.set_num_threads(threads)
         path = extract_features(config, corpus, out, batch_seconds=batch_seconds, device=device, workers=workers,
                                 skip_bad=skip_bad, allow_symlinks=allow_symlinks, overwrite=overwrite, check_space=not no_space_check,
-                                verbose=not quiet, wait_for_lock=lock_wait(wait_for_lock))
+                                verbose=not quiet, wait_for_lock=lock_wait(wait_for_lock),
+                                length_buckets={"auto": None, "on": True, "off": False}[length_buckets])
     except ConiliumError as e:
         fail(e)
     if not quiet:

@@ -48,6 +48,7 @@ from conilium import SAMPLE_RATE
 from conilium.errors import ConfigError
 from conilium.runtime import BF16_WEIGHTS, autocast, valid_mask
 
+from .plan import bucket_samples
 from .whisper import MAX_SAMPLES, WhisperFamily, check_input, is_whisper
 from .whisper import freeze_front_end as whisper_freeze
 
@@ -167,6 +168,9 @@ class Wav2Vec2Family:
     max_samples = None
     #: the CNN runs through :meth:`traceable_cnn` (:meth:`UpstreamEncoder.make_traceable`)
     traceable = False
+    #: the batch runs at its padded length, not its longest clip's (length buckets, see
+    #: :meth:`UpstreamRunner.use_length_buckets`): the CNN through :meth:`traceable_cnn`
+    whole_batch = False
 
     def __init__(self, model: nn.Module, *, fused_attention: bool = True):
         for part in ("feature_extractor", "feature_projection", "encoder"):
@@ -273,7 +277,8 @@ class Wav2Vec2Family:
         with warnings.catch_warnings():
             # WavLM passes a boolean padding mask beside its float position bias
             warnings.filterwarnings("ignore", message=".*mismatched key_padding_mask.*")
-            feats = self.traceable_cnn(waves, lengths) if self.traceable else self._cnn(waves, lengths, frames)
+            whole = self.traceable or self.whole_batch
+            feats = self.traceable_cnn(waves, lengths) if whole else self._cnn(waves, lengths, frames)
             mask = valid_mask(frames, feats.shape[1])
             proj = up.feature_projection(feats)
             hidden = proj[0] if isinstance(proj, tuple) else proj
@@ -376,10 +381,12 @@ def use_fused_attention(model: nn.Module) -> int:
     return switched
 
 
-def pad_waves(waves: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad float32 waveforms to the longest: ``(waves (B, N), lengths (B,))``."""
+def pad_waves(waves: Sequence[np.ndarray], to: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad float32 waveforms to the longest (or to ``to`` samples, when longer):
+    ``(waves (B, N), lengths (B,))``."""
     lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
-    x = torch.zeros(len(waves), int(lengths.max()) if len(waves) else 1, dtype=torch.float32)
+    longest = int(lengths.max()) if len(waves) else 1
+    x = torch.zeros(len(waves), max(longest, to or 0), dtype=torch.float32)
     for i, w in enumerate(waves):
         x[i, : len(w)] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
     return x, lengths
@@ -389,10 +396,10 @@ class PendingBatch:
     """A batch :meth:`UpstreamRunner.submit` has started (its forward pass launched, its states on
     their way to host memory; already there on CPU), for :meth:`UpstreamRunner.result` to resolve."""
 
-    __slots__ = ("waves", "kept", "pooled", "frames", "finite", "done", "seconds")
+    __slots__ = ("waves", "kept", "pooled", "frames", "finite", "done", "seconds", "padded")
 
     def __init__(self, waves: Sequence[np.ndarray], kept: torch.Tensor, pooled: Optional[torch.Tensor],
-                 frames: torch.Tensor, finite: Optional[torch.Tensor], done, seconds: float):
+                 frames: torch.Tensor, finite: Optional[torch.Tensor], done, seconds: float, padded: int):
         self.waves = waves
         self.kept = kept  # (B, T, len(layers), D), in the runner's transfer dtype
         self.pooled = pooled  # (B, all hidden states, 2, D) float32, or None
@@ -400,6 +407,7 @@ class PendingBatch:
         self.finite = finite  # 0-d bool, when the states were narrowed: every narrowed value is finite
         self.done = done  # CUDA: recorded once the copies to host memory are done
         self.seconds = seconds
+        self.padded = padded  # transformer frames computed for each clip (padding included)
 
 
 class UpstreamRunner:
@@ -425,6 +433,10 @@ class UpstreamRunner:
     caller can submit the next batch before taking a batch's results: on CUDA the states
     are copied into pinned host memory on a side stream, overlapping the next forward
     pass. ``__call__`` is the two at once.
+
+    :meth:`use_length_buckets` pads every batch up to one of a few lengths
+    (:func:`~conilium.extract.plan.bucket_samples`), so that the device sees few distinct
+    shapes: each new shape costs a CUDA device new attention and convolution plans.
     """
 
     def __init__(self, model, *, device: torch.device, compute_dtype: str = "float32",
@@ -460,6 +472,8 @@ class UpstreamRunner:
         self.transfer_dtype = (torch.float16 if stored_dtype == "float16" and self.device.type == "cuda"
                                else torch.float32)
         self._copy_stream = None
+        #: length buckets: a batch runs padded to bucket_samples(longest, bucket_cap); None: off
+        self.bucket_cap: Optional[int] = None
         self.forward_seconds = 0.0
         self.computed_frames = 0
         self.useful_frames = 0
@@ -498,6 +512,20 @@ class UpstreamRunner:
     def __call__(self, waves: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
         return self.result(self.submit(waves))
 
+    def use_length_buckets(self, cap: int) -> bool:
+        """Pad each batch up to its length bucket, never beyond ``cap`` samples (the run's longest
+        clip); the valid frames are those of the batch padded to its longest clip, within float
+        rounding. Whether it applies: a Whisper encoder has its own input length (False)."""
+        if not isinstance(self.encoder.family, Wav2Vec2Family):
+            return False
+        self.bucket_cap = int(cap)
+        self.encoder.family.whole_batch = True
+        return True
+
+    def padded_samples(self, longest: int) -> int:
+        """The samples a batch whose longest clip has ``longest`` samples runs at."""
+        return longest if self.bucket_cap is None else bucket_samples(longest, self.bucket_cap)
+
     @property
     def asynchronous(self) -> bool:
         """Whether :meth:`submit` returns while the forward still runs (a CUDA device), so that
@@ -512,7 +540,7 @@ class UpstreamRunner:
 
     def _submit(self, waves: Sequence[np.ndarray], transfer: torch.dtype) -> PendingBatch:
         t0 = time.perf_counter()
-        x, lengths = pad_waves(waves)
+        x, lengths = pad_waves(waves, to=self.padded_samples(max(len(w) for w in waves)))
         wanted = list(range(self.num_hidden_states)) if self.pooled_stats else self.layers
         with autocast(self.device, self.compute_dtype):
             states, frames = self._call(x.to(self.device, self.input_dtype), lengths.to(self.device), wanted)
@@ -532,7 +560,8 @@ class UpstreamRunner:
         done = None
         if self.device.type == "cuda":
             kept, pooled, frames, finite, done = self._to_host(kept, pooled, frames, finite)
-        return PendingBatch(waves, kept, pooled, frames, finite, done, time.perf_counter() - t0)
+        padded = states.shape[1] if self.bucket_cap is not None else self.encoder.padded_frames(frames)
+        return PendingBatch(waves, kept, pooled, frames, finite, done, time.perf_counter() - t0, padded)
 
     def _to_host(self, *tensors: Optional[torch.Tensor]):
         """Copies of ``tensors`` in pinned host memory, made on a side stream once the work queued
@@ -582,6 +611,6 @@ class UpstreamRunner:
         pooled = None if pending.pooled is None else pending.pooled.numpy()
         counts = pending.frames.tolist()
         self.forward_seconds += pending.seconds + time.perf_counter() - t0
-        self.computed_frames += len(counts) * self.encoder.padded_frames(pending.frames)
+        self.computed_frames += len(counts) * pending.padded
         self.useful_frames += sum(counts)
         return [(kept[i, :n], None if pooled is None else pooled[i]) for i, n in enumerate(counts)]

@@ -62,7 +62,7 @@ DEFAULT_BATCH_SECONDS = {"cpu": 0.0, "cuda": 300.0}
 def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optional[float] = None,
                      device: str = "auto", workers: int = 2, skip_bad: bool = False, allow_symlinks: bool = False,
                      overwrite: bool = False, check_space: bool = True, verbose: bool = True, stats: Optional[ExtractStats] = None,
-                     wait_for_lock: Union[bool, float] = False) -> Path:
+                     wait_for_lock: Union[bool, float] = False, length_buckets: Optional[bool] = None) -> Path:
     """Extract the hidden states ``config`` asks for over ``corpus`` (a root directory or a
     loaded :class:`~conilium.corpus.Corpus`) into the cache directory ``out``; returns ``out``.
 
@@ -74,7 +74,10 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
     The keyword arguments change how fast the cache is made, never its content:
     ``batch_seconds`` bounds a batch's padded audio (0: one clip at a time, the default on
     CPU; 300 on CUDA),
-    ``device`` is auto/cpu/cuda, ``workers`` decoding threads; ``skip_bad`` leaves
+    ``device`` is auto/cpu/cuda, ``workers`` decoding threads; ``length_buckets`` pads each
+    batch up to one of a few lengths (:func:`.plan.bucket_samples`, at most 1/8 more audio) so
+    that the device sees few distinct shapes (None: on CUDA only; the valid frames are the same
+    within float rounding); ``skip_bad`` leaves
     unreadable clips out (listed in the manifest) instead of stopping; ``allow_symlinks`` reads
     audio through symbolic links in ``Audios/`` that point outside it. A cache already
     complete with the same settings is returned untouched; one built with other settings
@@ -126,7 +129,7 @@ def extract_features(config: ExtractConfig, corpus, out, *, batch_seconds: Optio
         with CacheWriter(out, read_only=read_only) as cache:
             _extract(config, corpus, cache, dist, dev, t_start, stats, batch_seconds=batch_seconds, workers=workers,
                      skip_bad=skip_bad, allow_symlinks=allow_symlinks, overwrite=overwrite,
-                     check_space=check_space, verbose=verbose)
+                     check_space=check_space, verbose=verbose, length_buckets=length_buckets)
         clean = True
         return out
     finally:
@@ -152,7 +155,7 @@ def _say(verbose: bool, msg: str) -> None:
 
 def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev, t_start: float,
              stats: ExtractStats, *, batch_seconds, workers, skip_bad, allow_symlinks, overwrite, check_space,
-             verbose) -> None:
+             verbose, length_buckets: Optional[bool] = None) -> None:
     out = cache.out
     verbose_here = verbose and dist.rank == 0
     corpus = _select_clips(corpus, config, skip_bad, allow_symlinks)
@@ -180,6 +183,8 @@ def _extract(config: ExtractConfig, corpus, cache: CacheWriter, dist: Dist, dev,
     stats.device = dev.type
     stats.compute_dtype = cdtype
     stats.batch_seconds = batch_seconds
+    if (dev.type == "cuda" if length_buckets is None else length_buckets) and jobs:
+        stats.length_buckets = runner.use_length_buckets(max(j.samples for j in jobs))
     todo_jobs = [j for v in mine.values() for j in v]
     todo_frames = sum(dist.gather(sum(runner.frames_for(j.samples) for j in todo_jobs)))
     todo_clips = sum(dist.gather(len(todo_jobs)))

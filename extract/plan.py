@@ -272,11 +272,35 @@ def assign_shards(jobs: Sequence[Job], shard_size: int) -> List[List[Job]]:
     return [ordered[i:i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 
+#: length buckets: per doubling of the length, this many padded lengths (so at most 1/BUCKET_STEPS
+#: more audio than the batch's longest clip)
+BUCKET_STEPS = 8
+#: the unit bucket lengths are counted in: one output frame of the wav2vec 2.0 family (20 ms)
+BUCKET_HOP = 320
+
+
+def bucket_samples(n: int, cap: Optional[int] = None) -> int:
+    """The length a batch whose longest clip has ``n`` samples is padded to with length buckets:
+    the next ``m · 2^e`` hops of :data:`BUCKET_HOP` samples with ``BUCKET_STEPS <= m <
+    2·BUCKET_STEPS`` (an exact number of hops below ``BUCKET_STEPS`` of them), at most ``cap``
+    (the run's longest clip: clips cut at ``--max-seconds`` share that length already) and at
+    least ``n``. Between 1 and 30 s there are 40 such lengths, against one per distinct clip
+    length unbucketed."""
+    units = -(-int(n) // BUCKET_HOP)
+    e = max(0, units.bit_length() - BUCKET_STEPS.bit_length())
+    out = (-(-units // (1 << e)) << e) * BUCKET_HOP
+    if cap is not None:
+        out = min(out, int(cap))
+    return max(int(n), out)
+
+
 def plan_batches(jobs: Sequence[Job], batch_seconds: float, *, batch_cost: float = 0.02,
-                 min_samples: int = 0) -> List[List[Job]]:
+                 min_samples: int = 0, pad_to=None) -> List[List[Job]]:
     """Batches of clips of similar length whose padded audio (size x longest) stays within
     ``batch_seconds``. ``min_samples``: what the model computes for a clip at least (a Whisper
     encoder on its 30 s input computes 30 s for every clip), counted instead of shorter lengths.
+    ``pad_to(longest)``: the length a batch is padded to (length buckets,
+    :func:`bucket_samples`), counted instead of its longest clip's.
 
     Clips sorted by length are cut into consecutive batches by dynamic programming,
     minimising the padded samples computed plus a fixed cost per batch (``batch_cost``
@@ -290,6 +314,8 @@ def plan_batches(jobs: Sequence[Job], batch_seconds: float, *, batch_cost: float
     limit = batch_seconds * SAMPLE_RATE
     overhead = batch_cost * limit
     lengths = [max(j.samples, min_samples, 1) for j in ordered]
+    if pad_to is not None:
+        lengths = [max(n, int(pad_to(n))) for n in lengths]
     best = [0.0] + [math.inf] * n
     start = [0] * (n + 1)
     for end in range(1, n + 1):

@@ -337,3 +337,35 @@ def precision_dtype(precision: str, device) -> str:
         if precision == "bfloat16" or torch.cuda.is_bf16_supported():
             return "bfloat16"
     return "float32"
+
+
+class CompiledCall:
+    """``fn`` (a function or module) through ``torch.compile`` with dynamic shapes, so that
+    inputs of every length share one compiled graph after a first compilation of some seconds.
+    A failure of that first call (no C++ compiler on CPU, an operation the compiler does not
+    take) is a :class:`~conilium.errors.ConfigError` saying what could not be compiled and
+    ``without`` (what to do instead); later calls run the compiled code as it is."""
+
+    def __init__(self, fn: Callable, *, what: str, without: str):
+        import logging
+        import warnings
+
+        torch._logging.set_logs(dynamo=logging.ERROR)  # its notes on graph breaks, not errors
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._dynamo")
+        self.fn = torch.compile(fn, dynamic=True)
+        self.what, self.without = what, without
+        self.ok = False
+
+    def __call__(self, *args, **kwargs):
+        if self.ok:
+            return self.fn(*args, **kwargs)
+        try:
+            out = self.fn(*args, **kwargs)
+        except ConiliumError:
+            raise
+        except Exception as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise ConfigError(f"--compile: torch.compile could not compile {self.what} ({type(e).__name__}: "
+                              f"{first}); {self.without}") from None
+        self.ok = True
+        return out

@@ -46,7 +46,7 @@ from torch.nn import functional as F
 
 from conilium import SAMPLE_RATE
 from conilium.errors import ConfigError
-from conilium.runtime import BF16_WEIGHTS, autocast, valid_mask
+from conilium.runtime import BF16_WEIGHTS, CompiledCall, autocast, valid_mask
 
 from .plan import bucket_samples
 from .whisper import MAX_SAMPLES, WhisperFamily, check_input, is_whisper
@@ -450,15 +450,10 @@ class UpstreamRunner:
             self.input_dtype = torch.bfloat16
         #: ``compile``: the forward through ``torch.compile`` (dynamic shapes: clips of every
         #: length share one compiled graph, after a first compilation of some seconds)
-        self._forward = self.encoder.hidden_states
         self.compiled = bool(compile)
-        if self.compiled:
-            import logging
-
-            torch._logging.set_logs(dynamo=logging.ERROR)  # its notes on graph breaks, not errors
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._dynamo")
-            self._forward = torch.compile(self.encoder.hidden_states, dynamic=True)
-        self._compiled_ok = False
+        self._forward = (CompiledCall(self.encoder.hidden_states, what="the upstream's forward",
+                                      without="extract without --compile")
+                         if self.compiled else self.encoder.hidden_states)
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
         self.num_hidden_states = self.encoder.num_hidden_states
@@ -479,18 +474,7 @@ class UpstreamRunner:
         self.useful_frames = 0
 
     def _call(self, x: torch.Tensor, lengths: torch.Tensor, wanted):
-        if not self.compiled or self._compiled_ok:
-            return self._forward(x, lengths, wanted)
-        try:  # the first call compiles: a failure there (no C++ compiler, an unsupported operation) is named
-            out = self._forward(x, lengths, wanted)
-        except ConfigError:
-            raise
-        except Exception as e:
-            raise ConfigError(f"--compile: torch.compile could not compile the upstream's forward "
-                              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); "
-                              f"extract without --compile") from None
-        self._compiled_ok = True
-        return out
+        return self._forward(x, lengths, wanted)
 
     def frames_for(self, num_samples: int) -> int:
         return self.encoder.frames_for(num_samples)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -76,7 +77,7 @@ from conilium.extract.upstreams import check_upstream, load_upstream
 from conilium.heads.model import GenderOutput
 from conilium.metrics import score, score_binary
 from conilium.dirs import ModelDir
-from conilium.runtime import Dist, autocast, init_distributed
+from conilium.runtime import CompiledCall, Dist, autocast, init_distributed
 from conilium.targets import GENDER_CLASSES, class_weights, gender_targets, training_set
 from conilium.training import loop
 from conilium.training.losses import loss_fn, masked_bce, uses_weights
@@ -318,6 +319,14 @@ class FinetuneRecipe(loop.Recipe):
         self.draw = b.stage_draw if stage == 2 else b.draw
         self.weights = None if stage == 2 else b.weights
         self.part_hints: List[str] = []  # the last step's clips, by micro-batch (a non-finite loss names them)
+        #: the training forward (``--compile``: through torch.compile; ``train_model`` keeps no_sync)
+        self.forward = (CompiledCall(train_model, what="the model's training forward",
+                                     without="fine-tune without --compile")
+                        if config.compile else train_model)
+        if config.compile:
+            # tracing the backward of SpecAugment's masked assignment fails inside the compiler, which
+            # then runs that part as it is; anomaly mode's report of the failure is not the user's concern
+            warnings.filterwarnings("ignore", message="Error detected in IndexPutBackward", category=UserWarning)
 
     def epoch_batches(self, epoch: int):
         config, b, d = self.config, self.b, self.d
@@ -359,7 +368,7 @@ class FinetuneRecipe(loop.Recipe):
             last = k == n_parts - 1 or not d.on
             with contextlib.nullcontext() if last else self.train_model.no_sync():
                 with autocast(self.device, self.dtype):
-                    out = self.train_model(waves, lengths, aux=True) if aux else self.train_model(waves, lengths)
+                    out = self.forward(waves, lengths, aux=True) if aux else self.forward(waves, lengths)
                 logits, g_logit = out if aux else (out, None)
                 loss = self.fn(logits.float(), y, self.weights)
                 if aux:

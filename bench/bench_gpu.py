@@ -44,10 +44,11 @@ ratio is conilium / plain, of the medians, of the minima and per repeat):
    captured in one CUDA graph.
 4. fine-tuning, audio seconds per second: conilium's step (``EndToEndModel``: upstream, CNN
    frozen, the attentive head of finetune-best; AdamW from ``training.loop.make_optimizer``;
-   conilium's autocast; the loss's finite check as ``FinetuneRecipe.fit_batch`` does it),
-   against a plain loop (the same upstream, CNN frozen, fused attention, mean pooling and one
-   linear layer, fused AdamW, ``torch.autocast`` bf16 on CUDA), the same random batch
-   (16 × 8 s on CUDA), steps in turn after warm-up steps.
+   conilium's autocast; one read-back of the loss per step, as ``FinetuneRecipe.fit_batch``
+   in one process), against a plain loop (the same upstream, CNN frozen, fused attention, mean
+   pooling and one linear layer, fused AdamW, ``torch.autocast`` bf16 on CUDA), the same random
+   batch (16 × 8 s on CUDA), steps in turn after warm-up steps; with ``--compile``, conilium's
+   step through ``finetune-best --compile``'s ``CompiledCall`` too.
 
 Writes ``--json`` (default ``bench/results/gpu_<device>.json``): the machine, the arguments and
 each row's figures; ``python bench/run_benchmarks.py --report-only`` puts it in RESULTS.md.
@@ -489,7 +490,7 @@ def finetuning(args, device: torch.device, work: Path) -> dict:
     from conilium.finetune import EndToEndModel, FinetuneConfig
     from conilium.finetune.model import default_head_config
     from conilium.heads.model import EmotionHead
-    from conilium.runtime import autocast, precision_dtype
+    from conilium.runtime import CompiledCall, autocast, precision_dtype
     from conilium.training.loop import make_optimizer
     from conilium.training.losses import loss_fn
 
@@ -521,16 +522,18 @@ def finetuning(args, device: torch.device, work: Path) -> dict:
     targets = torch.softmax(torch.randn(batch, 8, generator=g), dim=1).to(device)
     class_w = torch.ones(8, device=device)
 
-    def ours_step() -> None:
-        with autocast(device, dtype):
-            logits = ours_model(waves, lengths)
-        loss = fn(logits.float(), targets, class_w)
-        if not bool(torch.isfinite(loss)):  # fit_batch's finite check (a read-back)
-            raise RuntimeError("loss not finite")
-        loss.backward()
-        ours_opt.step()
-        ours_opt.zero_grad(set_to_none=True)
-        torch.stack([loss.detach().float()]).tolist()  # the loop's one read-back per step
+    def ours_step_of(forward):
+        def step() -> None:  # fit_batch on one process: no read-back before backward
+            with autocast(device, dtype):
+                logits = forward(waves, lengths)
+            loss = fn(logits.float(), targets, class_w)
+            loss.backward()
+            ours_opt.step()
+            ours_opt.zero_grad(set_to_none=True)
+            torch.stack([loss.detach().float()]).tolist()  # the loop's one read-back per step
+        return step
+
+    ours_step = ours_step_of(ours_model)
 
     def plain_step() -> None:
         with _amp(device):
@@ -555,8 +558,19 @@ def finetuning(args, device: torch.device, work: Path) -> dict:
     for _ in range(args.ft_warmup):
         ours_step()
         plain_step()
+    variants = {"eager": rate(plain_step)}
+    if args.compile:  # finetune-best --compile: the model's forward and backward through torch.compile
+        try:
+            compiled_step = ours_step_of(CompiledCall(ours_model, what="the model", without="(benchmark)"))
+            for _ in range(args.ft_warmup):
+                compiled_step()
+            variants["conilium --compile (not a plain loop)"] = rate(compiled_step)
+        except Exception as e:  # noqa: BLE001
+            variants["conilium --compile (not a plain loop)"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
     sync(device)
-    ours_r, got = _alternate(args.repeats, rate(ours_step), {"eager": rate(plain_step)}, "fine-tuning")
+    timed, untimed = _split(variants)
+    ours_r, got = _alternate(args.repeats, rate(ours_step), timed, "fine-tuning")
+    got.update(untimed)
     trainable = sum(p.numel() for p in ours_model.parameters() if p.requires_grad)
     return _row("audio s/s", ours_r, got, {
         "upstream": args.upstream, "batch_size": batch, "clip_seconds": args.ft_seconds,

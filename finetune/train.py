@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -323,10 +322,6 @@ class FinetuneRecipe(loop.Recipe):
         self.forward = (CompiledCall(train_model, what="the model's training forward",
                                      without="fine-tune without --compile")
                         if config.compile else train_model)
-        if config.compile:
-            # tracing the backward of SpecAugment's masked assignment fails inside the compiler, which
-            # then runs that part as it is; anomaly mode's report of the failure is not the user's concern
-            warnings.filterwarnings("ignore", message="Error detected in IndexPutBackward", category=UserWarning)
 
     def epoch_batches(self, epoch: int):
         config, b, d = self.config, self.b, self.d

@@ -30,7 +30,9 @@ ratio is conilium / plain, of the medians, of the minima and per repeat):
    the kernel), bf16 autocast on CUDA (float32 on CPU), the cached layers copied to the host as
    float16. CUDA also: bf16 weights (no autocast), and conilium's own ``--compute-dtype
    bfloat16-weights``; with ``--compile``, the compiled model, and conilium's own
-   ``extract-features --compile`` (its compilation inside its loop time).
+   ``extract-features --compile`` (its compilation inside its loop time). conilium's
+   extraction with ``--length-buckets`` the other way round from its default (off on CUDA, on
+   on CPU), to show what the few padded lengths gain or cost.
 2. one head, clips/s at batch 16: ``train_head`` (preloaded; its training steps' own
    ``train_seconds``, epochs after the first) on a synthetic cache, against the plain loop of
    bench/bench_loop.py (the same head, loss and fused AdamW on batches already padded on the
@@ -159,14 +161,15 @@ def extraction(args, device: torch.device, work: Path) -> dict:
     config = ExtractConfig(args.upstream, random_init=True, seed=0, layers=args.layers)
     stats = {}
 
-    def conilium(folder: str, record: bool = False, **changes):
-        """conilium's extract_features (with ``changes`` to the config), audio seconds per loop second."""
+    def conilium(folder: str, record: bool = False, runtime=None, **changes):
+        """conilium's extract_features (with ``changes`` to the config, ``runtime`` options to the
+        call), audio seconds per loop second."""
         def run() -> float:
             out = work / folder
             shutil.rmtree(out, ignore_errors=True)  # (random weights rebuilt in the cache each time: not in the loop)
             st = ExtractStats()
             extract_features(dataclasses.replace(config, **changes), corpus_dir, out, device=device.type,
-                             batch_seconds=args.batch_seconds, workers=2, verbose=False, stats=st)
+                             batch_seconds=args.batch_seconds, workers=2, verbose=False, stats=st, **(runtime or {}))
             if record:
                 stats.update(st.as_dict())
             return st.audio_seconds / st.loop_seconds
@@ -225,6 +228,10 @@ def extraction(args, device: torch.device, work: Path) -> dict:
 
     variants = {"eager": plain(model, True)}
     notes = {"fused_attention_modules": fused}
+    # length buckets the other way round from the default (auto: on CUDA only)
+    buckets = device.type != "cuda"
+    variants[f"conilium --length-buckets {'on' if buckets else 'off'} (not a plain loop)"] = conilium(
+        "extract-cache-buckets", runtime={"length_buckets": buckets})
     if device.type == "cuda":
         bf16 = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         try:
@@ -256,6 +263,7 @@ def extraction(args, device: torch.device, work: Path) -> dict:
     notes.update({"upstream": args.upstream, "layers": args.layers, "clips": len(waves),
                   "audio_seconds": round(audio_seconds, 1), "batch_seconds": bound, "plain_batches": len(host),
                   "conilium_compute_dtype": stats.get("compute_dtype"),
+                  "conilium_length_buckets": stats.get("length_buckets"),
                   "conilium_padding_ratio": round(stats.get("padding_ratio", float("nan")), 4),
                   "conilium_forward_fraction": round(stats.get("forward_fraction", float("nan")), 4)})
     del model

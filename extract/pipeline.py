@@ -181,8 +181,7 @@ def run_shards(shards: Dict[int, List[Job]], *, cache: CacheWriter, loader: JobL
     writer.start()
     plan: List[Tuple[int, List[Job], bool, bool]] = []  # (shard, batch, first, last)
     for index, jobs in shards.items():
-        batches = plan_batches(jobs, batch_seconds, min_samples=runner.min_samples,
-                               pad_to=runner.padded_samples if runner.bucket_cap is not None else None)
+        batches = plan_batches(jobs, batch_seconds, min_samples=runner.min_samples, pad_to=runner.padded_samples)
         for b, batch in enumerate(batches):
             plan.append((index, batch, b == 0, b == len(batches) - 1))
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="decode")

@@ -282,7 +282,7 @@ BUCKET_HOP = 320
 def bucket_samples(n: int, cap: Optional[int] = None) -> int:
     """The length a batch whose longest clip has ``n`` samples is padded to with length buckets:
     the next ``m · 2^e`` hops of :data:`BUCKET_HOP` samples with ``BUCKET_STEPS <= m <
-    2·BUCKET_STEPS`` (an exact number of hops below ``BUCKET_STEPS`` of them), at most ``cap``
+    2·BUCKET_STEPS`` (below ``2·BUCKET_STEPS`` hops: the next whole hop), at most ``cap``
     (the run's longest clip: clips cut at ``--max-seconds`` share that length already) and at
     least ``n``. Between 1 and 30 s there are 40 such lengths, against one per distinct clip
     length unbucketed."""

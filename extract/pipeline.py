@@ -5,10 +5,11 @@ batches in a thread pool (:class:`JobLoader`: the one signal path, plus a job's 
 runs the upstream in the calling thread, and hands each clip's hidden states to a writer
 thread that streams them into the shard's HDF5 file through the
 :class:`~conilium.cache.writer.CacheWriter` — so that the upstream is the bottleneck.
-The results of a batch are taken one batch late: batch k+1 is submitted to the upstream
-(:meth:`~conilium.extract.encoder.UpstreamRunner.submit`) before batch k's states are
-collected and written, so that on CUDA their copy to host memory overlaps the next
-forward pass. The writer sees the same events in the same order as without the delay.
+On CUDA (:data:`SUBMIT_AHEAD`) the results of a batch are taken one batch late: batch k+1
+is submitted to the upstream (:meth:`~conilium.extract.encoder.UpstreamRunner.submit`)
+before batch k's states are collected and written, so that their copy to host memory
+overlaps the next forward pass. The writer sees the same events in the same order as
+without the delay.
 A shard is complete when its sidecar is written; a failure drops the shard being written.
 """
 

@@ -408,31 +408,56 @@ def exit_status(exc: BaseException) -> int:
     return 128 + (exc.signum if isinstance(exc, Stopped) else int(signal.SIGINT))
 
 
+#: Seconds after which a signal whose :class:`Stopped` Python swallowed is delivered again.
+REDELIVER_SECONDS = 0.02
+
+
 @contextlib.contextmanager
 def stop_on_signals(signals=STOP_SIGNALS, *, before: Optional[Callable[[int], None]] = None) -> Iterator[None]:
     """Within the block, ``signals`` (SIGTERM and SIGHUP) raise :class:`Stopped` in the main thread
     (once: a repeated signal does not interrupt the clean-up it started), after ``before(signum)``
-    when given; the previous handlers are restored after. A signal ignored before (``nohup``)
-    stays ignored. Nothing changes outside the main thread, where Python cannot install handlers."""
+    when given (called once); the previous handlers are restored after. A signal ignored before
+    (``nohup``) stays ignored. Nothing changes outside the main thread, where Python cannot install
+    handlers.
+
+    A signal that lands while the main thread runs a garbage-collection callback or a ``__del__``
+    (an import's module-lock callback, say) raises where Python only prints "Exception ignored"
+    and carries on: that :class:`Stopped` is caught by ``sys.unraisablehook`` (nothing printed) and
+    the signal delivered again :data:`REDELIVER_SECONDS` later, until it stops the block."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    raised = False
+    state = {"raised": None, "before": False}
 
     def handler(signum, frame):
-        nonlocal raised
-        if not raised:
-            raised = True
-            if before is not None:
-                before(signum)
-            raise Stopped(signum)
+        if state["raised"] is not None:
+            return
+        if before is not None and not state["before"]:
+            state["before"] = True
+            before(signum)
+        state["raised"] = Stopped(signum)
+        raise state["raised"]
+
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        exc = state["raised"]
+        if exc is None or unraisable.exc_value is not exc:
+            return previous_hook(unraisable)
+        state["raised"] = None  # swallowed: the block goes on, so stop it again a moment later
+        redeliver = threading.Timer(REDELIVER_SECONDS, os.kill, (os.getpid(), exc.signum))
+        redeliver.daemon = True
+        redeliver.start()
 
     previous = {}
     for s in signals:
         if signal.getsignal(s) is not signal.SIG_IGN:
             previous[s] = signal.signal(s, handler)
+    sys.unraisablehook = hook
     try:
         yield
     finally:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous_hook
         for s, old in previous.items():
             signal.signal(s, old if old is not None else signal.SIG_DFL)

@@ -216,3 +216,33 @@ def test_extract_features_names_an_unfinished_finetune_directory_given_as_upstre
     assert f"{model} is a finetune-best model directory whose training did not finish" in lines[0]
     assert f"--resume --out {model}" in lines[0]
     assert not out.exists()
+
+
+def test_a_signal_swallowed_by_a_garbage_collection_callback_is_delivered_again(capfd):
+    # the handler's Stopped raised inside a weakref callback is one Python only prints ("Exception
+    # ignored in ...") and forgets: a grid stopped that way reported a traceback and ran on
+    import weakref
+
+    from conilium.locking import Stopped, stop_on_signals
+
+    class Thing:
+        pass
+
+    def callback(_ref):
+        signal.raise_signal(signal.SIGTERM)  # the handler runs at the loop's next jump, inside the callback
+        for _ in range(1000):
+            pass
+
+    before, hook = [], sys.unraisablehook
+    thing = Thing()
+    ref = weakref.ref(thing, callback)
+    with pytest.raises(Stopped) as stopped:
+        with stop_on_signals(before=before.append):
+            del thing  # the callback runs here and its Stopped is swallowed
+            deadline = time.time() + 5
+            while time.time() < deadline:
+                time.sleep(0.01)
+    assert stopped.value.signum == signal.SIGTERM and before == [signal.SIGTERM]
+    assert ref() is None
+    assert "Exception ignored" not in capfd.readouterr().err
+    assert sys.unraisablehook is hook

@@ -36,12 +36,15 @@ ratio is conilium / plain, of the medians, of the minima and per repeat):
 2. one head, clips/s at batch 16: ``train_head`` (preloaded; its training steps' own
    ``train_seconds``, epochs after the first) on a synthetic cache, against the plain loop of
    bench/bench_loop.py (the same head, loss and fused AdamW on batches already padded on the
-   device; one warm-up epoch, then the timed ones). CUDA also: the whole plain step (forward,
+   device; one warm-up epoch, then the timed ones). On CUDA ``train_head`` captures its steps
+   as CUDA graphs (``--cuda-graphs auto``), and beside it runs them eagerly
+   (``conilium_eager``: ``--cuda-graphs off``). CUDA also: the whole plain step (forward,
    loss, backward, AdamW ``capturable``) captured in one CUDA graph, batches padded to the
    cache's longest clip (full batches only); with ``--compile``, the compiled head.
 3. Table 2 grid, clip·heads/s: ``train_heads`` with the five runs of ``--preset table2`` (one
    data pass) as one stacked module (``--stack-heads on``, what ``auto`` does on CUDA), and
-   beside it one by one (``conilium_one_by_one``: ``--stack-heads off``), against the five
+   beside it one by one (``conilium_one_by_one``: ``--stack-heads off``; on CUDA also stacked
+   with eager steps, ``conilium_stacked_eager``: ``--cuda-graphs off``), against the five
    plain heads stepped in turn on the same batches, eager; CUDA also: the five heads' steps
    captured in one CUDA graph.
 4. fine-tuning, audio seconds per second: conilium's step (``EndToEndModel``: upstream, CNN
@@ -441,10 +444,17 @@ def one_head(args, device: torch.device, work: Path) -> dict:
         variants, clips = _head_variants(args, device, [config], [data], cache, "head")
         calls, plains = _split(variants)
 
-        def ours() -> float:
-            return _conilium_rate(train_head(config, work / "head-run", overwrite=True, progress=False), 1)
+        def ours_with(graphs: str):
+            def run() -> float:
+                return _conilium_rate(train_head(replace(config, cuda_graphs=graphs), work / "head-run",
+                                                 overwrite=True, progress=False), 1)
+            return run
 
-        ours_r, got = _alternate(args.repeats, ours, calls, "one head")
+        # train-head as it runs: on CUDA its steps captured as CUDA graphs (--cuda-graphs auto);
+        # beside it, the eager steps (--cuda-graphs off)
+        if device.type == "cuda":
+            calls = dict(calls, conilium_eager=ours_with("off"))
+        ours_r, got = _alternate(args.repeats, ours_with("auto"), calls, "one head")
     got.update(plains)
     return _row("clips/s", ours_r, got, {"train_clips": clips, "batch_size": 16, "epochs": args.epochs,
                                          "timed_epochs": args.epochs - 1, "hidden": 256,
@@ -469,9 +479,10 @@ def grid(args, device: torch.device, work: Path) -> dict:
         variants, clips = _head_variants(args, device, configs, datas, cache, "grid")
         calls, plains = _split(variants)
 
-        def conilium(stack: str):
+        def conilium(stack: str, graphs: str = "auto"):
             def run() -> float:
-                res = train_heads([(replace(c, stack_heads=stack), work / "grid" / name) for name, c, _ in runs],
+                res = train_heads([(replace(c, stack_heads=stack, cuda_graphs=graphs), work / "grid" / name)
+                                   for name, c, _ in runs],
                                   overwrite=True, progress=False)
                 bad = [r for r in res if not isinstance(r, dict)]
                 if bad:
@@ -484,6 +495,8 @@ def grid(args, device: torch.device, work: Path) -> dict:
         # conilium's grid as train-grid runs it: the five heads as one stacked module (--stack-heads
         # auto: on CUDA); beside it, the heads one by one (--stack-heads off)
         calls = dict(calls, conilium_one_by_one=conilium("off"))
+        if device.type == "cuda":  # stacked, its steps eager (--cuda-graphs off)
+            calls = dict(calls, conilium_stacked_eager=conilium("on", "off"))
         ours_r, got = _alternate(args.repeats, conilium("on"), calls, "grid")
     got.update(plains)
     return _row("clip·heads/s", ours_r, got, {"runs": [n for n, _, _ in runs], "passes": len(passes),

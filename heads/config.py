@@ -103,6 +103,12 @@ class TrainConfig(RunConfig):
                               "share an architecture, learning rate and weight decay and use neither --mixup nor "
                               "--aux; auto: on CUDA. Each head's numbers then match its own train-head run within "
                               "float32 rounding (not bitwise).", choices=STACK_MODES, runtime=True, cli=False)
+    cuda_graphs: str = option("auto", "Train the heads of a data pass (stacked; a head alone too) on fixed shapes, the "
+                              "frames of a batch padded to a few buckets, each shape's step captured once as a CUDA "
+                              "graph and replayed (eager where capture fails; metrics.json says which); auto: on "
+                              "CUDA (with stack_heads not off), off: eager steps. As stacked heads, its numbers "
+                              "match the eager run's within float32 rounding, not bitwise.", choices=STACK_MODES,
+                              runtime=True)
     verify: str = option("first", "When a clip's frames are checked against their CRC-32 and for NaN or infinite "
                          "values: first (the run's first read of the clip; later epochs reuse the check), always "
                          "(every read: also catches a shard rewritten during the run), never (no check).",

@@ -259,7 +259,7 @@ def use_preload(config: TrainConfig, nbytes: int) -> bool:
 def pass_key(config: TrainConfig, data: PreparedData) -> tuple:
     """What the heads of one data pass share: the cache, the input read from it, the training
     clips in their order (sampler, seed, batch size), the Development split and the runtime
-    options (device, preloading, loader workers, threads, checks, stacking), and a fusion run's further caches
+    options (device, preloading, loader workers, threads, checks, stacking, CUDA graphs), and a fusion run's further caches
     with the input read from each. Runs with equal keys read the same
     batches; the loss, targets, pooling, sizes, learning rate, epochs and patience may differ.
     The task may differ too when the clips are the same: an attributes run trains on every
@@ -269,6 +269,7 @@ def pass_key(config: TrainConfig, data: PreparedData) -> tuple:
             config.sampler,
             config.seed, config.batch_size, config.train_split, config.dev_split, config.device, config.preload,
             config.preload_budget_gb, config.num_workers, config.threads, config.verify, config.stack_heads,
+            config.cuda_graphs,
             tuple((str(Path(c.path).resolve()), sel) for c, sel in data.more))
 
 

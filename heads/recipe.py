@@ -25,7 +25,8 @@ from .data import ClipDataset, FusionDataset, collate, length_batches
 from .model import EmotionHead, LayerMix, build_head
 from .predict import predict_many, stack_scores
 from .prepare import PreparedData, head_configs_for
-from .stacked import StackedHeads, predict_stacked, unstackable, use_stack
+from .graphs import StepGraphs, use_graphs
+from .stacked import ONE_HEAD, StackedHeads, predict_stacked, unstackable, use_stack
 
 
 def read_batches(dataset: ClipDataset, index_batches: Sequence[Sequence[int]], device: torch.device, *,
@@ -207,12 +208,18 @@ class HeadRecipe(Recipe):
     def __init__(self, train_batches: Callable[[], Iterator[Batch]], steps: int,
                  dev_batches: Callable[[], Iterator[Batch]], dev_size: int, dev_refs, dev_attr_refs,
                  device: torch.device, stack: Optional[StackedHeads] = None,
-                 stack_optimizer: Optional[torch.optim.Optimizer] = None):
+                 stack_optimizer: Optional[torch.optim.Optimizer] = None, graphs: bool = False,
+                 cap_frames: Optional[int] = None):
         self.train_batches, self.steps = train_batches, steps
         self.dev_batches, self.dev_size = dev_batches, dev_size
         self.dev_refs, self.dev_attr_refs, self.device = dev_refs, dev_attr_refs, device
         #: the pass's heads as one module (:func:`stack_trainees`) and its optimiser, or None
         self.stack, self.stack_optimizer = stack, stack_optimizer
+        self._by_slot: dict = {}
+        #: the stack's steps on fixed shapes, captured as CUDA graphs on CUDA (``graphs``), or None
+        self.graphs: Optional[StepGraphs] = None
+        if graphs and stack is not None:
+            self.graphs = StepGraphs(self._stack_step, capture=device.type == "cuda", cap_frames=cap_frames)
 
     def epoch_batches(self, epoch: int):
         def batches():
@@ -232,13 +239,22 @@ class HeadRecipe(Recipe):
         streams = [None] * self.stack.size
         for t in trainees:
             streams[t.slot] = t.rng
-        masks = self.stack.draw_masks(streams, n, self.device)
+            self._by_slot[t.slot] = t
+        masks = self.stack.draw_masks(streams, n, self.device)  # outside the step: a graph draws nothing
+        slots = tuple(t.slot for t in trainees)
+        step = self._stack_step if self.graphs is None else self.graphs
+        losses = step(x, lengths, at, masks, slots)
+        return [[(losses[k], n)] for k in range(len(trainees))]
+
+    def _stack_step(self, x: torch.Tensor, lengths: Optional[torch.Tensor], at: torch.Tensor,
+                    masks: Optional[Tuple[torch.Tensor, ...]], slots: Tuple[int, ...]) -> torch.Tensor:
+        """One optimiser step of the stack on the batch for the heads in ``slots``: their losses."""
         out = self.stack(x, lengths, masks)
-        losses = [t.loss_of(out[t.slot], at) for t in trainees]
+        losses = torch.stack([self._by_slot[k].loss_of(out[k], at) for k in slots])
         self.stack_optimizer.zero_grad(set_to_none=True)
-        torch.stack(losses).sum().backward()  # each head's gradient is its own loss's
+        losses.sum().backward()  # each head's gradient is its own loss's
         self.stack_optimizer.step()
-        return [[(loss.detach(), n)] for loss in losses]
+        return losses.detach()
 
     def loss_name(self, trainee: HeadTrainee) -> str:
         return trainee.config.loss
@@ -259,17 +275,21 @@ class HeadRecipe(Recipe):
 
 def stack_trainees(trainees: Sequence[HeadTrainee], device: torch.device) -> Tuple[Optional[StackedHeads], Optional[str]]:
     """The heads of a data pass as one :class:`~conilium.heads.stacked.StackedHeads` trained by one
-    optimiser, when their runs ask for it (``stack_heads``) and can be stacked: (the stack, None);
-    (None, why not) otherwise (why is None where stacking was not asked for)."""
+    optimiser, when their runs ask for it (``stack_heads``, or ``cuda_graphs``: a graphed step is a
+    stack's, of one head too) and can be stacked: (the stack, None); (None, why not) otherwise (why
+    is None where stacking was not asked for)."""
     config = trainees[0].config
-    if not use_stack(config.stack_heads, device):
+    graphs = use_graphs(config.cuda_graphs, device) and config.stack_heads != "off"
+    if not use_stack(config.stack_heads, device) and not graphs:
         return None, None
     why = unstackable([t.config for t in trainees], [t.head_cfgs for t in trainees])
+    if why == ONE_HEAD and graphs:
+        why = None
     if why is not None:
         return None, why
     stack = StackedHeads([t.model for t in trainees]).to(device)
     optimizer, name = make_optimizer((p for p in stack.parameters() if p.requires_grad), lr=config.lr,
-                                     weight_decay=config.weight_decay)
+                                     weight_decay=config.weight_decay, capturable=graphs and device.type == "cuda")
     for k, t in enumerate(trainees):
         t.stack, t.slot, t.optimizer, t.optimizer_name = stack, k, optimizer, name
     return stack, None

@@ -57,11 +57,15 @@ def use_stack(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
+#: Why a pass of one head is not stacked (it is where its steps are graphed: :mod:`conilium.heads.graphs`).
+ONE_HEAD = "one head in the pass"
+
+
 def unstackable(configs: Sequence, head_configs: Sequence[Sequence[HeadConfig]]) -> Optional[str]:
     """Why the heads of these runs (their TrainConfigs, and each run's head configs) cannot be
     stacked; None when they can."""
     if len(configs) < 2:
-        return "one head in the pass"
+        return ONE_HEAD
     if any(len(h) != 1 for h in head_configs):
         return "fusion heads are trained one by one"
     if len({h[0] for h in head_configs}) != 1:

@@ -82,6 +82,7 @@ from .outputs import (CHECKPOINT, clear_outputs, load_config, load_head, remove_
                       write_outputs)
 from .prepare import (PreparedData, check_config, check_out_dir, data_bytes, head_config_for,  # noqa: F401
                       head_configs_for, make_dataset, output_bytes, pass_key, plan_passes, prepare, use_preload)
+from .graphs import use_graphs
 from .recipe import (HeadRecipe, HeadTrainee, predict_heads, predict_probs, read_batches,  # noqa: F401
                      stack_trainees)
 
@@ -265,11 +266,16 @@ def _fit_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *, prog
                         read_batches(dev_ds, dev_order, device, num_workers=config.num_workers, persistent=True),
                         len(dev_ds), [cache.clips[n].emo_class for n in data.dev_names],
                         np.stack([attribute_values(cache.clips[n]) for n in data.dev_names]), device,
-                        stack, None if stack is None else heads[0].optimizer)
+                        stack, None if stack is None else heads[0].optimizer,
+                        graphs=use_graphs(config.cuda_graphs, device),
+                        cap_frames=max((cache.num_frames(n) for n in data.train_names), default=None))
     names = ", ".join(h.out_dir.name for h in heads)
     what = "heads" if stack is None else "stacked heads"
     fit(recipe, heads, progress=progress, desc="epochs" if len(heads) == 1 else f"epochs ({len(heads)} {what}: {names})",
         on_epoch=on_epoch)
+    if recipe.graphs is not None:
+        for h in heads:
+            h.stacking["cuda_graphs"] = recipe.graphs.summary()
     for h in heads:  # from here on (best weights, a balanced stage, predictions) each head alone
         h.stack = None
     _balanced_stage(config, data, train_ds, device, preload, recipe, [h for h in heads if h.error is None],

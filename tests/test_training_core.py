@@ -106,7 +106,7 @@ def test_the_shared_fields_are_declared_once_for_heads_and_fine_tuning():
 
     assert tuple(POOLINGS) == POOLING_NAMES and tuple(LOSSES) == tuple(LOSS_PROPERTIES)  # the names --help shows
     assert set(runtime_fields(TrainConfig)) == {"device", "num_workers", "threads", "preload", "preload_budget_gb",
-                                                "verify", "stack_heads"}
+                                                "verify", "stack_heads", "cuda_graphs"}
     assert {"precision", "eval_batch_size", "keep_checkpoints"} <= set(runtime_fields(FinetuneConfig))
 
 

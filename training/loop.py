@@ -31,20 +31,25 @@ from tqdm import tqdm
 from conilium.errors import TrainingError
 
 
-def make_optimizer(params, *, lr: float, weight_decay: float) -> Tuple[torch.optim.Optimizer, str]:
+def make_optimizer(params, *, lr: float, weight_decay: float,
+                   capturable: bool = False) -> Tuple[torch.optim.Optimizer, str]:
     """AdamW over ``params``, and the implementation's name.
 
     The fused implementation (one kernel for every tensor, on CPU and CUDA where torch has
     it) instead of the per-tensor loop, which took 14–17 % of a CPU head epoch; its
     updates differ from the loop's in the last bits of float32 rounding (≈6e-8 after 30
     steps on a head's weights). Without it: the foreach implementation, bitwise equal to
-    the loop.
+    the loop. ``capturable``: the step counts kept on the device, so that a CUDA graph can hold
+    the update (:mod:`conilium.heads.graphs`; CUDA parameters only).
     """
     params = list(params)
+    extra = {"capturable": True} if capturable else {}
+    what = " capturable" if capturable else ""
     try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True), "AdamW (fused)"
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True, **extra), f"AdamW (fused{what})"
     except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the fused kernel
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True), "AdamW (foreach)"
+        return (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True, **extra),
+                f"AdamW (foreach{what})")
 
 
 def nonfinite_error(loss: str, value, *, epoch: int, step: int, lr: float, hint: str) -> TrainingError:

@@ -31,6 +31,7 @@ On a CPU nothing is captured: with ``cuda_graphs="on"`` the same fixed-shape ste
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Hashable, Optional, Tuple
 
@@ -159,18 +160,19 @@ class StepGraphs:
             for static, m in zip(s.masks, masks):
                 static.copy_(m)
         inputs = (s.x, s.lengths, s.at, s.masks) + s.extra
-        if not self.capture or self.failed is not None:
+        if not self.capture:
             return self.step(*inputs)
-        if s.graph is None and s.steps < self.warmup:
+        if self.failed is not None or (s.graph is None and s.steps < self.warmup):
             s.steps += 1
             return self._on_side_stream(inputs)
         if s.graph is None:
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, pool=self._pool):
+                # thread_local: a grid's other passes, in threads of this process, go on using the card
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                     s.out = self.step(*inputs)
             except Exception as e:  # noqa: BLE001 - any operation the graph cannot hold: eager from here on
-                self.failed = f"the step could not be captured ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                self.failed = f"the step could not be captured ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
                 return self._on_side_stream(inputs)
             s.graph = graph
         s.graph.replay()
@@ -179,7 +181,9 @@ class StepGraphs:
     def _on_side_stream(self, inputs) -> torch.Tensor:
         side, main = self._side, torch.cuda.current_stream()
         side.wait_stream(main)
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # a capturable AdamW warns when it steps outside a graph: here it does so on purpose
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
             out = self.step(*inputs)
         main.wait_stream(side)
         return out

@@ -134,3 +134,83 @@ def test_shapes_of_one_batch_size_share_one_frames_buffer():
     bases = {s.x.untyped_storage().data_ptr() for s in graphs.shapes.values()}
     assert len(graphs.shapes) == 5 and len(bases) == 2  # batch sizes 4 and 2
     assert sum(b.numel() for b in graphs._buffers.values()) == (4 + 2) * 100 * 6
+
+
+class _Capture:
+    """Stands in for torch.cuda's graph capture on a CPU: a step called while "capturing" records
+    what it would compute on its static inputs (as a graph records kernels) and computes nothing;
+    ``replay`` computes it, on whatever the static inputs hold then."""
+
+    def __init__(self, fail: bool = False):
+        self.capturing, self.fail, self.recorded, self.replays = False, fail, None, 0
+        capture = self
+
+        class Graph:
+            def replay(self):
+                capture.replays += 1
+                self.recorded()
+
+        class GraphContext:
+            def __init__(self, graph, **kw):
+                self.graph = graph
+
+            def __enter__(self):
+                capture.capturing = True
+                if capture.fail:
+                    raise RuntimeError("operation not permitted when stream is capturing")
+
+            def __exit__(self, *exc):
+                capture.capturing = False
+                self.graph.recorded = capture.recorded
+
+        self.Graph, self.GraphContext = Graph, GraphContext
+
+
+def test_shapes_replay_their_graph_after_warm_up_on_the_refilled_inputs(monkeypatch):
+    import contextlib
+
+    from conilium.heads import graphs as module
+
+    cap = _Capture()
+    eager = []
+
+    def step(x, lengths, at, masks):
+        out = torch.zeros(x.shape[0])
+
+        def compute():
+            out.copy_(x.sum(dim=(1, 2)) + at)
+
+        if cap.capturing:
+            cap.recorded = compute
+        else:
+            eager.append(1)
+            compute()
+        return out
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    for name, value in (("CUDAGraph", cap.Graph), ("graph", cap.GraphContext), ("Stream", Stream),
+                        ("current_stream", lambda: Stream()), ("stream", lambda s: contextlib.nullcontext()),
+                        ("graph_pool_handle", lambda: None)):
+        monkeypatch.setattr(module.torch.cuda, name, value)
+    graphs = StepGraphs(step, capture=True, cap_frames=64)
+    for k in range(6):
+        t = 33 + k % 3  # one bucket (36 frames)
+        x = torch.full((2, t, 1), float(k))
+        out = graphs(x, torch.tensor([t, 1]), torch.tensor([k, 2 * k]), None)
+        assert torch.equal(out, torch.tensor([k * t + k, k * t + 2 * k], dtype=torch.float32)), k
+    assert len(eager) == 2 and cap.replays == 4 and graphs.summary() == {"captured": True, "shapes": 1, "graphs": 1}
+
+    failing = _Capture(fail=True)
+    monkeypatch.setattr(module.torch.cuda, "graph", failing.GraphContext)
+    eager.clear()
+    graphs = StepGraphs(step, capture=True, cap_frames=64)
+    for k in range(4):
+        out = graphs(torch.ones(2, 30, 1), torch.tensor([30, 1]), torch.tensor([k, k]), None)
+        assert torch.equal(out, torch.full((2,), 30.0 + k))
+    assert len(eager) == 4 and failing.replays == 0
+    summary = graphs.summary()
+    assert summary["captured"] is False and "could not be captured (RuntimeError: operation not permitted" in \
+        summary["eager"]

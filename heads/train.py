@@ -276,6 +276,7 @@ def _fit_pass(members: Sequence[Tuple[TrainConfig, Path, PreparedData]], *, prog
     if recipe.graphs is not None:
         for h in heads:
             h.stacking["cuda_graphs"] = recipe.graphs.summary()
+        recipe.graphs = None  # the graphs' memory back before the best weights are scored
     for h in heads:  # from here on (best weights, a balanced stage, predictions) each head alone
         h.stack = None
     _balanced_stage(config, data, train_ds, device, preload, recipe, [h for h in heads if h.error is None],

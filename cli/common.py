@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import math
+import signal
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -14,7 +15,7 @@ import click
 
 import conilium
 from conilium.dirs import KINDS, describe_dir, dir_kind  # noqa: F401 (re-exported)
-from conilium.locking import exit_status, signal_name, stop_on_signals
+from conilium.locking import STOP_SIGNALS, exit_status, signal_name, stop_on_signals
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -135,13 +136,16 @@ def check_corpus_arg(path) -> None:
 
 
 class Command(click.Command):
-    """A command that a signal stops cleanly: SIGTERM and SIGHUP take Ctrl-C's way out
-    (:func:`conilium.locking.stop_on_signals`: locks released, temporary files removed), and
-    either ends with one line naming the signal and the exit status 128 + its number."""
+    """A command that a signal stops cleanly: SIGTERM, SIGHUP and SIGINT (Ctrl-C) raise
+    :class:`~conilium.locking.Stopped` (:func:`conilium.locking.stop_on_signals`: locks released,
+    temporary files removed), and end with one line naming the signal and the exit status
+    128 + its number."""
 
     def invoke(self, ctx: click.Context):
         try:
-            with stop_on_signals():
+            # SIGINT too: Python's own KeyboardInterrupt is lost where it lands in a garbage-collection
+            # callback, stop_on_signals delivers it again
+            with stop_on_signals(STOP_SIGNALS + (signal.SIGINT,)):
                 return super().invoke(ctx)
         except KeyboardInterrupt as e:
             click.echo(f"Error: stopped by {signal_name(e)}; its locks are released and no half-written file "

@@ -21,8 +21,10 @@ recorded on the very tensors it recorded them on, so a step is made graph-ready 
 
 :class:`StepGraphs` runs the step of a shape eagerly for its first :data:`WARMUP_STEPS` steps
 (on a side stream, as CUDA graph capture asks: real steps, on the real batches), captures it on
-the next and replays it from then on; a capture that fails (an operation a graph cannot hold)
-leaves every later step eager and says why. A head whose training stops (patience, a
+the next and replays it from then on. The first :data:`CHECKED_REPLAYS` replays of each graph are
+checked against the eager step on the same batch (the replay undone, the eager step kept): a
+replay whose losses or weight updates differ, or a capture that fails (an operation a graph
+cannot hold), leaves every later step eager, and metrics.json says why. A head whose training stops (patience, a
 non-finite loss) leaves the stack's loss: another graph.
 
 On a CPU nothing is captured: with ``cuda_graphs="on"`` the same fixed-shape steps run eagerly
@@ -33,13 +35,20 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Hashable, Optional, Tuple
+from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 #: Eager steps of a shape before its graph is captured (real steps, on a side stream).
 WARMUP_STEPS = 2
+#: Replays of each graph checked against the eager step on the same batch (the first: what was
+#: captured; the second: that the graph reads the inputs refilled since).
+CHECKED_REPLAYS = 2
+#: A checked replay passes when its losses are within this relative difference of the eager
+#: step's and its update of every weight tensor (after − before) within this relative difference
+#: (norm of the difference over the norm of the eager update); float32 rounding is orders below.
+CHECK_TOLERANCE = 1e-2
 
 
 def use_graphs(mode: str, device: torch.device) -> bool:
@@ -72,6 +81,7 @@ class _Shape:
     at: torch.Tensor
     masks: Optional[Tuple[torch.Tensor, ...]]
     steps: int = 0
+    replays: int = 0
     graph: Optional["torch.cuda.CUDAGraph"] = None
     out: Optional[torch.Tensor] = None
     extra: Tuple = field(default_factory=tuple)
@@ -88,8 +98,13 @@ class StepGraphs:
     The output is valid until the next call."""
 
     def __init__(self, step: Callable[..., torch.Tensor], *, capture: bool, cap_frames: Optional[int] = None,
-                 warmup: int = WARMUP_STEPS):
+                 warmup: int = WARMUP_STEPS, state: Optional[Callable[[], Sequence[torch.Tensor]]] = None):
         self.step, self.capture, self.cap_frames, self.warmup = step, bool(capture), cap_frames, int(warmup)
+        #: the tensors a step updates in place (weights first, then the optimiser's state), for the
+        #: checked replays (:meth:`_checked_replay`); None: replays unchecked
+        self.state = state
+        #: the largest relative differences the checked replays found: losses, weight updates
+        self.checked = {"replays": 0, "loss": 0.0, "update": 0.0}
         self.shapes: Dict[Hashable, _Shape] = {}
         #: why steps run eagerly where a capture was asked for (a capture that failed), else None
         self.failed: Optional[str] = None
@@ -108,6 +123,8 @@ class StepGraphs:
     def summary(self) -> dict:
         """What metrics.json records: whether steps were captured, the shapes seen, the graphs."""
         out = {"captured": self.capture and self.failed is None, "shapes": len(self.shapes), "graphs": self.captured}
+        if self.checked["replays"]:
+            out["checked"] = dict(self.checked)
         if not self.capture:
             out["eager"] = "no CUDA device: the fixed-shape steps ran eagerly"
         elif self.failed is not None:
@@ -175,8 +192,41 @@ class StepGraphs:
                 self.failed = f"the step could not be captured ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
                 return self._on_side_stream(inputs)
             s.graph = graph
+        if self.state is not None and s.replays < CHECKED_REPLAYS:
+            return self._checked_replay(s, inputs)
+        s.replays += 1
         s.graph.replay()
         return s.out
+
+    def _checked_replay(self, s: _Shape, inputs) -> torch.Tensor:
+        """Replay ``s``'s graph, then undo its update and take the same step eagerly: the step's
+        outcome is the eager one's either way. Where the replay's losses or weight updates differ
+        from the eager step's by more than :data:`CHECK_TOLERANCE` (a graph that did not record
+        what the step computes), the graphs are dropped and every later step runs eagerly."""
+        s.replays += 1
+        tensors = [t.detach() for t in self.state()]
+        before = [t.clone() for t in tensors]
+        s.graph.replay()
+        replayed_out = s.out.clone()
+        replayed = [t.clone() for t in tensors]
+        with torch.no_grad():
+            for t, b in zip(tensors, before):
+                t.copy_(b)  # in place: the graphs hold these very tensors
+        out = self._on_side_stream(inputs)
+        loss = float(((replayed_out - out).abs() / out.abs().clamp(min=1e-6)).max()) if out.numel() else 0.0
+        update = 0.0
+        for t, b, r in zip(tensors, before, replayed):
+            if t.is_floating_point():
+                eager = (t - b).float()
+                update = max(update, float((r - t).float().norm() / eager.norm().clamp(min=1e-12)))
+        self.checked["replays"] += 1
+        self.checked["loss"] = max(self.checked["loss"], loss)
+        self.checked["update"] = max(self.checked["update"], update)
+        if not (loss <= CHECK_TOLERANCE and update <= CHECK_TOLERANCE):  # NaN fails too
+            self.failed = (f"a replayed step differed from the eager step (losses {loss:.2g}, weight updates "
+                           f"{update:.2g} relative): steps run eagerly")
+            self.shapes.clear()
+        return out
 
     def _on_side_stream(self, inputs) -> torch.Tensor:
         side, main = self._side, torch.cuda.current_stream()

@@ -219,7 +219,8 @@ class HeadRecipe(Recipe):
         #: the stack's steps on fixed shapes, captured as CUDA graphs on CUDA (``graphs``), or None
         self.graphs: Optional[StepGraphs] = None
         if graphs and stack is not None:
-            self.graphs = StepGraphs(self._stack_step, capture=device.type == "cuda", cap_frames=cap_frames)
+            self.graphs = StepGraphs(self._stack_step, capture=device.type == "cuda", cap_frames=cap_frames,
+                                     state=self._step_state)
 
     def epoch_batches(self, epoch: int):
         def batches():
@@ -245,6 +246,12 @@ class HeadRecipe(Recipe):
         step = self._stack_step if self.graphs is None else self.graphs
         losses = step(x, lengths, at, masks, slots)
         return [[(losses[k], n)] for k in range(len(trainees))]
+
+    def _step_state(self) -> List[torch.Tensor]:
+        """What a step of the stack updates in place: its weights, then its optimiser's state."""
+        params = list(self.stack.parameters())
+        state = [t for p in params for t in self.stack_optimizer.state.get(p, {}).values() if torch.is_tensor(t)]
+        return params + state
 
     def _stack_step(self, x: torch.Tensor, lengths: Optional[torch.Tensor], at: torch.Tensor,
                     masks: Optional[Tuple[torch.Tensor, ...]], slots: Tuple[int, ...]) -> torch.Tensor:

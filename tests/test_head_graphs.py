@@ -123,6 +123,7 @@ def test_captured_steps_match_the_eager_steps_on_cuda(cache, tmp_path):
     for name, a, b in zip(configs, runs["on"], runs["off"]):
         graphs = a["training"]["stacking"]["cuda_graphs"]
         assert graphs["captured"] is True and graphs["graphs"] >= 1, graphs
+        assert graphs["checked"]["replays"] >= 2 and graphs["checked"]["update"] <= 1e-3, graphs
         _close(tmp_path / "on" / name, tmp_path / "off" / name, a, b, atol=1e-4)
 
 
@@ -155,9 +156,9 @@ class _Capture:
                 self.graph = graph
 
             def __enter__(self):
-                capture.capturing = True
                 if capture.fail:
                     raise RuntimeError("operation not permitted when stream is capturing")
+                capture.capturing = True
 
             def __exit__(self, *exc):
                 capture.capturing = False
@@ -166,26 +167,10 @@ class _Capture:
         self.Graph, self.GraphContext = Graph, GraphContext
 
 
-def test_shapes_replay_their_graph_after_warm_up_on_the_refilled_inputs(monkeypatch):
+def _stand_in(monkeypatch, cap):
     import contextlib
 
     from conilium.heads import graphs as module
-
-    cap = _Capture()
-    eager = []
-
-    def step(x, lengths, at, masks):
-        out = torch.zeros(x.shape[0])
-
-        def compute():
-            out.copy_(x.sum(dim=(1, 2)) + at)
-
-        if cap.capturing:
-            cap.recorded = compute
-        else:
-            eager.append(1)
-            compute()
-        return out
 
     class Stream:
         def wait_stream(self, other):
@@ -195,22 +180,65 @@ def test_shapes_replay_their_graph_after_warm_up_on_the_refilled_inputs(monkeypa
                         ("current_stream", lambda: Stream()), ("stream", lambda s: contextlib.nullcontext()),
                         ("graph_pool_handle", lambda: None)):
         monkeypatch.setattr(module.torch.cuda, name, value)
-    graphs = StepGraphs(step, capture=True, cap_frames=64)
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["reads-its-inputs", "stale-inputs"])
+def test_shapes_replay_their_graph_after_warm_up_and_checked_replays(monkeypatch, stale):
+    """Each shape: two eager warm-up steps, a capture, two replays checked against the eager step
+    (undone and taken eagerly), then plain replays; a graph that does not read the refilled inputs
+    (``stale``: it kept the captured batch) is caught by the second check, and every step from
+    there on runs eagerly. Either way each step's losses and the weight are those of eager steps."""
+    cap = _Capture()
+    _stand_in(monkeypatch, cap)
+    weight = torch.zeros(2)
+    eager = []
+
+    def step(x, lengths, at, masks):
+        out = torch.zeros(x.shape[0])
+
+        def compute(src):
+            out.copy_(src.sum(dim=(1, 2)) + at)
+            weight.add_(0.5 * out)
+
+        if cap.capturing:
+            cap.recorded = (lambda kept=x.clone(): compute(kept)) if stale else (lambda: compute(x))
+        else:
+            eager.append(1)
+            compute(x)
+        return out
+
+    graphs = StepGraphs(step, capture=True, cap_frames=64, state=lambda: [weight])
+    expected_weight = torch.zeros(2)
     for k in range(6):
         t = 33 + k % 3  # one bucket (36 frames)
-        x = torch.full((2, t, 1), float(k))
-        out = graphs(x, torch.tensor([t, 1]), torch.tensor([k, 2 * k]), None)
-        assert torch.equal(out, torch.tensor([k * t + k, k * t + 2 * k], dtype=torch.float32)), k
-    assert len(eager) == 2 and cap.replays == 4 and graphs.summary() == {"captured": True, "shapes": 1, "graphs": 1}
+        out = graphs(torch.full((2, t, 1), float(k)), torch.tensor([t, 1]), torch.tensor([k, 2 * k]), None)
+        want = torch.tensor([k * t + k, k * t + 2 * k], dtype=torch.float32)
+        expected_weight += 0.5 * want
+        assert torch.equal(out, want) and torch.equal(weight, expected_weight), k
+    summary = graphs.summary()
+    if not stale:
+        assert len(eager) == 2 + 2 and cap.replays == 4
+        assert summary == {"captured": True, "shapes": 1, "graphs": 1,
+                           "checked": {"replays": 2, "loss": 0.0, "update": 0.0}}
+    else:
+        assert len(eager) == 2 + 2 + 2 and cap.replays == 2
+        assert summary["captured"] is False and "a replayed step differed from the eager step" in summary["eager"]
 
+
+def test_a_failed_capture_leaves_the_steps_eager_and_says_why(monkeypatch):
     failing = _Capture(fail=True)
-    monkeypatch.setattr(module.torch.cuda, "graph", failing.GraphContext)
-    eager.clear()
+    _stand_in(monkeypatch, failing)
+    calls = []
+
+    def step(x, lengths, at, masks):
+        calls.append(1)
+        return x.sum(dim=(1, 2)) + at
+
     graphs = StepGraphs(step, capture=True, cap_frames=64)
     for k in range(4):
         out = graphs(torch.ones(2, 30, 1), torch.tensor([30, 1]), torch.tensor([k, k]), None)
         assert torch.equal(out, torch.full((2,), 30.0 + k))
-    assert len(eager) == 4 and failing.replays == 0
+    assert len(calls) == 4 and failing.replays == 0
     summary = graphs.summary()
     assert summary["captured"] is False and "could not be captured (RuntimeError: operation not permitted" in \
         summary["eager"]

@@ -264,6 +264,27 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+#: length buckets: per doubling of a length, this many bucket lengths (so a bucket holds at most
+#: 1/BUCKET_STEPS more than the longest length padded to it)
+BUCKET_STEPS = 8
+
+
+def bucket_length(n: int, *, unit: int = 1, cap: Optional[int] = None) -> int:
+    """The length a batch whose longest item is ``n`` long is padded to, so that a run sees few
+    distinct shapes: the smallest ``m · 2^e`` units of ``unit`` with ``BUCKET_STEPS <= m <
+    2·BUCKET_STEPS`` that holds ``n`` (below ``2·BUCKET_STEPS`` units: the next whole unit),
+    then at most ``cap`` (the run's longest item, which needs no longer bucket) and at least ``n``.
+    Used for the audio samples of an extraction batch (units of one output frame) and for the
+    frames of a head's training batch (units of one frame)."""
+    n = int(n)
+    units = -(-n // int(unit))
+    e = max(0, units.bit_length() - BUCKET_STEPS.bit_length())
+    out = (-(-units // (1 << e)) << e) * int(unit)
+    if cap is not None:
+        out = min(out, int(cap))
+    return max(n, out)
+
+
 def lazy_exports(package: str, exports: Mapping[str, str], namespace: dict):
     """PEP 562 ``__getattr__`` and ``__dir__`` for a package whose names (``exports``: name →
     module, relative to ``package``) load their module on first use, so that importing one

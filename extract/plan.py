@@ -25,7 +25,7 @@ from conilium import SAMPLE_RATE
 from conilium.audio import parse_snr
 from conilium.corpus import Clip, Corpus
 from conilium.errors import ConfigError
-from conilium.util import reject_unknown_fields
+from conilium.util import BUCKET_STEPS, bucket_length, reject_unknown_fields  # noqa: F401 - BUCKET_STEPS: re-exported
 
 from .registry import WHISPER_INPUTS
 
@@ -272,26 +272,17 @@ def assign_shards(jobs: Sequence[Job], shard_size: int) -> List[List[Job]]:
     return [ordered[i:i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 
-#: length buckets: per doubling of the length, this many padded lengths (so at most 1/BUCKET_STEPS
-#: more audio than the batch's longest clip)
-BUCKET_STEPS = 8
 #: the unit bucket lengths are counted in: one output frame of the wav2vec 2.0 family (20 ms)
 BUCKET_HOP = 320
 
 
 def bucket_samples(n: int, cap: Optional[int] = None) -> int:
-    """The length a batch whose longest clip has ``n`` samples is padded to with length buckets:
-    the next ``m · 2^e`` hops of :data:`BUCKET_HOP` samples with ``BUCKET_STEPS <= m <
-    2·BUCKET_STEPS`` (below ``2·BUCKET_STEPS`` hops: the next whole hop), at most ``cap``
+    """The length a batch whose longest clip has ``n`` samples is padded to with length buckets
+    (:func:`conilium.util.bucket_length` in hops of :data:`BUCKET_HOP` samples), at most ``cap``
     (the run's longest clip: clips cut at ``--max-seconds`` share that length already) and at
     least ``n``. Between 1 and 30 s there are 40 such lengths, against one per distinct clip
     length unbucketed."""
-    units = -(-int(n) // BUCKET_HOP)
-    e = max(0, units.bit_length() - BUCKET_STEPS.bit_length())
-    out = (-(-units // (1 << e)) << e) * BUCKET_HOP
-    if cap is not None:
-        out = min(out, int(cap))
-    return max(int(n), out)
+    return bucket_length(n, unit=BUCKET_HOP, cap=cap)
 
 
 def plan_batches(jobs: Sequence[Job], batch_seconds: float, *, batch_cost: float = 0.02,

@@ -40,6 +40,8 @@ from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from conilium.util import bucket_length
+
 #: Eager steps of a shape before its graph is captured (real steps, on a side stream).
 WARMUP_STEPS = 2
 #: Replays of each graph checked against the eager step on the same batch (the first: what was
@@ -60,16 +62,9 @@ def use_graphs(mode: str, device: torch.device) -> bool:
 def frame_bucket(frames: int, cap: Optional[int] = None) -> int:
     """The padded frame count of a batch whose longest clip has ``frames`` frames: the smallest
     m·2^e ≥ ``frames`` with 8 ≤ m < 16 (``frames`` itself below 16), then at most ``cap`` (the
-    run's longest clip) and at least ``frames``."""
-    frames = int(frames)
-    if frames < 16:
-        bucket = frames
-    else:
-        e = frames.bit_length() - 4  # frames = m'·2^e with 8 ≤ m' < 16
-        bucket = -(-frames // (1 << e)) << e
-    if cap is not None:
-        bucket = min(bucket, int(cap))
-    return max(bucket, frames)
+    run's longest clip) and at least ``frames`` (:func:`conilium.util.bucket_length`, the
+    extraction's length buckets counted in frames)."""
+    return bucket_length(frames, cap=cap)
 
 
 @dataclass

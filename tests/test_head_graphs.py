@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conilium.extract.plan import BUCKET_HOP, bucket_samples
 from conilium.heads.graphs import StepGraphs, frame_bucket, use_graphs
 from conilium.heads.train import TrainConfig, train_head, train_heads
 from conilium.testing import write_synthetic_cache
@@ -21,6 +22,8 @@ def test_frame_buckets_are_few_tight_and_capped():
     assert len(set(buckets)) <= 15 + 8 * 9  # exact below 16, then 8 a doubling
     assert frame_bucket(401) == 416 and frame_bucket(401, cap=410) == 410 and frame_bucket(401, cap=300) == 401
     assert [frame_bucket(t) for t in (15, 16, 17, 33, 35)] == [15, 16, 18, 36, 36]
+    # the extraction's length buckets, counted in frames instead of 320-sample hops
+    assert all(bucket_samples(t * BUCKET_HOP) == b * BUCKET_HOP for t, b in zip(range(1, 4097), buckets))
     assert use_graphs("auto", torch.device("cpu")) is False and use_graphs("on", torch.device("cpu")) is True
     assert use_graphs("off", torch.device("cpu")) is False
 

@@ -37,6 +37,7 @@ A process stopped by a signal releases its locks: :func:`stop_on_signals` turns 
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import datetime
 import errno
@@ -397,6 +398,12 @@ class Stopped(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
+    def __reduce__(self):
+        # rebuilt from its number, not its message: a grid worker's Stopped travels back to the
+        # grid pickled, and one that cannot be rebuilt there marks the worker pool broken (its
+        # other workers are killed before they release their locks)
+        return type(self), (self.signum,)
+
 
 def signal_name(exc: BaseException) -> str:
     """The signal that stopped a command: SIGTERM, SIGHUP, … for :class:`Stopped`, else SIGINT."""
@@ -423,11 +430,12 @@ def stop_on_signals(signals=STOP_SIGNALS, *, before: Optional[Callable[[int], No
     A signal that lands while the main thread runs a garbage-collection callback or a ``__del__``
     (an import's module-lock callback, say) raises where Python only prints "Exception ignored"
     and carries on: that :class:`Stopped` is caught by ``sys.unraisablehook`` (nothing printed) and
-    the signal delivered again :data:`REDELIVER_SECONDS` later, until it stops the block."""
+    the signal delivered again :data:`REDELIVER_SECONDS` later, until it stops the block; a block
+    that ends before that raises :class:`Stopped` as it ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    state = {"raised": None, "before": False}
+    state = {"raised": None, "before": False, "redeliver": None, "swallowed": None}
 
     def handler(signum, frame):
         if state["raised"] is not None:
@@ -435,6 +443,7 @@ def stop_on_signals(signals=STOP_SIGNALS, *, before: Optional[Callable[[int], No
         if before is not None and not state["before"]:
             state["before"] = True
             before(signum)
+        state["swallowed"] = None
         state["raised"] = Stopped(signum)
         raise state["raised"]
 
@@ -445,8 +454,12 @@ def stop_on_signals(signals=STOP_SIGNALS, *, before: Optional[Callable[[int], No
         if exc is None or unraisable.exc_value is not exc:
             return previous_hook(unraisable)
         state["raised"] = None  # swallowed: the block goes on, so stop it again a moment later
-        redeliver = threading.Timer(REDELIVER_SECONDS, os.kill, (os.getpid(), exc.signum))
+        state["swallowed"] = exc.signum
+        # the handler is run again in the main thread, as for a signal (no real one is sent: one
+        # arriving after the block would meet the handler restored then, the default's included)
+        redeliver = threading.Timer(REDELIVER_SECONDS, _thread.interrupt_main, (exc.signum,))
         redeliver.daemon = True
+        state["redeliver"] = redeliver
         redeliver.start()
 
     previous = {}
@@ -457,7 +470,12 @@ def stop_on_signals(signals=STOP_SIGNALS, *, before: Optional[Callable[[int], No
     try:
         yield
     finally:
+        if state["redeliver"] is not None:
+            state["redeliver"].cancel()
+            state["redeliver"].join()
         if sys.unraisablehook is hook:
             sys.unraisablehook = previous_hook
         for s, old in previous.items():
             signal.signal(s, old if old is not None else signal.SIG_DFL)
+        if state["swallowed"] is not None:  # the block ended before the signal could stop it: it stops here
+            raise Stopped(state["swallowed"])

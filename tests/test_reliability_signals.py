@@ -246,3 +246,39 @@ def test_a_signal_swallowed_by_a_garbage_collection_callback_is_delivered_again(
     assert ref() is None
     assert "Exception ignored" not in capfd.readouterr().err
     assert sys.unraisablehook is hook
+
+
+def test_a_swallowed_signal_stops_a_block_that_ends_before_it_is_delivered_again():
+    import weakref
+
+    from conilium.locking import Stopped, stop_on_signals
+
+    class Thing:
+        pass
+
+    def callback(_ref):
+        signal.raise_signal(signal.SIGTERM)
+        for _ in range(1000):
+            pass
+
+    thing = Thing()
+    ref = weakref.ref(thing, callback)  # noqa: F841 - kept for its callback
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped) as stopped:
+        with stop_on_signals():
+            del thing  # swallowed; the block ends at once, well before the redelivery
+    assert stopped.value.signum == signal.SIGTERM
+    time.sleep(0.1)  # no late redelivery reaches the handler restored after the block (pytest's own)
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_a_stopped_worker_run_travels_back_to_the_grid_as_stopped():
+    # a grid worker's Stopped comes back pickled; one that could not be rebuilt marked the whole
+    # worker pool broken, and its other workers were killed before releasing their locks
+    import pickle
+
+    from conilium.locking import Stopped
+
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        back = pickle.loads(pickle.dumps(Stopped(signum)))
+        assert type(back) is Stopped and back.signum == signum and str(back) == signal.Signals(signum).name

@@ -7,6 +7,10 @@ to stay under 5 minutes on an H100/H200, an estimate: it has not been run on one
     OPENBLAS_NUM_THREADS=1 python bench/bench_gpu.py            # writes bench/results/gpu_cuda.json
     python bench/bench_gpu.py --compile                          # also the torch.compile variants
 
+``bench/gpu_check.sh`` runs the CUDA-only tests and then this benchmark in one command (with
+``WHEELS=DIR`` it first installs the dependencies a CUDA image often lacks, downloaded beforehand
+with ``bench/gpu_check.sh --download DIR``).
+
 The CPU smoke check (demo-wavlm, 48 clips, 96-dim caches, one torch thread; about 25 s on 2 cores,
 a minute with ``--compile``):
 

@@ -19,6 +19,9 @@ class AudioError(ConiliumError):
         who = f"clip {clip} ({self.path})" if clip else self.path
         super().__init__(f"{who}: {reason}")
 
+    def __reduce__(self):  # rebuilt from its parts (it travels pickled from a worker process)
+        return type(self), (self.path, self.reason, self.clip)
+
 
 class CacheError(ConiliumError):
     """A feature cache is missing, incomplete, corrupt or built with other settings."""
@@ -37,6 +40,9 @@ class OutputError(ConiliumError):
         self.reason = reason
         self.hint = hint
         super().__init__(f"cannot write {self.path}: {reason}" + (f"; {hint}" if hint else ""))
+
+    def __reduce__(self):  # rebuilt from its parts (it travels pickled from a worker process)
+        return type(self), (self.path, self.reason, self.hint)
 
 
 class LockError(ConiliumError):

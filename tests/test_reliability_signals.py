@@ -271,14 +271,3 @@ def test_a_swallowed_signal_stops_a_block_that_ends_before_it_is_delivered_again
     time.sleep(0.1)  # no late redelivery reaches the handler restored after the block (pytest's own)
     assert signal.getsignal(signal.SIGTERM) is handler
 
-
-def test_a_stopped_worker_run_travels_back_to_the_grid_as_stopped():
-    # a grid worker's Stopped comes back pickled; one that could not be rebuilt marked the whole
-    # worker pool broken, and its other workers were killed before releasing their locks
-    import pickle
-
-    from conilium.locking import Stopped
-
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        back = pickle.loads(pickle.dumps(Stopped(signum)))
-        assert type(back) is Stopped and back.signum == signum and str(back) == signal.Signals(signum).name

@@ -416,6 +416,19 @@ class _PassProgress:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+#: A warnings filter for multiprocessing's resource tracker, which loky starts with the grid's
+#: environment: at a stop it reports the semaphores of the workers joblib kills, and removes them
+#: (its job, not a problem of the run, and two lines of noise under the command's one-line error).
+QUIET_RESOURCE_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
+def _quiet_resource_tracker() -> None:
+    """Add :data:`QUIET_RESOURCE_TRACKER` to ``PYTHONWARNINGS`` (for the processes started from now)."""
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if QUIET_RESOURCE_TRACKER not in current.split(","):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [current, QUIET_RESOURCE_TRACKER]))
+
+
 def _run_local(backend: str, jobs: int, passes, threads: int, files=None) -> Iterator[List[dict]]:
     """loky (processes) or threading, through joblib; each pass's rows as it finishes. A signal
     that stops the grid stops the workers' runs cleanly first (:func:`_stop_workers`).
@@ -424,6 +437,8 @@ def _run_local(backend: str, jobs: int, passes, threads: int, files=None) -> Ite
 
     files = files or [None] * len(passes)
     run_dirs = [run_dir for group in passes for _, _, _, run_dir in group]
+    if backend == "loky":
+        _quiet_resource_tracker()
     with stop_on_signals(STOP_SIGNALS + (signal.SIGINT,), before=lambda signum: _stop_workers(run_dirs, signum)), \
             parallel_backend(backend, n_jobs=jobs):
         yield from Parallel(return_as="generator_unordered")(delayed(_train_pass)(g, threads, os.getpid(), f)

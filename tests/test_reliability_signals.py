@@ -62,10 +62,7 @@ def leftovers(root: Path):
 
 
 def assert_one_line(err: str, signum) -> None:
-    # multiprocessing's resource tracker (a process of its own) may report the semaphores of joblib's
-    # stopped workers that it removes: not the command's output
-    lines = [line for line in err.splitlines() if line.strip() and "resource_tracker" not in line
-             and "warnings.warn(" not in line]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert lines[0].startswith(f"Error: stopped by {signal.Signals(signum).name}"), err
     assert "Traceback" not in err

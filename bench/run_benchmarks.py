@@ -43,6 +43,8 @@ def benches(device: str):
             ("finetune", [py, str(HERE / "bench_finetune.py"), "--steps", "3", "--warmup", "1", "--json", out("finetune")]),
             ("onnx", [py, str(HERE / "bench_onnx.py"), "--json", out("onnx")]),
             ("threads", [py, str(HERE / "bench_threads.py"), "--json", out("threads")]),
+            # train-grid --preset table2 against its five train-head commands, each a process
+            ("grid_cli", [py, str(HERE / "bench_grid_cli.py"), "--large-clips", "300", "--json", out("grid_cli")]),
             # the report of ./run_all.sh's results (run it first): its bootstrap intervals' cost
             ("report", [py, str(HERE / "bench_report.py"), str(HERE.parent / "results" / "report_spec.json"),
                         "--json", out("report")]),

@@ -178,3 +178,18 @@ def class_set_of(obj) -> ClassSet:
 
 
 MSP_PODCAST = ClassSet(CLASSES, tuple(CLASS_NAMES[c] for c in CLASSES), dict(_MSP_WORDS))
+
+
+def class_names(codes: Sequence[str], recorded=None) -> Tuple[str, ...]:
+    """The names of the class ``codes`` a model outputs: those of ``recorded`` (a class set or
+    its JSON form, as a cache manifest or a model's info keeps it) where it has the same codes,
+    else MSP-Podcast's for its eight, else the codes themselves (a code is never given the
+    MSP-Podcast name of a letter it shares with another class set)."""
+    codes = tuple(codes)
+    try:
+        found = class_set_of(recorded) if recorded is not None else None
+    except (CorpusError, TypeError, ValueError, AttributeError):
+        found = None
+    if found is not None and found.codes == codes:
+        return found.names
+    return MSP_PODCAST.names if codes == MSP_PODCAST.codes else codes

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from conilium.audio import SignalPath
+from conilium.classes import class_names
 from conilium.errors import AudioError, ConfigError
 
 from .results import FilePrediction, fill_predictions, length_batches, plan_inputs, read_clip
@@ -111,6 +112,8 @@ class OnnxPredictor:
         self.session = _session(self.path, providers_for(device))
         self.info = meta = _metadata_of(self.session, self.path)
         self.classes = tuple(meta["classes"])
+        # exports before class names were recorded: MSP-Podcast's for its eight, else the codes
+        self.class_names = tuple(meta.get("class_names") or class_names(self.classes))
         self.attributes = tuple(meta["attributes"])
         self.offsets = np.asarray(meta["offsets"], dtype=np.float64)
         if len(self.offsets) != len(self.classes):
@@ -145,7 +148,7 @@ class OnnxPredictor:
     def predict(self, inputs: Sequence, *, progress: bool = False) -> List[FilePrediction]:
         """Results in the order of ``inputs`` (paths, or waveforms in memory as for
         :meth:`Predictor.predict <conilium.finetune.predict.Predictor.predict>`)."""
-        plan = plan_inputs(inputs, self.classes, max_seconds=self.max_seconds,
+        plan = plan_inputs(inputs, self.classes, class_set_names=self.class_names, max_seconds=self.max_seconds,
                            max_whole_seconds=self.max_whole_seconds)
         results = plan.results
         scores = {}

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from conilium.audio import SignalPath
+from conilium.classes import class_names
 from conilium.errors import AudioError, ConfigError, ConiliumError
 from conilium.heads.audio import Loaded, load_run
 from conilium.heads.predict import predict_batches
@@ -112,7 +113,9 @@ def load_model_source(model_dir, *, device: torch.device, precision: str = "auto
     signal = SignalPath(max_seconds=float(ms) if ms else None, normalize=norm["mode"], stats=norm.get("stats"),
                         # models written before the option read audio as False does
                         rescale_loud=bool(info.get("rescale_loud", False)))
-    return Loaded(model, signal, tuple(info["classes"]), offsets_array(info), info["loss"], precision, info)
+    classes = tuple(info["classes"])
+    return Loaded(model, signal, classes, offsets_array(info), info["loss"], precision, info,
+                  class_names=class_names(classes, info.get("class_set")))
 
 
 # ----------------------------------------------------------------------------- the predictor
@@ -166,6 +169,7 @@ class Predictor:
         self.model = loaded.model
         self.info = loaded.info
         self.classes = loaded.classes
+        self.class_names = loaded.class_names or class_names(self.classes)
         self.attributes = loaded.attributes
         self.offsets = loaded.offsets
         self.loss = loaded.loss
@@ -189,7 +193,7 @@ class Predictor:
         A fusion run also reads each input's transcript: ``texts[i]`` when given (not None), else
         the file's transcript (:func:`~conilium.transcripts.audio_transcript_path`); an input
         without one gets an error instead of a prediction."""
-        plan = plan_inputs(inputs, self.classes, max_seconds=self.max_seconds,
+        plan = plan_inputs(inputs, self.classes, class_set_names=self.class_names, max_seconds=self.max_seconds,
                            max_whole_seconds=self.max_whole_seconds)
         names, waves, seconds, results, todo = plan.names, plan.waves, plan.seconds, plan.results, plan.todo
         extra = None

@@ -21,8 +21,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, TextIO, T
 import numpy as np
 import soundfile as sf
 
-from conilium import CLASS_NAMES, SAMPLE_RATE
+from conilium import SAMPLE_RATE
 from conilium.audio import SignalPath, audio_seconds
+from conilium.classes import class_names
 from conilium.errors import AudioError, ConfigError
 from conilium.util import atomic_path
 
@@ -49,6 +50,8 @@ class FilePrediction:
     attributes: Optional[np.ndarray] = None
     #: the class letters of ``probabilities``, in order
     classes: Tuple[str, ...] = ()
+    #: the classes' names, in the same order (empty: MSP-Podcast's names for its eight classes, else the codes)
+    names: Tuple[str, ...] = ()
     #: seconds of audio the input has, and the seconds of it that were used (truncation)
     duration: Optional[float] = None
     seconds: Optional[float] = None
@@ -82,8 +85,12 @@ class FilePrediction:
 
     @property
     def label(self) -> Optional[str]:
-        """The predicted emotion's name (``Neutral`` for ``N``), None when nothing was predicted."""
-        return None if self.prediction is None else CLASS_NAMES.get(self.prediction, self.prediction)
+        """The predicted emotion's name (``Neutral`` for MSP-Podcast's ``N``; a corpus's own class set
+        names its own), None when nothing was predicted."""
+        if self.prediction is None:
+            return None
+        names = self.names or class_names(self.classes)
+        return dict(zip(self.classes, names)).get(self.prediction, self.prediction)
 
     @property
     def scores(self) -> Dict[str, float]:
@@ -153,11 +160,12 @@ class Plan:
 
 
 def plan_inputs(inputs: Sequence, classes: Sequence[str], *, max_seconds: Optional[float],
-                max_whole_seconds: float) -> Plan:
+                max_whole_seconds: float, class_set_names: Sequence[str] = ()) -> Plan:
     """Names, in-memory waveforms, durations and seconds used of ``inputs`` (audio file paths, or
     waveforms in memory — a numpy array of 16 kHz samples, ``(samples,)`` or ``(samples, channels)``,
     or a pair ``(samples, sample_rate)``); an input too long to run whole (``max_seconds`` None and
-    more than ``max_whole_seconds``) gets an error instead of a place in ``todo``."""
+    more than ``max_whole_seconds``) gets an error instead of a place in ``todo``. Each result is
+    labelled with ``class_set_names``, the names of ``classes`` (:attr:`FilePrediction.names`)."""
     names, waves, durations = [], [], []
     for i, item in enumerate(inputs):
         wave = _in_memory(item)
@@ -169,7 +177,7 @@ def plan_inputs(inputs: Sequence, classes: Sequence[str], *, max_seconds: Option
             rate = wave[1] if isinstance(wave[1], (int, np.integer)) and wave[1] > 0 else None
             durations.append(len(wave[0]) / rate if rate else 0.0)
     seconds = [min(d, max_seconds) if max_seconds else d for d in durations]
-    results = [FilePrediction(n, classes=tuple(classes), duration=d, seconds=s)
+    results = [FilePrediction(n, classes=tuple(classes), names=tuple(class_set_names), duration=d, seconds=s)
                for n, d, s in zip(names, durations, seconds)]
     todo = []
     for i, s in enumerate(seconds):

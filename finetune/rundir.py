@@ -198,7 +198,7 @@ def _write_outputs(config: FinetuneConfig, prep: Prepared, b: Built, d: Dist, de
         "normalize": {"mode": b.signal.normalize, "stats": b.signal.stats},
         "rescale_loud": b.signal.rescale_loud,
         "offsets": {c: 0.0 for c in classes.codes},
-        **({} if classes.is_default else {"classes": list(classes.codes)}),
+        **({} if classes.is_default else {"classes": list(classes.codes), "class_set": classes.to_json()}),
         "thresholds": None,
         "loss": config.loss,
         "labels": config.labels,

@@ -351,7 +351,7 @@ def _predict_one(predictor, file: str):
         return predictor.predict([file], progress=False)[0]
     except Exception as e:  # noqa: BLE001
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        return FilePrediction(file, classes=tuple(predictor.classes),
+        return FilePrediction(file, classes=tuple(predictor.classes), names=tuple(predictor.class_names),
                               error=f"prediction failed ({type(e).__name__}: {first})")
 
 

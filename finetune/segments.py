@@ -172,13 +172,15 @@ def predict_segments(predictor, inputs: Sequence, spec: SegmentSpec, *, progress
         try:
             spans = cut(path)
         except AudioError as e:
-            run.results.append(FilePrediction(path, classes=tuple(predictor.classes), error=e.reason))
+            run.results.append(FilePrediction(path, classes=tuple(predictor.classes), names=tuple(predictor.class_names),
+                                              error=e.reason))
             continue
         if not spans:
             run.no_speech.append(path)
             continue
         for start, end in spans:
-            row = FilePrediction(path, classes=tuple(predictor.classes), duration=end - start, seconds=end - start,
+            row = FilePrediction(path, classes=tuple(predictor.classes), names=tuple(predictor.class_names),
+                                 duration=end - start, seconds=end - start,
                                  start=start, end=end)
             run.results.append(row)
             try:

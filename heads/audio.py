@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from conilium.audio import SignalPath
+from conilium.classes import class_names
 from conilium.dirs import CacheDir, ModelDir, RunDir
 from conilium.errors import ConfigError
 from conilium.extract.encoder import hidden_shape
@@ -51,6 +52,8 @@ class Loaded:
     attributes: Tuple[str, ...] = ()
     #: a fusion run's model (:class:`FusionRunModel`) also takes each clip's transcript
     needs_text: bool = False
+    #: the names of ``classes`` (empty: :func:`~conilium.classes.class_names` of the codes)
+    class_names: Tuple[str, ...] = ()
 
 
 class RunModel(nn.Module):
@@ -280,7 +283,8 @@ def load_run(run_dir, *, device: torch.device, precision: str = "auto", fusion: 
             else str(thresholds), "upstream": ident, "input": inp, "compute_dtype": compute,
             "loss": ckpt.loss, "labels": ckpt.labels}
     # the head as train-head scored it: float32, whatever the upstream computed in
-    return Loaded(model, signal, classes, offsets, ckpt.loss, "float32", info, attributes)
+    return Loaded(model, signal, classes, offsets, ckpt.loss, "float32", info, attributes,
+                  class_names=class_names(classes, manifest.get("classes")))
 
 
 # ----------------------------------------------------------------------------- fusion runs
@@ -481,4 +485,5 @@ def load_fusion_run(run_dir: Path, head_run: Path, thresholds: Optional[Path], h
             "branches": [{"cache": b.get("cache"), "upstream": i, "input": b.get("input")}
                          for b, i in zip(ckpt.branches, idents)],
             "input": ckpt.input, "loss": ckpt.loss, "labels": ckpt.labels}
-    return Loaded(model, signal, classes, offsets, ckpt.loss, "float32", info, attributes, needs_text=True)
+    return Loaded(model, signal, classes, offsets, ckpt.loss, "float32", info, attributes, needs_text=True,
+                  class_names=class_names(classes, ckpt.cache_manifest.get("classes")))

@@ -101,6 +101,26 @@ def test_predict_writes_columns_named_by_the_classes(run, corpus, tmp_path):
     assert {row["Prediction"] for row in rows} <= set(CODES)
 
 
+NAMES = {c["code"]: c["name"] for c in CLASSES4["classes"]}
+
+
+def test_predictions_name_the_corpus_classes_in_python_and_onnx(run, corpus, tmp_path):
+    # a prediction's label is the corpus's own name of its class, from the run (its cache's class
+    # set), from an ONNX export of it, and from a model directory (below)
+    from conilium.finetune.onnx import export_onnx
+    from conilium.finetune.onnx_predict import OnnxPredictor
+    from conilium.finetune.predict import Predictor
+
+    files = [corpus / "wav" / "spk1" / "clip25.wav", corpus / "wav" / "spk2" / "clip26.wav"]
+    predictor = Predictor(run=run, device="cpu")
+    assert predictor.class_names == tuple(NAMES[c] for c in CODES)
+    onnx_file = tmp_path / "run.onnx"
+    export_onnx(onnx_file, run=run)
+    for res in (predictor.predict(files), OnnxPredictor(onnx_file, device="cpu").predict(files)):
+        assert [r.label for r in res] == [NAMES[r.prediction] for r in res]
+        assert all(r.names == tuple(NAMES[c] for c in CODES) for r in res)
+
+
 def test_balanced_sampler_and_bce_on_the_class_set(cache, tmp_path):
     out = tmp_path / "bal"
     train_head(TrainConfig(cache=str(cache), loss="bce", labels="P", sampler="balanced", epochs=1, hidden=8,
@@ -127,6 +147,10 @@ def test_finetune_on_the_manifest_and_a_head_of_another_class_set_is_refused(cor
     assert r.exit_code == 0, r.output
     header = pred.read_text().splitlines()[0].split(",")
     assert [h for h in header if h in CODES] == list(CODES)
+    from conilium.finetune.predict import Predictor
+
+    res = Predictor(out, device="cpu").predict([corpus / "wav/spk0/clip24.wav"])
+    assert res[0].label == NAMES[res[0].prediction]
     # a train-head run on this corpus's cache cannot start fine-tuning on MSP-Podcast's eight classes
     with pytest.raises(ConfigError, match=r"the head predicts the classes ang,hap,sad,neu, the corpus has the "
                                           r"class set A,S,H,U,F,D,C,N"):

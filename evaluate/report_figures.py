@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -161,6 +161,12 @@ def confusion_name(key: str, r: Dict) -> Tuple[str, str]:
             figure_title(table, r["label"], f"run {run}, {tuned_text}", split=r["split"]))
 
 
+def class_order(per_class: Mapping) -> List[str]:
+    """The classes of a run's per-class scores in chart order: MSP-Podcast's letters in the
+    paper's order, then a corpus's own classes in the order its run recorded them."""
+    return [c for c in CLASSES if c in per_class] + [c for c in per_class if c not in CLASSES]
+
+
 def threshold_figure(key: str, r: Dict, fig_dir: Path, out_dir: Path) -> Dict:
     """Per-class F1 of a tuned row before and after tuning, from the tuned run's metrics.json."""
     m = RunDir(r["run"]).metrics_or_none() or {}
@@ -170,7 +176,7 @@ def threshold_figure(key: str, r: Dict, fig_dir: Path, out_dir: Path) -> Dict:
     if not before or not after:
         return {"label": r["label"], "note": f"Threshold tuning of {r['label']}: not drawn — "
                 f"{RunDir(r['run']).metrics_path} has no untuned and tuned per-class scores of {split}."}
-    labels = [c for c in CLASSES if c in after]
+    labels = class_order(after)
     t = r["tuning"]
     where = "in-sample" if t["in_sample"] else f"thresholds from {t['tune_split']}"
     series = [{"label": f"before: argmax (macro-F1 {_f(m['untuned'][split].get('f1_macro'))})",
@@ -210,7 +216,7 @@ def per_class_figure(scored: Dict[str, List[Dict]], fig_dir: Path, out_dir: Path
         return {"note": "Per-class F1 of our best system: not drawn — no row was scored on Development."}
     key, r = found
     per = r["score"]["per_class"]
-    labels = [c for c in CLASSES if c in per]
+    labels = class_order(per)
     ref = f"{key}:{r['label']}"
     theirs = paper.PER_CLASS_F1.get(ref)
     run = _run_name(r["run"])

@@ -175,3 +175,19 @@ def test_no_development_row_leaves_a_note_for_the_per_class_chart(tmp_path):
     md = (tmp_path / "rep" / "REPORT.md").read_text()
     assert "*Per-class F1 of our best system: not drawn — no row was scored on Development.*" in md
     assert "*Learned layer weights: none drawn" in md
+
+
+def test_per_class_charts_draw_a_corpus_with_its_own_classes(tmp_path, monkeypatch):
+    # a run over a corpus's own class set (codes outside MSP-Podcast's letters) gets its bars, in
+    # the order its run recorded them; MSP-Podcast's letters keep the paper's order
+    from conilium.evaluate import report_figures
+
+    drawn = []
+    monkeypatch.setattr(report_figures.charts, "per_class_bars",
+                        lambda path, labels, series, **kw: drawn.append((list(labels), series)))
+    per = {c: {"f1": f, "support": 3} for c, f in (("neu", 0.5), ("ang", 0.25), ("sad", 0.0))}
+    row = {"label": "WBCE (S)", "split": "Development", "run": str(tmp_path / "run"),
+           "score": {"f1_macro": 0.25, "f1_micro": 0.4, "per_class": per}}
+    report_figures.per_class_figure({"table2": [row]}, tmp_path / "fig", tmp_path)
+    assert drawn[-1][0] == ["neu", "ang", "sad"] and drawn[-1][1][0]["f1"] == {"neu": 0.5, "ang": 0.25, "sad": 0.0}
+    assert report_figures.class_order({"N": 1, "A": 1, "ang": 1}) == ["A", "N", "ang"]

@@ -685,11 +685,46 @@ def main(argv=None) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    res["goals"] = goals(res)
     print_table(res)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(res, indent=2) + "\n")
     log(f"written to {out_path}")
     return res
+
+
+#: The GPU targets this benchmark is measured against (one H100/H200-class card, batch 16):
+#: (row, what, unit, target); "conilium" is the row's own median, "ratio" its median over the
+#: plain fused loop's, "best option" the fastest of conilium's --compute-dtype bfloat16-weights and
+#: --compile variants.
+GOALS = (("extraction", "ratio", "× the plain fused forward", 0.8),
+         ("extraction", "conilium", "audio s/s", 3000.0),
+         ("extraction", "best option", "audio s/s (bf16 weights or --compile)", 4000.0),
+         ("head", "conilium", "clips/s", 20000.0),
+         ("grid", "conilium", "clip·heads/s", 30000.0),
+         ("finetune", "conilium", "audio s/s", 1500.0))
+
+
+def goals(res: dict) -> list:
+    """Each of :data:`GOALS` with what was measured and whether it is met (None: not measured)."""
+    out = []
+    for row_name, what, unit, target in GOALS:
+        row = res["rows"].get(row_name) or {}
+        value = None
+        if "conilium" in row:
+            if what == "conilium":
+                value = row["conilium"]["median"]
+            elif what == "ratio":
+                plain = row["plain"].get("eager")
+                value = plain.get("ratio_median") if isinstance(plain, dict) else None
+            else:
+                options = [v["median"] for k, v in row["plain"].items()
+                           if isinstance(v, dict) and k.startswith(("conilium --compute-dtype", "conilium --compile"))]
+                value = max(options) if options else None
+        out.append({"row": row_name, "what": what, "unit": unit, "target": target,
+                    "measured": None if value is None else round(float(value), 3),
+                    "met": None if value is None else bool(value >= target)})
+    return out
 
 
 def print_table(res: dict) -> None:
@@ -712,6 +747,12 @@ def print_table(res: dict) -> None:
                 print(f"{lead}  {var:<13} {p}")
             else:
                 print(f"{lead}  {var:<13} {p['min']:>9.1f}/{p['median']:<10.1f}  {p['ratio_median']:>14.3f}")
+    where = "" if m["device"] == "cuda" else " (targets for a GPU: on a CPU they only show the wiring)"
+    print(f"targets{where}:")
+    for g in res.get("goals", []):
+        verdict = "not measured" if g["met"] is None else ("met" if g["met"] else "NOT met")
+        got = "—" if g["measured"] is None else f"{g['measured']:,.1f}"
+        print(f"  {g['row']:<11} {g['what']:<12} {got:>12} / {g['target']:,.1f} {g['unit']}: {verdict}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def study_cmd(**kw):
 
     \b
     Examples:
-      ./run_all.sh                                   # demo corpus, about 4 minutes on 2 idle cores
+      ./run_all.sh                                   # demo corpus, about 4–6 minutes on 2 idle cores
       ./run_all.sh --corpus /data/MSP-PODCAST-1.11 --device cuda --cache-dir /scratch/cache
       ./run_all.sh --seeds 0,1,2                     # every head thrice: mean ± sd per row
 

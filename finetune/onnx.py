@@ -43,7 +43,6 @@ from torch import nn
 
 import conilium
 from conilium import SAMPLE_RATE
-from conilium.classes import class_names
 from conilium.errors import ConfigError, ConiliumError
 from conilium.heads.audio import Loaded, RunModel, load_run
 from conilium.heads.predict import predict_batches
@@ -187,7 +186,7 @@ def _metadata(loaded: Loaded, *, source: dict, least: int, frame_rate: float, ou
         "conilium_version": conilium.__version__,
         "source": source,
         "classes": list(loaded.classes),
-        "class_names": list(loaded.class_names or class_names(loaded.classes)),
+        "class_names": list(loaded.class_names),
         "attributes": list(loaded.attributes),
         "offsets": [float(v) for v in loaded.offsets],
         "loss": loaded.loss,

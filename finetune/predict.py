@@ -169,7 +169,7 @@ class Predictor:
         self.model = loaded.model
         self.info = loaded.info
         self.classes = loaded.classes
-        self.class_names = loaded.class_names or class_names(self.classes)
+        self.class_names = loaded.class_names
         self.attributes = loaded.attributes
         self.offsets = loaded.offsets
         self.loss = loaded.loss

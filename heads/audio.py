@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from conilium.audio import SignalPath
-from conilium.classes import class_names
+from conilium.classes import class_names as names_of_classes
 from conilium.dirs import CacheDir, ModelDir, RunDir
 from conilium.errors import ConfigError
 from conilium.extract.encoder import hidden_shape
@@ -52,8 +52,12 @@ class Loaded:
     attributes: Tuple[str, ...] = ()
     #: a fusion run's model (:class:`FusionRunModel`) also takes each clip's transcript
     needs_text: bool = False
-    #: the names of ``classes`` (empty: :func:`~conilium.classes.class_names` of the codes)
+    #: the names of ``classes`` (not given: :func:`~conilium.classes.class_names` of the codes alone)
     class_names: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.class_names:
+            self.class_names = names_of_classes(self.classes)
 
 
 class RunModel(nn.Module):
@@ -284,7 +288,7 @@ def load_run(run_dir, *, device: torch.device, precision: str = "auto", fusion: 
             "loss": ckpt.loss, "labels": ckpt.labels}
     # the head as train-head scored it: float32, whatever the upstream computed in
     return Loaded(model, signal, classes, offsets, ckpt.loss, "float32", info, attributes,
-                  class_names=class_names(classes, manifest.get("classes")))
+                  class_names=names_of_classes(classes, manifest.get("classes")))
 
 
 # ----------------------------------------------------------------------------- fusion runs
@@ -486,4 +490,4 @@ def load_fusion_run(run_dir: Path, head_run: Path, thresholds: Optional[Path], h
                          for b, i in zip(ckpt.branches, idents)],
             "input": ckpt.input, "loss": ckpt.loss, "labels": ckpt.labels}
     return Loaded(model, signal, classes, offsets, ckpt.loss, "float32", info, attributes, needs_text=True,
-                  class_names=class_names(classes, ckpt.cache_manifest.get("classes")))
+                  class_names=names_of_classes(classes, ckpt.cache_manifest.get("classes")))
